@@ -1,0 +1,3 @@
+from lowrank_runner.cli import main
+
+main()

@@ -1,0 +1,212 @@
+"""The ``lrr`` command line. Thin: parse arguments, call one module, render the result.
+
+Heavy imports (torch, transformers) happen inside the commands that need them, so
+``lrr validate`` and ``lrr methods`` start fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from lowrank_runner.errors import LrrError, UsageError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="lowrank-runner: declarative recipes for low-rank adaptation (LoRA, MTLoRA, LoRA2, TriAdaptLoRA, CondLoRA).",
+)
+
+SetOption = typer.Option(
+    None, "--set", metavar="PATH=VALUE",
+    help="Override a recipe key (dotted path; the value is YAML), e.g. --set training.learning_rate=1e-3. Repeatable.",
+)
+
+
+def _err(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def friendly(fn):
+    """Print user errors without a traceback and exit with their code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LrrError as exc:
+            _err(f"error: {exc}" if not hasattr(exc, "problems") else str(exc))
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            _err("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def expand_recipe_paths(paths: list[str]) -> list[Path]:
+    """Files, directories (recursive; files starting with '_' are partials) and globs."""
+    out: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found = sorted(q for ext in ("*.yaml", "*.yml") for q in p.rglob(ext) if not q.name.startswith("_"))
+            if not found:
+                raise UsageError(f"{raw}: directory holds no .yaml/.yml recipes")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        elif any(ch in raw for ch in "*?["):
+            matches = sorted(Path(m) for m in glob.glob(raw, recursive=True) if Path(m).is_file())
+            if not matches:
+                raise UsageError(f"{raw}: the pattern matches no file")
+            out += matches
+        else:
+            raise UsageError(f"{raw}: no such file or directory")
+    return list(dict.fromkeys(out))
+
+
+@app.command()
+@friendly
+def validate(
+    paths: Optional[List[str]] = typer.Argument(None, help="Recipe files, directories or globs (default: recipes/)."),
+    overrides: Optional[List[str]] = SetOption,
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """Check recipes against the schema and the methods' parameters; report every problem at once."""
+    from lowrank_runner.recipe.load import check_recipe_file
+
+    files = expand_recipe_paths(paths or ["recipes"])
+    results = []
+    for path in files:
+        problems = check_recipe_file(path, overrides or ())
+        results.append((path, problems))
+    errors = sum(1 for _, ps in results if any(p.severity == "error" for p in ps))
+    if as_json:
+        print(json.dumps({
+            "valid": errors == 0,
+            "files": [
+                {"file": str(path), "valid": not any(p.severity == "error" for p in ps), "problems": [p.as_dict() for p in ps]}
+                for path, ps in results
+            ],
+        }, indent=2))
+    else:
+        for path, problems in results:
+            for p in problems:
+                print(p)
+        sys.stdout.flush()
+        print(f"{len(files)} recipe(s) checked: {len(files) - errors} valid, {errors} invalid", file=sys.stderr)
+    raise typer.Exit(1 if errors else 0)
+
+
+@app.command()
+@friendly
+def methods(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """List the registered adapter methods with their parameters (from the schemas)."""
+    from lowrank_runner.methods.registry import method_specs, registry_problems
+
+    specs = method_specs()
+    if as_json:
+        print(json.dumps([
+            {"name": s.name, "description": s.schema.get("description", ""), "paper": s.paper, "source": s.source,
+             "implementation": s.implementation,
+             "params": {k: {"type": v.get("type", v.get("enum")), "default": v.get("default"), "description": v.get("description", "")}
+                        for k, v in s.params.items()}}
+            for s in specs.values()
+        ], indent=2))
+    else:
+        from lowrank_runner.render import print_methods
+
+        print_methods(specs)
+    for line in registry_problems():
+        _err(f"warning: {line}")
+
+
+@app.command()
+@friendly
+def tasks(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """List the registered tasks and their metrics."""
+    from lowrank_runner.tasks.registry import TASKS
+
+    rows = [{"name": t.name, "description": t.description, "metrics": list(t.metrics), "primary_metric": t.primary_metric} for t in TASKS.values()]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for row in rows:
+            print(f"{row['name']:16} {row['description']}  metrics: {', '.join(row['metrics'])} (primary: {row['primary_metric']})")
+
+
+@app.command()
+@friendly
+def inspect(
+    recipe: Path = typer.Argument(..., help="Recipe file."),
+    overrides: Optional[List[str]] = SetOption,
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    processes: int = typer.Option(1, "--processes", min=1, help="Number of training processes to plan steps for."),
+):
+    """Resolve a recipe without loading weights: modules matched, parameter counts, planned steps."""
+    from lowrank_runner.inspect import inspect_recipe
+    from lowrank_runner.recipe.load import load_recipe
+
+    rec = load_recipe(_existing(recipe), overrides or ())
+    result = inspect_recipe(rec, processes=processes)
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        from lowrank_runner.render import print_inspection
+
+        print_inspection(result)
+
+
+@app.command()
+@friendly
+def run(
+    recipe: Path = typer.Argument(..., help="Recipe file."),
+    overrides: Optional[List[str]] = SetOption,
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run directory (default: <output.dir>/<name>/<timestamp>)."),
+):
+    """Train: one run per task x seed, each writing a run directory."""
+    from lowrank_runner.recipe.load import load_recipe
+    from lowrank_runner.train.runner import run_recipe
+
+    rec = load_recipe(_existing(recipe), overrides or ())
+    failures = run_recipe(rec, output=output, argv=sys.argv)
+    raise typer.Exit(1 if failures else 0)
+
+
+@app.command()
+@friendly
+def export(
+    run_dir: Path = typer.Argument(..., help="A run directory written by 'lrr run'."),
+    merge: bool = typer.Option(False, "--merge", help="Write a merged Hugging Face checkpoint (adapters folded into the weights)."),
+    out: Path = typer.Option(..., "--out", help="Output directory (must not exist or be empty)."),
+    tolerance: float = typer.Option(1e-3, "--tolerance", help="Largest allowed |logit| difference between merged and adapter model on the probe batch."),
+):
+    """Export a trained run for deployment."""
+    if not merge:
+        raise UsageError("choose what to export: --merge (a merged Hugging Face checkpoint)")
+    from lowrank_runner.export import export_merged
+
+    info = export_merged(run_dir, out, tolerance=tolerance)
+    print(f"merged checkpoint written to {out} (max |logit diff| on the probe batch: {info['max_abs_logit_diff']:.3g})")
+
+
+def _existing(path: Path) -> Path:
+    if not path.is_file():
+        raise UsageError(f"{path}: no such recipe file")
+    return path
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Errors meant for people: where the problem is, what is wrong, and how to fix it.
+
+Every error a user can cause (a recipe, a path, a CLI argument, a data file) is raised
+as an :class:`LrrError` subclass; the CLI prints it without a traceback and exits
+non-zero. Anything else is a bug in lowrank-runner and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a value came from: a file position, or a command-line ``--set``."""
+
+    source: str  # file path, or "--set key=value"
+    line: int | None = None  # 1-based
+    column: int | None = None  # 1-based
+
+    def __str__(self) -> str:
+        if self.line is None:
+            return self.source
+        return f"{self.source}:{self.line}:{self.column}"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a recipe."""
+
+    location: Location | None
+    path: str  # dotted recipe path, "" for the whole recipe
+    message: str
+    severity: str = "error"  # or "warning"
+
+    def __str__(self) -> str:
+        where = f"{self.location}: " if self.location else ""
+        path = self.path or "(recipe)"
+        return f"{where}{path}: {self.message}"
+
+    def as_dict(self) -> dict:
+        loc = self.location
+        return {
+            "file": loc.source if loc else None,
+            "line": loc.line if loc else None,
+            "column": loc.column if loc else None,
+            "path": self.path,
+            "message": self.message,
+            "severity": self.severity,
+        }
+
+
+class LrrError(Exception):
+    """A user-facing error: printed without traceback, exit code ``exit_code``."""
+
+    exit_code = 1
+
+
+class UsageError(LrrError):
+    """Wrong command-line usage (exit code 2, like argparse/click)."""
+
+    exit_code = 2
+
+
+@dataclass
+class RecipeError(LrrError):
+    """One or more problems in a recipe, all reported at once."""
+
+    problems: list[Problem] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return "\n".join(str(p) for p in self.problems)
+
+
+class BackboneError(LrrError):
+    """The backbone cannot be found or loaded."""
+
+
+class DataError(LrrError):
+    """A dataset file is missing or malformed."""
+
+
+class ExportError(LrrError):
+    """An export failed its checks; nothing was written."""

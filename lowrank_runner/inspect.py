@@ -1,0 +1,69 @@
+"""``lrr inspect``: what a recipe will do, without loading any weights.
+
+The model is built on PyTorch's meta device from the backbone's ``config.json`` alone,
+the method's adapters are attached exactly as for training, and parameters are counted
+on that skeleton, so the numbers are the ones training will have.
+"""
+
+from __future__ import annotations
+
+from lowrank_runner.errors import LrrError, RecipeError
+from lowrank_runner.methods.inject import count_adapter_params
+from lowrank_runner.modeling import build_adapted_model
+from lowrank_runner.recipe.load import Recipe
+from lowrank_runner.tasks.base import build_task
+from lowrank_runner.train.schedule import plan_steps
+
+
+class PlanError(LrrError):
+    pass
+
+
+def check_schedule(run_config: dict, plan, where: str) -> None:
+    if plan.warmup_steps >= plan.total_steps:
+        raise PlanError(
+            f"{where}: warmup ({plan.warmup_steps} steps) is not shorter than training ({plan.total_steps} steps); "
+            "lower training.warmup_steps / warmup_ratio or train longer"
+        )
+
+
+def inspect_recipe(recipe: Recipe, processes: int = 1) -> dict:
+    runs = []
+    for run in recipe.runs:
+        where = f"{recipe.source} [{run.task}, seed {run.seed}]"
+        cfg = run.config
+        task = build_task(cfg["task"])
+        adapted = build_adapted_model(cfg, task.model_class, task.model_config_kwargs(), weights=False)
+        model = adapted.model
+        n_train = task.count_train_examples()
+        plan = plan_steps(n_train, cfg["training"], processes)
+        check_schedule(cfg, plan, where)
+        by_symbol: dict[str, list[str]] = {}
+        for t in adapted.targets:
+            for symbol in t.symbols:
+                label = t.path + (f"[{','.join(t.groups)}]" if t.groups and len(t.groups) < 3 else "")
+                by_symbol.setdefault(symbol, []).append(label)
+        params = dict(model.named_parameters())
+        runs.append({
+            "task": run.task,
+            "seed": run.seed,
+            "config_hash": run.config_hash,
+            "backbone": adapted.backbone.describe(),
+            "model_type": adapted.config.model_type,
+            "method": cfg["method"],
+            "training": {**cfg["training"], "total_steps": plan.total_steps, "warmup_steps": plan.warmup_steps,
+                         "steps_per_epoch": plan.steps_per_epoch, "processes": processes},
+            "modules": [t.path for t in adapted.targets],
+            "targets": by_symbol,
+            "head": adapted.head_names,
+            "adapter_params": count_adapter_params(model),
+            "trainable_params": sum(params[n].numel() for n in adapted.trainable_names),
+            "total_params": sum(p.numel() for p in params.values()),
+            "train_examples": n_train,
+            "steps": plan.total_steps,
+            "warmup_steps": plan.warmup_steps,
+        })
+    return {"name": recipe.name, "source": recipe.source, "recipe_hash": recipe.hash, "recipe": recipe.resolved, "runs": runs}
+
+
+__all__ = ["inspect_recipe", "RecipeError"]

@@ -1,0 +1,1 @@
+"""Adapter methods: the registry (torch-free), the shared protocol and one file per method."""

@@ -1,0 +1,127 @@
+"""Putting a method's adapters on a model, and taking them off again (merge).
+
+Each targeted ``nn.Linear`` or GPT-2 ``Conv1D`` is wrapped in :class:`AdaptedLayer`,
+which computes ``base(x) + adapter(x)``. Adapter parameters live under
+``<module path>.lrr_adapter.*`` and method-wide shared parameters under ``lrr_shared.*``,
+so the adapter's state dict is a plain filter on the model's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lowrank_runner.methods.base import Adapter, AdapterMethod, LayerInfo
+from lowrank_runner.targets import TargetModule
+
+ADAPTER_KEY = "lrr_adapter"
+SHARED_KEY = "lrr_shared"
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def layer_info(path: str, target: TargetModule, module: nn.Module) -> LayerInfo:
+    if isinstance(module, nn.Linear):
+        out_f, in_f, fan = module.out_features, module.in_features, False
+    elif _is_conv1d(module):
+        in_f, out_f = module.weight.shape  # Conv1D stores (in, out)
+        fan = True
+    else:
+        raise TypeError(f"{path}: cannot adapt a {type(module).__name__} (only nn.Linear and GPT-2 Conv1D)")
+    return LayerInfo(path, target.symbols, in_f, out_f, fan, target.groups, module.weight.device, module.weight.dtype)
+
+
+class AdaptedLayer(nn.Module):
+    """``base_layer(x) + lrr_adapter(x)``; the base layer stays frozen and untouched."""
+
+    def __init__(self, base_layer: nn.Module, adapter: Adapter, info: LayerInfo):
+        super().__init__()
+        self.base_layer = base_layer
+        self.lrr_adapter = adapter
+        self.info = info
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        return out + self.lrr_adapter(x).to(out.dtype)
+
+    def merged_base(self) -> nn.Module:
+        """The base layer with ``ΔW`` folded into its weight (computed in float32)."""
+        base = self.base_layer
+        delta = self.lrr_adapter.delta_weight().float()
+        if self.info.fan_in_fan_out:
+            delta = delta.T
+        with torch.no_grad():
+            base.weight.copy_((base.weight.float() + delta.to(base.weight.device)).to(base.weight.dtype))
+        return base
+
+
+@dataclass
+class Injection:
+    """What :func:`inject` did: the adapters by module path and the method object."""
+
+    method: AdapterMethod
+    adapters: dict[str, Adapter]
+    layers: dict[str, LayerInfo]
+
+
+def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, attr = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), attr
+
+
+def inject(model: nn.Module, method: AdapterMethod, targets: list[TargetModule]) -> Injection:
+    """Wrap every target module of ``model`` (in place) with the method's adapter."""
+    adapters, layers = {}, {}
+    shared = method.shared_modules()
+    if shared is not None:
+        model.add_module(SHARED_KEY, shared)
+    for target in targets:
+        parent, attr = _parent(model, target.path)
+        module = getattr(parent, attr)
+        if isinstance(module, AdaptedLayer):
+            raise ValueError(f"{target.path} is already adapted")
+        info = layer_info(target.path, target, module)
+        adapter = method.create_adapter(info, module.weight)
+        setattr(parent, attr, AdaptedLayer(module, adapter, info))
+        adapters[target.path] = adapter
+        layers[target.path] = info
+    return Injection(method, adapters, layers)
+
+
+def is_adapter_param(name: str) -> bool:
+    return f".{ADAPTER_KEY}." in name or name.startswith(f"{SHARED_KEY}.")
+
+
+def mark_trainable(model: nn.Module, head_names: list[str] = ()) -> list[str]:
+    """Freeze everything but adapter parameters and the named head parameters."""
+    head = set(head_names)
+    trainable = []
+    for name, param in model.named_parameters():
+        on = is_adapter_param(name) or name in head
+        param.requires_grad_(on)
+        if on:
+            trainable.append(name)
+    return trainable
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if is_adapter_param(k)}
+
+
+def count_adapter_params(model: nn.Module) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if is_adapter_param(n))
+
+
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and restore the plain module tree."""
+    for path, module in list(model.named_modules()):
+        if isinstance(module, AdaptedLayer):
+            parent, attr = _parent(model, path)
+            setattr(parent, attr, module.merged_base())
+    if hasattr(model, SHARED_KEY):
+        delattr(model, SHARED_KEY)
+    return model

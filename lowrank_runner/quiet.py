@@ -1,0 +1,19 @@
+"""Keep third-party libraries' logging and progress bars out of lrr's own display."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+
+def quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")

@@ -1,0 +1,74 @@
+"""The recipe JSON Schema: loading, validators and defaults.
+
+The schema files are the single source of truth for every parameter's name, type,
+default and meaning; this module only reads them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from functools import lru_cache
+from typing import Any
+
+import jsonschema
+
+from lowrank_runner.resources import schemas_dir
+
+
+@lru_cache(maxsize=1)
+def recipe_schema() -> dict:
+    return json.loads((schemas_dir() / "recipe.schema.json").read_text())
+
+
+@lru_cache(maxsize=1)
+def recipe_validator() -> jsonschema.protocols.Validator:
+    schema = recipe_schema()
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def validator_for(schema: dict) -> jsonschema.protocols.Validator:
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    return cls(schema)
+
+
+def _deref(schema: dict, root: dict) -> dict:
+    while "$ref" in schema and schema["$ref"].startswith("#/"):
+        node = root
+        for part in schema["$ref"][2:].split("/"):
+            node = node[part]
+        schema = {**node, **{k: v for k, v in schema.items() if k != "$ref"}}
+    return schema
+
+
+def fill_defaults(data: Any, schema: dict, root: dict | None = None) -> Any:
+    """Return a copy of ``data`` with every schema default filled in, recursively.
+
+    Objects named by ``properties`` with an object default (e.g. ``training: {}``) are
+    created and filled; values the user wrote are never changed.
+    """
+    root = root or schema
+    schema = _deref(schema, root)
+    if not isinstance(data, dict) or "properties" not in schema:
+        return copy.deepcopy(data)
+    out = copy.deepcopy(data)
+    for key, sub in schema["properties"].items():
+        sub_r = _deref(sub, root)
+        if key not in out:
+            if "default" not in sub_r:
+                continue
+            out[key] = copy.deepcopy(sub_r["default"])
+        if isinstance(out[key], dict):
+            out[key] = fill_defaults(out[key], sub_r, root)
+    return out
+
+
+def property_schema(*path: str) -> dict:
+    """The (dereferenced) schema of a recipe path like ("training", "learning_rate")."""
+    root = recipe_schema()
+    node = root
+    for key in path:
+        node = _deref(node, root)["properties"][key]
+    return _deref(node, root)

@@ -1,0 +1,244 @@
+"""Recipe checks: the JSON Schema, each method's parameter schema, and semantic rules
+the schema cannot express. Every problem is collected (never only the first) and
+turned into a :class:`Problem` naming the file, line, column, recipe path and a fix.
+
+Torch-free by design: ``lrr validate`` must stay fast enough for CI and pre-commit.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+
+from lowrank_runner.errors import Location, Problem
+from lowrank_runner.methods.registry import method_specs
+from lowrank_runner.recipe.document import Document, PathT, dotted, get
+from lowrank_runner.recipe.schema import recipe_validator, validator_for
+from lowrank_runner.resources import is_pkg_path, resolve_pkg_path
+from lowrank_runner.targets import SYMBOLS, is_symbol_like
+from lowrank_runner.tasks.registry import TASKS
+
+_JSON_TYPES = {
+    dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
+    int: "an integer", float: "a number", type(None): "null",
+}
+_TYPE_WORDS = {
+    "object": "a mapping", "array": "a list", "string": "a string", "boolean": "a boolean",
+    "integer": "an integer", "number": "a number", "null": "null",
+}
+
+
+def suggest(word: str, choices) -> str:
+    match = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _where(doc: Document, path: PathT, key: bool = False) -> tuple[Location | None, str]:
+    origin = doc.origin(path)
+    if origin is None:
+        return None, dotted(path)
+    exact = doc.origins.get(tuple(path))
+    shown = dotted(exact.source_path) if exact else dotted(path)
+    return (origin.key if key else origin.value), shown
+
+
+def problem(doc: Document, path: PathT, message: str, key: bool = False, severity="error") -> Problem:
+    loc, shown = _where(doc, tuple(path), key)
+    return Problem(loc, shown, message, severity)
+
+
+# ----------------------------------------------------------------- schema errors
+
+
+def schema_problems(doc: Document, data, validator, prefix: PathT = ()) -> list[Problem]:
+    out: list[Problem] = []
+    for error in validator.iter_errors(data):
+        out.extend(_translate(doc, error, prefix))
+    return out
+
+
+def _describe(value) -> str:
+    return f"{_JSON_TYPES.get(type(value), type(value).__name__)} ({value!r})" if not isinstance(value, (dict, list)) else _JSON_TYPES[type(value)]
+
+
+def _translate(doc: Document, error, prefix: PathT) -> list[Problem]:
+    path = prefix + tuple(error.absolute_path)
+    kind, expected, instance, schema = error.validator, error.validator_value, error.instance, error.schema
+    if kind == "additionalProperties" and isinstance(instance, dict):
+        allowed = list(schema.get("properties", {}))
+        extras = [k for k in instance if k not in allowed]
+        out = []
+        for extra in extras:
+            hint = suggest(extra, allowed) or (f" (allowed here: {', '.join(allowed)})" if allowed else "")
+            out.append(problem(doc, path + (extra,), f"unknown key '{extra}'{hint}", key=True))
+        return out
+    if kind == "required":
+        missing = [k for k in expected if k not in instance]
+        return [problem(doc, path, f"missing required key '{k}'") for k in missing]
+    if kind == "type":
+        types = [expected] if isinstance(expected, str) else list(expected)
+        want = " or ".join(_TYPE_WORDS.get(t, t) for t in types)
+        return [problem(doc, path, f"expected {want}, got {_describe(instance)}")]
+    if kind == "enum":
+        choices = ", ".join(repr(c) for c in expected)
+        return [problem(doc, path, f"must be one of {choices}; got {instance!r}{suggest(instance, expected)}")]
+    if kind == "const":
+        return [problem(doc, path, f"must be {expected!r}; got {instance!r}")]
+    if kind in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
+        op = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}[kind]
+        return [problem(doc, path, f"must be {op} {expected}; got {instance!r}")]
+    if kind in ("minItems", "maxItems"):
+        word = "at least" if kind == "minItems" else "at most"
+        return [problem(doc, path, f"must have {word} {expected} item(s); got {len(instance)}")]
+    if kind == "uniqueItems":
+        return [problem(doc, path, "items must be unique; some appear twice")]
+    if kind == "minProperties":
+        return [problem(doc, path, f"must have at least {expected} entr{'y' if expected == 1 else 'ies'}")]
+    if kind == "pattern":
+        return [problem(doc, path, f"{instance!r} does not match the required pattern {expected}")]
+    if kind == "minLength":
+        return [problem(doc, path, "must not be empty")]
+    if kind in ("oneOf", "anyOf"):
+        desc = schema.get("description", "")
+        return [problem(doc, path, f"{_describe(instance)} is not allowed here" + (f": {desc}" if desc else ""))]
+    return [problem(doc, path, error.message)]
+
+
+# ---------------------------------------------------------------- run checks
+
+
+def run_problems(doc: Document) -> list[Problem]:
+    """Checks on one expanded run (one task, one seed), after schema validation."""
+    data = doc.data
+
+    def part(key, kind):
+        value = data.get(key)
+        return value if isinstance(value, kind) else kind()
+
+    out: list[Problem] = []
+    out += _method_problems(doc, part("method", dict))
+    out += _task_problems(doc, part("task", dict))
+    out += _target_problems(doc, part("targets", list))
+    out += _training_problems(doc, part("training", dict))
+    out += _backbone_problems(doc, part("backbone", dict))
+    return out
+
+
+def _method_problems(doc: Document, method) -> list[Problem]:
+    if not isinstance(method, dict) or not isinstance(method.get("name"), str):
+        return []
+    specs = method_specs()
+    name = method["name"]
+    if name not in specs:
+        return [problem(doc, ("method", "name"), f"unknown method '{name}'{suggest(name, specs)}; registered: {', '.join(sorted(specs))} (see 'lrr methods')")]
+    return schema_problems(doc, method, validator_for(specs[name].schema), ("method",))
+
+
+def _task_problems(doc: Document, task) -> list[Problem]:
+    if not isinstance(task, dict) or not isinstance(task.get("name"), str):
+        return []
+    name = task["name"]
+    if name not in TASKS:
+        return [problem(doc, ("task", "name"), f"unknown task '{name}'{suggest(name, TASKS)}; registered: {', '.join(sorted(TASKS))} (see 'lrr tasks')")]
+    spec = TASKS[name]
+    out = []
+    metric = task.get("metric")
+    if metric is not None and metric not in spec.metrics:
+        out.append(problem(doc, ("task", "metric"), f"task '{name}' has no metric '{metric}'{suggest(metric, spec.metrics)}; available: {', '.join(spec.metrics)}"))
+    if name == "regression" and task.get("labels"):
+        out.append(problem(doc, ("task", "labels"), "a regression task has no class labels; remove 'labels'"))
+    if spec.needs_local_data:
+        data = task.get("data") if isinstance(task.get("data"), dict) else {}
+        for split in ("train", "validation"):
+            if split not in data:
+                out.append(problem(doc, ("task", "data") if "data" in task else ("task",),
+                                   f"task '{name}' reads your files: set task.data.{split} to a .csv/.tsv/.jsonl/.parquet file"))
+            elif isinstance(data[split], str):
+                out += _path_problems(doc, ("task", "data", split), data[split], want_dir=False)
+    return out
+
+
+def _path_problems(doc: Document, path: PathT, value: str, want_dir: bool) -> list[Problem]:
+    if is_pkg_path(value):
+        try:
+            resolved = resolve_pkg_path(value)
+        except ValueError as exc:
+            return [problem(doc, path, str(exc))]
+    else:
+        resolved = Path(value).expanduser()
+        if not resolved.exists():
+            return [problem(doc, path, f"file not found: {value} (relative paths are resolved against the working directory {Path.cwd()})")]
+    if want_dir and not resolved.is_dir():
+        return [problem(doc, path, f"{value} is not a directory")]
+    if not want_dir and resolved.is_dir():
+        return [problem(doc, path, f"{value} is a directory; expected a data file")]
+    return []
+
+
+def _target_problems(doc: Document, targets) -> list[Problem]:
+    out = []
+    for i, target in enumerate(targets or []):
+        if not isinstance(target, str):
+            continue
+        if is_symbol_like(target) and target not in SYMBOLS:
+            out.append(problem(doc, ("targets", i), f"unknown target symbol '{target}'{suggest(target, SYMBOLS)}; symbols: {', '.join(SYMBOLS)} (or write a module pattern)"))
+        elif target.startswith("re:"):
+            try:
+                re.compile(target[3:])
+            except re.error as exc:
+                out.append(problem(doc, ("targets", i), f"invalid regular expression: {exc}"))
+    return out
+
+
+def _training_problems(doc: Document, training: dict) -> list[Problem]:
+    out = []
+    max_steps, warmup = training.get("max_steps"), training.get("warmup_steps") or 0
+    if isinstance(max_steps, int) and isinstance(warmup, int) and warmup >= max_steps:
+        out.append(problem(doc, ("training", "warmup_steps"), f"warmup ({warmup} steps) is not shorter than training (max_steps {max_steps}); lower warmup_steps or use warmup_ratio"))
+    every = training.get("eval_every")
+    if isinstance(max_steps, int) and isinstance(every, int) and every > max_steps:
+        out.append(problem(doc, ("training", "eval_every"), f"evaluating every {every} steps never happens before max_steps {max_steps}; lower eval_every"))
+    return out
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _backbone_problems(doc: Document, backbone) -> list[Problem]:
+    if not isinstance(backbone, dict) or not isinstance(backbone.get("name"), str):
+        return []
+    name = backbone["name"]
+    path = ("backbone", "name")
+    if is_pkg_path(name):
+        try:
+            resolved = resolve_pkg_path(name)
+        except ValueError as exc:
+            return [problem(doc, path, str(exc))]
+        return [] if (resolved / "config.json").is_file() else [problem(doc, path, f"{resolved} holds no config.json")]
+    local = Path(name).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            return [problem(doc, path, f"local directory {name} holds no config.json; point backbone.name at a model directory")]
+        return []
+    if name.startswith((".", "/", "~")) or not _HUB_ID.match(name):
+        return [problem(doc, path, f"no such directory: {name} (and it is not a hub id like org/model)")]
+    return []
+
+
+def dedupe(problems: list[Problem]) -> list[Problem]:
+    seen, out = set(), []
+    for p in problems:
+        key = (str(p.location), p.path, p.message)
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+
+    def order(p: Problem):
+        loc = p.location
+        return (loc.source if loc else "", loc.line or 0 if loc else 0, loc.column or 0 if loc else 0)
+
+    return sorted(out, key=order)
+
+
+__all__ = ["dedupe", "problem", "recipe_validator", "run_problems", "schema_problems", "get"]

@@ -1,0 +1,44 @@
+"""Human-readable rendering of command results with rich (JSON goes through the CLI)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def print_methods(specs) -> None:
+    for spec in specs.values():
+        table = Table(title=f"{spec.name}  [dim]{spec.paper}[/dim]", title_justify="left", show_edge=False)
+        table.add_column("param")
+        table.add_column("type")
+        table.add_column("default")
+        table.add_column("meaning")
+        for name, p in spec.params.items():
+            kind = p.get("type") or ("one of " + "/".join(map(str, p["enum"])) if "enum" in p else "")
+            table.add_row(name, str(kind), repr(p.get("default", "")), p.get("description", ""))
+        console.print(table)
+        console.print()
+
+
+def print_inspection(result: dict) -> None:
+    console.print(f"[bold]{result['name']}[/bold]  recipe hash {result['recipe_hash']}  ({len(result['runs'])} run(s))")
+    for run in result["runs"]:
+        m = run["method"]
+        params = ", ".join(f"{k}={v}" for k, v in m.items() if k != "name")
+        console.print(f"\n[bold]{run['task']}[/bold] seed {run['seed']}: {m['name']}({params}) on {run['backbone']}")
+        table = Table(show_edge=False)
+        table.add_column("target")
+        table.add_column("modules")
+        table.add_column("example")
+        for symbol, paths in run["targets"].items():
+            table.add_row(symbol, str(len(paths)), paths[0] if paths else "")
+        console.print(table)
+        t = run["training"]
+        console.print(
+            f"adapter params {run['adapter_params']:,} · trainable {run['trainable_params']:,} "
+            f"({100 * run['trainable_params'] / run['total_params']:.3f}% of {run['total_params']:,}) · "
+            f"{run['train_examples']:,} train examples · {run['steps']:,} optimizer steps "
+            f"(warmup {run['warmup_steps']}) · lr {t['learning_rate']} · batch {t['batch_size']}x{t['gradient_accumulation_steps']}"
+        )

@@ -1,0 +1,61 @@
+"""What a task implementation provides to the runner (data, head, metrics)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from lowrank_runner.tasks.registry import TaskSpec
+
+
+class Task:
+    """Base class: a task built from the resolved ``task`` section of a run."""
+
+    spec: TaskSpec
+    model_class_name = "AutoModelForSequenceClassification"
+    train_head_default = True
+
+    def __init__(self, config: dict, spec: TaskSpec):
+        self.config = config
+        self.spec = spec
+
+    # ---- data
+    def load_splits(self):  # -> datasets.DatasetDict with "train" and "validation"
+        raise NotImplementedError
+
+    def count_train_examples(self) -> int:
+        raise NotImplementedError
+
+    def tokenize(self, splits, tokenizer):  # -> DatasetDict of model inputs + "labels"
+        raise NotImplementedError
+
+    # ---- model head
+    def model_config_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    @property
+    def model_class(self):
+        import transformers
+
+        return getattr(transformers, self.model_class_name)
+
+    # ---- scoring
+    @property
+    def metric(self) -> str:
+        return self.config.get("metric") or self.spec.primary_metric
+
+    greater_is_better = True
+
+    def predictions(self, logits: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def compute_metrics(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        raise NotImplementedError
+
+
+def build_task(config: dict) -> Task:
+    from lowrank_runner.tasks.registry import get_task_spec
+
+    spec = get_task_spec(config["name"])
+    return spec.load()(config, spec)

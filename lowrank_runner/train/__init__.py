@@ -1,0 +1,1 @@
+"""Training: step planning, the Accelerate loop, run directories."""

@@ -1,0 +1,78 @@
+"""What a run directory holds, and how it is written and read back.
+
+::
+
+    RUN_DIR/
+      recipe.yaml           the resolved recipe of this run (defaults filled; hash inside)
+      metrics.jsonl         one JSON object per logged training step or evaluation
+      metrics.json          final and best evaluation metrics
+      report.json           reproducibility report (environment, counts, timings)
+      adapter/
+        adapter_config.json method, parameters, target module paths, backbone, task head
+        adapter.safetensors adapter weights (best checkpoint)
+        head.safetensors    task head weights (best checkpoint), when trained
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+ADAPTER_DIR = "adapter"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter.safetensors"
+HEAD_WEIGHTS = "head.safetensors"
+RECIPE_FILE = "recipe.yaml"
+METRICS_LOG = "metrics.jsonl"
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.json"
+
+
+def write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    tmp.replace(path)
+
+
+def write_recipe(path: Path, config: dict, recipe_hash: str, config_hash: str, source: str) -> None:
+    header = (
+        f"# resolved by lowrank-runner from {source}\n"
+        f"# recipe hash {recipe_hash}; this run's config hash {config_hash}\n"
+    )
+    path.write_text(header + yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+
+
+def save_adapter(directory: Path, adapter_state: dict, head_state: dict, config: dict) -> None:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in adapter_state.items()}, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    if head_state:
+        save_file({k: v.contiguous() for k, v in head_state.items()}, str(directory / HEAD_WEIGHTS), metadata={"format": "pt"})
+    write_json(directory / ADAPTER_CONFIG, config)
+
+
+def load_adapter(directory: Path) -> tuple[dict, dict, dict]:
+    from safetensors.torch import load_file
+
+    config = json.loads((directory / ADAPTER_CONFIG).read_text())
+    adapter = load_file(str(directory / ADAPTER_WEIGHTS))
+    head_path = directory / HEAD_WEIGHTS
+    head = load_file(str(head_path)) if head_path.is_file() else {}
+    return config, adapter, head
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl`` (flushed per line so a crash loses nothing)."""
+
+    def __init__(self, path: Path):
+        self._f = path.open("a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self._f.write(json.dumps(record, default=float) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()

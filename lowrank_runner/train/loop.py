@@ -1,0 +1,253 @@
+"""One training run with Accelerate: the same code on a CPU, one GPU or under
+``accelerate launch`` with several processes.
+
+The loop knows nothing about any particular method: it adds ``method.extra_loss`` to
+the task loss and calls ``method.after_optimizer_step`` right after every optimizer step
+(before gradients are cleared, so allocators can read them).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lowrank_runner.backbones import load_tokenizer
+from lowrank_runner.backbones import resolve as resolve_backbone
+from lowrank_runner.inspect import check_schedule
+from lowrank_runner.methods.inject import adapter_state_dict, count_adapter_params
+from lowrank_runner.modeling import AdaptedModel, build_adapted_model
+from lowrank_runner.recipe.load import Recipe, RunSpec
+from lowrank_runner.report import environment
+from lowrank_runner.tasks.base import Task, build_task
+from lowrank_runner.train import artifacts as art
+from lowrank_runner.train.progress import TrainingProgress
+from lowrank_runner.train.schedule import plan_steps
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    best: dict
+    final: dict
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def _optimizer(model, training: dict) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    groups = [{"params": decay, "weight_decay": training["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=training["learning_rate"],
+        betas=tuple(training["adam_betas"]), eps=training["adam_epsilon"],
+    )
+
+
+def _dataloaders(tokenized, tokenizer, training: dict, seed: int, mixed_precision: str):
+    from torch.utils.data import DataLoader
+    from transformers import DataCollatorWithPadding
+
+    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if mixed_precision != "no" else None)
+    generator = torch.Generator().manual_seed(seed)
+    workers = training["dataloader_workers"]
+    train = DataLoader(tokenized["train"], batch_size=training["batch_size"], shuffle=True, collate_fn=collator,
+                       generator=generator, num_workers=workers)
+    evaluation = DataLoader(tokenized["validation"], batch_size=training["eval_batch_size"] or 2 * training["batch_size"],
+                            shuffle=False, collate_fn=collator, num_workers=workers)
+    return train, evaluation
+
+
+def evaluate(model, dataloader, task: Task, accelerator) -> dict[str, float]:
+    model.eval()
+    logits_all, labels_all, loss_sum, n = [], [], 0.0, 0
+    with torch.no_grad():
+        for batch in dataloader:
+            out = model(**batch)
+            loss_sum += out.loss.float().item() * batch["labels"].shape[0]
+            n += batch["labels"].shape[0]
+            logits, labels = accelerator.gather_for_metrics((out.logits.float(), batch["labels"]))
+            logits_all.append(logits.cpu())
+            labels_all.append(labels.cpu())
+    model.train()
+    logits = torch.cat(logits_all).numpy()
+    labels = torch.cat(labels_all).numpy()
+    metrics = task.compute_metrics(task.predictions(logits), labels)
+    metrics["loss"] = loss_sum / max(n, 1)
+    return metrics
+
+
+def _trainable_state(model, adapted: AdaptedModel) -> tuple[dict, dict]:
+    state = model.state_dict()
+    adapter = {k: v.detach().to("cpu", copy=True) for k, v in adapter_state_dict(model).items()}
+    head = {k: state[k].detach().to("cpu", copy=True) for k in adapted.head_names}
+    return adapter, head
+
+
+def adapter_config(adapted: AdaptedModel, run: RunSpec, recipe: Recipe, task: Task) -> dict:
+    import lowrank_runner
+
+    return {
+        "format": "lowrank-runner-adapter",
+        "format_version": 1,
+        "lowrank_runner_version": lowrank_runner.__version__,
+        "method": run.config["method"],
+        "targets": run.config["targets"],
+        "modules": [{"path": t.path, "symbols": list(t.symbols), "groups": list(t.groups) if t.groups else None}
+                    for t in adapted.targets],
+        "backbone": {**run.config["backbone"], "resolved": adapted.backbone.location},
+        "task": {"name": run.task, "model_class": task.model_class_name, **task.model_config_kwargs()},
+        "head": adapted.head_names,
+        "recipe_hash": recipe.hash,
+        "config_hash": run.config_hash,
+    }
+
+
+def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str]) -> RunResult:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    cfg, training = run.config, run.config["training"]
+    started = time.time()
+    mixed = resolve_mixed_precision(training["mixed_precision"])
+    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=training["gradient_accumulation_steps"])
+    main = accelerator.is_main_process
+    set_seed(run.seed)
+
+    task = build_task(cfg["task"])
+    ref = resolve_backbone(cfg["backbone"])
+    tokenizer = load_tokenizer(ref, cfg["backbone"].get("tokenizer"))
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    with accelerator.main_process_first():
+        tokenized = task.tokenize(task.load_splits(), tokenizer)
+    adapted = build_adapted_model(cfg, task.model_class, task.model_config_kwargs(), weights=True, ref=ref)
+    model = adapted.model
+    plan = plan_steps(len(tokenized["train"]), training, accelerator.num_processes)
+    check_schedule(cfg, plan, f"{recipe.source} [{run.task}, seed {run.seed}]")
+
+    train_dl, eval_dl = _dataloaders(tokenized, tokenizer, training, run.seed, mixed)
+    optimizer = _optimizer(model, training)
+    scheduler = get_scheduler(training["lr_scheduler"], optimizer, plan.warmup_steps, plan.total_steps)
+    model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
+    method, adapters = adapted.method, adapted.injection.adapters
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        art.write_recipe(run_dir / art.RECIPE_FILE, cfg, recipe.hash, run.config_hash, recipe.source)
+    log = art.MetricsLog(run_dir / art.METRICS_LOG) if main else None
+    higher = task.greater_is_better
+    best = {"step": None, "metric": task.metric, "value": None, "eval": None}
+    best_state: tuple[dict, dict] | None = None
+    last_eval: dict | None = None
+    step, window_loss, window_n, epoch = 0, torch.zeros((), device=accelerator.device), 0, 0.0
+    eval_every = training["eval_every"] or plan.steps_per_epoch
+    progress = TrainingProgress(plan.total_steps, enabled=main, metric=task.metric)
+
+    model.train()
+    with progress:
+        while step < plan.total_steps:
+            for batch in train_dl:
+                with accelerator.accumulate(model):
+                    out = model(**batch)
+                    loss = out.loss
+                    extra = method.extra_loss(adapters)
+                    total = loss if extra is None else loss + extra
+                    accelerator.backward(total)
+                    window_loss += loss.detach().float()
+                    window_n += 1
+                    if not accelerator.sync_gradients:
+                        continue
+                    if training["max_grad_norm"]:
+                        accelerator.clip_grad_norm_(params, training["max_grad_norm"])
+                    optimizer.step()
+                    scheduler.step()
+                    step += 1
+                    hook_logs = method.after_optimizer_step(step, adapters) or {}
+                    optimizer.zero_grad(set_to_none=True)
+                epoch = step / plan.steps_per_epoch
+                if step % training["log_every"] == 0 or step == plan.total_steps:
+                    mean_loss = accelerator.reduce(window_loss / max(window_n, 1), reduction="mean").item()
+                    window_loss.zero_()
+                    window_n = 0
+                    record = {"step": step, "epoch": round(epoch, 4), "loss": mean_loss,
+                              "lr": scheduler.get_last_lr()[0], **hook_logs}
+                    if extra is not None:
+                        record["extra_loss"] = float(extra.detach())
+                    if log:
+                        log.write(record)
+                    progress.update_train(step, mean_loss, record["lr"])
+                if step % eval_every == 0 or step == plan.total_steps:
+                    last_eval = evaluate(model, eval_dl, task, accelerator)
+                    value = last_eval[task.metric]
+                    improved = best["value"] is None or (value > best["value"] if higher else value < best["value"])
+                    if improved:
+                        best.update(step=step, value=value, eval=last_eval)
+                        best_state = _trainable_state(accelerator.unwrap_model(model), adapted)
+                    if log:
+                        log.write({"step": step, "epoch": round(epoch, 4), "eval": last_eval})
+                    progress.update_eval(step, last_eval, task.metric, improved)
+                if step >= plan.total_steps:
+                    break
+            else:
+                continue
+            break
+
+    if log:
+        log.close()
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    if main:
+        adapter_state, head_state = best_state or _trainable_state(unwrapped, adapted)
+        art.save_adapter(run_dir / art.ADAPTER_DIR, adapter_state, head_state, adapter_config(adapted, run, recipe, task))
+        final = {"task": run.task, "seed": run.seed, "metric": task.metric, "best": best, "last": {"step": step, "eval": last_eval}}
+        art.write_json(run_dir / art.METRICS_FILE, final)
+        all_params = dict(unwrapped.named_parameters())
+        art.write_json(run_dir / art.REPORT_FILE, {
+            "status": "completed",
+            "recipe": {"name": recipe.name, "source": recipe.source, "hash": recipe.hash, "config_hash": run.config_hash,
+                       "overrides": list(recipe.overrides)},
+            "command": argv,
+            "run": {"task": run.task, "seed": run.seed, "index": run.index},
+            "backbone": adapted.backbone.describe(),
+            "method": cfg["method"],
+            "modules": len(adapted.targets),
+            "adapter_params": count_adapter_params(unwrapped),
+            "trainable_params": sum(all_params[n].numel() for n in adapted.trainable_names),
+            "total_params": sum(p.numel() for p in all_params.values()),
+            "train_examples": len(tokenized["train"]),
+            "eval_examples": len(tokenized["validation"]),
+            "steps": {"total": plan.total_steps, "warmup": plan.warmup_steps, "per_epoch": plan.steps_per_epoch,
+                      "epochs": plan.epochs},
+            "best": best,
+            "final_eval": last_eval,
+            "wall_time_s": round(time.time() - started, 2),
+            "peak_memory": _peak_memory(),
+            "environment": environment(accelerator),
+        })
+    accelerator.end_training()
+    return RunResult(run_dir, best, {"step": step, "eval": last_eval})
+
+
+def _peak_memory() -> dict:
+    import resource
+
+    out = {"cpu_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        out["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+

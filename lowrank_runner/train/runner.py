@@ -1,0 +1,76 @@
+"""``lrr run``: every run of a recipe (task x seed), each in its own run directory.
+
+One failed run does not stop the others; the command exits non-zero if any failed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import traceback
+from pathlib import Path
+
+from rich.console import Console
+
+from lowrank_runner.errors import LrrError, UsageError
+from lowrank_runner.quiet import quiet_libraries
+from lowrank_runner.recipe.load import Recipe
+from lowrank_runner.train import artifacts as art
+
+console = Console(stderr=True)
+
+
+def run_dirs(recipe: Recipe, output: Path | None) -> tuple[Path, dict[int, Path]]:
+    if output is None:
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        output = Path(recipe.resolved["output"]["dir"]) / recipe.name / stamp
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise UsageError(f"--output {output}: exists and is not an empty directory; choose a new path or remove it")
+    if len(recipe.runs) == 1:
+        return output, {recipe.runs[0].index: output}
+    return output, {run.index: output / run.slug for run in recipe.runs}
+
+
+def run_recipe(recipe: Recipe, output: Path | None, argv: list[str]) -> list[str]:
+    """Train every run; returns the slugs of runs that failed."""
+    quiet_libraries()
+    from lowrank_runner.train.loop import train_run
+
+    root, dirs = run_dirs(recipe, output)
+    failures, summary = [], []
+    for run in recipe.runs:
+        run_dir = dirs[run.index]
+        console.rule(f"[bold]{recipe.name}[/bold] · {run.task} · seed {run.seed} → {run_dir}")
+        try:
+            result = train_run(recipe, run, run_dir, argv)
+        except LrrError as exc:
+            failures.append(run.slug)
+            console.print(f"[red]run {run.slug} failed:[/red] {exc}")
+            summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "failed", "error": str(exc)})
+            _mark_failed(run_dir, str(exc))
+            if len(recipe.runs) == 1:
+                raise
+            continue
+        except Exception as exc:  # keep going with the other runs; the traceback is saved
+            failures.append(run.slug)
+            console.print(f"[red]run {run.slug} crashed:[/red] {type(exc).__name__}: {exc}")
+            _mark_failed(run_dir, traceback.format_exc())
+            summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "crashed", "error": repr(exc)})
+            if len(recipe.runs) == 1:
+                raise
+            continue
+        best = result.best
+        console.print(f"[bold green]done[/bold green] {run.slug}: best {best['metric']} {best['value']:.4f} at step {best['step']} · {run_dir}")
+        summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "completed", "best": best})
+    if len(recipe.runs) > 1:
+        root.mkdir(parents=True, exist_ok=True)
+        art.write_json(root / "summary.json", {"recipe": recipe.name, "hash": recipe.hash, "runs": summary})
+    return failures
+
+
+def _mark_failed(run_dir: Path, error: str) -> None:
+    if run_dir.is_dir():
+        (run_dir / "error.txt").write_text(error)
+        report = run_dir / art.REPORT_FILE
+        data = json.loads(report.read_text()) if report.is_file() else {}
+        art.write_json(report, {**data, "status": "failed", "error": error.splitlines()[-1] if error else ""})
