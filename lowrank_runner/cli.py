@@ -177,7 +177,9 @@ def run(
     from lowrank_runner.train.runner import run_recipe
 
     rec = load_recipe(_existing(recipe), overrides or ())
-    failures = run_recipe(rec, output=output, argv=sys.argv)
+    command = ["lrr", "run", str(recipe)] + [a for s in overrides or () for a in ("--set", s)]
+    command += ["--output", str(output)] if output else []
+    failures = run_recipe(rec, output=output, argv=command)
     raise typer.Exit(1 if failures else 0)
 
 

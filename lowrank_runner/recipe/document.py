@@ -108,16 +108,22 @@ def _loc(source: str, node: yaml.Node) -> Location:
     return Location(source, node.start_mark.line + 1, node.start_mark.column + 1)
 
 
+_PLAIN_TAGS = {"tag:yaml.org,2002:map", "tag:yaml.org,2002:seq"}
+
+
 def _build(node, path, source, origins, problems, key_loc):
     value_loc = _loc(source, node)
     origins[path] = Origin(key_loc or value_loc, value_loc, path)
+    if not isinstance(node, yaml.ScalarNode) and node.tag not in _PLAIN_TAGS:
+        problems.append(Problem(value_loc, dotted(path), f"unsupported YAML tag {node.tag} (only plain YAML is read)"))
+        return None
     if isinstance(node, yaml.MappingNode):
         out: dict = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, yaml.ScalarNode):
                 problems.append(Problem(_loc(source, key_node), dotted(path), "keys must be plain scalars"))
                 continue
-            key = str(_scalar(key_node, source))
+            key = str(_scalar(key_node, source, path))
             if key in out:
                 problems.append(
                     Problem(
@@ -131,17 +137,17 @@ def _build(node, path, source, origins, problems, key_loc):
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_build(item, path + (i,), source, origins, problems, None) for i, item in enumerate(node.value)]
-    return _scalar(node, source)
+    return _scalar(node, source, path)
 
 
-def _scalar(node: yaml.ScalarNode, source: str):
+def _scalar(node: yaml.ScalarNode, source: str, path: PathT = ()):
     """Construct a scalar exactly as ``yaml.safe_load`` would (safe tags only)."""
     loader = yaml.SafeLoader("")
     try:
         return loader.construct_object(node, deep=True)
     except yaml.constructor.ConstructorError as exc:
         raise RecipeError(
-            [Problem(_loc(source, node), "", f"unsupported YAML value (only plain YAML is read): {exc.problem}")]
+            [Problem(_loc(source, node), dotted(path), f"unsupported YAML value (only plain YAML is read): {exc.problem}")]
         ) from None
     finally:
         loader.dispose()

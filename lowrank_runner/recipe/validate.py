@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import difflib
 import re
+
+import jsonschema
 from pathlib import Path
 
 from lowrank_runner.errors import Location, Problem
@@ -29,8 +31,24 @@ _TYPE_WORDS = {
 }
 
 
+# Names users of HF PEFT / Trainer, torchtune and Axolotl type for our keys.
+ALIASES = {
+    "rank": "r", "lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "use_rslora": "rslora", "lr": "learning_rate", "num_epochs": "epochs", "num_train_epochs": "epochs",
+    "micro_batch_size": "batch_size", "per_device_train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "eval_batch_size", "gradient_accumulation": "gradient_accumulation_steps",
+    "target_modules": "targets", "lora_target_modules": "targets", "base_model": "backbone", "model": "backbone",
+    "output_dir": "output", "scheduler": "lr_scheduler", "warmup": "warmup_steps", "seeds": "seed",
+    "dataset": "task", "max_seq_length": "max_length", "sequence_len": "max_length", "clip_grad_norm": "max_grad_norm",
+}
+
+
 def suggest(word: str, choices) -> str:
-    match = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    choices = [str(c) for c in choices]
+    alias = ALIASES.get(str(word))
+    if alias in choices:
+        return f" (did you mean '{alias}'?)"
+    match = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
@@ -75,7 +93,7 @@ def _translate(doc: Document, error, prefix: PathT) -> list[Problem]:
         return out
     if kind == "required":
         missing = [k for k in expected if k not in instance]
-        return [problem(doc, path, f"missing required key '{k}'") for k in missing]
+        return [problem(doc, path, f"missing required key '{k}'", key=True) for k in missing]
     if kind == "type":
         types = [expected] if isinstance(expected, str) else list(expected)
         want = " or ".join(_TYPE_WORDS.get(t, t) for t in types)
@@ -100,6 +118,11 @@ def _translate(doc: Document, error, prefix: PathT) -> list[Problem]:
     if kind == "minLength":
         return [problem(doc, path, "must not be empty")]
     if kind in ("oneOf", "anyOf"):
+        # Report the branch the value was meant for (its type matched) precisely.
+        meant = [e for e in error.context if e.validator != "type" and len(e.relative_schema_path) > 1]
+        if meant:
+            best = jsonschema.exceptions.best_match(meant)
+            return _translate(doc, best, prefix)
         desc = schema.get("description", "")
         return [problem(doc, path, f"{_describe(instance)} is not allowed here" + (f": {desc}" if desc else ""))]
     return [problem(doc, path, error.message)]
@@ -153,7 +176,8 @@ def _task_problems(doc: Document, task) -> list[Problem]:
         for split in ("train", "validation"):
             if split not in data:
                 out.append(problem(doc, ("task", "data") if "data" in task else ("task",),
-                                   f"task '{name}' reads your files: set task.data.{split} to a .csv/.tsv/.jsonl/.parquet file"))
+                                   f"task '{name}' reads your files: set task.data.{split} to a .csv/.tsv/.jsonl/.parquet file",
+                                   key=True))
             elif isinstance(data[split], str):
                 out += _path_problems(doc, ("task", "data", split), data[split], want_dir=False)
     return out

@@ -1,0 +1,126 @@
+"""Shared fixtures: tiny models saved as real local model directories (config +
+safetensors + tokenizer, random weights, exact architectures) and tiny datasets."""
+
+from __future__ import annotations
+
+import json
+import random
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+WORDS = (
+    "the a movie film book phone service staff food room battery screen was is it this very really "
+    "good great excellent lovely fine bad awful terrible poor broken slow quick friendly rude and but not "
+    "i we they loved hated liked enjoyed"
+).split()
+POSITIVE = {"good", "great", "excellent", "lovely", "fine", "quick", "friendly", "loved", "liked", "enjoyed"}
+NEGATIVE = {"bad", "awful", "terrible", "poor", "broken", "slow", "rude", "hated"}
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def tiny_config(model_type: str, **overrides):
+    """A small config of the exact architecture (random weights are built from it)."""
+    import transformers
+
+    common = dict(vocab_size=len(SPECIAL) + len(WORDS), num_hidden_layers=2, num_attention_heads=2, hidden_size=16,
+                  intermediate_size=24, max_position_embeddings=64)
+    if model_type == "bert":
+        cfg = transformers.BertConfig(**common, type_vocab_size=2)
+    elif model_type == "roberta":
+        cfg = transformers.RobertaConfig(**common, type_vocab_size=1, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    elif model_type == "deberta-v2":
+        cfg = transformers.DebertaV2Config(**common, type_vocab_size=0, relative_attention=True, position_buckets=16,
+                                           pos_att_type=["p2c", "c2p"], max_relative_positions=-1, position_biased_input=False)
+    elif model_type == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=common["vocab_size"], n_layer=2, n_head=2, n_embd=16, n_positions=64,
+                                      bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    elif model_type == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=common["vocab_size"], num_hidden_layers=2, num_attention_heads=2,
+                                       num_key_value_heads=1, hidden_size=16, intermediate_size=24,
+                                       max_position_embeddings=64, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    else:
+        raise ValueError(model_type)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def save_tiny_backbone(directory: Path, model_type: str = "bert", seed: int = 0) -> Path:
+    """Write a random-weight backbone (base model, no task head) and a WordPiece tokenizer."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(model_type)
+    model = transformers.AutoModel.from_config(cfg)
+    model.save_pretrained(directory, safe_serialization=True)
+    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
+    transformers.BertTokenizer(vocab=vocab).save_pretrained(directory)
+    return directory
+
+
+def write_sentiment_data(directory: Path, n_train: int = 96, n_eval: int = 32, seed: int = 0) -> tuple[Path, Path]:
+    rng = random.Random(seed)
+    neutral = [w for w in WORDS if w not in POSITIVE | NEGATIVE]
+    paths = []
+    for split, n in (("train", n_train), ("validation", n_eval)):
+        path = directory / f"{split}.jsonl"
+        with path.open("w") as f:
+            for i in range(n):
+                label = "positive" if i % 2 == 0 else "negative"
+                cue = rng.choice(sorted(POSITIVE if label == "positive" else NEGATIVE))
+                words = rng.sample(neutral, 5) + [cue]
+                rng.shuffle(words)
+                f.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return save_tiny_backbone(tmp_path_factory.mktemp("tiny-bert"), "bert")
+
+
+@pytest.fixture(scope="session")
+def sentiment_data(tmp_path_factory) -> tuple[Path, Path]:
+    return write_sentiment_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture
+def make_recipe(tmp_path):
+    """Write a recipe file from YAML text (dedented) and return its path."""
+
+    def make(text: str, name: str = "recipe.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text).lstrip())
+        return path
+
+    return make
+
+
+@pytest.fixture
+def tiny_recipe(make_recipe, tiny_bert, sentiment_data):
+    """A valid recipe training LoRA on the tiny BERT (extra YAML is appended)."""
+    train, validation = sentiment_data
+
+    def make(extra: str = "", name: str = "recipe.yaml") -> Path:
+        return make_recipe(
+            f"""
+            name: tiny
+            backbone: {{name: {tiny_bert}}}
+            targets: [Wq, Wv]
+            method: {{name: lora, r: 4, alpha: 8}}
+            task:
+              name: classification
+              data: {{train: {train}, validation: {validation}}}
+              max_length: 16
+            training: {{learning_rate: 1e-2, epochs: 2, batch_size: 16, seed: 0, log_every: 2}}
+            """
+            + textwrap.dedent(extra),
+            name,
+        )
+
+    return make

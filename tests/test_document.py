@@ -1,0 +1,89 @@
+"""YAML reading with positions, safe loading, merging and --set overrides."""
+
+import pytest
+
+from lowrank_runner.errors import RecipeError, UsageError
+from lowrank_runner.recipe.document import apply_override, merge, parse_override, parse_yaml
+
+
+def test_positions_of_keys_and_values():
+    doc = parse_yaml("name: x\ntraining:\n  epochs: 3\n  seed: [1, 2]\n", "r.yaml")
+    assert doc.data == {"name": "x", "training": {"epochs": 3, "seed": [1, 2]}}
+    origin = doc.origins[("training", "epochs")]
+    assert (origin.key.line, origin.key.column) == (3, 3)
+    assert (origin.value.line, origin.value.column) == (3, 11)
+    assert doc.origins[("training", "seed", 1)].value.column == 13
+
+
+@pytest.mark.parametrize("text,value", [("1e-3", 0.001), ("5E4", 50000.0), ("1.2e-3", 0.0012), ("-2e+5", -200000.0),
+                                        ("1_000", 1000), ("e5", "e5"), ("0x10", 16), ("yes", True)])
+def test_numbers_are_read_as_yaml_1_2_floats(text, value):
+    assert parse_yaml(f"v: {text}\n", "r.yaml").data["v"] == value
+
+
+def test_duplicate_keys_are_an_error_not_a_silent_overwrite():
+    with pytest.raises(RecipeError) as exc:
+        parse_yaml("name: a\nname: b\n", "r.yaml")
+    assert str(exc.value) == "r.yaml:2:1: name: duplicate key 'name' (first written at line 1)"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("name: !!python/object/apply:os.system ['echo pwned']\n", "r.yaml:1:7: name: unsupported YAML tag tag:yaml.org,2002:python/object/apply:os.system"),
+    ("name: !!python/name:os.system\n", "r.yaml:1:7: name: unsupported YAML value"),
+    ("name: !custom {a: 1}\n", "r.yaml:1:7: name: unsupported YAML tag !custom"),
+])
+def test_python_and_custom_tags_are_rejected_never_executed(text, message):
+    with pytest.raises(RecipeError) as exc:
+        parse_yaml(text, "r.yaml")
+    assert str(exc.value).startswith(message)
+
+
+def test_invalid_yaml_names_the_position():
+    with pytest.raises(RecipeError) as exc:
+        parse_yaml("name: x\ntraining: {epochs: 3\n", "r.yaml")
+    assert str(exc.value).startswith("r.yaml:3:1: (recipe): invalid YAML")
+
+
+def test_empty_file():
+    with pytest.raises(RecipeError, match="the recipe is empty"):
+        parse_yaml("# nothing\n", "r.yaml")
+
+
+def test_merge_is_deep_for_mappings_and_replaces_lists_and_keeps_origins():
+    base = parse_yaml("a: {x: 1, y: [1, 2]}\nb: 1\n", "base.yaml")
+    over = parse_yaml("a: {y: [3]}\nc: 2\n", "over.yaml")
+    merged = merge(base, over)
+    assert merged.data == {"a": {"x": 1, "y": [3]}, "b": 1, "c": 2}
+    assert merged.origins[("a", "x")].value.source == "base.yaml"
+    assert merged.origins[("a", "y")].value.source == "over.yaml"
+    assert ("a", "y", 1) not in merged.origins  # the replaced list's old items are gone
+    assert base.data["a"]["y"] == [1, 2]  # inputs untouched
+
+
+def test_set_parses_yaml_values():
+    assert parse_override("targets=[Wq, Wv]") == (("targets",), ["Wq", "Wv"])
+    assert parse_override("training.learning_rate=1e-3") == (("training", "learning_rate"), 0.001)
+    assert parse_override("task.name=glue/rte") == (("task", "name"), "glue/rte")
+    assert parse_override("targets.0=Wk") == (("targets", 0), "Wk")
+
+
+@pytest.mark.parametrize("bad", ["noequals", "=1", "a..b=1", "x=[1,"])
+def test_set_rejects_malformed_overrides(bad):
+    with pytest.raises(UsageError, match="--set"):
+        parse_override(bad)
+
+
+def test_set_overrides_nested_keys_and_records_origin():
+    doc = parse_yaml("training: {epochs: 3}\ntargets: [Wq]\n", "r.yaml")
+    doc = apply_override(doc, "training.epochs=5")
+    doc = apply_override(doc, "targets.0=Wk")
+    doc = apply_override(doc, "method={name: lora, r: 4}")
+    assert doc.data == {"training": {"epochs": 5}, "targets": ["Wk"], "method": {"name": "lora", "r": 4}}
+    assert doc.origins[("training", "epochs")].value.source == "--set training.epochs=5"
+    assert doc.origins[("method", "r")].value.source == "--set method={name: lora, r: 4}"
+
+
+def test_set_past_the_end_of_a_list():
+    doc = parse_yaml("targets: [Wq]\n", "r.yaml")
+    with pytest.raises(RecipeError, match="index 3 is past the end"):
+        apply_override(doc, "targets.3=Wk")

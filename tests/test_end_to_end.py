@@ -1,0 +1,159 @@
+"""run → export --merge → plain transformers reload, on a tiny random BERT from a config,
+and the ways these commands must fail cleanly."""
+
+import importlib.metadata
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lowrank_runner.cli import app
+from lowrank_runner.errors import ExportError
+from lowrank_runner.export import export_merged, load_trained_model, probe_batch
+
+runner = CliRunner()
+
+
+def lrr(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_bert, sentiment_data):
+    train, validation = sentiment_data
+    root = tmp_path_factory.mktemp("e2e")
+    recipe = root / "tiny.yaml"
+    recipe.write_text(f"""
+name: tiny
+backbone: {{name: {tiny_bert}}}
+targets: [Wq, Wv, Wo]
+method: {{name: lora, r: 4, alpha: 8, dropout: 0.1}}
+task:
+  name: classification
+  data: {{train: {train}, validation: {validation}}}
+  max_length: 16
+training: {{learning_rate: 2e-2, epochs: 3, batch_size: 16, seed: 0, log_every: 2, eval_every: 6, warmup_ratio: 0.1}}
+""")
+    code, out = lrr("run", recipe, "--output", root / "run")
+    assert code == 0, out
+    return root / "run", recipe
+
+
+def test_run_directory_contents(trained_run):
+    run_dir, _ = trained_run
+    assert sorted(p.name for p in run_dir.iterdir()) == ["adapter", "metrics.json", "metrics.jsonl", "recipe.yaml", "report.json"]
+    assert sorted(p.name for p in (run_dir / "adapter").iterdir()) == ["adapter.safetensors", "adapter_config.json", "head.safetensors"]
+    lines = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [ln for ln in lines if "loss" in ln and "eval" not in ln]
+    evals = [ln for ln in lines if "eval" in ln]
+    assert [ln["step"] for ln in train] == list(range(2, 19, 2))  # 96/16 = 6 steps/epoch x 3
+    assert [ln["step"] for ln in evals] == [6, 12, 18]
+    assert train[0]["lr"] > train[-1]["lr"]  # linear decay
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["status"] == "completed"
+    assert report["adapter_params"] == 2 * (4 * 16 * 2 * 2 + 4 * (24 + 16))  # Wq, Wv (16x16) and Wo (16x24), 2 layers
+    assert report["steps"]["total"] == 18 and report["steps"]["warmup"] == 2
+    assert report["environment"]["packages"]["torch"] == importlib.metadata.version("torch")
+    assert report["recipe"]["hash"] and report["command"][:2] == ["lrr", "run"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["best"]["step"] in (6, 12, 18)
+    assert metrics["best"]["value"] == max(e["eval"]["accuracy"] for e in evals)
+    assert "# recipe hash" in (run_dir / "recipe.yaml").read_text()
+
+
+def test_export_merged_reloads_with_plain_transformers_and_same_logits(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    out = tmp_path / "merged"
+    code, output = lrr("export", run_dir, "--merge", "--out", out)
+    assert code == 0, output
+    info = json.loads((out / "lrr_export.json").read_text())
+    assert info["max_abs_logit_diff"] <= 1e-5 and info["modules_merged"] == 6
+
+    model, adapted, config, _ = load_trained_model(run_dir)
+    from transformers import AutoTokenizer
+
+    batch = probe_batch(AutoTokenizer.from_pretrained(out), 16)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    base_logits = _logits_without_adapter(run_dir, batch)
+    assert (expected - base_logits).abs().max() > 1e-4, "training changed nothing; the test would prove nothing"
+    torch.save(dict(batch), tmp_path / "batch.pt")
+    code = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForSequenceClassification\n"
+        f"m = AutoModelForSequenceClassification.from_pretrained({str(out)!r}).eval()\n"
+        f"b = torch.load({str(tmp_path / 'batch.pt')!r})\n"
+        "with torch.no_grad():\n    logits = m(**b).logits\n"
+        f"torch.save(logits, {str(tmp_path / 'logits.pt')!r})\n"
+        "assert not any(k.startswith('lowrank_runner') for k in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=1e-5, atol=1e-5)
+
+
+def _logits_without_adapter(run_dir, batch):
+    model, *_ = load_trained_model(run_dir)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lrr_adapter." in name:
+                param.zero_()
+        return model(**batch).logits
+
+
+def test_export_refuses_a_non_empty_output(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    code, output = lrr("export", run_dir, "--merge", "--out", tmp_path / "taken")
+    assert code == 2 and "exists and is not an empty directory" in output
+
+
+def test_export_of_a_nan_adapter_writes_nothing(trained_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+    import shutil
+
+    run_dir, _ = trained_run
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir, broken)
+    weights = broken / "adapter" / "adapter.safetensors"
+    state = load_file(str(weights))
+    first = next(iter(state))
+    state[first][0, 0] = float("nan")
+    save_file(state, str(weights))
+    with pytest.raises(ExportError, match="NaN"):
+        export_merged(broken, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["broken"]  # no temporary directory left behind
+    code, output = lrr("export", broken, "--merge", "--out", tmp_path / "out")
+    assert code == 1 and "nothing written" in output and not (tmp_path / "out").exists()
+
+
+def test_export_needs_a_run_directory(tmp_path):
+    code, output = lrr("export", tmp_path, "--merge", "--out", tmp_path / "x")
+    assert code == 2 and "not a run directory" in output
+
+
+def test_run_refuses_a_non_empty_output_before_doing_anything(trained_run, tmp_path):
+    _, recipe = trained_run
+    (tmp_path / "f").write_text("x")
+    code, output = lrr("run", recipe, "--output", tmp_path)
+    assert code == 2 and "exists and is not an empty directory" in output
+    assert [p.name for p in tmp_path.iterdir()] == ["f"]
+
+
+def test_multi_seed_run_writes_one_directory_per_run_and_a_summary(trained_run, tmp_path):
+    _, recipe = trained_run
+    code, output = lrr("run", recipe, "--output", tmp_path / "multi", "--set", "training.seed=[1,2]",
+                       "--set", "training.epochs=1", "--set", "training.eval_every=null")
+    assert code == 0, output
+    assert sorted(p.name for p in (tmp_path / "multi").iterdir()) == ["classification-seed1", "classification-seed2", "summary.json"]
+    summary = json.loads((tmp_path / "multi" / "summary.json").read_text())
+    assert [r["status"] for r in summary["runs"]] == ["completed", "completed"]
+    code, output = lrr("export", tmp_path / "multi", "--merge", "--out", tmp_path / "m")
+    assert code == 2 and "classification-seed1" in output

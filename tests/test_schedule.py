@@ -1,0 +1,20 @@
+"""Optimizer-step planning, by hand."""
+
+import pytest
+
+from lowrank_runner.train.schedule import plan_steps
+
+T = {"batch_size": 32, "gradient_accumulation_steps": 1, "epochs": 3, "max_steps": None, "warmup_steps": 0, "warmup_ratio": 0.0}
+
+
+@pytest.mark.parametrize("n,over,processes,steps_per_epoch,total,warmup", [
+    (2490, {}, 1, 78, 234, 0),  # RTE: ceil(2490/32) = 78
+    (2490, {"gradient_accumulation_steps": 4}, 1, 20, 60, 0),  # ceil(78/4)
+    (2490, {}, 2, 39, 117, 0),  # ceil(2490/64)
+    (100, {"epochs": 2.5}, 1, 4, 10, 0),
+    (100, {"max_steps": 7, "warmup_ratio": 0.3}, 1, 4, 7, 3),  # ceil(2.1)
+    (100, {"warmup_steps": 2, "warmup_ratio": 0.5}, 1, 4, 12, 2),  # steps win over ratio
+])
+def test_plan(n, over, processes, steps_per_epoch, total, warmup):
+    plan = plan_steps(n, {**T, **over}, processes)
+    assert (plan.steps_per_epoch, plan.total_steps, plan.warmup_steps) == (steps_per_epoch, total, warmup)
