@@ -10,6 +10,7 @@ from __future__ import annotations
 from lowrank_runner.errors import LrrError, RecipeError
 from lowrank_runner.methods.inject import count_adapter_params
 from lowrank_runner.modeling import build_adapted_model
+from lowrank_runner.quiet import quiet_libraries
 from lowrank_runner.recipe.load import Recipe
 from lowrank_runner.tasks.base import build_task
 from lowrank_runner.train.schedule import plan_steps
@@ -28,6 +29,7 @@ def check_schedule(run_config: dict, plan, where: str) -> None:
 
 
 def inspect_recipe(recipe: Recipe, processes: int = 1) -> dict:
+    quiet_libraries()
     runs = []
     for run in recipe.runs:
         where = f"{recipe.source} [{run.task}, seed {run.seed}]"

@@ -130,3 +130,34 @@ def test_methods_and_tasks_listings():
     assert lora["params"]["r"]["default"] == 8 and "Rank" in lora["params"]["r"]["description"]
     tasks = json.loads(run_lrr("tasks", "--json").stdout)
     assert {t["name"] for t in tasks} >= {"classification", "regression"}
+
+
+def test_static_schema_dispatches_every_builtin_method():
+    """Editors and other JSON Schema tools see the same method checks as lrr."""
+    from lowrank_runner.methods.registry import method_specs
+    from lowrank_runner.recipe.schema import recipe_schema
+
+    branches = recipe_schema()["$defs"]["method"]["allOf"]
+    dispatched = {b["if"]["properties"]["name"]["const"]: b["then"]["$ref"] for b in branches}
+    builtin = {s.name for s in method_specs().values() if s.source == "built-in"}
+    assert dispatched == {name: f"methods/{name}.schema.json" for name in builtin}
+
+
+def test_plain_jsonschema_rejects_unknown_method_params():
+    import json
+
+    import jsonschema
+    from referencing import Registry, Resource
+
+    schemas = REPO / "schemas"
+    main = json.loads((schemas / "recipe.schema.json").read_text())
+    registry = Registry().with_resources(
+        (json.loads(p.read_text())["$id"], Resource.from_contents(json.loads(p.read_text())))
+        for p in (schemas / "methods").glob("*.json")
+    )
+    recipe = {"name": "x", "backbone": {"name": "b"}, "targets": ["Wq"], "method": {"name": "lora", "rank": 4},
+              "task": {"name": "classification"}}
+    errors = list(jsonschema.Draft202012Validator(main, registry=registry).iter_errors(recipe))
+    assert errors and all(tuple(e.absolute_path)[:1] == ("method",) for e in errors)
+    recipe["method"] = {"name": "lora", "r": 4}
+    assert not list(jsonschema.Draft202012Validator(main, registry=registry).iter_errors(recipe))

@@ -12,6 +12,7 @@ from functools import lru_cache
 from typing import Any
 
 import jsonschema
+from referencing.jsonschema import DRAFT202012 as DRAFT
 
 from lowrank_runner.resources import schemas_dir
 
@@ -21,12 +22,38 @@ def recipe_schema() -> dict:
     return json.loads((schemas_dir() / "recipe.schema.json").read_text())
 
 
+def _method_resources():
+    """The method fragments, addressable by the relative ``$ref`` the recipe schema uses."""
+    from referencing import Registry, Resource
+
+    from lowrank_runner.methods.registry import method_specs
+
+    base = recipe_schema()["$id"].rsplit("/", 1)[0]
+    resources = []
+    for spec in method_specs().values():
+        uri = spec.schema.get("$id") or f"{base}/methods/{spec.name}.schema.json"
+        resources.append((uri, Resource.from_contents(spec.schema, default_specification=DRAFT)))
+    return Registry().with_resources(resources)
+
+
 @lru_cache(maxsize=1)
 def recipe_validator() -> jsonschema.protocols.Validator:
-    schema = recipe_schema()
+    """The recipe schema, with every registered method (plugins too) dispatched on name."""
+    from lowrank_runner.methods.registry import method_specs
+
+    schema = copy.deepcopy(recipe_schema())
+    method = schema["$defs"]["method"]
+    static = {branch["if"]["properties"]["name"]["const"] for branch in method.get("allOf", [])}
+    base = schema["$id"].rsplit("/", 1)[0]
+    for spec in method_specs().values():
+        if spec.name not in static:
+            ref = spec.schema.get("$id") or f"{base}/methods/{spec.name}.schema.json"
+            method.setdefault("allOf", []).append(
+                {"if": {"properties": {"name": {"const": spec.name}}, "required": ["name"]}, "then": {"$ref": ref}}
+            )
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
-    return cls(schema)
+    return cls(schema, registry=_method_resources())
 
 
 def validator_for(schema: dict) -> jsonschema.protocols.Validator:

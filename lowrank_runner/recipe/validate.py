@@ -69,9 +69,13 @@ def problem(doc: Document, path: PathT, message: str, key: bool = False, severit
 # ----------------------------------------------------------------- schema errors
 
 
-def schema_problems(doc: Document, data, validator, prefix: PathT = ()) -> list[Problem]:
+def schema_problems(doc: Document, data, validator, prefix: PathT = (), skip: tuple[str, ...] = ()) -> list[Problem]:
+    """Translated schema errors; errors under a top-level key in ``skip`` are left to a
+    more precise check (the method's own schema, applied per run)."""
     out: list[Problem] = []
     for error in validator.iter_errors(data):
+        if error.absolute_path and error.absolute_path[0] in skip:
+            continue
         out.extend(_translate(doc, error, prefix))
     return out
 
