@@ -157,3 +157,19 @@ def test_multi_seed_run_writes_one_directory_per_run_and_a_summary(trained_run, 
     assert [r["status"] for r in summary["runs"]] == ["completed", "completed"]
     code, output = lrr("export", tmp_path / "multi", "--merge", "--out", tmp_path / "m")
     assert code == 2 and "classification-seed1" in output
+
+
+def test_two_processes_share_the_work(trained_run, tmp_path):
+    """The same loop under torchrun (what `accelerate launch --multi_gpu` starts): 2 gloo
+    processes on CPU, each seeing half the batches, one run directory written by rank 0."""
+    _, recipe = trained_run
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lowrank_runner", "run",
+         str(recipe), "--output", str(tmp_path / "ddp"), "--set", "training.epochs=1", "--set", "training.eval_every=null"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "ddp" / "report.json").read_text())
+    assert report["environment"]["hardware"]["num_processes"] == 2
+    assert report["steps"]["per_epoch"] == 3  # 96 examples / (16 per batch x 2 processes)
+    assert proc.stderr.count("done classification-seed0") == 1  # only rank 0 reports

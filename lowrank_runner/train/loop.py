@@ -34,6 +34,11 @@ class RunResult:
     final: dict
 
 
+def has_accelerator_device() -> bool:
+    probe = getattr(torch, "accelerator", None)
+    return bool(probe.is_available()) if probe is not None else torch.cuda.is_available()
+
+
 def resolve_mixed_precision(setting: str) -> str:
     if setting != "auto":
         return setting
@@ -122,7 +127,11 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str]) -> R
     cfg, training = run.config, run.config["training"]
     started = time.time()
     mixed = resolve_mixed_precision(training["mixed_precision"])
-    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=training["gradient_accumulation_steps"])
+    accelerator = Accelerator(
+        mixed_precision=mixed,
+        gradient_accumulation_steps=training["gradient_accumulation_steps"],
+        cpu=not has_accelerator_device(),  # lets `accelerate launch`/torchrun use gloo across CPU processes
+    )
     main = accelerator.is_main_process
     set_seed(run.seed)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import traceback
 from pathlib import Path
 
@@ -20,11 +21,17 @@ from lowrank_runner.train import artifacts as art
 console = Console(stderr=True)
 
 
+def is_main_process() -> bool:
+    """Rank 0 under torchrun / accelerate launch (set before any Accelerator exists)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def run_dirs(recipe: Recipe, output: Path | None) -> tuple[Path, dict[int, Path]]:
     if output is None:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         output = Path(recipe.resolved["output"]["dir"]) / recipe.name / stamp
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+    # Only rank 0 checks: the others would race with it creating the directory.
+    if is_main_process() and output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise UsageError(f"--output {output}: exists and is not an empty directory; choose a new path or remove it")
     if len(recipe.runs) == 1:
         return output, {recipe.runs[0].index: output}
@@ -38,6 +45,8 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str]) -> list[str
 
     root, dirs = run_dirs(recipe, output)
     failures, summary = [], []
+    if not is_main_process():
+        console.quiet = True
     for run in recipe.runs:
         run_dir = dirs[run.index]
         console.rule(f"[bold]{recipe.name}[/bold] · {run.task} · seed {run.seed} → {run_dir}")
@@ -62,14 +71,14 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str]) -> list[str
         best = result.best
         console.print(f"[bold green]done[/bold green] {run.slug}: best {best['metric']} {best['value']:.4f} at step {best['step']} · {run_dir}")
         summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "completed", "best": best})
-    if len(recipe.runs) > 1:
+    if len(recipe.runs) > 1 and is_main_process():
         root.mkdir(parents=True, exist_ok=True)
         art.write_json(root / "summary.json", {"recipe": recipe.name, "hash": recipe.hash, "runs": summary})
     return failures
 
 
 def _mark_failed(run_dir: Path, error: str) -> None:
-    if run_dir.is_dir():
+    if run_dir.is_dir() and is_main_process():
         (run_dir / "error.txt").write_text(error)
         report = run_dir / art.REPORT_FILE
         data = json.loads(report.read_text()) if report.is_file() else {}
