@@ -4,7 +4,6 @@ config, model and tokenizer, and fail fast and clearly when the hub is out of re
 
 from __future__ import annotations
 
-import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,8 +128,3 @@ def head_parameter_names(model) -> list[str]:
     """
     prefix = model.base_model_prefix + "."
     return [n for n, _ in model.named_parameters() if not n.startswith(prefix)]
-
-
-def hub_offline_env() -> None:
-    """Never let transformers phone home for local directories."""
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

@@ -98,7 +98,7 @@ def validate(
             ],
         }, indent=2))
     else:
-        for path, problems in results:
+        for _, problems in results:
             for p in problems:
                 print(p)
         sys.stdout.flush()

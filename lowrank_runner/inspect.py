@@ -7,7 +7,7 @@ on that skeleton, so the numbers are the ones training will have.
 
 from __future__ import annotations
 
-from lowrank_runner.errors import LrrError, RecipeError
+from lowrank_runner.errors import LrrError
 from lowrank_runner.methods.inject import count_adapter_params
 from lowrank_runner.modeling import build_adapted_model
 from lowrank_runner.quiet import quiet_libraries
@@ -67,5 +67,3 @@ def inspect_recipe(recipe: Recipe, processes: int = 1) -> dict:
         })
     return {"name": recipe.name, "source": recipe.source, "recipe_hash": recipe.hash, "recipe": recipe.resolved, "runs": runs}
 
-
-__all__ = ["inspect_recipe", "RecipeError"]

@@ -65,10 +65,3 @@ class AdapterMethod:
     def after_optimizer_step(self, step: int, adapters: dict[str, Adapter]) -> dict | None:
         """Called once after every optimizer step; may return values to log."""
         return None
-
-    def state_dict_extra(self) -> dict:
-        """Method state that is not parameters (e.g. a rank allocator), for checkpoints."""
-        return {}
-
-    def load_state_dict_extra(self, state: dict) -> None:
-        pass

@@ -194,10 +194,6 @@ def _get(data, path: PathT, default=_MISSING):
     return data
 
 
-def get(data, path: PathT, default=None):
-    return _get(data, tuple(path), default)
-
-
 def _set(doc: Document, path: PathT, value) -> None:
     if not path:
         doc.data = value

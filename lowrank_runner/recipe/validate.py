@@ -15,8 +15,8 @@ from pathlib import Path
 
 from lowrank_runner.errors import Location, Problem
 from lowrank_runner.methods.registry import method_specs
-from lowrank_runner.recipe.document import Document, PathT, dotted, get
-from lowrank_runner.recipe.schema import recipe_validator, validator_for
+from lowrank_runner.recipe.document import Document, PathT, dotted
+from lowrank_runner.recipe.schema import validator_for
 from lowrank_runner.resources import is_pkg_path, resolve_pkg_path
 from lowrank_runner.targets import SYMBOLS, is_symbol_like
 from lowrank_runner.tasks.registry import TASKS
@@ -268,5 +268,3 @@ def dedupe(problems: list[Problem]) -> list[Problem]:
 
     return sorted(out, key=order)
 
-
-__all__ = ["dedupe", "problem", "recipe_validator", "run_problems", "schema_problems", "get"]
