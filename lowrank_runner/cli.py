@@ -188,16 +188,24 @@ def run(
 def export(
     run_dir: Path = typer.Argument(..., help="A run directory written by 'lrr run'."),
     merge: bool = typer.Option(False, "--merge", help="Write a merged Hugging Face checkpoint (adapters folded into the weights)."),
+    peft_format: bool = typer.Option(False, "--peft", help="Write a HF PEFT LoRA adapter (lora runs; needs the peft package)."),
     out: Path = typer.Option(..., "--out", help="Output directory (must not exist or be empty)."),
-    tolerance: float = typer.Option(1e-3, "--tolerance", help="Largest allowed |logit| difference between merged and adapter model on the probe batch."),
+    tolerance: float = typer.Option(1e-3, "--tolerance", help="Largest allowed |logit| difference to the adapter model on the probe batch."),
 ):
-    """Export a trained run for deployment."""
-    if not merge:
-        raise UsageError("choose what to export: --merge (a merged Hugging Face checkpoint)")
-    from lowrank_runner.export import export_merged
+    """Export a trained run: a merged checkpoint for deployment, or a PEFT adapter."""
+    if merge == peft_format:
+        raise UsageError("choose one export: --merge (a merged Hugging Face checkpoint) or --peft (a PEFT LoRA adapter)")
+    if merge:
+        from lowrank_runner.export import export_merged
 
-    info = export_merged(run_dir, out, tolerance=tolerance)
-    print(f"merged checkpoint written to {out} (max |logit diff| on the probe batch: {info['max_abs_logit_diff']:.3g})")
+        info = export_merged(run_dir, out, tolerance=tolerance)
+        print(f"merged checkpoint written to {out} (max |logit diff| on the probe batch: {info['max_abs_logit_diff']:.3g})")
+    else:
+        from lowrank_runner.export_peft import export_peft
+
+        info = export_peft(run_dir, out, tolerance=tolerance)
+        print(f"PEFT adapter written to {out} (max |logit diff| to our model: {info['max_abs_logit_diff']:.3g}); "
+              f"load with PeftModel.from_pretrained(base, {str(out)!r})")
 
 
 def _existing(path: Path) -> Path:

@@ -47,30 +47,35 @@ def read_run(run_dir: Path) -> tuple[dict, dict, dict, dict]:
     return config, adapter_cfg, adapter, head
 
 
-def load_trained_model(run_dir: Path):
-    """The backbone with the run's trained adapter and head, in eval mode (float32)."""
+def load_trained_model(run_dir: Path, with_adapter: bool = True, head: bool = True):
+    """The run's backbone in eval mode (float32) with its trained head and, unless
+    ``with_adapter=False``, the trained adapter; ``head=False`` leaves the head as built."""
     import transformers
 
     from lowrank_runner.methods.inject import is_adapter_param
-    from lowrank_runner.modeling import build_adapted_model
+    from lowrank_runner.modeling import build_adapted_model, load_plain_model
 
-    config, adapter_cfg, adapter, head = read_run(run_dir)
+    config, adapter_cfg, adapter, head_state = read_run(run_dir)
     task = adapter_cfg["task"]
     head_config = {k: v for k, v in task.items() if k not in ("name", "model_class")}
     if "id2label" in head_config:
         head_config["id2label"] = {int(k): v for k, v in head_config["id2label"].items()}
     model_class = getattr(transformers, task["model_class"])
+    if not with_adapter:
+        model, adapted = load_plain_model(config, model_class, head_config), None
+        if head:
+            model.load_state_dict(head_state, strict=False)
+        return model.eval(), adapted, config, adapter_cfg
     adapted = build_adapted_model(config, model_class, head_config, weights=True)
     model = adapted.model
-    expected = set(adapter) | set(head)
     own = set(model.state_dict())
-    unknown = sorted(expected - own)
+    unknown = sorted((set(adapter) | set(head_state)) - own)
     if unknown:
         raise ExportError(f"{run_dir}: saved weights do not fit the rebuilt model (e.g. {unknown[:3]}); was the backbone changed?")
     missing = sorted(k for k in own if is_adapter_param(k) and k not in adapter)
     if missing:
         raise ExportError(f"{run_dir}: adapter weights missing for {missing[:3]}")
-    model.load_state_dict({**adapter, **head}, strict=False)
+    model.load_state_dict({**adapter, **(head_state if head else {})}, strict=False)
     model.eval()
     return model, adapted, config, adapter_cfg
 

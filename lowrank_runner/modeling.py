@@ -92,3 +92,13 @@ def build_adapted_model(
         )
     trainable = mark_trainable(model, head)
     return AdaptedModel(model, injection, targets, head, trainable, ref, config)
+
+
+def load_plain_model(run_config: dict, model_class, head_config: dict):
+    """The pretrained backbone with the task head's config, without adapters."""
+    ref = backbones.resolve(run_config["backbone"])
+    config = backbones.load_config(ref, **head_config)
+    model, _ = backbones.load_model(model_class, ref, config, run_config["backbone"]["dtype"])
+    if getattr(config, "pad_token_id", None) is None and getattr(config, "eos_token_id", None) is not None:
+        model.config.pad_token_id = config.eos_token_id
+    return model

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+PLUGINS = Path(__file__).resolve().parent / "plugins"
+# An installed-looking third-party method package (a .dist-info with an entry point), so
+# the registry discovers it exactly as it would discover one from PyPI.
+sys.path.insert(0, str(PLUGINS))
 WORDS = (
     "the a movie film book phone service staff food room battery screen was is it this very really "
     "good great excellent lovely fine bad awful terrible poor broken slow quick friendly rude and but not "

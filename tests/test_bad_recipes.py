@@ -1,5 +1,5 @@
 """The corpus of bad recipes: each file lists, in `# expect:` lines, exactly the messages
-`lrr validate` must print for it ({file}, {dir} and {cwd} are filled in)."""
+`lrr validate` must print for it ({file}, {dir}, {cwd} and {methods} are filled in)."""
 
 import json
 import os
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from lowrank_runner.methods.registry import method_specs
 from lowrank_runner.recipe.load import check_recipe_file
 
 CORPUS = Path(__file__).parent / "bad_recipes"
@@ -17,7 +18,8 @@ CASES = sorted(p for p in CORPUS.glob("*.yaml") if not p.name.startswith("_"))
 
 def expected(path: Path) -> list[str]:
     lines = [ln[len("# expect: "):] for ln in path.read_text().splitlines() if ln.startswith("# expect: ")]
-    return [ln.format(file=path, dir=path.parent, cwd=Path.cwd()) for ln in lines]
+    methods = ", ".join(sorted(method_specs()))  # built-ins and any installed plugin
+    return [ln.format(file=path, dir=path.parent, cwd=Path.cwd(), methods=methods) for ln in lines]
 
 
 def test_corpus_is_not_empty():

@@ -172,3 +172,30 @@ def test_two_processes_share_the_work(trained_run, tmp_path):
     assert report["environment"]["hardware"]["num_processes"] == 2
     assert report["steps"]["per_epoch"] == 3  # 96 examples / (16 per batch x 2 processes)
     assert proc.stderr.count("done classification-seed0") == 1  # only rank 0 reports
+
+
+def test_peft_export_loads_with_peft_and_runs_identically(trained_run, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run_dir, _ = trained_run
+    code, output = lrr("export", run_dir, "--peft", "--out", tmp_path / "peft")
+    assert code == 0, output
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path / "peft").iterdir()}
+    info = json.loads((tmp_path / "peft" / "lrr_export.json").read_text())
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
+
+    base = AutoModelForSequenceClassification.from_pretrained(info["base_model"], **{
+        k: ({int(i): v for i, v in val.items()} if k == "id2label" else val) for k, val in info["head_config"].items()})
+    theirs = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
+    ours, *_ = load_trained_model(run_dir)
+    batch = probe_batch(AutoTokenizer.from_pretrained(tmp_path / "peft"), 16)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(**batch).logits, ours(**batch).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_export_refuses_other_methods_and_both_flags(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    code, output = lrr("export", run_dir, "--peft", "--merge", "--out", tmp_path / "x")
+    assert code == 2 and "choose one export" in output

@@ -1,6 +1,7 @@
 """`lrr inspect` needs only config.json: shapes on the meta device, counts, steps."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,26 +35,70 @@ def config_dirs(tmp_path_factory):
     return out
 
 
+GPT2_MEDIUM = {
+    "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 1024, "n_layer": 24, "n_head": 16,
+    "n_positions": 1024, "n_ctx": 1024, "vocab_size": 50257, "bos_token_id": 50256, "eos_token_id": 50256,
+}
+
+
 def inspect(*sets):
-    args = [sys.executable, "-m", "lowrank_runner", "inspect", "recipes/quickstart.yaml", "--json"]
+    """`lrr inspect recipes/quickstart.yaml --json --set ...`, through the CLI code in-process."""
+    from typer.testing import CliRunner
+
+    from lowrank_runner.cli import app
+
+    args = ["inspect", "recipes/quickstart.yaml", "--json"]
     for s in sets:
         args += ["--set", s]
-    proc = subprocess.run(args, capture_output=True, text=True, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        result = CliRunner().invoke(app, args)
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
 
 
-@pytest.mark.parametrize("backbone,targets,r,expected", [
-    ("deberta-v3-base", "[Wq,Wk,Wv,Wa,Wm,Wo]", 1, 165_888),  # LoRA2 Table 1, LoRA r=1
-    ("deberta-v3-base", "[Wq,Wk,Wv,Wa,Wm,Wo]", 8, 1_327_104),  # LoRA2 Table 1, LoRA r=8
-    ("roberta-base", "[Wq,Wv]", 8, 294_912),  # CondLoRA Table 4, LoRA
+ALL6 = "[Wq,Wk,Wv,Wa,Wm,Wo]"
+HEAD = 768 * 768 + 768 + 768 * 2 + 2  # RoBERTa: classifier dense + out_proj; DeBERTa: pooler + classifier
+
+
+@pytest.mark.parametrize("backbone,targets,method,expected", [
+    # From the papers' tables:
+    ("deberta-v3-base", ALL6, ["lora", "r=1"], 165_888),  # LoRA2 Table 1, LoRA r=1
+    ("deberta-v3-base", ALL6, ["lora", "r=8"], 1_327_104),  # LoRA2 Table 1, LoRA r=8
+    ("deberta-v3-base", "[Wq,Wk]", ["lora2", "k=1", "r=8"], 37_440),  # LoRA2 Table 4
+    ("deberta-v3-base", "[Wq,Wv]", ["lora2", "k=1", "r=8"], 37_440),  # LoRA2 Table 4
+    ("deberta-v3-base", "[Wq,Wk,Wv]", ["lora2", "k=1", "r=8"], 56_160),  # LoRA2 Table 4
+    ("deberta-v3-base", ALL6, ["lora2", "k=1", "r=8"], 167_616),  # LoRA2 Table 4 (0.17M in Table 1)
+    ("roberta-base", "[Wq,Wv]", ["lora", "r=8"], 294_912),  # CondLoRA Table 4, LoRA
+    ("roberta-base", "[Wq,Wv]", ["condlora", "r=8"], 24_576),  # CondLoRA Table 4
+    # Derived from the papers' formulas (the papers print no such table):
+    ("roberta-base", "[Wq,Wv,Wm,Wo]", ["mtlora", "structure=shim", "r=8"], 1_035_264),  # A+B + one 8x8 C per module
+    ("roberta-base", "[Wq,Wv,Wm,Wo]", ["mtlora", "structure=ctcm", "r=8"], 1_038_336),  # + D
+    ("deberta-v3-base", ALL6, ["triadaptlora", "r=1"], 166_032),  # r(in+out) + r(r+1) per module
+    ("deberta-v3-base", ALL6, ["condlora", "r=8"], 4 * 12_288 + 2 * 30_720),  # one (theta_A, theta_B) per symbol
 ])
-def test_lora_parameter_counts_match_the_papers(config_dirs, backbone, targets, r, expected):
-    out = inspect(f"backbone.name={config_dirs[backbone]}", f"targets={targets}", "method.name=lora", f"method.r={r}")
+def test_parameter_counts(config_dirs, backbone, targets, method, expected):
+    name, *params = method
+    out = inspect(f"backbone.name={config_dirs[backbone]}", f"targets={targets}", f"method={{name: {name}}}",
+                  *[f"method.{p}" for p in params])
     (run,) = out["runs"]
     assert run["adapter_params"] == expected
-    head = 768 * 768 + 768 + 768 * 2 + 2  # classifier (RoBERTa: dense + out_proj; DeBERTa: pooler + classifier)
-    assert run["trainable_params"] == expected + head
+    assert run["trainable_params"] == expected + HEAD
+
+
+def test_mtlora_fused_qkv_on_gpt2_medium(config_dirs, tmp_path):
+    """MTLoRA's GPT-2 setting ({Wq,Wk,Wv,Wf}, r=4): one 12x12 T over the fused c_attn."""
+    d = tmp_path / "gpt2-medium"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(GPT2_MEDIUM))
+    out = inspect(f"backbone.name={d}", "targets=[Wq,Wk,Wv,Wf]", "method={name: mtlora, structure: shim, r: 4, alpha: 32}")
+    (run,) = out["runs"]
+    per_layer = (3 * 4 * 1024 + 3 * 1024 * 4 + 12 * 12) + (4 * (1024 + 4096) + 4 * 4)
+    assert run["adapter_params"] == 24 * per_layer == 1_085_184
+    assert run["targets"]["Wq"][0] == "transformer.h.0.attn.c_attn"
 
 
 def test_json_shape(config_dirs):

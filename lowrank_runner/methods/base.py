@@ -5,18 +5,27 @@ A method contributes, for each targeted weight ``W0`` (``out x in``), a low-rank
 forward when a low-rank product is cheaper; it produces ``ΔW`` explicitly only for
 merging. The training loop calls only this protocol and never names a method.
 
-* :class:`Adapter` (per adapted module): ``forward(x) -> ΔW x`` and ``delta_weight()``.
+* :class:`Adapter` (per adapted module): ``forward(x, w0) -> ΔW x`` and
+  ``delta_weight(w0) -> ΔW``. ``w0`` is the frozen weight in ``out x in`` orientation
+  (a free transposed view for GPT-2's ``Conv1D``); most methods ignore it, CondLoRA
+  derives its factors from it.
 * :class:`AdapterMethod` (per model): builds adapters, may own parameters shared by
   several adapters (CondLoRA), may add a regulariser (``extra_loss``) and act after each
   optimizer step (``after_optimizer_step``, for rank allocation).
+
+Fused projections (GPT-2's ``c_attn`` holding q, k and v) are adapted per selected group
+by :class:`GroupedAdapter` unless a method overrides :meth:`AdapterMethod.create_fused_adapter`
+(MTLoRA couples the groups through one transformation matrix).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
+
+from lowrank_runner.targets import FUSED_GROUPS
 
 
 @dataclass(frozen=True)
@@ -32,15 +41,50 @@ class LayerInfo:
     device: torch.device
     dtype: torch.dtype
 
+    @property
+    def group_size(self) -> int:
+        return self.out_features // len(FUSED_GROUPS)
+
+    def group_slice(self, group: str) -> slice:
+        i = FUSED_GROUPS.index(group)
+        return slice(i * self.group_size, (i + 1) * self.group_size)
+
+    def for_group(self, group: str) -> "LayerInfo":
+        symbol = {"q": "Wq", "k": "Wk", "v": "Wv"}[group]
+        return replace(self, path=f"{self.path}[{group}]", symbols=(symbol,), out_features=self.group_size, groups=None)
+
 
 class Adapter(nn.Module):
     """The trainable update of one module."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # ΔW x, shape (..., out_features)
+    def forward(self, x: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:  # ΔW x, shape (..., out_features)
         raise NotImplementedError
 
-    def delta_weight(self) -> torch.Tensor:  # ΔW, (out_features, in_features), float32
+    def delta_weight(self, w0: torch.Tensor) -> torch.Tensor:  # ΔW, (out_features, in_features), float32
         raise NotImplementedError
+
+
+class GroupedAdapter(Adapter):
+    """Independent adapters on selected output groups of a fused projection; the other
+    groups' outputs are left unchanged (their ΔW rows are zero)."""
+
+    def __init__(self, layer: LayerInfo, adapters: dict[str, Adapter]):
+        super().__init__()
+        self.layer = layer
+        self.groups = nn.ModuleDict(adapters)
+
+    def forward(self, x, w0):
+        outputs = {g: a(x, w0[self.layer.group_slice(g)]) for g, a in self.groups.items()}
+        some = next(iter(outputs.values()))
+        zeros = some.new_zeros(*some.shape[:-1], self.layer.group_size)
+        return torch.cat([outputs.get(g, zeros) for g in FUSED_GROUPS], dim=-1)
+
+    def delta_weight(self, w0):
+        delta = torch.zeros(self.layer.out_features, self.layer.in_features, device=w0.device, dtype=torch.float32)
+        for group, adapter in self.groups.items():
+            rows = self.layer.group_slice(group)
+            delta[rows] = adapter.delta_weight(w0[rows])
+        return delta
 
 
 class AdapterMethod:
@@ -51,11 +95,18 @@ class AdapterMethod:
     def __init__(self, **params):
         self.params = params
 
-    def create_adapter(self, layer: LayerInfo, base_weight: torch.Tensor) -> Adapter:
+    def create_adapter(self, layer: LayerInfo, w0: torch.Tensor) -> Adapter:
         raise NotImplementedError
 
+    def create_fused_adapter(self, layer: LayerInfo, w0: torch.Tensor) -> Adapter:
+        """Adapter for selected q/k/v groups of a fused projection: one per group."""
+        return GroupedAdapter(
+            layer, {g: self.create_adapter(layer.for_group(g), w0[layer.group_slice(g)]) for g in layer.groups}
+        )
+
     def shared_modules(self) -> nn.Module | None:
-        """Parameters shared across adapters (registered once on the model)."""
+        """Parameters shared across adapters, registered once on the model as ``lrr_shared``
+        after all adapters were created."""
         return None
 
     def extra_loss(self, adapters: dict[str, Adapter]) -> torch.Tensor | None:
@@ -63,5 +114,26 @@ class AdapterMethod:
         return None
 
     def after_optimizer_step(self, step: int, adapters: dict[str, Adapter]) -> dict | None:
-        """Called once after every optimizer step; may return values to log."""
+        """Called once after every optimizer step, before gradients are cleared; may
+        return values to log."""
         return None
+
+
+def weight_out_in(module: nn.Module, fan_in_fan_out: bool) -> torch.Tensor:
+    """The module's weight as ``out x in`` (a view; no copy)."""
+    return module.weight.T if fan_in_fan_out else module.weight
+
+
+def adapter_input(x: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """Adapters keep float32 parameters; outside autocast, bring the activations to them
+    (a bf16 backbone feeds bf16 activations). Under autocast, matmuls pick the dtype."""
+    return x if torch.is_autocast_enabled(x.device.type) else x.to(param.dtype)
+
+
+def leaf_adapters(adapters: dict[str, Adapter]):
+    """Adapters, with each fused projection's per-group adapters listed individually."""
+    for adapter in adapters.values():
+        if isinstance(adapter, GroupedAdapter):
+            yield from adapter.groups.values()
+        else:
+            yield adapter

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lowrank_runner.methods.base import Adapter, AdapterMethod, LayerInfo
+from lowrank_runner.methods.base import Adapter, AdapterMethod, LayerInfo, weight_out_in
 from lowrank_runner.targets import TargetModule
 
 ADAPTER_KEY = "lrr_adapter"
@@ -46,12 +46,14 @@ class AdaptedLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
-        return out + self.lrr_adapter(x).to(out.dtype)
+        w0 = weight_out_in(self.base_layer, self.info.fan_in_fan_out)
+        return out + self.lrr_adapter(x, w0).to(out.dtype)
 
     def merged_base(self) -> nn.Module:
         """The base layer with ``ΔW`` folded into its weight (computed in float32)."""
         base = self.base_layer
-        delta = self.lrr_adapter.delta_weight().float()
+        with torch.no_grad():
+            delta = self.lrr_adapter.delta_weight(weight_out_in(base, self.info.fan_in_fan_out)).float()
         if self.info.fan_in_fan_out:
             delta = delta.T
         with torch.no_grad():
@@ -76,19 +78,23 @@ def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
 def inject(model: nn.Module, method: AdapterMethod, targets: list[TargetModule]) -> Injection:
     """Wrap every target module of ``model`` (in place) with the method's adapter."""
     adapters, layers = {}, {}
-    shared = method.shared_modules()
-    if shared is not None:
-        model.add_module(SHARED_KEY, shared)
     for target in targets:
         parent, attr = _parent(model, target.path)
         module = getattr(parent, attr)
         if isinstance(module, AdaptedLayer):
             raise ValueError(f"{target.path} is already adapted")
         info = layer_info(target.path, target, module)
-        adapter = method.create_adapter(info, module.weight)
+        w0 = weight_out_in(module, info.fan_in_fan_out).detach()
+        if info.groups is not None:
+            adapter = method.create_fused_adapter(info, w0)
+        else:
+            adapter = method.create_adapter(info, w0)
         setattr(parent, attr, AdaptedLayer(module, adapter, info))
         adapters[target.path] = adapter
         layers[target.path] = info
+    shared = method.shared_modules()
+    if shared is not None:
+        model.add_module(SHARED_KEY, shared)
     return Injection(method, adapters, layers)
 
 

@@ -16,17 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank_runner.methods.base import Adapter, AdapterMethod, LayerInfo
+from lowrank_runner.methods.base import Adapter, AdapterMethod, LayerInfo, adapter_input
 
 
 class LoRAAdapter(Adapter):
     def __init__(self, layer: LayerInfo, r: int, alpha: float, dropout: float, rslora: bool):
         super().__init__()
-        if layer.groups is not None and len(layer.groups) != 3:
-            raise NotImplementedError(
-                f"{layer.path}: LoRA on a subset ({','.join(layer.groups)}) of a fused q/k/v projection "
-                "is not implemented yet; target Wq, Wk and Wv together, or the whole module by pattern"
-            )
         self.r = r
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.lora_A = nn.Parameter(torch.empty(r, layer.in_features, device=layer.device, dtype=torch.float32))
@@ -35,17 +30,17 @@ class LoRAAdapter(Adapter):
         if layer.device.type != "meta":
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(x).to(self.lora_A.dtype) if not torch.is_autocast_enabled(x.device.type) else self.dropout(x)
+    def forward(self, x: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
+        x = adapter_input(self.dropout(x), self.lora_A)
         return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
 
-    def delta_weight(self) -> torch.Tensor:
+    def delta_weight(self, w0: torch.Tensor) -> torch.Tensor:
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 
 
 class LoRA(AdapterMethod):
     name = "lora"
 
-    def create_adapter(self, layer: LayerInfo, base_weight: torch.Tensor) -> Adapter:
+    def create_adapter(self, layer: LayerInfo, w0: torch.Tensor) -> Adapter:
         p = self.params
         return LoRAAdapter(layer, p["r"], p["alpha"], p["dropout"], p["rslora"])

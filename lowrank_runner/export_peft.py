@@ -1,0 +1,122 @@
+"""``lrr export --peft``: a ``lora`` run as a Hugging Face PEFT adapter
+(``adapter_config.json`` + ``adapter_model.safetensors``), written by the ``peft`` library
+itself so the format is PEFT's own, then loaded back with ``PeftModel.from_pretrained`` and
+checked against our adapter model on the probe batch before anything is written.
+
+Needs the optional dependency ``peft`` (``pip install 'lowrank-runner[peft]'``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import lowrank_runner
+from lowrank_runner.errors import ExportError, UsageError
+from lowrank_runner.export import EXPORT_INFO, _compare, _logits, load_trained_model, probe_batch
+from lowrank_runner.quiet import quiet_libraries
+
+
+def _require_peft():
+    try:
+        import peft
+    except ImportError:
+        raise UsageError("--peft needs the peft package: pip install 'lowrank-runner[peft]'") from None
+    return peft
+
+
+def _peft_config(peft, adapter_cfg: dict, head_modules: list[str], fan_in_fan_out: bool):
+    method = adapter_cfg["method"]
+    grouped = [m["path"] for m in adapter_cfg["modules"] if m["groups"]]
+    if grouped:
+        raise ExportError(
+            f"PEFT's LoRA has no per-group form for fused q/k/v projections ({grouped[0]}, ...): "
+            "train with an explicit module pattern (e.g. targets: [attn.c_attn]) to adapt the whole projection"
+        )
+    return peft.LoraConfig(
+        r=method["r"], lora_alpha=method["alpha"], lora_dropout=method["dropout"], use_rslora=method["rslora"],
+        target_modules=[m["path"] for m in adapter_cfg["modules"]], modules_to_save=head_modules or None,
+        fan_in_fan_out=fan_in_fan_out, bias="none", init_lora_weights=True,
+    )
+
+
+def export_peft(run_dir: Path, out: Path, tolerance: float = 1e-4) -> dict:
+    import torch
+
+    quiet_libraries()
+    peft = _require_peft()
+    from lowrank_runner.backbones import load_tokenizer
+    from lowrank_runner.export import read_run
+
+    run_dir, out = Path(run_dir), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--out {out}: exists and is not an empty directory; choose a new path or remove it")
+    config, adapter_cfg, adapter_state, head_state = read_run(run_dir)
+    if adapter_cfg["method"]["name"] != "lora":
+        raise UsageError(f"--peft exports 'lora' runs; this run used '{adapter_cfg['method']['name']}' (use --merge)")
+    ours, adapted, _, _ = load_trained_model(run_dir)
+    tokenizer = load_tokenizer(adapted.backbone, config["backbone"].get("tokenizer"))
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = probe_batch(tokenizer, config["task"]["max_length"])
+    expected = _logits(ours, batch)
+
+    # A plain backbone with the trained head, wrapped by PEFT, receiving our LoRA weights.
+    base, _, _, _ = load_trained_model(run_dir, with_adapter=False)
+    fan_in_fan_out = any(info.fan_in_fan_out for info in adapted.injection.layers.values())
+    head_modules = sorted({name.split(".")[0] for name in adapted.head_names})
+    peft_model = peft.get_peft_model(base, _peft_config(peft, adapter_cfg, head_modules, fan_in_fan_out)).eval()
+    mapping = {}
+    for key, value in adapter_state.items():
+        module, _, param = key.partition(".lrr_adapter.")
+        mapping[f"base_model.model.{module}.{param}.default.weight"] = value
+    missing = set(mapping) - set(peft_model.state_dict())
+    if missing:
+        raise ExportError(f"PEFT's model has no parameter for {sorted(missing)[:2]}; nothing written")
+    peft_model.load_state_dict(mapping, strict=False)
+    diff, _ = _compare(expected, _logits(peft_model, batch))
+    if not diff <= tolerance:
+        raise ExportError(f"PEFT's model differs from ours by {diff:.3g} on the probe batch; nothing written")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        peft_model.save_pretrained(tmp)
+        _set_base_path(tmp, adapted.backbone.location)
+        tokenizer.save_pretrained(tmp)
+        fresh, _, _, _ = load_trained_model(run_dir, with_adapter=False, head=False)
+        reloaded = peft.PeftModel.from_pretrained(fresh, str(tmp)).eval()
+        reload_diff, _ = _compare(expected, _logits(reloaded, batch))
+        if not reload_diff <= tolerance:
+            raise ExportError(f"the written PEFT adapter, reloaded, differs from ours by {reload_diff:.3g}; nothing written")
+        task = adapter_cfg["task"]
+        info = {
+            "lowrank_runner_version": lowrank_runner.__version__,
+            "format": "peft-lora",
+            "source_run": str(run_dir.resolve()),
+            "recipe_hash": adapter_cfg.get("recipe_hash"),
+            "base_model": adapted.backbone.location,
+            "model_class": task["model_class"],
+            "head_config": {k: v for k, v in task.items() if k not in ("name", "model_class")},
+            "max_abs_logit_diff": diff,
+            "reloaded_max_abs_logit_diff": reload_diff,
+            "torch": torch.__version__,
+            "peft": peft.__version__,
+        }
+        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return info
+
+
+def _set_base_path(directory: Path, base: str) -> None:
+    path = directory / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["base_model_name_or_path"] = base
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

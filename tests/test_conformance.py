@@ -1,0 +1,182 @@
+"""One conformance suite for every registered method (built-in or third-party), on tiny
+BERT, RoBERTa, DeBERTa-v2, GPT-2 and LLaMA models of the exact architectures."""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load, save
+
+from lowrank_runner.backbones import head_parameter_names
+from lowrank_runner.methods.inject import adapter_state_dict, inject, mark_trainable, merge_adapters
+from lowrank_runner.methods.registry import method_specs
+from lowrank_runner.modeling import build_method
+from lowrank_runner.targets import resolve_targets
+from tests.conftest import tiny_config
+
+FAMILIES = ["bert", "roberta", "deberta-v2", "gpt2", "llama"]
+TARGETS = {
+    "bert": ["Wq", "Wv", "Wa", "Wm", "Wo"], "roberta": ["Wq", "Wk", "Wm", "Wo"], "deberta-v2": ["Wq", "Wk", "Wv", "Wa", "Wm", "Wo"],
+    "gpt2": ["Wq", "Wv", "Wa", "Wf", "Wo"],  # q and v of the fused c_attn: k stays untouched
+    "llama": ["Wq", "Wk", "Wv", "Wa", "Wm", "Wo"],
+}
+# Small but non-degenerate settings per method; anything not listed uses the schema defaults.
+SETTINGS = {"lora": {"r": 4}, "lora2": {"r": 4, "k": 2}, "triadaptlora": {"r": 3}, "condlora": {"r": 4}}
+
+
+def method_configs():
+    out = []
+    for name, spec in sorted(method_specs().items()):
+        base = {"name": name, **spec.defaults(), **SETTINGS.get(name, {})}
+        if "r" in spec.params and name not in SETTINGS:
+            base["r"] = 4
+        if name == "mtlora":
+            out += [pytest.param({**base, "structure": s}, id=f"mtlora-{s}") for s in ("shim", "icfm", "ctcm", "dtsm")]
+        else:
+            out.append(pytest.param(base, id=name))
+    return out
+
+
+METHODS = method_configs()
+
+
+def build(model_type: str, method_cfg: dict, seed: int = 0):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForSequenceClassification.from_config(tiny_config(model_type, num_labels=3)).eval()
+    reference = model
+    names = [n for n, _ in model.named_modules()]
+    targets = resolve_targets(TARGETS[model_type], model_type, names)
+    torch.manual_seed(seed + 1)
+    injection = inject(model, build_method(method_cfg), targets)
+    head = head_parameter_names(model)
+    trainable = mark_trainable(model, head)
+    return reference, injection, head, trainable
+
+
+def batch(seed=3):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 40, (3, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[2, 7:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+LABELS = torch.tensor([0, 2, 1])
+
+
+def perturb(model, seed=4, scale=0.05):
+    """Give every adapter parameter a non-trivial value (initial ΔW is zero by design)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and ("lrr_adapter" in name or "lrr_shared" in name):
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(**batch()).logits
+
+
+pytestmark = pytest.mark.parametrize("model_type", FAMILIES)
+
+
+@pytest.mark.parametrize("method_cfg", METHODS)
+def test_starts_exactly_at_the_base_model(model_type, method_cfg):
+    torch.manual_seed(0)
+    base = transformers.AutoModelForSequenceClassification.from_config(tiny_config(model_type, num_labels=3)).eval()
+    expected = logits(base)
+    model, *_ = build(model_type, method_cfg)
+    torch.testing.assert_close(logits(model), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method_cfg", METHODS)
+def test_only_adapters_and_head_train_and_frozen_weights_get_no_gradient(model_type, method_cfg):
+    model, injection, head, trainable = build(model_type, method_cfg)
+    model.train()
+    trainable = set(trainable)
+    assert trainable and all(("lrr_adapter" in n or "lrr_shared" in n or n in head) for n in trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        loss = model(**batch(), labels=LABELS).loss
+        extra = injection.method.extra_loss(injection.adapters)
+        (loss if extra is None else loss + extra).backward()
+        for n, p in model.named_parameters():
+            if n not in trainable:
+                assert p.grad is None, f"frozen {n} got a gradient"
+        opt.step()
+        opt.zero_grad()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed <= trainable
+    assert any("lrr_" in n for n in changed), "no adapter parameter changed"
+
+
+@pytest.mark.parametrize("method_cfg", METHODS)
+def test_merged_equals_unmerged(model_type, method_cfg):
+    model, *_ = build(model_type, method_cfg)
+    perturb(model)
+    unmerged = logits(model)
+    merged = merge_adapters(model)
+    assert not any("lrr_" in n for n, _ in merged.named_parameters())
+    torch.testing.assert_close(logits(merged), unmerged, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method_cfg", METHODS)
+def test_saved_adapter_reproduces_outputs(model_type, method_cfg):
+    model, *_ = build(model_type, method_cfg)
+    perturb(model)
+    expected = logits(model)
+    blob = save({k: v.contiguous() for k, v in adapter_state_dict(model).items()})
+    fresh, *_ = build(model_type, method_cfg, seed=0)
+    torch.manual_seed(123)  # a different adapter init, overwritten by the load
+    loaded = load(blob)
+    result = fresh.load_state_dict(loaded, strict=False)
+    assert not result.unexpected_keys
+    assert not [k for k in result.missing_keys if "lrr_" in k]
+    torch.testing.assert_close(logits(fresh), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method_cfg", METHODS)
+def test_extra_loss_is_finite_and_differentiable(model_type, method_cfg):
+    model, injection, *_ = build(model_type, method_cfg)
+    perturb(model)
+    extra = injection.method.extra_loss(injection.adapters)
+    if extra is None:
+        return
+    assert extra.ndim == 0 and torch.isfinite(extra)
+    extra.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lrr_" in n and p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("method_cfg", METHODS)
+def test_bf16_autocast_forward_and_backward(model_type, method_cfg):
+    model, *_ = build(model_type, method_cfg)
+    perturb(model)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**batch(), labels=LABELS)
+    assert torch.isfinite(out.logits.float()).all()
+    out.loss.backward()
+
+
+@pytest.mark.parametrize("method_cfg", METHODS)
+def test_a_seed_makes_training_repeatable(model_type, method_cfg):
+    def train_once():
+        model, injection, *_ = build(model_type, method_cfg, seed=7)
+        model.train()
+        torch.manual_seed(11)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(2):
+            loss = model(**batch(), labels=LABELS).loss
+            extra = injection.method.extra_loss(injection.adapters)
+            (loss if extra is None else loss + extra).backward()
+            opt.step()
+            opt.zero_grad()
+        return adapter_state_dict(model)
+
+    a, b = train_once(), train_once()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
