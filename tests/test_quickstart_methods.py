@@ -1,0 +1,38 @@
+"""Every built-in method trains on the shipped quickstart (real MiniLM-L6, real sentences)
+when switched with --set method.name=...; LoRA itself runs the full recipe in
+test_quickstart.py. Three epochs instead of four keep the suite short; CPU runs are
+deterministic, so the thresholds do not flake."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# The per-method settings documented in docs/methods.md ("On the quickstart").
+METHODS = {
+    "mtlora": [],
+    "lora2": ["training.learning_rate=1e-2"],  # λ starts at 0 with small factors: AdaLoRA-like step sizes
+    "triadaptlora": [],
+    "condlora": [],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_method_trains_on_the_quickstart(method, tmp_path):
+    sets = [f"method.name={method}", "training.epochs=3", *METHODS[method]]
+    cmd = [sys.executable, "-m", "lowrank_runner", "run", "recipes/quickstart.yaml", "--output", str(tmp_path / "run")]
+    for s in sets:
+        cmd += ["--set", s]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["best"]["value"] >= 0.70, metrics["best"]  # balanced binary: chance is 0.5
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["method"]["name"] == method and report["adapter_params"] > 0
