@@ -161,3 +161,16 @@ def test_plain_jsonschema_rejects_unknown_method_params():
     assert errors and all(tuple(e.absolute_path)[:1] == ("method",) for e in errors)
     recipe["method"] = {"name": "lora", "r": 4}
     assert not list(jsonschema.Draft202012Validator(main, registry=registry).iter_errors(recipe))
+
+
+def test_third_party_method_params_are_validated_like_builtins(make_recipe):
+    """tests/plugins holds an installed-looking package whose entry point registers lora_fa."""
+    from lowrank_runner.methods.registry import method_specs
+    from lowrank_runner.recipe.load import check_recipe_file
+
+    assert method_specs()["lora_fa"].source.startswith("lrr-example-plugin")
+    path = make_recipe(BASE.replace("{name: lora, r: 8}", "{name: lora_fa, r: 0, rnk: 2}"))
+    messages = sorted(p.message for p in check_recipe_file(path))
+    assert messages == ["must be >= 1; got 0", "unknown key 'rnk' (did you mean 'r'?)"]
+    ok = load_recipe(make_recipe(BASE.replace("{name: lora, r: 8}", "{name: lora_fa, r: 2}"), "ok.yaml"))
+    assert ok.runs[0].config["method"] == {"name": "lora_fa", "r": 2, "alpha": 16, "dropout": 0.0}
