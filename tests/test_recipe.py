@@ -171,6 +171,6 @@ def test_third_party_method_params_are_validated_like_builtins(make_recipe):
     assert method_specs()["lora_fa"].source.startswith("lrr-example-plugin")
     path = make_recipe(BASE.replace("{name: lora, r: 8}", "{name: lora_fa, r: 0, rnk: 2}"))
     messages = sorted(p.message for p in check_recipe_file(path))
-    assert messages == ["must be >= 1; got 0", "unknown key 'rnk' (did you mean 'r'?)"]
+    assert messages == ["must be >= 1; got 0", "unknown key 'rnk' (allowed here: name, r, alpha, dropout)"]
     ok = load_recipe(make_recipe(BASE.replace("{name: lora, r: 8}", "{name: lora_fa, r: 2}"), "ok.yaml"))
     assert ok.runs[0].config["method"] == {"name": "lora_fa", "r": 2, "alpha": 16, "dropout": 0.0}
