@@ -11,12 +11,11 @@ assembled in a temporary sibling directory and renamed into place at the end.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import lowrank_runner
 from lowrank_runner.errors import ExportError, UsageError
+from lowrank_runner.outputs import require_free, staged_directory
 from lowrank_runner.quiet import quiet_libraries
 from lowrank_runner.train import artifacts as art
 
@@ -104,8 +103,7 @@ def export_merged(run_dir: Path, out: Path, tolerance: float = 1e-3) -> dict:
     from lowrank_runner.methods.inject import merge_adapters
 
     run_dir, out = Path(run_dir), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"--out {out}: exists and is not an empty directory; choose a new path or remove it")
+    require_free(out, "--out")
     model, adapted, config, adapter_cfg = load_trained_model(run_dir)
     tokenizer = load_tokenizer(adapted.backbone, config["backbone"].get("tokenizer"))
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
@@ -127,9 +125,7 @@ def export_merged(run_dir: Path, out: Path, tolerance: float = 1e-3) -> dict:
     if dtype != "auto":
         merged.to(torch_dtype(dtype))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_directory(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         reloaded = type(merged).from_pretrained(tmp).eval()
@@ -152,10 +148,4 @@ def export_merged(run_dir: Path, out: Path, tolerance: float = 1e-3) -> dict:
             "dtype": dtype,
         }
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return info

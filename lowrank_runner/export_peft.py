@@ -9,13 +9,12 @@ Needs the optional dependency ``peft`` (``pip install 'lowrank-runner[peft]'``).
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import lowrank_runner
 from lowrank_runner.errors import ExportError, UsageError
 from lowrank_runner.export import EXPORT_INFO, _compare, _logits, load_trained_model, probe_batch
+from lowrank_runner.outputs import require_free, staged_directory
 from lowrank_runner.quiet import quiet_libraries
 
 
@@ -51,8 +50,7 @@ def export_peft(run_dir: Path, out: Path, tolerance: float = 1e-4) -> dict:
     from lowrank_runner.export import read_run
 
     run_dir, out = Path(run_dir), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"--out {out}: exists and is not an empty directory; choose a new path or remove it")
+    require_free(out, "--out")
     config, adapter_cfg, adapter_state, head_state = read_run(run_dir)
     if adapter_cfg["method"]["name"] != "lora":
         raise UsageError(f"--peft exports 'lora' runs; this run used '{adapter_cfg['method']['name']}' (use --merge)")
@@ -80,9 +78,7 @@ def export_peft(run_dir: Path, out: Path, tolerance: float = 1e-4) -> dict:
     if not diff <= tolerance:
         raise ExportError(f"PEFT's model differs from ours by {diff:.3g} on the probe batch; nothing written")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_directory(out) as tmp:
         peft_model.save_pretrained(tmp)
         _set_base_path(tmp, adapted.backbone.location)
         tokenizer.save_pretrained(tmp)
@@ -106,12 +102,6 @@ def export_peft(run_dir: Path, out: Path, tolerance: float = 1e-4) -> dict:
             "peft": peft.__version__,
         }
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return info
 
 

@@ -53,6 +53,26 @@ def tiny_config(model_type: str, **overrides):
     return cfg
 
 
+def tiny_classifier(model_type: str, seed: int = 0, num_labels: int = 3):
+    """A random-weight sequence classifier of the exact architecture, in eval mode."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    return transformers.AutoModelForSequenceClassification.from_config(tiny_config(model_type, num_labels=num_labels)).eval()
+
+
+def token_batch(seed: int = 3) -> dict:
+    """Three sequences of random in-vocabulary ids, one of them padded."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 40, (3, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[2, 7:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 def save_tiny_backbone(directory: Path, model_type: str = "bert", seed: int = 0) -> Path:
     """Write a random-weight backbone (base model, no task head) and a WordPiece tokenizer."""
     import torch

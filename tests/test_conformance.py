@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 from safetensors.torch import load, save
 
 from lowrank_runner.backbones import head_parameter_names
@@ -14,7 +13,7 @@ from lowrank_runner.methods.inject import adapter_state_dict, inject, mark_train
 from lowrank_runner.methods.registry import method_specs
 from lowrank_runner.modeling import build_method
 from lowrank_runner.targets import resolve_targets
-from tests.conftest import tiny_config
+from tests.conftest import tiny_classifier, token_batch
 
 FAMILIES = ["bert", "roberta", "deberta-v2", "gpt2", "llama"]
 TARGETS = {
@@ -43,24 +42,17 @@ METHODS = method_configs()
 
 
 def build(model_type: str, method_cfg: dict, seed: int = 0):
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForSequenceClassification.from_config(tiny_config(model_type, num_labels=3)).eval()
-    reference = model
+    model = tiny_classifier(model_type, seed)
     names = [n for n, _ in model.named_modules()]
     targets = resolve_targets(TARGETS[model_type], model_type, names)
     torch.manual_seed(seed + 1)
     injection = inject(model, build_method(method_cfg), targets)
     head = head_parameter_names(model)
     trainable = mark_trainable(model, head)
-    return reference, injection, head, trainable
+    return model, injection, head, trainable
 
 
-def batch(seed=3):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, 40, (3, 10), generator=g)
-    mask = torch.ones_like(ids)
-    mask[2, 7:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
+batch = token_batch
 
 
 LABELS = torch.tensor([0, 2, 1])
@@ -85,9 +77,7 @@ pytestmark = pytest.mark.parametrize("model_type", FAMILIES)
 
 @pytest.mark.parametrize("method_cfg", METHODS)
 def test_starts_exactly_at_the_base_model(model_type, method_cfg):
-    torch.manual_seed(0)
-    base = transformers.AutoModelForSequenceClassification.from_config(tiny_config(model_type, num_labels=3)).eval()
-    expected = logits(base)
+    expected = logits(tiny_classifier(model_type))
     model, *_ = build(model_type, method_cfg)
     torch.testing.assert_close(logits(model), expected, rtol=0, atol=0)
 

@@ -20,6 +20,7 @@ by :class:`GroupedAdapter` unless a method overrides :meth:`AdapterMethod.create
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -122,6 +123,27 @@ class AdapterMethod:
 def weight_out_in(module: nn.Module, fan_in_fan_out: bool) -> torch.Tensor:
     """The module's weight as ``out x in`` (a view; no copy)."""
     return module.weight.T if fan_in_fan_out else module.weight
+
+
+def gaussian_parameter(shape, std: float, device) -> nn.Parameter:
+    """A float32 parameter drawn from N(0, std²) (left uninitialised on the meta device)."""
+    p = nn.Parameter(torch.empty(*shape, device=device, dtype=torch.float32))
+    if torch.device(device).type != "meta":
+        nn.init.normal_(p, mean=0.0, std=std)
+    return p
+
+
+def kaiming_parameter(shape, device) -> nn.Parameter:
+    """A float32 parameter initialised like ``nn.Linear.weight`` (Kaiming-uniform, a=√5)."""
+    p = nn.Parameter(torch.empty(*shape, device=device, dtype=torch.float32))
+    if torch.device(device).type != "meta":
+        nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+    return p
+
+
+def gram_penalty(gram: torch.Tensor) -> torch.Tensor:
+    """``‖G − I‖²_F`` for a square Gram matrix ``G``."""
+    return (gram - torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)).pow(2).sum()
 
 
 def adapter_input(x: torch.Tensor, param: torch.Tensor) -> torch.Tensor:

@@ -21,14 +21,13 @@ call of each layer, not per token.
 
 from __future__ import annotations
 
-import math
 import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank_runner.methods.base import Adapter, AdapterMethod, LayerInfo, adapter_input
+from lowrank_runner.methods.base import Adapter, AdapterMethod, LayerInfo, adapter_input, kaiming_parameter
 
 
 class CondLoRAShared(nn.Module):
@@ -37,10 +36,8 @@ class CondLoRAShared(nn.Module):
 
     def __init__(self, r: int, in_features: int, out_features: int, device):
         super().__init__()
-        self.theta_A = nn.Parameter(torch.empty(r, out_features, device=device, dtype=torch.float32))
+        self.theta_A = kaiming_parameter((r, out_features), device)
         self.theta_B = nn.Parameter(torch.zeros(r, in_features, device=device, dtype=torch.float32))
-        if torch.device(device).type != "meta":
-            nn.init.kaiming_uniform_(self.theta_A, a=math.sqrt(5))
 
 
 class CondLoRAAdapter(Adapter):

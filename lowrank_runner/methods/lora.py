@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank_runner.methods.base import Adapter, AdapterMethod, LayerInfo, adapter_input
+from lowrank_runner.methods.base import Adapter, AdapterMethod, LayerInfo, adapter_input, kaiming_parameter
 
 
 class LoRAAdapter(Adapter):
@@ -24,11 +24,9 @@ class LoRAAdapter(Adapter):
         super().__init__()
         self.r = r
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-        self.lora_A = nn.Parameter(torch.empty(r, layer.in_features, device=layer.device, dtype=torch.float32))
+        self.lora_A = kaiming_parameter((r, layer.in_features), layer.device)
         self.lora_B = nn.Parameter(torch.zeros(layer.out_features, r, device=layer.device, dtype=torch.float32))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        if layer.device.type != "meta":
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
         x = adapter_input(self.dropout(x), self.lora_A)

@@ -27,19 +27,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowrank_runner.methods.base import Adapter, AdapterMethod, LayerInfo, adapter_input, leaf_adapters
-
-
-def _gaussian(shape, std, device) -> nn.Parameter:
-    p = nn.Parameter(torch.empty(*shape, device=device, dtype=torch.float32))
-    if device.type != "meta":
-        nn.init.normal_(p, mean=0.0, std=std)
-    return p
-
-
-def _gram_penalty(gram: torch.Tensor) -> torch.Tensor:
-    eye = torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
-    return (gram - eye).pow(2).sum()
+from lowrank_runner.methods.base import (
+    Adapter,
+    AdapterMethod,
+    LayerInfo,
+    adapter_input,
+    gaussian_parameter,
+    gram_penalty,
+    leaf_adapters,
+)
 
 
 class LoRA2Adapter(Adapter):
@@ -48,11 +44,11 @@ class LoRA2Adapter(Adapter):
         device = layer.device
         self.r, self.k = r, k
         self.scaling = alpha / (r + 1e-5)
-        self.lora2_v = _gaussian((layer.in_features, k), init_std, device)
-        self.lora2_u = _gaussian((k, r), init_std, device)
+        self.lora2_v = gaussian_parameter((layer.in_features, k), init_std, device)
+        self.lora2_u = gaussian_parameter((k, r), init_std, device)
         self.lora2_lambda = nn.Parameter(torch.zeros(r, device=device, dtype=torch.float32))
-        self.lora2_U = _gaussian((r, k), init_std, device)
-        self.lora2_V = _gaussian((k, layer.out_features), init_std, device)
+        self.lora2_U = gaussian_parameter((r, k), init_std, device)
+        self.lora2_V = gaussian_parameter((k, layer.out_features), init_std, device)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x, w0):
@@ -71,11 +67,11 @@ class LoRA2Adapter(Adapter):
         vtv, vvt = v.T @ v, V @ V.T  # k x k
         total = u.new_zeros(())
         if "PQ" in terms:
-            total = total + _gram_penalty(u.T @ vtv @ u) + _gram_penalty(U @ vvt @ U.T)
+            total = total + gram_penalty(u.T @ vtv @ u) + gram_penalty(U @ vvt @ U.T)
         if "UV" in terms:
-            total = total + _gram_penalty(U.T @ U) + _gram_penalty(vvt)
+            total = total + gram_penalty(U.T @ U) + gram_penalty(vvt)
         if "uv" in terms:
-            total = total + _gram_penalty(u.T @ u) + _gram_penalty(vtv)
+            total = total + gram_penalty(u.T @ u) + gram_penalty(vtv)
         return total
 
 

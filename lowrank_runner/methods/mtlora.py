@@ -21,23 +21,14 @@ Unselected groups are left unchanged.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank_runner.methods.base import Adapter, AdapterMethod, LayerInfo, adapter_input
+from lowrank_runner.methods.base import Adapter, AdapterMethod, LayerInfo, adapter_input, kaiming_parameter
 from lowrank_runner.targets import FUSED_GROUPS
 
 STRUCTURES = ("shim", "icfm", "ctcm", "dtsm")
-
-
-def _kaiming(shape, device) -> nn.Parameter:
-    p = nn.Parameter(torch.empty(*shape, device=device, dtype=torch.float32))
-    if device.type != "meta":
-        nn.init.kaiming_uniform_(p, a=math.sqrt(5))
-    return p
 
 
 class MTLoRAAdapter(Adapter):
@@ -55,11 +46,11 @@ class MTLoRAAdapter(Adapter):
         n = len(self.groups) if self.groups else 1
         out_rows = layer.group_size if self.groups else layer.out_features
         device = layer.device
-        self.lora_A = _kaiming((n * r, layer.in_features), device)
+        self.lora_A = kaiming_parameter((n * r, layer.in_features), device)
         # B: one (out_rows x r) block per group, stored stacked as (n, out_rows, r)
         self.lora_B = nn.Parameter(torch.zeros(n, out_rows, r, device=device, dtype=torch.float32))
-        self.mt_C = _kaiming((n * r, n * r), device)
-        self.mt_D = _kaiming((n * r, n * r), device) if structure in ("ctcm", "dtsm") else None
+        self.mt_C = kaiming_parameter((n * r, n * r), device)
+        self.mt_D = kaiming_parameter((n * r, n * r), device) if structure in ("ctcm", "dtsm") else None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def transformation(self) -> torch.Tensor:

@@ -26,18 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank_runner.methods.base import Adapter, AdapterMethod, LayerInfo, adapter_input, leaf_adapters
-
-
-def _gaussian(shape, std, device) -> nn.Parameter:
-    p = nn.Parameter(torch.empty(*shape, device=device, dtype=torch.float32))
-    if device.type != "meta":
-        nn.init.normal_(p, mean=0.0, std=std)
-    return p
-
-
-def _penalty(gram: torch.Tensor) -> torch.Tensor:
-    return (gram - torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)).pow(2).sum()
+from lowrank_runner.methods.base import (
+    Adapter,
+    AdapterMethod,
+    LayerInfo,
+    adapter_input,
+    gaussian_parameter,
+    gram_penalty,
+    leaf_adapters,
+)
 
 
 class TriAdaptLoRAAdapter(Adapter):
@@ -47,10 +44,10 @@ class TriAdaptLoRAAdapter(Adapter):
         self.r = r
         self.scaling = alpha / (r + eps)
         n_tri = r * (r + 1) // 2
-        self.tri_A = _gaussian((r, layer.in_features), init_std, device)
+        self.tri_A = gaussian_parameter((r, layer.in_features), init_std, device)
         self.tri_B = nn.Parameter(torch.zeros(layer.out_features, r, device=device, dtype=torch.float32))
-        self.tri_L = _gaussian((n_tri,), init_std, device)
-        self.tri_U = _gaussian((n_tri,), init_std, device)
+        self.tri_L = gaussian_parameter((n_tri,), init_std, device)
+        self.tri_U = gaussian_parameter((n_tri,), init_std, device)
         self.register_buffer("lower_index", torch.tril_indices(r, r, device=device), persistent=False)
         self.register_buffer("upper_index", torch.triu_indices(r, r, device=device), persistent=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -74,7 +71,7 @@ class TriAdaptLoRAAdapter(Adapter):
         return (self.tri_B.float() @ self.transform().float() @ self.tri_A.float()) * self.scaling
 
     def orthogonality(self) -> torch.Tensor:
-        return _penalty(self.tri_A @ self.tri_A.T) + _penalty(self.tri_B.T @ self.tri_B)
+        return gram_penalty(self.tri_A @ self.tri_A.T) + gram_penalty(self.tri_B.T @ self.tri_B)
 
 
 class TriAdaptLoRA(AdapterMethod):

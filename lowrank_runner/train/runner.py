@@ -13,7 +13,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from lowrank_runner.errors import LrrError, UsageError
+from lowrank_runner.errors import LrrError
+from lowrank_runner.outputs import require_free
 from lowrank_runner.quiet import quiet_libraries
 from lowrank_runner.recipe.load import Recipe
 from lowrank_runner.train import artifacts as art
@@ -30,9 +31,8 @@ def run_dirs(recipe: Recipe, output: Path | None) -> tuple[Path, dict[int, Path]
     if output is None:
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         output = Path(recipe.resolved["output"]["dir"]) / recipe.name / stamp
-    # Only rank 0 checks: the others would race with it creating the directory.
-    if is_main_process() and output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise UsageError(f"--output {output}: exists and is not an empty directory; choose a new path or remove it")
+    if is_main_process():  # the other ranks would race with rank 0 creating the directory
+        require_free(output, "--output")
     if len(recipe.runs) == 1:
         return output, {recipe.runs[0].index: output}
     return output, {run.index: output / run.slug for run in recipe.runs}
