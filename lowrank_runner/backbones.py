@@ -90,11 +90,16 @@ def load_config(ref: BackboneRef, **kwargs):
 
 
 def load_tokenizer(ref: BackboneRef, tokenizer: str | None = None):
+    """The backbone's tokenizer (or ``backbone.tokenizer``'s), able to pad batches:
+    decoder-only models without a pad token (GPT-2, LLaMA) pad with their EOS token."""
     from transformers import AutoTokenizer
 
     if tokenizer:
         ref = resolve({"name": tokenizer})
-    return _from_pretrained(AutoTokenizer.from_pretrained, ref, "tokenizer")
+    tok = _from_pretrained(AutoTokenizer.from_pretrained, ref, "tokenizer")
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def torch_dtype(name: str):

@@ -106,8 +106,6 @@ def export_merged(run_dir: Path, out: Path, tolerance: float = 1e-3) -> dict:
     require_free(out, "--out")
     model, adapted, config, adapter_cfg = load_trained_model(run_dir)
     tokenizer = load_tokenizer(adapted.backbone, config["backbone"].get("tokenizer"))
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
     batch = probe_batch(tokenizer, config["task"]["max_length"])
 
     reference = _logits(model, batch)

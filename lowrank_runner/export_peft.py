@@ -56,8 +56,6 @@ def export_peft(run_dir: Path, out: Path, tolerance: float = 1e-4) -> dict:
         raise UsageError(f"--peft exports 'lora' runs; this run used '{adapter_cfg['method']['name']}' (use --merge)")
     ours, adapted, _, _ = load_trained_model(run_dir)
     tokenizer = load_tokenizer(adapted.backbone, config["backbone"].get("tokenizer"))
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
     batch = probe_batch(tokenizer, config["task"]["max_length"])
     expected = _logits(ours, batch)
 

@@ -138,8 +138,6 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str]) -> R
     task = build_task(cfg["task"])
     ref = resolve_backbone(cfg["backbone"])
     tokenizer = load_tokenizer(ref, cfg["backbone"].get("tokenizer"))
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
     with accelerator.main_process_first():
         tokenized = task.tokenize(task.load_splits(), tokenizer)
     adapted = build_adapted_model(cfg, task.model_class, task.model_config_kwargs(), weights=True, ref=ref)
