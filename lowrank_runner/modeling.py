@@ -38,10 +38,18 @@ class AdaptedModel:
         return self.injection.method
 
 
+class MethodConfigError(LrrError):
+    pass
+
+
 def build_method(method_cfg: dict):
+    """The method object; a method rejects impossible settings with ``ValueError``."""
     spec = get_method_spec(method_cfg["name"])
     params = {k: v for k, v in method_cfg.items() if k != "name"}
-    return spec.load()(**params)
+    try:
+        return spec.load()(**params)
+    except ValueError as exc:
+        raise MethodConfigError(f"method: {exc}") from None
 
 
 def find_targets(model, targets: list[str], model_type: str) -> list[TargetModule]:

@@ -110,6 +110,19 @@ class AdapterMethod:
         after all adapters were created."""
         return None
 
+    def on_train_begin(self, total_steps: int) -> None:
+        """Called once before training with the planned number of optimizer steps; raise
+        ``ValueError`` for settings that cannot work with that many steps."""
+
+    def checkpoint_eligible(self, step: int) -> bool:
+        """Whether the model after ``step`` may be selected as the best checkpoint
+        (a pruning method allows only steps at its final budget)."""
+        return True
+
+    def rank_pattern(self, adapters: dict[str, Adapter]) -> dict[str, int] | None:
+        """Active rank per adapted module, for methods whose ranks change (else None)."""
+        return None
+
     def extra_loss(self, adapters: dict[str, Adapter]) -> torch.Tensor | None:
         """A regulariser added to the task loss (already weighted), or None."""
         return None

@@ -36,6 +36,7 @@ from lowrank_runner.methods.base import (
     gram_penalty,
     leaf_adapters,
 )
+from lowrank_runner.methods.rank_budget import cubic_budget
 
 
 class LoRA2Adapter(Adapter):
@@ -49,18 +50,23 @@ class LoRA2Adapter(Adapter):
         self.lora2_lambda = nn.Parameter(torch.zeros(r, device=device, dtype=torch.float32))
         self.lora2_U = gaussian_parameter((r, k), init_std, device)
         self.lora2_V = gaussian_parameter((k, layer.out_features), init_std, device)
+        # Which singular values are active (pruning); saved with the adapter.
+        self.register_buffer("rank_mask", torch.ones(r, device=device, dtype=torch.float32))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def singular_values(self) -> torch.Tensor:
+        return self.lora2_lambda * self.rank_mask
 
     def forward(self, x, w0):
         x = adapter_input(self.dropout(x), self.lora2_v)
         h = (x @ self.lora2_v) @ self.lora2_u
-        h = (h * self.lora2_lambda) @ self.lora2_U
+        h = (h * self.singular_values()) @ self.lora2_U
         return (h @ self.lora2_V) * self.scaling
 
     def delta_weight(self, w0):
         p = self.lora2_v.float() @ self.lora2_u.float()  # in x r
         q = self.lora2_U.float() @ self.lora2_V.float()  # r x out
-        return ((p * self.lora2_lambda.float()) @ q).T * self.scaling
+        return ((p * self.singular_values().float()) @ q).T * self.scaling
 
     def orthogonality(self, terms) -> torch.Tensor:
         u, v, U, V = self.lora2_u, self.lora2_v, self.lora2_U, self.lora2_V
@@ -75,8 +81,99 @@ class LoRA2Adapter(Adapter):
         return total
 
 
+class Sensitivity:
+    """Eq. 9's smoothed importance of one parameter: ``s = |p ⊙ ∇p|``,
+    ``Ī ← β1 Ī + (1−β1) s``, ``Ū ← β2 Ū + (1−β2) |s − Ī|``, ``score = Ī ⊙ Ū``."""
+
+    def __init__(self, beta1: float, beta2: float):
+        self.beta1, self.beta2 = beta1, beta2
+        self.mean: dict[int, torch.Tensor] = {}
+        self.uncertainty: dict[int, torch.Tensor] = {}
+
+    def update(self, param: nn.Parameter) -> torch.Tensor:
+        key = id(param)
+        s = (param * param.grad).abs() if param.grad is not None else torch.zeros_like(param)
+        mean = self.mean.get(key, torch.zeros_like(s))
+        mean = self.beta1 * mean + (1 - self.beta1) * s
+        unc = self.uncertainty.get(key, torch.zeros_like(s))
+        unc = self.beta2 * unc + (1 - self.beta2) * (s - mean).abs()
+        self.mean[key], self.uncertainty[key] = mean, unc
+        return mean * unc
+
+    def scored(self) -> int:
+        return len(self.mean)
+
+
 class LoRA2(AdapterMethod):
+    """LoRA2 with optional importance pruning (Algorithm 1, eq. 9).
+
+    After each optimizer step (gradients still present) the small factors beside Λ are
+    scored, ``S_i = score(λ_i) + mean_k score(u[:, i]) + mean_k score(U[i, :])``; the large
+    ``v`` and ``V`` are never scored (the paper's "98.5% fewer sensitivity computations").
+    On masking steps of the cubic budget the ``budget`` highest-scoring singular values
+    over all modules stay active and the rest are masked.
+    """
+
     name = "lora2"
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        target = params.get("target_rank")
+        if target is not None and target > params["r"]:
+            raise ValueError(f"lora2: target_rank ({target}) cannot exceed r ({params['r']})")
+        self.total_steps: int | None = None
+        self.sensitivity = Sensitivity(params.get("beta1", 0.85), params.get("beta2", 0.85))
+
+    @property
+    def prunes(self) -> bool:
+        return self.params.get("target_rank") is not None
+
+    def on_train_begin(self, total_steps: int) -> None:
+        self.total_steps = total_steps
+        p = self.params
+        if self.prunes and p["t_init"] + p["t_final"] >= total_steps:
+            raise ValueError(
+                f"lora2 pruning: t_init ({p['t_init']}) + t_final ({p['t_final']}) leave no steps to prune in "
+                f"{total_steps} optimizer steps; lower them or train longer"
+            )
+
+    def importance(self, adapter: "LoRA2Adapter") -> torch.Tensor:
+        u = self.sensitivity.update(adapter.lora2_u)  # k x r
+        lam = self.sensitivity.update(adapter.lora2_lambda)  # r
+        big_u = self.sensitivity.update(adapter.lora2_U)  # r x k
+        return lam + u.mean(dim=0) + big_u.mean(dim=1)
+
+    def after_optimizer_step(self, step, adapters):
+        if not self.prunes:
+            return None
+        if self.total_steps is None:
+            raise RuntimeError("LoRA2 pruning needs on_train_begin(total_steps) before the first step")
+        modules = [a for a in leaf_adapters(adapters) if isinstance(a, LoRA2Adapter)]
+        p = self.params
+        with torch.no_grad():
+            scores = [self.importance(m) for m in modules]
+            plan = cubic_budget(step, self.total_steps, p["r"] * len(modules), p["target_rank"] * len(modules),
+                                p["t_init"], p["t_final"], p["mask_interval"])
+            if plan.mask_now:
+                flat = torch.cat(scores)
+                keep = torch.zeros_like(flat)
+                keep[torch.topk(flat, plan.budget).indices] = 1.0
+                for module, mask in zip(modules, keep.split(p["r"])):
+                    module.rank_mask.copy_(mask)
+        return {"rank_budget": plan.budget, "active_ranks": int(sum(m.rank_mask.sum().item() for m in modules))}
+
+    def checkpoint_eligible(self, step: int) -> bool:
+        return not self.prunes or step >= self.total_steps - self.params["t_final"]
+
+    def rank_pattern(self, adapters):
+        if not self.prunes:
+            return None
+        out = {}
+        for path, adapter in adapters.items():
+            groups = adapter.groups.items() if hasattr(adapter, "groups") and isinstance(adapter.groups, nn.ModuleDict) else [(None, adapter)]
+            for group, leaf in groups:
+                out[path if group is None else f"{path}[{group}]"] = int(leaf.rank_mask.sum().item())
+        return out
 
     def create_adapter(self, layer: LayerInfo, w0: torch.Tensor) -> Adapter:
         p = self.params

@@ -7,6 +7,7 @@
       metrics.jsonl         one JSON object per logged training step or evaluation
       metrics.json          final and best evaluation metrics
       report.json           reproducibility report (environment, counts, timings)
+      rank_pattern.json     final active rank per module (dynamic-rank methods only)
       adapter/
         adapter_config.json method, parameters, target module paths, backbone, task head
         adapter.safetensors adapter weights (best checkpoint)
@@ -28,6 +29,7 @@ RECIPE_FILE = "recipe.yaml"
 METRICS_LOG = "metrics.jsonl"
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.json"
+RANK_PATTERN_FILE = "rank_pattern.json"
 
 
 def write_json(path: Path, data) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from lowrank_runner.backbones import load_tokenizer
 from lowrank_runner.backbones import resolve as resolve_backbone
-from lowrank_runner.inspect import check_schedule
+from lowrank_runner.inspect import PlanError, check_schedule
 from lowrank_runner.methods.inject import adapter_state_dict, count_adapter_params
 from lowrank_runner.modeling import AdaptedModel, build_adapted_model
 from lowrank_runner.recipe.load import Recipe, RunSpec
@@ -150,6 +150,10 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str]) -> R
     scheduler = get_scheduler(training["lr_scheduler"], optimizer, plan.warmup_steps, plan.total_steps)
     model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
     method, adapters = adapted.method, adapted.injection.adapters
+    try:
+        method.on_train_begin(plan.total_steps)
+    except ValueError as exc:
+        raise PlanError(f"{recipe.source} [{run.task}, seed {run.seed}]: method: {exc}") from None
     params = [p for p in model.parameters() if p.requires_grad]
 
     if main:
@@ -200,7 +204,9 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str]) -> R
                 if step % eval_every == 0 or step == plan.total_steps:
                     last_eval = evaluate(model, eval_dl, task, accelerator)
                     value = last_eval[task.metric]
-                    improved = best["value"] is None or (value > best["value"] if higher else value < best["value"])
+                    improved = method.checkpoint_eligible(step) and (
+                        best["value"] is None or (value > best["value"] if higher else value < best["value"])
+                    )
                     if improved:
                         best.update(step=step, value=value, eval=last_eval)
                         best_state = _trainable_state(accelerator.unwrap_model(model), adapted)
@@ -222,6 +228,9 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str]) -> R
         art.save_adapter(run_dir / art.ADAPTER_DIR, adapter_state, head_state, adapter_config(adapted, run, recipe, task))
         final = {"task": run.task, "seed": run.seed, "metric": task.metric, "best": best, "last": {"step": step, "eval": last_eval}}
         art.write_json(run_dir / art.METRICS_FILE, final)
+        pattern = method.rank_pattern(adapters)
+        if pattern is not None:
+            art.write_json(run_dir / art.RANK_PATTERN_FILE, pattern)
         all_params = dict(unwrapped.named_parameters())
         art.write_json(run_dir / art.REPORT_FILE, {
             "status": "completed",

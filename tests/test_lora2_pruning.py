@@ -1,0 +1,78 @@
+"""LoRA2 importance pruning (Algorithm 1, eq. 9) driven by the training loop."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from lowrank_runner.cli import app
+from lowrank_runner.methods.inject import inject, mark_trainable
+from lowrank_runner.modeling import MethodConfigError, build_method
+from lowrank_runner.targets import resolve_targets
+from tests.conftest import tiny_classifier, token_batch
+
+PRUNING = {"name": "lora2", "r": 4, "k": 2, "alpha": 8, "dropout": 0.0, "init_std": 0.02, "orth_reg": 0.1,
+           "orth_terms": ["PQ", "UV", "uv"], "target_rank": 1, "t_init": 2, "t_final": 3, "mask_interval": 2,
+           "beta1": 0.85, "beta2": 0.85}
+
+
+def test_only_the_small_factors_are_scored_and_the_budget_is_met():
+    model = tiny_classifier("bert").train()
+    targets = resolve_targets(["Wq", "Wv"], "bert", [n for n, _ in model.named_modules()])
+    method = build_method(PRUNING)
+    injection = inject(model, method, targets)
+    mark_trainable(model)
+    method.on_train_begin(total_steps=12)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    modules = list(injection.adapters.values())
+    small = {id(p) for m in modules for p in (m.lora2_u, m.lora2_lambda, m.lora2_U)}
+    large = {id(p) for m in modules for p in (m.lora2_v, m.lora2_V)}
+    budgets = []
+    for step in range(1, 13):
+        model(**token_batch(), labels=torch.tensor([0, 1, 2])).loss.backward()
+        opt.step()
+        logs = method.after_optimizer_step(step, injection.adapters)
+        opt.zero_grad()
+        budgets.append(logs["rank_budget"])
+        if step in (2, 4, 6, 8, 9, 12):  # masking steps: the active ranks match the budget exactly
+            assert logs["active_ranks"] == logs["rank_budget"]
+    assert set(method.sensitivity.mean) == small and not (set(method.sensitivity.mean) & large)
+    assert budgets[0] == 4 * 4 and budgets[-1] == 4 * 1 and budgets == sorted(budgets, reverse=True)
+    pattern = method.rank_pattern(injection.adapters)
+    assert set(pattern) == {t.path for t in targets} and sum(pattern.values()) == 4  # global top-k: any split
+
+
+def test_impossible_settings_are_user_errors():
+    with pytest.raises(MethodConfigError, match=r"target_rank \(5\) cannot exceed r \(4\)"):
+        build_method({**PRUNING, "target_rank": 5})
+    method = build_method(PRUNING)
+    with pytest.raises(ValueError, match="leave no steps to prune in 5 optimizer steps"):
+        method.on_train_begin(total_steps=5)
+
+
+def test_pruning_in_a_real_run_ends_at_the_target_and_ships_no_dead_capacity(tmp_path, tiny_recipe):
+    recipe = tiny_recipe()
+    out = tmp_path / "run"
+    sets = ["method={name: lora2, r: 4, k: 2, alpha: 8, target_rank: 1, t_init: 2, t_final: 4, mask_interval: 2}",
+            "training.epochs=3", "training.log_every=1", "training.eval_every=3"]
+    args = ["run", str(recipe), "--output", str(out)]
+    for s in sets:
+        args += ["--set", s]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    pattern = json.loads((out / "rank_pattern.json").read_text())
+    assert len(pattern) == 4 and sum(pattern.values()) == 4  # target_rank x M
+    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    budgets = [ln["rank_budget"] for ln in lines if "rank_budget" in ln]
+    assert budgets[0] == 16 and budgets[-1] == 4
+    actives = [ln["active_ranks"] for ln in lines if "active_ranks" in ln]
+    assert actives[0] == 16 and actives[-1] == 4
+    best = json.loads((out / "metrics.json").read_text())["best"]
+    assert best["step"] >= 18 - 4  # only checkpoints at the final budget are eligible
+    saved = load_file(str(out / "adapter" / "adapter.safetensors"))
+    masks = [v for k, v in saved.items() if k.endswith("rank_mask")]
+    assert len(masks) == 4 and sum(int(m.sum()) for m in masks) == 4
+    export = CliRunner().invoke(app, ["export", str(out), "--merge", "--out", str(tmp_path / "merged")])
+    assert export.exit_code == 0, export.output
