@@ -63,6 +63,7 @@ def test_pruning_in_a_real_run_ends_at_the_target_and_ships_no_dead_capacity(tmp
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     pattern = json.loads((out / "rank_pattern.json").read_text())
+    assert (out / "rank_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(pattern) == 4 and sum(pattern.values()) == 4  # target_rank x M
     lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     budgets = [ln["rank_budget"] for ln in lines if "rank_budget" in ln]
@@ -76,3 +77,16 @@ def test_pruning_in_a_real_run_ends_at_the_target_and_ships_no_dead_capacity(tmp
     assert len(masks) == 4 and sum(int(m.sum()) for m in masks) == 4
     export = CliRunner().invoke(app, ["export", str(out), "--merge", "--out", str(tmp_path / "merged")])
     assert export.exit_code == 0, export.output
+
+
+def test_rank_grid_is_layers_by_symbols():
+    from lowrank_runner.plots import rank_grid
+
+    pattern = {"bert.encoder.layer.0.attention.self.query": 2, "bert.encoder.layer.1.attention.self.query": 0,
+               "bert.encoder.layer.1.output.dense": 3, "transformer.h.0.attn.c_attn[v]": 1}
+    symbols = {"bert.encoder.layer.0.attention.self.query": ["Wq"], "bert.encoder.layer.1.attention.self.query": ["Wq"],
+               "bert.encoder.layer.1.output.dense": ["Wo"]}
+    layers, columns, grid = rank_grid(pattern, symbols)
+    assert layers == [0, 1] and columns == ["Wq", "Wv", "Wo"]
+    assert grid[0][:2] == [2.0, 1.0] and grid[1][0] == 0.0 and grid[1][2] == 3.0
+    assert grid[0][2] != grid[0][2]  # nan: layer 0's Wo was not adapted

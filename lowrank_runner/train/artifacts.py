@@ -8,6 +8,7 @@
       metrics.json          final and best evaluation metrics
       report.json           reproducibility report (environment, counts, timings)
       rank_pattern.json     final active rank per module (dynamic-rank methods only)
+      rank_heatmap.png      the same as a layers x target-symbols heatmap
       adapter/
         adapter_config.json method, parameters, target module paths, backbone, task head
         adapter.safetensors adapter weights (best checkpoint)
@@ -30,6 +31,7 @@ METRICS_LOG = "metrics.jsonl"
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.json"
 RANK_PATTERN_FILE = "rank_pattern.json"
+RANK_HEATMAP_FILE = "rank_heatmap.png"
 
 
 def write_json(path: Path, data) -> None:

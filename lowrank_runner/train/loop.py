@@ -230,7 +230,13 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str]) -> R
         art.write_json(run_dir / art.METRICS_FILE, final)
         pattern = method.rank_pattern(adapters)
         if pattern is not None:
+            from lowrank_runner.plots import rank_heatmap
+
             art.write_json(run_dir / art.RANK_PATTERN_FILE, pattern)
+            symbols = {t.path: list(t.symbols) for t in adapted.targets}
+            total = sum(pattern.values())
+            rank_heatmap(pattern, symbols, run_dir / art.RANK_HEATMAP_FILE,
+                         f"{cfg['method']['name']} final ranks: {total} over {len(pattern)} modules")
         all_params = dict(unwrapped.named_parameters())
         art.write_json(run_dir / art.REPORT_FILE, {
             "status": "completed",
