@@ -122,6 +122,7 @@ class LoRA2(AdapterMethod):
         if target is not None and target > params["r"]:
             raise ValueError(f"lora2: target_rank ({target}) cannot exceed r ({params['r']})")
         self.total_steps: int | None = None
+        self._active: int | None = None  # active ranks, updated when the mask changes
         self.sensitivity = Sensitivity(params.get("beta1", 0.85), params.get("beta2", 0.85))
 
     @property
@@ -160,7 +161,11 @@ class LoRA2(AdapterMethod):
                 keep[torch.topk(flat, plan.budget).indices] = 1.0
                 for module, mask in zip(modules, keep.split(p["r"])):
                     module.rank_mask.copy_(mask)
-        return {"rank_budget": plan.budget, "active_ranks": int(sum(m.rank_mask.sum().item() for m in modules))}
+                self._active = plan.budget  # exactly `budget` ranks are kept
+            elif self._active is None:
+                self._active = int(torch.stack([m.rank_mask.sum() for m in modules]).sum().item())
+        # One host sync at most when the mask changes, never per module per step.
+        return {"rank_budget": plan.budget, "active_ranks": self._active}
 
     def checkpoint_eligible(self, step: int) -> bool:
         return not self.prunes or step >= self.total_steps - self.params["t_final"]
