@@ -159,7 +159,15 @@ def _method_problems(doc: Document, method) -> list[Problem]:
     name = method["name"]
     if name not in specs:
         return [problem(doc, ("method", "name"), f"unknown method '{name}'{suggest(name, specs)}; registered: {', '.join(sorted(specs))} (see 'lrr methods')")]
-    return schema_problems(doc, method, validator_for(specs[name].schema), ("method",))
+    out = schema_problems(doc, method, validator_for(specs[name].schema), ("method",))
+    # "x-le": {"a": "b"} in a method schema: parameter a must not exceed parameter b.
+    defaults = specs[name].defaults()
+    for small, large in specs[name].schema.get("x-le", {}).items():
+        a, b = method.get(small, defaults.get(small)), method.get(large, defaults.get(large))
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and a > b:
+            at = ("method", small) if small in method else ("method",)
+            out.append(problem(doc, at, f"{small} ({a}) cannot exceed {large} ({b})"))
+    return out
 
 
 def _task_problems(doc: Document, task) -> list[Problem]:
