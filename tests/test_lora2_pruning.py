@@ -90,3 +90,44 @@ def test_rank_grid_is_layers_by_symbols():
     assert layers == [0, 1] and columns == ["Wq", "Wv", "Wo"]
     assert grid[0][:2] == [2.0, 1.0] and grid[1][0] == 0.0 and grid[1][2] == 3.0
     assert grid[0][2] != grid[0][2]  # nan: layer 0's Wo was not adapted
+
+
+def test_two_processes_make_identical_rank_decisions(tmp_path, tiny_recipe):
+    """torchrun with 2 gloo processes: every masking step cross-checks the masks of both
+    ranks (a divergence stops the run), and the run ends at target_rank x M."""
+    import subprocess
+    import sys
+
+    recipe = tiny_recipe()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lowrank_runner", "run",
+           str(recipe), "--output", str(tmp_path / "ddp"),
+           "--set", "method={name: lora2, r: 4, k: 2, alpha: 8, target_rank: 1, t_init: 1, t_final: 2, mask_interval: 1}",
+           "--set", "training.epochs=3", "--set", "training.eval_every=null"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "ddp" / "report.json").read_text())
+    assert report["environment"]["hardware"]["num_processes"] == 2 and report["steps"]["total"] == 9
+    assert sum(json.loads((tmp_path / "ddp" / "rank_pattern.json").read_text()).values()) == 4
+
+
+def test_diverging_masks_across_processes_stop_training(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "diverge.py"
+    script.write_text(
+        "import torch, torch.distributed as dist\n"
+        "from lowrank_runner.methods.lora2 import check_same_across_processes\n"
+        "dist.init_process_group('gloo')\n"
+        "check_same_across_processes(torch.tensor([1.0, 0.0, 1.0]), step=3)  # same on both ranks: passes\n"
+        "mask = torch.tensor([1.0, 0.0]) if dist.get_rank() == 0 else torch.tensor([0.0, 1.0])\n"
+        "try:\n"
+        "    check_same_across_processes(mask, step=4)\n"
+        "except RuntimeError as exc:\n"
+        "    print('caught:', exc, flush=True)\n"
+        "dist.destroy_process_group()\n"
+    )
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("lora2 pruning: processes chose different rank masks at step 4") == 2  # both ranks

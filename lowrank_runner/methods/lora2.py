@@ -81,6 +81,21 @@ class LoRA2Adapter(Adapter):
         return total
 
 
+def check_same_across_processes(mask: torch.Tensor, step: int) -> None:
+    """Under several processes, every rank must choose the same mask (gradients are
+    all-reduced, so the scores are equal); a divergence would silently desynchronise the
+    replicas, so it stops training instead."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    low, high = mask.clone(), mask.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise RuntimeError(f"lora2 pruning: processes chose different rank masks at step {step}")
+
+
 class Sensitivity:
     """Eq. 9's smoothed importance of one parameter: ``s = |p ⊙ ∇p|``,
     ``Ī ← β1 Ī + (1−β1) s``, ``Ū ← β2 Ū + (1−β2) |s − Ī|``, ``score = Ī ⊙ Ū``."""
@@ -159,6 +174,7 @@ class LoRA2(AdapterMethod):
                 flat = torch.cat(scores)
                 keep = torch.zeros_like(flat)
                 keep[torch.topk(flat, plan.budget).indices] = 1.0
+                check_same_across_processes(keep, step)
                 for module, mask in zip(modules, keep.split(p["r"])):
                     module.rank_mask.copy_(mask)
                 self._active = plan.budget  # exactly `budget` ranks are kept
