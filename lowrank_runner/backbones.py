@@ -12,8 +12,6 @@ from urllib.parse import urlparse
 from lowrank_runner.errors import BackboneError
 from lowrank_runner.resources import is_pkg_path, resolve_pkg_path
 
-_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "auto": "auto"}
-
 
 @dataclass(frozen=True)
 class BackboneRef:
@@ -105,7 +103,7 @@ def load_tokenizer(ref: BackboneRef, tokenizer: str | None = None):
 def torch_dtype(name: str):
     import torch
 
-    return "auto" if name == "auto" else getattr(torch, _DTYPES[name])
+    return "auto" if name == "auto" else getattr(torch, name)  # float32 | bfloat16 | float16 (schema enum)
 
 
 def build_empty(model_cls, config):

@@ -20,7 +20,7 @@ class PlanError(LrrError):
     pass
 
 
-def check_schedule(run_config: dict, plan, where: str) -> None:
+def check_schedule(plan, where: str) -> None:
     if plan.warmup_steps >= plan.total_steps:
         raise PlanError(
             f"{where}: warmup ({plan.warmup_steps} steps) is not shorter than training ({plan.total_steps} steps); "
@@ -39,7 +39,7 @@ def inspect_recipe(recipe: Recipe, processes: int = 1) -> dict:
         model = adapted.model
         n_train = task.count_train_examples()
         plan = plan_steps(n_train, cfg["training"], processes)
-        check_schedule(cfg, plan, where)
+        check_schedule(plan, where)
         by_symbol: dict[str, list[str]] = {}
         for t in adapted.targets:
             for symbol in t.symbols:

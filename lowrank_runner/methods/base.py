@@ -165,10 +165,17 @@ def adapter_input(x: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return x if torch.is_autocast_enabled(x.device.type) else x.to(param.dtype)
 
 
+def leaf_items(adapters: dict[str, Adapter]):
+    """``(path, adapter)`` pairs, each fused projection's per-group adapters listed
+    individually as ``path[group]``."""
+    for path, adapter in adapters.items():
+        if isinstance(adapter, GroupedAdapter):
+            for group, leaf in adapter.groups.items():
+                yield f"{path}[{group}]", leaf
+        else:
+            yield path, adapter
+
+
 def leaf_adapters(adapters: dict[str, Adapter]):
     """Adapters, with each fused projection's per-group adapters listed individually."""
-    for adapter in adapters.values():
-        if isinstance(adapter, GroupedAdapter):
-            yield from adapter.groups.values()
-        else:
-            yield adapter
+    return (leaf for _, leaf in leaf_items(adapters))

@@ -41,11 +41,10 @@ class CondLoRAShared(nn.Module):
 
 
 class CondLoRAAdapter(Adapter):
-    def __init__(self, shared: CondLoRAShared, key: str, alpha: float, r: int, dropout: float):
+    def __init__(self, shared: CondLoRAShared, alpha: float, r: int, dropout: float):
         super().__init__()
         # Not a submodule: the shared maps are registered once, on the model (lrr_shared).
         self.__dict__["shared"] = shared
-        self.key = key
         self.scaling = alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
@@ -89,7 +88,7 @@ class CondLoRA(AdapterMethod):
         if shared.theta_A.shape[1] != layer.out_features or shared.theta_B.shape[1] != layer.in_features:
             raise ValueError(f"{layer.path}: CondLoRA shares maps across layers of one type, but this layer's weight "
                              f"is {layer.out_features}x{layer.in_features}, not {shared.theta_A.shape[1]}x{shared.theta_B.shape[1]}")
-        return CondLoRAAdapter(shared, key, self.params["alpha"], r, self.params["dropout"])
+        return CondLoRAAdapter(shared, self.params["alpha"], r, self.params["dropout"])
 
     def shared_modules(self):
         return self.shared

@@ -35,6 +35,7 @@ from lowrank_runner.methods.base import (
     gaussian_parameter,
     gram_penalty,
     leaf_adapters,
+    leaf_items,
 )
 from lowrank_runner.methods.rank_budget import cubic_budget
 
@@ -115,9 +116,6 @@ class Sensitivity:
         self.mean[key], self.uncertainty[key] = mean, unc
         return mean * unc
 
-    def scored(self) -> int:
-        return len(self.mean)
-
 
 class LoRA2(AdapterMethod):
     """LoRA2 with optional importance pruning (Algorithm 1, eq. 9).
@@ -189,12 +187,7 @@ class LoRA2(AdapterMethod):
     def rank_pattern(self, adapters):
         if not self.prunes:
             return None
-        out = {}
-        for path, adapter in adapters.items():
-            groups = adapter.groups.items() if hasattr(adapter, "groups") and isinstance(adapter.groups, nn.ModuleDict) else [(None, adapter)]
-            for group, leaf in groups:
-                out[path if group is None else f"{path}[{group}]"] = int(leaf.rank_mask.sum().item())
-        return out
+        return {path: int(leaf.rank_mask.sum().item()) for path, leaf in leaf_items(adapters)}
 
     def create_adapter(self, layer: LayerInfo, w0: torch.Tensor) -> Adapter:
         p = self.params

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -22,7 +22,6 @@ from typing import Any
 from lowrank_runner.resources import schemas_dir
 
 ENTRY_POINT_GROUP = "lowrank_runner.methods"
-COMMON_PARAMS = ("r", "alpha", "dropout")
 
 
 @dataclass(frozen=True)
@@ -32,7 +31,6 @@ class MethodSpec:
     implementation: str  # "package.module:ClassName"
     paper: str = ""
     source: str = "built-in"
-    extra: dict = field(default_factory=dict)
 
     @property
     def params(self) -> dict[str, dict]:

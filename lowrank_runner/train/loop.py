@@ -31,7 +31,6 @@ from lowrank_runner.train.schedule import plan_steps
 class RunResult:
     run_dir: Path
     best: dict
-    final: dict
 
 
 def has_accelerator_device() -> bool:
@@ -143,7 +142,7 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str]) -> R
     adapted = build_adapted_model(cfg, task.model_class, task.model_config_kwargs(), weights=True, ref=ref)
     model = adapted.model
     plan = plan_steps(len(tokenized["train"]), training, accelerator.num_processes)
-    check_schedule(cfg, plan, f"{recipe.source} [{run.task}, seed {run.seed}]")
+    check_schedule(plan, f"{recipe.source} [{run.task}, seed {run.seed}]")
 
     train_dl, eval_dl = _dataloaders(tokenized, tokenizer, training, run.seed, mixed)
     optimizer = _optimizer(model, training)
@@ -261,7 +260,7 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str]) -> R
             "environment": environment(accelerator),
         })
     accelerator.end_training()
-    return RunResult(run_dir, best, {"step": step, "eval": last_eval})
+    return RunResult(run_dir, best)
 
 
 def _peak_memory() -> dict:
