@@ -171,6 +171,8 @@ def run(
     recipe: Path = typer.Argument(..., help="Recipe file."),
     overrides: Optional[List[str]] = SetOption,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run directory (default: <output.dir>/<name>/<timestamp>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the interrupted runs in --output RUN_DIR from their latest checkpoints (same recipe and --set overrides)."),
+    stop_after_step: Optional[int] = typer.Option(None, "--stop-after-step", min=1, help="End each run after this optimizer step with a checkpoint (e.g. before a machine's time limit); continue later with --resume."),
 ):
     """Train: one run per task x seed, each writing a run directory."""
     from lowrank_runner.recipe.load import load_recipe
@@ -179,7 +181,9 @@ def run(
     rec = load_recipe(_existing(recipe), overrides or ())
     command = ["lrr", "run", str(recipe)] + [a for s in overrides or () for a in ("--set", s)]
     command += ["--output", str(output)] if output else []
-    failures = run_recipe(rec, output=output, argv=command)
+    command += ["--resume"] if resume else []
+    command += ["--stop-after-step", str(stop_after_step)] if stop_after_step else []
+    failures = run_recipe(rec, output=output, argv=command, resume=resume, stop_after=stop_after_step)
     raise typer.Exit(1 if failures else 0)
 
 

@@ -51,7 +51,7 @@ def load_trained_model(run_dir: Path, with_adapter: bool = True, head: bool = Tr
     ``with_adapter=False``, the trained adapter; ``head=False`` leaves the head as built."""
     import transformers
 
-    from lowrank_runner.methods.inject import is_adapter_param
+    from lowrank_runner.methods.inject import load_adapter_state
     from lowrank_runner.modeling import build_adapted_model, load_plain_model
 
     config, adapter_cfg, adapter, head_state = read_run(run_dir)
@@ -71,10 +71,14 @@ def load_trained_model(run_dir: Path, with_adapter: bool = True, head: bool = Tr
     unknown = sorted((set(adapter) | set(head_state)) - own)
     if unknown:
         raise ExportError(f"{run_dir}: saved weights do not fit the rebuilt model (e.g. {unknown[:3]}); was the backbone changed?")
-    missing = sorted(k for k in own if is_adapter_param(k) and k not in adapter)
+    try:
+        missing = load_adapter_state(model, adapter)  # compact (final-rank) tensors included
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise ExportError(f"{run_dir}: saved adapter does not fit the rebuilt model: {exc}") from None
     if missing:
-        raise ExportError(f"{run_dir}: adapter weights missing for {missing[:3]}")
-    model.load_state_dict({**adapter, **(head_state if head else {})}, strict=False)
+        raise ExportError(f"{run_dir}: adapter weights missing for {sorted(missing)[:3]}")
+    if head:
+        model.load_state_dict(head_state, strict=False)
     model.eval()
     return model, adapted, config, adapter_cfg
 

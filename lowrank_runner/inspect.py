@@ -8,8 +8,7 @@ on that skeleton, so the numbers are the ones training will have.
 from __future__ import annotations
 
 from lowrank_runner.errors import LrrError
-from lowrank_runner.methods.inject import count_adapter_params
-from lowrank_runner.modeling import build_adapted_model
+from lowrank_runner.modeling import build_adapted_model, parameter_counts
 from lowrank_runner.quiet import quiet_libraries
 from lowrank_runner.recipe.load import Recipe
 from lowrank_runner.tasks.base import build_task
@@ -58,8 +57,7 @@ def inspect_recipe(recipe: Recipe, processes: int = 1) -> dict:
             "modules": [t.path for t in adapted.targets],
             "targets": by_symbol,
             "head": adapted.head_names,
-            "adapter_params": count_adapter_params(model),
-            "trainable_params": sum(params[n].numel() for n in adapted.trainable_names),
+            **parameter_counts(model, adapted),
             "total_params": sum(p.numel() for p in params.values()),
             "train_examples": n_train,
             "steps": plan.total_steps,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from lowrank_runner import backbones
 from lowrank_runner.errors import LrrError
-from lowrank_runner.methods.inject import Injection, inject, mark_trainable
+from lowrank_runner.methods.inject import Injection, count_adapter_params, inject, is_adapter_param, mark_trainable
 from lowrank_runner.methods.registry import get_method_spec
 from lowrank_runner.targets import TargetError, TargetModule, resolve_targets
 
@@ -110,3 +110,18 @@ def load_plain_model(run_config: dict, model_class, head_config: dict):
     if getattr(config, "pad_token_id", None) is None and getattr(config, "eos_token_id", None) is not None:
         model.config.pad_token_id = config.eos_token_id
     return model
+
+
+def parameter_counts(model, adapted: AdaptedModel) -> dict[str, int]:
+    """Adapter and trainable parameter counts. Methods that pre-allocate rank capacity
+    (TriAdaptLoRA's growth) count the parameters in use; ``adapter_params_allocated``
+    is what the tensors hold."""
+    allocated = count_adapter_params(model)
+    active = adapted.method.active_parameter_count(adapted.injection.adapters)
+    adapter = allocated if active is None else active
+    params = dict(model.named_parameters())
+    head = sum(params[n].numel() for n in adapted.trainable_names if not is_adapter_param(n))
+    out = {"adapter_params": adapter, "trainable_params": adapter + head}
+    if active is not None:
+        out["adapter_params_allocated"] = allocated
+    return out

@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parent.parent
 METHODS = {
     "mtlora": [],
     "lora2": ["training.learning_rate=1e-2"],  # λ starts at 0 with small factors: AdaLoRA-like step sizes
-    "triadaptlora": [],
+    "triadaptlora": ["method.r=1", "method.r_ref=8", "method.grow_by=1", "method.t_init=10",
+                     "method.grow_interval=10"],  # adaptive growth from rank 1 to 8 x 36 modules
     "condlora": [],
 }
 
@@ -36,3 +37,5 @@ def test_method_trains_on_the_quickstart(method, tmp_path):
     assert metrics["best"]["value"] >= 0.70, metrics["best"]  # balanced binary: chance is 0.5
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["method"]["name"] == method and report["adapter_params"] > 0
+    if method == "triadaptlora":
+        assert sum(json.loads((tmp_path / "run" / "rank_pattern.json").read_text()).values()) == 8 * 36

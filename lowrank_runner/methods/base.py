@@ -64,6 +64,15 @@ class Adapter(nn.Module):
     def delta_weight(self, w0: torch.Tensor) -> torch.Tensor:  # ΔW, (out_features, in_features), float32
         raise NotImplementedError
 
+    def compact_state(self) -> dict[str, torch.Tensor] | None:
+        """The adapter's state at its active ranks only (dynamic-rank methods, so no dead
+        capacity is saved), keyed like ``state_dict()``; None: the state dict as it is."""
+        return None
+
+    def load_compact_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load what :meth:`compact_state` returned (ranks read from the shapes)."""
+        raise NotImplementedError
+
 
 class GroupedAdapter(Adapter):
     """Independent adapters on selected output groups of a fused projection; the other
@@ -127,10 +136,39 @@ class AdapterMethod:
         """A regulariser added to the task loss (already weighted), or None."""
         return None
 
-    def after_optimizer_step(self, step: int, adapters: dict[str, Adapter]) -> dict | None:
+    def after_optimizer_step(self, step: int, adapters: dict[str, Adapter], optimizer=None) -> dict | None:
         """Called once after every optimizer step, before gradients are cleared; may
-        return values to log."""
+        return values to log. ``optimizer`` is the training optimizer (for methods that
+        must reset the state of parameters they re-initialise)."""
         return None
+
+    def active_parameter_count(self, adapters: dict[str, Adapter]) -> int | None:
+        """Adapter parameters in use now, for methods that pre-allocate capacity (else None:
+        every allocated parameter is in use)."""
+        return None
+
+    def state_dict(self) -> dict:
+        """The method's own training state (rank-allocator statistics), saved in
+        checkpoints; tensors and plain Python values only."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (on ``lrr run --resume``)."""
+
+
+def check_same_across_processes(decision: torch.Tensor, what: str, step: int) -> None:
+    """Under several processes every rank must take the same rank decision (gradients are
+    all-reduced, so the scores agree); a divergence would silently desynchronise the
+    replicas, so it stops training instead."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    low, high = decision.clone(), decision.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise RuntimeError(f"{what}: processes took different rank decisions at step {step}")
 
 
 def weight_out_in(module: nn.Module, fan_in_fan_out: bool) -> torch.Tensor:

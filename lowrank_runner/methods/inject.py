@@ -114,8 +114,42 @@ def mark_trainable(model: nn.Module, head_names: list[str] = ()) -> list[str]:
     return trainable
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items() if is_adapter_param(k)}
+def adapter_state_dict(model: nn.Module, compact: bool = False) -> dict[str, torch.Tensor]:
+    """The adapter's tensors (parameters and buffers). ``compact=True`` stores
+    dynamic-rank adapters at their active ranks only (what a finished run saves); the
+    full state, capacity included, is what checkpoints keep."""
+    state = {k: v for k, v in model.state_dict().items() if is_adapter_param(k)}
+    if compact:
+        for name, module in model.named_modules():
+            small = module.compact_state() if isinstance(module, Adapter) else None
+            if small is not None:
+                prefix = f"{name}."
+                state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+                state.update({prefix + k: v for k, v in small.items()})
+    return state
+
+
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Load adapter tensors saved by :func:`adapter_state_dict` (compact or full) and
+    return the model's adapter keys that got no value."""
+    state = dict(state)
+    loaded = set()
+    own = model.state_dict()
+    for name, module in model.named_modules():
+        if not isinstance(module, Adapter) or module.compact_state() is None:
+            continue
+        prefix = f"{name}."
+        mine = {k[len(prefix):]: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
+        full = {k[len(prefix):]: v for k, v in own.items() if k.startswith(prefix)}
+        if mine and any(mine[k].shape != full[k].shape for k in mine if k in full):
+            module.load_compact_state(mine)
+            loaded.update(prefix + k for k in full)
+        else:
+            state.update({prefix + k: v for k, v in mine.items()})
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise KeyError(f"unexpected adapter tensors: {result.unexpected_keys[:3]}")
+    return [k for k in result.missing_keys if is_adapter_param(k) and k not in loaded]
 
 
 def count_adapter_params(model: nn.Module) -> int:

@@ -32,6 +32,7 @@ from lowrank_runner.methods.base import (
     AdapterMethod,
     LayerInfo,
     adapter_input,
+    check_same_across_processes,
     gaussian_parameter,
     gram_penalty,
     leaf_adapters,
@@ -69,6 +70,27 @@ class LoRA2Adapter(Adapter):
         q = self.lora2_U.float() @ self.lora2_V.float()  # r x out
         return ((p * self.singular_values().float()) @ q).T * self.scaling
 
+    def compact_state(self):
+        """Only the active singular values (their λ, u columns and U rows); the rank is
+        the length of λ. Loading puts them first and masks the rest."""
+        keep = self.rank_mask.nonzero().flatten()
+        return {"lora2_v": self.lora2_v, "lora2_u": self.lora2_u[:, keep], "lora2_lambda": self.lora2_lambda[keep],
+                "lora2_U": self.lora2_U[keep], "lora2_V": self.lora2_V, "rank_mask": self.rank_mask[keep]}
+
+    def load_compact_state(self, state):
+        n = state["lora2_lambda"].shape[0]
+        if n > self.r:
+            raise ValueError(f"saved LoRA2 adapter has {n} singular values, the module has room for {self.r}")
+        with torch.no_grad():
+            self.lora2_v.copy_(state["lora2_v"])
+            self.lora2_V.copy_(state["lora2_V"])
+            for name, dim in (("lora2_u", 1), ("lora2_lambda", 0), ("lora2_U", 0)):
+                target = getattr(self, name)
+                target.zero_()
+                target.narrow(dim, 0, n).copy_(state[name])
+            self.rank_mask.zero_()
+            self.rank_mask[:n] = 1.0
+
     def orthogonality(self, terms) -> torch.Tensor:
         u, v, U, V = self.lora2_u, self.lora2_v, self.lora2_U, self.lora2_V
         vtv, vvt = v.T @ v, V @ V.T  # k x k
@@ -82,32 +104,16 @@ class LoRA2Adapter(Adapter):
         return total
 
 
-def check_same_across_processes(mask: torch.Tensor, step: int) -> None:
-    """Under several processes, every rank must choose the same mask (gradients are
-    all-reduced, so the scores are equal); a divergence would silently desynchronise the
-    replicas, so it stops training instead."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return
-    low, high = mask.clone(), mask.clone()
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    if not torch.equal(low, high):
-        raise RuntimeError(f"lora2 pruning: processes chose different rank masks at step {step}")
-
-
 class Sensitivity:
-    """Eq. 9's smoothed importance of one parameter: ``s = |p ⊙ ∇p|``,
+    """Eq. 9's smoothed importance of named parameters: ``s = |p ⊙ ∇p|``,
     ``Ī ← β1 Ī + (1−β1) s``, ``Ū ← β2 Ū + (1−β2) |s − Ī|``, ``score = Ī ⊙ Ū``."""
 
     def __init__(self, beta1: float, beta2: float):
         self.beta1, self.beta2 = beta1, beta2
-        self.mean: dict[int, torch.Tensor] = {}
-        self.uncertainty: dict[int, torch.Tensor] = {}
+        self.mean: dict[str, torch.Tensor] = {}
+        self.uncertainty: dict[str, torch.Tensor] = {}
 
-    def update(self, param: nn.Parameter) -> torch.Tensor:
-        key = id(param)
+    def update(self, key: str, param: nn.Parameter) -> torch.Tensor:
         s = (param * param.grad).abs() if param.grad is not None else torch.zeros_like(param)
         mean = self.mean.get(key, torch.zeros_like(s))
         mean = self.beta1 * mean + (1 - self.beta1) * s
@@ -151,28 +157,29 @@ class LoRA2(AdapterMethod):
                 f"{total_steps} optimizer steps; lower them or train longer"
             )
 
-    def importance(self, adapter: "LoRA2Adapter") -> torch.Tensor:
-        u = self.sensitivity.update(adapter.lora2_u)  # k x r
-        lam = self.sensitivity.update(adapter.lora2_lambda)  # r
-        big_u = self.sensitivity.update(adapter.lora2_U)  # r x k
+    def importance(self, path: str, adapter: "LoRA2Adapter") -> torch.Tensor:
+        u = self.sensitivity.update(f"{path}.u", adapter.lora2_u)  # k x r
+        lam = self.sensitivity.update(f"{path}.lambda", adapter.lora2_lambda)  # r
+        big_u = self.sensitivity.update(f"{path}.U", adapter.lora2_U)  # r x k
         return lam + u.mean(dim=0) + big_u.mean(dim=1)
 
-    def after_optimizer_step(self, step, adapters):
+    def after_optimizer_step(self, step, adapters, optimizer=None):
         if not self.prunes:
             return None
         if self.total_steps is None:
             raise RuntimeError("LoRA2 pruning needs on_train_begin(total_steps) before the first step")
-        modules = [a for a in leaf_adapters(adapters) if isinstance(a, LoRA2Adapter)]
+        items = [(path, a) for path, a in leaf_items(adapters) if isinstance(a, LoRA2Adapter)]
+        modules = [a for _, a in items]
         p = self.params
         with torch.no_grad():
-            scores = [self.importance(m) for m in modules]
+            scores = [self.importance(path, m) for path, m in items]
             plan = cubic_budget(step, self.total_steps, p["r"] * len(modules), p["target_rank"] * len(modules),
                                 p["t_init"], p["t_final"], p["mask_interval"])
             if plan.mask_now:
                 flat = torch.cat(scores)
                 keep = torch.zeros_like(flat)
                 keep[torch.topk(flat, plan.budget).indices] = 1.0
-                check_same_across_processes(keep, step)
+                check_same_across_processes(keep, "lora2 pruning", step)
                 for module, mask in zip(modules, keep.split(p["r"])):
                     module.rank_mask.copy_(mask)
                 self._active = plan.budget  # exactly `budget` ranks are kept
@@ -180,6 +187,15 @@ class LoRA2(AdapterMethod):
                 self._active = int(torch.stack([m.rank_mask.sum() for m in modules]).sum().item())
         # One host sync at most when the mask changes, never per module per step.
         return {"rank_budget": plan.budget, "active_ranks": self._active}
+
+    def state_dict(self) -> dict:
+        return {"mean": dict(self.sensitivity.mean), "uncertainty": dict(self.sensitivity.uncertainty),
+                "active": self._active}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sensitivity.mean = dict(state.get("mean", {}))
+        self.sensitivity.uncertainty = dict(state.get("uncertainty", {}))
+        self._active = state.get("active")
 
     def checkpoint_eligible(self, step: int) -> bool:
         return not self.prunes or step >= self.total_steps - self.params["t_final"]

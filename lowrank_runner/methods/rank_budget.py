@@ -10,6 +10,7 @@ the mask stays fixed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -31,3 +32,54 @@ def cubic_budget(step: int, total_steps: int, initial: int, target: int, t_init:
     remaining = 1 - (step - t_init) / span
     budget = int((initial - target) * remaining**3 + target)
     return BudgetStep(budget, step % interval == 0 or step == decay_end, False)
+
+
+# TriAdaptLoRA (seed 002, §III-D): the rank budget is spent by growth. R⁰ = r_ref·M;
+# R(1) = R⁰ − r·M; R(t) = R(t−1) − Δr·k(t−1) (eq. 12), t counting growth evaluations.
+GROWTH_MODES = ("linear", "nonlinear", "fixed_k")
+
+
+def growth_count(mode: str, remaining: int, step: int, t_init: int, total_steps: int, fixed_k: int = 1) -> int:
+    """k(t), how many modules grow at optimizer step ``step``: eq. 13 (linear,
+    ``⌈R(t)·α(t)⌉``), eq. 14 (non-linear, ``⌈exp(α(t)·log R(t))⌉``) with
+    ``α(t) = (t − t0)/(T − t0)``, or a constant (fixed-k); at least 1 (§III-D)."""
+    if remaining <= 0:
+        return 0
+    alpha = (step - t_init) / (total_steps - t_init)
+    if mode == "linear":
+        k = math.ceil(remaining * alpha)
+    elif mode == "nonlinear":
+        k = math.ceil(math.exp(alpha * math.log(remaining)))
+    elif mode == "fixed_k":
+        k = fixed_k
+    else:
+        raise ValueError(f"unknown growth mode {mode!r} (expected one of {', '.join(GROWTH_MODES)})")
+    return max(k, 1)
+
+
+def growth_plan(scores: list[float], ranks: list[int], capacity: int, k: int, grow_by: int, remaining: int,
+                exhaust: bool = False) -> list[int]:
+    """Rank increments per module: the ``k`` highest-scoring modules with room left grow by
+    ``grow_by`` (ties: module order), never beyond ``capacity`` nor the ``remaining``
+    budget. ``exhaust`` (the last evaluation of the run) keeps going round the modules in
+    score order until the budget is spent or every module is full."""
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    increments = [0] * len(scores)
+    chosen = 0
+    while remaining > 0:
+        progressed = False
+        for i in order:
+            room = capacity - ranks[i] - increments[i]
+            if room <= 0 or remaining <= 0:
+                continue
+            if not exhaust and (chosen >= k or increments[i]):
+                break
+            step = min(grow_by, room, remaining)
+            if increments[i] == 0:
+                chosen += 1
+            increments[i] += step
+            remaining -= step
+            progressed = True
+        if not exhaust or not progressed:
+            break
+    return increments

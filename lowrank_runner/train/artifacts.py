@@ -9,6 +9,8 @@
       report.json           reproducibility report (environment, counts, timings)
       rank_pattern.json     final active rank per module (dynamic-rank methods only)
       rank_heatmap.png      the same as a layers x target-symbols heatmap
+      checkpoints/step-N/   resumable training state while the run is unfinished
+                            (train/checkpoint.py); removed when the run completes
       adapter/
         adapter_config.json method, parameters, target module paths, backbone, task head
         adapter.safetensors adapter weights (best checkpoint)
@@ -69,14 +71,22 @@ def load_adapter(directory: Path) -> tuple[dict, dict, dict]:
 
 
 class MetricsLog:
-    """Append-only ``metrics.jsonl`` (flushed per line so a crash loses nothing)."""
+    """Append-only ``metrics.jsonl`` (flushed per line so a crash loses nothing). A resumed
+    run keeps the first ``keep_lines`` lines (those written up to its checkpoint) and drops
+    the rest, so no step is logged twice."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, keep_lines: int = 0):
+        kept = path.read_text(encoding="utf-8").splitlines(keepends=True)[:keep_lines] if path.is_file() else []
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(path)
+        self.lines = len(kept)
         self._f = path.open("a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
         self._f.write(json.dumps(record, default=float) + "\n")
         self._f.flush()
+        self.lines += 1
 
     def close(self) -> None:
         self._f.close()

@@ -8,6 +8,7 @@ the task loss and calls ``method.after_optimizer_step`` right after every optimi
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +18,13 @@ import torch
 from lowrank_runner.backbones import load_tokenizer
 from lowrank_runner.backbones import resolve as resolve_backbone
 from lowrank_runner.inspect import PlanError, check_schedule
-from lowrank_runner.methods.inject import adapter_state_dict, count_adapter_params
-from lowrank_runner.modeling import AdaptedModel, build_adapted_model
+from lowrank_runner.methods.inject import adapter_state_dict, is_adapter_param
+from lowrank_runner.modeling import AdaptedModel, build_adapted_model, parameter_counts
 from lowrank_runner.recipe.load import Recipe, RunSpec
 from lowrank_runner.report import environment
 from lowrank_runner.tasks.base import Task, build_task
 from lowrank_runner.train import artifacts as art
+from lowrank_runner.train.checkpoint import CHECKPOINTS_DIR, Checkpoint, restore_checkpoint, save_checkpoint
 from lowrank_runner.train.progress import TrainingProgress
 from lowrank_runner.train.schedule import plan_steps
 
@@ -31,6 +33,7 @@ from lowrank_runner.train.schedule import plan_steps
 class RunResult:
     run_dir: Path
     best: dict
+    stopped_at: int | None = None  # set when --stop-after-step ended the run early (resumable)
 
 
 def has_accelerator_device() -> bool:
@@ -70,7 +73,7 @@ def _dataloaders(tokenized, tokenizer, training: dict, seed: int, mixed_precisio
                        generator=generator, num_workers=workers)
     evaluation = DataLoader(tokenized["validation"], batch_size=training["eval_batch_size"] or 2 * training["batch_size"],
                             shuffle=False, collate_fn=collator, num_workers=workers)
-    return train, evaluation
+    return train, evaluation, generator
 
 
 def evaluate(model, dataloader, task: Task, accelerator) -> dict[str, float]:
@@ -92,9 +95,10 @@ def evaluate(model, dataloader, task: Task, accelerator) -> dict[str, float]:
     return metrics
 
 
-def _trainable_state(model, adapted: AdaptedModel) -> tuple[dict, dict]:
+def _trainable_state(model, adapted: AdaptedModel, compact: bool = True) -> tuple[dict, dict]:
+    """Adapter (at its active ranks unless ``compact=False``) and head tensors, on the CPU."""
     state = model.state_dict()
-    adapter = {k: v.detach().to("cpu", copy=True) for k, v in adapter_state_dict(model).items()}
+    adapter = {k: v.detach().to("cpu", copy=True) for k, v in adapter_state_dict(model, compact).items()}
     head = {k: state[k].detach().to("cpu", copy=True) for k in adapted.head_names}
     return adapter, head
 
@@ -118,7 +122,17 @@ def adapter_config(adapted: AdaptedModel, run: RunSpec, recipe: Recipe, task: Ta
     }
 
 
-def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str]) -> RunResult:
+def _split_best(tensors: dict | None) -> tuple[dict, dict] | None:
+    if tensors is None:
+        return None
+    adapter = {k: v for k, v in tensors.items() if is_adapter_param(k)}
+    return adapter, {k: v for k, v in tensors.items() if k not in adapter}
+
+
+def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resume: Checkpoint | None = None,
+              stop_after: int | None = None) -> RunResult:
+    """Train one run into ``run_dir``; ``resume`` continues from a checkpoint of it, and
+    ``stop_after`` ends the run with a checkpoint after that optimizer step."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_scheduler
@@ -144,7 +158,7 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str]) -> R
     plan = plan_steps(len(tokenized["train"]), training, accelerator.num_processes)
     check_schedule(plan, f"{recipe.source} [{run.task}, seed {run.seed}]")
 
-    train_dl, eval_dl = _dataloaders(tokenized, tokenizer, training, run.seed, mixed)
+    train_dl, eval_dl, data_generator = _dataloaders(tokenized, tokenizer, training, run.seed, mixed)
     optimizer = _optimizer(model, training)
     scheduler = get_scheduler(training["lr_scheduler"], optimizer, plan.warmup_steps, plan.total_steps)
     model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
@@ -155,22 +169,63 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str]) -> R
         raise PlanError(f"{recipe.source} [{run.task}, seed {run.seed}]: method: {exc}") from None
     params = [p for p in model.parameters() if p.requires_grad]
 
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        art.write_recipe(run_dir / art.RECIPE_FILE, cfg, recipe.hash, run.config_hash, recipe.source)
-    log = art.MetricsLog(run_dir / art.METRICS_LOG) if main else None
     higher = task.greater_is_better
     best = {"step": None, "metric": task.metric, "value": None, "eval": None}
     best_state: tuple[dict, dict] | None = None
     last_eval: dict | None = None
-    step, window_loss, window_n, epoch = 0, torch.zeros((), device=accelerator.device), 0, 0.0
+    step, window_loss, window_n = 0, torch.zeros((), device=accelerator.device), 0
+    epoch_index, skip_batches, epoch_generator = 0, 0, None
+    log_lines = 0
+    if resume is not None:
+        if resume.state["config_hash"] != run.config_hash:
+            raise PlanError(
+                f"{resume.path}: written by a different recipe (config hash {resume.state['config_hash']}, "
+                f"now {run.config_hash}); resume with the recipe and --set overrides the run started with"
+            )
+        try:
+            best_tensors, epoch_generator = restore_checkpoint(resume, accelerator, model, optimizer, scheduler, method)
+        except ValueError as exc:
+            raise PlanError(str(exc)) from None
+        best_state = _split_best(best_tensors)
+        st = resume.state
+        step, epoch_index, skip_batches = st["step"], st["epoch_index"], st["batches_in_epoch"]
+        best, last_eval, window_n, log_lines = st["best"], st["last_eval"], st["window_n"], st["log_lines"]
+        window_loss.fill_(st["window_loss"])
+
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        art.write_recipe(run_dir / art.RECIPE_FILE, cfg, recipe.hash, run.config_hash, recipe.source)
+    log = art.MetricsLog(run_dir / art.METRICS_LOG, keep_lines=log_lines) if main else None
     eval_every = training["eval_every"] or plan.steps_per_epoch
+    checkpoint_every = training["checkpoint_every"] or eval_every
     progress = TrainingProgress(plan.total_steps, enabled=main, metric=task.metric)
+    stopped_at = None
+
+    def checkpoint(batches_in_epoch: int) -> None:
+        unwrapped = accelerator.unwrap_model(model)
+        trainable = _trainable_state(unwrapped, adapted, compact=False) if main else ({}, {})
+        save_checkpoint(
+            run_dir, accelerator, keep=training["checkpoints_kept"], optimizer=optimizer, scheduler=scheduler,
+            method=method, data_generator=epoch_generator,
+            trainable={**trainable[0], **trainable[1]},
+            best={**best_state[0], **best_state[1]} if best_state else None,
+            state={"step": step, "epoch_index": epoch_index, "batches_in_epoch": batches_in_epoch,
+                   "window_loss": float(window_loss), "window_n": window_n, "best": best, "last_eval": last_eval,
+                   "log_lines": log.lines if log else 0, "config_hash": run.config_hash,
+                   "total_steps": plan.total_steps},
+        )
 
     model.train()
     with progress:
-        while step < plan.total_steps:
-            for batch in train_dl:
+        progress.start_at(step)
+        while step < plan.total_steps and stopped_at is None:
+            if skip_batches and epoch_generator is not None:
+                data_generator.set_state(epoch_generator)  # replay the interrupted epoch's order
+            else:
+                epoch_generator = data_generator.get_state()
+            for batch_index, batch in enumerate(train_dl):
+                if batch_index < skip_batches:
+                    continue
                 with accelerator.accumulate(model):
                     out = model(**batch)
                     loss = out.loss
@@ -186,7 +241,7 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str]) -> R
                     optimizer.step()
                     scheduler.step()
                     step += 1
-                    hook_logs = method.after_optimizer_step(step, adapters) or {}
+                    hook_logs = method.after_optimizer_step(step, adapters, optimizer) or {}
                     optimizer.zero_grad(set_to_none=True)
                 epoch = step / plan.steps_per_epoch
                 if step % training["log_every"] == 0 or step == plan.total_steps:
@@ -214,13 +269,23 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str]) -> R
                     progress.update_eval(step, last_eval, task.metric, improved)
                 if step >= plan.total_steps:
                     break
+                if step % checkpoint_every == 0 or step == stop_after:
+                    checkpoint(batch_index + 1)
+                if step == stop_after:
+                    stopped_at = step
+                    break
             else:
+                epoch_index += 1
+                skip_batches = 0
                 continue
             break
 
     if log:
         log.close()
     accelerator.wait_for_everyone()
+    if stopped_at is not None:
+        accelerator.end_training()
+        return RunResult(run_dir, best, stopped_at=stopped_at)
     unwrapped = accelerator.unwrap_model(model)
     if main:
         adapter_state, head_state = best_state or _trainable_state(unwrapped, adapted)
@@ -246,8 +311,7 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str]) -> R
             "backbone": adapted.backbone.describe(),
             "method": cfg["method"],
             "modules": len(adapted.targets),
-            "adapter_params": count_adapter_params(unwrapped),
-            "trainable_params": sum(all_params[n].numel() for n in adapted.trainable_names),
+            **parameter_counts(unwrapped, adapted),
             "total_params": sum(p.numel() for p in all_params.values()),
             "train_examples": len(tokenized["train"]),
             "eval_examples": len(tokenized["validation"]),
@@ -259,6 +323,7 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str]) -> R
             "peak_memory": _peak_memory(),
             "environment": environment(accelerator),
         })
+        shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)  # complete: nothing left to resume
     accelerator.end_training()
     return RunResult(run_dir, best)
 

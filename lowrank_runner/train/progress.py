@@ -33,6 +33,10 @@ class TrainingProgress:
     def __exit__(self, *exc):
         return self._progress.__exit__(*exc)
 
+    def start_at(self, step: int) -> None:
+        """Show a resumed run's progress from where it continues."""
+        self._progress.update(self._task, completed=step)
+
     def update_train(self, step: int, loss: float, lr: float) -> None:
         self._progress.update(self._task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}")
 

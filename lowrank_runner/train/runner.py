@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from lowrank_runner.errors import LrrError
+from lowrank_runner.errors import LrrError, UsageError
 from lowrank_runner.outputs import require_free
 from lowrank_runner.quiet import quiet_libraries
 from lowrank_runner.recipe.load import Recipe
@@ -27,31 +27,57 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def run_dirs(recipe: Recipe, output: Path | None) -> tuple[Path, dict[int, Path]]:
-    if output is None:
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        output = Path(recipe.resolved["output"]["dir"]) / recipe.name / stamp
-    if is_main_process():  # the other ranks would race with rank 0 creating the directory
-        require_free(output, "--output")
+def run_dirs(recipe: Recipe, output: Path | None, resume: bool = False) -> tuple[Path, dict[int, Path]]:
+    if resume:
+        if output is None:
+            raise UsageError("--resume continues the runs in an existing run directory: give it with --output RUN_DIR")
+        if not output.is_dir():
+            raise UsageError(f"--output {output}: no such run directory to resume")
+    else:
+        if output is None:
+            stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+            output = Path(recipe.resolved["output"]["dir"]) / recipe.name / stamp
+        if is_main_process():  # the other ranks would race with rank 0 creating the directory
+            require_free(output, "--output")
     if len(recipe.runs) == 1:
         return output, {recipe.runs[0].index: output}
     return output, {run.index: output / run.slug for run in recipe.runs}
 
 
-def run_recipe(recipe: Recipe, output: Path | None, argv: list[str]) -> list[str]:
-    """Train every run; returns the slugs of runs that failed."""
+def _completed(run_dir: Path) -> dict | None:
+    report, metrics = run_dir / art.REPORT_FILE, run_dir / art.METRICS_FILE
+    if report.is_file() and metrics.is_file() and json.loads(report.read_text()).get("status") == "completed":
+        return json.loads(metrics.read_text())
+    return None
+
+
+def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: bool = False,
+               stop_after: int | None = None) -> list[str]:
+    """Train every run; returns the slugs of runs that failed. ``resume`` continues the
+    runs of an existing run directory (completed runs are kept, interrupted ones continue
+    from their latest checkpoint); ``stop_after`` ends each run after that optimizer step
+    with a checkpoint."""
     quiet_libraries()
+    from lowrank_runner.train.checkpoint import latest_checkpoint
     from lowrank_runner.train.loop import train_run
 
-    root, dirs = run_dirs(recipe, output)
+    root, dirs = run_dirs(recipe, output, resume)
     failures, summary = [], []
     if not is_main_process():
         console.quiet = True
     for run in recipe.runs:
         run_dir = dirs[run.index]
         console.rule(f"[bold]{recipe.name}[/bold] · {run.task} · seed {run.seed} → {run_dir}")
+        done = _completed(run_dir) if resume else None
+        if done is not None:
+            console.print(f"already completed: {run.slug} · {run_dir}")
+            summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "completed", "best": done["best"]})
+            continue
+        checkpoint = latest_checkpoint(run_dir) if resume else None
+        if checkpoint is not None:
+            console.print(f"resuming {run.slug} from {checkpoint.path} (step {checkpoint.step})")
         try:
-            result = train_run(recipe, run, run_dir, argv)
+            result = train_run(recipe, run, run_dir, argv, resume=checkpoint, stop_after=stop_after)
         except LrrError as exc:
             failures.append(run.slug)
             console.print(f"[red]run {run.slug} failed:[/red] {exc}")
@@ -69,6 +95,12 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str]) -> list[str
                 raise
             continue
         best = result.best
+        if result.stopped_at is not None:
+            console.print(f"[yellow]stopped[/yellow] {run.slug} after step {result.stopped_at} with a checkpoint; "
+                          f"continue with: lrr run {recipe.source} --output {root} --resume")
+            summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "stopped",
+                            "step": result.stopped_at})
+            continue
         console.print(f"[bold green]done[/bold green] {run.slug}: best {best['metric']} {best['value']:.4f} at step {best['step']} · {run_dir}")
         summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "completed", "best": best})
     if len(recipe.runs) > 1 and is_main_process():

@@ -1,0 +1,78 @@
+"""Checkpoints and ``lrr run --resume``: an interrupted run, continued, ends exactly where
+an uninterrupted one does (deterministic CPU settings), rank allocators included."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from lowrank_runner.cli import app
+
+METHODS = {
+    "triadaptlora": "method={name: triadaptlora, r: 1, r_ref: 3, grow_by: 1, t_init: 2, grow_interval: 2, alpha: 8}",
+    "lora2": "method={name: lora2, r: 4, k: 2, alpha: 8, target_rank: 1, t_init: 2, t_final: 4, mask_interval: 2}",
+}
+COMMON = ["training.epochs=3", "training.log_every=1", "training.eval_every=3", "training.checkpoint_every=2",
+          "task.max_length=16"]
+
+
+def lrr(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result
+
+
+def run_args(recipe, out, method):
+    args = ["run", recipe, "--output", out, "--set", METHODS[method]]
+    for s in COMMON:
+        args += ["--set", s]
+    return args
+
+
+def run_outputs(out):
+    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    return (lines, json.loads((out / "rank_pattern.json").read_text()), json.loads((out / "metrics.json").read_text()),
+            load_file(str(out / "adapter" / "adapter.safetensors")))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path, tiny_recipe, method):
+    recipe = tiny_recipe()
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert lrr(*run_args(recipe, whole, method)).exit_code == 0
+    stopped = lrr(*run_args(recipe, parts, method), "--stop-after-step", 5)
+    assert stopped.exit_code == 0, stopped.output
+    assert "stopped" in stopped.output and "--resume" in stopped.output
+    assert not (parts / "adapter").exists() and (parts / "checkpoints" / "step-000005").is_dir()
+    assert [p.name for p in (parts / "checkpoints").iterdir()] == ["step-000005"]  # checkpoints_kept: 1
+    resumed = lrr(*run_args(recipe, parts, method), "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming" in resumed.output
+    a_lines, a_pattern, a_metrics, a_adapter = run_outputs(whole)
+    b_lines, b_pattern, b_metrics, b_adapter = run_outputs(parts)
+    assert b_lines == a_lines  # every logged loss, lr, budget, rank total and eval, bit for bit
+    assert b_pattern == a_pattern and b_metrics == a_metrics
+    assert a_adapter.keys() == b_adapter.keys() and all(torch.equal(a_adapter[k], b_adapter[k]) for k in a_adapter)
+
+
+def test_resume_refuses_a_changed_recipe_and_needs_a_run_directory(tmp_path, tiny_recipe):
+    recipe = tiny_recipe()
+    out = tmp_path / "run"
+    assert lrr(*run_args(recipe, out, "lora2"), "--stop-after-step", 2).exit_code == 0
+    changed = lrr(*run_args(recipe, out, "lora2"), "--set", "training.learning_rate=5e-3", "--resume")
+    assert changed.exit_code != 0 and "different recipe" in changed.output
+    missing = lrr("run", recipe, "--resume")
+    assert missing.exit_code == 2 and "--output RUN_DIR" in missing.output
+
+
+def test_an_unfinished_checkpoint_is_ignored_and_a_completed_run_is_kept(tmp_path, tiny_recipe):
+    recipe = tiny_recipe()
+    out = tmp_path / "run"
+    assert lrr(*run_args(recipe, out, "lora2"), "--stop-after-step", 4).exit_code == 0
+    (out / "checkpoints" / "step-000006.tmp").mkdir()  # a write cut short by a kill
+    (out / "checkpoints" / "step-000006.tmp" / "state.json").write_text("{")
+    resumed = lrr(*run_args(recipe, out, "lora2"), "--resume")
+    assert resumed.exit_code == 0 and "step 4" in resumed.output, resumed.output
+    again = lrr(*run_args(recipe, out, "lora2"), "--resume")
+    assert again.exit_code == 0 and "already completed" in again.output
