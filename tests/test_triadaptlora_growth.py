@@ -195,11 +195,13 @@ def test_impossible_settings_are_user_errors():
     assert fixed.capacity == 3 and fixed.after_optimizer_step(1, {}) is None
 
 
-def test_growth_in_a_real_run_is_visible_and_exports(tmp_path, tiny_recipe):
+@pytest.mark.parametrize("mode", ["linear", "nonlinear", "fixed_k"])
+def test_growth_in_a_real_run_is_visible_and_exports(tmp_path, tiny_recipe, mode):
     recipe = tiny_recipe()
     out = tmp_path / "run"
     args = ["run", str(recipe), "--output", str(out),
-            "--set", "method={name: triadaptlora, r: 1, r_ref: 3, grow_by: 1, t_init: 2, grow_interval: 2, alpha: 8}",
+            "--set", "method={name: triadaptlora, r: 1, r_ref: 3, grow_by: 1, t_init: 2, grow_interval: 2, alpha: 8, "
+                     f"growth: {mode}, fixed_k: 1}}",
             "--set", "training.epochs=3", "--set", "training.log_every=1", "--set", "training.eval_every=3"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
