@@ -192,6 +192,12 @@ def _task_problems(doc: Document, task) -> list[Problem]:
                                    key=True))
             elif isinstance(data[split], str):
                 out += _path_problems(doc, ("task", "data", split), data[split], want_dir=False)
+    else:
+        if "data" in task:
+            out.append(problem(doc, ("task", "data"), f"task '{name}' does not read task.data: it loads from the hub "
+                               "(task.dataset) or from raw files in task.data_dir; remove task.data", key=True))
+        if isinstance(task.get("data_dir"), str):
+            out += _path_problems(doc, ("task", "data_dir"), task["data_dir"], want_dir=True)
     return out
 
 

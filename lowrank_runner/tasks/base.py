@@ -30,6 +30,11 @@ class Task:
     def tokenize(self, splits, tokenizer):  # -> DatasetDict of model inputs + "labels"
         raise NotImplementedError
 
+    def eval_splits(self) -> dict[str, str]:
+        """Evaluation splits and the suffix of their metric names ("validation" first,
+        unsuffixed; MNLI adds its mismatched dev set as ``*_mm``)."""
+        return {"validation": ""}
+
     # ---- model head
     def model_config_kwargs(self) -> dict[str, Any]:
         return {}

@@ -25,3 +25,10 @@ def regression_metrics(predictions: np.ndarray, labels: np.ndarray) -> dict[str,
         "spearman": 0.0 if constant else float(spearmanr(predictions, labels)[0]),
         "mse": float(np.mean((predictions - labels) ** 2)),
     }
+
+
+def binary_f1(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """F1 of the positive class (label 1), as GLUE scores MRPC and QQP."""
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(labels, predictions, pos_label=1, average="binary", zero_division=0))

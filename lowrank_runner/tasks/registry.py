@@ -44,6 +44,26 @@ TASKS: dict[str, TaskSpec] = {
     )
 }
 
+_GLUE = {
+    "cola": ("CoLA: grammatical acceptability", ("matthews_correlation", "accuracy")),
+    "sst2": ("SST-2: sentiment", ("accuracy",)),
+    "mrpc": ("MRPC: paraphrase", ("accuracy", "f1")),
+    "qqp": ("QQP: duplicate questions", ("accuracy", "f1")),
+    "stsb": ("STS-B: semantic similarity (regression, 0-5)", ("pearson", "spearman")),
+    "mnli": ("MNLI: entailment, matched and mismatched dev sets", ("accuracy", "accuracy_mm")),
+    "qnli": ("QNLI: question answering as entailment", ("accuracy",)),
+    "rte": ("RTE: entailment", ("accuracy",)),
+}
+for _name, (_what, _metrics) in _GLUE.items():
+    TASKS[_name] = TaskSpec(
+        name=_name,
+        description=f"GLUE {_what}; from the hub (task.dataset) or raw GLUE files (task.data_dir).",
+        implementation="lowrank_runner.tasks.glue:Glue",
+        metrics=_metrics,
+        primary_metric=_metrics[0],
+        needs_local_data=False,
+    )
+
 
 def get_task_spec(name: str) -> TaskSpec:
     try:

@@ -62,7 +62,7 @@ def _optimizer(model, training: dict) -> torch.optim.Optimizer:
     )
 
 
-def _dataloaders(tokenized, tokenizer, training: dict, seed: int, mixed_precision: str):
+def _dataloaders(tokenized, tokenizer, training: dict, seed: int, mixed_precision: str, eval_splits):
     from torch.utils.data import DataLoader
     from transformers import DataCollatorWithPadding
 
@@ -71,8 +71,9 @@ def _dataloaders(tokenized, tokenizer, training: dict, seed: int, mixed_precisio
     workers = training["dataloader_workers"]
     train = DataLoader(tokenized["train"], batch_size=training["batch_size"], shuffle=True, collate_fn=collator,
                        generator=generator, num_workers=workers)
-    evaluation = DataLoader(tokenized["validation"], batch_size=training["eval_batch_size"] or 2 * training["batch_size"],
-                            shuffle=False, collate_fn=collator, num_workers=workers)
+    evaluation = {split: DataLoader(tokenized[split], batch_size=training["eval_batch_size"] or 2 * training["batch_size"],
+                                    shuffle=False, collate_fn=collator, num_workers=workers)
+                  for split in eval_splits}
     return train, evaluation, generator
 
 
@@ -93,6 +94,14 @@ def evaluate(model, dataloader, task: Task, accelerator) -> dict[str, float]:
     metrics = task.compute_metrics(task.predictions(logits), labels)
     metrics["loss"] = loss_sum / max(n, 1)
     return metrics
+
+
+def evaluate_all(model, dataloaders: dict, task: Task, accelerator) -> dict[str, float]:
+    """Every evaluation split, metric names suffixed per :meth:`Task.eval_splits`."""
+    out = {}
+    for split, suffix in task.eval_splits().items():
+        out.update({f"{k}{suffix}": v for k, v in evaluate(model, dataloaders[split], task, accelerator).items()})
+    return out
 
 
 def _trainable_state(model, adapted: AdaptedModel, compact: bool = True) -> tuple[dict, dict]:
@@ -158,10 +167,12 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resu
     plan = plan_steps(len(tokenized["train"]), training, accelerator.num_processes)
     check_schedule(plan, f"{recipe.source} [{run.task}, seed {run.seed}]")
 
-    train_dl, eval_dl, data_generator = _dataloaders(tokenized, tokenizer, training, run.seed, mixed)
+    train_dl, eval_dls, data_generator = _dataloaders(tokenized, tokenizer, training, run.seed, mixed,
+                                                      task.eval_splits())
     optimizer = _optimizer(model, training)
     scheduler = get_scheduler(training["lr_scheduler"], optimizer, plan.warmup_steps, plan.total_steps)
-    model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
+    model, optimizer, train_dl, *prepared = accelerator.prepare(model, optimizer, train_dl, *eval_dls.values())
+    eval_dls = dict(zip(eval_dls, prepared))
     method, adapters = adapted.method, adapted.injection.adapters
     try:
         method.on_train_begin(plan.total_steps)
@@ -256,7 +267,7 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resu
                         log.write(record)
                     progress.update_train(step, mean_loss, record["lr"])
                 if step % eval_every == 0 or step == plan.total_steps:
-                    last_eval = evaluate(model, eval_dl, task, accelerator)
+                    last_eval = evaluate_all(model, eval_dls, task, accelerator)
                     value = last_eval[task.metric]
                     improved = method.checkpoint_eligible(step) and (
                         best["value"] is None or (value > best["value"] if higher else value < best["value"])

@@ -1,0 +1,211 @@
+"""The eight GLUE tasks with their official metrics, from the hub or from raw GLUE files.
+
+Data comes from ``datasets.load_dataset(task.dataset, CONFIG)`` (default ``nyu-mll/glue``)
+or, with ``task.data_dir``, from a directory of raw GLUE TSV files laid out as the GLUE
+download gives them (``CoLA/train.tsv``, ``CoLA/dev.tsv``, ..., ``MNLI/dev_matched.tsv``,
+``MNLI/dev_mismatched.tsv``). Raw files are mapped to the hub's features (column names,
+label ids), so one task definition serves both. Raw files vary (with or without a header
+row, columns in other orders, string or integer labels): columns are found by header
+name when there is a header and by the official GLUE position otherwise.
+
+Metrics (GLUE's official ones): CoLA Matthews correlation; SST-2, QNLI, RTE accuracy;
+MRPC and QQP accuracy and F1 (of the positive class); STS-B Pearson and Spearman
+(regression head); MNLI accuracy on the matched and mismatched dev sets.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from lowrank_runner.errors import DataError
+from lowrank_runner.tasks.base import Task
+from lowrank_runner.tasks.metrics import binary_f1, classification_metrics, regression_metrics
+
+
+@dataclass(frozen=True)
+class GlueSpec:
+    folder: str  # directory name in the GLUE download
+    texts: tuple[str, ...]  # hub feature names of the input text(s)
+    labels: tuple[str, ...] | None  # class names in hub id order; None: regression
+    headers: dict  # feature -> header names that hold it in raw files
+    positions: dict  # feature -> column index in raw files without a header row
+    eval_files: dict  # our split name -> raw file name
+
+
+_CLS = ("label",)
+SPECS = {
+    "cola": GlueSpec("CoLA", ("sentence",), ("unacceptable", "acceptable"),
+                     {"sentence": ("sentence",), "label": _CLS}, {"sentence": 3, "label": 1},
+                     {"validation": "dev.tsv"}),
+    "sst2": GlueSpec("SST-2", ("sentence",), ("negative", "positive"),
+                     {"sentence": ("sentence", "content"), "label": _CLS}, {"sentence": 0, "label": 1},
+                     {"validation": "dev.tsv"}),
+    "mrpc": GlueSpec("MRPC", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"),
+                     {"sentence1": ("#1 String", "sentence1"), "sentence2": ("#2 String", "sentence2"),
+                      "label": ("Quality", "label")},
+                     {"sentence1": 3, "sentence2": 4, "label": 0}, {"validation": "dev.tsv"}),
+    "qqp": GlueSpec("QQP", ("question1", "question2"), ("not_duplicate", "duplicate"),
+                    {"question1": ("question1",), "question2": ("question2",), "label": ("is_duplicate", "label")},
+                    {"question1": 3, "question2": 4, "label": 5}, {"validation": "dev.tsv"}),
+    "stsb": GlueSpec("STS-B", ("sentence1", "sentence2"), None,
+                     {"sentence1": ("sentence1",), "sentence2": ("sentence2",), "label": ("score", "label")},
+                     {"sentence1": 7, "sentence2": 8, "label": 9}, {"validation": "dev.tsv"}),
+    "mnli": GlueSpec("MNLI", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"),
+                     {"premise": ("sentence1", "premise"), "hypothesis": ("sentence2", "hypothesis"),
+                      "label": ("gold_label", "label")},
+                     {"premise": 8, "hypothesis": 9, "label": -1},
+                     {"validation": "dev_matched.tsv", "validation_mismatched": "dev_mismatched.tsv"}),
+    "qnli": GlueSpec("QNLI", ("question", "sentence"), ("entailment", "not_entailment"),
+                     {"question": ("question",), "sentence": ("sentence",), "label": _CLS},
+                     {"question": 1, "sentence": 2, "label": 3}, {"validation": "dev.tsv"}),
+    "rte": GlueSpec("RTE", ("sentence1", "sentence2"), ("entailment", "not_entailment"),
+                    {"sentence1": ("sentence1",), "sentence2": ("sentence2",), "label": _CLS},
+                    {"sentence1": 1, "sentence2": 2, "label": 3}, {"validation": "dev.tsv"}),
+}
+HUB_SPLITS = {"mnli": {"validation": "validation_matched", "validation_mismatched": "validation_mismatched"}}
+
+
+def _label_id(value: str, spec: GlueSpec, where: str):
+    if spec.labels is None:
+        try:
+            return float(value)
+        except ValueError:
+            raise DataError(f"{where}: score {value!r} is not a number") from None
+    if value in spec.labels:
+        return spec.labels.index(value)
+    if value.strip().lstrip("-").isdigit() and 0 <= int(value) < len(spec.labels):
+        return int(value)
+    raise DataError(f"{where}: label {value!r} is not one of {', '.join(spec.labels)} (or 0-{len(spec.labels) - 1})")
+
+
+def read_raw_tsv(path: Path, spec: GlueSpec) -> dict[str, list]:
+    """One raw GLUE file as columns named like the hub's features."""
+    if not path.is_file():
+        raise DataError(f"{path}: GLUE file not found (task.data_dir should hold {spec.folder}/{path.name})")
+    csv.field_size_limit(sys.maxsize)
+    with path.open(encoding="utf-8", newline="") as f:
+        rows = [r for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if r]
+    if not rows:
+        raise DataError(f"{path}: empty file")
+    first = [c.strip() for c in rows[0]]
+    has_header = any(name in first for name in spec.headers["label"])
+    if has_header:
+        columns = {}
+        for feature, names in spec.headers.items():
+            found = next((first.index(n) for n in names if n in first), None)
+            if found is None:
+                raise DataError(f"{path}: header has no column for {feature} (looked for {', '.join(names)}; "
+                                f"header: {', '.join(first)})")
+            columns[feature] = found
+        rows = rows[1:]
+    else:
+        columns = spec.positions
+    out: dict[str, list] = {feature: [] for feature in spec.headers}
+    for n, row in enumerate(rows, start=2 if has_header else 1):
+        try:
+            values = {feature: row[i] for feature, i in columns.items()}
+        except IndexError:
+            raise DataError(f"{path}:{n}: {len(row)} columns, expected at least {max(columns.values()) + 1}") from None
+        for feature, value in values.items():
+            out[feature].append(_label_id(value, spec, f"{path}:{n}") if feature == "label" else value)
+    return out
+
+
+class Glue(Task):
+    """One GLUE task; ``self.spec.name`` is its lower-case name (``cola`` ... ``rte``)."""
+
+    @property
+    def glue(self) -> GlueSpec:
+        return SPECS[self.spec.name]
+
+    @property
+    def is_regression(self) -> bool:
+        return self.glue.labels is None
+
+    @property
+    def greater_is_better(self) -> bool:
+        return True
+
+    @cached_property
+    def raw(self):
+        import datasets
+
+        c, g = self.config, self.glue
+        if c.get("data_dir"):
+            root = Path(c["data_dir"]) / g.folder
+            if not root.is_dir():
+                raise DataError(f"task.data_dir: {root} does not exist (expected the GLUE download's {g.folder}/ folder)")
+            files = {"train": "train.tsv", **g.eval_files}
+            splits = {s: datasets.Dataset.from_dict(read_raw_tsv(root / f, g)) for s, f in files.items()}
+            splits = datasets.DatasetDict(splits)
+        else:
+            try:
+                hub = datasets.load_dataset(c["dataset"], self.spec.name)
+            except Exception as exc:  # offline, unknown id, ...
+                raise DataError(
+                    f"cannot load GLUE '{self.spec.name}' from '{c['dataset']}' ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}); without the hub, point task.data_dir at a "
+                    "directory of raw GLUE files"
+                ) from None
+            names = HUB_SPLITS.get(self.spec.name, {"validation": "validation"})
+            splits = datasets.DatasetDict({"train": hub["train"], **{ours: hub[theirs] for ours, theirs in names.items()}})
+            splits = splits.select_columns([*g.texts, "label"])
+        limits = {"train": c.get("max_train_samples")}
+        limits.update({s: c.get("max_eval_samples") for s in g.eval_files})
+        for split, limit in limits.items():
+            if limit and limit < len(splits[split]):
+                splits[split] = splits[split].select(range(limit))
+        return splits
+
+    def load_splits(self):
+        return self.raw
+
+    def count_train_examples(self) -> int:
+        return len(self.raw["train"])
+
+    def eval_splits(self) -> dict[str, str]:
+        return {"validation": "", **{s: "_mm" for s in self.glue.eval_files if s != "validation"}}
+
+    def tokenize(self, splits, tokenizer):
+        import datasets
+
+        texts, max_len = self.glue.texts, self.config["max_length"]
+
+        def encode(batch):
+            out = tokenizer(*(batch[t] for t in texts), truncation=True, max_length=max_len)
+            out["labels"] = [float(v) for v in batch["label"]] if self.is_regression else batch["label"]
+            return out
+
+        return datasets.DatasetDict({
+            split: ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenising {split}")
+            for split, ds in splits.items()
+        })
+
+    def model_config_kwargs(self):
+        if self.is_regression:
+            return {"num_labels": 1, "problem_type": "regression"}
+        names = list(self.glue.labels)
+        return {"num_labels": len(names), "id2label": dict(enumerate(names)),
+                "label2id": {n: i for i, n in enumerate(names)}, "problem_type": "single_label_classification"}
+
+    def predictions(self, logits):
+        logits = np.asarray(logits)
+        return logits.reshape(-1) if self.is_regression else logits.argmax(axis=-1)
+
+    def compute_metrics(self, predictions, labels):
+        if self.is_regression:
+            m = regression_metrics(predictions, labels)
+            return {"pearson": m["pearson"], "spearman": m["spearman"]}
+        m = classification_metrics(predictions, labels)
+        name = self.spec.name
+        if name == "cola":
+            return {"matthews_correlation": m["matthews_correlation"], "accuracy": m["accuracy"]}
+        if name in ("mrpc", "qqp"):
+            return {"accuracy": m["accuracy"], "f1": binary_f1(predictions, labels)}
+        return {"accuracy": m["accuracy"]}
