@@ -171,10 +171,12 @@ class LoRA2(AdapterMethod):
         items = [(path, a) for path, a in leaf_items(adapters) if isinstance(a, LoRA2Adapter)]
         modules = [a for _, a in items]
         p = self.params
+        plan = cubic_budget(step, self.total_steps, p["r"] * len(modules), p["target_rank"] * len(modules),
+                            p["t_init"], p["t_final"], p["mask_interval"])
+        if plan.final and not plan.mask_now:  # the mask is fixed: nothing left to score
+            return {"rank_budget": plan.budget, "active_ranks": self._active}
         with torch.no_grad():
             scores = [self.importance(path, m) for path, m in items]
-            plan = cubic_budget(step, self.total_steps, p["r"] * len(modules), p["target_rank"] * len(modules),
-                                p["t_init"], p["t_final"], p["mask_interval"])
             if plan.mask_now:
                 flat = torch.cat(scores)
                 keep = torch.zeros_like(flat)
