@@ -151,9 +151,15 @@ def test_multi_seed_run_writes_one_directory_per_run_and_a_summary(trained_run, 
     code, output = lrr("run", recipe, "--output", tmp_path / "multi", "--set", "training.seed=[1,2]",
                        "--set", "training.epochs=1", "--set", "training.eval_every=null")
     assert code == 0, output
-    assert sorted(p.name for p in (tmp_path / "multi").iterdir()) == ["classification-seed1", "classification-seed2", "summary.json"]
+    assert sorted(p.name for p in (tmp_path / "multi").iterdir()) == [
+        "classification-seed1", "classification-seed2", "results.csv", "results.md", "summary.json"]
     summary = json.loads((tmp_path / "multi" / "summary.json").read_text())
     assert [r["status"] for r in summary["runs"]] == ["completed", "completed"]
+    values = [100 * r["best"]["value"] for r in summary["runs"]]
+    mean = sum(values) / 2
+    table = (tmp_path / "multi" / "results.md").read_text()
+    assert "| method | classification (accuracy) | Avg. |" in table and f"{mean:.2f}±" in table
+    assert "mean ± std over seeds classification: [1, 2]" in table
     code, output = lrr("export", tmp_path / "multi", "--merge", "--out", tmp_path / "m")
     assert code == 2 and "classification-seed1" in output
 

@@ -17,6 +17,7 @@ from lowrank_runner.errors import LrrError, UsageError
 from lowrank_runner.outputs import require_free
 from lowrank_runner.quiet import quiet_libraries
 from lowrank_runner.recipe.load import Recipe
+from lowrank_runner.results import print_results, results_table, write_results
 from lowrank_runner.train import artifacts as art
 
 console = Console(stderr=True)
@@ -106,6 +107,10 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
     if len(recipe.runs) > 1 and is_main_process():
         root.mkdir(parents=True, exist_ok=True)
         art.write_json(root / "summary.json", {"recipe": recipe.name, "hash": recipe.hash, "runs": summary})
+        tasks = list(dict.fromkeys(run.task for run in recipe.runs))
+        table = results_table(summary, tasks, recipe.resolved.get("output", {}).get("aggregate", "mean"))
+        write_results(root, recipe.name, table)
+        print_results(console, recipe.name, table)
     return failures
 
 
