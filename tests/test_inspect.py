@@ -130,3 +130,66 @@ def test_inspect_reports_unknown_backbone_without_hanging(tmp_path):
     assert "backbone 'someorg/no-such-model' is not a local directory" in proc.stderr
     assert "--set backbone.name=models/no-such-model" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def inspect_recipe(recipe, *sets):
+    from typer.testing import CliRunner
+
+    from lowrank_runner.cli import app
+
+    args = ["inspect", str(REPO / "recipes" / recipe), "--json", "--set", "training.seed=0"]
+    for s in sets:
+        args += ["--set", s]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return {run["task"]: run for run in json.loads(result.stdout)["runs"]}
+
+
+GLUE_ORDER = ["mnli", "sst2", "cola", "qqp", "qnli", "rte", "mrpc", "stsb"]
+
+
+def test_lora2_recipe_matches_the_authors_settings(config_dirs):
+    runs = inspect_recipe("lora2_deberta_glue.yaml", f"backbone.name={config_dirs['deberta-v3-base']}")
+    assert list(runs) == GLUE_ORDER
+    assert runs["mnli"]["adapter_params"] == 167_616  # Table 4 "ALL", k = 1, r = 8
+    cola = runs["cola"]
+    assert (cola["method"]["r"], cola["method"]["target_rank"], cola["method"]["alpha"]) == (4, 3, 32)
+    assert (cola["training"]["learning_rate"], cola["training"]["epochs"], cola["training"]["batch_size"]) == (8e-4, 25, 32)
+    assert (cola["method"]["t_init"], cola["method"]["t_final"], cola["method"]["mask_interval"]) == (800, 3500, 10)
+    assert runs["stsb"]["training"]["weight_decay"] == 0.1 and runs["rte"]["method"]["orth_reg"] == 0.3
+    assert runs["mrpc"]["steps"] == 115 * 30  # ⌈3,668 / 32⌉ steps per epoch, 30 epochs: T from the plan
+
+
+def test_triadaptlora_recipes_match_table_v(config_dirs):
+    for recipe, mode in [("triadaptlora_deberta_glue.yaml", "linear"), ("triadaptlora_deberta_glue_nonlinear.yaml",
+                         "nonlinear"), ("triadaptlora_deberta_glue_fixed_k.yaml", "fixed_k")]:
+        runs = inspect_recipe(recipe, f"backbone.name={config_dirs['deberta-v3-base']}")
+        assert list(runs) == GLUE_ORDER and all(r["method"]["growth"] == mode for r in runs.values())
+    epochs = [7, 24, 25, 7, 5, 50, 30, 25]
+    lrs = [5e-4, 8e-4, 1e-3, 6e-4, 9e-4, 1.2e-3, 1e-3, 2.2e-3]
+    grow_by = [1, 4, 4, 4, 4, 4, 4, 4]
+    interval = [1000, 1000, 100, 1000, 500, 100, 100, 100]
+    alphas = [16, 16, 32, 16, 32, 32, 32, 32]
+    lengths = [256, 128, 64, 320, 512, 320, 320, 128]
+    for i, task in enumerate(GLUE_ORDER):
+        run = runs[task]
+        assert run["training"]["epochs"] == epochs[i] and run["training"]["learning_rate"] == lrs[i]
+        assert run["method"]["grow_by"] == grow_by[i] and run["method"]["alpha"] == alphas[i]
+        assert run["method"]["t_init"] == run["method"]["grow_interval"] == run["training"]["warmup_steps"] == interval[i]
+        assert (run["method"]["r"], run["method"]["r_ref"]) == (1, 8)
+    assert runs["mnli"]["adapter_params"] == 166_032  # rank 1 everywhere at the start
+
+
+def test_mtlora_condlora_and_lora_baselines_match_their_tables(config_dirs):
+    roberta = f"backbone.name={config_dirs['roberta-base']}"
+    for structure in ("", "_icfm", "_ctcm", "_dtsm"):
+        runs = inspect_recipe(f"mtlora_roberta_glue{structure}.yaml", roberta)
+        assert runs["cola"]["method"]["structure"] == (structure[1:] or "shim")
+        assert [runs[t]["training"]["batch_size"] for t in GLUE_ORDER] == [16, 16, 32, 16, 32, 32, 16, 16]
+        assert [runs[t]["training"]["epochs"] for t in GLUE_ORDER] == [30, 60, 80, 25, 25, 80, 30, 40]
+    condlora = inspect_recipe("condlora_roberta_glue.yaml", roberta)
+    assert condlora["rte"]["adapter_params"] == 24_576  # CondLoRA Table 4
+    assert condlora["cola"]["training"]["learning_rate"] == 6.026e-4 and condlora["qqp"]["training"]["epochs"] == 50
+    assert inspect_recipe("lora_roberta_glue.yaml", roberta)["rte"]["adapter_params"] == 294_912  # CondLoRA Table 4
+    lora = inspect_recipe("lora_deberta_glue.yaml", f"backbone.name={config_dirs['deberta-v3-base']}")
+    assert lora["sst2"]["adapter_params"] == 1_327_104  # LoRA2 Table 1, r = 8

@@ -30,7 +30,7 @@ def test_defaults_are_filled_from_the_schema(make_recipe):
     assert run.config["training"]["batch_size"] == 32
     assert run.config["training"]["learning_rate"] == 0.001
     assert run.config["task"]["max_length"] == 128
-    assert run.config["output"] == {"dir": "runs"}
+    assert run.config["output"] == {"dir": "runs", "aggregate": "mean"}
     assert (run.task, run.seed) == ("classification", 0)
 
 

@@ -68,6 +68,10 @@ SPECS = {
                     {"sentence1": ("sentence1",), "sentence2": ("sentence2",), "label": _CLS},
                     {"sentence1": 1, "sentence2": 2, "label": 3}, {"validation": "dev.tsv"}),
 }
+# Official training-set sizes (GLUE; the hub's nyu-mll/glue), so that `lrr inspect` can
+# plan steps without downloading anything.
+TRAIN_SIZES = {"cola": 8_551, "sst2": 67_349, "mrpc": 3_668, "qqp": 363_846, "stsb": 5_749, "mnli": 392_702,
+               "qnli": 104_743, "rte": 2_490}
 HUB_SPLITS = {"mnli": {"validation": "validation_matched", "validation_mismatched": "validation_mismatched"}}
 
 
@@ -167,7 +171,11 @@ class Glue(Task):
         return self.raw
 
     def count_train_examples(self) -> int:
-        return len(self.raw["train"])
+        """Rows of the local files; from the hub, the official size (no download)."""
+        if self.config.get("data_dir") or self.config["dataset"] != "nyu-mll/glue":
+            return len(self.raw["train"])
+        limit = self.config.get("max_train_samples")
+        return min(TRAIN_SIZES[self.spec.name], limit or TRAIN_SIZES[self.spec.name])
 
     def eval_splits(self) -> dict[str, str]:
         return {"validation": "", **{s: "_mm" for s in self.glue.eval_files if s != "validation"}}
