@@ -24,7 +24,7 @@ CONFIGS = {
     "mtlora-shim": {"name": "mtlora", "structure": "shim"},
     "mtlora-dtsm": {"name": "mtlora", "structure": "dtsm"},
     "lora2": {"name": "lora2", "k": 1},
-    "triadaptlora": {"name": "triadaptlora"},
+    "triadaptlora": {"name": "triadaptlora", "growth": "none"},  # fixed rank r: the step cost, not growth
     "condlora": {"name": "condlora"},
 }
 TARGETS = ["Wq", "Wk", "Wv", "Wa", "Wm", "Wo"]
@@ -81,7 +81,7 @@ def worker(args) -> dict:
         loss.backward()
         opt.step()
         if method is not None:
-            method.after_optimizer_step(0, injection.adapters)
+            method.after_optimizer_step(0, injection.adapters, opt)
         opt.zero_grad(set_to_none=True)
 
     for _ in range(args.warmup):
