@@ -12,6 +12,7 @@ from lowrank_runner.modeling import build_adapted_model, parameter_counts
 from lowrank_runner.quiet import quiet_libraries
 from lowrank_runner.recipe.load import Recipe
 from lowrank_runner.tasks.base import build_task
+from lowrank_runner.tasks.holdout import holdout_sizes
 from lowrank_runner.train.schedule import plan_steps
 
 
@@ -37,6 +38,8 @@ def inspect_recipe(recipe: Recipe, processes: int = 1) -> dict:
         adapted = build_adapted_model(cfg, task.model_class, task.model_config_kwargs(), weights=False)
         model = adapted.model
         n_train = task.count_train_examples()
+        if cfg["task"].get("holdout_fraction"):  # trains on the rest of the training set
+            n_train = holdout_sizes(n_train, cfg["task"]["holdout_fraction"])[0]
         plan = plan_steps(n_train, cfg["training"], processes)
         check_schedule(plan, where)
         by_symbol: dict[str, list[str]] = {}
@@ -52,6 +55,7 @@ def inspect_recipe(recipe: Recipe, processes: int = 1) -> dict:
             "backbone": adapted.backbone.describe(),
             "model_type": adapted.config.model_type,
             "method": cfg["method"],
+            "task_config": cfg["task"],
             "training": {**cfg["training"], "total_steps": plan.total_steps, "warmup_steps": plan.warmup_steps,
                          "steps_per_epoch": plan.steps_per_epoch, "processes": processes},
             "modules": [t.path for t in adapted.targets],

@@ -20,6 +20,13 @@ def aggregate(values: list[float], how: str) -> tuple[float, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
+def score(run: dict) -> float:
+    """The selection metric of the selected checkpoint: on the test set when the run
+    selected on a held-out part of train (task.holdout_fraction), else on the dev set."""
+    test = run.get("test")
+    return test[run["best"]["metric"]] if test else run["best"]["value"]
+
+
 def results_table(runs: list[dict], tasks: list[str], how: str) -> dict:
     """``runs``: summary entries (task, seed, status, best). Returns the columns with the
     combined value per task, the seeds that counted, and the average over the tasks that
@@ -31,7 +38,7 @@ def results_table(runs: list[dict], tasks: list[str], how: str) -> dict:
         if not done:
             columns.append({"task": task, "metric": None, "value": None, "spread": None, "seeds": [], "missing": missing})
             continue
-        centre, spread = aggregate([100 * r["best"]["value"] for r in done], how)
+        centre, spread = aggregate([100 * score(r) for r in done], how)
         columns.append({"task": task, "metric": done[0]["best"]["metric"], "value": centre, "spread": spread,
                         "seeds": sorted(r["seed"] for r in done), "missing": missing})
     values = [c["value"] for c in columns if c["value"] is not None]

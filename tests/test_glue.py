@@ -170,3 +170,32 @@ def test_real_glue_files_load_completely(name, train, dev):
     assert len(splits["train"]) == train and len(splits["validation"]) == dev
     labels = set(splits["train"]["label"])
     assert labels == {0, 1}
+
+
+def test_holdout_selects_on_part_of_train_and_scores_the_dev_set_once(tmp_path, make_recipe, tiny_bert, glue_dir):
+    """CondLoRA's protocol: 90/10 split of train for selection, the dev set as test."""
+    rte = glue_dir / "RTE" / "train.tsv"
+    rows = ["index\tsentence1\tsentence2\tlabel"] + [
+        f"{i}\tsentence number {i}\tclaim {i % 3}\t{'entailment' if i % 2 else 'not_entailment'}" for i in range(20)]
+    rte.write_text("\n".join(rows) + "\n")
+    recipe = make_recipe(f"""
+        name: holdout
+        backbone: {{name: {tiny_bert}}}
+        targets: [Wq, Wv]
+        method: {{name: lora, r: 2, alpha: 4}}
+        task: {{name: rte, data_dir: {glue_dir}, max_length: 16, holdout_fraction: 0.1}}
+        training: {{epochs: 2, batch_size: 4, learning_rate: 1e-3, seed: [0, 1]}}
+        """)
+    result = CliRunner().invoke(app, ["run", str(recipe), "--output", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    one = tmp_path / "run" / "rte-seed0"
+    metrics = json.loads((one / "metrics.json").read_text())
+    assert set(metrics["test"]) == {"accuracy", "loss"}  # the official dev set, scored once
+    report = json.loads((one / "report.json").read_text())
+    assert report["train_examples"] == 18 and report["eval_examples"] == 2  # 20 rows: 90 / 10
+    assert report["holdout"] == {"fraction": 0.1, "seed": 0, "test_examples": {"validation": 1}}
+    assert report["steps"]["total"] == 2 * 5  # ⌈18 / 4⌉ per epoch
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert all("test" in r for r in summary["runs"])
+    tests = [100 * r["test"]["accuracy"] for r in summary["runs"]]
+    assert f"{sum(tests) / 2:.2f}" in (tmp_path / "run" / "results.md").read_text()  # the table reports the test score

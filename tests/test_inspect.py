@@ -190,6 +190,8 @@ def test_mtlora_condlora_and_lora_baselines_match_their_tables(config_dirs):
     condlora = inspect_recipe("condlora_roberta_glue.yaml", roberta)
     assert condlora["rte"]["adapter_params"] == 24_576  # CondLoRA Table 4
     assert condlora["cola"]["training"]["learning_rate"] == 6.026e-4 and condlora["qqp"]["training"]["epochs"] == 50
+    assert condlora["rte"]["task_config"]["holdout_fraction"] == 0.1  # §3.1: select on 10% of train, test on dev
+    assert condlora["rte"]["steps"] == 100 * 141  # ⌈(2,490 − 249) / 16⌉ steps per epoch, 100 epochs
     assert inspect_recipe("lora_roberta_glue.yaml", roberta)["rte"]["adapter_params"] == 294_912  # CondLoRA Table 4
     lora = inspect_recipe("lora_deberta_glue.yaml", f"backbone.name={config_dirs['deberta-v3-base']}")
     assert lora["sst2"]["adapter_params"] == 1_327_104  # LoRA2 Table 1, r = 8

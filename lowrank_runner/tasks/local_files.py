@@ -77,6 +77,15 @@ class _LocalTask(Task):
     def _encode_labels(self, values: list, split: str) -> list:
         raise NotImplementedError
 
+    def _source(self, split: str) -> str:
+        """The file a split's rows come from (held-out and test splits included)."""
+        from lowrank_runner.tasks.holdout import TEST_PREFIX
+
+        data = self.config["data"]
+        if split.startswith(TEST_PREFIX):
+            return data[split[len(TEST_PREFIX):]]
+        return data["train"] if self.config.get("holdout_fraction") else data[split]
+
     def tokenize(self, splits, tokenizer):
         c = self.config
         text, pair, label, max_len = c["text_column"], c.get("text_pair_column"), c["label_column"], c["max_length"]
@@ -123,7 +132,7 @@ class Classification(_LocalTask):
         for v in values:
             if v not in index:
                 raise DataError(
-                    f"{self.config['data'][split]}: label {v!r} is not one of the task's labels {self.labels}; "
+                    f"{self._source(split)}: label {v!r} is not one of the task's labels {self.labels}; "
                     "fix the data or list every class in task.labels"
                 )
             out.append(index[v])
@@ -145,7 +154,7 @@ class Regression(_LocalTask):
             return [float(v) for v in values]
         except (TypeError, ValueError):
             bad = next(v for v in values if not _is_number(v))
-            raise DataError(f"{self.config['data'][split]}: regression label {bad!r} is not a number") from None
+            raise DataError(f"{self._source(split)}: regression label {bad!r} is not a number") from None
 
     def predictions(self, logits):
         return np.asarray(logits).reshape(-1)

@@ -18,11 +18,12 @@ import torch
 from lowrank_runner.backbones import load_tokenizer
 from lowrank_runner.backbones import resolve as resolve_backbone
 from lowrank_runner.inspect import PlanError, check_schedule
-from lowrank_runner.methods.inject import adapter_state_dict, is_adapter_param
+from lowrank_runner.methods.inject import adapter_state_dict, is_adapter_param, load_adapter_state
 from lowrank_runner.modeling import AdaptedModel, build_adapted_model, parameter_counts
 from lowrank_runner.recipe.load import Recipe, RunSpec
 from lowrank_runner.report import environment
 from lowrank_runner.tasks.base import Task, build_task
+from lowrank_runner.tasks.holdout import HOLDOUT_SEED, TEST_PREFIX, apply_holdout
 from lowrank_runner.train import artifacts as art
 from lowrank_runner.train.checkpoint import CHECKPOINTS_DIR, Checkpoint, restore_checkpoint, save_checkpoint
 from lowrank_runner.train.progress import TrainingProgress
@@ -34,6 +35,7 @@ class RunResult:
     run_dir: Path
     best: dict
     stopped_at: int | None = None  # set when --stop-after-step ended the run early (resumable)
+    test: dict | None = None  # the selected checkpoint on the test set(s) (task.holdout_fraction)
 
 
 def has_accelerator_device() -> bool:
@@ -96,10 +98,10 @@ def evaluate(model, dataloader, task: Task, accelerator) -> dict[str, float]:
     return metrics
 
 
-def evaluate_all(model, dataloaders: dict, task: Task, accelerator) -> dict[str, float]:
-    """Every evaluation split, metric names suffixed per :meth:`Task.eval_splits`."""
+def evaluate_all(model, dataloaders: dict, task: Task, accelerator, splits: dict[str, str]) -> dict[str, float]:
+    """The given evaluation splits, metric names suffixed per :meth:`Task.eval_splits`."""
     out = {}
-    for split, suffix in task.eval_splits().items():
+    for split, suffix in splits.items():
         out.update({f"{k}{suffix}": v for k, v in evaluate(model, dataloaders[split], task, accelerator).items()})
     return out
 
@@ -161,14 +163,20 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resu
     ref = resolve_backbone(cfg["backbone"])
     tokenizer = load_tokenizer(ref, cfg["backbone"].get("tokenizer"))
     with accelerator.main_process_first():
-        tokenized = task.tokenize(task.load_splits(), tokenizer)
+        splits = task.load_splits()
+        holdout = cfg["task"].get("holdout_fraction")
+        if holdout:
+            splits = apply_holdout(splits, holdout, task.eval_splits())
+        tokenized = task.tokenize(splits, tokenizer)
+    selection = {"validation": ""} if holdout else task.eval_splits()
+    tests = {TEST_PREFIX + name: suffix for name, suffix in task.eval_splits().items()} if holdout else {}
     adapted = build_adapted_model(cfg, task.model_class, task.model_config_kwargs(), weights=True, ref=ref)
     model = adapted.model
     plan = plan_steps(len(tokenized["train"]), training, accelerator.num_processes)
     check_schedule(plan, f"{recipe.source} [{run.task}, seed {run.seed}]")
 
     train_dl, eval_dls, data_generator = _dataloaders(tokenized, tokenizer, training, run.seed, mixed,
-                                                      task.eval_splits())
+                                                      {**selection, **tests})
     optimizer = _optimizer(model, training)
     scheduler = get_scheduler(training["lr_scheduler"], optimizer, plan.warmup_steps, plan.total_steps)
     model, optimizer, train_dl, *prepared = accelerator.prepare(model, optimizer, train_dl, *eval_dls.values())
@@ -267,7 +275,7 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resu
                         log.write(record)
                     progress.update_train(step, mean_loss, record["lr"])
                 if step % eval_every == 0 or step == plan.total_steps:
-                    last_eval = evaluate_all(model, eval_dls, task, accelerator)
+                    last_eval = evaluate_all(model, eval_dls, task, accelerator, selection)
                     value = last_eval[task.metric]
                     improved = method.checkpoint_eligible(step) and (
                         best["value"] is None or (value > best["value"] if higher else value < best["value"])
@@ -298,10 +306,18 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resu
         accelerator.end_training()
         return RunResult(run_dir, best, stopped_at=stopped_at)
     unwrapped = accelerator.unwrap_model(model)
+    test = None
+    if tests:  # score the selected checkpoint once on the task's own evaluation set(s)
+        if best_state is not None:
+            load_adapter_state(unwrapped, best_state[0])
+            unwrapped.load_state_dict(best_state[1], strict=False)
+        test = evaluate_all(model, eval_dls, task, accelerator, tests)
     if main:
         adapter_state, head_state = best_state or _trainable_state(unwrapped, adapted)
         art.save_adapter(run_dir / art.ADAPTER_DIR, adapter_state, head_state, adapter_config(adapted, run, recipe, task))
         final = {"task": run.task, "seed": run.seed, "metric": task.metric, "best": best, "last": {"step": step, "eval": last_eval}}
+        if test is not None:
+            final["test"] = test  # the selected checkpoint on the task's evaluation set(s)
         art.write_json(run_dir / art.METRICS_FILE, final)
         pattern = method.rank_pattern(adapters)
         if pattern is not None:
@@ -326,6 +342,8 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resu
             "total_params": sum(p.numel() for p in all_params.values()),
             "train_examples": len(tokenized["train"]),
             "eval_examples": len(tokenized["validation"]),
+            "holdout": ({"fraction": cfg["task"]["holdout_fraction"], "seed": HOLDOUT_SEED,
+                         "test_examples": {k[len(TEST_PREFIX):]: len(tokenized[k]) for k in tests}} if tests else None),
             "steps": {"total": plan.total_steps, "warmup": plan.warmup_steps, "per_epoch": plan.steps_per_epoch,
                       "epochs": plan.epochs},
             "best": best,
@@ -336,7 +354,7 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resu
         })
         shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)  # complete: nothing left to resume
     accelerator.end_training()
-    return RunResult(run_dir, best)
+    return RunResult(run_dir, best, test=test)
 
 
 def _peak_memory() -> dict:

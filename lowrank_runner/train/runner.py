@@ -72,7 +72,8 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
         done = _completed(run_dir) if resume else None
         if done is not None:
             console.print(f"already completed: {run.slug} · {run_dir}")
-            summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "completed", "best": done["best"]})
+            summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "completed", "best": done["best"],
+                            **({"test": done["test"]} if "test" in done else {})})
             continue
         checkpoint = latest_checkpoint(run_dir) if resume else None
         if checkpoint is not None:
@@ -103,7 +104,8 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
                             "step": result.stopped_at})
             continue
         console.print(f"[bold green]done[/bold green] {run.slug}: best {best['metric']} {best['value']:.4f} at step {best['step']} · {run_dir}")
-        summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "completed", "best": best})
+        summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "completed", "best": best,
+                        **({"test": result.test} if result.test is not None else {})})
     if len(recipe.runs) > 1 and is_main_process():
         root.mkdir(parents=True, exist_ok=True)
         art.write_json(root / "summary.json", {"recipe": recipe.name, "hash": recipe.hash, "runs": summary})
