@@ -30,6 +30,12 @@ class Task:
     def tokenize(self, splits, tokenizer):  # -> DatasetDict of model inputs + "labels"
         raise NotImplementedError
 
+    def collator(self, tokenizer, pad_to_multiple_of: int | None = None):
+        """Batches tokenized examples (dynamic padding per batch)."""
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+
     def eval_splits(self) -> dict[str, str]:
         """Evaluation splits and the suffix of their metric names ("validation" first,
         unsuffixed; MNLI adds its mismatched dev set as ``*_mm``)."""
@@ -51,6 +57,15 @@ class Task:
         return self.config.get("metric") or self.spec.primary_metric
 
     greater_is_better = True
+
+    def evaluate(self, model, dataloader, accelerator, split: str) -> dict[str, float]:
+        """Score ``model`` on one tokenized evaluation split (every process takes part;
+        results are gathered). Default: logits → :meth:`predictions` →
+        :meth:`compute_metrics`, plus the mean loss. Tasks whose scoring needs more than
+        logits (span extraction, generation) override it."""
+        from lowrank_runner.tasks.evaluation import evaluate_logits
+
+        return evaluate_logits(self, model, dataloader, accelerator)
 
     def predictions(self, logits: np.ndarray) -> np.ndarray:
         raise NotImplementedError

@@ -64,11 +64,10 @@ def _optimizer(model, training: dict) -> torch.optim.Optimizer:
     )
 
 
-def _dataloaders(tokenized, tokenizer, training: dict, seed: int, mixed_precision: str, eval_splits):
+def _dataloaders(tokenized, tokenizer, task: Task, training: dict, seed: int, mixed_precision: str, eval_splits):
     from torch.utils.data import DataLoader
-    from transformers import DataCollatorWithPadding
 
-    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if mixed_precision != "no" else None)
+    collator = task.collator(tokenizer, pad_to_multiple_of=8 if mixed_precision != "no" else None)
     generator = torch.Generator().manual_seed(seed)
     workers = training["dataloader_workers"]
     train = DataLoader(tokenized["train"], batch_size=training["batch_size"], shuffle=True, collate_fn=collator,
@@ -79,30 +78,12 @@ def _dataloaders(tokenized, tokenizer, training: dict, seed: int, mixed_precisio
     return train, evaluation, generator
 
 
-def evaluate(model, dataloader, task: Task, accelerator) -> dict[str, float]:
-    model.eval()
-    logits_all, labels_all, loss_sum, n = [], [], 0.0, 0
-    with torch.no_grad():
-        for batch in dataloader:
-            out = model(**batch)
-            loss_sum += out.loss.float().item() * batch["labels"].shape[0]
-            n += batch["labels"].shape[0]
-            logits, labels = accelerator.gather_for_metrics((out.logits.float(), batch["labels"]))
-            logits_all.append(logits.cpu())
-            labels_all.append(labels.cpu())
-    model.train()
-    logits = torch.cat(logits_all).numpy()
-    labels = torch.cat(labels_all).numpy()
-    metrics = task.compute_metrics(task.predictions(logits), labels)
-    metrics["loss"] = loss_sum / max(n, 1)
-    return metrics
-
-
 def evaluate_all(model, dataloaders: dict, task: Task, accelerator, splits: dict[str, str]) -> dict[str, float]:
     """The given evaluation splits, metric names suffixed per :meth:`Task.eval_splits`."""
     out = {}
     for split, suffix in splits.items():
-        out.update({f"{k}{suffix}": v for k, v in evaluate(model, dataloaders[split], task, accelerator).items()})
+        scores = task.evaluate(model, dataloaders[split], accelerator, split)
+        out.update({f"{k}{suffix}": v for k, v in scores.items()})
     return out
 
 
@@ -175,7 +156,7 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resu
     plan = plan_steps(len(tokenized["train"]), training, accelerator.num_processes)
     check_schedule(plan, f"{recipe.source} [{run.task}, seed {run.seed}]")
 
-    train_dl, eval_dls, data_generator = _dataloaders(tokenized, tokenizer, training, run.seed, mixed,
+    train_dl, eval_dls, data_generator = _dataloaders(tokenized, tokenizer, task, training, run.seed, mixed,
                                                       {**selection, **tests})
     optimizer = _optimizer(model, training)
     scheduler = get_scheduler(training["lr_scheduler"], optimizer, plan.warmup_steps, plan.total_steps)
