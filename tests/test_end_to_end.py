@@ -146,7 +146,12 @@ def test_run_refuses_a_non_empty_output_before_doing_anything(trained_run, tmp_p
     assert [p.name for p in tmp_path.iterdir()] == ["f"]
 
 
-def test_multi_seed_run_writes_one_directory_per_run_and_a_summary(trained_run, tmp_path):
+def test_multi_seed_run_writes_one_directory_per_run_and_a_summary(trained_run, tmp_path, monkeypatch):
+    from lowrank_runner.tasks.local_files import Classification
+
+    calls = []
+    tokenize = Classification.tokenize
+    monkeypatch.setattr(Classification, "tokenize", lambda self, *a: calls.append(1) or tokenize(self, *a))
     _, recipe = trained_run
     code, output = lrr("run", recipe, "--output", tmp_path / "multi", "--set", "training.seed=[1,2]",
                        "--set", "training.epochs=1", "--set", "training.eval_every=null")
@@ -155,6 +160,7 @@ def test_multi_seed_run_writes_one_directory_per_run_and_a_summary(trained_run, 
         "classification-seed1", "classification-seed2", "results.csv", "results.md", "summary.json"]
     summary = json.loads((tmp_path / "multi" / "summary.json").read_text())
     assert [r["status"] for r in summary["runs"]] == ["completed", "completed"]
+    assert len(calls) == 1  # the second seed reuses the tokenized data
     values = [100 * r["best"]["value"] for r in summary["runs"]]
     mean = sum(values) / 2
     table = (tmp_path / "multi" / "results.md").read_text()

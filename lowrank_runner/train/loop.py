@@ -121,6 +121,33 @@ def _split_best(tensors: dict | None) -> tuple[dict, dict] | None:
     return adapter, {k: v for k, v in tensors.items() if k not in adapter}
 
 
+_DATA_CACHE: dict[str, tuple[Task, object]] = {}
+
+
+def clear_data_cache() -> None:
+    """Forget tokenized data (called at the start of every ``lrr run``: files may change)."""
+    _DATA_CACHE.clear()
+
+
+def prepared_data(cfg: dict, tokenizer) -> tuple[Task, object]:
+    """The task and its tokenized splits. Runs of a recipe are task-major, so the seeds of
+    a task reuse the last tokenized data of this invocation (datasets' fingerprint cache
+    serves file-backed data across processes and invocations too)."""
+    import json
+
+    key = json.dumps({"task": cfg["task"], "backbone": cfg["backbone"], "tokenizer": tokenizer.name_or_path},
+                     sort_keys=True, default=str)
+    if key not in _DATA_CACHE:
+        _DATA_CACHE.clear()  # one entry: tokenized data can be large
+        task = build_task(cfg["task"])
+        splits = task.load_splits()
+        holdout = cfg["task"].get("holdout_fraction")
+        if holdout:
+            splits = apply_holdout(splits, holdout, task.eval_splits())
+        _DATA_CACHE[key] = (task, task.tokenize(splits, tokenizer))
+    return _DATA_CACHE[key]
+
+
 def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resume: Checkpoint | None = None,
               stop_after: int | None = None) -> RunResult:
     """Train one run into ``run_dir``; ``resume`` continues from a checkpoint of it, and
@@ -140,15 +167,11 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resu
     main = accelerator.is_main_process
     set_seed(run.seed)
 
-    task = build_task(cfg["task"])
     ref = resolve_backbone(cfg["backbone"])
     tokenizer = load_tokenizer(ref, cfg["backbone"].get("tokenizer"))
     with accelerator.main_process_first():
-        splits = task.load_splits()
-        holdout = cfg["task"].get("holdout_fraction")
-        if holdout:
-            splits = apply_holdout(splits, holdout, task.eval_splits())
-        tokenized = task.tokenize(splits, tokenizer)
+        task, tokenized = prepared_data(cfg, tokenizer)
+    holdout = cfg["task"].get("holdout_fraction")
     selection = {"validation": ""} if holdout else task.eval_splits()
     tests = {TEST_PREFIX + name: suffix for name, suffix in task.eval_splits().items()} if holdout else {}
     adapted = build_adapted_model(cfg, task.model_class, task.model_config_kwargs(), weights=True, ref=ref)

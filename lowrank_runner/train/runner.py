@@ -60,8 +60,9 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
     with a checkpoint."""
     quiet_libraries()
     from lowrank_runner.train.checkpoint import latest_checkpoint
-    from lowrank_runner.train.loop import train_run
+    from lowrank_runner.train.loop import clear_data_cache, train_run
 
+    clear_data_cache()
     root, dirs = run_dirs(recipe, output, resume)
     failures, summary = [], []
     if not is_main_process():
