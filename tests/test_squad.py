@@ -57,6 +57,10 @@ def test_totals_and_breakdowns_by_hand():
     assert scores["exact"] == pytest.approx(2 / 4) and scores["f1"] == pytest.approx((2 / 3 + 2) / 4)
     assert scores["HasAns_exact"] == pytest.approx(1 / 2) and scores["HasAns_f1"] == pytest.approx((2 / 3 + 1) / 2)
     assert scores["NoAns_exact"] == scores["NoAns_f1"] == pytest.approx(1 / 2)
+    # A listed gold answer that normalises to "" is scored as "no answer" but counted as
+    # answerable (the official script's HasAns is "has an answers entry").
+    odd = squad_v2_scores({"e": ""}, {"e": ["The"]})
+    assert odd == {"exact": 1.0, "f1": 1.0, "HasAns_exact": 1.0, "HasAns_f1": 1.0}
     with pytest.raises(ValueError, match="no prediction"):
         squad_v2_scores({"a": ""}, references)
 
@@ -214,11 +218,11 @@ def test_long_contexts_split_with_stride_and_answers_map_back(squad_dir, tiny_be
         if start == row["cls_index"]:  # this window does not hold the whole answer
             continue
         labelled += 1
-        assert LONG[row["offsets"][start][0]:row["offsets"][end][1]] == "phone battery"
+        assert LONG[row["offset_start"][start]:row["offset_end"][end]] == "phone battery"
     # The answer is near the end: the last windows (overlapping) hold it, the others point at [CLS].
     assert 1 <= labelled <= 2 and len(windows) - labelled >= 3
     # Consecutive windows share doc_stride context tokens.
-    ctx = [[tuple(o) for o in dev[i]["offsets"] if tuple(o) != NO_OFFSET] for i in windows[:2]]
+    ctx = [[o for o in zip(dev[i]["offset_start"], dev[i]["offset_end"]) if o != NO_OFFSET] for i in windows[:2]]
     assert ctx[0][-8:] == ctx[1][:8]
     # Gold logits on the features give back the gold answers, and a perfect score.
     starts, ends = [], []

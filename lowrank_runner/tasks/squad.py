@@ -192,7 +192,7 @@ class SquadV2(Task):
             out = {k: enc[k] for k in enc.keys() if k in MODEL_INPUTS}
             out["start_positions"], out["end_positions"] = [], []
             if not training:
-                out["example_index"], out["offsets"], out["cls_index"] = [], [], []
+                out["example_index"], out["offset_start"], out["offset_end"], out["cls_index"] = [], [], [], []
             for i, row in enumerate(enc["overflow_to_sample_mapping"]):
                 ids = enc["input_ids"][i]
                 cls = ids.index(cls_id) if cls_id in ids else 0
@@ -206,7 +206,8 @@ class SquadV2(Task):
                 out["end_positions"].append(span[1] if span else cls)
                 if not training:
                     out["example_index"].append(indices[row])
-                    out["offsets"].append([list(o) for o in offsets])
+                    out["offset_start"].append([o[0] for o in offsets])  # -1: not a context token
+                    out["offset_end"].append([o[1] for o in offsets])
                     out["cls_index"].append(cls)
             return out
 
@@ -281,5 +282,5 @@ def feature_layout(n_examples: int, features) -> tuple[list[list[int]], list, li
     grouped = [[] for _ in range(n_examples)]
     for f, example in enumerate(features["example_index"]):
         grouped[example].append(f)
-    offsets = [[tuple(o) for o in row] for row in features["offsets"]]
+    offsets = [list(zip(s, e)) for s, e in zip(features["offset_start"], features["offset_end"])]
     return grouped, offsets, list(features["cls_index"])

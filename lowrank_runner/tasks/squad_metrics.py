@@ -9,7 +9,9 @@
   scores 1 on both metrics, anything else 0. An empty prediction on an answerable
   question scores 0.
 - A question's score is the maximum over its gold answers; the totals are means over
-  questions, with ``HasAns_*`` over answerable and ``NoAns_*`` over unanswerable ones.
+  questions, with ``HasAns_*`` over answerable and ``NoAns_*`` over unanswerable ones
+  (answerable: the question lists at least one gold answer, as the official script
+  counts them, even one that normalises to "").
 - ``best_exact`` / ``best_f1``: the no-answer threshold sweep. Each question has a
   non-null candidate answer and a no-answer score (higher: more likely unanswerable);
   predicting "" for every question whose score exceeds a threshold, the best threshold
@@ -76,7 +78,7 @@ def squad_v2_scores(predictions: dict[str, str], references: dict[str, list[str]
     exact, f1, has_answer = {}, {}, {}
     for qid, texts in references.items():
         exact[qid], f1[qid] = question_scores(texts, predictions[qid])
-        has_answer[qid] = gold_answers(texts) != [""]
+        has_answer[qid] = bool(texts)
     out = {"exact": _mean(exact.values()), "f1": _mean(f1.values())}
     for prefix, wanted in (("HasAns", True), ("NoAns", False)):
         ids = [qid for qid in references if has_answer[qid] is wanted]
@@ -96,7 +98,7 @@ def best_threshold_scores(candidates: dict[str, str], no_answer_scores: dict[str
     everywhere)."""
     out = {}
     ordered = sorted(references, key=lambda q: no_answer_scores[q])
-    has_answer = {q: gold_answers(references[q]) != [""] for q in references}
+    has_answer = {q: bool(references[q]) for q in references}
     for index, name in ((0, "exact"), (1, "f1")):
         # Threshold below every score: "" everywhere, right exactly on the unanswerable ones.
         score = best = float(sum(not has_answer[q] for q in references))
