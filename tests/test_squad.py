@@ -198,6 +198,14 @@ def test_bad_json_names_the_file_and_the_place(tmp_path):
         read_squad_json(tmp_path / "nowhere.json")
 
 
+def test_the_hub_unreachable_is_a_clear_error(monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match="cannot load SQuAD 2.0 from 'someone/squad-not-cached-here'.*task.data_dir"):
+        squad_task(dataset="someone/squad-not-cached-here").load_splits()
+
+
 def test_long_contexts_split_with_stride_and_answers_map_back(squad_dir, tiny_bert):
     from transformers import AutoTokenizer
 
@@ -234,6 +242,14 @@ def test_long_contexts_split_with_stride_and_answers_map_back(squad_dir, tiny_be
         ends.append(e)
     scores = task.score(splits["validation"], dev, starts, ends)
     assert scores["exact"] == scores["f1"] == scores["HasAns_f1"] == scores["NoAns_f1"] == 1.0
+    # Batches pad on the right whatever the tokenizer's side: span labels stay token positions.
+    tokenizer.padding_side = "left"
+    assert len(dev[windows[0]]["input_ids"]) == 32 > len(dev[0]["input_ids"])
+    batch = task.collator(tokenizer)([dev[windows[0]], dev[0]])
+    assert set(batch) == {"input_ids", "token_type_ids", "attention_mask", "start_positions", "end_positions"}
+    short = len(dev[0]["input_ids"])
+    assert batch["input_ids"][1, :short].tolist() == dev[0]["input_ids"] and batch["attention_mask"][1, short:].sum() == 0
+    assert batch["start_positions"].tolist() == [dev[windows[0]]["start_positions"], dev[0]["start_positions"]]
 
 
 def test_a_question_too_long_for_the_windows_is_a_clear_error(tiny_bert):
