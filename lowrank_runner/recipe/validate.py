@@ -183,6 +183,11 @@ def _task_problems(doc: Document, task) -> list[Problem]:
         out.append(problem(doc, ("task", "metric"), f"task '{name}' has no metric '{metric}'{suggest(metric, spec.metrics)}; available: {', '.join(spec.metrics)}"))
     if name == "regression" and task.get("labels"):
         out.append(problem(doc, ("task", "labels"), "a regression task has no class labels; remove 'labels'"))
+    stride, length = task.get("doc_stride"), task.get("max_length")
+    if name == "squad_v2" and isinstance(stride, int) and isinstance(length, int) and stride >= length:
+        out.append(problem(doc, ("task", "doc_stride") if "doc_stride" in task else ("task",),
+                           f"doc_stride ({stride}) must be smaller than max_length ({length}): windows of a long "
+                           "context share doc_stride tokens, and each also holds the question; lower doc_stride"))
     if spec.needs_local_data:
         data = task.get("data") if isinstance(task.get("data"), dict) else {}
         for split in ("train", "validation"):

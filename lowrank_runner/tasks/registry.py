@@ -65,6 +65,17 @@ for _name, (_what, _metrics) in _GLUE.items():
     )
 
 
+TASKS["squad_v2"] = TaskSpec(
+    name="squad_v2",
+    description="SQuAD 2.0 extractive QA with unanswerable questions (official exact match and F1); from the hub "
+                "(task.dataset, default rajpurkar/squad_v2) or the official JSON files in task.data_dir.",
+    implementation="lowrank_runner.tasks.squad:SquadV2",
+    metrics=("f1", "exact", "best_f1", "best_exact", "HasAns_f1", "HasAns_exact", "NoAns_f1", "NoAns_exact"),
+    primary_metric="f1",
+    needs_local_data=False,
+)
+
+
 def get_task_spec(name: str) -> TaskSpec:
     try:
         return TASKS[name]
