@@ -17,6 +17,7 @@ from lowrank_runner.errors import LrrError, UsageError
 from lowrank_runner.outputs import require_free
 from lowrank_runner.quiet import quiet_libraries
 from lowrank_runner.recipe.load import Recipe
+from lowrank_runner.report.write import write_recipe_report
 from lowrank_runner.results import print_results, results_table, write_results
 from lowrank_runner.train import artifacts as art
 
@@ -112,6 +113,7 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
         tasks = list(dict.fromkeys(run.task for run in recipe.runs))
         table = results_table(summary, tasks, recipe.resolved.get("output", {}).get("aggregate", "mean"))
         write_results(root, recipe.name, table)
+        write_recipe_report(root, recipe.name, recipe.hash, recipe.source, argv, summary)
         print_results(console, recipe.name, table)
     return failures
 
