@@ -253,3 +253,13 @@ def test_large_files_are_hashed_by_size_head_and_tail(tmp_path, monkeypatch):
     large.write_bytes(b"\xff" + bytes(range(1, 200)))
     os.utime(large, ns=(1, 1))  # a new mtime, so the memo does not answer
     assert fingerprint.file_digest(large)["sha256"] != digest["sha256"]
+
+
+def test_a_failed_run_gets_a_report_md_too(tmp_path):
+    from lowrank_runner.train.runner import _mark_failed
+
+    _mark_failed(tmp_path, "Traceback (most recent call last):\n  ...\nRuntimeError: out of memory")
+    assert json.loads((tmp_path / "report.json").read_text())["status"] == "failed"
+    assert "failed — RuntimeError: out of memory" in (tmp_path / "report.md").read_text()
+    code, out = lrr("report", tmp_path)
+    assert code == 0 and "RuntimeError: out of memory" in out

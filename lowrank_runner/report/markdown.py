@@ -42,13 +42,16 @@ def _short(text: str | None, n: int = 12) -> str:
 def run_markdown(report: dict) -> str:
     r, lines = report, []
     rec, run = r.get("recipe", {}), r.get("run", {})
-    title = " · ".join(str(x) for x in (rec.get("name"), run.get("task"), f"seed {run.get('seed')}") if x is not None)
-    lines += [f"# Run report: {title}", ""]
+    parts = [rec.get("name"), run.get("task"), None if run.get("seed") is None else f"seed {run['seed']}"]
+    title = " · ".join(str(x) for x in parts if x is not None)
+    lines += [f"# Run report: {title}" if title else "# Run report", ""]
     status = r.get("status", "unknown")
     lines.append(f"**Status:** {status}" + (f" — {r['error']}" if r.get("error") else "")
                  + (f" · started {r['started_at']} · finished {r['finished_at']} (UTC)" if r.get("finished_at") else ""))
     lines.append("")
 
+    if not rec:  # a run that failed before it got far: its status is all there is
+        return "\n".join(lines).rstrip() + "\n"
     lines += ["## Reproduce", ""]
     if r.get("command"):
         lines += ["```", shlex.join(r["command"]), "```", ""]
@@ -100,7 +103,8 @@ def _results(r: dict) -> list[str]:
     pattern = r.get("rank_pattern")
     if pattern:
         lines += [f"Final rank pattern: total rank {pattern['total_rank']} over {pattern['modules']} modules "
-                  f"(`{pattern['file']}`; heatmap `{pattern['heatmap']}`).", ""]
+                  f"(`{pattern['file']}`; heatmap `{pattern['heatmap']}`):", ""]
+        lines += _table(["module", "rank"], [[f"`{m}`", rank] for m, rank in (pattern.get("pattern") or {}).items()])
     return lines
 
 
