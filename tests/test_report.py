@@ -263,3 +263,18 @@ def test_a_failed_run_gets_a_report_md_too(tmp_path):
     assert "failed — RuntimeError: out of memory" in (tmp_path / "report.md").read_text()
     code, out = lrr("report", tmp_path)
     assert code == 0 and "RuntimeError: out of memory" in out
+
+
+def test_hub_datasets_are_identified_by_the_commit_datasets_resolved():
+    commit = "b" * 40
+
+    class Split(list):  # what the fingerprint reads of a datasets.Dataset
+        _fingerprint = "f00d"
+        cache_files = [{"filename": f"/cache/nyu-mll___glue/rte/0.0.0/{commit}/glue-train.arrow"}]
+
+    task = {"name": "rte", "dataset": "nyu-mll/glue", "data_dir": None}
+    out = fingerprint.data_fingerprint(task, {"train": Split([1, 2, 3])})
+    assert out["source"] == "hub" and out["dataset"] == "nyu-mll/glue" and out["revision"] == commit
+    assert out["splits"] == {"train": {"rows": 3, "fingerprint": "f00d"}} and out["files"] == []
+    Split._fingerprint = "beef"  # other rows loaded: another fingerprint
+    assert fingerprint.data_fingerprint(task, {"train": Split([1, 2, 3])})["fingerprint"] != out["fingerprint"]
