@@ -153,7 +153,7 @@ def test_multi_seed_run_writes_one_directory_per_run_and_a_summary(trained_run, 
                        "--set", "training.epochs=1", "--set", "training.eval_every=null")
     assert code == 0, output
     assert sorted(p.name for p in (tmp_path / "multi").iterdir()) == [
-        "classification-seed1", "classification-seed2", "results.csv", "results.md", "summary.json"]
+        "classification-seed1", "classification-seed2", "report.md", "results.csv", "results.md", "summary.json"]
     summary = json.loads((tmp_path / "multi" / "summary.json").read_text())
     assert [r["status"] for r in summary["runs"]] == ["completed", "completed"]
     values = [100 * r["best"]["value"] for r in summary["runs"]]
