@@ -145,6 +145,35 @@ def tasks(as_json: bool = typer.Option(False, "--json", help="Machine-readable o
 
 @app.command()
 @friendly
+def report(
+    run_dirs: List[Path] = typer.Argument(..., help="Run directories written by 'lrr run' (a multi-run directory stands for its runs)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output: one run's report.json, or the comparison."),
+    render: bool = typer.Option(False, "--render", help="Redraw each run's report.md and plots from its report.json and metrics.jsonl."),
+):
+    """Show a run's reproducibility report, or compare runs: recipe, input and environment differences, metrics."""
+    from rich.console import Console
+
+    from lowrank_runner.report.compare import compare, expand
+    from lowrank_runner.report.terminal import show_comparison, show_run
+
+    runs = expand(run_dirs)
+    if render:
+        from lowrank_runner.report.write import render as render_run
+
+        for run in runs:
+            if run.status == "completed" and run.dir.is_dir():
+                written = render_run(run.dir, run.report)
+                _err(f"rendered {', '.join(str(p) for p in written)}")
+    if as_json:
+        print(json.dumps(runs[0].report if len(runs) == 1 else compare(runs), indent=2, default=str))
+    elif len(runs) == 1:
+        show_run(Console(), runs[0])
+    else:
+        show_comparison(Console(), runs)
+
+
+@app.command()
+@friendly
 def inspect(
     recipe: Path = typer.Argument(..., help="Recipe file."),
     overrides: Optional[List[str]] = SetOption,

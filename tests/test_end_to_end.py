@@ -45,7 +45,8 @@ training: {{learning_rate: 2e-2, epochs: 3, batch_size: 16, seed: 0, log_every: 
 
 def test_run_directory_contents(trained_run):
     run_dir, _ = trained_run
-    assert sorted(p.name for p in run_dir.iterdir()) == ["adapter", "metrics.json", "metrics.jsonl", "recipe.yaml", "report.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["adapter", "loss_curve.png", "metric_curve.png", "metrics.json",
+                                                         "metrics.jsonl", "recipe.yaml", "report.json", "report.md"]
     assert sorted(p.name for p in (run_dir / "adapter").iterdir()) == ["adapter.safetensors", "adapter_config.json", "head.safetensors"]
     lines = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [ln for ln in lines if "loss" in ln and "eval" not in ln]
@@ -157,7 +158,7 @@ def test_multi_seed_run_writes_one_directory_per_run_and_a_summary(trained_run, 
                        "--set", "training.epochs=1", "--set", "training.eval_every=null")
     assert code == 0, output
     assert sorted(p.name for p in (tmp_path / "multi").iterdir()) == [
-        "classification-seed1", "classification-seed2", "results.csv", "results.md", "summary.json"]
+        "classification-seed1", "classification-seed2", "report.md", "results.csv", "results.md", "summary.json"]
     summary = json.loads((tmp_path / "multi" / "summary.json").read_text())
     assert [r["status"] for r in summary["runs"]] == ["completed", "completed"]
     assert len(calls) == 1  # the second seed reuses the tokenized data

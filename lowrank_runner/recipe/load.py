@@ -45,9 +45,23 @@ class Recipe:
     overrides: tuple[str, ...] = ()
 
 
+def canonical_form(data: Any) -> Any:
+    """The value the hash is taken of: integral floats as integers (``epochs: 3.0`` is
+    ``epochs: 3``; JSON Schema counts both as integers), tuples as lists."""
+    if isinstance(data, dict):
+        return {str(k): canonical_form(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [canonical_form(v) for v in data]
+    if isinstance(data, float) and data.is_integer():
+        return int(data)
+    return data
+
+
 def canonical_hash(data: Any) -> str:
-    """SHA-256 of the canonical JSON form: independent of key order and YAML spelling."""
-    text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    """SHA-256 (first 16 hex digits) of the canonical JSON form: sorted keys, no spaces,
+    numbers by value. Independent of key order and YAML spelling (``1e-3`` = ``0.001``,
+    ``3.0`` = ``3``); any changed value, added or removed key changes it."""
+    text = json.dumps(canonical_form(data), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -6,7 +6,12 @@
       recipe.yaml           the resolved recipe of this run (defaults filled; hash inside)
       metrics.jsonl         one JSON object per logged training step or evaluation
       metrics.json          final and best evaluation metrics
-      report.json           reproducibility report (environment, counts, timings)
+      report.json           reproducibility report (recipe + hash, seeds, environment,
+                            backbone/data fingerprints, counts, timings, metrics);
+                            written last: "status": "completed" marks a finished run
+      report.md             the same for people, with the plots (lowrank_runner/report/)
+      loss_curve.png        training/evaluation loss and learning rate per step
+      metric_curve.png      evaluation metrics per evaluation, best checkpoint starred
       rank_pattern.json     final active rank per module (dynamic-rank methods only)
       rank_heatmap.png      the same as a layers x target-symbols heatmap
       checkpoints/step-N/   resumable training state while the run is unfinished

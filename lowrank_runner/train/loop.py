@@ -19,9 +19,10 @@ from lowrank_runner.backbones import load_tokenizer
 from lowrank_runner.backbones import resolve as resolve_backbone
 from lowrank_runner.inspect import PlanError, check_schedule
 from lowrank_runner.methods.inject import adapter_state_dict, is_adapter_param, load_adapter_state
-from lowrank_runner.modeling import AdaptedModel, build_adapted_model, parameter_counts
+from lowrank_runner.modeling import AdaptedModel, build_adapted_model
 from lowrank_runner.recipe.load import Recipe, RunSpec
-from lowrank_runner.report import environment
+from lowrank_runner.report.build import build_run_report
+from lowrank_runner.report.write import write_run_report
 from lowrank_runner.tasks.base import Task, build_task
 from lowrank_runner.tasks.holdout import HOLDOUT_SEED, TEST_PREFIX, apply_holdout
 from lowrank_runner.train import artifacts as art
@@ -332,41 +333,13 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resu
             total = sum(pattern.values())
             rank_heatmap(pattern, symbols, run_dir / art.RANK_HEATMAP_FILE,
                          f"{cfg['method']['name']} final ranks: {total} over {len(pattern)} modules")
-        all_params = dict(unwrapped.named_parameters())
-        art.write_json(run_dir / art.REPORT_FILE, {
-            "status": "completed",
-            "recipe": {"name": recipe.name, "source": recipe.source, "hash": recipe.hash, "config_hash": run.config_hash,
-                       "overrides": list(recipe.overrides)},
-            "command": argv,
-            "run": {"task": run.task, "seed": run.seed, "index": run.index},
-            "backbone": adapted.backbone.describe(),
-            "method": cfg["method"],
-            "modules": len(adapted.targets),
-            **parameter_counts(unwrapped, adapted),
-            "total_params": sum(p.numel() for p in all_params.values()),
-            "train_examples": len(tokenized["train"]),
-            "eval_examples": len(tokenized["validation"]),
-            "holdout": ({"fraction": cfg["task"]["holdout_fraction"], "seed": HOLDOUT_SEED,
-                         "test_examples": {k[len(TEST_PREFIX):]: len(tokenized[k]) for k in tests}} if tests else None),
-            "steps": {"total": plan.total_steps, "warmup": plan.warmup_steps, "per_epoch": plan.steps_per_epoch,
-                      "epochs": plan.epochs},
-            "best": best,
-            "final_eval": last_eval,
-            "wall_time_s": round(time.time() - started, 2),
-            "peak_memory": _peak_memory(),
-            "environment": environment(accelerator),
-        })
+        write_run_report(run_dir, build_run_report(
+            recipe=recipe, run=run, argv=argv, adapted=adapted, model=unwrapped, task=task, splits=splits,
+            tokenized=tokenized, plan=plan, best=best, last_eval=last_eval, test=test, started=started,
+            accelerator=accelerator, rank_pattern=pattern, resumed_from=resume.step if resume is not None else None,
+            holdout=({"fraction": cfg["task"]["holdout_fraction"], "seed": HOLDOUT_SEED,
+                      "test_examples": {k[len(TEST_PREFIX):]: len(tokenized[k]) for k in tests}} if tests else None),
+        ))
         shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)  # complete: nothing left to resume
     accelerator.end_training()
     return RunResult(run_dir, best, test=test)
-
-
-def _peak_memory() -> dict:
-    import resource
-
-    out = {"cpu_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    if torch.cuda.is_available():
-        out["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return out
-
-

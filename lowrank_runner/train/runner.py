@@ -17,6 +17,8 @@ from lowrank_runner.errors import LrrError, UsageError
 from lowrank_runner.outputs import require_free
 from lowrank_runner.quiet import quiet_libraries
 from lowrank_runner.recipe.load import Recipe
+from lowrank_runner.report.markdown import run_markdown
+from lowrank_runner.report.write import REPORT_MD, write_recipe_report
 from lowrank_runner.results import print_results, results_table, write_results
 from lowrank_runner.train import artifacts as art
 
@@ -113,6 +115,7 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
         tasks = list(dict.fromkeys(run.task for run in recipe.runs))
         table = results_table(summary, tasks, recipe.resolved.get("output", {}).get("aggregate", "mean"))
         write_results(root, recipe.name, table)
+        write_recipe_report(root, recipe.name, recipe.hash, recipe.source, argv, summary)
         print_results(console, recipe.name, table)
     return failures
 
@@ -122,4 +125,6 @@ def _mark_failed(run_dir: Path, error: str) -> None:
         (run_dir / "error.txt").write_text(error)
         report = run_dir / art.REPORT_FILE
         data = json.loads(report.read_text()) if report.is_file() else {}
-        art.write_json(report, {**data, "status": "failed", "error": error.splitlines()[-1] if error else ""})
+        data = {**data, "status": "failed", "error": error.splitlines()[-1] if error else ""}
+        art.write_json(report, data)
+        (run_dir / REPORT_MD).write_text(run_markdown(data), encoding="utf-8")

@@ -1,0 +1,97 @@
+"""The report's training curves as PNG (matplotlib, headless Agg backend), drawn from
+``metrics.jsonl``. The rank heatmap of dynamic-rank methods is drawn by
+:mod:`lowrank_runner.plots` when the run ends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lowrank_runner.report.history import History
+
+LOSS_PLOT = "loss_curve.png"
+METRIC_PLOT = "metric_curve.png"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _epoch_lines(ax, steps_per_epoch: int | None, last_step: int) -> None:
+    if steps_per_epoch:
+        for s in range(steps_per_epoch, last_step, steps_per_epoch):
+            ax.axvline(s, color="0.85", linewidth=0.8, zorder=0)
+
+
+def loss_plot(history: History, path: Path, title: str, steps_per_epoch: int | None = None) -> Path | None:
+    """Training loss (and the method's extra loss) per logged step, evaluation loss per
+    evaluation, and the learning rate below; None when nothing was logged."""
+    if not history.train and not history.evals:
+        return None
+    plt = _pyplot()
+    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    steps = [r["step"] for r in history.train]
+    if history.train:
+        ax.plot(steps, [r["loss"] for r in history.train], label="train loss", color="tab:blue", linewidth=1.4)
+        extra = [(r["step"], r["extra_loss"]) for r in history.train if "extra_loss" in r]
+        if extra:
+            ax.plot(*zip(*extra), label="extra loss (method)", color="tab:purple", linewidth=1, linestyle="--")
+    evals = [(r["step"], r["eval"]["loss"]) for r in history.evals if "loss" in r["eval"]]
+    if evals:
+        ax.plot(*zip(*evals), label="eval loss", color="tab:orange", marker="o", markersize=4, linewidth=1.4)
+    last = max([*steps, *(r["step"] for r in history.evals)])
+    _epoch_lines(ax, steps_per_epoch, last)
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    lrs = [(r["step"], r["lr"]) for r in history.train if "lr" in r]
+    if lrs:
+        ax_lr.plot(*zip(*lrs), color="tab:green", linewidth=1.2)
+    _epoch_lines(ax_lr, steps_per_epoch, last)
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("optimizer step" + (" (grey lines: epochs)" if steps_per_epoch else ""))
+    ax_lr.grid(alpha=0.3)
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def metric_plot(history: History, path: Path, title: str, metric: str | None, best_step: int | None,
+                steps_per_epoch: int | None = None) -> Path | None:
+    """Every evaluation metric (loss aside) per evaluation; the selection metric bold and
+    the selected (best) checkpoint starred. None without evaluations."""
+    if not history.evals:
+        return None
+    names = list(dict.fromkeys(k for r in history.evals for k, v in r["eval"].items()
+                               if k != "loss" and isinstance(v, (int, float))))
+    if not names:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in names:
+        points = [(r["step"], r["eval"][name]) for r in history.evals if name in r["eval"]]
+        main = name == metric
+        ax.plot(*zip(*points), label=name + (" (selection)" if main else ""), marker="o", markersize=4 if main else 3,
+                linewidth=2.2 if main else 1, alpha=1 if main else 0.75, zorder=3 if main else 2)
+        if main and best_step is not None:
+            best = [v for s, v in points if s == best_step]
+            if best:
+                ax.plot([best_step], best, marker="*", markersize=14, color="gold", markeredgecolor="black",
+                        linestyle="none", label=f"best checkpoint (step {best_step})", zorder=4)
+    _epoch_lines(ax, steps_per_epoch, max(r["step"] for r in history.evals))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("metric")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

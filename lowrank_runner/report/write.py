@@ -1,0 +1,72 @@
+"""Write a run's report files: the plots and ``report.md`` first, ``report.json`` last
+(its ``"status": "completed"`` marks the run complete), and the root ``report.md`` of a
+multi-run recipe. ``render`` redraws a run's ``report.md`` and plots from its
+``report.json`` and ``metrics.jsonl`` (``lrr report --render``). Torch-free."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lowrank_runner.report import curves
+from lowrank_runner.report.history import per_epoch, read_history
+from lowrank_runner.report.markdown import recipe_markdown, run_markdown
+from lowrank_runner.train import artifacts as art
+
+REPORT_MD = "report.md"
+
+
+def _plots(run_dir: Path, report: dict) -> dict[str, str]:
+    """Draw the curves; returns {file name: caption} of the plots that exist."""
+    history = read_history(run_dir / art.METRICS_LOG)
+    steps = report.get("steps") or {}
+    rec, run, best = report.get("recipe", {}), report.get("run", {}), report.get("best") or {}
+    title = f"{rec.get('name')} · {run.get('task')} · seed {run.get('seed')} · {(report.get('method') or {}).get('name')}"
+    out = {}
+    if curves.loss_plot(history, run_dir / curves.LOSS_PLOT, title, steps.get("per_epoch")):
+        out[curves.LOSS_PLOT] = "training and evaluation loss, learning rate"
+    if curves.metric_plot(history, run_dir / curves.METRIC_PLOT, title, best.get("metric"), best.get("step"),
+                          steps.get("per_epoch")):
+        out[curves.METRIC_PLOT] = "evaluation metrics"
+    if (run_dir / art.RANK_HEATMAP_FILE).is_file():
+        out[art.RANK_HEATMAP_FILE] = "final rank pattern (layers × targets)"
+    return out
+
+
+def _complete(run_dir: Path, report: dict) -> dict:
+    """Add the per-epoch rows and the files; write plots and report.md."""
+    steps = report.get("steps") or {}
+    if steps.get("per_epoch") and steps.get("total"):
+        report["per_epoch"] = per_epoch(read_history(run_dir / art.METRICS_LOG), steps["per_epoch"], steps["total"])
+    report["files"] = {"markdown": REPORT_MD, "plots": _plots(run_dir, report)}
+    (run_dir / REPORT_MD).write_text(run_markdown(report), encoding="utf-8")
+    return report
+
+
+def write_run_report(run_dir: Path, report: dict) -> dict:
+    """Write plots, report.md and finally report.json of a finished run."""
+    report = _complete(run_dir, report)
+    art.write_json(run_dir / art.REPORT_FILE, report)
+    return report
+
+
+def render(run_dir: Path, report: dict) -> list[Path]:
+    """Redraw report.md and the plots of a run from its report.json and metrics.jsonl
+    (report.json itself is left as the run wrote it). Returns the files written."""
+    report = _complete(run_dir, dict(report))
+    return [run_dir / REPORT_MD, *(run_dir / name for name in report["files"]["plots"] if name != art.RANK_HEATMAP_FILE)]
+
+
+def write_recipe_report(root: Path, name: str, recipe_hash: str, source: str, command: list[str] | None,
+                        summary: list[dict]) -> Path:
+    """The root report.md of a multi-run recipe (after summary.json and results.md)."""
+    from lowrank_runner.results import RESULTS_MD
+
+    runs = []
+    for entry in summary:
+        run_dir = Path(entry["dir"])
+        runs.append({**entry, "slug": run_dir.name, "has_report": (root / run_dir.name / REPORT_MD).is_file()})
+    results = root / RESULTS_MD
+    text = recipe_markdown(name, recipe_hash, source, command, runs, results.read_text() if results.is_file() else None)
+    path = root / REPORT_MD
+    path.write_text(text, encoding="utf-8")
+    return path
