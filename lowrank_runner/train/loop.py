@@ -122,7 +122,7 @@ def _split_best(tensors: dict | None) -> tuple[dict, dict] | None:
     return adapter, {k: v for k, v in tensors.items() if k not in adapter}
 
 
-_DATA_CACHE: dict[str, tuple[Task, object]] = {}
+_DATA_CACHE: dict[str, tuple[Task, object, object]] = {}
 
 
 def clear_data_cache() -> None:
@@ -130,8 +130,8 @@ def clear_data_cache() -> None:
     _DATA_CACHE.clear()
 
 
-def prepared_data(cfg: dict, tokenizer) -> tuple[Task, object]:
-    """The task and its tokenized splits. Runs of a recipe are task-major, so the seeds of
+def prepared_data(cfg: dict, tokenizer) -> tuple[Task, object, object]:
+    """The task, its raw splits (after any hold-out) and its tokenized splits. Runs of a recipe are task-major, so the seeds of
     a task reuse the last tokenized data of this invocation (datasets' fingerprint cache
     serves file-backed data across processes and invocations too)."""
     import json
@@ -145,7 +145,7 @@ def prepared_data(cfg: dict, tokenizer) -> tuple[Task, object]:
         holdout = cfg["task"].get("holdout_fraction")
         if holdout:
             splits = apply_holdout(splits, holdout, task.eval_splits())
-        _DATA_CACHE[key] = (task, task.tokenize(splits, tokenizer))
+        _DATA_CACHE[key] = (task, splits, task.tokenize(splits, tokenizer))
     return _DATA_CACHE[key]
 
 
@@ -171,7 +171,7 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resu
     ref = resolve_backbone(cfg["backbone"])
     tokenizer = load_tokenizer(ref, cfg["backbone"].get("tokenizer"))
     with accelerator.main_process_first():
-        task, tokenized = prepared_data(cfg, tokenizer)
+        task, splits, tokenized = prepared_data(cfg, tokenizer)
     holdout = cfg["task"].get("holdout_fraction")
     selection = {"validation": ""} if holdout else task.eval_splits()
     tests = {TEST_PREFIX + name: suffix for name, suffix in task.eval_splits().items()} if holdout else {}
