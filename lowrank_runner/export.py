@@ -74,7 +74,7 @@ def read_run(source: Path, backbone: str | None = None) -> tuple[dict, dict, dic
 
     source = Path(source)
     adapter_dir = adapter_dir_of(source)
-    config = yaml.safe_load((adapter_dir.parent if adapter_dir != source else source).joinpath(art.RECIPE_FILE).read_text())
+    config = yaml.safe_load((source / art.RECIPE_FILE).read_text())  # beside adapter/ or in the bundle
     adapter_cfg, adapter, head = art.load_adapter(adapter_dir)
     if backbone is not None:
         config["backbone"] = {**config["backbone"], "name": str(backbone)}
@@ -215,17 +215,23 @@ def collect_if_alive(ref) -> None:
 
 
 class _MergeCheck:
-    """Sees each module's ΔW during the merge: non-finite values stop it; records size."""
+    """Sees each module's ΔW during the merge: non-finite values stop it; records its
+    size and whether the merged weight, stored in the output dtype, differs from the
+    base weight stored in that dtype (a ΔW below that precision changes nothing)."""
 
-    def __init__(self):
+    def __init__(self, dtype):
+        self.dtype = dtype
         self.largest: dict[str, float] = {}
+        self.changed: dict[str, bool] = {}
 
-    def __call__(self, path: str, delta) -> None:
+    def __call__(self, path: str, delta, weight) -> None:
         import torch
 
         if not torch.isfinite(delta).all():
             raise ExportError(f"{path}: the adapter's update ΔW holds NaN/Inf (a corrupted or diverged adapter); nothing written")
         self.largest[path] = float(delta.abs().max())
+        with torch.no_grad():
+            self.changed[path] = bool(((weight.float() + delta).to(self.dtype) != weight.to(self.dtype)).any())
 
 
 def export_merged(source: Path, out: Path, tolerance: float = 1e-3, dtype: str | None = None,
@@ -254,13 +260,19 @@ def export_merged(source: Path, out: Path, tolerance: float = 1e-3, dtype: str |
         raise ExportError(f"{source}: the adapter model produces NaN/Inf ({', '.join(bad)}) on the probe batch; nothing written")
     refuse_tied_targets(model)
     tied = embeddings_tied(model)
-    check = _MergeCheck()
+    check = _MergeCheck(getattr(torch, target))
     merge_adapters(model, check=check)
     if not any(check.largest.values()):
         raise ExportError(
             f"{source}: every adapted module's update ΔW is exactly zero ({len(check.largest)} modules): the merged "
             "weights would equal the backbone's, so the export would change nothing. Was the adapter trained "
             "(learning rate, steps) and saved? nothing written"
+        )
+    if not any(check.changed.values()):
+        raise ExportError(
+            f"{source}: every update ΔW (largest |ΔW| {max(check.largest.values()):.3g}) is below the precision of "
+            f"{target}: the merged {target} weights would equal the backbone's, so the export would change nothing. "
+            "Export in a finer dtype (--dtype float32); nothing written"
         )
     merged = model_outputs(model, batch)
     max_diff, mean_diff = compare_outputs(reference, merged)
@@ -314,6 +326,7 @@ def export_merged(source: Path, out: Path, tolerance: float = 1e-3, dtype: str |
             "backbone": adapter_cfg["backbone"],
             "model_class": adapter_cfg["task"]["model_class"],
             "modules_merged": len(check.largest),
+            "modules_changed": sum(check.changed.values()),
             "largest_abs_delta": max(check.largest.values()),
             "probe_examples": len(batch["input_ids"]),
             "outputs_compared": sorted(reference),

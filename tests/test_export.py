@@ -243,6 +243,15 @@ def test_an_adapter_that_changes_nothing_exits_non_zero_and_writes_nothing(runs,
     assert code == 1 and "would change nothing" in output and "6 modules" in output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inert"]
 
+    def shrink(state):
+        for key, value in state.items():
+            if key.endswith("lora_B"):
+                value.mul_(1e-12)
+
+    tiny = corrupted_copy(runs["lora"], tmp_path / "tiny", shrink)
+    code, output = lrr("export", tiny, "--merge", "--out", tmp_path / "out")
+    assert code == 1 and "below the precision of float32" in output and not (tmp_path / "out").exists()
+
     empty = corrupted_copy(runs["lora"], tmp_path / "empty", lambda state: state.clear())
     code, output = lrr("export", empty, "--merge", "--out", tmp_path / "out")
     assert code == 1 and "adapter weights missing" in output and not (tmp_path / "out").exists()

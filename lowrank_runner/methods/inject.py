@@ -164,13 +164,14 @@ def count_adapter_params(model: nn.Module) -> int:
 
 def merge_adapters(model: nn.Module, check=None) -> nn.Module:
     """Fold every adapter into its base weight, module by module and in place, and
-    restore the plain module tree. ``check(path, delta)``, if given, sees each module's
-    float32 ``ΔW`` before it is added (and may raise to stop the merge)."""
+    restore the plain module tree. ``check(path, delta, weight)``, if given, sees each
+    module's float32 ``ΔW`` and the base weight (both as stored) before the sum is
+    written (and may raise to stop the merge)."""
     for path, module in list(model.named_modules()):
         if isinstance(module, AdaptedLayer):
             delta = module.stored_delta()
             if check is not None:
-                check(path, delta)
+                check(path, delta, module.base_layer.weight)
             parent, attr = _parent(model, path)
             setattr(parent, attr, module.merged_base(delta))
             del delta
