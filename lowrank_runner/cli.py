@@ -219,24 +219,40 @@ def run(
 @app.command()
 @friendly
 def export(
-    run_dir: Path = typer.Argument(..., help="A run directory written by 'lrr run'."),
+    run_dir: Path = typer.Argument(..., help="A run directory written by 'lrr run', or an adapter bundle written by 'lrr export --adapter'."),
     merge: bool = typer.Option(False, "--merge", help="Write a merged Hugging Face checkpoint (adapters folded into the weights)."),
+    adapter: bool = typer.Option(False, "--adapter", help="Write an adapter bundle (weights, head, resolved config) that lrr loads onto the backbone again."),
     peft_format: bool = typer.Option(False, "--peft", help="Write a HF PEFT LoRA adapter (lora runs; needs the peft package)."),
     out: Path = typer.Option(..., "--out", help="Output directory (must not exist or be empty)."),
-    tolerance: float = typer.Option(1e-3, "--tolerance", help="Largest allowed |logit| difference to the adapter model on the probe batch."),
+    tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Largest allowed output difference to the adapter model on the probe batch (default: 1e-3 merge, 0 bundle, 1e-4 PEFT)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="--merge: dtype of the saved weights, float32 | bfloat16 | float16 (default: the backbone's own, or the recipe's backbone.dtype if half)."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="--merge: largest safetensors shard, e.g. 5GB or 500MB."),
+    cast_tolerance: Optional[float] = typer.Option(None, "--cast-tolerance", help="--merge to bfloat16/float16: allowed output change from the cast, relative to the largest output (default: 8 x the dtype's epsilon)."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", help="Load the backbone from here (a local directory or hub id) instead of where the run found it."),
 ):
-    """Export a trained run: a merged checkpoint for deployment, or a PEFT adapter."""
-    if merge == peft_format:
-        raise UsageError("choose one export: --merge (a merged Hugging Face checkpoint) or --peft (a PEFT LoRA adapter)")
+    """Export a trained run: a merged checkpoint for deployment, an adapter bundle, or a PEFT adapter."""
+    if merge + adapter + peft_format != 1:
+        raise UsageError("choose one export: --merge (a merged Hugging Face checkpoint), --adapter (an lrr adapter bundle) "
+                         "or --peft (a PEFT LoRA adapter)")
+    if not merge and (dtype is not None or cast_tolerance is not None or max_shard_size != "5GB"):
+        raise UsageError("--dtype, --cast-tolerance and --max-shard-size apply to --merge only")
     if merge:
         from lowrank_runner.export import export_merged
 
-        info = export_merged(run_dir, out, tolerance=tolerance)
-        print(f"merged checkpoint written to {out} (max |logit diff| on the probe batch: {info['max_abs_logit_diff']:.3g})")
+        info = export_merged(run_dir, out, tolerance=1e-3 if tolerance is None else tolerance, dtype=dtype,
+                             max_shard_size=max_shard_size, cast_tolerance=cast_tolerance, backbone=backbone)
+        print(f"merged {info['dtype']} checkpoint written to {out} in {len(info['shards'])} shard(s) "
+              f"(max |output diff| on the probe batch: {info['max_abs_logit_diff']:.3g})")
+    elif adapter:
+        from lowrank_runner.bundle import export_bundle
+
+        info = export_bundle(run_dir, out, tolerance=0.0 if tolerance is None else tolerance, backbone=backbone)
+        print(f"adapter bundle written to {out} (loaded back: max |output diff| {info['max_abs_logit_diff']:.3g}); "
+              f"load with lowrank_runner.load_adapted({str(out)!r}) or merge with: lrr export {out} --merge --out DIR")
     else:
         from lowrank_runner.export_peft import export_peft
 
-        info = export_peft(run_dir, out, tolerance=tolerance)
+        info = export_peft(run_dir, out, tolerance=1e-4 if tolerance is None else tolerance, backbone=backbone)
         print(f"PEFT adapter written to {out} (max |logit diff| to our model: {info['max_abs_logit_diff']:.3g}); "
               f"load with PeftModel.from_pretrained(base, {str(out)!r})")
 

@@ -1,153 +1,346 @@
 """``lrr export --merge``: fold the trained adapter into the backbone and write a plain
-Hugging Face checkpoint (safetensors + config + tokenizer) that loads with
+Hugging Face checkpoint (sharded safetensors + config + tokenizer) that loads with
 ``AutoModelFor*.from_pretrained`` and nothing of ours imported.
 
-Nothing is written unless every check passes: the merged model must reproduce the
-adapter model's logits on a probe batch (largest difference recorded), and the written
-checkpoint, reloaded with plain transformers, must reproduce them again. The files are
-assembled in a temporary sibling directory and renamed into place at the end.
+The source is a run directory written by ``lrr run`` or an adapter bundle written by
+``lrr export --adapter`` (:mod:`lowrank_runner.bundle`). Steps, with one copy of the
+model in memory at any time:
+
+1. the backbone is loaded in float32 with the trained adapter and head; its outputs on a
+   probe batch are the reference (NaN/Inf there: stop);
+2. adapters are merged module by module, in place: ``W ← W + ΔW`` computed in float32.
+   A non-finite ``ΔW`` stops the export (naming the module), so does an adapter whose
+   every ``ΔW`` is zero (the export would change nothing), and so does an adapted weight
+   tied to another parameter (merging would silently change both: e.g. an ``lm_head``
+   tied to the input embeddings);
+3. the merged model must reproduce the reference within ``tolerance``;
+4. it is cast to the output dtype (``--dtype``; default: the backbone's own dtype from its
+   config, unless the recipe's ``backbone.dtype`` names bfloat16/float16) and, for half
+   precision, checked again within ``cast_tolerance × max(1, max |reference|)``;
+5. it is saved in shards of at most ``max_shard_size``, freed, reloaded with plain
+   transformers and compared once more (dtype and tied embeddings included).
+
+Everything is written into a temporary sibling directory that is renamed into place only
+when every check passed: a failed export leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from pathlib import Path
 
 import lowrank_runner
 from lowrank_runner.errors import ExportError, UsageError
 from lowrank_runner.outputs import require_free, staged_directory
+from lowrank_runner.probe import PROBE_TEXTS, compare_outputs, largest_magnitude, model_outputs, non_finite, probe_batch
 from lowrank_runner.quiet import quiet_libraries
 from lowrank_runner.train import artifacts as art
 
+__all__ = ["export_merged", "load_trained_model", "probe_batch", "read_run", "PROBE_TEXTS"]
+
 EXPORT_INFO = "lrr_export.json"
-PROBE_TEXTS = (
-    "The service was quick and the staff were friendly.",
-    "It stopped working after two days and nobody answered my emails.",
-    "An ordinary film: a few good scenes, a lot of filler.",
-    "Absolutely wonderful.",
-    "I would not recommend this to anyone, least of all my friends.",
-    "The battery lasts all day, but the screen scratches easily and the case feels cheap.",
-    "ok",
-    "A long, winding story that somehow keeps you reading until the very last page of the book.",
-)
+DTYPES = ("float32", "bfloat16", "float16")
+# Half-precision casts change the outputs by rounding; allowed: this many units of the
+# dtype's machine epsilon, relative to the largest reference output (at least 1).
+CAST_EPS_UNITS = 8
+DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 
-def read_run(run_dir: Path) -> tuple[dict, dict, dict, dict]:
-    """The resolved recipe and adapter (config, weights, head) of a run directory."""
+def adapter_dir_of(source: Path) -> Path:
+    """Where a source keeps its adapter: ``RUN_DIR/adapter`` or the bundle itself."""
+    if (source / art.ADAPTER_DIR / art.ADAPTER_CONFIG).is_file():
+        return source / art.ADAPTER_DIR
+    config = source / art.ADAPTER_CONFIG
+    if config.is_file():
+        data = json.loads(config.read_text())
+        if "peft_type" in data:
+            raise UsageError(f"{source}: a PEFT adapter (written by --peft); load it with peft.PeftModel.from_pretrained")
+        if data.get("format") == "lowrank-runner-adapter" and (source / art.RECIPE_FILE).is_file():
+            return source
+    subruns = sorted(p.parent.parent.name for p in source.glob(f"*/{art.ADAPTER_DIR}/{art.ADAPTER_CONFIG}"))
+    hint = f"; it holds several runs, export one of: {', '.join(str(source / s) for s in subruns)}" if subruns else ""
+    raise UsageError(
+        f"{source}: not a run directory written by 'lrr run' (no {art.ADAPTER_DIR}/{art.ADAPTER_CONFIG}) "
+        f"nor an adapter bundle written by 'lrr export --adapter'{hint}"
+    )
+
+
+def read_run(source: Path, backbone: str | None = None) -> tuple[dict, dict, dict, dict]:
+    """The resolved run config and the adapter (config, weights, head) of a run directory
+    or bundle; ``backbone`` replaces the backbone location (a moved or downloaded copy)."""
     import yaml
 
-    adapter_dir = run_dir / art.ADAPTER_DIR
-    if not (adapter_dir / art.ADAPTER_CONFIG).is_file():
-        subruns = sorted(p.parent.parent.name for p in run_dir.glob(f"*/{art.ADAPTER_DIR}/{art.ADAPTER_CONFIG}"))
-        hint = f"; it holds several runs, export one of: {', '.join(str(run_dir / s) for s in subruns)}" if subruns else ""
-        raise UsageError(f"{run_dir}: not a run directory written by 'lrr run' (no {art.ADAPTER_DIR}/{art.ADAPTER_CONFIG}){hint}")
-    config = yaml.safe_load((run_dir / art.RECIPE_FILE).read_text())
+    source = Path(source)
+    adapter_dir = adapter_dir_of(source)
+    config = yaml.safe_load((source / art.RECIPE_FILE).read_text())  # beside adapter/ or in the bundle
     adapter_cfg, adapter, head = art.load_adapter(adapter_dir)
+    if backbone is not None:
+        config["backbone"] = {**config["backbone"], "name": str(backbone)}
     return config, adapter_cfg, adapter, head
 
 
-def load_trained_model(run_dir: Path, with_adapter: bool = True, head: bool = True):
-    """The run's backbone in eval mode (float32) with its trained head and, unless
-    ``with_adapter=False``, the trained adapter; ``head=False`` leaves the head as built."""
+def head_config_of(adapter_cfg: dict) -> dict:
+    head = {k: v for k, v in adapter_cfg["task"].items() if k not in ("name", "model_class")}
+    if "id2label" in head:
+        head["id2label"] = {int(k): v for k, v in head["id2label"].items()}
+    return head
+
+
+def model_class_of(adapter_cfg: dict):
     import transformers
 
+    name = adapter_cfg["task"]["model_class"]
+    try:
+        return getattr(transformers, name)
+    except AttributeError:
+        raise ExportError(f"adapter_config.json names task.model_class {name!r}, which this transformers lacks") from None
+
+
+def load_trained_model(source: Path, with_adapter: bool = True, head: bool = True, dtype: str | None = None,
+                       backbone: str | None = None):
+    """The source's backbone in eval mode with its trained head and, unless
+    ``with_adapter=False``, the trained adapter; ``head=False`` leaves the head as built.
+    ``dtype`` overrides the recipe's ``backbone.dtype``, ``backbone`` its location."""
     from lowrank_runner.methods.inject import load_adapter_state
     from lowrank_runner.modeling import build_adapted_model, load_plain_model
 
-    config, adapter_cfg, adapter, head_state = read_run(run_dir)
-    task = adapter_cfg["task"]
-    head_config = {k: v for k, v in task.items() if k not in ("name", "model_class")}
-    if "id2label" in head_config:
-        head_config["id2label"] = {int(k): v for k, v in head_config["id2label"].items()}
-    model_class = getattr(transformers, task["model_class"])
+    source = Path(source)
+    config, adapter_cfg, adapter, head_state = read_run(source, backbone)
+    build = config if dtype is None else {**config, "backbone": {**config["backbone"], "dtype": dtype}}
+    head_config, model_class = head_config_of(adapter_cfg), model_class_of(adapter_cfg)
     if not with_adapter:
-        model, adapted = load_plain_model(config, model_class, head_config), None
+        model, adapted = load_plain_model(build, model_class, head_config), None
         if head:
             model.load_state_dict(head_state, strict=False)
         return model.eval(), adapted, config, adapter_cfg
-    adapted = build_adapted_model(config, model_class, head_config, weights=True)
+    adapted = build_adapted_model(build, model_class, head_config, weights=True)
     model = adapted.model
     own = set(model.state_dict())
     unknown = sorted((set(adapter) | set(head_state)) - own)
     if unknown:
-        raise ExportError(f"{run_dir}: saved weights do not fit the rebuilt model (e.g. {unknown[:3]}); was the backbone changed?")
+        raise ExportError(f"{source}: saved weights do not fit the rebuilt model (e.g. {unknown[:3]}); was the backbone changed?")
     try:
         missing = load_adapter_state(model, adapter)  # compact (final-rank) tensors included
     except (KeyError, ValueError, RuntimeError) as exc:
-        raise ExportError(f"{run_dir}: saved adapter does not fit the rebuilt model: {exc}") from None
+        raise ExportError(f"{source}: saved adapter does not fit the rebuilt model: {exc}") from None
     if missing:
-        raise ExportError(f"{run_dir}: adapter weights missing for {sorted(missing)[:3]}")
+        raise ExportError(f"{source}: adapter weights missing for {sorted(missing)[:3]}")
     if head:
         model.load_state_dict(head_state, strict=False)
     model.eval()
     return model, adapted, config, adapter_cfg
 
 
-def probe_batch(tokenizer, max_length: int):
-    return tokenizer(list(PROBE_TEXTS), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+def source_tokenizer(source: Path, ref, config: dict):
+    """A bundle's own tokenizer if it carries one, else the backbone's (``ref``)."""
+    from lowrank_runner.backbones import BackboneRef, load_tokenizer
+
+    if (Path(source) / "tokenizer_config.json").is_file():
+        return load_tokenizer(BackboneRef(str(source), str(source), True))
+    return load_tokenizer(ref, config["backbone"].get("tokenizer"))
 
 
-def _logits(model, batch):
-    import torch
+def backbone_dtype(ref) -> str:
+    """The dtype the backbone checkpoint declares (``dtype``/``torch_dtype`` in its
+    config), float32 when it declares none or one we do not export."""
+    from lowrank_runner.backbones import load_config
 
-    with torch.no_grad():
-        return model(**batch).logits.float()
+    cfg = load_config(ref)
+    declared = getattr(cfg, "dtype", None) or cfg.to_dict().get("torch_dtype")
+    name = str(declared).replace("torch.", "") if declared is not None else "float32"
+    return name if name in DTYPES else "float32"
 
 
-def _compare(reference, other) -> tuple[float, float]:
-    diff = (reference - other).abs()
-    return float(diff.max()), float(diff.mean())
+def export_dtype(requested: str | None, recipe_dtype: str, ref) -> str:
+    if requested is not None:
+        if requested not in DTYPES:
+            raise UsageError(f"--dtype {requested}: choose one of {', '.join(DTYPES)}")
+        return requested
+    if recipe_dtype in ("bfloat16", "float16"):
+        return recipe_dtype
+    return backbone_dtype(ref)
 
 
-def export_merged(run_dir: Path, out: Path, tolerance: float = 1e-3) -> dict:
+def check_max_shard_size(size) -> int:
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        value = convert_file_size_to_int(size)
+    except (ValueError, TypeError):
+        value = None
+    if not isinstance(value, int) or value <= 0:
+        raise UsageError(f"--max-shard-size {size}: give a size such as 5GB, 500MB or a number of bytes")
+    return value
+
+
+def tied_weights(model) -> dict[str, list[str]]:
+    """Parameter names grouped by the tensor they share (only groups of two or more)."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return {names[0]: names for names in groups.values() if len(names) > 1}
+
+
+def refuse_tied_targets(model) -> None:
+    """Merging into a weight shared with another module would change both: refuse."""
+    from lowrank_runner.methods.inject import AdaptedLayer
+
+    shared = {n: names for names in tied_weights(model).values() for n in names}
+    for path, module in model.named_modules():
+        if isinstance(module, AdaptedLayer):
+            key = f"{path}.base_layer.weight"
+            if key in shared:
+                others = [n for n in shared[key] if n != key]
+                raise ExportError(
+                    f"{path}: its weight is tied to {', '.join(others)} (tie_word_embeddings); merging ΔW into it would "
+                    "change that tensor too and the merged model would no longer be the adapter model. Train without "
+                    f"adapting {path}, or export the adapter instead (--adapter, or --peft for lora); nothing written"
+                )
+
+
+def embeddings_tied(model) -> bool:
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    weight = getattr(out, "weight", None)
+    return weight is not None and inp is not None and weight is getattr(inp, "weight", None)
+
+
+def collect_if_alive(ref) -> None:
+    """``ref``: a weak reference to a model the caller just dropped. Reference cycles can
+    keep a model alive until the next full garbage collection; run one only then (a
+    full collection is slow in a big process)."""
+    if ref() is not None:
+        gc.collect()
+
+
+class _MergeCheck:
+    """Sees each module's ΔW during the merge: non-finite values stop it; records its
+    size and whether the merged weight, stored in the output dtype, differs from the
+    base weight stored in that dtype (a ΔW below that precision changes nothing)."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+        self.largest: dict[str, float] = {}
+        self.changed: dict[str, bool] = {}
+
+    def __call__(self, path: str, delta, weight) -> None:
+        import torch
+
+        if not torch.isfinite(delta).all():
+            raise ExportError(f"{path}: the adapter's update ΔW holds NaN/Inf (a corrupted or diverged adapter); nothing written")
+        self.largest[path] = float(delta.abs().max())
+        with torch.no_grad():
+            self.changed[path] = bool(((weight.float() + delta).to(self.dtype) != weight.to(self.dtype)).any())
+
+
+def export_merged(source: Path, out: Path, tolerance: float = 1e-3, dtype: str | None = None,
+                  max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, cast_tolerance: float | None = None,
+                  backbone: str | None = None) -> dict:
     import torch
 
     quiet_libraries()
-    from lowrank_runner.backbones import load_tokenizer, torch_dtype
     from lowrank_runner.methods.inject import merge_adapters
 
-    run_dir, out = Path(run_dir), Path(out)
+    source, out = Path(source), Path(out)
     require_free(out, "--out")
-    model, adapted, config, adapter_cfg = load_trained_model(run_dir)
-    tokenizer = load_tokenizer(adapted.backbone, config["backbone"].get("tokenizer"))
+    check_max_shard_size(max_shard_size)
+    if dtype is not None and dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    model, adapted, config, adapter_cfg = load_trained_model(source, dtype="float32", backbone=backbone)
+    ref, model_class = adapted.backbone, type(model)
+    del adapted  # it holds the model too; the model must be freeable before the reload
+    target = export_dtype(dtype, config["backbone"]["dtype"], ref)
+    tokenizer = source_tokenizer(source, ref, config)
     batch = probe_batch(tokenizer, config["task"]["max_length"])
 
-    reference = _logits(model, batch)
-    if not torch.isfinite(reference).all():
-        raise ExportError(f"{run_dir}: the adapter model produces NaN/Inf logits on the probe batch; nothing written")
-    merged = merge_adapters(model)
-    merged_logits = _logits(merged, batch)
-    max_diff, mean_diff = _compare(reference, merged_logits)
-    if not torch.isfinite(merged_logits).all() or not max_diff <= tolerance:
+    reference = model_outputs(model, batch)
+    bad = non_finite(reference)
+    if bad:
+        raise ExportError(f"{source}: the adapter model produces NaN/Inf ({', '.join(bad)}) on the probe batch; nothing written")
+    refuse_tied_targets(model)
+    tied = embeddings_tied(model)
+    check = _MergeCheck(getattr(torch, target))
+    merge_adapters(model, check=check)
+    if not any(check.largest.values()):
         raise ExportError(
-            f"merged model differs from the adapter model by up to {max_diff:.3g} on the probe batch "
+            f"{source}: every adapted module's update ΔW is exactly zero ({len(check.largest)} modules): the merged "
+            "weights would equal the backbone's, so the export would change nothing. Was the adapter trained "
+            "(learning rate, steps) and saved? nothing written"
+        )
+    if not any(check.changed.values()):
+        raise ExportError(
+            f"{source}: every update ΔW (largest |ΔW| {max(check.largest.values()):.3g}) is below the precision of "
+            f"{target}: the merged {target} weights would equal the backbone's, so the export would change nothing. "
+            "Export in a finer dtype (--dtype float32); nothing written"
+        )
+    merged = model_outputs(model, batch)
+    max_diff, mean_diff = compare_outputs(reference, merged)
+    if not max_diff <= tolerance:
+        raise ExportError(
+            f"the merged model differs from the adapter model by up to {max_diff:.3g} on the probe batch "
             f"(tolerance {tolerance:g}); nothing written"
         )
-    dtype = config["backbone"]["dtype"]
-    if dtype != "auto":
-        merged.to(torch_dtype(dtype))
+    expected, info_cast = merged, {}
+    if target != "float32":
+        model.to(getattr(torch, target))  # in place, parameter by parameter
+        cast = model_outputs(model, batch)
+        bound = (CAST_EPS_UNITS * torch.finfo(getattr(torch, target)).eps if cast_tolerance is None else cast_tolerance)
+        allowed = bound * max(1.0, largest_magnitude(reference))
+        cast_max, cast_mean = compare_outputs(reference, cast)
+        if non_finite(cast) or not cast_max <= allowed:
+            raise ExportError(
+                f"cast to {target}, the merged model differs from the adapter model by up to {cast_max:.3g} on the "
+                f"probe batch (allowed {allowed:.3g}; overflow or too coarse a dtype); export in float32 with "
+                "--dtype float32 or loosen --cast-tolerance; nothing written"
+            )
+        expected = cast
+        info_cast = {"cast_max_abs_logit_diff": cast_max, "cast_mean_abs_logit_diff": cast_mean, "cast_allowed": allowed}
 
     with staged_directory(out) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
-        reloaded = type(merged).from_pretrained(tmp).eval()
-        reload_diff, _ = _compare(reference, _logits(reloaded, batch))
-        if not reload_diff <= tolerance:
-            raise ExportError(f"the written checkpoint, reloaded, differs from the adapter model by {reload_diff:.3g}; nothing written")
+        shards = sorted(p.name for p in tmp.glob("*.safetensors"))
+        alive = weakref.ref(model)
+        del model
+        collect_if_alive(alive)
+        reloaded = model_class.from_pretrained(tmp, dtype="auto").eval()
+        dtypes = sorted({str(p.dtype).replace("torch.", "") for p in reloaded.parameters() if p.is_floating_point()})
+        if dtypes != [target]:
+            raise ExportError(f"the written checkpoint reloads as {', '.join(dtypes)}, not {target}; nothing written")
+        if tied and not embeddings_tied(reloaded):
+            raise ExportError("the backbone's tied input/output embeddings came back untied from the written checkpoint; nothing written")
+        again = model_outputs(reloaded, batch)
+        reload_self, _ = compare_outputs(expected, again)
+        reload_diff, _ = compare_outputs(reference, again)
+        if not reload_self <= tolerance:
+            raise ExportError(f"the written checkpoint, reloaded, differs from the merged model by {reload_self:.3g}; nothing written")
+        del reloaded
         info = {
             "lowrank_runner_version": lowrank_runner.__version__,
-            "source_run": str(run_dir.resolve()),
+            "format": "merged-transformers",
+            "source_run": str(source.resolve()),
             "recipe_hash": adapter_cfg.get("recipe_hash"),
             "config_hash": adapter_cfg.get("config_hash"),
             "method": adapter_cfg["method"],
             "backbone": adapter_cfg["backbone"],
-            "modules_merged": len(adapter_cfg["modules"]),
-            "probe_examples": len(PROBE_TEXTS),
+            "model_class": adapter_cfg["task"]["model_class"],
+            "modules_merged": len(check.largest),
+            "modules_changed": sum(check.changed.values()),
+            "largest_abs_delta": max(check.largest.values()),
+            "probe_examples": len(batch["input_ids"]),
+            "outputs_compared": sorted(reference),
             "max_abs_logit_diff": max_diff,
             "mean_abs_logit_diff": mean_diff,
+            **info_cast,
             "reloaded_max_abs_logit_diff": reload_diff,
             "tolerance": tolerance,
-            "dtype": dtype,
+            "dtype": target,
+            "merge_dtype": "float32",
+            "tied_word_embeddings": tied,
+            "max_shard_size": max_shard_size,
+            "shards": shards,
         }
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return info
+

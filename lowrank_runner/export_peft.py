@@ -13,7 +13,8 @@ from pathlib import Path
 
 import lowrank_runner
 from lowrank_runner.errors import ExportError, UsageError
-from lowrank_runner.export import EXPORT_INFO, _compare, _logits, load_trained_model, probe_batch
+from lowrank_runner.export import EXPORT_INFO, load_trained_model
+from lowrank_runner.probe import compare_outputs, model_outputs, non_finite, probe_batch
 from lowrank_runner.outputs import require_free, staged_directory
 from lowrank_runner.quiet import quiet_libraries
 
@@ -41,29 +42,37 @@ def _peft_config(peft, adapter_cfg: dict, head_modules: list[str], fan_in_fan_ou
     )
 
 
-def export_peft(run_dir: Path, out: Path, tolerance: float = 1e-4) -> dict:
+def export_peft(source: Path, out: Path, tolerance: float = 1e-4, backbone: str | None = None) -> dict:
+    """One backbone load serves the three models involved: ours (the reference), the
+    same backbone with our adapter layers taken off and PEFT's put on (our weights
+    loaded into them), and, after PEFT's layers are unloaded again and the head is zeroed
+    (so the head must come from the written files), the written adapter loaded back."""
     import torch
 
     quiet_libraries()
     peft = _require_peft()
-    from lowrank_runner.backbones import load_tokenizer
-    from lowrank_runner.export import read_run
+    from lowrank_runner.export import read_run, source_tokenizer
+    from lowrank_runner.methods.inject import remove_adapters
 
-    run_dir, out = Path(run_dir), Path(out)
+    source, out = Path(source), Path(out)
     require_free(out, "--out")
-    config, adapter_cfg, adapter_state, head_state = read_run(run_dir)
+    config, adapter_cfg, adapter_state, head_state = read_run(source, backbone)
     if adapter_cfg["method"]["name"] != "lora":
-        raise UsageError(f"--peft exports 'lora' runs; this run used '{adapter_cfg['method']['name']}' (use --merge)")
-    ours, adapted, _, _ = load_trained_model(run_dir)
-    tokenizer = load_tokenizer(adapted.backbone, config["backbone"].get("tokenizer"))
+        raise UsageError(f"--peft exports 'lora' runs; this run used '{adapter_cfg['method']['name']}' (use --merge or --adapter)")
+    ours, adapted, _, _ = load_trained_model(source, backbone=backbone)
+    tokenizer = source_tokenizer(source, adapted.backbone, config)
     batch = probe_batch(tokenizer, config["task"]["max_length"])
-    expected = _logits(ours, batch)
-
-    # A plain backbone with the trained head, wrapped by PEFT, receiving our LoRA weights.
-    base, _, _, _ = load_trained_model(run_dir, with_adapter=False)
+    expected = model_outputs(ours, batch)
+    if non_finite(expected):
+        raise ExportError(f"{source}: the adapter model produces NaN/Inf on the probe batch; nothing written")
+    location = adapted.backbone.location
     fan_in_fan_out = any(info.fan_in_fan_out for info in adapted.injection.layers.values())
     head_modules = sorted({name.split(".")[0] for name in adapted.head_names})
-    peft_model = peft.get_peft_model(base, _peft_config(peft, adapter_cfg, head_modules, fan_in_fan_out)).eval()
+    peft_config = _peft_config(peft, adapter_cfg, head_modules, fan_in_fan_out)
+    del adapted
+
+    # The plain backbone with the trained head, wrapped by PEFT, receiving our LoRA weights.
+    peft_model = peft.get_peft_model(remove_adapters(ours), peft_config).eval()
     mapping = {}
     for key, value in adapter_state.items():
         module, _, param = key.partition(".lrr_adapter.")
@@ -72,28 +81,33 @@ def export_peft(run_dir: Path, out: Path, tolerance: float = 1e-4) -> dict:
     if missing:
         raise ExportError(f"PEFT's model has no parameter for {sorted(missing)[:2]}; nothing written")
     peft_model.load_state_dict(mapping, strict=False)
-    diff, _ = _compare(expected, _logits(peft_model, batch))
+    diff, _ = compare_outputs(expected, model_outputs(peft_model, batch))
     if not diff <= tolerance:
         raise ExportError(f"PEFT's model differs from ours by {diff:.3g} on the probe batch; nothing written")
 
     with staged_directory(out) as tmp:
         peft_model.save_pretrained(tmp)
-        _set_base_path(tmp, adapted.backbone.location)
+        _set_base_path(tmp, location)
         tokenizer.save_pretrained(tmp)
-        fresh, _, _, _ = load_trained_model(run_dir, with_adapter=False, head=False)
-        reloaded = peft.PeftModel.from_pretrained(fresh, str(tmp)).eval()
-        reload_diff, _ = _compare(expected, _logits(reloaded, batch))
+        base = peft_model.unload()
+        del peft_model
+        with torch.no_grad():
+            for name in head_state:
+                base.get_parameter(name).zero_()  # the written adapter must carry the head
+        reloaded = peft.PeftModel.from_pretrained(base, str(tmp)).eval()
+        reload_diff, _ = compare_outputs(expected, model_outputs(reloaded, batch))
         if not reload_diff <= tolerance:
             raise ExportError(f"the written PEFT adapter, reloaded, differs from ours by {reload_diff:.3g}; nothing written")
         task = adapter_cfg["task"]
         info = {
             "lowrank_runner_version": lowrank_runner.__version__,
             "format": "peft-lora",
-            "source_run": str(run_dir.resolve()),
+            "source_run": str(source.resolve()),
             "recipe_hash": adapter_cfg.get("recipe_hash"),
-            "base_model": adapted.backbone.location,
+            "base_model": location,
             "model_class": task["model_class"],
             "head_config": {k: v for k, v in task.items() if k not in ("name", "model_class")},
+            "outputs_compared": sorted(expected),
             "max_abs_logit_diff": diff,
             "reloaded_max_abs_logit_diff": reload_diff,
             "torch": torch.__version__,

@@ -49,15 +49,21 @@ class AdaptedLayer(nn.Module):
         w0 = weight_out_in(self.base_layer, self.info.fan_in_fan_out)
         return out + self.lrr_adapter(x, w0).to(out.dtype)
 
-    def merged_base(self) -> nn.Module:
-        """The base layer with ``ΔW`` folded into its weight (computed in float32)."""
+    def stored_delta(self) -> torch.Tensor:
+        """``ΔW`` in float32, in the orientation the base layer stores its weight."""
         base = self.base_layer
         with torch.no_grad():
             delta = self.lrr_adapter.delta_weight(weight_out_in(base, self.info.fan_in_fan_out)).float()
-        if self.info.fan_in_fan_out:
-            delta = delta.T
+        return (delta.T if self.info.fan_in_fan_out else delta).to(base.weight.device)
+
+    def merged_base(self, delta: torch.Tensor | None = None) -> nn.Module:
+        """The base layer with ``ΔW`` folded into its weight in place (the sum computed in
+        float32, then stored in the weight's dtype). ``delta``: a precomputed
+        :meth:`stored_delta`."""
+        base = self.base_layer
+        delta = self.stored_delta() if delta is None else delta
         with torch.no_grad():
-            base.weight.copy_((base.weight.float() + delta.to(base.weight.device)).to(base.weight.dtype))
+            base.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
         return base
 
 
@@ -156,12 +162,31 @@ def count_adapter_params(model: nn.Module) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if is_adapter_param(n))
 
 
-def merge_adapters(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight and restore the plain module tree."""
+def merge_adapters(model: nn.Module, check=None) -> nn.Module:
+    """Fold every adapter into its base weight, module by module and in place, and
+    restore the plain module tree. ``check(path, delta, weight)``, if given, sees each
+    module's float32 ``ΔW`` and the base weight (both as stored) before the sum is
+    written (and may raise to stop the merge)."""
+    for path, module in list(model.named_modules()):
+        if isinstance(module, AdaptedLayer):
+            delta = module.stored_delta()
+            if check is not None:
+                check(path, delta, module.base_layer.weight)
+            parent, attr = _parent(model, path)
+            setattr(parent, attr, module.merged_base(delta))
+            del delta
+    if hasattr(model, SHARED_KEY):
+        delattr(model, SHARED_KEY)
+    return model
+
+
+def remove_adapters(model: nn.Module) -> nn.Module:
+    """Take the adapters off without merging: the plain module tree with the untouched
+    base weights (and whatever head the model holds)."""
     for path, module in list(model.named_modules()):
         if isinstance(module, AdaptedLayer):
             parent, attr = _parent(model, path)
-            setattr(parent, attr, module.merged_base())
+            setattr(parent, attr, module.base_layer)
     if hasattr(model, SHARED_KEY):
         delattr(model, SHARED_KEY)
     return model

@@ -1,0 +1,112 @@
+"""Adapter bundles: ``lrr export RUN_DIR --adapter --out DIR`` and
+:func:`load_adapted`, which puts a bundle (or a run directory) back onto its backbone.
+
+A bundle is everything needed to rebuild the adapted model except the backbone::
+
+    DIR/
+      adapter_config.json    method and its resolved parameters, target module paths (with
+                             fused q/k/v groups), backbone (recipe entry + resolved location),
+                             task head config (model class, labels)
+      adapter.safetensors    adapter weights (dynamic-rank methods at their final ranks)
+      head.safetensors       trained task head, when the run trained one
+      recipe.yaml            the run's resolved config (how the model is rebuilt)
+      tokenizer files        the tokenizer the run used
+      lrr_export.json        provenance: source run, hashes, the round-trip check
+
+It is written in a temporary sibling directory, loaded back with :func:`load_adapted` and
+compared with the run's model on the probe batch; only an identical round trip is renamed
+into place. ``lrr export DIR --merge`` accepts a bundle like a run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from pathlib import Path
+
+import lowrank_runner
+from lowrank_runner.errors import BackboneError, ExportError
+from lowrank_runner.export import EXPORT_INFO, collect_if_alive, load_trained_model, read_run, source_tokenizer
+from lowrank_runner.outputs import require_free, staged_directory
+from lowrank_runner.probe import compare_outputs, model_outputs, non_finite, probe_batch
+from lowrank_runner.quiet import quiet_libraries
+from lowrank_runner.resources import is_pkg_path
+from lowrank_runner.train import artifacts as art
+
+BUNDLE_FORMAT = "lowrank-runner-bundle"
+
+
+def load_adapted(bundle_dir, backbone: str | None = None, dtype: str | None = None):
+    """The backbone with the bundle's adapter and task head attached (``lrr``'s own
+    adapter layers), in eval mode. ``bundle_dir``: a bundle written by
+    ``lrr export --adapter`` or a run directory. ``backbone``: where the backbone is now
+    (a local directory or hub id), if not where the run found it. ``dtype``: the
+    backbone's dtype (default: the recipe's ``backbone.dtype``); adapters stay float32.
+    The tokenizer: ``transformers.AutoTokenizer.from_pretrained(bundle_dir)``."""
+    quiet_libraries()
+    try:
+        model, *_ = load_trained_model(Path(bundle_dir), dtype=dtype, backbone=backbone)
+    except BackboneError as exc:
+        raise BackboneError(f"{exc}\n(load_adapted(..., backbone=PATH) or lrr export --backbone PATH points at a copy elsewhere)") from None
+    return model
+
+
+def _portable_location(config: dict, ref) -> str:
+    """The backbone as the bundle should name it: an absolute path for a local directory
+    (a relative one would break when the bundle is used from elsewhere)."""
+    name = config["backbone"]["name"]
+    if ref.local and not is_pkg_path(name):
+        return str(Path(ref.location).resolve())
+    return name
+
+
+def export_bundle(source: Path, out: Path, tolerance: float = 0.0, backbone: str | None = None) -> dict:
+    quiet_libraries()
+    source, out = Path(source), Path(out)
+    require_free(out, "--out")
+    config, adapter_cfg, adapter, head = read_run(source, backbone)
+    model, adapted, _, _ = load_trained_model(source, backbone=backbone)
+    ref = adapted.backbone
+    del adapted
+    tokenizer = source_tokenizer(source, ref, config)
+    batch = probe_batch(tokenizer, config["task"]["max_length"])
+    expected = model_outputs(model, batch)
+    bad = non_finite(expected)
+    if bad:
+        raise ExportError(f"{source}: the adapter model produces NaN/Inf ({', '.join(bad)}) on the probe batch; nothing written")
+    alive = weakref.ref(model)
+    del model
+    collect_if_alive(alive)
+
+    location = _portable_location(config, ref)
+    config = {**config, "backbone": {**config["backbone"], "name": location}}
+    adapter_cfg = {**adapter_cfg, "backbone": {**adapter_cfg["backbone"], "name": location, "resolved": ref.location}}
+    with staged_directory(out) as tmp:
+        art.save_adapter(tmp, adapter, head, adapter_cfg)
+        art.write_recipe(tmp / art.RECIPE_FILE, config, adapter_cfg.get("recipe_hash"), adapter_cfg.get("config_hash"), str(source))
+        tokenizer.save_pretrained(tmp)
+        reloaded = load_adapted(tmp)
+        max_diff, mean_diff = compare_outputs(expected, model_outputs(reloaded, batch))
+        del reloaded
+        if not max_diff <= tolerance:
+            raise ExportError(f"the bundle, loaded back, differs from the run's model by {max_diff:.3g} (tolerance {tolerance:g}); nothing written")
+        info = {
+            "lowrank_runner_version": lowrank_runner.__version__,
+            "format": BUNDLE_FORMAT,
+            "source_run": str(source.resolve()),
+            "recipe_hash": adapter_cfg.get("recipe_hash"),
+            "config_hash": adapter_cfg.get("config_hash"),
+            "method": adapter_cfg["method"],
+            "backbone": adapter_cfg["backbone"],
+            "model_class": adapter_cfg["task"]["model_class"],
+            "modules": [m["path"] for m in adapter_cfg["modules"]],
+            "adapter_tensors": len(adapter),
+            "head_tensors": len(head),
+            "probe_examples": len(batch["input_ids"]),
+            "outputs_compared": sorted(expected),
+            "max_abs_logit_diff": max_diff,
+            "mean_abs_logit_diff": mean_diff,
+            "tolerance": tolerance,
+        }
+        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    return info

@@ -1,0 +1,76 @@
+"""The probe batch every export is checked on, and a comparison of two models' outputs
+that does not depend on the task head: every floating-point tensor of the model's output
+(``logits`` of a classifier or causal LM, ``start_logits``/``end_logits`` of extractive
+QA, ...) is compared, so no output head escapes the check.
+"""
+
+from __future__ import annotations
+
+PROBE_TEXTS = (
+    "The service was quick and the staff were friendly.",
+    "It stopped working after two days and nobody answered my emails.",
+    "An ordinary film: a few good scenes, a lot of filler.",
+    "Absolutely wonderful.",
+    "I would not recommend this to anyone, least of all my friends.",
+    "The battery lasts all day, but the screen scratches easily and the case feels cheap.",
+    "ok",
+    "A long, winding story that somehow keeps you reading until the very last page of the book.",
+)
+
+
+VOCAB_SAMPLES, VOCAB_SAMPLE_LENGTH = 4, 12
+
+
+def probe_texts(tokenizer) -> list[str]:
+    """The fixed sentences plus a few made of tokens drawn (seeded) from the tokenizer's
+    own vocabulary, so a model whose vocabulary lacks ordinary English words (a domain
+    tokenizer, a tiny test model) still sees inputs that exercise it."""
+    import random
+
+    rng = random.Random(0)
+    special = set(tokenizer.all_special_ids)
+    ids = [i for i in range(len(tokenizer)) if i not in special]
+    samples = [tokenizer.convert_tokens_to_string(tokenizer.convert_ids_to_tokens(rng.choices(ids, k=VOCAB_SAMPLE_LENGTH)))
+               for _ in range(VOCAB_SAMPLES)] if ids else []
+    return list(PROBE_TEXTS) + samples
+
+
+def probe_batch(tokenizer, max_length: int):
+    return tokenizer(probe_texts(tokenizer), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+
+
+def model_outputs(model, batch) -> dict:
+    """The model's floating-point output tensors on ``batch``, as float32 on the CPU."""
+    import torch
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model(**{k: v.to(device) for k, v in batch.items()})
+    tensors = {k: v.detach().float().cpu() for k, v in out.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    if not tensors:
+        raise ValueError(f"{type(model).__name__} returned no floating-point output to compare")
+    return tensors
+
+
+def non_finite(outputs: dict) -> list[str]:
+    """Names of the outputs holding NaN or Inf."""
+    import torch
+
+    return [k for k, v in outputs.items() if not torch.isfinite(v).all()]
+
+
+def compare_outputs(reference: dict, other: dict) -> tuple[float, float]:
+    """Largest and mean absolute difference over all compared outputs (NaN anywhere gives
+    NaN, which fails every ``<=`` check)."""
+    import torch
+
+    if set(reference) != set(other):
+        raise ValueError(f"the models return different outputs: {sorted(reference)} vs {sorted(other)}")
+    diffs = torch.cat([(reference[k] - other[k]).abs().flatten() for k in sorted(reference)])
+    if torch.isnan(diffs).any():
+        return float("nan"), float("nan")
+    return float(diffs.max()), float(diffs.mean())
+
+
+def largest_magnitude(outputs: dict) -> float:
+    return max(float(v.abs().max()) for v in outputs.values())
