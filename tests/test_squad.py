@@ -329,3 +329,7 @@ def test_squad_runs_end_to_end(tmp_path, make_recipe, tiny_bert, squad_dir):
 
     head = load_file(str(tmp_path / "run" / "adapter" / "head.safetensors"))
     assert set(head) == {"qa_outputs.weight", "qa_outputs.bias"}
+    merged = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--merge", "--out", str(tmp_path / "merged")])
+    assert merged.exit_code == 0, merged.output  # the span head and adapter fold into a plain QA checkpoint
+    info = json.loads((tmp_path / "merged" / "lrr_export.json").read_text())
+    assert info["max_abs_logit_diff"] <= 1e-3
