@@ -183,7 +183,7 @@ def _task_problems(doc: Document, task) -> list[Problem]:
         out.append(problem(doc, ("task", "metric"), f"task '{name}' has no metric '{metric}'{suggest(metric, spec.metrics)}; available: {', '.join(spec.metrics)}"))
     if name == "regression" and task.get("labels"):
         out.append(problem(doc, ("task", "labels"), "a regression task has no class labels; remove 'labels'"))
-    if spec.needs_local_data:
+    if spec.needs_local_data or (spec.accepts_local_data and "data" in task):
         data = task.get("data") if isinstance(task.get("data"), dict) else {}
         for split in ("train", "validation"):
             if split not in data:

@@ -58,6 +58,11 @@ class Task:
 
     greater_is_better = True
 
+    def loss(self, outputs, batch):
+        """The training loss of one batch (default: the model's own, ``outputs.loss``);
+        tasks that train with another loss (label smoothing) override it."""
+        return outputs.loss
+
     def evaluate(self, model, dataloader, accelerator, split: str) -> dict[str, float]:
         """Score ``model`` on one tokenized evaluation split (every process takes part;
         results are gathered). Default: logits → :meth:`predictions` →

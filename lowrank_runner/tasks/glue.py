@@ -72,6 +72,7 @@ SPECS = {
 # plan steps without downloading anything.
 TRAIN_SIZES = {"cola": 8_551, "sst2": 67_349, "mrpc": 3_668, "qqp": 363_846, "stsb": 5_749, "mnli": 392_702,
                "qnli": 104_743, "rte": 2_490}
+HUB_ID = "nyu-mll/glue"  # task.dataset's default for GLUE
 HUB_SPLITS = {"mnli": {"validation": "validation_matched", "validation_mismatched": "validation_mismatched"}}
 
 
@@ -129,6 +130,10 @@ class Glue(Task):
         return SPECS[self.spec.name]
 
     @property
+    def dataset_id(self) -> str:
+        return self.config.get("dataset") or HUB_ID
+
+    @property
     def is_regression(self) -> bool:
         return self.glue.labels is None
 
@@ -150,10 +155,10 @@ class Glue(Task):
             splits = datasets.DatasetDict(splits)
         else:
             try:
-                hub = datasets.load_dataset(c["dataset"], self.spec.name)
+                hub = datasets.load_dataset(self.dataset_id, self.spec.name)
             except Exception as exc:  # offline, unknown id, ...
                 raise DataError(
-                    f"cannot load GLUE '{self.spec.name}' from '{c['dataset']}' ({type(exc).__name__}: "
+                    f"cannot load GLUE '{self.spec.name}' from '{self.dataset_id}' ({type(exc).__name__}: "
                     f"{str(exc).splitlines()[0] if str(exc) else ''}); without the hub, point task.data_dir at a "
                     "directory of raw GLUE files"
                 ) from None
@@ -172,7 +177,7 @@ class Glue(Task):
 
     def count_train_examples(self) -> int:
         """Rows of the local files; from the hub, the official size (no download)."""
-        if self.config.get("data_dir") or self.config["dataset"] != "nyu-mll/glue":
+        if self.config.get("data_dir") or self.dataset_id != HUB_ID:
             return len(self.raw["train"])
         limit = self.config.get("max_train_samples")
         return min(TRAIN_SIZES[self.spec.name], limit or TRAIN_SIZES[self.spec.name])

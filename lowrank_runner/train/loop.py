@@ -228,7 +228,7 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resu
                     continue
                 with accelerator.accumulate(model):
                     out = model(**batch)
-                    loss = out.loss
+                    loss = task.loss(out, batch)
                     extra = method.extra_loss(adapters)
                     total = loss if extra is None else loss + extra
                     accelerator.backward(total)
