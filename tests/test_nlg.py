@@ -151,23 +151,23 @@ def test_bleu_is_sacrebleus_multi_reference_bleu():
             ["it rains", "it is raining today", "rain falls"]]
     streams = [[r[i] if i < len(r) else None for r in refs] for i in range(3)]
     scores = generation_scores(hyps, refs)
-    assert scores["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, streams).score)
-    assert scores["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, streams).score)
-    assert scores["ter"] == pytest.approx(sacrebleu.corpus_ter(hyps, streams).score)
+    assert scores["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, streams).score / 100)  # fractions, as the E2E script
+    assert scores["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, streams).score / 100)
+    assert scores["ter"] == pytest.approx(sacrebleu.corpus_ter(hyps, streams).score / 100)
     # more references can only help: against the first reference alone BLEU is lower
     single = generation_scores(hyps, [r[:1] for r in refs])
     assert scores["bleu"] > single["bleu"]
-    assert 0 < scores["rougeL"] < 100 and scores["nist"] > 0
+    assert 0 < scores["rougeL"] < 1 and scores["nist"] > 0
 
 
-def test_identical_outputs_score_100():
+def test_identical_outputs_score_1():
     refs = [["name serves food in the riverside ."], ["the pub is near the city centre ."]]
     scores = generation_scores([r[0] for r in refs], refs)
-    assert scores["bleu"] == pytest.approx(100.0) and scores["chrf"] == pytest.approx(100.0)
-    assert scores["ter"] == pytest.approx(0.0) and scores["rougeL"] == pytest.approx(100.0)
+    assert scores["bleu"] == pytest.approx(1.0) and scores["chrf"] == pytest.approx(1.0)
+    assert scores["ter"] == pytest.approx(0.0) and scores["rougeL"] == pytest.approx(1.0)
     cased, lower = ["The Pub is near The Bakers ."], [["the pub is near the bakers ."]]
-    assert generation_scores(cased, lower, lowercase=True)["bleu"] == pytest.approx(100.0)
-    assert generation_scores(cased, lower)["bleu"] < 100.0
+    assert generation_scores(cased, lower, lowercase=True)["bleu"] == pytest.approx(1.0)
+    assert generation_scores(cased, lower)["bleu"] < 1.0
 
 
 def test_lm_head_is_not_a_trainable_head():
@@ -210,7 +210,7 @@ training: {{learning_rate: 2e-2, epochs: 2, batch_size: 8, seed: 0, log_every: 1
     assert metrics["metric"] == "bleu"
     final = metrics["last"]["eval"]
     assert set(final) >= {"bleu", "chrf", "ter", "nist", "rougeL", "loss", "perplexity"}
-    assert 0.0 <= final["bleu"] <= 100.0 and final["perplexity"] == pytest.approx(math.exp(final["loss"]))
+    assert 0.0 <= final["bleu"] <= 1.0 and final["perplexity"] == pytest.approx(math.exp(final["loss"]))
     assert metrics["best"]["value"] == max(json.loads(ln)["eval"]["bleu"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()
                                            if "eval" in json.loads(ln))
     report = json.loads((run_dir / "report.json").read_text())
@@ -274,3 +274,24 @@ def test_nlg_recipes_match_mtlora_tables_5_and_6(tmp_path):
     # {Wq, Wv} on the fused c_attn, r 4: 24 x (2 x 4 x 1024 + 2 x 1024 x 4)
     assert lora["dart"]["adapter_params"] == 393_216
     assert lora["dart"]["task_config"]["generation"]["length_penalty"] == 0.8
+
+
+def test_bad_nlg_data_gets_a_clear_error(tmp_path):
+    from lowrank_runner.errors import DataError
+    from lowrank_runner.recipe.load import check_recipe_file
+
+    bad = tmp_path / "train.jsonl"
+    bad.write_text(json.dumps({"input_text": "x", "output_text": "y"}) + "\n")
+    task = build_task({"name": "e2e", "data": {"train": str(bad), "validation": str(bad)}, "max_length": 32})
+    with pytest.raises(DataError, match=r"train.jsonl: none of the columns source, meaning_representation.*"
+                                        r"columns: input_text, output_text\); set task.source_column"):
+        task.load_splits()
+    named = build_task({"name": "data_to_text", "data": {"train": str(bad), "validation": str(bad)}, "max_length": 32,
+                        "source_column": "input_text", "target_column": "output_text"})
+    assert named.load_splits()["train"][0] == {"source": "x", "target": "y", "references": []}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nbackbone: {name: gpt2}\ntargets: [Wq]\nmethod: {name: lora}\ntask: {name: data_to_text}\n")
+    messages = [p.message for p in check_recipe_file(recipe)]
+    assert any("set task.data.train" in m for m in messages)
+    recipe.write_text("name: r\nbackbone: {name: gpt2}\ntargets: [Wq]\nmethod: {name: lora}\ntask: {name: dart}\n")
+    assert check_recipe_file(recipe) == []  # the hub by default; task.data optional

@@ -148,10 +148,13 @@ class DataToText(Task):
                     f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); without the hub, "
                     "point task.data.train and task.data.validation at files with a source and a target column"
                 ) from None
-            missing = [s for s in ("train", "validation") if s not in hub]
+            names = {"train": "train", "validation": c.get("eval_split") or "validation"}
+            missing = [s for s in names.values() if s not in hub]
             if missing:
-                raise DataError(f"'{dataset}' has no {' or '.join(missing)} split (splits: {', '.join(hub)})")
-            splits, where = datasets.DatasetDict({s: hub[s] for s in ("train", "validation")}), {s: dataset for s in hub}
+                raise DataError(f"'{dataset}' has no {' or '.join(missing)} split (splits: {', '.join(hub)}); "
+                                "set task.eval_split to one of them")
+            splits = datasets.DatasetDict({ours: hub[theirs] for ours, theirs in names.items()})
+            where = {ours: f"{dataset} [{theirs}]" for ours, theirs in names.items()}
         out = {}
         for split, ds in splits.items():
             out[split] = self._pairs(ds, where[split])

@@ -1,6 +1,8 @@
 """Scores of generated text against several references per source, from maintained
 packages that work offline: BLEU, chrF and TER from sacrebleu; NIST from nltk; ROUGE-L
-from rouge-score. Every score is on the 0-100 scale the papers print (NIST is unbounded).
+from rouge-score. BLEU, chrF, TER and ROUGE-L are fractions (0-1), as the E2E challenge's
+script prints them and as every other metric of lowrank-runner is (results tables show
+them ×100, the papers' scale); NIST is unbounded.
 
 METEOR and CIDEr, the rest of the E2E challenge's set, are not computed: nltk's METEOR
 needs WordNet data downloaded at run time and CIDEr has no maintained offline package.
@@ -9,6 +11,9 @@ needs WordNet data downloaded at run time and CIDEr has no maintained offline pa
 from __future__ import annotations
 
 from typing import Sequence
+
+
+PERCENT = ("bleu", "chrf", "ter")  # sacrebleu's scores are percentages
 
 
 def reference_streams(references: Sequence[Sequence[str]]) -> list[list[str | None]]:
@@ -51,5 +56,5 @@ def generation_scores(hypotheses: Sequence[str], references: Sequence[Sequence[s
                    if longest else 0.0)
     scorer = RougeScorer(["rougeL"], use_stemmer=False)
     rouge = [scorer.score_multi(list(refs), hyp)["rougeL"].fmeasure for hyp, refs in zip(hypotheses, references)]
-    out["rougeL"] = 100.0 * sum(rouge) / len(rouge)
-    return {k: float(v) for k, v in out.items()}
+    out["rougeL"] = sum(rouge) / len(rouge)
+    return {k: float(v) / (100.0 if k in PERCENT else 1.0) for k, v in out.items()}
