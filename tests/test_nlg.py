@@ -7,6 +7,8 @@ import csv
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -185,10 +187,9 @@ def test_lm_head_is_not_a_trainable_head():
 # ---------------------------------------------------------------- end to end
 
 
-@pytest.mark.slow
-def test_tiny_e2e_run_with_beam_search(tiny_gpt2, tmp_path):
+def tiny_nlg_recipe(tiny_gpt2, tmp_path) -> Path:
     train = write_e2e_csv(tmp_path / "train.csv", e2e_rows(8, 3))
-    valid = write_e2e_csv(tmp_path / "devset.csv", e2e_rows(4, 3, offset=8))
+    valid = write_e2e_csv(tmp_path / "devset.csv", e2e_rows(5, 3, offset=8))
     recipe = tmp_path / "tiny-nlg.yaml"
     recipe.write_text(f"""
 name: tiny-nlg
@@ -203,6 +204,12 @@ task:
   generation: {{num_beams: 2, length_penalty: 0.9, no_repeat_ngram_size: 4, max_new_tokens: 16, batch_size: 3}}
 training: {{learning_rate: 2e-2, epochs: 2, batch_size: 8, seed: 0, log_every: 1, mixed_precision: "no"}}
 """)
+    return recipe
+
+
+@pytest.mark.slow
+def test_tiny_e2e_run_with_beam_search(tiny_gpt2, tmp_path):
+    recipe = tiny_nlg_recipe(tiny_gpt2, tmp_path)
     result = CliRunner().invoke(app, ["run", str(recipe), "--output", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     run_dir = tmp_path / "run"
@@ -214,11 +221,32 @@ training: {{learning_rate: 2e-2, epochs: 2, batch_size: 8, seed: 0, log_every: 1
     assert metrics["best"]["value"] == max(json.loads(ln)["eval"]["bleu"] for ln in (run_dir / "metrics.jsonl").read_text().splitlines()
                                            if "eval" in json.loads(ln))
     report = json.loads((run_dir / "report.json").read_text())
-    assert report["status"] == "completed" and report["train_examples"] == 24 and report["eval_examples"] == 12
+    assert report["status"] == "completed" and report["train_examples"] == 24 and report["eval_examples"] == 15
     assert report["trainable_params"] == report["adapter_params"] == 2 * (2 * 2 * 16 + 2 * 16 * 2)  # q,v groups, 2 layers
     config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert config["task"]["model_class"] == "AutoModelForCausalLM" and config["head"] == []
     assert report["steps"]["total"] == 6  # 24 pairs / 8 per batch x 2 epochs
+
+
+@pytest.mark.slow
+def test_two_processes_score_like_one(tiny_gpt2, tmp_path):
+    """Under torchrun (2 gloo processes) the pair losses are gathered without the padding
+    duplicates and each process decodes half of the 5 sources: with a learning rate too
+    small to move the weights, the scores equal one process's."""
+    recipe = tiny_nlg_recipe(tiny_gpt2, tmp_path)
+    sets = ["--set", "training.learning_rate=1e-12", "--set", "training.max_steps=1", "--set", "training.warmup_steps=0"]
+    one = CliRunner().invoke(app, ["run", str(recipe), "--output", str(tmp_path / "one"), *sets])
+    assert one.exit_code == 0, one.output
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lowrank_runner",
+                           "run", str(recipe), "--output", str(tmp_path / "two"), *sets],
+                          capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text())["last"]["eval"] for d in ("one", "two"))
+    assert json.loads((tmp_path / "two" / "report.json").read_text())["environment"]["hardware"]["num_processes"] == 2
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    for key in ("bleu", "chrf", "ter", "nist", "rougeL"):
+        assert a[key] == pytest.approx(b[key], abs=1e-9), key
 
 
 # ---------------------------------------------------------------- the papers' recipes

@@ -109,6 +109,23 @@ def group_references(sources: list[str], targets: list[str], extra: list[list[st
     return list(refs), list(refs.values())
 
 
+def encode_sources(tokenizer, sources: list[str], sep: int, keep: int) -> list[list[int]]:
+    return [ids[:keep] + [sep] for ids in tokenizer(sources)["input_ids"]]
+
+
+def encode_pairs(batch, tokenizer, sep: int, eos: int, max_length: int) -> dict:
+    """``source <sep> ␣target <eos>`` with labels -100 on ``source <sep>`` (a module-level
+    function, so that ``datasets`` fingerprints it and caches the tokenised splits)."""
+    prompts = encode_sources(tokenizer, batch["source"], sep, max_length // 2 - 1)
+    targets = tokenizer([" " + t for t in batch["target"]], add_special_tokens=False)["input_ids"]
+    ids, labels = [], []
+    for prompt, target in zip(prompts, targets):
+        target = (target + [eos])[: max_length - len(prompt)]
+        ids.append(prompt + target)
+        labels.append([IGNORE] * len(prompt) + target)
+    return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "labels": labels}
+
+
 class DataToText(Task):
     model_class_name = "AutoModelForCausalLM"
 
@@ -224,29 +241,18 @@ class DataToText(Task):
     def encode_sources(self, tokenizer, sources: list[str]) -> list[list[int]]:
         """``source <sep>``, the source cut to leave half of ``max_length`` for the target."""
         sep, _ = self._ids(tokenizer)
-        keep = self.config["max_length"] // 2 - 1
-        return [ids[:keep] + [sep] for ids in tokenizer(sources)["input_ids"]]
+        return encode_sources(tokenizer, sources, sep, self.config["max_length"] // 2 - 1)
 
     def tokenize(self, splits, tokenizer):
         import datasets
 
         self.tokenizer = tokenizer
-        _, eos = self._ids(tokenizer)
-        max_len = self.config["max_length"]
-
-        def encode(batch):
-            prompts = self.encode_sources(tokenizer, batch["source"])
-            targets = tokenizer([" " + t for t in batch["target"]], add_special_tokens=False)["input_ids"]
-            ids, labels = [], []
-            for prompt, target in zip(prompts, targets):
-                target = (target + [eos])[: max_len - len(prompt)]
-                ids.append(prompt + target)
-                labels.append([IGNORE] * len(prompt) + target)
-            return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "labels": labels}
-
+        sep, eos = self._ids(tokenizer)
+        args = {"tokenizer": tokenizer, "sep": sep, "eos": eos, "max_length": self.config["max_length"]}
         out = {}
         for split, ds in splits.items():
-            out[split] = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenising {split}")
+            out[split] = ds.map(encode_pairs, batched=True, remove_columns=ds.column_names, fn_kwargs=args,
+                                desc=f"tokenising {split}")
             if split != "train":
                 sources, refs = group_references(ds["source"], ds["target"], ds["references"])
                 self.eval_sets[split] = (self.encode_sources(tokenizer, sources), refs)
