@@ -342,3 +342,34 @@ def test_batched_left_padded_generation_equals_one_by_one():
     together = generate(model, prompts, tokenizer, settings, accelerator)
     alone = [generate(model, [p], tokenizer, settings, accelerator)[0] for p in prompts]
     assert together == alone and any(together)
+
+
+def test_hub_layouts_of_webnlg_and_dart_become_pairs(tmp_path):
+    """The hub's nested records (a directory load_dataset reads offline): WebNLG 2017's
+    modified triple sets and lexicalisations (only 'good' ones kept), DART's triple sets and
+    annotations; every reference kept for evaluation."""
+    webnlg = tmp_path / "webnlg"
+    webnlg.mkdir()
+    entry = {"category": "Airport", "modified_triple_sets": {"mtriple_set": [["Aarhus_Airport | cityServed | Aarhus"]]},
+             "lex": {"comment": ["good", "bad", "good"], "lid": ["Id1", "Id2", "Id3"],
+                     "text": ["Aarhus Airport serves Aarhus.", "bad text", "Aarhus is served by Aarhus Airport."],
+                     "lang": ["", "", ""]}}
+    for split in ("train", "dev"):
+        (webnlg / f"{split}.jsonl").write_text(json.dumps(entry) + "\n")
+    task = build_task({"name": "webnlg", "dataset": str(webnlg), "max_length": 32})
+    splits = task.load_splits()
+    assert splits["train"]["source"] == ["Aarhus_Airport : cityServed : Aarhus"] * 2
+    assert splits["train"]["target"] == ["Aarhus Airport serves Aarhus.", "Aarhus is served by Aarhus Airport."]
+    dart = tmp_path / "dart"
+    dart.mkdir()
+    row = {"tripleset": [["Mars Hill", "JOINED", "SAC"]], "subtree_was_extended": False,
+           "annotations": {"source": ["wiki", "wiki"], "text": ["Mars Hill joined SAC.", "SAC was joined by Mars Hill."]}}
+    for split in ("train", "validation", "test"):
+        (dart / f"{split}.jsonl").write_text(json.dumps(row) + "\n")
+    task = build_task({"name": "dart", "dataset": str(dart), "max_length": 32, "eval_split": "test"})
+    tokenized = task.tokenize(task.load_splits(), tiny_tokenizer())
+    assert len(tokenized["train"]) == 2 and task.count_train_examples() == 2
+    (prompt,), (refs,) = task.eval_sets["validation"]
+    assert refs == ["Mars Hill joined SAC.", "SAC was joined by Mars Hill."]
+    with pytest.raises(Exception, match="no nope split"):
+        build_task({"name": "dart", "dataset": str(dart), "max_length": 32, "eval_split": "nope"}).load_splits()

@@ -36,7 +36,7 @@ from lowrank_runner.tasks.base import Task
 # WebNLG 2017 and DART v1.1.1: the pair counts of LoRA's formatted data (examples/NLG).
 HUB = {
     "e2e": ("tuetschek/e2e_nlg", None),
-    "dart": ("GEM/dart", None),
+    "dart": ("Yale-LILY/dart", None),
     "webnlg": ("webnlg-challenge/web_nlg", "webnlg_challenge_2017"),
 }
 TRAIN_PAIRS = {"e2e": 42_061, "dart": 62_659, "webnlg": 18_025}
@@ -165,7 +165,8 @@ class DataToText(Task):
                     f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); without the hub, "
                     "point task.data.train and task.data.validation at files with a source and a target column"
                 ) from None
-            names = {"train": "train", "validation": c.get("eval_split") or "validation"}
+            default_eval = next((s for s in ("validation", "dev") if s in hub), "validation")
+            names = {"train": "train", "validation": c.get("eval_split") or default_eval}
             missing = [s for s in names.values() if s not in hub]
             if missing:
                 raise DataError(f"'{dataset}' has no {' or '.join(missing)} split (splits: {', '.join(hub)}); "
