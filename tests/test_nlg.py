@@ -113,7 +113,7 @@ def test_label_masking_keeps_the_loss_on_the_target_only(tmp_path):
     assert ex["labels"] == [-100] * (len(words) + 1) + ids(target) + [3]
     # validation: 6 pairs for the loss, 2 distinct sources with 3 references each for generation
     assert len(tokenized["validation"]) == 6
-    prompts, refs = task.eval_sets["validation"]
+    prompts, refs = task.eval_sets["validation"].prompts, task.eval_sets["validation"].references
     assert len(prompts) == 2 and [len(r) for r in refs] == [3, 3]
     assert prompts[0][-1] == 2 and tokenizer.decode(prompts[0][:-1]) == "name : Alimentum | food : Italian | area : city centre"
     # the collator pads labels with -100 and ids with the pad token, per batch
@@ -219,6 +219,9 @@ def test_tiny_e2e_run_with_beam_search(tiny_gpt2, tmp_path):
     final = metrics["last"]["eval"]
     assert set(final) >= {"bleu", "chrf", "ter", "nist", "rougeL", "loss", "perplexity"}
     assert 0.0 <= final["bleu"] <= 1.0 and final["perplexity"] == pytest.approx(math.exp(final["loss"]))
+    outputs = [json.loads(ln) for ln in (run_dir / "outputs_validation.jsonl").read_text().splitlines()]
+    assert [o["source"] for o in outputs] == [linearise(mr) for mr, _ in e2e_rows(5, 1, offset=8)]
+    assert all(len(o["references"]) == 3 and isinstance(o["output"], str) for o in outputs)
     evals = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln]
     assert [e["step"] for e in evals] == [3, 6]
     assert metrics["best"]["value"] == max(e["eval"]["bleu"] for e in evals)
@@ -372,7 +375,7 @@ def test_hub_layouts_of_webnlg_and_dart_become_pairs(tmp_path):
     task = build_task({"name": "dart", "dataset": str(dart), "max_length": 32, "eval_split": "test"})
     tokenized = task.tokenize(task.load_splits(), tiny_tokenizer())
     assert len(tokenized["train"]) == 2 and task.count_train_examples() == 2
-    (prompt,), (refs,) = task.eval_sets["validation"]
+    (refs,) = task.eval_sets["validation"].references
     assert refs == ["Mars Hill joined SAC.", "SAC was joined by Mars Hill."]
     with pytest.raises(Exception, match="no nope split"):
         build_task({"name": "dart", "dataset": str(dart), "max_length": 32, "eval_split": "nope"}).load_splits()

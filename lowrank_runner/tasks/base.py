@@ -72,6 +72,11 @@ class Task:
 
         return evaluate_logits(self, model, dataloader, accelerator)
 
+    def outputs(self) -> dict[str, list[dict]]:
+        """Per evaluation split, rows from its latest evaluation that the run saves as
+        ``outputs_<split>.jsonl`` (generation tasks: source, output, references)."""
+        return {}
+
     def predictions(self, logits: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 

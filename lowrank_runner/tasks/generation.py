@@ -77,11 +77,12 @@ def evaluate_generation(task, model, dataloader, accelerator, split: str) -> dic
             nll, count = accelerator.gather_for_metrics(pair_nll(logits, batch["labels"]))
             nll_total += float(nll.sum())
             token_total += int(count.sum())
-    prompts, references = task.eval_sets[split]
     settings = task.config["generation"]
-    if settings.get("max_sources"):
-        prompts, references = prompts[: settings["max_sources"]], references[: settings["max_sources"]]
+    chosen, n = task.eval_sets[split], settings.get("max_sources")
+    sources, prompts, references = chosen.sources[:n], chosen.prompts[:n], chosen.references[:n]
     outputs = generate(model, prompts, task.tokenizer, settings, accelerator)
+    task.latest_outputs[split] = [{"source": s, "output": o, "references": r}
+                                  for s, o, r in zip(sources, outputs, references)]
     model.train()
     scoring = task.config["scoring"]
     metrics = generation_scores(outputs, references, tokenize=scoring["tokenize"], lowercase=scoring["lowercase"])

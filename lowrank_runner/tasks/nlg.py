@@ -26,6 +26,7 @@ kept, as LoRA's converter does) become one pair per text.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from functools import cached_property
 
 from lowrank_runner.errors import DataError
@@ -126,6 +127,15 @@ def encode_pairs(batch, tokenizer, sep: int, eos: int, max_length: int) -> dict:
     return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "labels": labels}
 
 
+@dataclass
+class EvalSet:
+    """One evaluation split's distinct sources: text, token ids (``source <sep>``), references."""
+
+    sources: list[str]
+    prompts: list[list[int]]
+    references: list[list[str]]
+
+
 class DataToText(Task):
     model_class_name = "AutoModelForCausalLM"
 
@@ -135,7 +145,8 @@ class DataToText(Task):
         schema = recipe_schema()  # the decoding and scoring defaults, also for a bare config
         super().__init__(fill_defaults(config, schema["$defs"]["task"], schema), spec)
         self.tokenizer = None
-        self.eval_sets: dict[str, tuple[list[list[int]], list[list[str]]]] = {}
+        self.eval_sets: dict[str, EvalSet] = {}
+        self.latest_outputs: dict[str, list[dict]] = {}  # per split, from its latest evaluation
 
     @property
     def greater_is_better(self) -> bool:
@@ -256,7 +267,7 @@ class DataToText(Task):
                                 desc=f"tokenising {split}")
             if split != "train":
                 sources, refs = group_references(ds["source"], ds["target"], ds["references"])
-                self.eval_sets[split] = (self.encode_sources(tokenizer, sources), refs)
+                self.eval_sets[split] = EvalSet(sources, self.encode_sources(tokenizer, sources), refs)
         return datasets.DatasetDict(out)
 
     def collator(self, tokenizer, pad_to_multiple_of: int | None = None):
@@ -279,6 +290,9 @@ class DataToText(Task):
         labels = batch["labels"][:, 1:]
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
                                label_smoothing=smoothing)
+
+    def outputs(self) -> dict[str, list[dict]]:
+        return self.latest_outputs
 
     def evaluate(self, model, dataloader, accelerator, split: str) -> dict[str, float]:
         from lowrank_runner.tasks.generation import evaluate_generation

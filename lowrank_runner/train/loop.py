@@ -300,6 +300,8 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resu
         if test is not None:
             final["test"] = test  # the selected checkpoint on the task's evaluation set(s)
         art.write_json(run_dir / art.METRICS_FILE, final)
+        for split, rows in task.outputs().items():  # e.g. generated text, from the latest evaluation
+            art.write_jsonl(run_dir / art.OUTPUTS_FILE.format(split=split), rows)
         pattern = method.rank_pattern(adapters)
         if pattern is not None:
             from lowrank_runner.plots import rank_heatmap
