@@ -226,7 +226,11 @@ class DataToText(Task):
                     out["references"].append(refs)
             return out
 
-        pairs = ds.map(explode, batched=True, with_indices=True, remove_columns=ds.column_names,
+        import datasets
+
+        features = datasets.Features({"source": datasets.Value("string"), "target": datasets.Value("string"),
+                                      "references": datasets.Sequence(datasets.Value("string"))})
+        pairs = ds.map(explode, batched=True, with_indices=True, remove_columns=ds.column_names, features=features,
                        desc="linearising")
         if len(pairs) == 0:
             raise DataError(f"{where}: no (source, target) pairs in column '{source}' / '{target}'")
