@@ -188,7 +188,7 @@ def _task_problems(doc: Document, task) -> list[Problem]:
         out.append(problem(doc, ("task", "doc_stride") if "doc_stride" in task else ("task",),
                            f"doc_stride ({stride}) must be smaller than max_length ({length}): windows of a long "
                            "context share doc_stride tokens, and each also holds the question; lower doc_stride"))
-    if spec.needs_local_data:
+    if spec.needs_local_data or (spec.accepts_local_data and "data" in task):
         data = task.get("data") if isinstance(task.get("data"), dict) else {}
         for split in ("train", "validation"):
             if split not in data:

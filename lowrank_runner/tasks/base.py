@@ -58,6 +58,11 @@ class Task:
 
     greater_is_better = True
 
+    def loss(self, outputs, batch):
+        """The training loss of one batch (default: the model's own, ``outputs.loss``);
+        tasks that train with another loss (label smoothing) override it."""
+        return outputs.loss
+
     def evaluate(self, model, dataloader, accelerator, split: str) -> dict[str, float]:
         """Score ``model`` on one tokenized evaluation split (every process takes part;
         results are gathered). Default: logits → :meth:`predictions` →
@@ -66,6 +71,11 @@ class Task:
         from lowrank_runner.tasks.evaluation import evaluate_logits
 
         return evaluate_logits(self, model, dataloader, accelerator)
+
+    def outputs(self) -> dict[str, list[dict]]:
+        """Per evaluation split, rows from its latest evaluation that the run saves as
+        ``outputs_<split>.jsonl`` (generation tasks: source, output, references)."""
+        return {}
 
     def predictions(self, logits: np.ndarray) -> np.ndarray:
         raise NotImplementedError

@@ -18,6 +18,7 @@ class TaskSpec:
     metrics: tuple[str, ...]
     primary_metric: str
     needs_local_data: bool = True
+    accepts_local_data: bool = False  # task.data is optional: your files instead of the hub
 
     def load(self):
         module_name, _, attr = self.implementation.partition(":")
@@ -63,6 +64,28 @@ for _name, (_what, _metrics) in _GLUE.items():
         primary_metric=_metrics[0],
         needs_local_data=False,
     )
+
+# Data-to-text generation on a causal LM (MTLoRA Tables 2, 5, 6; LoRA §5.5).
+_NLG_METRICS = ("bleu", "nist", "rougeL", "chrf", "ter", "loss", "perplexity")
+for _name, _what in (("e2e", "E2E NLG Challenge: restaurant meaning representations to text"),
+                     ("dart", "DART: open-domain triple sets to text"),
+                     ("webnlg", "WebNLG 2017: DBpedia triple sets to text")):
+    TASKS[_name] = TaskSpec(
+        name=_name,
+        description=f"{_what} (causal LM, beam search, multi-reference BLEU); from the hub (task.dataset) or your files (task.data).",
+        implementation="lowrank_runner.tasks.nlg:DataToText",
+        metrics=_NLG_METRICS,
+        primary_metric="bleu",
+        needs_local_data=False,
+        accepts_local_data=True,
+    )
+TASKS["data_to_text"] = TaskSpec(
+    name="data_to_text",
+    description="Data-to-text generation from your own files (a source and a target column), scored like e2e/dart/webnlg.",
+    implementation="lowrank_runner.tasks.nlg:DataToText",
+    metrics=_NLG_METRICS,
+    primary_metric="bleu",
+)
 
 
 TASKS["squad_v2"] = TaskSpec(

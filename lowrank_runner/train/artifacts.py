@@ -12,6 +12,8 @@
       report.md             the same for people, with the plots (lowrank_runner/report/)
       loss_curve.png        training/evaluation loss and learning rate per step
       metric_curve.png      evaluation metrics per evaluation, best checkpoint starred
+      outputs_SPLIT.jsonl   generation tasks: source, output, references per distinct source,
+                            from the latest evaluation of SPLIT
       rank_pattern.json     final active rank per module (dynamic-rank methods only)
       rank_heatmap.png      the same as a layers x target-symbols heatmap
       checkpoints/step-N/   resumable training state while the run is unfinished
@@ -39,6 +41,13 @@ METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.json"
 RANK_PATTERN_FILE = "rank_pattern.json"
 RANK_HEATMAP_FILE = "rank_heatmap.png"
+OUTPUTS_FILE = "outputs_{split}.jsonl"
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    tmp.replace(path)
 
 
 def write_json(path: Path, data) -> None:

@@ -252,7 +252,7 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resu
                     continue
                 with accelerator.accumulate(model):
                     out = model(**batch)
-                    loss = out.loss
+                    loss = task.loss(out, batch)
                     extra = method.extra_loss(adapters)
                     total = loss if extra is None else loss + extra
                     accelerator.backward(total)
@@ -324,6 +324,8 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resu
         if test is not None:
             final["test"] = test  # the selected checkpoint on the task's evaluation set(s)
         art.write_json(run_dir / art.METRICS_FILE, final)
+        for split, rows in task.outputs().items():  # e.g. generated text, from the latest evaluation
+            art.write_jsonl(run_dir / art.OUTPUTS_FILE.format(split=split), rows)
         pattern = method.rank_pattern(adapters)
         if pattern is not None:
             from lowrank_runner.plots import rank_heatmap

@@ -1,0 +1,381 @@
+"""Data-to-text generation (E2E, DART, WebNLG): linearisation, label masking, reference
+grouping, multi-reference scores against sacrebleu, label smoothing, and a tiny
+end-to-end `lrr run` on a random GPT-2 with beam search; the MTLoRA/LoRA NLG recipes
+against MTLoRA's Tables 5-6."""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lowrank_runner.cli import app
+from lowrank_runner.tasks.base import build_task
+from lowrank_runner.tasks.nlg import group_references, linearise, target_texts
+from lowrank_runner.tasks.text_metrics import generation_scores
+from tests.conftest import tiny_config
+
+REPO = Path(__file__).resolve().parent.parent
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]  # ids 0-3: tiny_config("gpt2")'s pad, -, bos, eos
+WORDS = ("name food area eatType near : | . , is a an the in of serves and located it restaurant pub coffee shop "
+         "riverside city centre Italian French Chinese English Alimentum Aromi Bibimbap Cotto Fitzbillies Giraffe "
+         "Loch Fyne Strada Wildwood").split()
+NAMES = ["Alimentum", "Aromi", "Bibimbap", "Cotto", "Fitzbillies", "Giraffe", "Strada", "Wildwood"]
+FOODS = ["Italian", "French", "Chinese", "English"]
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIALS + list(dict.fromkeys(WORDS)))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    """A random GPT-2 LM (tied lm_head) with a word-level tokenizer, saved as a model directory."""
+    import transformers
+
+    d = tmp_path_factory.mktemp("tiny-gpt2")
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    # initializer_range 0.5: the frozen tied embeddings are large enough for sharp outputs
+    transformers.GPT2LMHeadModel(tiny_config("gpt2", vocab_size=len(tokenizer), initializer_range=0.5)).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+def e2e_rows(n_sources: int, refs_per_source: int, offset: int = 0):
+    rows = []
+    for i in range(offset, offset + n_sources):
+        name, food = NAMES[i % len(NAMES)], FOODS[i % len(FOODS)]
+        area = "riverside" if i % 2 else "city centre"
+        mr = f"name[{name}], food[{food}], area[{area}]"
+        refs = [f"{name} serves {food} food in the {area} .", f"{name} is a {food} restaurant in the {area} .",
+                f"in the {area} , {name} serves {food} food ."]
+        rows += [(mr, ref) for ref in refs[:refs_per_source]]
+    return rows
+
+
+def write_e2e_csv(path: Path, rows) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as f:  # E2E's official layout: header mr,ref
+        writer = csv.writer(f)
+        writer.writerow(["mr", "ref"])
+        writer.writerows(rows)
+    return path
+
+
+# ---------------------------------------------------------------- data and tokens
+
+
+def test_linearisation_of_e2e_mrs_and_triples():
+    assert linearise("name[The Vaults], eatType[pub], priceRange[more than £30]") == \
+        "name : The Vaults | eatType : pub | priceRange : more than £30"
+    assert linearise("name : The Vaults | Type : pub") == "name : The Vaults | Type : pub"  # already linearised
+    assert linearise([["Mars Hill", "JOINED", "SAC"], ["Mars Hill", "city", "NC"]], lower_predicate=True) == \
+        "Mars Hill : joined : SAC | Mars Hill : city : NC"  # DART, predicates lower-cased as LoRA's converter
+    assert linearise(["Aarhus | leader | Jacob", "Aarhus | country | Denmark"]) == \
+        "Aarhus : leader : Jacob | Aarhus : country : Denmark"  # GEM-style triple strings
+    assert linearise({"mtriple_set": [["A | b | C"]]}) == "A : b : C"  # WebNLG 2017 on the hub
+    with pytest.raises(ValueError):
+        linearise([["only", "two"]])
+    assert target_texts({"comment": ["good", "bad", "good"], "text": ["x", "y", "z"]}) == ["x", "z"]  # WebNLG lex
+    assert target_texts({"source": ["wiki", "wiki"], "text": ["t1", "t2"]}) == ["t1", "t2"]  # DART annotations
+
+
+def test_references_are_grouped_per_source_in_order():
+    sources, refs = group_references(["a", "b", "a", "c", "b"], ["x", "y", "z", "w", "y"], [["x", "v"], [], [], [], []])
+    assert sources == ["a", "b", "c"]
+    assert refs == [["x", "v", "z"], ["y"], ["w"]]
+
+
+def test_label_masking_keeps_the_loss_on_the_target_only(tmp_path):
+    tokenizer = tiny_tokenizer()
+    train = write_e2e_csv(tmp_path / "train.csv", [("name[Aromi], food[French]", "Aromi serves French food .")])
+    valid = write_e2e_csv(tmp_path / "valid.csv", e2e_rows(2, 3))
+    task = build_task({"name": "e2e", "data": {"train": str(train), "validation": str(valid)}, "max_length": 32})
+    tokenized = task.tokenize(task.load_splits(), tokenizer)
+    ex = tokenized["train"][0]
+    words = "name : Aromi | food : French".split()
+    target = "Aromi serves French food .".split()
+    ids = tokenizer.convert_tokens_to_ids
+    assert ex["input_ids"] == ids(words) + [2] + ids(target) + [3]  # source <s> target </s>
+    assert ex["labels"] == [-100] * (len(words) + 1) + ids(target) + [3]
+    # validation: 6 pairs for the loss, 2 distinct sources with 3 references each for generation
+    assert len(tokenized["validation"]) == 6
+    prompts, refs = task.eval_sets["validation"].prompts, task.eval_sets["validation"].references
+    assert len(prompts) == 2 and [len(r) for r in refs] == [3, 3]
+    assert prompts[0][-1] == 2 and tokenizer.decode(prompts[0][:-1]) == "name : Alimentum | food : Italian | area : city centre"
+    # the collator pads labels with -100 and ids with the pad token, per batch
+    batch = task.collator(tokenizer)([tokenized["validation"][i] for i in (0, 3)])
+    assert batch["input_ids"].shape == batch["labels"].shape
+    short = int(batch["attention_mask"].sum(1).argmin())
+    n = int(batch["attention_mask"][short].sum())
+    assert (batch["labels"][short, n:] == -100).all() and (batch["input_ids"][short, n:] == 0).all()
+
+
+def test_label_smoothing_loss_matches_pytorch_and_zero_is_the_model_loss():
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(tiny_config("gpt2", vocab_size=20)).eval()
+    ids = torch.randint(4, 20, (2, 7))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    out = model(input_ids=ids, labels=labels)
+    plain = build_task({"name": "data_to_text", "max_length": 16})
+    assert plain.loss(out, {"labels": labels}) is out.loss
+    smooth = build_task({"name": "data_to_text", "max_length": 16, "label_smoothing": 0.1})
+    logp = out.logits[:, :-1].log_softmax(-1)
+    target, mask = labels[:, 1:], labels[:, 1:] != -100
+    nll = -logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    expected = ((0.9 * nll + 0.1 * -logp.mean(-1)) * mask).sum() / mask.sum()
+    assert torch.allclose(smooth.loss(out, {"labels": labels}), expected, atol=1e-6)
+
+
+# ---------------------------------------------------------------- scores
+
+
+def test_bleu_is_sacrebleus_multi_reference_bleu():
+    import sacrebleu
+
+    hyps = ["the cat sat on the mat .", "a dog barked loudly", "it is raining"]
+    refs = [["the cat is on the mat .", "there is a cat on the mat ."], ["a dog barked"],
+            ["it rains", "it is raining today", "rain falls"]]
+    streams = [[r[i] if i < len(r) else None for r in refs] for i in range(3)]
+    scores = generation_scores(hyps, refs)
+    assert scores["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, streams).score / 100)  # fractions, as the E2E script
+    assert scores["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, streams).score / 100)
+    assert scores["ter"] == pytest.approx(sacrebleu.corpus_ter(hyps, streams).score / 100)
+    # more references can only help: against the first reference alone BLEU is lower
+    single = generation_scores(hyps, [r[:1] for r in refs])
+    assert scores["bleu"] > single["bleu"]
+    assert 0 < scores["rougeL"] < 1 and scores["nist"] > 0
+
+
+def test_identical_outputs_score_1():
+    refs = [["name serves food in the riverside ."], ["the pub is near the city centre ."]]
+    scores = generation_scores([r[0] for r in refs], refs)
+    assert scores["bleu"] == pytest.approx(1.0) and scores["chrf"] == pytest.approx(1.0)
+    assert scores["ter"] == pytest.approx(0.0) and scores["rougeL"] == pytest.approx(1.0)
+    cased, lower = ["The Pub is near The Bakers ."], [["the pub is near the bakers ."]]
+    assert generation_scores(cased, lower, lowercase=True)["bleu"] == pytest.approx(1.0)
+    assert generation_scores(cased, lower)["bleu"] < 1.0
+
+
+def test_lm_head_is_not_a_trainable_head():
+    import transformers
+
+    from lowrank_runner.backbones import head_parameter_names
+
+    tied = transformers.GPT2LMHeadModel(tiny_config("gpt2"))
+    untied = transformers.GPT2LMHeadModel(tiny_config("gpt2", tie_word_embeddings=False))
+    assert head_parameter_names(tied) == [] and head_parameter_names(untied) == []
+    classifier = transformers.AutoModelForSequenceClassification.from_config(tiny_config("gpt2", num_labels=2))
+    assert head_parameter_names(classifier) == ["score.weight"]
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def tiny_nlg_recipe(tiny_gpt2, tmp_path) -> Path:
+    train = write_e2e_csv(tmp_path / "train.csv", e2e_rows(8, 3))
+    valid = write_e2e_csv(tmp_path / "devset.csv", e2e_rows(5, 3, offset=8))
+    recipe = tmp_path / "tiny-nlg.yaml"
+    recipe.write_text(f"""
+name: tiny-nlg
+backbone: {{name: {tiny_gpt2}}}
+targets: [Wq, Wv]
+method: {{name: lora, r: 2, alpha: 4, dropout: 0.1}}
+task:
+  name: e2e
+  data: {{train: {train}, validation: {valid}}}
+  max_length: 48
+  label_smoothing: 0.1
+  generation: {{num_beams: 2, length_penalty: 0.9, no_repeat_ngram_size: 4, max_new_tokens: 16, batch_size: 3}}
+training: {{learning_rate: 2e-2, epochs: 2, batch_size: 8, seed: 0, log_every: 1, mixed_precision: "no"}}
+""")
+    return recipe
+
+
+@pytest.mark.slow
+def test_tiny_e2e_run_with_beam_search(tiny_gpt2, tmp_path):
+    recipe = tiny_nlg_recipe(tiny_gpt2, tmp_path)
+    result = CliRunner().invoke(app, ["run", str(recipe), "--output", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "run"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["metric"] == "bleu"
+    final = metrics["last"]["eval"]
+    assert set(final) >= {"bleu", "chrf", "ter", "nist", "rougeL", "loss", "perplexity"}
+    assert 0.0 <= final["bleu"] <= 1.0 and final["perplexity"] == pytest.approx(math.exp(final["loss"]))
+    outputs = [json.loads(ln) for ln in (run_dir / "outputs_validation.jsonl").read_text().splitlines()]
+    assert [o["source"] for o in outputs] == [linearise(mr) for mr, _ in e2e_rows(5, 1, offset=8)]
+    assert all(len(o["references"]) == 3 and isinstance(o["output"], str) for o in outputs)
+    evals = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln]
+    assert [e["step"] for e in evals] == [3, 6]
+    assert metrics["best"]["value"] == max(e["eval"]["bleu"] for e in evals)
+    assert evals[1]["eval"]["loss"] < evals[0]["eval"]["loss"]  # it learns
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["status"] == "completed" and report["train_examples"] == 24 and report["eval_examples"] == 15
+    assert report["trainable_params"] == report["adapter_params"] == 2 * (2 * 2 * 16 + 2 * 16 * 2)  # q,v groups, 2 layers
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["task"]["model_class"] == "AutoModelForCausalLM" and config["head"] == []
+    assert report["steps"]["total"] == 6  # 24 pairs / 8 per batch x 2 epochs
+
+
+@pytest.mark.slow
+def test_two_processes_score_like_one(tiny_gpt2, tmp_path):
+    """Under torchrun (2 gloo processes) the pair losses are gathered without the padding
+    duplicates and each process decodes half of the 5 sources: with a learning rate too
+    small to move the weights, the scores equal one process's."""
+    recipe = tiny_nlg_recipe(tiny_gpt2, tmp_path)
+    sets = ["--set", "training.learning_rate=1e-12", "--set", "training.max_steps=1", "--set", "training.warmup_steps=0"]
+    one = CliRunner().invoke(app, ["run", str(recipe), "--output", str(tmp_path / "one"), *sets])
+    assert one.exit_code == 0, one.output
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lowrank_runner",
+                           "run", str(recipe), "--output", str(tmp_path / "two"), *sets],
+                          capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text())["last"]["eval"] for d in ("one", "two"))
+    assert json.loads((tmp_path / "two" / "report.json").read_text())["environment"]["hardware"]["num_processes"] == 2
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    for key in ("bleu", "chrf", "ter", "nist", "rougeL"):
+        assert a[key] == pytest.approx(b[key], abs=1e-9), key
+
+
+# ---------------------------------------------------------------- the papers' recipes
+
+GPT2_MEDIUM = {
+    "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 1024, "n_layer": 24, "n_head": 16,
+    "n_positions": 1024, "n_ctx": 1024, "vocab_size": 50257, "bos_token_id": 50256, "eos_token_id": 50256,
+}
+
+
+def test_nlg_recipes_validate():
+    for recipe in ("mtlora_gpt2_nlg.yaml", "lora_gpt2_nlg.yaml"):
+        result = CliRunner().invoke(app, ["validate", str(REPO / "recipes" / recipe)])
+        assert result.exit_code == 0, result.output
+
+
+def inspect_runs(recipe: str, *sets: str) -> dict:
+    args = ["inspect", str(REPO / "recipes" / recipe), "--json", "--set", "training.seed=0"]
+    for s in sets:
+        args += ["--set", s]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return {run["task"]: run for run in json.loads(result.stdout)["runs"]}
+
+
+def test_nlg_recipes_match_mtlora_tables_5_and_6(tmp_path):
+    d = tmp_path / "gpt2-medium"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(GPT2_MEDIUM))
+    mtlora = inspect_runs("mtlora_gpt2_nlg.yaml", f"backbone.name={d}")
+    assert list(mtlora) == ["e2e", "dart", "webnlg"]
+    # Table 5 (training) and Table 6 (inference), columns E2E | DART | WebNLG
+    table5 = {"weight_decay": (0.01, 0.0, 0.01), "dropout": (0.1, 0.0, 0.1), "label_smoothing": (0.1, 0.0, 0.1)}
+    table6 = {"num_beams": (10, 10, 10), "length_penalty": (0.9, 0.8, 0.8), "no_repeat_ngram_size": (4, 4, 4)}
+    for i, task in enumerate(mtlora):
+        run = mtlora[task]
+        assert (run["training"]["batch_size"], run["training"]["learning_rate"], run["training"]["epochs"]) == (8, 2e-4, 5)
+        assert run["training"]["warmup_steps"] == 500 and run["training"]["lr_scheduler"] == "linear"
+        assert (run["method"]["name"], run["method"]["r"], run["method"]["alpha"]) == ("mtlora", 4, 32)
+        assert run["training"]["weight_decay"] == table5["weight_decay"][i]
+        assert run["method"]["dropout"] == table5["dropout"][i]
+        assert run["task_config"]["label_smoothing"] == table5["label_smoothing"][i]
+        for key, values in table6.items():
+            assert run["task_config"]["generation"][key] == values[i]
+        assert run["adapter_params"] == 1_085_184  # {Wq,Wk,Wv,Wf}, r 4: one 12x12 T over the fused c_attn
+        assert run["trainable_params"] == run["adapter_params"] and run["head"] == []
+        assert run["targets"]["Wq"][0] == "transformer.h.0.attn.c_attn"
+    # LoRA's pair counts, batch 8, 5 epochs: LoRA's checkpoints model.26289 (E2E) and model.11270 (WebNLG)
+    assert mtlora["e2e"]["steps"] == 5 * math.ceil(42_061 / 8) == 26_290
+    assert mtlora["webnlg"]["steps"] == 5 * math.ceil(18_025 / 8) == 11_270
+    lora = inspect_runs("lora_gpt2_nlg.yaml", f"backbone.name={d}")
+    assert all(run["method"]["name"] == "lora" for run in lora.values())
+    # {Wq, Wv} on the fused c_attn, r 4: 24 x (2 x 4 x 1024 + 2 x 1024 x 4)
+    assert lora["dart"]["adapter_params"] == 393_216
+    assert lora["dart"]["task_config"]["generation"]["length_penalty"] == 0.8
+
+
+def test_bad_nlg_data_gets_a_clear_error(tmp_path):
+    from lowrank_runner.errors import DataError
+    from lowrank_runner.recipe.load import check_recipe_file
+
+    bad = tmp_path / "train.jsonl"
+    bad.write_text(json.dumps({"input_text": "x", "output_text": "y"}) + "\n")
+    task = build_task({"name": "e2e", "data": {"train": str(bad), "validation": str(bad)}, "max_length": 32})
+    with pytest.raises(DataError, match=r"train.jsonl: none of the columns source, meaning_representation.*"
+                                        r"columns: input_text, output_text\); set task.source_column"):
+        task.load_splits()
+    named = build_task({"name": "data_to_text", "data": {"train": str(bad), "validation": str(bad)}, "max_length": 32,
+                        "source_column": "input_text", "target_column": "output_text"})
+    assert named.load_splits()["train"][0] == {"source": "x", "target": "y", "references": []}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nbackbone: {name: gpt2}\ntargets: [Wq]\nmethod: {name: lora}\ntask: {name: data_to_text}\n")
+    messages = [p.message for p in check_recipe_file(recipe)]
+    assert any("set task.data.train" in m for m in messages)
+    recipe.write_text("name: r\nbackbone: {name: gpt2}\ntargets: [Wq]\nmethod: {name: lora}\ntask: {name: dart}\n")
+    assert check_recipe_file(recipe) == []  # the hub by default; task.data optional
+
+
+def test_batched_left_padded_generation_equals_one_by_one():
+    """Prompts of different lengths decoded together (left-padded) give the outputs each
+    gives alone: positions follow the attention mask."""
+    import transformers
+    from accelerate import Accelerator
+
+    from lowrank_runner.tasks.generation import generate
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(1)
+    model = transformers.GPT2LMHeadModel(tiny_config("gpt2", vocab_size=len(tokenizer))).eval()
+    prompts = [[5, 9, 11, 2], [6, 7, 8, 9, 10, 12, 13, 2], [14, 2]]
+    settings = {"num_beams": 2, "length_penalty": 0.9, "no_repeat_ngram_size": 4, "max_new_tokens": 8, "batch_size": 3}
+    accelerator = Accelerator(cpu=True)
+    together = generate(model, prompts, tokenizer, settings, accelerator)
+    alone = [generate(model, [p], tokenizer, settings, accelerator)[0] for p in prompts]
+    assert together == alone and any(together)
+
+
+def test_hub_layouts_of_webnlg_and_dart_become_pairs(tmp_path):
+    """The hub's nested records (a directory load_dataset reads offline): WebNLG 2017's
+    modified triple sets and lexicalisations (only 'good' ones kept), DART's triple sets and
+    annotations; every reference kept for evaluation."""
+    webnlg = tmp_path / "webnlg"
+    webnlg.mkdir()
+    entry = {"category": "Airport", "modified_triple_sets": {"mtriple_set": [["Aarhus_Airport | cityServed | Aarhus"]]},
+             "lex": {"comment": ["good", "bad", "good"], "lid": ["Id1", "Id2", "Id3"],
+                     "text": ["Aarhus Airport serves Aarhus.", "bad text", "Aarhus is served by Aarhus Airport."],
+                     "lang": ["", "", ""]}}
+    for split in ("train", "dev"):
+        (webnlg / f"{split}.jsonl").write_text(json.dumps(entry) + "\n")
+    task = build_task({"name": "webnlg", "dataset": str(webnlg), "max_length": 32})
+    splits = task.load_splits()
+    assert splits["train"]["source"] == ["Aarhus_Airport : cityServed : Aarhus"] * 2
+    assert splits["train"]["target"] == ["Aarhus Airport serves Aarhus.", "Aarhus is served by Aarhus Airport."]
+    dart = tmp_path / "dart"
+    dart.mkdir()
+    row = {"tripleset": [["Mars Hill", "JOINED", "SAC"]], "subtree_was_extended": False,
+           "annotations": {"source": ["wiki", "wiki"], "text": ["Mars Hill joined SAC.", "SAC was joined by Mars Hill."]}}
+    for split in ("train", "validation", "test"):
+        (dart / f"{split}.jsonl").write_text(json.dumps(row) + "\n")
+    task = build_task({"name": "dart", "dataset": str(dart), "max_length": 32, "eval_split": "test"})
+    tokenized = task.tokenize(task.load_splits(), tiny_tokenizer())
+    assert len(tokenized["train"]) == 2 and task.count_train_examples() == 2
+    (refs,) = task.eval_sets["validation"].references
+    assert refs == ["Mars Hill joined SAC.", "SAC was joined by Mars Hill."]
+    with pytest.raises(Exception, match="no nope split"):
+        build_task({"name": "dart", "dataset": str(dart), "max_length": 32, "eval_split": "nope"}).load_splits()
