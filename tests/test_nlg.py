@@ -225,6 +225,10 @@ def test_tiny_e2e_run_with_beam_search(tiny_gpt2, tmp_path):
     evals = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln]
     assert [e["step"] for e in evals] == [3, 6]
     assert metrics["best"]["value"] == max(e["eval"]["bleu"] for e in evals)
+    from lowrank_runner.tasks.text_metrics import generation_scores
+
+    rescored = generation_scores([o["output"] for o in outputs], [o["references"] for o in outputs])
+    assert rescored["bleu"] == pytest.approx(metrics["best"]["value"])  # the selected checkpoint's outputs
     assert evals[1]["eval"]["loss"] < evals[0]["eval"]["loss"]  # it learns
     report = json.loads((run_dir / "report.json").read_text())
     assert report["status"] == "completed" and report["train_examples"] == 24 and report["eval_examples"] == 15

@@ -329,6 +329,12 @@ def test_squad_runs_end_to_end(tmp_path, make_recipe, tiny_bert, squad_dir):
 
     head = load_file(str(tmp_path / "run" / "adapter" / "head.safetensors"))
     assert set(head) == {"qa_outputs.weight", "qa_outputs.bias"}
+    rows = [json.loads(ln) for ln in (tmp_path / "run" / "outputs_validation.jsonl").read_text().splitlines()]
+    dev = read_squad_json(squad_dir / "dev-v2.0.json")
+    assert [r["id"] for r in rows] == dev["id"]  # the selected checkpoint's answers, one per question
+    rescored = squad_v2_scores({r["id"]: r["prediction"] for r in rows},
+                               {q: a["text"] for q, a in zip(dev["id"], dev["answers"])})
+    assert rescored["f1"] == pytest.approx(metrics["best"]["value"])
     merged = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--merge", "--out", str(tmp_path / "merged")])
     assert merged.exit_code == 0, merged.output  # the span head and adapter fold into a plain QA checkpoint
     info = json.loads((tmp_path / "merged" / "lrr_export.json").read_text())

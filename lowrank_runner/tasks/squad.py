@@ -115,6 +115,7 @@ class SquadV2(Task):
 
     def __init__(self, config: dict, spec):
         super().__init__(config, spec)
+        self.latest_outputs: dict[str, list[dict]] = {}  # per split, from its latest evaluation
         self._eval_data: dict[str, tuple] = {}  # split -> (examples, features), set by tokenize
         self._layouts: dict[str, tuple] = {}  # split -> feature_layout(), computed at the first evaluation
 
@@ -224,6 +225,11 @@ class SquadV2(Task):
     def collator(self, tokenizer, pad_to_multiple_of: int | None = None):
         return QACollator(tokenizer, pad_to_multiple_of)
 
+    def outputs(self) -> dict[str, list[dict]]:
+        """Per split, one row per question: ``id``, ``prediction`` ("" for no answer),
+        ``best_span`` and ``null_score_diff`` (the official script's na_prob input)."""
+        return self.latest_outputs
+
     def model_config_kwargs(self):
         return {"num_labels": 2}  # the span head: a start and an end logit per token
 
@@ -264,7 +270,7 @@ class SquadV2(Task):
                 self._layouts[split] = layout
         grouped, offsets, cls_index = layout
         contexts, ids, answers = examples["context"], examples["id"], examples["answers"]
-        predictions, candidates, margins, references = {}, {}, {}, {}
+        predictions, candidates, margins, references, rows = {}, {}, {}, {}, []
         for e, feature_ids in enumerate(grouped):
             choice = best_span(contexts[e], [
                 {"start_logits": start_logits[f], "end_logits": end_logits[f], "offsets": offsets[f],
@@ -274,6 +280,10 @@ class SquadV2(Task):
             predictions[qid] = predict(choice, c["null_score_threshold"])
             candidates[qid], margins[qid] = choice.text, choice.no_answer_margin
             references[qid] = answers[e]["text"]
+            rows.append({"id": qid, "prediction": predictions[qid], "best_span": choice.text,
+                         "null_score_diff": choice.no_answer_margin})
+        if split:
+            self.latest_outputs[split] = rows
         return {**squad_v2_scores(predictions, references), **best_threshold_scores(candidates, margins, references)}
 
 

@@ -12,8 +12,10 @@
       report.md             the same for people, with the plots (lowrank_runner/report/)
       loss_curve.png        training/evaluation loss and learning rate per step
       metric_curve.png      evaluation metrics per evaluation, best checkpoint starred
-      outputs_SPLIT.jsonl   generation tasks: source, output, references per distinct source,
-                            from the latest evaluation of SPLIT
+      outputs_SPLIT.jsonl   the selected checkpoint's outputs on SPLIT: generation tasks
+                            (source, output, references per distinct source), squad_v2
+                            (id, prediction, best_span, null_score_diff per question);
+                            outputs_test_SPLIT.jsonl with task.holdout_fraction
       rank_pattern.json     final active rank per module (dynamic-rank methods only)
       rank_heatmap.png      the same as a layers x target-symbols heatmap
       checkpoints/step-N/   resumable training state while the run is unfinished

@@ -196,6 +196,7 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resu
     higher = task.greater_is_better
     best = {"step": None, "metric": task.metric, "value": None, "eval": None}
     best_state: tuple[dict, dict] | None = None
+    best_outputs: dict[str, list[dict]] = {}  # the task's outputs (generations, answers) at the best checkpoint
     last_eval: dict | None = None
     step, window_loss, window_n = 0, torch.zeros((), device=accelerator.device), 0
     epoch_index, skip_batches, epoch_generator = 0, 0, None
@@ -214,6 +215,7 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resu
         st = resume.state
         step, epoch_index, skip_batches = st["step"], st["epoch_index"], st["batches_in_epoch"]
         best, last_eval, window_n, log_lines = st["best"], st["last_eval"], st["window_n"], st["log_lines"]
+        best_outputs = st.get("best_outputs", {})
         window_loss.fill_(st["window_loss"])
 
     if main:
@@ -235,6 +237,7 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resu
             best={**best_state[0], **best_state[1]} if best_state else None,
             state={"step": step, "epoch_index": epoch_index, "batches_in_epoch": batches_in_epoch,
                    "window_loss": float(window_loss), "window_n": window_n, "best": best, "last_eval": last_eval,
+                   "best_outputs": best_outputs,
                    "log_lines": log.lines if log else 0, "config_hash": run.config_hash,
                    "total_steps": plan.total_steps},
         )
@@ -288,6 +291,7 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resu
                     if improved:
                         best.update(step=step, value=value, eval=last_eval)
                         best_state = _trainable_state(accelerator.unwrap_model(model), adapted)
+                        best_outputs = {k: list(v) for k, v in task.outputs().items() if k in selection}
                     if log:
                         log.write({"step": step, "epoch": round(epoch, 4), "eval": last_eval})
                     progress.update_eval(step, last_eval, task.metric, improved)
@@ -324,8 +328,9 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resu
         if test is not None:
             final["test"] = test  # the selected checkpoint on the task's evaluation set(s)
         art.write_json(run_dir / art.METRICS_FILE, final)
-        for split, rows in task.outputs().items():  # e.g. generated text, from the latest evaluation
-            art.write_jsonl(run_dir / art.OUTPUTS_FILE.format(split=split), rows)
+        outputs = {**best_outputs, **{k: v for k, v in task.outputs().items() if k in tests}}
+        for split, rows in outputs.items():  # generated text, answers: the selected checkpoint's
+            art.write_jsonl(run_dir / art.OUTPUTS_FILE.format(split=split.replace(TEST_PREFIX, "test_")), rows)
         pattern = method.rank_pattern(adapters)
         if pattern is not None:
             from lowrank_runner.plots import rank_heatmap
