@@ -20,7 +20,7 @@ parameter counts (adapter + classifier head) are reported so the budget is visib
 LoRA2 uses k = r (about LoRA's parameter count) without pruning; TriAdaptLoRA grows from
 rank 1 to a budget of r per module (its t_init and grow_interval are a tenth of the run).
 
-    python bench/quality.py                          # affordable: 2,000 train examples, 1 epoch, 64 tokens
+    python bench/quality.py                          # affordable: 1,000 train examples, 1 epoch, 64 tokens
     python bench/quality.py --train-samples 0 --epochs 3 --max-length 128   # full training sets
     python bench/quality.py --tasks rte --methods peft-lora,lora --json out.json
 """
@@ -60,7 +60,7 @@ def parse_args(argv=None):
                     help="raw GLUE TSV directory (SST-2/, CoLA/, RTE/); default $LRR_GLUE_DIR or ../shared/data/glue")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--train-samples", type=int, default=2000, help="first N training examples per task; 0 = all")
+    ap.add_argument("--train-samples", type=int, default=1000, help="first N training examples per task; 0 = all")
     ap.add_argument("--eval-samples", type=int, default=0, help="first N dev examples; 0 = the full dev set")
     ap.add_argument("--epochs", type=float, default=1)
     ap.add_argument("--batch", type=int, default=16)
