@@ -228,3 +228,20 @@ def test_validate_accepts_the_mtlora_recipes():
             assert runs[(task, 1)].config["training"]["init_from"] == {"task": "mnli"}
             assert "mtlora_roberta_glue.yaml:" in runs[(task, 1)].init_from_at
         assert "init_from" not in runs[("mnli", 0)].config["training"]
+
+
+def test_dependent_of_a_stopped_source_waits_for_resume(monkeypatch, make_recipe, tiny_bert, sentiment_data, scores_data, tmp_path):
+    """--stop-after-step: the source stops with a checkpoint; its dependent is not started
+    (not failed either) and continues with --resume."""
+    calls = []
+
+    def fake_train_run(recipe, run, run_dir, argv, resume=None, stop_after=None, init_from=None):
+        calls.append(run.slug)
+        return RunResult(run_dir, {"metric": "accuracy", "value": None, "step": None}, stopped_at=stop_after)
+
+    monkeypatch.setattr(loop, "train_run", fake_train_run)
+    recipe = load_recipe(make_recipe(two_tasks(tiny_bert, sentiment_data, scores_data)))
+    assert run_recipe(recipe, tmp_path / "run", [], stop_after=2) == []
+    assert calls == ["classification-seed0"]
+    summary = {r["task"]: r for r in json.loads((tmp_path / "run" / "summary.json").read_text())["runs"]}
+    assert summary["regression"]["status"] == "stopped" and summary["regression"]["waits_for"] == "classification-seed0"
