@@ -13,6 +13,7 @@ from lowrank_runner.quiet import quiet_libraries
 from lowrank_runner.recipe.load import Recipe
 from lowrank_runner.tasks.base import build_task
 from lowrank_runner.tasks.holdout import holdout_sizes
+from lowrank_runner.train.init_from import source_run
 from lowrank_runner.train.schedule import plan_steps
 
 
@@ -63,9 +64,21 @@ def inspect_recipe(recipe: Recipe, processes: int = 1) -> dict:
             "head": adapted.head_names,
             **parameter_counts(model, adapted),
             "total_params": sum(p.numel() for p in params.values()),
+            "init_from": _init_from(recipe, run),
             "train_examples": n_train,
             "steps": plan.total_steps,
             "warmup_steps": plan.warmup_steps,
         })
     return {"name": recipe.name, "source": recipe.source, "recipe_hash": recipe.hash, "recipe": recipe.resolved, "runs": runs}
 
+
+
+def _init_from(recipe: Recipe, run) -> dict | None:
+    """Where the run's adapter starts from (training.init_from), None: the method's init."""
+    ref = run.config["training"].get("init_from")
+    if ref is None:
+        return None
+    if isinstance(ref, str):
+        return {"path": ref, "head": "fresh"}
+    source = source_run(recipe, run)
+    return {"task": ref["task"], "run": source.slug if source else None, "head": "fresh"}

@@ -35,6 +35,10 @@ def print_inspection(result: dict) -> None:
         for symbol, paths in run["targets"].items():
             table.add_row(symbol, str(len(paths)), paths[0] if paths else "")
         console.print(table)
+        init = run.get("init_from")
+        if init:
+            source = f"run {init['run']} (task {init['task']}, same seed), which runs first" if "task" in init else init["path"]
+            console.print(f"adapter starts from {source}; the task head is trained fresh")
         t = run["training"]
         console.print(
             f"adapter params {run['adapter_params']:,} · trainable {run['trainable_params']:,} "

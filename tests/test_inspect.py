@@ -187,6 +187,9 @@ def test_mtlora_condlora_and_lora_baselines_match_their_tables(config_dirs):
         assert runs["cola"]["method"]["structure"] == (structure[1:] or "shim")
         assert [runs[t]["training"]["batch_size"] for t in GLUE_ORDER] == [16, 16, 32, 16, 32, 32, 16, 16]
         assert [runs[t]["training"]["epochs"] for t in GLUE_ORDER] == [30, 60, 80, 25, 25, 80, 30, 40]
+        # LoRA's protocol: MRPC, RTE and STS-B start from the MNLI adapter of the same seed
+        assert {t: (runs[t]["init_from"] or {}).get("run") for t in GLUE_ORDER} == {
+            **dict.fromkeys(GLUE_ORDER), **dict.fromkeys(["rte", "mrpc", "stsb"], "mnli-seed0")}
     condlora = inspect_recipe("condlora_roberta_glue.yaml", roberta)
     assert condlora["rte"]["adapter_params"] == 24_576  # CondLoRA Table 4
     assert condlora["cola"]["training"]["learning_rate"] == 6.026e-4 and condlora["qqp"]["training"]["epochs"] == 50

@@ -17,7 +17,7 @@ from lowrank_runner.errors import Location, Problem, RecipeError
 from lowrank_runner.methods.registry import get_method_spec
 from lowrank_runner.recipe.document import Document, Origin, apply_override, delete, load_yaml, merge
 from lowrank_runner.recipe.schema import fill_defaults, recipe_schema, recipe_validator
-from lowrank_runner.recipe.validate import dedupe, problem, run_problems, schema_problems
+from lowrank_runner.recipe.validate import dedupe, init_from_problems, problem, run_problems, schema_problems
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class RunSpec:
     seed: int
     config: dict  # the recipe for this run: defaults filled, one task, one seed, no `tasks`
     config_hash: str
+    init_from_at: str | None = None  # where training.init_from is set: "FILE:LINE:COL recipe.path"
 
     @property
     def slug(self) -> str:
@@ -155,8 +156,10 @@ def expand_runs(doc: Document) -> list[tuple[str, int, Document]]:
 def check_document(doc: Document) -> list[Problem]:
     """Every problem in a composed recipe document (schema, methods, semantics)."""
     problems = schema_problems(doc, doc.data, recipe_validator(), skip=("method",))
-    for _, _, run in expand_runs(doc):  # defensive about types the schema already flagged
+    runs = expand_runs(doc)
+    for _, _, run in runs:  # defensive about types the schema already flagged
         problems += run_problems(run)
+    problems += init_from_problems(doc, runs)
     return dedupe(problems)
 
 
@@ -179,7 +182,7 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
     runs = []
     for i, (task, seed, run_doc) in enumerate(expand_runs(doc)):
         config = _resolve(run_doc.data, schema)
-        runs.append(RunSpec(i, task, seed, config, canonical_hash(config)))
+        runs.append(RunSpec(i, task, seed, config, canonical_hash(config), _setting_at(run_doc, ("training", "init_from"))))
     return Recipe(
         name=resolved["name"],
         source=str(path),
@@ -188,6 +191,13 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
         runs=tuple(runs),
         overrides=overrides,
     )
+
+
+def _setting_at(doc: Document, path: tuple) -> str | None:
+    origin = doc.origins.get(path)
+    if origin is None:
+        return None
+    return f"{origin.value}: {'.'.join(str(p) for p in origin.source_path)}"
 
 
 def _resolve(data: dict, schema: dict) -> dict:

@@ -287,3 +287,62 @@ def dedupe(problems: list[Problem]) -> list[Problem]:
 
     return sorted(out, key=order)
 
+
+
+# ------------------------------------------------------------ training.init_from
+
+
+def init_from_problems(doc: Document, runs: list) -> list[Problem]:
+    """``training.init_from`` of every run (``runs``: (task, seed, run document) from
+    expansion): a ``{task: NAME}`` reference must name another task of this multi-task
+    recipe that has a run with the same seed, without cycles; a path must be a run
+    directory (or adapter directory) that exists."""
+    multi = isinstance(doc.data.get("tasks"), dict)
+    seeds: dict = {}
+    for task, seed, _ in runs:
+        seeds.setdefault(task, []).append(seed)
+    out, edges = [], {}
+    for task, seed, run in runs:
+        training = run.data.get("training")
+        ref = training.get("init_from") if isinstance(training, dict) else None
+        at = ("training", "init_from")
+        if isinstance(ref, str) and ref:
+            path = Path(ref).expanduser()
+            if not path.exists():
+                out.append(problem(run, at, f"no such run directory: {ref} (relative paths are resolved against the "
+                                            f"working directory {Path.cwd()})"))
+            elif not any((p / "adapter_config.json").is_file() for p in (path / "adapter", path)):
+                out.append(problem(run, at, f"{ref} holds no adapter/adapter_config.json: give the directory of a "
+                                            "finished 'lrr run' run (or its adapter/ folder)"))
+            continue
+        if not isinstance(ref, dict) or not isinstance(ref.get("task"), str):
+            continue
+        at, source = at + ("task",), ref["task"]
+        if not multi:
+            out.append(problem(run, at, "{task: ...} names another task of a multi-task recipe ('tasks:'), and this "
+                                        "recipe has none; give a run directory instead"))
+        elif source == task:
+            out.append(problem(run, at, f"task '{task}' cannot start from its own adapter; name another task of "
+                                        f"the recipe ({', '.join(t for t in seeds if t != task)}) or a run directory"))
+        elif source not in seeds:
+            out.append(problem(run, at, f"task '{source}' is not in this recipe{suggest(source, seeds)}; its tasks: "
+                                        f"{', '.join(seeds)}"))
+        elif seed not in seeds[source]:
+            out.append(problem(run, at, f"task '{source}' has no run with seed {seed} (its seeds: "
+                                        f"{', '.join(map(str, seeds[source]))}); each run starts from the source "
+                                        "task's run of the same seed"))
+        else:
+            edges[(task, seed)] = (source, seed, run)
+    for start in edges:
+        node, seen = start, [start]
+        while node in edges:
+            node = edges[node][:2]
+            if node == start:
+                cycle = " -> ".join(t for t, _ in seen + [start])
+                out.append(problem(edges[start][2], ("training", "init_from", "task"),
+                                   f"tasks start from each other in a cycle: {cycle}"))
+                break
+            if node in seen:
+                break
+            seen.append(node)
+    return out

@@ -150,9 +150,10 @@ def prepared_data(cfg: dict, tokenizer) -> tuple[Task, object, object]:
 
 
 def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resume: Checkpoint | None = None,
-              stop_after: int | None = None) -> RunResult:
-    """Train one run into ``run_dir``; ``resume`` continues from a checkpoint of it, and
-    ``stop_after`` ends the run with a checkpoint after that optimizer step."""
+              stop_after: int | None = None, init_from=None) -> RunResult:
+    """Train one run into ``run_dir``; ``resume`` continues from a checkpoint of it,
+    ``stop_after`` ends the run with a checkpoint after that optimizer step, and
+    ``init_from`` (train/init_from.py) loads another run's adapter before training."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_scheduler
@@ -177,6 +178,8 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resu
     tests = {TEST_PREFIX + name: suffix for name, suffix in task.eval_splits().items()} if holdout else {}
     adapted = build_adapted_model(cfg, task.model_class, task.model_config_kwargs(), weights=True, ref=ref)
     model = adapted.model
+    if init_from is not None and resume is None:  # a checkpoint holds the adapter already
+        init_from.load_into(adapted, cfg)
     plan = plan_steps(len(tokenized["train"]), training, accelerator.num_processes)
     check_schedule(plan, f"{recipe.source} [{run.task}, seed {run.seed}]")
 

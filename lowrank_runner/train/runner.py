@@ -1,6 +1,8 @@
 """``lrr run``: every run of a recipe (task x seed), each in its own run directory.
 
 One failed run does not stop the others; the command exits non-zero if any failed.
+Runs that start from another run's adapter (``training.init_from: {task: NAME}``) run
+after it, and fail without training when it did not complete.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from lowrank_runner.report.markdown import run_markdown
 from lowrank_runner.report.write import REPORT_MD, write_recipe_report
 from lowrank_runner.results import print_results, results_table, write_results
 from lowrank_runner.train import artifacts as art
+from lowrank_runner.train.init_from import InitFromError, init_source, order_runs, source_run
 
 console = Console(stderr=True)
 
@@ -69,7 +72,8 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
     failures, summary = [], []
     if not is_main_process():
         console.quiet = True
-    for run in recipe.runs:
+    outcome: dict[int, dict] = {}  # run index -> its summary entry, for the runs that start from it
+    for run in order_runs(recipe):
         run_dir = dirs[run.index]
         console.rule(f"[bold]{recipe.name}[/bold] · {run.task} · seed {run.seed} → {run_dir}")
         done = _completed(run_dir) if resume else None
@@ -77,16 +81,27 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
             console.print(f"already completed: {run.slug} · {run_dir}")
             summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "completed", "best": done["best"],
                             **({"test": done["test"]} if "test" in done else {})})
+            outcome[run.index] = summary[-1]
             continue
         checkpoint = latest_checkpoint(run_dir) if resume else None
         if checkpoint is not None:
             console.print(f"resuming {run.slug} from {checkpoint.path} (step {checkpoint.step})")
         try:
-            result = train_run(recipe, run, run_dir, argv, resume=checkpoint, stop_after=stop_after)
+            init = init_source(recipe, run, dirs)
+            waits_for = _source_pending(recipe, run, outcome, root)
+            if waits_for is not None:
+                console.print(f"[yellow]not started[/yellow] {run.slug}: it starts from {waits_for}, which was stopped; "
+                              f"continue with: lrr run {recipe.source} --output {root} --resume")
+                summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "stopped", "step": 0,
+                                "waits_for": waits_for})
+                outcome[run.index] = summary[-1]
+                continue
+            result = train_run(recipe, run, run_dir, argv, resume=checkpoint, stop_after=stop_after, init_from=init)
         except LrrError as exc:
             failures.append(run.slug)
             console.print(f"[red]run {run.slug} failed:[/red] {exc}")
             summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "failed", "error": str(exc)})
+            outcome[run.index] = summary[-1]
             _mark_failed(run_dir, str(exc))
             if len(recipe.runs) == 1:
                 raise
@@ -96,6 +111,7 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
             console.print(f"[red]run {run.slug} crashed:[/red] {type(exc).__name__}: {exc}")
             _mark_failed(run_dir, traceback.format_exc())
             summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "crashed", "error": repr(exc)})
+            outcome[run.index] = summary[-1]
             if len(recipe.runs) == 1:
                 raise
             continue
@@ -105,10 +121,14 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
                           f"continue with: lrr run {recipe.source} --output {root} --resume")
             summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "stopped",
                             "step": result.stopped_at})
+            outcome[run.index] = summary[-1]
             continue
         console.print(f"[bold green]done[/bold green] {run.slug}: best {best['metric']} {best['value']:.4f} at step {best['step']} · {run_dir}")
         summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "completed", "best": best,
                         **({"test": result.test} if result.test is not None else {})})
+        outcome[run.index] = summary[-1]
+        if init is not None and is_main_process():
+            init.write_record(run_dir)
     if len(recipe.runs) > 1 and is_main_process():
         root.mkdir(parents=True, exist_ok=True)
         art.write_json(root / "summary.json", {"recipe": recipe.name, "hash": recipe.hash, "runs": summary})
@@ -118,6 +138,26 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
         write_recipe_report(root, recipe.name, recipe.hash, recipe.source, argv, summary)
         print_results(console, recipe.name, table)
     return failures
+
+
+def _source_pending(recipe: Recipe, run, outcome: dict[int, dict], root: Path) -> str | None:
+    """A run that starts from another run of this recipe needs that run completed: the
+    source's slug when it was stopped (--stop-after-step: this run waits for --resume),
+    an :class:`InitFromError` when it failed, None when it completed (or there is none)."""
+    source = source_run(recipe, run)
+    if source is None:
+        return None
+    entry = outcome.get(source.index, {"status": "not run"})
+    if entry["status"] == "completed":
+        return None
+    if entry["status"] == "stopped":
+        return source.slug
+    error = (entry.get("error") or "").strip().splitlines()
+    raise InitFromError(
+        f"{run.init_from_at or recipe.source}: {run.slug} starts from the adapter of run {source.slug}, which "
+        f"{entry['status']}{': ' + error[-1] if error else ''}; nothing trained. Fix that run, then continue with: "
+        f"lrr run {recipe.source} --output {root} --resume"
+    )
 
 
 def _mark_failed(run_dir: Path, error: str) -> None:
