@@ -26,9 +26,10 @@ from pathlib import Path
 
 import lowrank_runner
 from lowrank_runner.errors import BackboneError, ExportError
-from lowrank_runner.export import EXPORT_INFO, collect_if_alive, load_trained_model, read_run, source_tokenizer
+from lowrank_runner.export import (EXPORT_INFO, collect_if_alive, load_trained_model, read_run, reference_outputs,
+                                   source_tokenizer)
 from lowrank_runner.outputs import require_free, staged_directory
-from lowrank_runner.probe import compare_outputs, model_outputs, non_finite, probe_batch
+from lowrank_runner.probe import compare_outputs, model_outputs, probe_batch
 from lowrank_runner.quiet import quiet_libraries
 from lowrank_runner.resources import is_pkg_path
 from lowrank_runner.train import artifacts as art
@@ -70,10 +71,7 @@ def export_bundle(source: Path, out: Path, tolerance: float = 0.0, backbone: str
     del adapted
     tokenizer = source_tokenizer(source, ref, config)
     batch = probe_batch(tokenizer, config["task"]["max_length"])
-    expected = model_outputs(model, batch)
-    bad = non_finite(expected)
-    if bad:
-        raise ExportError(f"{source}: the adapter model produces NaN/Inf ({', '.join(bad)}) on the probe batch; nothing written")
+    expected = reference_outputs(model, batch, source)
     alive = weakref.ref(model)
     del model
     collect_if_alive(alive)

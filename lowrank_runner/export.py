@@ -234,6 +234,16 @@ class _MergeCheck:
             self.changed[path] = bool(((weight.float() + delta).to(self.dtype) != weight.to(self.dtype)).any())
 
 
+def reference_outputs(model, batch, source: Path) -> dict:
+    """The adapter model's outputs on the probe batch, which every export must reproduce;
+    NaN/Inf there stops the export before anything is written."""
+    outputs = model_outputs(model, batch)
+    bad = non_finite(outputs)
+    if bad:
+        raise ExportError(f"{source}: the adapter model produces NaN/Inf ({', '.join(bad)}) on the probe batch; nothing written")
+    return outputs
+
+
 def export_merged(source: Path, out: Path, tolerance: float = 1e-3, dtype: str | None = None,
                   max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, cast_tolerance: float | None = None,
                   backbone: str | None = None) -> dict:
@@ -254,10 +264,7 @@ def export_merged(source: Path, out: Path, tolerance: float = 1e-3, dtype: str |
     tokenizer = source_tokenizer(source, ref, config)
     batch = probe_batch(tokenizer, config["task"]["max_length"])
 
-    reference = model_outputs(model, batch)
-    bad = non_finite(reference)
-    if bad:
-        raise ExportError(f"{source}: the adapter model produces NaN/Inf ({', '.join(bad)}) on the probe batch; nothing written")
+    reference = reference_outputs(model, batch, source)
     refuse_tied_targets(model)
     tied = embeddings_tied(model)
     check = _MergeCheck(getattr(torch, target))

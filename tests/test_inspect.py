@@ -177,6 +177,7 @@ def test_triadaptlora_recipes_match_table_v(config_dirs):
         assert run["method"]["grow_by"] == grow_by[i] and run["method"]["alpha"] == alphas[i]
         assert run["method"]["t_init"] == run["method"]["grow_interval"] == run["training"]["warmup_steps"] == interval[i]
         assert (run["method"]["r"], run["method"]["r_ref"]) == (1, 8)
+        assert run["task_config"]["max_length"] == lengths[i]
     assert runs["mnli"]["adapter_params"] == 166_032  # rank 1 everywhere at the start
 
 

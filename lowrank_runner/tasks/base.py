@@ -27,6 +27,16 @@ class Task:
     def count_train_examples(self) -> int:
         raise NotImplementedError
 
+    def limit_samples(self, splits, eval_splits=("validation",)):
+        """Cut ``train`` to ``task.max_train_samples`` and each evaluation split to
+        ``task.max_eval_samples`` (the first rows; unset or larger: unchanged)."""
+        limits = {"train": self.config.get("max_train_samples")}
+        limits.update({s: self.config.get("max_eval_samples") for s in eval_splits})
+        for split, limit in limits.items():
+            if limit and limit < len(splits[split]):
+                splits[split] = splits[split].select(range(limit))
+        return splits
+
     def tokenize(self, splits, tokenizer):  # -> DatasetDict of model inputs + "labels"
         raise NotImplementedError
 

@@ -165,12 +165,7 @@ class Glue(Task):
             names = HUB_SPLITS.get(self.spec.name, {"validation": "validation"})
             splits = datasets.DatasetDict({"train": hub["train"], **{ours: hub[theirs] for ours, theirs in names.items()}})
             splits = splits.select_columns([*g.texts, "label"])
-        limits = {"train": c.get("max_train_samples")}
-        limits.update({s: c.get("max_eval_samples") for s in g.eval_files})
-        for split, limit in limits.items():
-            if limit and limit < len(splits[split]):
-                splits[split] = splits[split].select(range(limit))
-        return splits
+        return self.limit_samples(splits, g.eval_files)
 
     def load_splits(self):
         return self.raw

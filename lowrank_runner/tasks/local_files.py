@@ -62,11 +62,7 @@ class _LocalTask(Task):
                     raise DataError(
                         f"{self.config['data'][split]}: no column '{col}' (columns: {', '.join(ds.column_names)}); set task.{key}"
                     )
-        limits = {"train": c.get("max_train_samples"), "validation": c.get("max_eval_samples")}
-        for split, limit in limits.items():
-            if limit and limit < len(splits[split]):
-                splits[split] = splits[split].select(range(limit))
-        return splits
+        return self.limit_samples(splits)
 
     def load_splits(self):
         return self.raw

@@ -187,10 +187,7 @@ class DataToText(Task):
         out = {}
         for split, ds in splits.items():
             out[split] = self._pairs(ds, where[split])
-            limit = c.get("max_train_samples" if split == "train" else "max_eval_samples")
-            if limit and limit < len(out[split]):
-                out[split] = out[split].select(range(limit))
-        return datasets.DatasetDict(out)
+        return self.limit_samples(datasets.DatasetDict(out))
 
     def _column(self, ds, key: str, candidates: tuple[str, ...], where: str) -> str:
         declared = self.config.get(key)

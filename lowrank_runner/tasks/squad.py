@@ -147,11 +147,7 @@ class SquadV2(Task):
                 ) from None
             splits = datasets.DatasetDict({s: hub[s] for s in ("train", "validation")})
             splits = splits.select_columns(list(hub_features()))
-        limits = {"train": c.get("max_train_samples"), "validation": c.get("max_eval_samples")}
-        for split, limit in limits.items():
-            if limit and limit < len(splits[split]):
-                splits[split] = splits[split].select(range(limit))
-        return splits
+        return self.limit_samples(splits)
 
     def load_splits(self):
         return self.raw
