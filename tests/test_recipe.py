@@ -34,6 +34,17 @@ def test_defaults_are_filled_from_the_schema(make_recipe):
     assert (run.task, run.seed) == ("classification", 0)
 
 
+def test_task_options_are_filled_only_for_their_tasks(make_recipe):
+    (run,) = load_recipe(make_recipe(BASE)).runs
+    assert run.config["task"]["text_column"] == "text"
+    assert not {"doc_stride", "n_best", "generation", "label_smoothing", "scoring"} & set(run.config["task"])
+    (squad,) = load_recipe(make_recipe(BASE.replace(f"name: classification, {DATA}", "name: squad_v2"))).runs
+    assert (squad.config["task"]["doc_stride"], squad.config["task"]["n_best"]) == (128, 20)
+    assert not {"text_column", "generation"} & set(squad.config["task"])
+    (e2e,) = load_recipe(make_recipe(BASE.replace(f"name: classification, {DATA}", "name: e2e"))).runs
+    assert e2e.config["task"]["generation"]["num_beams"] == 1 and "doc_stride" not in e2e.config["task"]
+
+
 def test_extends_merges_and_the_child_wins(make_recipe):
     make_recipe(BASE, "base.yaml")
     child = make_recipe("extends: base.yaml\nname: child\nmethod: {r: 4}\ntraining: {epochs: 7}\n", "child.yaml")

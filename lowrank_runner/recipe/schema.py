@@ -74,7 +74,9 @@ def fill_defaults(data: Any, schema: dict, root: dict | None = None) -> Any:
     """Return a copy of ``data`` with every schema default filled in, recursively.
 
     Objects named by ``properties`` with an object default (e.g. ``training: {}``) are
-    created and filled; values the user wrote are never changed.
+    created and filled; values the user wrote are never changed. A property marked
+    ``"x-tasks": [...]`` gets its default only in an object whose ``name`` is one of
+    them (or has no name yet): task options stay out of other tasks' configs and hashes.
     """
     root = root or schema
     schema = _deref(schema, root)
@@ -84,12 +86,17 @@ def fill_defaults(data: Any, schema: dict, root: dict | None = None) -> Any:
     for key, sub in schema["properties"].items():
         sub_r = _deref(sub, root)
         if key not in out:
-            if "default" not in sub_r:
+            if "default" not in sub_r or _not_for(sub_r, out):
                 continue
             out[key] = copy.deepcopy(sub_r["default"])
         if isinstance(out[key], dict):
             out[key] = fill_defaults(out[key], sub_r, root)
     return out
+
+
+def _not_for(sub: dict, obj: dict) -> bool:
+    applies, name = sub.get("x-tasks"), obj.get("name")
+    return bool(applies) and isinstance(name, str) and name not in applies
 
 
 def property_schema(*path: str) -> dict:

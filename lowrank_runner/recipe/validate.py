@@ -16,7 +16,7 @@ from pathlib import Path
 from lowrank_runner.errors import Location, Problem
 from lowrank_runner.methods.registry import method_specs
 from lowrank_runner.recipe.document import Document, PathT, dotted
-from lowrank_runner.recipe.schema import validator_for
+from lowrank_runner.recipe.schema import property_schema, validator_for
 from lowrank_runner.resources import is_pkg_path, resolve_pkg_path
 from lowrank_runner.targets import SYMBOLS, is_symbol_like
 from lowrank_runner.tasks.registry import TASKS
@@ -181,6 +181,11 @@ def _task_problems(doc: Document, task) -> list[Problem]:
     metric = task.get("metric")
     if metric is not None and metric not in spec.metrics:
         out.append(problem(doc, ("task", "metric"), f"task '{name}' has no metric '{metric}'{suggest(metric, spec.metrics)}; available: {', '.join(spec.metrics)}"))
+    for key, sub in property_schema("task")["properties"].items():
+        applies = sub.get("x-tasks")
+        if key in task and applies and name not in applies:
+            out.append(problem(doc, ("task", key), f"task.{key} applies to {', '.join(applies)} only, not to "
+                               f"task '{name}'; remove it", key=True))
     if name == "regression" and task.get("labels"):
         out.append(problem(doc, ("task", "labels"), "a regression task has no class labels; remove 'labels'"))
     stride, length = task.get("doc_stride"), task.get("max_length")
