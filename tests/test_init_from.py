@@ -155,7 +155,9 @@ def test_failed_source_fails_the_dependent_without_training(make_recipe, tiny_be
     assert summary["regression"]["status"] == "failed"
     assert "starts from the adapter of run classification-seed0, which failed" in error and f"{recipe}:" in error
     assert "--resume" in error
-    assert not (tmp_path / "run" / "regression-seed0").exists()
+    failed = tmp_path / "run" / "regression-seed0"  # a directory holding only the failure, for lrr report
+    assert "which failed" in (failed / "error.txt").read_text() and not (failed / "adapter").exists()
+    assert json.loads((failed / "report.json").read_text())["status"] == "failed"
 
 
 def test_runner_orders_sources_first_and_keeps_going(monkeypatch, make_recipe, tiny_bert, sentiment_data, scores_data, tmp_path):

@@ -84,6 +84,8 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
             outcome[run.index] = summary[-1]
             continue
         checkpoint = latest_checkpoint(run_dir) if resume else None
+        if resume and is_main_process():
+            (run_dir / "error.txt").unlink(missing_ok=True)  # a failure from before: this try starts over
         if checkpoint is not None:
             console.print(f"resuming {run.slug} from {checkpoint.path} (step {checkpoint.step})")
         try:
@@ -102,14 +104,14 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
             console.print(f"[red]run {run.slug} failed:[/red] {exc}")
             summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "failed", "error": str(exc)})
             outcome[run.index] = summary[-1]
-            _mark_failed(run_dir, str(exc))
+            _mark_failed(run_dir, str(exc), create=len(recipe.runs) > 1)
             if len(recipe.runs) == 1:
                 raise
             continue
         except Exception as exc:  # keep going with the other runs; the traceback is saved
             failures.append(run.slug)
             console.print(f"[red]run {run.slug} crashed:[/red] {type(exc).__name__}: {exc}")
-            _mark_failed(run_dir, traceback.format_exc())
+            _mark_failed(run_dir, traceback.format_exc(), create=len(recipe.runs) > 1)
             summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "crashed", "error": repr(exc)})
             outcome[run.index] = summary[-1]
             if len(recipe.runs) == 1:
@@ -160,7 +162,13 @@ def _source_pending(recipe: Recipe, run, outcome: dict[int, dict], root: Path) -
     )
 
 
-def _mark_failed(run_dir: Path, error: str) -> None:
+def _mark_failed(run_dir: Path, error: str, create: bool = False) -> None:
+    """Record a failure in the run's directory (``error.txt``, ``report.json``/``.md`` with
+    status failed). ``create``: make the directory if the run failed before writing one
+    (a run of a multi-run recipe, so ``lrr report`` and ``summary.json`` point somewhere);
+    a single run that failed before training leaves nothing behind."""
+    if create and is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
     if run_dir.is_dir() and is_main_process():
         (run_dir / "error.txt").write_text(error)
         report = run_dir / art.REPORT_FILE
