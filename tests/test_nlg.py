@@ -259,6 +259,88 @@ def test_two_processes_score_like_one(tiny_gpt2, tmp_path):
         assert a[key] == pytest.approx(b[key], abs=1e-9), key
 
 
+@pytest.mark.slow
+def test_selected_checkpoint_is_scored_once_on_the_test_file(tiny_gpt2, tmp_path):
+    """task.data.test (the papers' protocol): selection on validation as before, then the
+    selected checkpoint scored once on the test file; metrics.json, its outputs, report.json,
+    summary.json and the results table carry that test score."""
+    recipe = tiny_nlg_recipe(tiny_gpt2, tmp_path)
+    test_file = write_e2e_csv(tmp_path / "testset.csv", e2e_rows(4, 2, offset=3))
+    text = recipe.read_text().replace("validation: ", f"test: {test_file}, validation: ")
+    recipe.write_text(text.replace("epochs: 2", "epochs: 2, eval_every: 1").replace("seed: 0", "seed: [0, 1]"))
+    result = CliRunner().invoke(app, ["run", str(recipe), "--output", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    runs = summary["runs"] if isinstance(summary, dict) else summary
+    assert [r["status"] for r in runs] == ["completed", "completed"]
+    for entry in runs:
+        run_dir = Path(entry["dir"])
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        test = metrics["test"]
+        assert set(test) >= {"bleu", "chrf", "ter", "nist", "rougeL", "loss", "perplexity"}
+        evals = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln]
+        assert len(evals) == 6 and all("bleu" in e["eval"] for e in evals)  # selection: validation, every step
+        assert metrics["best"]["value"] == max(e["eval"]["bleu"] for e in evals)
+        outputs = [json.loads(ln) for ln in (run_dir / "outputs_test_test.jsonl").read_text().splitlines()]
+        assert [o["source"] for o in outputs] == [linearise(mr) for mr, _ in e2e_rows(4, 1, offset=3)]
+        assert all(len(o["references"]) == 2 for o in outputs)
+        rescored = generation_scores([o["output"] for o in outputs], [o["references"] for o in outputs])
+        assert rescored["bleu"] == pytest.approx(test["bleu"])  # the test outputs are the scored ones
+        valid = [json.loads(ln) for ln in (run_dir / "outputs_validation.jsonl").read_text().splitlines()]
+        assert generation_scores([o["output"] for o in valid],
+                                 [o["references"] for o in valid])["bleu"] == pytest.approx(metrics["best"]["value"])
+        report = json.loads((run_dir / "report.json").read_text())
+        assert report["test"] == test and report["test_examples"] == {"test": 8} and report["holdout"] is None
+        assert report["eval_examples"] == 15 and report["train_examples"] == 24
+        assert "scored once on the test set" in (run_dir / "report.md").read_text()
+        assert entry["test"] == test
+    results = (tmp_path / "run" / "results.csv").read_text().splitlines()
+    value = float(next(r for r in results if r.startswith("tiny-nlg,e2e,")).split(",")[3])
+    assert value == pytest.approx(100 * sum(r["test"]["bleu"] for r in runs) / 2, abs=1e-3)
+
+
+def test_test_split_options_are_checked(tmp_path):
+    from lowrank_runner.recipe.load import check_recipe_file
+
+    train = write_e2e_csv(tmp_path / "train.csv", e2e_rows(2, 1))
+    head = "name: r\nbackbone: {name: gpt2}\ntargets: [Wq]\nmethod: {name: lora}\n"
+    recipe = tmp_path / "r.yaml"
+
+    def problems(task: str) -> list[str]:
+        recipe.write_text(head + task)
+        return [str(p) for p in check_recipe_file(recipe)]
+
+    assert problems("task: {name: e2e, test_split: test}\n") == []  # hub data: the split's name
+    assert problems(f"task: {{name: e2e, test_split: test, data: {{train: {train}, validation: {train}, "
+                    f"test: {train}}}}}\n") == []
+    assert problems(f"task:\n  name: e2e\n  test_split: test\n  data: {{train: {train}, validation: {train}}}\n") == [
+        f"{recipe}:7:15: task.test_split: task.test_split ('test') names a hub split, and this task reads your files: "
+        "set task.data.test to the test file (or task.test_split: null to score no test set)"]
+    assert problems("task:\n  name: e2e\n  holdout_fraction: 0.1\n  test_split: test\n") == [
+        f"{recipe}:8:15: task.test_split: task.holdout_fraction already makes the evaluation split the test set; "
+        "remove the test set (task.test_split: null, no task.data.test) or the holdout"]
+    assert problems(f"task:\n  name: classification\n  data:\n    train: {train}\n    validation: {train}\n"
+                    f"    test: {train}\n") == [
+        f"{recipe}:10:5: task.data.test: task.data.test applies to e2e, dart, webnlg, data_to_text only, not to task "
+        "'classification'; remove it (task.holdout_fraction makes a test set of the evaluation split)"]
+    assert any("test_split applies to e2e" in m for m in problems("task: {name: sst2, test_split: test}\n"))
+
+
+def test_test_split_is_loaded_as_a_test_split_and_limited(tmp_path):
+    train = write_e2e_csv(tmp_path / "train.csv", e2e_rows(3, 2))
+    test = write_e2e_csv(tmp_path / "test.csv", e2e_rows(4, 3, offset=3))
+    data = {"train": str(train), "validation": str(train), "test": str(test)}
+    task = build_task({"name": "e2e", "data": data, "max_length": 32, "max_eval_samples": 5})
+    assert task.test_splits() == {"test__test": ""}
+    splits = task.load_splits()
+    assert sorted(splits) == ["test__test", "train", "validation"] and len(splits["test__test"]) == 5
+    no_test = build_task({"name": "e2e", "data": {k: data[k] for k in ("train", "validation")}, "max_length": 32})
+    assert no_test.test_splits() == {} and sorted(no_test.load_splits()) == ["train", "validation"]
+    hub = build_task({"name": "e2e", "max_length": 32, "test_split": "test"})
+    assert hub.test_splits() == {"test__test": ""}
+    assert build_task({"name": "e2e", "max_length": 32}).test_splits() == {}
+
+
 # ---------------------------------------------------------------- the papers' recipes
 
 GPT2_MEDIUM = {
@@ -312,6 +394,8 @@ def test_nlg_recipes_match_mtlora_tables_5_and_6(tmp_path):
     # {Wq, Wv} on the fused c_attn, r 4: 24 x (2 x 4 x 1024 + 2 x 1024 x 4)
     assert lora["dart"]["adapter_params"] == 393_216
     assert lora["dart"]["task_config"]["generation"]["length_penalty"] == 0.8
+    # the papers report the test sets: the selected checkpoint is scored once on them
+    assert all(run["task_config"]["test_split"] == "test" for r in (mtlora, lora) for run in r.values())
 
 
 def test_bad_nlg_data_gets_a_clear_error(tmp_path):

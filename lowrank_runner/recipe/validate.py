@@ -193,8 +193,11 @@ def _task_problems(doc: Document, task) -> list[Problem]:
         out.append(problem(doc, ("task", "doc_stride") if "doc_stride" in task else ("task",),
                            f"doc_stride ({stride}) must be smaller than max_length ({length}): windows of a long "
                            "context share doc_stride tokens, and each also holds the question; lower doc_stride"))
+    out += _test_split_problems(doc, task, name)
     if spec.needs_local_data or (spec.accepts_local_data and "data" in task):
         data = task.get("data") if isinstance(task.get("data"), dict) else {}
+        if isinstance(data.get("test"), str):
+            out += _path_problems(doc, ("task", "data", "test"), data["test"], want_dir=False)
         for split in ("train", "validation"):
             if split not in data:
                 out.append(problem(doc, ("task", "data") if "data" in task else ("task",),
@@ -208,6 +211,29 @@ def _task_problems(doc: Document, task) -> list[Problem]:
                                "(task.dataset) or from raw files in task.data_dir; remove task.data", key=True))
         if isinstance(task.get("data_dir"), str):
             out += _path_problems(doc, ("task", "data_dir"), task["data_dir"], want_dir=True)
+    return out
+
+
+def _test_split_problems(doc: Document, task: dict, name: str) -> list[Problem]:
+    """``task.test_split`` / ``task.data.test`` (data-to-text tasks): a test set scored once
+    with the selected checkpoint needs a file when the data are files, and is not combined
+    with ``task.holdout_fraction`` (whose test sets are the evaluation splits)."""
+    tasks = property_schema("task")["properties"]["test_split"]["x-tasks"]
+    data = task.get("data") if isinstance(task.get("data"), dict) else None
+    if data is not None and "test" in data and name not in tasks:
+        return [problem(doc, ("task", "data", "test"), f"task.data.test applies to {', '.join(tasks)} only, not to "
+                        f"task '{name}'; remove it (task.holdout_fraction makes a test set of the evaluation split)",
+                        key=True)]
+    wants_test = bool(task.get("test_split")) or (data is not None and "test" in data)
+    out = []
+    if wants_test and task.get("holdout_fraction"):
+        at = ("task", "test_split") if task.get("test_split") else ("task", "data", "test")
+        out.append(problem(doc, at, "task.holdout_fraction already makes the evaluation split the test set; "
+                                    "remove the test set (task.test_split: null, no task.data.test) or the holdout"))
+    if data is not None and task.get("test_split") and "test" not in data:
+        out.append(problem(doc, ("task", "test_split"),
+                           f"task.test_split ({task['test_split']!r}) names a hub split, and this task reads your "
+                           "files: set task.data.test to the test file (or task.test_split: null to score no test set)"))
     return out
 
 

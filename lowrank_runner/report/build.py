@@ -32,10 +32,12 @@ def _seeds(recipe, run, holdout_seed: int | None) -> dict:
 
 def build_run_report(*, recipe, run, argv: list[str], adapted, model, task, splits, tokenized, plan, best: dict,
                      last_eval: dict | None, test: dict | None, started: float, accelerator,
-                     rank_pattern: dict | None, holdout: dict | None, resumed_from: int | None = None) -> dict:
+                     rank_pattern: dict | None, holdout: dict | None, resumed_from: int | None = None,
+                     test_examples: dict | None = None) -> dict:
     """``model``: the unwrapped trained model; ``splits``: the raw ``datasets`` splits the
     run loaded (after any holdout); ``holdout``: ``{"fraction", "seed", "test_examples"}``
-    or None."""
+    or None; ``test_examples``: examples per test split the selected checkpoint was scored
+    on (holdout or ``task.test_split``), or None."""
     from lowrank_runner.modeling import parameter_counts
 
     cfg = run.config
@@ -75,6 +77,7 @@ def build_run_report(*, recipe, run, argv: list[str], adapted, model, task, spli
                  "checkpoint": art.ADAPTER_DIR + "/"},
         "final_eval": last_eval,
         "test": test,
+        "test_examples": test_examples,
         "rank_pattern": None,
         "wall_time_s": round(finished - started, 2),
         "peak_memory": peak_memory(),

@@ -89,7 +89,7 @@ def _results(r: dict) -> list[str]:
     rows = [["best checkpoint (step %s)" % best.get("step"), *[(best.get("eval") or {}).get(n) for n in names]],
             ["last evaluation (step %s)" % (r.get("steps") or {}).get("total"), *[(final or {}).get(n) for n in names]]]
     if test:
-        rows.append(["test: selected checkpoint on the task's evaluation set", *[test.get(n) for n in names]])
+        rows.append(["test: selected checkpoint on the test set", *[test.get(n) for n in names]])
     lines += _table(["", *names], rows)
     epochs = r.get("per_epoch") or []
     if epochs:
@@ -158,6 +158,8 @@ def _data(r: dict) -> list[str]:
         h = r["holdout"]
         lines.append(f"- checkpoint selected on a held-out {h['fraction']} of train (seed {h['seed']}); "
                      f"test examples: {h['test_examples']}")
+    elif r.get("test_examples"):
+        lines.append(f"- selected checkpoint scored once on the test set(s); test examples: {r['test_examples']}")
     lines.append("")
     return lines
 

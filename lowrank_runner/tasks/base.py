@@ -51,6 +51,13 @@ class Task:
         unsuffixed; MNLI adds its mismatched dev set as ``*_mm``)."""
         return {"validation": ""}
 
+    def test_splits(self) -> dict[str, str]:
+        """Test splits the task loaded itself (keys ``test__<name>`` in :meth:`load_splits`)
+        and the suffix of their metric names: the run scores the selected checkpoint on them
+        once, after training, as it does the test sets of ``task.holdout_fraction``
+        (data-to-text: ``task.test_split`` / ``task.data.test``). Default: none."""
+        return {}
+
     # ---- model head
     def model_config_kwargs(self) -> dict[str, Any]:
         return {}

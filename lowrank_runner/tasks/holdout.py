@@ -26,4 +26,5 @@ def apply_holdout(splits, fraction: float, eval_splits: dict[str, str]):
     parts = splits["train"].train_test_split(test_size=fraction, seed=HOLDOUT_SEED, shuffle=True)
     out = {"train": parts["train"], "validation": parts["test"]}
     out.update({TEST_PREFIX + name: splits[name] for name in eval_splits})
+    out.update({k: v for k, v in splits.items() if k.startswith(TEST_PREFIX)})  # the task's own (Task.test_splits)
     return datasets.DatasetDict(out)

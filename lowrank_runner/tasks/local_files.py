@@ -29,19 +29,19 @@ def _format_of(path: Path, declared: str) -> str:
     return _FORMATS[suffix]
 
 
-def load_files(data: dict):
-    """Load the train/validation files into a ``datasets.DatasetDict``."""
+def load_files(data: dict, splits: tuple[str, ...] = ("train", "validation")):
+    """Load the files of ``splits`` (keys of ``task.data``) into a ``datasets.DatasetDict``."""
     import datasets
 
     files = {}
-    for split in ("train", "validation"):
+    for split in splits:
         path = resolve_local_path(data[split])
         if not path.is_file():
             raise DataError(f"task.data.{split}: file not found: {data[split]}")
         files[split] = path
     formats = {_format_of(p, data.get("format", "auto")) for p in files.values()}
     if len(formats) != 1:
-        raise DataError(f"task.data: train and validation must have the same format (got {', '.join(sorted(formats))})")
+        raise DataError(f"task.data: {', '.join(splits)} must have the same format (got {', '.join(sorted(formats))})")
     fmt = formats.pop()
     builder, kwargs = ("csv", {"delimiter": "\t", "quoting": 3}) if fmt == "tsv" else (fmt, {})
     try:

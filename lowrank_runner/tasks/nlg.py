@@ -20,7 +20,9 @@ Data: the hub (``task.dataset``; defaults below) or your files (``task.data``: C
 JSON Lines or Parquet with a source and a target column; E2E's official CSVs with their
 ``mr,ref`` header work as they are). Rows whose target holds several texts (a list, DART's
 ``annotations``, WebNLG's ``lex``, of which only the lexicalisations marked ``good`` are
-kept, as LoRA's converter does) become one pair per text.
+kept, as LoRA's converter does) become one pair per text. A test set (``task.test_split``,
+or ``task.data.test`` with files) is loaded as ``test__test`` and scored once with the
+selected checkpoint (:meth:`DataToText.test_splits`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from functools import cached_property
 
 from lowrank_runner.errors import DataError
 from lowrank_runner.tasks.base import Task
+from lowrank_runner.tasks.holdout import TEST_PREFIX
 
 # Default hub data per task: (dataset id, configuration); LoRA's splits and training sizes
 # (pairs), so that `lrr inspect` plans steps offline. E2E: Novikova et al. (2017);
@@ -161,7 +164,8 @@ class DataToText(Task):
         if c.get("data"):
             from lowrank_runner.tasks.local_files import load_files
 
-            splits, where = load_files(c["data"]), {s: c["data"][s] for s in ("train", "validation")}
+            names = ("train", "validation", "test") if "test" in c["data"] else ("train", "validation")
+            splits, where = load_files(c["data"], names), {s: c["data"][s] for s in names}
         else:
             default_id, default_config = HUB.get(self.spec.name, (None, None))
             dataset = c.get("dataset") or default_id
@@ -178,16 +182,19 @@ class DataToText(Task):
                 ) from None
             default_eval = next((s for s in ("validation", "dev") if s in hub), "validation")
             names = {"train": "train", "validation": c.get("eval_split") or default_eval}
+            if c.get("test_split"):
+                names["test"] = c["test_split"]
             missing = [s for s in names.values() if s not in hub]
             if missing:
                 raise DataError(f"'{dataset}' has no {' or '.join(missing)} split (splits: {', '.join(hub)}); "
-                                "set task.eval_split to one of them")
+                                f"set task.{'test_split' if missing == [c.get('test_split')] else 'eval_split'} "
+                                "to one of them")
             splits = datasets.DatasetDict({ours: hub[theirs] for ours, theirs in names.items()})
             where = {ours: f"{dataset} [{theirs}]" for ours, theirs in names.items()}
         out = {}
-        for split, ds in splits.items():
-            out[split] = self._pairs(ds, where[split])
-        return self.limit_samples(datasets.DatasetDict(out))
+        for split, ds in splits.items():  # the test split as test__test (Task.test_splits)
+            out[TEST_PREFIX + split if split == "test" else split] = self._pairs(ds, where[split])
+        return self.limit_samples(datasets.DatasetDict(out), ("validation", *self.test_splits()))
 
     def _column(self, ds, key: str, candidates: tuple[str, ...], where: str) -> str:
         declared = self.config.get(key)
@@ -235,6 +242,13 @@ class DataToText(Task):
 
     def load_splits(self):
         return self.raw
+
+    def test_splits(self) -> dict[str, str]:
+        """``task.test_split`` (hub) or ``task.data.test`` (files): scored once, after
+        training, with the selected checkpoint; its metrics unsuffixed (metrics.json "test")."""
+        c = self.config
+        wanted = ("test" in c["data"]) if c.get("data") else bool(c.get("test_split"))
+        return {TEST_PREFIX + "test": ""} if wanted else {}
 
     def count_train_examples(self) -> int:
         """Training pairs: from the default hub data, LoRA's count (no download)."""

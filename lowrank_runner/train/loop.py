@@ -36,7 +36,7 @@ class RunResult:
     run_dir: Path
     best: dict
     stopped_at: int | None = None  # set when --stop-after-step ended the run early (resumable)
-    test: dict | None = None  # the selected checkpoint on the test set(s) (task.holdout_fraction)
+    test: dict | None = None  # the selected checkpoint on the test set(s) (task.holdout_fraction, task.test_split)
 
 
 def has_accelerator_device() -> bool:
@@ -176,6 +176,7 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resu
     holdout = cfg["task"].get("holdout_fraction")
     selection = {"validation": ""} if holdout else task.eval_splits()
     tests = {TEST_PREFIX + name: suffix for name, suffix in task.eval_splits().items()} if holdout else {}
+    tests.update(task.test_splits())  # test sets the task loads itself (task.test_split)
     adapted = build_adapted_model(cfg, task.model_class, task.model_config_kwargs(), weights=True, ref=ref)
     model = adapted.model
     if init_from is not None and resume is None:  # a checkpoint holds the adapter already
@@ -319,7 +320,7 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resu
         return RunResult(run_dir, best, stopped_at=stopped_at)
     unwrapped = accelerator.unwrap_model(model)
     test = None
-    if tests:  # score the selected checkpoint once on the task's own evaluation set(s)
+    if tests:  # score the selected checkpoint once on the test set(s)
         if best_state is not None:
             load_adapter_state(unwrapped, best_state[0])
             unwrapped.load_state_dict(best_state[1], strict=False)
@@ -329,7 +330,7 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resu
         art.save_adapter(run_dir / art.ADAPTER_DIR, adapter_state, head_state, adapter_config(adapted, run, recipe, task))
         final = {"task": run.task, "seed": run.seed, "metric": task.metric, "best": best, "last": {"step": step, "eval": last_eval}}
         if test is not None:
-            final["test"] = test  # the selected checkpoint on the task's evaluation set(s)
+            final["test"] = test  # the selected checkpoint on the test set(s)
         art.write_json(run_dir / art.METRICS_FILE, final)
         outputs = {**best_outputs, **{k: v for k, v in task.outputs().items() if k in tests}}
         for split, rows in outputs.items():  # generated text, answers: the selected checkpoint's
@@ -348,7 +349,8 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resu
             tokenized=tokenized, plan=plan, best=best, last_eval=last_eval, test=test, started=started,
             accelerator=accelerator, rank_pattern=pattern, resumed_from=resume.step if resume is not None else None,
             holdout=({"fraction": cfg["task"]["holdout_fraction"], "seed": HOLDOUT_SEED,
-                      "test_examples": {k[len(TEST_PREFIX):]: len(tokenized[k]) for k in tests}} if tests else None),
+                      "test_examples": {k[len(TEST_PREFIX):]: len(tokenized[k]) for k in tests}} if holdout else None),
+            test_examples={k[len(TEST_PREFIX):]: len(tokenized[k]) for k in tests} or None,
         ))
         shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)  # complete: nothing left to resume
     accelerator.end_training()
