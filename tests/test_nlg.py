@@ -267,7 +267,8 @@ def test_selected_checkpoint_is_scored_once_on_the_test_file(tiny_gpt2, tmp_path
     recipe = tiny_nlg_recipe(tiny_gpt2, tmp_path)
     test_file = write_e2e_csv(tmp_path / "testset.csv", e2e_rows(4, 2, offset=3))
     text = recipe.read_text().replace("validation: ", f"test: {test_file}, validation: ")
-    recipe.write_text(text.replace("epochs: 2", "epochs: 2, eval_every: 1").replace("seed: 0", "seed: [0, 1]"))
+    text = text.replace("batch_size: 3}", "batch_size: 3, max_sources: 2}")  # the test set: decoded whole
+    recipe.write_text(text.replace("epochs: 2", "epochs: 1, eval_every: 1").replace("seed: 0", "seed: [0, 1]"))
     result = CliRunner().invoke(app, ["run", str(recipe), "--output", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -279,7 +280,7 @@ def test_selected_checkpoint_is_scored_once_on_the_test_file(tiny_gpt2, tmp_path
         test = metrics["test"]
         assert set(test) >= {"bleu", "chrf", "ter", "nist", "rougeL", "loss", "perplexity"}
         evals = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln]
-        assert len(evals) == 6 and all("bleu" in e["eval"] for e in evals)  # selection: validation, every step
+        assert len(evals) == 3 and all("bleu" in e["eval"] for e in evals)  # selection: validation, every step
         assert metrics["best"]["value"] == max(e["eval"]["bleu"] for e in evals)
         outputs = [json.loads(ln) for ln in (run_dir / "outputs_test_test.jsonl").read_text().splitlines()]
         assert [o["source"] for o in outputs] == [linearise(mr) for mr, _ in e2e_rows(4, 1, offset=3)]
@@ -287,6 +288,7 @@ def test_selected_checkpoint_is_scored_once_on_the_test_file(tiny_gpt2, tmp_path
         rescored = generation_scores([o["output"] for o in outputs], [o["references"] for o in outputs])
         assert rescored["bleu"] == pytest.approx(test["bleu"])  # the test outputs are the scored ones
         valid = [json.loads(ln) for ln in (run_dir / "outputs_validation.jsonl").read_text().splitlines()]
+        assert len(valid) == 2  # task.generation.max_sources
         assert generation_scores([o["output"] for o in valid],
                                  [o["references"] for o in valid])["bleu"] == pytest.approx(metrics["best"]["value"])
         report = json.loads((run_dir / "report.json").read_text())

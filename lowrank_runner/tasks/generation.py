@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from lowrank_runner.tasks.holdout import TEST_PREFIX
 from lowrank_runner.tasks.text_metrics import generation_scores
 
 IGNORE = -100
@@ -78,7 +79,8 @@ def evaluate_generation(task, model, dataloader, accelerator, split: str) -> dic
             nll_total += float(nll.sum())
             token_total += int(count.sum())
     settings = task.config["generation"]
-    chosen, n = task.eval_sets[split], settings.get("max_sources")
+    # max_sources keeps the evaluations during training cheap; a test set is scored whole
+    chosen, n = task.eval_sets[split], None if split.startswith(TEST_PREFIX) else settings.get("max_sources")
     sources, prompts, references = chosen.sources[:n], chosen.prompts[:n], chosen.references[:n]
     outputs = generate(model, prompts, task.tokenizer, settings, accelerator)
     task.latest_outputs[split] = [{"source": s, "output": o, "references": r}
