@@ -16,6 +16,7 @@
                             (source, output, references per distinct source), squad_v2
                             (id, prediction, best_span, null_score_diff per question);
                             outputs_test_SPLIT.jsonl with task.holdout_fraction
+                            or task.test_split (outputs_test_test.jsonl)
       rank_pattern.json     final active rank per module (dynamic-rank methods only)
       rank_heatmap.png      the same as a layers x target-symbols heatmap
       checkpoints/step-N/   resumable training state while the run is unfinished
