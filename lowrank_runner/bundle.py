@@ -24,10 +24,9 @@ import json
 import weakref
 from pathlib import Path
 
-import lowrank_runner
 from lowrank_runner.errors import BackboneError, ExportError
-from lowrank_runner.export import (EXPORT_INFO, collect_if_alive, load_trained_model, read_run, reference_outputs,
-                                   source_tokenizer)
+from lowrank_runner.export import (EXPORT_INFO, collect_if_alive, load_trained_model, provenance, read_run,
+                                   reference_outputs, source_tokenizer)
 from lowrank_runner.outputs import require_free, staged_directory
 from lowrank_runner.probe import compare_outputs, model_outputs, probe_batch
 from lowrank_runner.quiet import quiet_libraries
@@ -89,14 +88,7 @@ def export_bundle(source: Path, out: Path, tolerance: float = 0.0, backbone: str
         if not max_diff <= tolerance:
             raise ExportError(f"the bundle, loaded back, differs from the run's model by {max_diff:.3g} (tolerance {tolerance:g}); nothing written")
         info = {
-            "lowrank_runner_version": lowrank_runner.__version__,
-            "format": BUNDLE_FORMAT,
-            "source_run": str(source.resolve()),
-            "recipe_hash": adapter_cfg.get("recipe_hash"),
-            "config_hash": adapter_cfg.get("config_hash"),
-            "method": adapter_cfg["method"],
-            "backbone": adapter_cfg["backbone"],
-            "model_class": adapter_cfg["task"]["model_class"],
+            **provenance(source, adapter_cfg, BUNDLE_FORMAT),
             "modules": [m["path"] for m in adapter_cfg["modules"]],
             "adapter_tensors": len(adapter),
             "head_tensors": len(head),

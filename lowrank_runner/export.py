@@ -234,6 +234,20 @@ class _MergeCheck:
             self.changed[path] = bool(((weight.float() + delta).to(self.dtype) != weight.to(self.dtype)).any())
 
 
+def provenance(source: Path, adapter_cfg: dict, fmt: str) -> dict:
+    """What every export's metadata says about where it came from."""
+    return {
+        "lowrank_runner_version": lowrank_runner.__version__,
+        "format": fmt,
+        "source_run": str(source.resolve()),
+        "recipe_hash": adapter_cfg.get("recipe_hash"),
+        "config_hash": adapter_cfg.get("config_hash"),
+        "method": adapter_cfg["method"],
+        "backbone": adapter_cfg["backbone"],
+        "model_class": adapter_cfg["task"]["model_class"],
+    }
+
+
 def reference_outputs(model, batch, source: Path) -> dict:
     """The adapter model's outputs on the probe batch, which every export must reproduce;
     NaN/Inf there stops the export before anything is written."""
@@ -324,14 +338,7 @@ def export_merged(source: Path, out: Path, tolerance: float = 1e-3, dtype: str |
             raise ExportError(f"the written checkpoint, reloaded, differs from the merged model by {reload_self:.3g}; nothing written")
         del reloaded
         info = {
-            "lowrank_runner_version": lowrank_runner.__version__,
-            "format": "merged-transformers",
-            "source_run": str(source.resolve()),
-            "recipe_hash": adapter_cfg.get("recipe_hash"),
-            "config_hash": adapter_cfg.get("config_hash"),
-            "method": adapter_cfg["method"],
-            "backbone": adapter_cfg["backbone"],
-            "model_class": adapter_cfg["task"]["model_class"],
+            **provenance(source, adapter_cfg, "merged-transformers"),
             "modules_merged": len(check.largest),
             "modules_changed": sum(check.changed.values()),
             "largest_abs_delta": max(check.largest.values()),

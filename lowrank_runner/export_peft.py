@@ -11,10 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lowrank_runner
 from lowrank_runner.errors import ExportError, UsageError
 from lowrank_runner.export import EXPORT_INFO, load_trained_model
-from lowrank_runner.probe import compare_outputs, model_outputs, non_finite, probe_batch
+from lowrank_runner.probe import compare_outputs, model_outputs, probe_batch
 from lowrank_runner.outputs import require_free, staged_directory
 from lowrank_runner.quiet import quiet_libraries
 
@@ -51,7 +50,7 @@ def export_peft(source: Path, out: Path, tolerance: float = 1e-4, backbone: str 
 
     quiet_libraries()
     peft = _require_peft()
-    from lowrank_runner.export import read_run, source_tokenizer
+    from lowrank_runner.export import provenance, read_run, reference_outputs, source_tokenizer
     from lowrank_runner.methods.inject import remove_adapters
 
     source, out = Path(source), Path(out)
@@ -62,9 +61,7 @@ def export_peft(source: Path, out: Path, tolerance: float = 1e-4, backbone: str 
     ours, adapted, _, _ = load_trained_model(source, backbone=backbone)
     tokenizer = source_tokenizer(source, adapted.backbone, config)
     batch = probe_batch(tokenizer, config["task"]["max_length"])
-    expected = model_outputs(ours, batch)
-    if non_finite(expected):
-        raise ExportError(f"{source}: the adapter model produces NaN/Inf on the probe batch; nothing written")
+    expected = reference_outputs(ours, batch, source)
     location = adapted.backbone.location
     fan_in_fan_out = any(info.fan_in_fan_out for info in adapted.injection.layers.values())
     head_modules = sorted({name.split(".")[0] for name in adapted.head_names})
@@ -100,12 +97,8 @@ def export_peft(source: Path, out: Path, tolerance: float = 1e-4, backbone: str 
             raise ExportError(f"the written PEFT adapter, reloaded, differs from ours by {reload_diff:.3g}; nothing written")
         task = adapter_cfg["task"]
         info = {
-            "lowrank_runner_version": lowrank_runner.__version__,
-            "format": "peft-lora",
-            "source_run": str(source.resolve()),
-            "recipe_hash": adapter_cfg.get("recipe_hash"),
+            **provenance(source, adapter_cfg, "peft-lora"),
             "base_model": location,
-            "model_class": task["model_class"],
             "head_config": {k: v for k, v in task.items() if k not in ("name", "model_class")},
             "outputs_compared": sorted(expected),
             "max_abs_logit_diff": diff,

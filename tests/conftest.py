@@ -126,26 +126,27 @@ def make_recipe(tmp_path):
     return make
 
 
+def tiny_recipe_text(backbone: Path, data: tuple[Path, Path]) -> str:
+    """The YAML of a valid recipe training LoRA on a tiny backbone for two short epochs."""
+    train, validation = data
+    return textwrap.dedent(f"""
+        name: tiny
+        backbone: {{name: {backbone}}}
+        targets: [Wq, Wv]
+        method: {{name: lora, r: 4, alpha: 8}}
+        task:
+          name: classification
+          data: {{train: {train}, validation: {validation}}}
+          max_length: 16
+        training: {{learning_rate: 1e-2, epochs: 2, batch_size: 16, seed: 0, log_every: 2}}
+        """)
+
+
 @pytest.fixture
 def tiny_recipe(make_recipe, tiny_bert, sentiment_data):
     """A valid recipe training LoRA on the tiny BERT (extra YAML is appended)."""
-    train, validation = sentiment_data
 
     def make(extra: str = "", name: str = "recipe.yaml") -> Path:
-        return make_recipe(
-            f"""
-            name: tiny
-            backbone: {{name: {tiny_bert}}}
-            targets: [Wq, Wv]
-            method: {{name: lora, r: 4, alpha: 8}}
-            task:
-              name: classification
-              data: {{train: {train}, validation: {validation}}}
-              max_length: 16
-            training: {{learning_rate: 1e-2, epochs: 2, batch_size: 16, seed: 0, log_every: 2}}
-            """
-            + textwrap.dedent(extra),
-            name,
-        )
+        return make_recipe(tiny_recipe_text(tiny_bert, sentiment_data) + textwrap.dedent(extra), name)
 
     return make

@@ -20,6 +20,7 @@ from lowrank_runner.tasks.base import build_task
 from lowrank_runner.tasks.nlg import group_references, linearise, target_texts
 from lowrank_runner.tasks.text_metrics import generation_scores
 from tests.conftest import tiny_config
+from tests.test_inspect import inspect_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]  # ids 0-3: tiny_config("gpt2")'s pad, -, bos, eos
@@ -357,20 +358,11 @@ def test_nlg_recipes_validate():
         assert result.exit_code == 0, result.output
 
 
-def inspect_runs(recipe: str, *sets: str) -> dict:
-    args = ["inspect", str(REPO / "recipes" / recipe), "--json", "--set", "training.seed=0"]
-    for s in sets:
-        args += ["--set", s]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    return {run["task"]: run for run in json.loads(result.stdout)["runs"]}
-
-
 def test_nlg_recipes_match_mtlora_tables_5_and_6(tmp_path):
     d = tmp_path / "gpt2-medium"
     d.mkdir()
     (d / "config.json").write_text(json.dumps(GPT2_MEDIUM))
-    mtlora = inspect_runs("mtlora_gpt2_nlg.yaml", f"backbone.name={d}")
+    mtlora = inspect_recipe("mtlora_gpt2_nlg.yaml", f"backbone.name={d}")
     assert list(mtlora) == ["e2e", "dart", "webnlg"]
     # Table 5 (training) and Table 6 (inference), columns E2E | DART | WebNLG
     table5 = {"weight_decay": (0.01, 0.0, 0.01), "dropout": (0.1, 0.0, 0.1), "label_smoothing": (0.1, 0.0, 0.1)}
@@ -391,7 +383,7 @@ def test_nlg_recipes_match_mtlora_tables_5_and_6(tmp_path):
     # LoRA's pair counts, batch 8, 5 epochs: LoRA's checkpoints model.26289 (E2E) and model.11270 (WebNLG)
     assert mtlora["e2e"]["steps"] == 5 * math.ceil(42_061 / 8) == 26_290
     assert mtlora["webnlg"]["steps"] == 5 * math.ceil(18_025 / 8) == 11_270
-    lora = inspect_runs("lora_gpt2_nlg.yaml", f"backbone.name={d}")
+    lora = inspect_recipe("lora_gpt2_nlg.yaml", f"backbone.name={d}")
     assert all(run["method"]["name"] == "lora" for run in lora.values())
     # {Wq, Wv} on the fused c_attn, r 4: 24 x (2 x 4 x 1024 + 2 x 1024 x 4)
     assert lora["dart"]["adapter_params"] == 393_216

@@ -17,6 +17,7 @@ from lowrank_runner.cli import app
 from lowrank_runner.methods.inject import is_adapter_param
 from lowrank_runner.recipe.load import load_recipe
 from lowrank_runner.report import fingerprint
+from tests.conftest import tiny_recipe_text
 
 cli = CliRunner()
 
@@ -34,20 +35,9 @@ def sha256(path) -> str:
 def runs(tmp_path_factory, tiny_bert, sentiment_data):
     """A: the tiny LoRA recipe; B: the same with another learning rate and two seeds (a
     multi-run directory)."""
-    train, validation = sentiment_data
     root = tmp_path_factory.mktemp("report")
     recipe = root / "tiny.yaml"
-    recipe.write_text(f"""
-name: tiny
-backbone: {{name: {tiny_bert}}}
-targets: [Wq, Wv]
-method: {{name: lora, r: 4, alpha: 8}}
-task:
-  name: classification
-  data: {{train: {train}, validation: {validation}}}
-  max_length: 16
-training: {{learning_rate: 1e-2, epochs: 2, batch_size: 16, seed: 0, log_every: 2}}
-""")
+    recipe.write_text(tiny_recipe_text(tiny_bert, sentiment_data))
     code, out = lrr("run", recipe, "--output", root / "a")
     assert code == 0, out
     code, out = lrr("run", recipe, "--set", "training.learning_rate=0.05", "--set", "training.seed=[0, 1]",
