@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 from lowrank_runner.errors import Location, Problem, RecipeError
 from lowrank_runner.methods.registry import get_method_spec
-from lowrank_runner.recipe.document import Document, Origin, apply_override, delete, load_yaml, merge
+from lowrank_runner.recipe.document import Document, Origin, apply_override, delete, dotted, load_yaml, merge
 from lowrank_runner.recipe.schema import fill_defaults, recipe_schema, recipe_validator
 from lowrank_runner.recipe.validate import dedupe, init_from_problems, problem, run_problems, schema_problems
 
@@ -178,10 +178,10 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
     if problems:
         raise RecipeError(problems)
     schema = recipe_schema()
-    resolved = _resolve(doc.data, schema)
+    resolved = canonical_form(_resolve(doc.data, schema))  # what runs see is what the hash is of
     runs = []
     for i, (task, seed, run_doc) in enumerate(expand_runs(doc)):
-        config = _resolve(run_doc.data, schema)
+        config = canonical_form(_resolve(run_doc.data, schema))
         runs.append(RunSpec(i, task, seed, config, canonical_hash(config), _setting_at(run_doc, ("training", "init_from"))))
     return Recipe(
         name=resolved["name"],
@@ -197,7 +197,7 @@ def _setting_at(doc: Document, path: tuple) -> str | None:
     origin = doc.origins.get(path)
     if origin is None:
         return None
-    return f"{origin.value}: {'.'.join(str(p) for p in origin.source_path)}"
+    return f"{origin.value}: {dotted(origin.source_path)}"
 
 
 def _resolve(data: dict, schema: dict) -> dict:

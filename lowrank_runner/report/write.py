@@ -15,9 +15,8 @@ from lowrank_runner.train import artifacts as art
 REPORT_MD = "report.md"
 
 
-def _plots(run_dir: Path, report: dict) -> dict[str, str]:
+def _plots(run_dir: Path, report: dict, history) -> dict[str, str]:
     """Draw the curves; returns {file name: caption} of the plots that exist."""
-    history = read_history(run_dir / art.METRICS_LOG)
     steps = report.get("steps") or {}
     rec, run, best = report.get("recipe", {}), report.get("run", {}), report.get("best") or {}
     title = f"{rec.get('name')} · {run.get('task')} · seed {run.get('seed')} · {(report.get('method') or {}).get('name')}"
@@ -35,9 +34,10 @@ def _plots(run_dir: Path, report: dict) -> dict[str, str]:
 def _complete(run_dir: Path, report: dict) -> dict:
     """Add the per-epoch rows and the files; write plots and report.md."""
     steps = report.get("steps") or {}
+    history = read_history(run_dir / art.METRICS_LOG)
     if steps.get("per_epoch") and steps.get("total"):
-        report["per_epoch"] = per_epoch(read_history(run_dir / art.METRICS_LOG), steps["per_epoch"], steps["total"])
-    report["files"] = {"markdown": REPORT_MD, "plots": _plots(run_dir, report)}
+        report["per_epoch"] = per_epoch(history, steps["per_epoch"], steps["total"])
+    report["files"] = {"markdown": REPORT_MD, "plots": _plots(run_dir, report, history)}
     (run_dir / REPORT_MD).write_text(run_markdown(report), encoding="utf-8")
     return report
 

@@ -8,6 +8,7 @@ the task loss and calls ``method.after_optimizer_step`` right after every optimi
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -131,11 +132,10 @@ def clear_data_cache() -> None:
 
 
 def prepared_data(cfg: dict, tokenizer) -> tuple[Task, object, object]:
-    """The task, its raw splits (after any hold-out) and its tokenized splits. Runs of a recipe are task-major, so the seeds of
-    a task reuse the last tokenized data of this invocation (datasets' fingerprint cache
-    serves file-backed data across processes and invocations too)."""
-    import json
-
+    """The task, its raw splits (after any hold-out) and its tokenized splits. Runs of a
+    recipe are task-major, so the seeds of a task reuse the last tokenized data of this
+    invocation (datasets' fingerprint cache serves file-backed data across processes and
+    invocations too)."""
     key = json.dumps({"task": cfg["task"], "backbone": cfg["backbone"], "tokenizer": tokenizer.name_or_path},
                      sort_keys=True, default=str)
     if key not in _DATA_CACHE:
@@ -335,6 +335,7 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resu
         outputs = {**best_outputs, **{k: v for k, v in task.outputs().items() if k in tests}}
         for split, rows in outputs.items():  # generated text, answers: the selected checkpoint's
             art.write_jsonl(run_dir / art.OUTPUTS_FILE.format(split=split.replace(TEST_PREFIX, "test_")), rows)
+        test_examples = {k[len(TEST_PREFIX):]: len(tokenized[k]) for k in tests}
         pattern = method.rank_pattern(adapters)
         if pattern is not None:
             from lowrank_runner.plots import rank_heatmap
@@ -348,9 +349,8 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resu
             recipe=recipe, run=run, argv=argv, adapted=adapted, model=unwrapped, task=task, splits=splits,
             tokenized=tokenized, plan=plan, best=best, last_eval=last_eval, test=test, started=started,
             accelerator=accelerator, rank_pattern=pattern, resumed_from=resume.step if resume is not None else None,
-            holdout=({"fraction": cfg["task"]["holdout_fraction"], "seed": HOLDOUT_SEED,
-                      "test_examples": {k[len(TEST_PREFIX):]: len(tokenized[k]) for k in tests}} if holdout else None),
-            test_examples={k[len(TEST_PREFIX):]: len(tokenized[k]) for k in tests} or None,
+            holdout=({"fraction": holdout, "seed": HOLDOUT_SEED, "test_examples": test_examples} if holdout else None),
+            test_examples=test_examples or None,
         ))
         shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)  # complete: nothing left to resume
     accelerator.end_training()

@@ -72,7 +72,6 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
     failures, summary = [], []
     if not is_main_process():
         console.quiet = True
-    outcome: dict[int, dict] = {}  # run index -> its summary entry, for the runs that start from it
     for run in order_runs(recipe):
         run_dir = dirs[run.index]
         console.rule(f"[bold]{recipe.name}[/bold] · {run.task} · seed {run.seed} → {run_dir}")
@@ -81,7 +80,6 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
             console.print(f"already completed: {run.slug} · {run_dir}")
             summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "completed", "best": done["best"],
                             **({"test": done["test"]} if "test" in done else {})})
-            outcome[run.index] = summary[-1]
             continue
         checkpoint = latest_checkpoint(run_dir) if resume else None
         if resume and is_main_process():
@@ -90,20 +88,18 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
             console.print(f"resuming {run.slug} from {checkpoint.path} (step {checkpoint.step})")
         try:
             init = init_source(recipe, run, dirs)
-            waits_for = _source_pending(recipe, run, outcome, root)
+            waits_for = _source_pending(recipe, run, summary, root)
             if waits_for is not None:
                 console.print(f"[yellow]not started[/yellow] {run.slug}: it starts from {waits_for}, which was stopped; "
                               f"continue with: lrr run {recipe.source} --output {root} --resume")
                 summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "stopped", "step": 0,
                                 "waits_for": waits_for})
-                outcome[run.index] = summary[-1]
                 continue
             result = train_run(recipe, run, run_dir, argv, resume=checkpoint, stop_after=stop_after, init_from=init)
         except LrrError as exc:
             failures.append(run.slug)
             console.print(f"[red]run {run.slug} failed:[/red] {exc}")
             summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "failed", "error": str(exc)})
-            outcome[run.index] = summary[-1]
             _mark_failed(run_dir, str(exc), create=len(recipe.runs) > 1)
             if len(recipe.runs) == 1:
                 raise
@@ -113,7 +109,6 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
             console.print(f"[red]run {run.slug} crashed:[/red] {type(exc).__name__}: {exc}")
             _mark_failed(run_dir, traceback.format_exc(), create=len(recipe.runs) > 1)
             summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "crashed", "error": repr(exc)})
-            outcome[run.index] = summary[-1]
             if len(recipe.runs) == 1:
                 raise
             continue
@@ -123,12 +118,10 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
                           f"continue with: lrr run {recipe.source} --output {root} --resume")
             summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "stopped",
                             "step": result.stopped_at})
-            outcome[run.index] = summary[-1]
             continue
         console.print(f"[bold green]done[/bold green] {run.slug}: best {best['metric']} {best['value']:.4f} at step {best['step']} · {run_dir}")
         summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "completed", "best": best,
                         **({"test": result.test} if result.test is not None else {})})
-        outcome[run.index] = summary[-1]
         if init is not None and is_main_process():
             init.write_record(run_dir)
     if len(recipe.runs) > 1 and is_main_process():
@@ -142,14 +135,14 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
     return failures
 
 
-def _source_pending(recipe: Recipe, run, outcome: dict[int, dict], root: Path) -> str | None:
+def _source_pending(recipe: Recipe, run, summary: list[dict], root: Path) -> str | None:
     """A run that starts from another run of this recipe needs that run completed: the
     source's slug when it was stopped (--stop-after-step: this run waits for --resume),
     an :class:`InitFromError` when it failed, None when it completed (or there is none)."""
     source = source_run(recipe, run)
     if source is None:
         return None
-    entry = outcome.get(source.index, {"status": "not run"})
+    entry = next((e for e in summary if (e["task"], e["seed"]) == (source.task, source.seed)), {"status": "not run"})
     if entry["status"] == "completed":
         return None
     if entry["status"] == "stopped":
