@@ -142,6 +142,11 @@ def test_label_smoothing_loss_matches_pytorch_and_zero_is_the_model_loss():
     nll = -logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     expected = ((0.9 * nll + 0.1 * -logp.mean(-1)) * mask).sum() / mask.sum()
     assert torch.allclose(smooth.loss(out, {"labels": labels}), expected, atol=1e-6)
+    batch = {"input_ids": ids, "labels": labels}
+    assert plain.model_inputs(batch) is batch  # the model's own loss serves
+    unlabelled = smooth.model_inputs(batch)  # one loss per step: the model computes none
+    assert "labels" not in unlabelled and model(**unlabelled).loss is None
+    assert torch.allclose(smooth.loss(model(**unlabelled), batch), expected, atol=1e-6)
 
 
 # ---------------------------------------------------------------- scores

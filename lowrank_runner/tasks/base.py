@@ -19,6 +19,7 @@ class Task:
     def __init__(self, config: dict, spec: TaskSpec):
         self.config = config
         self.spec = spec
+        self.latest_outputs: dict[str, list[dict]] = {}  # per split, set by evaluate(); see outputs()
 
     # ---- data
     def load_splits(self):  # -> datasets.DatasetDict with "train" and "validation"
@@ -75,6 +76,11 @@ class Task:
 
     greater_is_better = True
 
+    def model_inputs(self, batch) -> dict:
+        """What a training step passes to the model: the whole batch (labels included, so
+        the model computes its own loss) unless :meth:`loss` computes the loss itself."""
+        return batch
+
     def loss(self, outputs, batch):
         """The training loss of one batch (default: the model's own, ``outputs.loss``);
         tasks that train with another loss (label smoothing) override it."""
@@ -91,8 +97,11 @@ class Task:
 
     def outputs(self) -> dict[str, list[dict]]:
         """Per evaluation split, rows from its latest evaluation that the run saves as
-        ``outputs_<split>.jsonl`` (generation tasks: source, output, references)."""
-        return {}
+        ``outputs_<split>.jsonl`` (data-to-text: source, output, references per distinct
+        source; squad_v2: id, prediction ("" for no answer), best_span and null_score_diff,
+        the official script's na_prob input, per question). Tasks fill
+        ``self.latest_outputs`` in :meth:`evaluate`."""
+        return self.latest_outputs
 
     def predictions(self, logits: np.ndarray) -> np.ndarray:
         raise NotImplementedError

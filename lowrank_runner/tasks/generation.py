@@ -15,9 +15,8 @@ import math
 import torch
 
 from lowrank_runner.tasks.holdout import TEST_PREFIX
+from lowrank_runner.tasks.nlg import IGNORE
 from lowrank_runner.tasks.text_metrics import generation_scores
-
-IGNORE = -100
 
 
 def pair_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -149,7 +149,6 @@ class DataToText(Task):
         super().__init__(fill_defaults(config, schema["$defs"]["task"], schema), spec)
         self.tokenizer = None
         self.eval_sets: dict[str, EvalSet] = {}
-        self.latest_outputs: dict[str, list[dict]] = {}  # per split, from its latest evaluation
 
     @property
     def greater_is_better(self) -> bool:
@@ -292,6 +291,13 @@ class DataToText(Task):
         return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE, pad_to_multiple_of=pad_to_multiple_of)
 
     # ---- training and scoring
+    def model_inputs(self, batch) -> dict:
+        """Without labels when smoothing: :meth:`loss` computes the only loss of the step
+        (the model's own would be a second full-vocabulary cross-entropy)."""
+        if not self.config.get("label_smoothing"):
+            return batch
+        return {k: v for k, v in batch.items() if k != "labels"}
+
     def loss(self, outputs, batch):
         """Cross-entropy on the target tokens, label-smoothed by ``task.label_smoothing``
         over the vocabulary ((1-ε)·NLL + ε·mean over the vocabulary of −log p, LoRA's
@@ -305,9 +311,6 @@ class DataToText(Task):
         labels = batch["labels"][:, 1:]
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
                                label_smoothing=smoothing)
-
-    def outputs(self) -> dict[str, list[dict]]:
-        return self.latest_outputs
 
     def evaluate(self, model, dataloader, accelerator, split: str) -> dict[str, float]:
         from lowrank_runner.tasks.generation import evaluate_generation

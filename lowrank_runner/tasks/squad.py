@@ -115,7 +115,6 @@ class SquadV2(Task):
 
     def __init__(self, config: dict, spec):
         super().__init__(config, spec)
-        self.latest_outputs: dict[str, list[dict]] = {}  # per split, from its latest evaluation
         self._eval_data: dict[str, tuple] = {}  # split -> (examples, features), set by tokenize
         self._layouts: dict[str, tuple] = {}  # split -> feature_layout(), computed at the first evaluation
 
@@ -220,11 +219,6 @@ class SquadV2(Task):
 
     def collator(self, tokenizer, pad_to_multiple_of: int | None = None):
         return QACollator(tokenizer, pad_to_multiple_of)
-
-    def outputs(self) -> dict[str, list[dict]]:
-        """Per split, one row per question: ``id``, ``prediction`` ("" for no answer),
-        ``best_span`` and ``null_score_diff`` (the official script's na_prob input)."""
-        return self.latest_outputs
 
     def model_config_kwargs(self):
         return {"num_labels": 2}  # the span head: a start and an end logit per token

@@ -258,7 +258,7 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resu
                 if batch_index < skip_batches:
                     continue
                 with accelerator.accumulate(model):
-                    out = model(**batch)
+                    out = model(**task.model_inputs(batch))
                     loss = task.loss(out, batch)
                     extra = method.extra_loss(adapters)
                     total = loss if extra is None else loss + extra
