@@ -95,6 +95,13 @@ def test_parameter_counts_equal_the_models(runs):
 
 
 @pytest.mark.slow
+def build_task_of(task: dict):
+    from lowrank_runner.recipe.schema import fill_defaults, recipe_schema
+    from lowrank_runner.tasks.base import build_task
+
+    return build_task(fill_defaults({"task": task}, recipe_schema())["task"])
+
+
 def test_backbone_and_data_fingerprints_are_the_files_hashes(runs, tiny_bert, sentiment_data, tmp_path):
     a, _, _ = runs
     report = report_of(a)
@@ -110,7 +117,7 @@ def test_backbone_and_data_fingerprints_are_the_files_hashes(runs, tiny_bert, se
 
     # the same bytes elsewhere give the same fingerprint; one changed byte another one
     copies = [str(shutil.copy(p, tmp_path / p.name)) for p in sentiment_data]
-    task = {"name": "classification", "data": {"train": copies[0], "validation": copies[1]}}
+    task = build_task_of({"name": "classification", "data": {"train": copies[0], "validation": copies[1]}})
     assert fingerprint.data_fingerprint(task)["fingerprint"] == data["fingerprint"]
     text = (tmp_path / "validation.jsonl").read_text()
     (tmp_path / "validation.jsonl").write_text(text.replace("positive", "negative", 1))
@@ -267,7 +274,7 @@ def test_hub_datasets_are_identified_by_the_commit_datasets_resolved():
         _fingerprint = "f00d"
         cache_files = [{"filename": f"/cache/nyu-mll___glue/rte/0.0.0/{commit}/glue-train.arrow"}]
 
-    task = {"name": "rte", "dataset": "nyu-mll/glue", "data_dir": None}
+    task = build_task_of({"name": "rte", "dataset": "nyu-mll/glue"})
     out = fingerprint.data_fingerprint(task, {"train": Split([1, 2, 3])})
     assert out["source"] == "hub" and out["dataset"] == "nyu-mll/glue" and out["revision"] == commit
     assert out["splits"] == {"train": {"rows": 3, "fingerprint": "f00d"}} and out["files"] == []

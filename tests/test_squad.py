@@ -325,6 +325,8 @@ def test_squad_runs_end_to_end(tmp_path, make_recipe, tiny_bert, squad_dir):
     assert evaluation["best_f1"] >= evaluation["f1"] - 1e-9  # the sweep includes the threshold used
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["status"] == "completed" and report["train_examples"] > 6  # features, not questions
+    assert {f["role"]: f["path"] for f in report["data"]["files"]} == {  # the files it read, fingerprinted
+        "train": str((squad_dir / "train-v2.0.json").resolve()), "validation": str((squad_dir / "dev-v2.0.json").resolve())}
     from safetensors.torch import load_file
 
     head = load_file(str(tmp_path / "run" / "adapter" / "head.safetensors"))

@@ -61,7 +61,7 @@ def build_run_report(*, recipe, run, argv: list[str], adapted, model, task, spli
                 "resumed_from_step": resumed_from},
         "seeds": _seeds(recipe, run, holdout["seed"] if holdout else None),
         "backbone": backbone,
-        "data": data_fingerprint(cfg["task"], splits),
+        "data": data_fingerprint(task, splits),
         "method": cfg["method"],
         "targets": cfg["targets"],
         "modules": len(adapted.targets),

@@ -132,32 +132,6 @@ def backbone_fingerprint(name: str, location: str, local: bool, revision: str | 
 # ------------------------------------------------------------------ data
 
 
-def data_files(task_cfg: dict) -> list[tuple[str, Path]]:
-    """(role, path) of every local file a task reads: ``task.data.<split>`` and, for GLUE's
-    ``task.data_dir``, the files of the task's folder that it loads."""
-    from lowrank_runner.resources import resolve_local_path
-
-    out = []
-    data = task_cfg.get("data")
-    if isinstance(data, dict):
-        for role, value in data.items():
-            if role != "format" and isinstance(value, str):
-                path = resolve_local_path(value)
-                if path.is_file():
-                    out.append((role, path))
-    if task_cfg.get("data_dir"):
-        from lowrank_runner.tasks.glue import SPECS
-
-        root = Path(task_cfg["data_dir"]).expanduser()
-        spec = SPECS.get(task_cfg.get("name"))
-        if spec is not None:
-            names = {"train": "train.tsv", **spec.eval_files}
-            out += [(role, root / spec.folder / f) for role, f in names.items() if (root / spec.folder / f).is_file()]
-        else:
-            out += [(str(p.relative_to(root)), p) for p in sorted(root.rglob("*")) if p.is_file()]
-    return out
-
-
 def _hub_dataset_revision(splits) -> str | None:
     """The commit ``datasets`` resolved for a hub dataset: the last directory of its cache
     path (``<name>/<config>/<version>/<commit>/``) or the ``@<commit>`` in its file URLs."""
@@ -174,10 +148,13 @@ def _hub_dataset_revision(splits) -> str | None:
     return None
 
 
-def data_fingerprint(task_cfg: dict, splits=None) -> dict:
-    """Identity of a run's data: hub id and revision or local file hashes, and per loaded
-    split its rows and ``datasets`` fingerprint."""
-    files = [{"role": role, "path": str(path.resolve()), **file_digest(path)} for role, path in data_files(task_cfg)]
+def data_fingerprint(task, splits=None) -> dict:
+    """Identity of a run's data (``task``: a :class:`~lowrank_runner.tasks.base.Task`): hub
+    id and revision, or the hashes of the local files it reads (``Task.data_files``), and
+    per loaded split its rows and ``datasets`` fingerprint."""
+    task_cfg = task.config
+    files = [{"role": role, "path": str(path.resolve()), **file_digest(path)}
+             for role, path in task.data_files().items() if path.is_file()]
     hub = not files and not task_cfg.get("data") and not task_cfg.get("data_dir") and task_cfg.get("dataset")
     out = {
         "task": task_cfg.get("name"),

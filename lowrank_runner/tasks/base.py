@@ -28,6 +28,16 @@ class Task:
     def count_train_examples(self) -> int:
         raise NotImplementedError
 
+    def data_files(self) -> dict:
+        """Split → the local file it is read from (empty for hub data): ``task.data``'s
+        files by default. The report fingerprints exactly these."""
+        from lowrank_runner.resources import resolve_local_path
+
+        data = self.config.get("data")
+        if not isinstance(data, dict):
+            return {}
+        return {role: resolve_local_path(v) for role, v in data.items() if role != "format" and isinstance(v, str)}
+
     def limit_samples(self, splits, eval_splits=("validation",)):
         """Cut ``train`` to ``task.max_train_samples`` and each evaluation split to
         ``task.max_eval_samples`` (the first rows; unset or larger: unchanged)."""

@@ -141,6 +141,13 @@ class Glue(Task):
     def greater_is_better(self) -> bool:
         return True
 
+    def data_files(self) -> dict:
+        """With ``task.data_dir``: the raw GLUE files of this task's folder."""
+        if not self.config.get("data_dir"):
+            return {}
+        root = Path(self.config["data_dir"]) / self.glue.folder
+        return {split: root / name for split, name in {"train": "train.tsv", **self.glue.eval_files}.items()}
+
     @cached_property
     def raw(self):
         import datasets
@@ -150,8 +157,7 @@ class Glue(Task):
             root = Path(c["data_dir"]) / g.folder
             if not root.is_dir():
                 raise DataError(f"task.data_dir: {root} does not exist (expected the GLUE download's {g.folder}/ folder)")
-            files = {"train": "train.tsv", **g.eval_files}
-            splits = {s: datasets.Dataset.from_dict(read_raw_tsv(root / f, g)) for s, f in files.items()}
+            splits = {s: datasets.Dataset.from_dict(read_raw_tsv(f, g)) for s, f in self.data_files().items()}
             splits = datasets.DatasetDict(splits)
         else:
             try:

@@ -122,6 +122,12 @@ class SquadV2(Task):
     def dataset(self) -> str:
         return self.config.get("dataset") or DEFAULT_DATASET
 
+    def data_files(self) -> dict:
+        """With ``task.data_dir``: the official JSON files in it."""
+        if not self.config.get("data_dir"):
+            return {}
+        return {split: Path(self.config["data_dir"]) / name for split, name in FILES.items()}
+
     @cached_property
     def raw(self):
         import datasets
@@ -132,9 +138,8 @@ class SquadV2(Task):
             if not root.is_dir():
                 raise DataError(f"task.data_dir: {root} does not exist (expected a directory holding "
                                 f"{' and '.join(FILES.values())})")
-            splits = datasets.DatasetDict({split: datasets.Dataset.from_dict(read_squad_json(root / name),
-                                                                             features=hub_features())
-                                           for split, name in FILES.items()})
+            splits = datasets.DatasetDict({split: datasets.Dataset.from_dict(read_squad_json(path), features=hub_features())
+                                           for split, path in self.data_files().items()})
         else:
             try:
                 hub = datasets.load_dataset(self.dataset)
