@@ -7,12 +7,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from lowrank_runner.errors import UsageError
+from lowrank_runner.recipe.document import safe_load
 from lowrank_runner.train import artifacts as art
 
-SUMMARY_FILE = "summary.json"
+SUMMARY_FILE = art.SUMMARY_FILE
 ABSENT = "(absent)"
 
 
@@ -125,7 +124,7 @@ def recipe_config(run: RunReport) -> dict:
         return config
     path = run.dir / art.RECIPE_FILE
     if path.is_file():
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = safe_load(path.read_text(encoding="utf-8"))
         return data if isinstance(data, dict) else {}
     return {}
 

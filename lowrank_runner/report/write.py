@@ -12,7 +12,7 @@ from lowrank_runner.report.history import per_epoch, read_history
 from lowrank_runner.report.markdown import recipe_markdown, run_markdown
 from lowrank_runner.train import artifacts as art
 
-REPORT_MD = "report.md"
+REPORT_MD = art.REPORT_MD
 
 
 def _plots(run_dir: Path, report: dict, history) -> dict[str, str]:

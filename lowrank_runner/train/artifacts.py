@@ -42,21 +42,25 @@ RECIPE_FILE = "recipe.yaml"
 METRICS_LOG = "metrics.jsonl"
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.json"
+REPORT_MD = "report.md"
+SUMMARY_FILE = "summary.json"  # multi-run recipes, in the root directory
 RANK_PATTERN_FILE = "rank_pattern.json"
 RANK_HEATMAP_FILE = "rank_heatmap.png"
 OUTPUTS_FILE = "outputs_{split}.jsonl"
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
+def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    _write_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-    tmp.replace(path)
+    _write_atomically(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def write_recipe(path: Path, config: dict, recipe_hash: str, config_hash: str, source: str) -> None:

@@ -126,7 +126,7 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
             init.write_record(run_dir)
     if len(recipe.runs) > 1 and is_main_process():
         root.mkdir(parents=True, exist_ok=True)
-        art.write_json(root / "summary.json", {"recipe": recipe.name, "hash": recipe.hash, "runs": summary})
+        art.write_json(root / art.SUMMARY_FILE, {"recipe": recipe.name, "hash": recipe.hash, "runs": summary})
         tasks = list(dict.fromkeys(run.task for run in recipe.runs))
         table = results_table(summary, tasks, recipe.resolved.get("output", {}).get("aggregate", "mean"))
         write_results(root, recipe.name, table)
