@@ -16,6 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from lowrank_runner.cli import app
+from lowrank_runner.recipe.schema import fill_defaults, recipe_schema
 from lowrank_runner.tasks.base import build_task
 from lowrank_runner.tasks.nlg import group_references, linearise, target_texts
 from lowrank_runner.tasks.text_metrics import generation_scores
@@ -29,6 +30,11 @@ WORDS = ("name food area eatType near : | . , is a an the in of serves and locat
          "Loch Fyne Strada Wildwood").split()
 NAMES = ["Alimentum", "Aromi", "Bibimbap", "Cotto", "Fitzbillies", "Giraffe", "Strada", "Wildwood"]
 FOODS = ["Italian", "French", "Chinese", "English"]
+
+
+def resolved_task(task: dict):
+    """A task built from its section as the recipe loader resolves it (defaults filled)."""
+    return build_task(fill_defaults({"task": task}, recipe_schema())["task"])
 
 
 def tiny_tokenizer():
@@ -104,7 +110,7 @@ def test_label_masking_keeps_the_loss_on_the_target_only(tmp_path):
     tokenizer = tiny_tokenizer()
     train = write_e2e_csv(tmp_path / "train.csv", [("name[Aromi], food[French]", "Aromi serves French food .")])
     valid = write_e2e_csv(tmp_path / "valid.csv", e2e_rows(2, 3))
-    task = build_task({"name": "e2e", "data": {"train": str(train), "validation": str(valid)}, "max_length": 32})
+    task = resolved_task({"name": "e2e", "data": {"train": str(train), "validation": str(valid)}, "max_length": 32})
     tokenized = task.tokenize(task.load_splits(), tokenizer)
     ex = tokenized["train"][0]
     words = "name : Aromi | food : French".split()
@@ -134,9 +140,9 @@ def test_label_smoothing_loss_matches_pytorch_and_zero_is_the_model_loss():
     labels = ids.clone()
     labels[:, :3] = -100
     out = model(input_ids=ids, labels=labels)
-    plain = build_task({"name": "data_to_text", "max_length": 16})
+    plain = resolved_task({"name": "data_to_text", "max_length": 16})
     assert plain.loss(out, {"labels": labels}) is out.loss
-    smooth = build_task({"name": "data_to_text", "max_length": 16, "label_smoothing": 0.1})
+    smooth = resolved_task({"name": "data_to_text", "max_length": 16, "label_smoothing": 0.1})
     logp = out.logits[:, :-1].log_softmax(-1)
     target, mask = labels[:, 1:], labels[:, 1:] != -100
     nll = -logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -338,15 +344,15 @@ def test_test_split_is_loaded_as_a_test_split_and_limited(tmp_path):
     train = write_e2e_csv(tmp_path / "train.csv", e2e_rows(3, 2))
     test = write_e2e_csv(tmp_path / "test.csv", e2e_rows(4, 3, offset=3))
     data = {"train": str(train), "validation": str(train), "test": str(test)}
-    task = build_task({"name": "e2e", "data": data, "max_length": 32, "max_eval_samples": 5})
+    task = resolved_task({"name": "e2e", "data": data, "max_length": 32, "max_eval_samples": 5})
     assert task.test_splits() == {"test__test": ""}
     splits = task.load_splits()
     assert sorted(splits) == ["test__test", "train", "validation"] and len(splits["test__test"]) == 5
-    no_test = build_task({"name": "e2e", "data": {k: data[k] for k in ("train", "validation")}, "max_length": 32})
+    no_test = resolved_task({"name": "e2e", "data": {k: data[k] for k in ("train", "validation")}, "max_length": 32})
     assert no_test.test_splits() == {} and sorted(no_test.load_splits()) == ["train", "validation"]
-    hub = build_task({"name": "e2e", "max_length": 32, "test_split": "test"})
+    hub = resolved_task({"name": "e2e", "max_length": 32, "test_split": "test"})
     assert hub.test_splits() == {"test__test": ""}
-    assert build_task({"name": "e2e", "max_length": 32}).test_splits() == {}
+    assert resolved_task({"name": "e2e", "max_length": 32}).test_splits() == {}
 
 
 # ---------------------------------------------------------------- the papers' recipes
@@ -403,11 +409,11 @@ def test_bad_nlg_data_gets_a_clear_error(tmp_path):
 
     bad = tmp_path / "train.jsonl"
     bad.write_text(json.dumps({"input_text": "x", "output_text": "y"}) + "\n")
-    task = build_task({"name": "e2e", "data": {"train": str(bad), "validation": str(bad)}, "max_length": 32})
+    task = resolved_task({"name": "e2e", "data": {"train": str(bad), "validation": str(bad)}, "max_length": 32})
     with pytest.raises(DataError, match=r"train.jsonl: none of the columns source, meaning_representation.*"
                                         r"columns: input_text, output_text\); set task.source_column"):
         task.load_splits()
-    named = build_task({"name": "data_to_text", "data": {"train": str(bad), "validation": str(bad)}, "max_length": 32,
+    named = resolved_task({"name": "data_to_text", "data": {"train": str(bad), "validation": str(bad)}, "max_length": 32,
                         "source_column": "input_text", "target_column": "output_text"})
     assert named.load_splits()["train"][0] == {"source": "x", "target": "y", "references": []}
     recipe = tmp_path / "r.yaml"
@@ -449,7 +455,7 @@ def test_hub_layouts_of_webnlg_and_dart_become_pairs(tmp_path):
                      "lang": ["", "", ""]}}
     for split in ("train", "dev"):
         (webnlg / f"{split}.jsonl").write_text(json.dumps(entry) + "\n")
-    task = build_task({"name": "webnlg", "dataset": str(webnlg), "max_length": 32})
+    task = resolved_task({"name": "webnlg", "dataset": str(webnlg), "max_length": 32})
     splits = task.load_splits()
     assert splits["train"]["source"] == ["Aarhus_Airport : cityServed : Aarhus"] * 2
     assert splits["train"]["target"] == ["Aarhus Airport serves Aarhus.", "Aarhus is served by Aarhus Airport."]
@@ -459,10 +465,10 @@ def test_hub_layouts_of_webnlg_and_dart_become_pairs(tmp_path):
            "annotations": {"source": ["wiki", "wiki"], "text": ["Mars Hill joined SAC.", "SAC was joined by Mars Hill."]}}
     for split in ("train", "validation", "test"):
         (dart / f"{split}.jsonl").write_text(json.dumps(row) + "\n")
-    task = build_task({"name": "dart", "dataset": str(dart), "max_length": 32, "eval_split": "test"})
+    task = resolved_task({"name": "dart", "dataset": str(dart), "max_length": 32, "eval_split": "test"})
     tokenized = task.tokenize(task.load_splits(), tiny_tokenizer())
     assert len(tokenized["train"]) == 2 and task.count_train_examples() == 2
     (refs,) = task.eval_sets["validation"].references
     assert refs == ["Mars Hill joined SAC.", "SAC was joined by Mars Hill."]
     with pytest.raises(Exception, match="no nope split"):
-        build_task({"name": "dart", "dataset": str(dart), "max_length": 32, "eval_split": "nope"}).load_splits()
+        resolved_task({"name": "dart", "dataset": str(dart), "max_length": 32, "eval_split": "nope"}).load_splits()

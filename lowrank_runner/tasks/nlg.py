@@ -143,10 +143,7 @@ class DataToText(Task):
     model_class_name = "AutoModelForCausalLM"
 
     def __init__(self, config, spec):
-        from lowrank_runner.recipe.schema import fill_defaults, recipe_schema
-
-        schema = recipe_schema()  # the decoding and scoring defaults, also for a bare config
-        super().__init__(fill_defaults(config, schema["$defs"]["task"], schema), spec)
+        super().__init__(config, spec)  # resolved: decoding and scoring defaults filled by the recipe loader
         self.tokenizer = None
         self.eval_sets: dict[str, EvalSet] = {}
 
