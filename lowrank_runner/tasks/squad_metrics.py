@@ -99,13 +99,14 @@ def best_threshold_scores(candidates: dict[str, str], no_answer_scores: dict[str
     out = {}
     ordered = sorted(references, key=lambda q: no_answer_scores[q])
     has_answer = {q: bool(references[q]) for q in references}
+    answered = {q: question_scores(references[q], candidates[q]) for q in references if has_answer[q]}  # (exact, f1)
     for index, name in ((0, "exact"), (1, "f1")):
         # Threshold below every score: "" everywhere, right exactly on the unanswerable ones.
         score = best = float(sum(not has_answer[q] for q in references))
         threshold = min(no_answer_scores.values(), default=0.0) - 1.0 if references else 0.0
         for qid in ordered:  # answer this question too (raise the threshold to its score)
             if has_answer[qid]:
-                score += question_scores(references[qid], candidates[qid])[index]
+                score += answered[qid][index]
             elif candidates[qid]:
                 score -= 1.0  # a non-empty answer to an unanswerable question
             if score > best:
