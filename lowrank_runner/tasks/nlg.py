@@ -261,11 +261,6 @@ class DataToText(Task):
             raise DataError("data-to-text needs a tokenizer with an eos token (and a bos token or the eos as separator)")
         return sep, tokenizer.eos_token_id
 
-    def encode_sources(self, tokenizer, sources: list[str]) -> list[list[int]]:
-        """``source <sep>``, the source cut to leave half of ``max_length`` for the target."""
-        sep, _ = self._ids(tokenizer)
-        return encode_sources(tokenizer, sources, sep, self.config["max_length"] // 2 - 1)
-
     def tokenize(self, splits, tokenizer):
         import datasets
 
@@ -278,7 +273,8 @@ class DataToText(Task):
                                 desc=f"tokenising {split}")
             if split != "train":
                 sources, refs = group_references(ds["source"], ds["target"], ds["references"])
-                self.eval_sets[split] = EvalSet(sources, self.encode_sources(tokenizer, sources), refs)
+                prompts = encode_sources(tokenizer, sources, sep, self.config["max_length"] // 2 - 1)
+                self.eval_sets[split] = EvalSet(sources, prompts, refs)
         return datasets.DatasetDict(out)
 
     def collator(self, tokenizer, pad_to_multiple_of: int | None = None):
