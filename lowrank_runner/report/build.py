@@ -33,11 +33,12 @@ def _seeds(recipe, run, holdout_seed: int | None) -> dict:
 def build_run_report(*, recipe, run, argv: list[str], adapted, model, task, splits, tokenized, plan, best: dict,
                      last_eval: dict | None, test: dict | None, started: float, accelerator,
                      rank_pattern: dict | None, holdout: dict | None, resumed_from: int | None = None,
-                     test_examples: dict | None = None) -> dict:
+                     test_examples: dict | None = None, init_from: dict | None = None) -> dict:
     """``model``: the unwrapped trained model; ``splits``: the raw ``datasets`` splits the
     run loaded (after any holdout); ``holdout``: ``{"fraction", "seed", "test_examples"}``
     or None; ``test_examples``: examples per test split the selected checkpoint was scored
-    on (holdout or ``task.test_split``), or None."""
+    on (holdout or ``task.test_split``), or None; ``init_from``: the record of the adapter
+    the run started from (``training.init_from``), or None."""
     from lowrank_runner.modeling import parameter_counts
 
     cfg = run.config
@@ -83,6 +84,8 @@ def build_run_report(*, recipe, run, argv: list[str], adapted, model, task, spli
         "peak_memory": peak_memory(),
         "environment": environment(accelerator),
     }
+    if init_from is not None:
+        report["init_from"] = init_from
     if rank_pattern is not None:
         report["rank_pattern"] = {"total_rank": sum(rank_pattern.values()), "modules": len(rank_pattern),
                                   "file": art.RANK_PATTERN_FILE, "heatmap": art.RANK_HEATMAP_FILE, "pattern": rank_pattern}

@@ -127,6 +127,10 @@ def _model(r: dict) -> list[str]:
     m = r.get("method") or {}
     params = ", ".join(f"{k}={v}" for k, v in m.items() if k != "name")
     lines.append(f"- method **{m.get('name')}**({params}) on targets {r.get('targets')} ({r.get('modules')} modules)")
+    origin = r.get("init_from")
+    if origin:
+        lines.append(f"- adapter started from `{origin['path']}` (task {origin.get('task')}, recipe hash "
+                     f"{_short(origin.get('recipe_hash'), 16)}); the task head was trained fresh")
     lines.append(f"- parameters: adapter {fmt(r.get('adapter_params'))}"
                  + (f" (allocated {fmt(r['adapter_params_allocated'])})" if r.get("adapter_params_allocated") else "")
                  + f" · trainable {fmt(r.get('trainable_params'))} ({fmt(r.get('trainable_percent'))}% of "

@@ -103,13 +103,6 @@ class InitSource:
             raise InitFromError(f"{self.where}: {self.label} does not fit: it has no tensors for "
                                 f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; {fix}")
 
-    def write_record(self, run_dir: Path) -> None:
-        """Add the source to a completed run's adapter_config.json and report.json."""
-        record = self.record()
-        for path in (run_dir / art.ADAPTER_DIR / art.ADAPTER_CONFIG, run_dir / art.REPORT_FILE):
-            if path.is_file():
-                art.write_json(path, {**json.loads(path.read_text()), "init_from": record})
-
 
 def source_run(recipe, run):
     """The run of this recipe that ``run`` starts from (``init_from: {task: NAME}``), or None."""

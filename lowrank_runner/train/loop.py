@@ -327,7 +327,11 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resu
         test = evaluate_all(model, eval_dls, task, accelerator, tests)
     if main:
         adapter_state, head_state = best_state or _trainable_state(unwrapped, adapted)
-        art.save_adapter(run_dir / art.ADAPTER_DIR, adapter_state, head_state, adapter_config(adapted, run, recipe, task))
+        origin = init_from.record() if init_from is not None else None  # the adapter it started from
+        config = adapter_config(adapted, run, recipe, task)
+        if origin is not None:
+            config["init_from"] = origin
+        art.save_adapter(run_dir / art.ADAPTER_DIR, adapter_state, head_state, config)
         final = {"task": run.task, "seed": run.seed, "metric": task.metric, "best": best, "last": {"step": step, "eval": last_eval}}
         if test is not None:
             final["test"] = test  # the selected checkpoint on the test set(s)
@@ -350,7 +354,7 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resu
             tokenized=tokenized, plan=plan, best=best, last_eval=last_eval, test=test, started=started,
             accelerator=accelerator, rank_pattern=pattern, resumed_from=resume.step if resume is not None else None,
             holdout=({"fraction": holdout, "seed": HOLDOUT_SEED, "test_examples": test_examples} if holdout else None),
-            test_examples=test_examples or None,
+            test_examples=test_examples or None, init_from=origin,
         ))
         shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)  # complete: nothing left to resume
     accelerator.end_training()

@@ -122,8 +122,6 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
         console.print(f"[bold green]done[/bold green] {run.slug}: best {best['metric']} {best['value']:.4f} at step {best['step']} · {run_dir}")
         summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "completed", "best": best,
                         **({"test": result.test} if result.test is not None else {})})
-        if init is not None and is_main_process():
-            init.write_record(run_dir)
     if len(recipe.runs) > 1 and is_main_process():
         root.mkdir(parents=True, exist_ok=True)
         art.write_json(root / art.SUMMARY_FILE, {"recipe": recipe.name, "hash": recipe.hash, "runs": summary})
