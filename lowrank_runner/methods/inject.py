@@ -167,26 +167,28 @@ def merge_adapters(model: nn.Module, check=None) -> nn.Module:
     restore the plain module tree. ``check(path, delta, weight)``, if given, sees each
     module's float32 ``ΔW`` and the base weight (both as stored) before the sum is
     written (and may raise to stop the merge)."""
-    for path, module in list(model.named_modules()):
-        if isinstance(module, AdaptedLayer):
-            delta = module.stored_delta()
-            if check is not None:
-                check(path, delta, module.base_layer.weight)
-            parent, attr = _parent(model, path)
-            setattr(parent, attr, module.merged_base(delta))
-            del delta
-    if hasattr(model, SHARED_KEY):
-        delattr(model, SHARED_KEY)
-    return model
+    def merged(path: str, module: AdaptedLayer) -> nn.Module:
+        delta = module.stored_delta()
+        if check is not None:
+            check(path, delta, module.base_layer.weight)
+        return module.merged_base(delta)
+
+    return _unwrap(model, merged)
 
 
 def remove_adapters(model: nn.Module) -> nn.Module:
     """Take the adapters off without merging: the plain module tree with the untouched
     base weights (and whatever head the model holds)."""
+    return _unwrap(model, lambda path, module: module.base_layer)
+
+
+def _unwrap(model: nn.Module, replacement) -> nn.Module:
+    """Replace every adapted layer by ``replacement(path, layer)``, one at a time (so a
+    merge holds one module's ΔW at once), and drop the shared method modules."""
     for path, module in list(model.named_modules()):
         if isinstance(module, AdaptedLayer):
             parent, attr = _parent(model, path)
-            setattr(parent, attr, module.base_layer)
+            setattr(parent, attr, replacement(path, module))
     if hasattr(model, SHARED_KEY):
         delattr(model, SHARED_KEY)
     return model
