@@ -152,9 +152,8 @@ def peft_run(args, tasks: list[str]) -> list[dict]:
     from lowrank_runner.modeling import find_targets, load_plain_model
     from lowrank_runner.quiet import quiet_libraries
     from lowrank_runner.recipe.load import load_recipe
-    from lowrank_runner.tasks.base import build_task
-    from lowrank_runner.train.loop import (_dataloaders, _optimizer, evaluate_all, has_accelerator_device,
-                                           resolve_mixed_precision)
+    from lowrank_runner.train.loop import (build_dataloaders, build_optimizer, evaluate_all, has_accelerator_device,
+                                           prepared_data, resolve_mixed_precision)
     from lowrank_runner.train.schedule import plan_steps
 
     quiet_libraries()
@@ -167,10 +166,9 @@ def peft_run(args, tasks: list[str]) -> list[dict]:
         mixed = resolve_mixed_precision(training["mixed_precision"])
         accelerator = Accelerator(mixed_precision=mixed, cpu=not has_accelerator_device())
         set_seed(run.seed)
-        task = build_task(cfg["task"])
         ref = resolve(cfg["backbone"])
         tokenizer = load_tokenizer(ref, cfg["backbone"].get("tokenizer"))
-        tokenized = task.tokenize(task.load_splits(), tokenizer)
+        task, _, tokenized = prepared_data(cfg, tokenizer)  # the data path `lrr run` takes
         model = load_plain_model(cfg, task.model_class, task.model_config_kwargs())
         targets = find_targets(model, cfg["targets"], model.config.model_type)
         head_modules = sorted({n.rsplit(".", 1)[0] for n in head_parameter_names(model)})
@@ -182,8 +180,8 @@ def peft_run(args, tasks: list[str]) -> list[dict]:
         adapter = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
         plan = plan_steps(len(tokenized["train"]), training, accelerator.num_processes)
         splits = task.eval_splits()
-        train_dl, eval_dls, _ = _dataloaders(tokenized, tokenizer, task, training, run.seed, mixed, splits)
-        optimizer = _optimizer(model, training)
+        train_dl, eval_dls, _ = build_dataloaders(tokenized, tokenizer, task, training, run.seed, mixed, splits)
+        optimizer = build_optimizer(model, training)
         scheduler = get_scheduler(training["lr_scheduler"], optimizer, plan.warmup_steps, plan.total_steps)
         model, optimizer, train_dl, *prepared = accelerator.prepare(model, optimizer, train_dl, *eval_dls.values())
         eval_dls = dict(zip(eval_dls, prepared))

@@ -53,7 +53,7 @@ def resolve_mixed_precision(setting: str) -> str:
     return "no"
 
 
-def _optimizer(model, training: dict) -> torch.optim.Optimizer:
+def build_optimizer(model, training: dict) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -66,7 +66,7 @@ def _optimizer(model, training: dict) -> torch.optim.Optimizer:
     )
 
 
-def _dataloaders(tokenized, tokenizer, task: Task, training: dict, seed: int, mixed_precision: str, eval_splits):
+def build_dataloaders(tokenized, tokenizer, task: Task, training: dict, seed: int, mixed_precision: str, eval_splits):
     from torch.utils.data import DataLoader
 
     collator = task.collator(tokenizer, pad_to_multiple_of=8 if mixed_precision != "no" else None)
@@ -184,9 +184,9 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resu
     plan = plan_steps(len(tokenized["train"]), training, accelerator.num_processes)
     check_schedule(plan, f"{recipe.source} [{run.task}, seed {run.seed}]")
 
-    train_dl, eval_dls, data_generator = _dataloaders(tokenized, tokenizer, task, training, run.seed, mixed,
+    train_dl, eval_dls, data_generator = build_dataloaders(tokenized, tokenizer, task, training, run.seed, mixed,
                                                       {**selection, **tests})
-    optimizer = _optimizer(model, training)
+    optimizer = build_optimizer(model, training)
     scheduler = get_scheduler(training["lr_scheduler"], optimizer, plan.warmup_steps, plan.total_steps)
     model, optimizer, train_dl, *prepared = accelerator.prepare(model, optimizer, train_dl, *eval_dls.values())
     eval_dls = dict(zip(eval_dls, prepared))
