@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import glob
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -17,15 +18,74 @@ import typer
 
 from lowrank_runner.errors import LrrError, UsageError
 
+class PlainHelpCommand(typer.core.TyperCommand):
+    """Help that shows what to type, not Python types: an option that takes a value shows
+    its metavar (``--output DIR``), a flag or an argument shows nothing more, and the usage
+    line reads ``lrr run [OPTIONS] RECIPE`` (click's convention)."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            param.display_type_rich = functools.partial(_type_column, param)
+        return params
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, typer.core.TyperArgument):
+                name = (param.metavar or param.name).upper() + ("..." if param.nargs != 1 else "")
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+def _type_column(param, ctx=None) -> str | None:
+    if isinstance(param, typer.core.TyperArgument) or getattr(param, "is_flag", False):
+        return None
+    return param.metavar or param.name.upper()
+
+
+class PlainHelpGroup(typer.core.TyperGroup):
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            param.display_type_rich = functools.partial(_type_column, param)
+        return params
+
+
+def _version(value: bool) -> None:
+    if value:
+        from lowrank_runner import __version__
+
+        print(f"lowrank-runner {__version__}")
+        raise typer.Exit(0)
+
+
 app = typer.Typer(
-    add_completion=False,
+    cls=PlainHelpGroup,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="lowrank-runner: declarative recipes for low-rank adaptation (LoRA, MTLoRA, LoRA2, TriAdaptLoRA, CondLoRA).",
 )
+command = functools.partial(app.command, cls=PlainHelpCommand)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version of lowrank-runner and exit."),
+) -> None:
+    """lowrank-runner: declarative recipes for low-rank adaptation (LoRA, MTLoRA, LoRA2, TriAdaptLoRA, CondLoRA)."""
+
+
+def _complete_set(incomplete: str) -> list[str]:
+    """Shell completion for ``--set``: the recipe keys of the schema (``training.learning_rate=``)."""
+    from lowrank_runner.recipe.schema import recipe_key_paths
+
+    return [f"{key}=" for key in recipe_key_paths() if key.startswith(incomplete)]
+
 
 SetOption = typer.Option(
-    None, "--set", metavar="PATH=VALUE",
+    None, "--set", metavar="PATH=VALUE", autocompletion=_complete_set,
     help="Override a recipe key (dotted path; the value is YAML), e.g. --set training.learning_rate=1e-3. Repeatable.",
 )
 
@@ -47,8 +107,31 @@ def friendly(fn):
         except KeyboardInterrupt:
             _err("interrupted")
             raise typer.Exit(130) from None
+        except BrokenPipeError:  # `lrr methods | head`: the reader left; nothing to say
+            sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stderr at exit
+            raise typer.Exit(0) from None
+        except Exception as exc:  # a bug in lowrank-runner, not the user's input
+            raise typer.Exit(_internal_error(exc)) from None
 
     return wrapper
+
+
+def _internal_error(exc: BaseException) -> int:
+    """Report a bug without burying the user's terminal in a traceback: one line, and the
+    traceback in a file to attach to a bug report (``LRR_DEBUG=1`` prints it instead)."""
+    import tempfile
+    import traceback
+
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    if os.environ.get("LRR_DEBUG"):
+        _err(text)
+        return 70
+    fd, path = tempfile.mkstemp(prefix="lrr-traceback-", suffix=".txt")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"lrr {' '.join(sys.argv[1:])}\n\n{text}")
+    _err(f"error: internal error in lowrank-runner ({type(exc).__name__}: {exc}); this is a bug, not your input's fault. "
+         f"The traceback is in {path}: please report it (LRR_DEBUG=1 prints it)")
+    return 70  # EX_SOFTWARE
 
 
 def expand_recipe_paths(paths: list[str]) -> list[Path]:
@@ -73,7 +156,7 @@ def expand_recipe_paths(paths: list[str]) -> list[Path]:
     return list(dict.fromkeys(out))
 
 
-@app.command()
+@command()
 @friendly
 def validate(
     paths: Optional[List[str]] = typer.Argument(None, help="Recipe files, directories or globs (default: recipes/)."),
@@ -106,7 +189,7 @@ def validate(
     raise typer.Exit(1 if errors else 0)
 
 
-@app.command()
+@command()
 @friendly
 def methods(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
     """List the registered adapter methods with their parameters (from the schemas)."""
@@ -129,7 +212,7 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Machine-readable
         _err(f"warning: {line}")
 
 
-@app.command()
+@command()
 @friendly
 def tasks(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
     """List the registered tasks and their metrics."""
@@ -143,7 +226,7 @@ def tasks(as_json: bool = typer.Option(False, "--json", help="Machine-readable o
             print(f"{row['name']:16} {row['description']}  metrics: {', '.join(row['metrics'])} (primary: {row['primary_metric']})")
 
 
-@app.command()
+@command()
 @friendly
 def report(
     run_dirs: List[Path] = typer.Argument(..., help="Run directories written by 'lrr run' (a multi-run directory stands for its runs)."),
@@ -172,13 +255,13 @@ def report(
         show_comparison(Console(), runs)
 
 
-@app.command()
+@command()
 @friendly
 def inspect(
     recipe: Path = typer.Argument(..., help="Recipe file."),
     overrides: Optional[List[str]] = SetOption,
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
-    processes: int = typer.Option(1, "--processes", min=1, help="Number of training processes to plan steps for."),
+    processes: int = typer.Option(1, "--processes", min=1, metavar="N", help="Number of training processes to plan steps for."),
 ):
     """Resolve a recipe without loading weights: modules matched, parameter counts, planned steps."""
     from lowrank_runner.inspect import inspect_recipe
@@ -194,14 +277,14 @@ def inspect(
         print_inspection(result)
 
 
-@app.command()
+@command()
 @friendly
 def run(
     recipe: Path = typer.Argument(..., help="Recipe file."),
     overrides: Optional[List[str]] = SetOption,
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run directory (default: <output.dir>/<name>/<timestamp>)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", metavar="RUN_DIR", help="Run directory (default: <output.dir>/<name>/<timestamp>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted runs in --output RUN_DIR from their latest checkpoints (same recipe and --set overrides)."),
-    stop_after_step: Optional[int] = typer.Option(None, "--stop-after-step", min=1, help="End each run after this optimizer step with a checkpoint (e.g. before a machine's time limit); continue later with --resume."),
+    stop_after_step: Optional[int] = typer.Option(None, "--stop-after-step", min=1, metavar="STEP", help="End each run after this optimizer step with a checkpoint (e.g. before a machine's time limit); continue later with --resume."),
 ):
     """Train: one run per task x seed, each writing a run directory."""
     from lowrank_runner.recipe.load import load_recipe
@@ -216,19 +299,19 @@ def run(
     raise typer.Exit(1 if failures else 0)
 
 
-@app.command()
+@command()
 @friendly
 def export(
     run_dir: Path = typer.Argument(..., help="A run directory written by 'lrr run', or an adapter bundle written by 'lrr export --adapter'."),
     merge: bool = typer.Option(False, "--merge", help="Write a merged Hugging Face checkpoint (adapters folded into the weights)."),
     adapter: bool = typer.Option(False, "--adapter", help="Write an adapter bundle (weights, head, resolved config) that lrr loads onto the backbone again."),
     peft_format: bool = typer.Option(False, "--peft", help="Write a HF PEFT LoRA adapter (lora runs; needs the peft package)."),
-    out: Path = typer.Option(..., "--out", help="Output directory (must not exist or be empty)."),
-    tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Largest allowed output difference to the adapter model on the probe batch (default: 1e-3 merge, 0 bundle, 1e-4 PEFT)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="--merge: dtype of the saved weights, float32 | bfloat16 | float16 (default: the backbone's own, or the recipe's backbone.dtype if half)."),
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="--merge: largest safetensors shard, e.g. 5GB or 500MB."),
-    cast_tolerance: Optional[float] = typer.Option(None, "--cast-tolerance", help="--merge to bfloat16/float16: allowed output change from the cast, relative to the largest output (default: 8 x the dtype's epsilon)."),
-    backbone: Optional[str] = typer.Option(None, "--backbone", help="Load the backbone from here (a local directory or hub id) instead of where the run found it."),
+    out: Path = typer.Option(..., "--out", metavar="DIR", help="Output directory (must not exist or be empty)."),
+    tolerance: Optional[float] = typer.Option(None, "--tolerance", metavar="FLOAT", help="Largest allowed output difference to the adapter model on the probe batch (default: 1e-3 merge, 0 bundle, 1e-4 PEFT)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", metavar="DTYPE", help="--merge: dtype of the saved weights, float32 | bfloat16 | float16 (default: the backbone's own, or the recipe's backbone.dtype if half)."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", metavar="SIZE", help="--merge: largest safetensors shard, e.g. 5GB or 500MB."),
+    cast_tolerance: Optional[float] = typer.Option(None, "--cast-tolerance", metavar="FLOAT", help="--merge to bfloat16/float16: allowed output change from the cast, relative to the largest output (default: 8 x the dtype's epsilon)."),
+    backbone: Optional[str] = typer.Option(None, "--backbone", metavar="DIR|HUB_ID", help="Load the backbone from here (a local directory or hub id) instead of where the run found it."),
 ):
     """Export a trained run: a merged checkpoint for deployment, an adapter bundle, or a PEFT adapter."""
     if merge + adapter + peft_format != 1:

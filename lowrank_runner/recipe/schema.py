@@ -106,3 +106,24 @@ def property_schema(*path: str) -> dict:
     for key in path:
         node = _deref(node, root)["properties"][key]
     return _deref(node, root)
+
+
+def recipe_key_paths() -> list[str]:
+    """Every settable dotted recipe key (``training.learning_rate``, ``method.r``, ...),
+    from the schema and the registered methods' parameters (for shell completion)."""
+    from lowrank_runner.methods.registry import method_specs
+
+    root = recipe_schema()
+    out: list[str] = []
+
+    def walk(node: dict, prefix: str) -> None:
+        node = _deref(node, root)
+        for key, sub in node.get("properties", {}).items():
+            path = f"{prefix}{key}"
+            out.append(path)
+            if "properties" in _deref(sub, root):
+                walk(sub, path + ".")
+
+    walk(root, "")
+    out += [f"method.{param}" for spec in method_specs().values() for param in spec.params]
+    return sorted(dict.fromkeys(out))

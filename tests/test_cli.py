@@ -1,0 +1,87 @@
+"""Everyday ergonomics of the command line: version, help text, shell completion, and
+the last-resort handler that turns a bug into one line plus a traceback file."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from lowrank_runner import __version__
+from lowrank_runner.cli import app
+
+COMMANDS = ["validate", "methods", "tasks", "report", "inspect", "run", "export"]
+
+
+def invoke(*args, env=None):
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "160", **(env or {})})
+
+
+def test_version():
+    res = invoke("--version")
+    assert res.exit_code == 0
+    assert res.stdout.strip() == f"lowrank-runner {__version__}"
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_shows_what_to_type_not_python_types(command):
+    res = invoke(*([command] if command else []), "--help")
+    assert res.exit_code == 0, res.output
+    assert not re.search(r"<(bool|path|str|int|float|int range|list\[str\])>", res.output), res.output
+    usage = next(line for line in res.output.splitlines() if "Usage:" in line)
+    assert "{" not in usage and "}" not in usage, usage
+
+
+def test_help_names_values_by_what_they_are():
+    out = invoke("export", "--help").output
+    assert re.search(r"--out\s+DIR\b", out) and re.search(r"--tolerance\s+FLOAT\b", out)
+    assert re.search(r"Usage: .*export \[OPTIONS\] RUN_DIR", out)
+    out = invoke("run", "--help").output
+    assert re.search(r"--output\s+-o\s+RUN_DIR\b", out) and re.search(r"--stop-after-step\s+STEP\b", out)
+    assert re.search(r"--resume\s+Continue", out)  # a flag shows no type
+
+
+def test_shell_completion_is_offered_and_completes_recipe_keys():
+    assert "--install-completion" in invoke("--help").output
+    env = {**os.environ, "_LRR_COMPLETE": "complete_bash", "COMP_WORDS": "lrr run r.yaml --set training.learn",
+           "COMP_CWORD": "4"}
+    lrr = str(Path(sys.executable).with_name("lrr"))  # the installed command: completion is keyed by its name
+    proc = subprocess.run([lrr], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["training.learning_rate="]
+    env["COMP_WORDS"] = "lrr inspect r.yaml --set method.target_r"
+    proc = subprocess.run([lrr], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["method.target_rank="]  # a method parameter, from its schema fragment
+
+
+def test_a_bug_is_one_line_and_a_traceback_file(monkeypatch, tmp_path):
+    import lowrank_runner.recipe.load as load
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(load, "check_recipe_file", broken)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\n")
+    res = invoke("validate", str(recipe))
+    assert res.exit_code == 70
+    (line,) = res.stderr.splitlines()
+    assert line.startswith("error: internal error in lowrank-runner (ZeroDivisionError: boom); this is a bug")
+    (saved,) = tmp_path.glob("lrr-traceback-*.txt")
+    assert saved.name in line
+    text = saved.read_text()
+    assert "Traceback (most recent call last)" in text and "ZeroDivisionError: boom" in text
+    res = invoke("validate", str(recipe), env={"LRR_DEBUG": "1"})
+    assert res.exit_code == 70 and "Traceback (most recent call last)" in res.stderr
+
+
+def test_a_closed_pipe_is_not_an_error():
+    proc = subprocess.run(f"{sys.executable} -m lowrank_runner methods --json | head -c 10", shell=True,
+                          capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
