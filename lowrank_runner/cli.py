@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+import click
 import typer
 
 from lowrank_runner.errors import LrrError, UsageError
@@ -107,6 +108,8 @@ def friendly(fn):
         except KeyboardInterrupt:
             _err("interrupted")
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, click.ClickException):  # typer's own exits and usage errors
+            raise
         except BrokenPipeError:  # `lrr methods | head`: the reader left; nothing to say
             sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stderr at exit
             raise typer.Exit(0) from None
@@ -288,8 +291,12 @@ def run(
 ):
     """Train: one run per task x seed, each writing a run directory."""
     from lowrank_runner.recipe.load import load_recipe
-    from lowrank_runner.train.runner import run_recipe
+    from lowrank_runner.train.runner import recorded_overrides, run_recipe
 
+    if resume and not overrides:  # continue with the --set overrides the run was started with
+        overrides = recorded_overrides(output)
+        if overrides:
+            _err("resuming with the run's --set overrides: " + " ".join(f"--set {o}" for o in overrides))
     rec = load_recipe(_existing(recipe), overrides or ())
     command = ["lrr", "run", str(recipe)] + [a for s in overrides or () for a in ("--set", s)]
     command += ["--output", str(output)] if output else []

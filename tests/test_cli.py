@@ -81,6 +81,17 @@ def test_a_bug_is_one_line_and_a_traceback_file(monkeypatch, tmp_path):
     assert res.exit_code == 70 and "Traceback (most recent call last)" in res.stderr
 
 
+def test_commands_exit_with_their_own_codes(tmp_path):
+    """typer.Exit inside a command is the command's answer, not a bug for the last resort."""
+    assert invoke("validate", "recipes/quickstart.yaml").exit_code == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\n")
+    res = invoke("validate", str(bad))
+    assert res.exit_code == 1 and "internal error" not in res.output
+    res = invoke("inspect", "--processes", "0", "recipes/quickstart.yaml")
+    assert res.exit_code == 2 and "internal error" not in res.output
+
+
 def test_a_closed_pipe_is_not_an_error():
     proc = subprocess.run(f"{sys.executable} -m lowrank_runner methods --json | head -c 10", shell=True,
                           capture_output=True, text=True, timeout=60)
