@@ -110,6 +110,34 @@ def test_bad_raw_files_name_the_file_and_line(glue_dir):
         task("qnli", data_dir=str(glue_dir)).load_splits()
 
 
+@pytest.mark.parametrize("name,file,content,message", [
+    ("rte", "RTE/dev.tsv", "index\tsentence1\tsentence2\tlabel\n0\tcafé\tb\tentailment\n".encode("latin-1"),
+     r"RTE/dev.tsv:2:6: not UTF-8 \(byte 0xe9\); save the file as UTF-8$"),
+    ("rte", "RTE/dev.tsv", "index\tsentence1\tsentence2\n0\ta\tb\n",
+     r"RTE/dev.tsv:1: header has no column for label \(looked for label; header: index, sentence1, sentence2\) "
+     r"\(a GLUE test file\? it has no labels: use train and dev files\)$"),
+    ("rte", "RTE/dev.tsv", "index\tsentence1\tsentence2\tlabel\n",
+     r"RTE/dev.tsv: no rows of data \(only a header\)$"),
+    ("rte", "RTE/dev.tsv", "index\tsentence1\tsentence2\tlabel\n0\ta\n",
+     r"RTE/dev.tsv:2: 2 columns, expected at least 4$"),
+    ("stsb", "STS-B/dev.tsv", "\t".join(["0", "g", "f", "y", "1", "s", "s", "A.", "B.", "nan"]) + "\n",
+     r"STS-B/dev.tsv:1: score 'nan' is not a finite number$"),
+])
+def test_malformed_raw_files_name_the_file_line_and_column(glue_dir, name, file, content, message):
+    path = glue_dir / file
+    (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+    with pytest.raises(DataError, match=message):
+        task(name, data_dir=str(glue_dir)).load_splits()
+
+
+def test_a_directory_in_place_of_a_glue_file(glue_dir):
+    (glue_dir / "RTE" / "dev.tsv").unlink()
+    (glue_dir / "RTE" / "dev.tsv").mkdir()
+    with pytest.raises(DataError, match=r"task.data_dir \(RTE/dev.tsv\): .*RTE/dev.tsv is a directory; expected a "
+                                        r"data file$"):
+        task("rte", data_dir=str(glue_dir)).load_splits()
+
+
 def test_the_hub_unreachable_is_a_clear_error(monkeypatch):
     import datasets
 

@@ -472,3 +472,21 @@ def test_hub_layouts_of_webnlg_and_dart_become_pairs(tmp_path):
     assert refs == ["Mars Hill joined SAC.", "SAC was joined by Mars Hill."]
     with pytest.raises(Exception, match="no nope split"):
         resolved_task({"name": "dart", "dataset": str(dart), "max_length": 32, "eval_split": "nope"}).load_splits()
+
+
+def test_bad_rows_of_nlg_files_name_the_line(tmp_path, capsys):
+    """Rows of your files are named by line (blank lines counted); a row with no reference
+    text gives no pairs and a warning."""
+    from lowrank_runner.errors import DataError
+
+    rows = [{"source": "name[A]", "target": "A."}, {"source": "name[B]", "target": None},
+            {"source": None, "target": "C."}]
+    bad = tmp_path / "train.jsonl"
+    bad.write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n" + json.dumps(rows[2]) + "\n")
+    task = resolved_task({"name": "data_to_text", "data": {"train": str(bad), "validation": str(bad)}, "max_length": 32})
+    with pytest.raises(DataError, match=r"train.jsonl:4: column 'source': null; every row needs its source"):
+        task.load_splits()
+    bad.write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n")
+    task = resolved_task({"name": "data_to_text", "data": {"train": str(bad), "validation": str(bad)}, "max_length": 32})
+    assert task.load_splits()["train"]["target"] == ["A."]
+    assert "train.jsonl:3: column 'target': no reference text (1 row of 2); these rows give no pairs" in capsys.readouterr().err

@@ -198,6 +198,37 @@ def test_bad_json_names_the_file_and_the_place(tmp_path):
         read_squad_json(tmp_path / "nowhere.json")
 
 
+def test_malformed_squad_files_are_named_precisely(tmp_path):
+    """Wrong types, a repeated question id (answers are scored by id), non-UTF-8 bytes,
+    a directory: one clear error each."""
+    path = tmp_path / "train-v2.0.json"
+
+    def fails(doc, match):
+        path.write_text(json.dumps(doc))
+        with pytest.raises(DataError, match=match):
+            read_squad_json(path)
+
+    fails({"version": "v2.0"}, r'expected the SQuAD 2.0 layout \{"version": ..., "data": \[articles\]\}')
+    fails({"data": [5]}, r"data\[0\]: missing 'paragraphs' \(not the SQuAD 2.0 layout\)")
+    doc = squad_json(TRAIN)
+    doc["data"][0]["title"] = 7
+    fails(doc, r"data\[0\]\.title: expected str, got int")
+    doc = squad_json(TRAIN)
+    doc["data"][0]["paragraphs"][0]["qas"][2]["is_impossible"] = "yes"
+    fails(doc, r"qas\[2\] \(id t3\)\.is_impossible: expected bool, got str")
+    doc = squad_json(TRAIN)
+    doc["data"][0]["paragraphs"][1]["qas"][0]["id"] = "t1"
+    fails(doc, r"data\[0\]\.paragraphs\[1\]\.qas\[0\]: question id 't1' again \(first at .*data\[0\]\.paragraphs\[0\]"
+               r"\.qas\[0\]\); every question needs its own id")
+    path.write_bytes(b'{"data": [\n  {"title": "caf\xe9"}]}')
+    with pytest.raises(DataError, match=r"train-v2.0.json:2:17: not UTF-8 \(byte 0xe9\)"):
+        read_squad_json(path)
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(DataError, match=r"train-v2.0.json is a directory; expected a data file"):
+        read_squad_json(path)
+
+
 def test_the_hub_unreachable_is_a_clear_error(monkeypatch):
     import datasets
 

@@ -36,15 +36,19 @@ def test_declared_labels_fix_the_order_and_unknown_labels_are_named(tmp_path):
     write_csv(tmp_path / "train.csv", ["a,pos", "b,neg"])
     write_csv(tmp_path / "dev.csv", ["d,maybe"])
     task = build_task(task_config(tmp_path, labels=["pos", "neg"]))
+    with pytest.raises(DataError, match=r"dev.csv:2: column 'label': 'maybe' is not a class of task.labels "
+                                        r"\('pos', 'neg'\); fix the row, or list every class in task.labels"):
+        task.labels  # noqa: B018 (the files are checked when first used)
+    write_csv(tmp_path / "dev.csv", ["d,neg"])
+    task = build_task(task_config(tmp_path, labels=["pos", "neg"]))
     assert task._encode_labels(["neg"], "train") == [1]
-    with pytest.raises(DataError, match=r"dev.csv: label 'maybe' is not one of the task's labels \['pos', 'neg'\]"):
-        task._encode_labels(["maybe"], "validation")
 
 
 def test_missing_column_names_the_file_and_the_setting(tmp_path):
     write_csv(tmp_path / "train.csv", ["a,pos"], header="sentence,label")
     write_csv(tmp_path / "dev.csv", ["a,pos"], header="sentence,label")
-    with pytest.raises(DataError, match=r"train.csv: no column 'text' \(columns: sentence, label\); set task.text_column"):
+    with pytest.raises(DataError, match=r"train.csv:1: no column 'text' \(columns: 'sentence', 'label'\); "
+                                        r"set task.text_column to one of them$"):
         build_task(task_config(tmp_path)).count_train_examples()
 
 
@@ -85,3 +89,133 @@ def test_regression_metrics_against_definitions():
     assert m["spearman"] == pytest.approx(0.8)  # rank differences (0,1,1,0): 1 - 6*2/(4*15)
     assert m["mse"] == pytest.approx(0.5)
     assert regression_metrics(np.ones(4), labels)["pearson"] == 0.0  # constant prediction: defined, not NaN
+
+
+# ---------------------------------------------------------------- files checked before datasets reads them
+
+
+def data_cfg(tmp_path, train, validation, name="classification", **over):
+    """A task config reading ``train`` / ``validation`` (file names in ``tmp_path``)."""
+    return task_config(tmp_path, name=name, **over,
+                       data={"train": str(tmp_path / train), "validation": str(tmp_path / validation), "format": "auto"})
+
+
+def test_blank_lines_and_a_byte_order_mark_are_accepted(tmp_path):
+    rows = [{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"}]
+    (tmp_path / "t.jsonl").write_text("\ufeff" + json.dumps(rows[0]) + "\n\n  \n" + json.dumps(rows[1]) + "\n")
+    (tmp_path / "d.csv").write_text("\ufefftext,label\n\nc,neg\n")
+    task = build_task(data_cfg(tmp_path, "t.jsonl", "d.csv"))
+    assert task.labels == ["neg", "pos"] and task.raw["train"]["text"] == ["a", "b"]
+    assert task.rows["train"].lines == [1, 4] and task.rows["validation"].lines == [3]
+    assert task.raw["validation"][0] == {"text": "c", "label": "neg"}  # train JSON Lines, validation CSV
+
+
+def test_csv_cells_are_read_as_written(tmp_path):
+    """'NA' and numbers in a text column stay text (no missing values, no int column);
+    numeric labels stay numbers, in numeric order."""
+    write_csv(tmp_path / "train.csv", ["NA,2", "12,10", "null,1"])
+    write_csv(tmp_path / "dev.csv", ["x,10"])
+    task = build_task(task_config(tmp_path))
+    assert task.raw["train"]["text"] == ["NA", "12", "null"] and task.labels == [1, 2, 10]
+    assert task._encode_labels(task.raw["validation"]["label"], "validation") == [2]
+
+
+def test_a_delimiter_reads_semicolon_separated_files(tmp_path):
+    (tmp_path / "train.csv").write_text('text;label\n"a; b";pos\nc;neg\n')
+    (tmp_path / "dev.csv").write_text("text;label\nd;neg\n")
+    cfg = task_config(tmp_path)
+    cfg["data"]["delimiter"] = ";"
+    task = build_task(cfg)
+    assert task.raw["train"]["text"] == ["a; b", "c"] and task.labels == ["neg", "pos"]
+
+
+def test_a_json_array_names_the_line_of_each_element(tmp_path):
+    (tmp_path / "t.json").write_text('[\n {"text": "a", "label": "pos"},\n\n {"text": "b", "label": null}\n]')
+    with pytest.raises(DataError, match=r"t.json:4: column 'label': null"):
+        build_task(data_cfg(tmp_path, "t.json", "t.json")).labels
+
+
+def test_labels_come_from_the_whole_training_file(tmp_path):
+    """task.max_train_samples cuts the training rows, not the classes."""
+    write_csv(tmp_path / "train.csv", ["a,pos", "b,pos", "c,neg"])
+    write_csv(tmp_path / "dev.csv", ["d,neg"])
+    task = build_task(task_config(tmp_path, max_train_samples=2))
+    assert task.labels == ["neg", "pos"] and task.count_train_examples() == 2
+
+
+def test_data_warnings_where_training_is_still_meaningful(tmp_path, capsys):
+    """Declared classes with one seen in training, empty text, and constant evaluation
+    scores train, with a warning naming the file and line."""
+    write_csv(tmp_path / "train.csv", ["a,pos", ",pos"])
+    write_csv(tmp_path / "dev.csv", ["d,neg"])
+    build_task(task_config(tmp_path, labels=["pos", "neg"])).labels
+    err = capsys.readouterr().err
+    assert "warning: " + str(tmp_path / "train.csv") + ":3: column 'text': empty text (1 row of 2)" in err
+    assert f"train.csv: every training label is 'pos'; the classifier never sees the other classes" in err
+    write_csv(tmp_path / "train.csv", ["a,1.0", "b,2.5"])
+    write_csv(tmp_path / "dev.csv", ["d,3", "e,3"])
+    assert build_task(task_config(tmp_path, name="regression")).count_train_examples() == 2
+    assert "dev.csv: every validation score is 3; pearson and spearman are undefined there" in capsys.readouterr().err
+
+
+def test_zero_training_examples_after_the_holdout(tmp_path):
+    from lowrank_runner.tasks.holdout import holdout_sizes
+
+    assert holdout_sizes(10, 0.1) == (9, 1)
+    with pytest.raises(DataError, match=r"holding out 0.1 of 1 training example leaves none to train on"):
+        holdout_sizes(1, 0.1)
+
+
+def test_validate_peeks_at_headers_and_first_rows_only(tmp_path):
+    """lrr validate's bounded check: the head of each file, its format and the columns
+    the settings name (a bad row further down is left to lrr run)."""
+    from lowrank_runner.tasks.data_check import PEEK_BYTES, peek_problems
+
+    write_csv(tmp_path / "train.csv", ["a,pos"], header="sentence;label")
+    (tmp_path / "dev.jsonl").write_text(json.dumps({"text": "a"}) + "\n" + "x" * (2 * PEEK_BYTES) + "\n")
+    problems = peek_problems(task_config(tmp_path, data={"train": str(tmp_path / "train.csv"),
+                                                         "validation": str(tmp_path / "dev.jsonl")}))
+    assert [(p, m.split(": ", 1)[1]) for p, m in problems] == [
+        (("task", "data", "train"), "no column 'text' (columns: 'sentence;label'); set task.text_column to one of "
+                                    "them, or, if the file is ';'-separated, set task.data.delimiter: \";\""),
+        (("task", "data", "validation"), "no column 'label' (columns: 'text'); set task.label_column to one of them"),
+    ]
+    write_csv(tmp_path / "train.csv", ["a,pos"])
+    (tmp_path / "dev.jsonl").write_text(json.dumps({"text": "a", "label": "pos"}) + "\n" + "{broken\n")
+    assert peek_problems(task_config(tmp_path, data={"train": str(tmp_path / "train.csv"),
+                                                     "validation": str(tmp_path / "dev.jsonl")})) == []
+    as_written = {"name": "classification", "data": {"train": str(tmp_path / "train.csv"),
+                                                     "validation": str(tmp_path / "dev.jsonl")}}
+    assert peek_problems(as_written) == []  # the defaults text_column: text, label_column: label hold
+    assert peek_problems({**as_written, "name": "regression", "label_column": "score"}) == [
+        (("task", "data", "train"), f"{tmp_path / 'train.csv'}:1: no column 'score' (columns: 'text', 'label'); "
+                                    "set task.label_column to one of them"),
+        (("task", "data", "validation"), f"{tmp_path / 'dev.jsonl'}: no column 'score' (columns: 'text', 'label'); "
+                                         "set task.label_column to one of them")]
+    assert peek_problems({**as_written, "name": "e2e"}) == []  # the data-to-text tasks find their columns by name
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["a"], "score": [1.0]}), tmp_path / "t.parquet")
+    assert peek_problems({"name": "classification", "data": {"train": str(tmp_path / "t.parquet")}}) == [
+        (("task", "data", "train"), f"{tmp_path / 't.parquet'}: no column 'label' (columns: 'text', 'score'); "
+                                    "set task.label_column to one of them")]
+    (tmp_path / "train.csv").write_bytes(b"PAR1....")
+    assert peek_problems(task_config(tmp_path))[0][1].endswith("a Parquet file, read as csv; rename the file to its "
+                                                               "format's extension or set task.data.format: parquet")
+
+
+def test_a_pandas_csv_with_its_index_column_is_read(tmp_path):
+    import pandas as pd
+
+    pd.DataFrame({"text": ["a", "b"], "label": ["pos", "neg"]}).to_csv(tmp_path / "train.csv")  # header ",text,label"
+    pd.DataFrame({"text": ["c"], "label": ["neg"]}).to_csv(tmp_path / "dev.csv")
+    task = build_task(task_config(tmp_path))
+    assert task.labels == ["neg", "pos"] and task.raw["train"]["text"] == ["a", "b"]
+
+
+def test_the_label_column_cannot_be_a_text_column(tmp_path):
+    write_csv(tmp_path / "train.csv", ["a,pos"])
+    write_csv(tmp_path / "dev.csv", ["a,pos"])
+    with pytest.raises(DataError, match=r"^task.text_pair_column and task.label_column both name column 'label'"):
+        build_task(task_config(tmp_path, text_pair_column="label")).labels

@@ -36,7 +36,8 @@ class Task:
         data = self.config.get("data")
         if not isinstance(data, dict):
             return {}
-        return {role: resolve_local_path(v) for role, v in data.items() if role != "format" and isinstance(v, str)}
+        return {role: resolve_local_path(v) for role, v in data.items()
+                if role not in ("format", "delimiter") and isinstance(v, str)}
 
     def limit_samples(self, splits, eval_splits=("validation",)):
         """Cut ``train`` to ``task.max_train_samples`` and each evaluation split to

@@ -16,6 +16,7 @@ MRPC and QQP accuracy and F1 (of the positive class); STS-B Pearson and Spearman
 from __future__ import annotations
 
 import csv
+import math
 import sys
 from dataclasses import dataclass
 from functools import cached_property
@@ -25,6 +26,7 @@ import numpy as np
 
 from lowrank_runner.errors import DataError
 from lowrank_runner.tasks.base import Task
+from lowrank_runner.tasks.data_check import decoded_lines, readable_file
 from lowrank_runner.tasks.metrics import binary_f1, classification_metrics, regression_metrics
 
 
@@ -79,9 +81,12 @@ HUB_SPLITS = {"mnli": {"validation": "validation_matched", "validation_mismatche
 def _label_id(value: str, spec: GlueSpec, where: str):
     if spec.labels is None:
         try:
-            return float(value)
+            score = float(value)
         except ValueError:
             raise DataError(f"{where}: score {value!r} is not a number") from None
+        if not math.isfinite(score):
+            raise DataError(f"{where}: score {value!r} is not a finite number")
+        return score
     if value in spec.labels:
         return spec.labels.index(value)
     if value.strip().lstrip("-").isdigit() and 0 <= int(value) < len(spec.labels):
@@ -91,28 +96,41 @@ def _label_id(value: str, spec: GlueSpec, where: str):
 
 def read_raw_tsv(path: Path, spec: GlueSpec) -> dict[str, list]:
     """One raw GLUE file as columns named like the hub's features."""
-    if not path.is_file():
+    key = f"task.data_dir ({spec.folder}/{path.name})"
+    if not path.exists():
         raise DataError(f"{path}: GLUE file not found (task.data_dir should hold {spec.folder}/{path.name})")
+    readable_file(path, str(path), key)
     csv.field_size_limit(sys.maxsize)
-    with path.open(encoding="utf-8", newline="") as f:
-        rows = [r for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if r]
-    if not rows:
+    try:
+        with path.open("rb") as f:
+            numbered = [(n, r) for n, r in enumerate(csv.reader(decoded_lines(f, str(path)), delimiter="\t",
+                                                                quoting=csv.QUOTE_NONE), start=1) if r]
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}: not a valid TSV file ({exc})") from None
+    if not numbered:
         raise DataError(f"{path}: empty file")
-    first = [c.strip() for c in rows[0]]
-    has_header = any(name in first for name in spec.headers["label"])
+    first = [c.strip() for c in numbered[0][1]]
+    known = {name for names in spec.headers.values() for name in names}
+    has_header = any(name in first for name in known)
     if has_header:
         columns = {}
         for feature, names in spec.headers.items():
             found = next((first.index(n) for n in names if n in first), None)
             if found is None:
-                raise DataError(f"{path}: header has no column for {feature} (looked for {', '.join(names)}; "
-                                f"header: {', '.join(first)})")
+                unlabeled = (" (a GLUE test file? it has no labels: use train and dev files)"
+                             if feature == "label" else "")
+                raise DataError(f"{path}:{numbered[0][0]}: header has no column for {feature} (looked for "
+                                f"{', '.join(names)}; header: {', '.join(first)}){unlabeled}")
             columns[feature] = found
-        rows = rows[1:]
+        numbered = numbered[1:]
     else:
         columns = spec.positions
+    if not numbered:
+        raise DataError(f"{path}: no rows of data (only a header)")
     out: dict[str, list] = {feature: [] for feature in spec.headers}
-    for n, row in enumerate(rows, start=2 if has_header else 1):
+    for n, row in numbered:
         try:
             values = {feature: row[i] for feature, i in columns.items()}
         except IndexError:

@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import math
 
+from lowrank_runner.errors import DataError
+
 TEST_PREFIX = "test__"
 HOLDOUT_SEED = 0
 
 
 def holdout_sizes(n: int, fraction: float) -> tuple[int, int]:
-    """(train, held-out) sizes, as ``datasets.Dataset.train_test_split`` makes them."""
+    """(train, held-out) sizes, as ``datasets.Dataset.train_test_split`` makes them; a
+    :class:`DataError` when nothing would be left to train on."""
     held = math.ceil(fraction * n)
+    if n - held < 1:
+        raise DataError(f"task.holdout_fraction: holding out {fraction:g} of {n} training example"
+                        f"{'s' if n != 1 else ''} leaves none to train on; lower holdout_fraction, or train on "
+                        "more examples (more rows, or a larger or no task.max_train_samples)")
     return n - held, held
 
 
@@ -23,6 +30,7 @@ def apply_holdout(splits, fraction: float, eval_splits: dict[str, str]):
     """``train`` → (``train``, ``validation``); each evaluation split → ``test__<name>``."""
     import datasets
 
+    holdout_sizes(len(splits["train"]), fraction)
     parts = splits["train"].train_test_split(test_size=fraction, seed=HOLDOUT_SEED, shuffle=True)
     out = {"train": parts["train"], "validation": parts["test"]}
     out.update({TEST_PREFIX + name: splits[name] for name in eval_splits})

@@ -1,68 +1,94 @@
 """Your own data: classification and regression from CSV, TSV, JSON Lines or Parquet.
 
-Files are read with ``datasets`` (so tokenisation is cached by fingerprint), columns are
-mapped by ``text_column`` / ``text_pair_column`` / ``label_column``, and class names
-become indices in the order of ``labels`` (default: sorted distinct training labels).
+Files are checked line by line first (:mod:`lowrank_runner.tasks.data_check`: every
+problem named with its file, line and column), then read with ``datasets`` (so
+tokenisation is cached by fingerprint). Columns are mapped by ``text_column`` /
+``text_pair_column`` / ``label_column``, and class names become indices in the order of
+``labels`` (default: the sorted distinct labels of the whole training file).
 """
 
 from __future__ import annotations
 
+import csv
 from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 
 from lowrank_runner.errors import DataError
-from lowrank_runner.resources import resolve_local_path
 from lowrank_runner.tasks.base import Task
+from lowrank_runner.tasks.data_check import (DELIMITERS, Rows, check_labels, check_scores, check_text, data_file,
+                                             read_rows, warn)
 from lowrank_runner.tasks.metrics import classification_metrics, regression_metrics
 
-_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-
-def _format_of(path: Path, declared: str) -> str:
-    if declared != "auto":
-        return declared
-    suffix = path.suffix.lower()
-    if suffix not in _FORMATS:
-        raise DataError(f"{path}: cannot tell the format from '{suffix}'; set task.data.format (csv, tsv, json, parquet)")
-    return _FORMATS[suffix]
-
-
-def load_files(data: dict, splits: tuple[str, ...] = ("train", "validation")):
-    """Load the files of ``splits`` (keys of ``task.data``) into a ``datasets.DatasetDict``."""
+def load_files(data: dict, splits: tuple[str, ...] = ("train", "validation"), wanted: dict[str, str] | None = None,
+               strings: tuple[str, ...] | None = ()):
+    """Check the files of ``splits`` (keys of ``task.data``; :mod:`data_check`), then load
+    each with ``datasets`` (each split may have its own format): a ``datasets.DatasetDict`` and, per split, the checked
+    :class:`~lowrank_runner.tasks.data_check.Rows` of the ``wanted`` columns (column ->
+    the recipe key naming it). CSV/TSV cells are read as written (``NA`` stays text);
+    ``strings``: the columns read as text even when every cell is a number (None: all)."""
     import datasets
 
-    files = {}
-    for split in splits:
-        path = resolve_local_path(data[split])
-        if not path.is_file():
-            raise DataError(f"task.data.{split}: file not found: {data[split]}")
-        files[split] = path
-    formats = {_format_of(p, data.get("format", "auto")) for p in files.values()}
-    if len(formats) != 1:
-        raise DataError(f"task.data: {', '.join(splits)} must have the same format (got {', '.join(sorted(formats))})")
-    fmt = formats.pop()
-    builder, kwargs = ("csv", {"delimiter": "\t", "quoting": 3}) if fmt == "tsv" else (fmt, {})
-    try:
-        return datasets.load_dataset(builder, data_files={k: str(v) for k, v in files.items()}, **kwargs)
-    except Exception as exc:  # datasets raises many types for malformed files
-        raise DataError(f"cannot read task data ({', '.join(str(p) for p in files.values())}) as {fmt}: {exc}") from None
+    fmt_declared, delimiter = data.get("format") or "auto", data.get("delimiter")
+    rows = {split: read_rows(data[split], split, fmt_declared, wanted, delimiter) for split in splits}
+    if delimiter is not None and not any(r.fmt in DELIMITERS for r in rows.values()):
+        raise DataError(f"task.data.delimiter applies to CSV/TSV files, and {', '.join(splits)} are "
+                        f"{'/'.join(sorted({r.fmt for r in rows.values()}))}; remove it")
+    out = {}
+    for split, checked in rows.items():
+        fmt = checked.fmt
+        builder, kwargs = _builder(fmt, delimiter, checked, strings)
+        path = str(data_file(data[split], split))
+        try:
+            out[split] = datasets.load_dataset(builder, data_files={split: path}, split=split, **kwargs)
+        except Exception as exc:  # checked above: what datasets still refuses
+            first = str(exc).strip().splitlines()
+            raise DataError(f"{checked.shown}: cannot read as {fmt} ({type(exc).__name__}"
+                            f"{': ' + first[0] if first else ''})") from None
+        if len(out[split]) != len(checked.lines):  # the checker and datasets disagree: name rows, not lines
+            checked.fmt, checked.lines = "parquet", list(range(1, len(out[split]) + 1))
+    return datasets.DatasetDict(out), rows
+
+
+def _builder(fmt: str, delimiter: str | None, rows: Rows, strings: tuple[str, ...] | None) -> tuple[str, dict]:
+    """The ``datasets`` builder of a format and its arguments."""
+    if fmt not in DELIMITERS:
+        return fmt, {}
+    columns = rows.columns if strings is None else [c for c in strings if c in rows.columns]
+    kwargs = {"delimiter": delimiter or DELIMITERS[fmt], "na_filter": False, "converters": {c: str for c in columns}}
+    if fmt == "tsv":
+        kwargs["quoting"] = csv.QUOTE_NONE
+    return "csv", kwargs
 
 
 class _LocalTask(Task):
+    TEXT_KEYS = ("text_column", "text_pair_column")
+
     @cached_property
     def raw(self):
-        splits = load_files(self.config["data"])
+        """The checked splits (every row of both files, before any sample limit)."""
         c = self.config
-        for split, ds in splits.items():
-            for key in ("text_column", "text_pair_column", "label_column"):
-                col = c.get(key)
-                if col and col not in ds.column_names:
-                    raise DataError(
-                        f"{self.config['data'][split]}: no column '{col}' (columns: {', '.join(ds.column_names)}); set task.{key}"
-                    )
+        for key in self.TEXT_KEYS:
+            if c.get(key) and c[key] == c["label_column"]:
+                raise DataError(f"task.{key} and task.label_column both name column '{c[key]}': the model would read "
+                                "its labels; set them to different columns")
+        wanted = {c[k]: f"task.{k}" for k in (*self.TEXT_KEYS, "label_column") if c.get(k)}
+        texts = tuple(c[k] for k in self.TEXT_KEYS if c.get(k))
+        splits, self.rows = load_files(c["data"], ("train", "validation"), wanted, strings=texts)
+        for split, rows in self.rows.items():
+            for key in self.TEXT_KEYS:
+                if c.get(key):
+                    check_text(rows, c[key], f"task.{key}")
+            self._check_labels(rows, split)
+        self._check_splits(splits)
         return self.limit_samples(splits)
+
+    def _check_labels(self, rows: Rows, split: str) -> None:
+        """Each row's label, as written."""
+        raise NotImplementedError
+
+    def _check_splits(self, splits) -> None:
+        """The labels of the splits together (as ``datasets`` typed them)."""
 
     def load_splits(self):
         return self.raw
@@ -106,11 +132,9 @@ class _LocalTask(Task):
 class Classification(_LocalTask):
     @cached_property
     def labels(self) -> list:
-        declared = self.config.get("labels")
-        if declared:
-            return list(declared)
-        values = self.raw["train"][self.config["label_column"]]
-        return sorted(set(values), key=lambda v: (isinstance(v, str), v))
+        """``task.labels``, or the sorted distinct labels of the whole training file."""
+        self.raw  # checks the files and sets self._labels
+        return self._labels
 
     def model_config_kwargs(self):
         names = [str(x) for x in self.labels]
@@ -121,17 +145,40 @@ class Classification(_LocalTask):
             "problem_type": "single_label_classification",
         }
 
+    def _check_labels(self, rows, split):
+        check_labels(rows, self.config["label_column"])
+
+    def _check_splits(self, splits):
+        """Every label is a class of ``task.labels`` (declared) or of the training split;
+        a classifier needs two classes (one seen in training only warns when declared)."""
+        column, declared = self.config["label_column"], self.config.get("labels")
+        distinct = sorted(set(splits["train"][column]), key=lambda v: (isinstance(v, str), v))
+        self._labels = list(declared) if declared else distinct
+        train, index = self.rows["train"], class_index(self._labels)
+        if len(distinct) == 1:
+            if not declared:
+                raise DataError(f"{train.shown}: every training label is {distinct[0]!r}; a classifier needs at "
+                                "least two classes: add examples of the others (or list every class in task.labels)")
+            warn(f"{train.shown}: every training label is {distinct[0]!r}; the classifier never sees the other "
+                 "classes of task.labels")
+        source = "task.labels" if declared else f"the training split ({train.shown})"
+        for split in ("train", "validation") if declared else ("validation",):
+            for i, v in enumerate(splits[split][column]):
+                if index(v) is None:
+                    raise DataError(f"{self.rows[split].where(i, column)}: {v!r} is not a class of {source} "
+                                    f"({', '.join(repr(x) for x in self._labels)}); fix the row, or list every class "
+                                    "in task.labels")
+
     def _encode_labels(self, values, split):
-        index = {v: i for i, v in enumerate(self.labels)}
-        index.update({str(v): i for i, v in enumerate(self.labels)})
-        out = []
+        out, lookup = [], class_index(self.labels)
         for v in values:
-            if v not in index:
+            index = lookup(v)
+            if index is None:  # the files were checked: data changed since, or a bug
                 raise DataError(
                     f"{self._source(split)}: label {v!r} is not one of the task's labels {self.labels}; "
                     "fix the data or list every class in task.labels"
                 )
-            out.append(index[v])
+            out.append(index)
         return out
 
     def predictions(self, logits):
@@ -141,9 +188,31 @@ class Classification(_LocalTask):
         return classification_metrics(predictions, labels)
 
 
+def class_index(labels: list):
+    """A lookup: a value -> its index among ``labels`` (None if it is none of them); a
+    label written as text matches one written as a number (``"1"`` is class ``1``)."""
+    exact = {(isinstance(v, bool), v): i for i, v in enumerate(labels)}
+    text: dict[str, int] = {}
+    for i, v in enumerate(labels):
+        text.setdefault(str(v), i)
+    return lambda v: exact.get((isinstance(v, bool), v), text.get(str(v)))
+
+
 class Regression(_LocalTask):
     def model_config_kwargs(self):
         return {"num_labels": 1, "problem_type": "regression"}
+
+    def _check_labels(self, rows, split):
+        """Finite scores; training scores that never vary are an error (nothing to learn),
+        evaluation scores that never vary only warn (pearson and spearman are reported as 0)."""
+        scores = check_scores(rows, self.config["label_column"])
+        if len(set(scores)) > 1:
+            return
+        if split == "train":
+            raise DataError(f"{rows.shown}: every training score is {scores[0]:g}; a regression needs scores that "
+                            "vary")
+        warn(f"{rows.shown}: every {split} score is {scores[0]:g}; pearson and spearman are undefined there "
+             "(reported as 0): select on mse (task.metric: mse) or score a varied split")
 
     def _encode_labels(self, values, split):
         try:

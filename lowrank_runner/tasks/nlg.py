@@ -33,6 +33,7 @@ from functools import cached_property
 
 from lowrank_runner.errors import DataError
 from lowrank_runner.tasks.base import Task
+from lowrank_runner.tasks.data_check import Rows, warn
 from lowrank_runner.tasks.holdout import TEST_PREFIX
 
 # Default hub data per task: (dataset id, configuration); LoRA's splits and training sizes
@@ -81,6 +82,8 @@ def linearise(value, lower_predicate: bool = False) -> str:
         value = sets[0]
     if isinstance(value, (list, tuple)) and value:
         return " | ".join(_triple(t, lower_predicate) for t in value)
+    if value is None:
+        raise ValueError("null; every row needs its source (fill it in or remove the row)")
     raise ValueError(f"cannot linearise {value!r}")
 
 
@@ -130,6 +133,14 @@ def encode_pairs(batch, tokenizer, sep: int, eos: int, max_length: int) -> dict:
     return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "labels": labels}
 
 
+class _RowError(Exception):
+    """A row that cannot be linearised (raised inside ``datasets.map``, named by the caller)."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(index, message)
+        self.index, self.message = index, message
+
+
 @dataclass
 class EvalSet:
     """One evaluation split's distinct sources: text, token ids (``source <sep>``), references."""
@@ -161,7 +172,8 @@ class DataToText(Task):
             from lowrank_runner.tasks.local_files import load_files
 
             names = ("train", "validation", "test") if "test" in c["data"] else ("train", "validation")
-            splits, where = load_files(c["data"], names), {s: c["data"][s] for s in names}
+            wanted = {c[k]: f"task.{k}" for k in ("source_column", "target_column") if c.get(k)}
+            splits, where = load_files(c["data"], names, wanted, strings=None)
         else:
             default_id, default_config = HUB.get(self.spec.name, (None, None))
             dataset = c.get("dataset") or default_id
@@ -204,11 +216,13 @@ class DataToText(Task):
                             f"set task.{key}")
         return found
 
-    def _pairs(self, ds, where: str):
+    def _pairs(self, ds, where: str | Rows):
         """Columns ``source`` (linearised) and ``target``: one row per reference text;
-        ``references`` keeps the dataset's own multi-reference column where it has one."""
-        source = self._column(ds, "source_column", SOURCE_COLUMNS, where)
-        target = self._column(ds, "target_column", TARGET_COLUMNS, where)
+        ``references`` keeps the dataset's own multi-reference column where it has one.
+        ``where``: the hub split's name, or the checked rows of a file (errors name lines)."""
+        shown = where.shown if isinstance(where, Rows) else where
+        source = self._column(ds, "source_column", SOURCE_COLUMNS, shown)
+        target = self._column(ds, "target_column", TARGET_COLUMNS, shown)
         extra = REFERENCES_COLUMN if REFERENCES_COLUMN in ds.column_names and REFERENCES_COLUMN != target else None
         lower = self.spec.name == "dart"
 
@@ -218,7 +232,7 @@ class DataToText(Task):
                 try:
                     src = linearise(batch[source][n], lower)
                 except ValueError as exc:
-                    raise DataError(f"{where}: row {i + 1}, column '{source}': {exc}") from None
+                    raise _RowError(i, str(exc)) from None
                 refs = target_texts(batch[extra][n]) if extra else []
                 for text in target_texts(batch[target][n]):
                     out["source"].append(src)
@@ -226,14 +240,25 @@ class DataToText(Task):
                     out["references"].append(refs)
             return out
 
+        def at(i: int, column: str) -> str:
+            return where.where(i, column) if isinstance(where, Rows) else f"{where}: row {i + 1}, column '{column}'"
+
         import datasets
 
         features = datasets.Features({"source": datasets.Value("string"), "target": datasets.Value("string"),
                                       "references": datasets.Sequence(datasets.Value("string"))})
-        pairs = ds.map(explode, batched=True, with_indices=True, remove_columns=ds.column_names, features=features,
-                       desc="linearising")
+        try:
+            pairs = ds.map(explode, batched=True, with_indices=True, remove_columns=ds.column_names,
+                           features=features, desc="linearising")
+        except _RowError as exc:
+            raise DataError(f"{at(exc.index, source)}: {exc.message}") from None
         if len(pairs) == 0:
-            raise DataError(f"{where}: no (source, target) pairs in column '{source}' / '{target}'")
+            raise DataError(f"{shown}: no (source, target) pairs in column '{source}' / '{target}'")
+        if isinstance(where, Rows):  # your files: say which rows have no reference text
+            empty = [i for i, v in enumerate(ds[target]) if not target_texts(v)]
+            if empty:
+                warn(f"{at(empty[0], target)}: no reference text ({len(empty)} row{'s' if len(empty) > 1 else ''} "
+                     f"of {len(ds)}); these rows give no pairs")
         return pairs
 
     def load_splits(self):

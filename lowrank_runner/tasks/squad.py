@@ -21,6 +21,7 @@ from pathlib import Path
 
 from lowrank_runner.errors import BackboneError, DataError
 from lowrank_runner.tasks.base import Task
+from lowrank_runner.tasks.data_check import decode_text, readable_file
 from lowrank_runner.tasks.squad_metrics import best_threshold_scores, squad_v2_scores
 from lowrank_runner.tasks.squad_spans import answer_token_span, best_span, context_offsets, predict
 
@@ -42,30 +43,38 @@ def hub_features():
 
 def read_squad_json(path: Path) -> dict[str, list]:
     """One official SQuAD 2.0 JSON file as columns named like the hub's features."""
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path}: SQuAD file not found (task.data_dir should hold {', '.join(FILES.values())})")
+    readable_file(path, str(path), f"task.data_dir ({path.name})")
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        text = decode_text(path.read_bytes(), str(path))
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+    try:
+        doc = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc})") from None
     out: dict[str, list] = {"id": [], "title": [], "context": [], "question": [], "answers": []}
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
         raise DataError(f"{path}: expected the SQuAD 2.0 layout {{\"version\": ..., \"data\": [articles]}}")
+    seen: dict[str, str] = {}
     for a, article in enumerate(doc["data"]):
         where = f"{path}: data[{a}]"
         paragraphs = _field(article, "paragraphs", list, where)
-        title = article.get("title", "") if isinstance(article, dict) else ""
+        title = _field(article, "title", str, where) if "title" in article else ""
         for p, paragraph in enumerate(paragraphs):
             at = f"{where}.paragraphs[{p}]"
             context = _field(paragraph, "context", str, at)
             for q, qa in enumerate(_field(paragraph, "qas", list, at)):
                 at_q = f"{at}.qas[{q}]"
                 qid = _field(qa, "id", str, at_q)
+                if qid in seen:
+                    raise DataError(f"{at_q}: question id {qid!r} again (first at {seen[qid]}); every question needs "
+                                    "its own id (answers are scored by id)")
+                seen[qid] = at_q
                 at_q += f" (id {qid})"
                 question = _field(qa, "question", str, at_q)
-                impossible = qa.get("is_impossible", False)
+                impossible = _field(qa, "is_impossible", bool, at_q) if "is_impossible" in qa else False
                 answers = [] if impossible else _field(qa, "answers", list, at_q)
                 if not impossible and not answers:
                     raise DataError(f"{at_q}: an answerable question (is_impossible false) has no answers")
@@ -92,7 +101,7 @@ def _field(node, key: str, kind: type, where: str):
     if not isinstance(node, dict) or key not in node:
         raise DataError(f"{where}: missing '{key}' (not the SQuAD 2.0 layout)")
     value = node[key]
-    if not isinstance(value, kind) or isinstance(value, bool):
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise DataError(f"{where}.{key}: expected {kind.__name__}, got {type(value).__name__}")
     return value
 
