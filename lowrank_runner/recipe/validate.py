@@ -8,6 +8,7 @@ Torch-free by design: ``lrr validate`` must stay fast enough for CI and pre-comm
 from __future__ import annotations
 
 import difflib
+import math
 import re
 
 import jsonschema
@@ -17,7 +18,7 @@ from lowrank_runner.errors import Location, Problem
 from lowrank_runner.methods.registry import method_specs
 from lowrank_runner.recipe.document import Document, PathT, dotted
 from lowrank_runner.recipe.schema import property_schema, validator_for
-from lowrank_runner.resources import is_pkg_path, resolve_pkg_path
+from lowrank_runner.resources import expand_user, is_pkg_path, resolve_pkg_path
 from lowrank_runner.targets import SYMBOLS, is_symbol_like
 from lowrank_runner.tasks.registry import TASKS
 
@@ -74,10 +75,35 @@ def schema_problems(doc: Document, data, validator, prefix: PathT = (), skip: tu
     more precise check (the method's own schema, applied per run)."""
     out: list[Problem] = []
     for error in validator.iter_errors(data):
-        if error.absolute_path and error.absolute_path[0] in skip:
+        if error.absolute_path and error.absolute_path[0] in skip and not _about_the_key_itself(error):
             continue
         out.extend(_translate(doc, error, prefix))
     return out
+
+
+def _about_the_key_itself(error) -> bool:
+    """An error on a skipped key's own value (``method: lora``, a scalar where a mapping
+    goes, or no ``name``) that the more precise check would not see."""
+    return len(error.absolute_path) == 1 and error.validator in ("type", "required")
+
+
+NON_FINITE = "must be a finite number"
+
+
+def non_finite_problems(doc: Document, data, path: PathT = ()) -> list[Problem]:
+    """Numbers no setting can use, wherever they are: NaN and infinities (``.nan``,
+    ``.inf``, ``1e999``), and integers beyond 64 bits (what torch and NumPy hold)."""
+    if isinstance(data, dict):
+        return [p for k, v in data.items() for p in non_finite_problems(doc, v, path + (k,))]
+    if isinstance(data, list):
+        return [p for i, v in enumerate(data) for p in non_finite_problems(doc, v, path + (i,))]
+    if isinstance(data, float) and math.isnan(data):
+        return [problem(doc, path, f"{NON_FINITE}; got nan")]
+    if isinstance(data, float) and math.isinf(data):
+        return [problem(doc, path, f"{NON_FINITE}; got {data} (numbers beyond ±1.8e308 read as infinite)")]
+    if isinstance(data, int) and not isinstance(data, bool) and not -(2**63) <= data < 2**63:
+        return [problem(doc, path, f"{data} does not fit in 64 bits; use a smaller number")]
+    return []
 
 
 def _describe(value) -> str:
@@ -121,6 +147,8 @@ def _translate(doc: Document, error, prefix: PathT) -> list[Problem]:
         return [problem(doc, path, f"{instance!r} does not match the required pattern {expected}")]
     if kind == "minLength":
         return [problem(doc, path, "must not be empty")]
+    if kind == "maxLength":
+        return [problem(doc, path, f"must be at most {expected} characters long; got {len(instance)}")]
     if kind in ("oneOf", "anyOf"):
         # Report the branch the value was meant for (its type matched) precisely.
         meant = [e for e in error.context if e.validator != "type" and len(e.relative_schema_path) > 1]
@@ -149,12 +177,30 @@ def run_problems(doc: Document) -> list[Problem]:
     out += _target_problems(doc, part("targets", list))
     out += _training_problems(doc, part("training", dict))
     out += _backbone_problems(doc, part("backbone", dict))
+    out += _output_problems(doc, part("output", dict))
     return out
 
 
-def _method_problems(doc: Document, method) -> list[Problem]:
-    if not isinstance(method, dict) or not isinstance(method.get("name"), str):
+def _output_problems(doc: Document, output: dict) -> list[Problem]:
+    """``output.dir`` may be anywhere (``lrr validate`` shows where); it must not be a file."""
+    where = output.get("dir")
+    if not isinstance(where, str) or not where:
         return []
+    if where.startswith("~"):
+        full = expand_user(where)
+        example = f" (e.g. {full})" if str(full) != where else ""
+        return [problem(doc, ("output", "dir"), f"'~' is not expanded in output.dir; write the full path{example}")]
+    if Path(where).exists() and not Path(where).is_dir():
+        return [problem(doc, ("output", "dir"), f"{where} is a file; output.dir is the directory runs are written in")]
+    return []
+
+
+def _method_problems(doc: Document, method) -> list[Problem]:
+    if not isinstance(method, dict) or "name" not in method:
+        return []  # the recipe schema reports these
+    if not isinstance(method["name"], str):
+        return [problem(doc, ("method", "name"), f"expected a method name (a string; see 'lrr methods'), got "
+                                                 f"{_describe(method['name'])}")]
     specs = method_specs()
     name = method["name"]
     if name not in specs:
@@ -205,6 +251,9 @@ def _task_problems(doc: Document, task) -> list[Problem]:
                                    key=True))
             elif isinstance(data[split], str):
                 out += _path_problems(doc, ("task", "data", split), data[split], want_dir=False)
+        from lowrank_runner.tasks.data_check import peek_problems  # the head of each file: format, columns
+
+        out += [problem(doc, path, message) for path, message in peek_problems(task)]
     else:
         if "data" in task:
             out.append(problem(doc, ("task", "data"), f"task '{name}' does not read task.data: it loads from the hub "
@@ -244,7 +293,7 @@ def _path_problems(doc: Document, path: PathT, value: str, want_dir: bool) -> li
         except ValueError as exc:
             return [problem(doc, path, str(exc))]
     else:
-        resolved = Path(value).expanduser()
+        resolved = expand_user(value)
         if not resolved.exists():
             return [problem(doc, path, f"file not found: {value} (relative paths are resolved against the working directory {Path.cwd()})")]
     if want_dir and not resolved.is_dir():
@@ -284,9 +333,31 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def _backbone_problems(doc: Document, backbone) -> list[Problem]:
-    if not isinstance(backbone, dict) or not isinstance(backbone.get("name"), str):
+    if not isinstance(backbone, dict):
         return []
-    name = backbone["name"]
+    out = _tokenizer_problems(doc, backbone.get("tokenizer"))
+    if not isinstance(backbone.get("name"), str):
+        return out
+    return out + _backbone_name_problems(doc, backbone["name"])
+
+
+def _tokenizer_problems(doc: Document, name) -> list[Problem]:
+    """``backbone.tokenizer``: a pkg: path, a local directory or a hub id."""
+    if not isinstance(name, str):
+        return []
+    path = ("backbone", "tokenizer")
+    if is_pkg_path(name):
+        try:
+            resolve_pkg_path(name)
+        except ValueError as exc:
+            return [problem(doc, path, str(exc))]
+        return []
+    if not expand_user(name).exists() and (name.startswith((".", "/", "~")) or not _HUB_ID.match(name)):
+        return [problem(doc, path, f"no such directory: {name} (and it is not a hub id like org/model)")]
+    return []
+
+
+def _backbone_name_problems(doc: Document, name: str) -> list[Problem]:
     path = ("backbone", "name")
     if is_pkg_path(name):
         try:
@@ -294,7 +365,7 @@ def _backbone_problems(doc: Document, backbone) -> list[Problem]:
         except ValueError as exc:
             return [problem(doc, path, str(exc))]
         return [] if (resolved / "config.json").is_file() else [problem(doc, path, f"{resolved} holds no config.json")]
-    local = Path(name).expanduser()
+    local = expand_user(name)
     if local.exists():
         if not (local / "config.json").is_file():
             return [problem(doc, path, f"local directory {name} holds no config.json; point backbone.name at a model directory")]
@@ -338,7 +409,7 @@ def init_from_problems(doc: Document, runs: list) -> list[Problem]:
         ref = training.get("init_from") if isinstance(training, dict) else None
         at = ("training", "init_from")
         if isinstance(ref, str) and ref:
-            path = Path(ref).expanduser()
+            path = expand_user(ref)
             if not path.exists():
                 out.append(problem(run, at, f"no such run directory: {ref} (relative paths are resolved against the "
                                             f"working directory {Path.cwd()})"))
