@@ -1,9 +1,20 @@
 """Backbones: resolve ``backbone.name`` (hub id, local directory, ``pkg:``), load the
 config, model and tokenizer, and fail fast and clearly when the hub is out of reach.
+
+Model files are untrusted input: nothing from a model directory runs unless the recipe
+opts in with ``backbone.trust_remote_code: true``. A ``config.json`` or
+``tokenizer_config.json`` with ``auto_map`` (custom modeling code) is refused before
+transformers sees it, every load passes ``trust_remote_code`` explicitly (so transformers
+never prompts on standard input), and pickled weights (``pytorch_model.bin``) are read
+only with torch's ``weights_only`` loader. Broken files (JSON, safetensors headers,
+shards, shapes, a missing tokenizer) are reported naming the file.
 """
 
 from __future__ import annotations
 
+import json
+import pickle
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +23,11 @@ from urllib.parse import urlparse
 from lowrank_runner.errors import BackboneError
 from lowrank_runner.resources import is_pkg_path, resolve_pkg_path
 
+TRUST_KEY = "backbone.trust_remote_code"
+CONFIG_FILE = "config.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
 
 @dataclass(frozen=True)
 class BackboneRef:
@@ -19,27 +35,52 @@ class BackboneRef:
     location: str  # local directory or hub id, as passed to from_pretrained
     local: bool
     revision: str | None = None
+    trust_remote_code: bool = False  # backbone.trust_remote_code: run the directory's own Python code
 
     def describe(self) -> str:
         return self.location if self.local else f"{self.location}@{self.revision or 'main'} (hub)"
 
 
-def resolve(backbone: dict) -> BackboneRef:
+def resolve(backbone: dict, need_config: bool = True) -> BackboneRef:
+    """Where ``backbone.name`` points. ``need_config=False``: a tokenizer-only directory."""
     name = backbone["name"]
+    trust = bool(backbone.get("trust_remote_code", False))
     if is_pkg_path(name):
         try:
             path = resolve_pkg_path(name)
         except ValueError as exc:
             raise BackboneError(f"backbone.name {name}: {exc}") from None
-        return BackboneRef(name, str(path), True)
+        return _local_ref(name, path, trust, need_config)
     local = Path(name).expanduser()
-    if local.is_dir():
-        if not (local / "config.json").is_file():
-            raise BackboneError(f"backbone.name {name}: the directory holds no config.json")
-        return BackboneRef(name, str(local), True)
-    ref = BackboneRef(name, name, False, backbone.get("revision"))
+    if local.exists() or not _is_hub_id(name):
+        return _local_ref(name, local, trust, need_config)
+    ref = BackboneRef(name, name, False, backbone.get("revision"), trust)
     _ensure_hub_reachable(ref)
     return ref
+
+
+def _is_hub_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _local_ref(name: str, path: Path, trust: bool, need_config: bool) -> BackboneRef:
+    if not path.exists():
+        raise BackboneError(f"backbone.name {name}: no such directory (nor a Hugging Face hub id such as "
+                            "microsoft/deberta-v3-base); point it at a model directory holding config.json")
+    if not path.is_dir():
+        raise BackboneError(f"backbone.name {name}: {path} is a file, not a directory; point it at the directory "
+                            "holding config.json, the weights and the tokenizer")
+    if need_config and not (path / CONFIG_FILE).is_file():
+        what = "is empty" if not any(path.iterdir()) else "holds no config.json"
+        raise BackboneError(f"backbone.name {name}: the directory {what}; point it at a model directory "
+                            "(config.json, model.safetensors, tokenizer files)")
+    return BackboneRef(name, str(path), True, None, trust)
 
 
 def _hub_help(ref: BackboneRef, why: str) -> str:
@@ -74,17 +115,152 @@ def _ensure_hub_reachable(ref: BackboneRef, timeout: float = 3.0) -> None:
         raise BackboneError(_hub_help(ref, f"{host} unreachable: {exc}")) from None
 
 
+# --- reading the directory's JSON files ourselves (no code, positions in messages) -----------
+
+def _file(ref: BackboneRef, filename: str) -> Path | None:
+    """The backbone's ``filename`` on disk (a hub file from the cache or the hub), None if absent."""
+    if ref.local:
+        path = Path(ref.location) / filename
+        return path if path.is_file() else None
+    from transformers.utils import cached_file
+
+    try:
+        found = cached_file(ref.location, filename, revision=ref.revision,
+                            _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
+    except OSError as exc:
+        raise BackboneError(f"backbone '{ref.name}': cannot fetch {filename} from {ref.describe()}: {_one_line(exc)}") from None
+    return Path(found) if found else None
+
+
+def _where(ref: BackboneRef, path: Path) -> str:
+    return str(path) if ref.local else f"{ref.describe()}: {path.name}"
+
+
+def read_json(path: Path, where: str | None = None) -> dict:
+    """A JSON object from ``path``; a clear error with line and column otherwise."""
+    where = where or str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise BackboneError(f"{where}: not UTF-8 text (is it a JSON file?); restore it from the model's source") from None
+    except OSError as exc:
+        raise BackboneError(f"{where}: cannot read ({exc.strerror or exc})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BackboneError(f"{where}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg}); "
+                            "fix the file or restore it from the model's source") from None
+    if not isinstance(data, dict):
+        raise BackboneError(f"{where}: expected a JSON object ({{...}}), found a {type(data).__name__}")
+    return data
+
+
+def read_config_dict(ref: BackboneRef) -> dict:
+    """``config.json`` as a dict, checked: no custom code unless trusted, a known ``model_type``."""
+    path = _file(ref, CONFIG_FILE)
+    if path is None:
+        raise BackboneError(f"backbone '{ref.name}': {ref.describe()} has no {CONFIG_FILE}"
+                            f"{'' if ref.local else ' (or it could not be downloaded)'}")
+    where = _where(ref, path)
+    data = read_json(path, where)
+    _refuse_custom_code(ref, data, where)
+    model_type = data.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise BackboneError(f"{where}: no model_type (e.g. \"model_type\": \"bert\"); transformers needs it to "
+                            "know the architecture: restore config.json from the model's source")
+    if not (ref.trust_remote_code and "auto_map" in data) and not _known_model_type(model_type):
+        import transformers
+
+        raise BackboneError(f"{where}: model_type '{model_type}' is not an architecture transformers "
+                            f"{transformers.__version__} knows; upgrade transformers or fix config.json")
+    return data
+
+
+def _known_model_type(model_type: str) -> bool:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return model_type in CONFIG_MAPPING_NAMES
+
+
+def _refuse_custom_code(ref: BackboneRef, data: dict, where: str) -> None:
+    """``auto_map`` names Python files of the model directory that transformers would
+    import: refused unless the recipe sets backbone.trust_remote_code: true."""
+    auto_map = data.get("auto_map")
+    if not auto_map or ref.trust_remote_code:
+        return
+    modules = sorted({name.rsplit(".", 1)[0].split("--")[-1] + ".py" for name in _strings(auto_map)})
+    model_type = data.get("model_type")
+    builtin = (f", or delete auto_map from {Path(where).name} to use transformers' own '{model_type}' code"
+               if isinstance(model_type, str) and _known_model_type(model_type) else "")
+    raise BackboneError(
+        f"{where}: auto_map asks to run Python code from the model ({', '.join(modules) or 'custom code'}); lrr runs no "
+        f"code from model files unless the recipe sets {TRUST_KEY}: true (read that code first){builtin}"
+    )
+
+
+def _strings(value) -> list[str]:
+    """Every string in a nested JSON value (auto_map: a mapping, or lists of class paths)."""
+    if isinstance(value, str):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    return [s for item in items for s in _strings(item)]
+
+
+# --- loading through transformers -------------------------------------------------------------
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What transformers, safetensors, torch and huggingface_hub raise for bad model files
+    (a config value of the wrong type or size fails deep in a model's ``__init__``: an
+    AttributeError for ``dtype: bogus``, a ZeroDivisionError for ``hidden_size: 0``)."""
+    from huggingface_hub.errors import StrictDataclassError
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, ArithmeticError, AssertionError,
+            RuntimeError, EOFError, ImportError, pickle.UnpicklingError, SafetensorError, StrictDataclassError)
+
+
+def _one_line(exc: BaseException, limit: int = 400) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def _from_pretrained(fn, ref: BackboneRef, what: str, **kwargs):
     try:
-        return fn(ref.location, revision=ref.revision, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise BackboneError(f"cannot load the {what} of backbone '{ref.name}' from {ref.describe()}: {exc}") from None
+        return fn(ref.location, revision=ref.revision, trust_remote_code=ref.trust_remote_code, **kwargs)
+    except BackboneError:
+        raise
+    except _load_errors() as exc:
+        if isinstance(exc, pickle.UnpicklingError):
+            raise BackboneError(_pickle_refused(ref, exc)) from None
+        if isinstance(exc, json.JSONDecodeError) and ref.local:
+            for path in sorted(Path(ref.location).glob("*.json")):
+                read_json(path)  # names the broken file with its line and column
+        raise BackboneError(f"cannot load the {what} of backbone '{ref.name}' from {ref.describe()}: "
+                            f"{type(exc).__name__}: {_one_line(exc)}") from None
+
+
+def _pickle_refused(ref: BackboneRef, exc: BaseException) -> str:
+    """torch's weights_only loader refused a pickle: objects other than tensors (code
+    could run), or bytes that are no checkpoint at all. Never advise weights_only=False."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    where = f"backbone '{ref.name}': {ref.describe()}: its pytorch_model.bin"
+    blocked = next((m.group(1) for m in map(re.compile(r"GLOBAL (\S+)").search, lines) if m), None)
+    if blocked is None:
+        reason = next((ln for ln in lines if ln.startswith("Unsupported") or "invalid load key" in ln), lines[-1] if lines else "")
+        return (f"{where} is not a PyTorch checkpoint torch's weights_only loader can read ({reason}); it may be "
+                "corrupted or not a checkpoint: copy or download it again")
+    return (f"{where} is a pickle holding more than tensors, and lrr reads pickles only with torch's weights_only "
+            f"loader, which refused it (it calls the Python object {blocked}); if you trust the file, convert it to "
+            "safetensors once: "
+            "python -c \"from transformers import AutoModel; "
+            "AutoModel.from_pretrained('DIR', weights_only=False).save_pretrained('DIR', safe_serialization=True)\"")
 
 
 def load_config(ref: BackboneRef, **kwargs):
     from transformers import AutoConfig
 
-    return _from_pretrained(AutoConfig.from_pretrained, ref, "config", **kwargs)
+    read_config_dict(ref)
+    return _from_pretrained(AutoConfig.from_pretrained, ref, "config.json", **kwargs)
 
 
 def load_tokenizer(ref: BackboneRef, tokenizer: str | None = None):
@@ -92,12 +268,44 @@ def load_tokenizer(ref: BackboneRef, tokenizer: str | None = None):
     decoder-only models without a pad token (GPT-2, LLaMA) pad with their EOS token."""
     from transformers import AutoTokenizer
 
+    backbone = ref
     if tokenizer:
-        ref = resolve({"name": tokenizer})
+        ref = resolve({"name": tokenizer, "trust_remote_code": ref.trust_remote_code}, need_config=False)
+    for filename in (TOKENIZER_CONFIG_FILE, CONFIG_FILE):
+        path = _file(ref, filename)
+        if path is not None:
+            _refuse_custom_code(ref, read_json(path, _where(ref, path)), _where(ref, path))
     tok = _from_pretrained(AutoTokenizer.from_pretrained, ref, "tokenizer")
+    _check_vocabulary(ref, tok)
+    _check_fits_model(backbone, ref, tok)
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _check_vocabulary(ref: BackboneRef, tok) -> None:
+    """transformers builds a tokenizer of special tokens only when the files are missing:
+    every word would become [UNK]. Refuse it."""
+    special = set(tok.all_special_tokens)
+    if not any(token not in special for token in tok.get_vocab()):
+        raise BackboneError(
+            f"backbone '{ref.name}': {ref.describe()} holds no tokenizer (no tokenizer.json, tokenizer_config.json or "
+            "vocabulary file: its vocabulary would be the special tokens only); copy the tokenizer files next to "
+            "config.json or set backbone.tokenizer to where they are"
+        )
+
+
+def _check_fits_model(backbone: BackboneRef, ref: BackboneRef, tok) -> None:
+    """A tokenizer with more tokens than the model's embeddings (another model's) would
+    index past them in the first batch: refuse it, naming both sizes."""
+    path = _file(backbone, CONFIG_FILE)
+    vocab = read_json(path, _where(backbone, path)).get("vocab_size") if path is not None else None
+    if isinstance(vocab, int) and not isinstance(vocab, bool) and len(tok) > vocab:
+        raise BackboneError(
+            f"backbone '{backbone.name}': the tokenizer of {ref.describe()} has {len(tok)} tokens, the model only {vocab} "
+            f"(vocab_size in {_where(backbone, path)}): token ids from {vocab} on would index past its embeddings; use "
+            "the tokenizer the model was trained with (backbone.tokenizer)"
+        )
 
 
 def torch_dtype(name: str):
@@ -106,21 +314,98 @@ def torch_dtype(name: str):
     return "auto" if name == "auto" else getattr(torch, name)  # float32 | bfloat16 | float16 (schema enum)
 
 
-def build_empty(model_cls, config):
+def build_empty(model_cls, config, ref: BackboneRef | None = None):
     """The model's skeleton on the meta device: shapes only, no memory, no weights."""
     import torch
 
-    with torch.device("meta"):
-        return model_cls.from_config(config)
+    trust = bool(ref and ref.trust_remote_code)
+    mapping = getattr(model_cls, "_model_mapping", None)  # an Auto class: the architectures it has
+    if mapping is not None and not trust and type(config) not in mapping:
+        name = f"backbone '{ref.name}'" if ref else "the backbone"
+        raise BackboneError(f"{name} is a '{config.model_type}' model, and transformers has no {model_cls.__name__} "
+                            f"for that architecture, which the task needs; choose a backbone of another architecture")
+    try:
+        with torch.device("meta"):
+            return model_cls.from_config(config, trust_remote_code=trust)
+    except _load_errors() as exc:
+        name = f"backbone '{ref.name}': {Path(ref.location) / CONFIG_FILE if ref.local else ref.describe()}" if ref else "config"
+        raise BackboneError(f"{name} describes a model that {model_cls.__name__} cannot build "
+                            f"({type(exc).__name__}: {_one_line(exc)}); fix config.json") from None
 
 
 def load_model(model_cls, ref: BackboneRef, config, dtype: str = "float32"):
     """Load pretrained weights; parameters absent from the checkpoint (the new task head)
-    are initialised by transformers and reported in ``missing``."""
+    are initialised by transformers and reported in ``missing_keys``, tensors whose shape
+    differs from the config's model in ``mismatched_keys`` (``(name, checkpoint shape,
+    model shape)``; the caller decides). Pickles are read with ``weights_only`` only."""
+    if ref.local:
+        check_weight_files(ref)
     model, info = _from_pretrained(
-        model_cls.from_pretrained, ref, "weights", config=config, dtype=torch_dtype(dtype), output_loading_info=True
+        model_cls.from_pretrained, ref, "weights", config=config, dtype=torch_dtype(dtype), output_loading_info=True,
+        weights_only=True, ignore_mismatched_sizes=True,
     )
     return model, info
+
+
+def check_weight_files(ref: BackboneRef) -> None:
+    """A local directory's weights are there and whole: safetensors headers, shards named
+    by an index, PyTorch zip archives (a truncated download is named here, not deep inside
+    transformers). Safetensors are preferred, as transformers does."""
+    directory = Path(ref.location)
+    for single, index, check in (("model.safetensors", "model.safetensors.index.json", _check_safetensors),
+                                 ("pytorch_model.bin", "pytorch_model.bin.index.json", _check_torch_archive)):
+        if (directory / single).is_file():
+            files = [directory / single]
+        elif (directory / index).is_file():
+            files = _shards(directory / index)
+        else:
+            continue
+        for path in files:
+            check(path)
+        return
+    raise BackboneError(
+        f"backbone '{ref.name}': {directory} holds no weights (model.safetensors, or model.safetensors.index.json "
+        "with its shards); copy them next to config.json (lrr inspect needs only config.json)"
+    )
+
+
+def _shards(index: Path) -> list[Path]:
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise BackboneError(f"{index}: no weight_map (tensor name -> shard file); restore it from the model's source")
+    files = [index.parent / str(f) for f in sorted(set(weight_map.values()))]
+    absent = [f.name for f in files if not f.is_file()]
+    if absent:
+        raise BackboneError(f"{index} names shards that are not in {index.parent}: {', '.join(absent[:4])}"
+                            f"{' ...' if len(absent) > 4 else ''}; copy or download them again")
+    return files
+
+
+def _damaged(path: Path, why: str) -> BackboneError:
+    return BackboneError(f"{path}: {why}; it may be truncated or corrupted: copy or download it again")
+
+
+def _check_safetensors(path: Path) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as exc:
+        raise _damaged(path, f"not a readable safetensors file ({_one_line(exc)})") from None
+
+
+def _check_torch_archive(path: Path) -> None:
+    """``torch.save`` writes a zip archive (older PyTorch a bare pickle, left to the
+    weights_only loader); one whose central directory is missing was cut short."""
+    import zipfile
+
+    with path.open("rb") as f:
+        head = f.read(4)
+    if not head:
+        raise _damaged(path, "empty")
+    if head.startswith(b"PK") and not zipfile.is_zipfile(path):
+        raise _damaged(path, "an incomplete PyTorch zip archive")
 
 
 def head_parameter_names(model) -> list[str]:

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from lowrank_runner import backbones
 from lowrank_runner.errors import LrrError
-from lowrank_runner.methods.inject import Injection, count_adapter_params, inject, is_adapter_param, mark_trainable
+from lowrank_runner.methods.inject import (Injection, count_adapter_params, inject, is_adaptable, is_adapter_param, layer_sizes,
+                                           mark_trainable)
 from lowrank_runner.methods.registry import get_method_spec
 from lowrank_runner.targets import TargetError, TargetModule, resolve_targets
 
@@ -21,6 +22,10 @@ class TargetResolutionError(LrrError):
 
 class BackboneWeightsError(LrrError):
     pass
+
+
+class TaskLengthError(LrrError):
+    """task.max_length beyond the backbone's positions."""
 
 
 @dataclass
@@ -53,11 +58,104 @@ def build_method(method_cfg: dict):
 
 
 def find_targets(model, targets: list[str], model_type: str) -> list[TargetModule]:
-    names = [n for n, _ in model.named_modules()]
+    """Targets as module paths; every matched module must be one an adapter can wrap."""
+    modules = dict(model.named_modules())
     try:
-        return resolve_targets(targets, model_type, names)
+        return resolve_targets(targets, model_type, list(modules),
+                               not_adaptable={name: type(m).__name__ for name, m in modules.items() if not is_adaptable(m)})
     except TargetError as exc:
         raise TargetResolutionError(f"targets: {exc}") from None
+
+
+def rank_parameters(method_cfg: dict) -> dict[str, int]:
+    """The method's parameters that are a rank of every adapted module: ``r``, and the
+    parameters its schema declares ``r`` cannot exceed (``x-le``: TriAdaptLoRA's
+    ``r <= r_ref <= max_rank``). Those declared not to exceed ``r`` (LoRA2's
+    ``target_rank``) are bounded through ``r`` already."""
+    bounds = get_method_spec(method_cfg["name"]).schema.get("x-le", {})
+    names, todo = [], ["r"]
+    while todo:
+        name = todo.pop(0)
+        if name not in names:
+            names.append(name)
+            todo += [large for small, large in bounds.items() if small == name]
+    values = {n: method_cfg.get(n) for n in names}
+    return {n: v for n, v in values.items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+def check_ranks(model, targets: list[TargetModule], method_cfg: dict) -> None:
+    """A rank above ``min(in, out)`` of a module (per q/k/v group of a fused projection)
+    adds parameters and no expressiveness (PEFT allows it; a demanding user wants to
+    know): an error naming the modules, their sizes and the largest valid value."""
+    sizes = {t.path: layer_sizes(model.get_submodule(t.path), t.groups) for t in targets}
+    largest = min((min(s) for s in sizes.values()), default=None)
+    problems = []
+    for name, value in rank_parameters(method_cfg).items():
+        over = [(path, s) for path, s in sizes.items() if value > min(s)]
+        if over:
+            shown = ", ".join(f"{path} ({i} in, {o} out)" for path, (i, o) in over[:3])
+            more = f" and {len(over) - 3} more" if len(over) > 3 else ""
+            problems.append(f"method.{name} {value} is above the rank a module can have, min(in, out), for {len(over)} "
+                            f"adapted module(s): {shown}{more}; the largest valid method.{name} for these targets is {largest}")
+    if problems:
+        raise MethodConfigError("; ".join(problems))
+
+
+POSITION_TABLES = ("position_embeddings", "wpe")  # BERT/RoBERTa/DeBERTa (absolute), GPT-2
+POSITION_KEYS = ("n_positions", "max_position_embeddings")  # GPT-2 aliases the second to the first
+
+
+def positions_needed(task_cfg: dict) -> tuple[int, str]:
+    """Token positions a task's sequences reach, and the recipe keys that set it
+    (generation appends max_new_tokens to a source of at most max_length // 2)."""
+    length = task_cfg.get("max_length")
+    generation = task_cfg.get("generation") or {}
+    if generation.get("max_new_tokens") and length // 2 + generation["max_new_tokens"] > length:
+        return length // 2 + generation["max_new_tokens"], (
+            f"task.max_length {length} // 2 + task.generation.max_new_tokens {generation['max_new_tokens']}")
+    return length, f"task.max_length {length}"
+
+
+def check_positions(model, config, task_cfg: dict, ref: backbones.BackboneRef) -> None:
+    """Sequences longer than the model's absolute position table fail (index error) or
+    silently misbehave: an error naming both numbers. A model without such a table
+    (DeBERTa with relative attention and position_biased_input false, rotary LLaMA) runs
+    longer inputs than it was pretrained on: a warning."""
+    from torch import nn
+
+    if not task_cfg.get("max_length"):
+        return
+    needed, what = positions_needed(task_cfg)
+    declared = next(((k, getattr(config, k)) for k in POSITION_KEYS if isinstance(getattr(config, k, None), int)), None)
+    where = f"{ref.location}/config.json" if ref.local else f"{ref.describe()} config.json"
+    tables = [m for name, m in model.named_modules()
+              if isinstance(m, nn.Embedding) and name.rpartition(".")[2] in POSITION_TABLES]
+    if tables:
+        table = tables[0]
+        offset = table.padding_idx + 1 if table.padding_idx is not None else 0  # RoBERTa counts from pad + 1
+        limit = table.num_embeddings - offset
+        if needed > limit:
+            source = f"{declared[0]} {declared[1]} in {where}" if declared else f"its position table in {where}"
+            source += f", less {offset} reserved by its padding offset" if offset else ""
+            raise TaskLengthError(f"{what} needs {needed} token positions, beyond the {limit} of backbone "
+                                  f"'{ref.name}' ({source}); lower task.max_length so that at most {limit} are needed")
+    elif declared and needed > declared[1]:
+        warn(f"{what} needs {needed} token positions, beyond the {declared[1]} backbone '{ref.name}' was pretrained "
+             f"with ({declared[0]} in {where}); it has no absolute position table (relative or rotary positions), so "
+             "longer inputs run, but the model never saw them in pretraining")
+
+
+def warn(message: str) -> None:
+    """A warning on stderr, once per message, from the main process only."""
+    import os
+    import sys
+
+    if os.environ.get("RANK", "0") == "0" and message not in _WARNED:
+        _WARNED.add(message)
+        print(f"warning: {message}", file=sys.stderr)
+
+
+_WARNED: set[str] = set()
 
 
 def build_adapted_model(
@@ -71,23 +169,30 @@ def build_adapted_model(
     """Build the model for a run. ``weights=False`` builds on the meta device (no memory).
 
     ``head_config`` are the task's config overrides (``num_labels``, ``id2label``, ...).
+    Targets, ranks and sequence length are checked on the meta skeleton, before any
+    weight is read.
     """
     backbone_cfg = run_config["backbone"]
     ref = ref or backbones.resolve(backbone_cfg)
     config = backbones.load_config(ref, **head_config)
+    model = backbones.build_empty(model_class, config, ref)
+    targets = find_targets(model, run_config["targets"], config.model_type)
+    check_ranks(model, targets, run_config["method"])
+    check_positions(model, config, run_config.get("task", {}), ref)
     missing: list[str] = []
+    mismatched: dict[str, tuple] = {}
     if weights:
+        del model
         model, info = backbones.load_model(model_class, ref, config, backbone_cfg["dtype"])
         missing = sorted(info.get("missing_keys", []))
-    else:
-        model = backbones.build_empty(model_class, config)
+        mismatched = {name: (ckpt, own) for name, ckpt, own in info.get("mismatched_keys", [])}
     if getattr(config, "pad_token_id", None) is None and getattr(config, "eos_token_id", None) is not None:
         model.config.pad_token_id = config.eos_token_id  # GPT-2/LLaMA classification needs a pad id
-    targets = find_targets(model, run_config["targets"], config.model_type)
     method = build_method(run_config["method"])
     injection = inject(model, method, targets)
     head = backbones.head_parameter_names(model) if run_config["training"]["train_head"] else []
-    untrained = [n for n in missing if n not in head]
+    check_mismatched(ref, mismatched, head)
+    untrained = [n for n in sorted(set(missing) | set(mismatched)) if n not in head]
     if untrained:
         fix = (
             "keep training.train_head: true so the new task head is trained"
@@ -102,11 +207,26 @@ def build_adapted_model(
     return AdaptedModel(model, injection, targets, head, trainable, ref, config)
 
 
+def check_mismatched(ref: backbones.BackboneRef, mismatched: dict[str, tuple], head: list[str]) -> None:
+    """Checkpoint tensors whose shape differs from the model config.json describes: an
+    error, except for a task head that is trained anyway (another number of labels)."""
+    body = {n: shapes for n, shapes in sorted(mismatched.items()) if n not in head}
+    if body:
+        shape = lambda s: "x".join(str(d) for d in s)  # noqa: E731
+        shown = ", ".join(f"{n} is {shape(c)} in the checkpoint, {shape(m)} in the model" for n, (c, m) in list(body.items())[:2])
+        more = f" (and {len(body) - 2} more)" if len(body) > 2 else ""
+        raise BackboneWeightsError(
+            f"backbone '{ref.name}': the weights in {ref.describe()} do not fit the model its config.json describes: "
+            f"{shown}{more}; fix config.json (hidden_size, vocab_size, ...) or use the weights it belongs to"
+        )
+
+
 def load_plain_model(run_config: dict, model_class, head_config: dict):
     """The pretrained backbone with the task head's config, without adapters."""
     ref = backbones.resolve(run_config["backbone"])
     config = backbones.load_config(ref, **head_config)
-    model, _ = backbones.load_model(model_class, ref, config, run_config["backbone"]["dtype"])
+    model, info = backbones.load_model(model_class, ref, config, run_config["backbone"]["dtype"])
+    check_mismatched(ref, {n: (c, m) for n, c, m in info.get("mismatched_keys", [])}, backbones.head_parameter_names(model))
     if getattr(config, "pad_token_id", None) is None and getattr(config, "eos_token_id", None) is not None:
         model.config.pad_token_id = config.eos_token_id
     return model

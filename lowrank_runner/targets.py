@@ -95,8 +95,14 @@ def _pattern_regex(target: str) -> re.Pattern:
     return re.compile(r"(^|\.)" + re.escape(target) + r"$")
 
 
-def resolve_targets(targets: list[str], model_type: str, module_names: list[str]) -> list[TargetModule]:
-    """Map symbols and patterns to module paths (in model order), merging fused groups."""
+def resolve_targets(targets: list[str], model_type: str, module_names: list[str],
+                    not_adaptable: dict[str, str] | None = None) -> list[TargetModule]:
+    """Map symbols and patterns to module paths (in model order), merging fused groups.
+
+    ``not_adaptable``: module path -> class name of the modules no adapter can wrap
+    (anything but a linear layer: embeddings, norms, whole blocks, the model itself); a
+    target matching one is an error naming them, and a target matching nothing lists
+    the modules that can be adapted."""
     family = family_of(model_type)
     found: dict[str, dict] = {}
     for target in targets:
@@ -105,13 +111,14 @@ def resolve_targets(targets: list[str], model_type: str, module_names: list[str]
                 raise TargetError(
                     f"target symbol {target} is not defined for model_type '{model_type}' "
                     f"(families with symbols: {', '.join(sorted(FAMILIES))}); write explicit module patterns instead"
+                    f"{_adaptable_hint(module_names, not_adaptable)}"
                 )
             if target not in family:
                 raise TargetError(
                     f"target symbol {target} is not defined for model_type '{model_type}' "
                     f"(defined: {', '.join(family)})"
                 )
-            matched = 0
+            matched = []
             for pattern in family[target]:
                 base, _, group = pattern.partition("#")
                 rx = re.compile(r"(^|\.)" + base + r"$")
@@ -121,9 +128,11 @@ def resolve_targets(targets: list[str], model_type: str, module_names: list[str]
                         entry["symbols"].append(target)
                         if group:
                             entry["groups"].add(group)
-                        matched += 1
+                        matched.append(name)
             if not matched:
-                raise TargetError(f"target symbol {target} matched no module of this {model_type} model")
+                raise TargetError(f"target symbol {target} matched no module of this {model_type} model"
+                                  f"{_adaptable_hint(module_names, not_adaptable)}")
+            _refuse_unadaptable(f"target symbol {target}", matched, not_adaptable)
         else:
             try:
                 rx = _pattern_regex(target)
@@ -131,7 +140,9 @@ def resolve_targets(targets: list[str], model_type: str, module_names: list[str]
                 raise TargetError(f"target pattern '{target}' is not a valid regular expression: {exc}") from None
             names = [n for n in module_names if rx.search(n)]
             if not names:
-                raise TargetError(f"target pattern '{target}' matched no module of this {model_type} model")
+                raise TargetError(f"target pattern '{target}' matched no module of this {model_type} model"
+                                  f"{_adaptable_hint(module_names, not_adaptable)}")
+            _refuse_unadaptable(f"target pattern '{target}'", names, not_adaptable)
             for name in names:
                 entry = found.setdefault(name, {"symbols": [], "groups": set(), "fused": False})
                 entry["symbols"].append(target)
@@ -145,3 +156,27 @@ def resolve_targets(targets: list[str], model_type: str, module_names: list[str]
             groups = tuple(g for g in FUSED_GROUPS if g in entry["groups"])
         out.append(TargetModule(name, tuple(dict.fromkeys(entry["symbols"])), groups))
     return out
+
+
+def _refuse_unadaptable(what: str, names: list[str], not_adaptable: dict[str, str] | None) -> None:
+    bad = [n for n in names if not_adaptable and n in not_adaptable]
+    if not bad:
+        return
+    shown = ", ".join(f"{n or 'the whole model'} ({not_adaptable[n]})" for n in bad[:4])
+    more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
+    raise TargetError(
+        f"{what} matches {len(bad)} module(s) that cannot be adapted: {shown}{more}; only linear layers (nn.Linear, "
+        "GPT-2's Conv1D) can: narrow the target to them, e.g. re:\\.attention\\.self\\.(query|value)$"
+    )
+
+
+def _adaptable_hint(module_names: list[str], not_adaptable: dict[str, str] | None) -> str:
+    """``; its adaptable modules: attention.self.query, ...`` (per-layer names without
+    their layer prefix), or nothing when the module types are unknown."""
+    if not_adaptable is None:
+        return ""
+    kinds = [re.split(r"\.\d+\.", n)[-1] for n in module_names if n not in not_adaptable]
+    kinds = list(dict.fromkeys(kinds))
+    if not kinds:
+        return "; this model has no linear layer to adapt"
+    return f"; its adaptable modules: {', '.join(kinds[:10])}{' ...' if len(kinds) > 10 else ''}"

@@ -68,3 +68,53 @@ def test_unresolvable_targets(targets, message):
     with pytest.raises(TargetError) as exc:
         resolve_targets(targets, "bert", module_names("bert"))
     assert str(exc.value) == message
+
+
+def module_kinds(model_type):
+    """Module names and the class names of those no adapter can wrap (what lrr passes)."""
+    import transformers
+
+    from lowrank_runner.methods.inject import is_adaptable
+
+    model = build_empty(transformers.AutoModelForSequenceClassification, tiny_config(model_type))
+    modules = dict(model.named_modules())
+    return list(modules), {n: type(m).__name__ for n, m in modules.items() if not is_adaptable(m)}
+
+
+@pytest.mark.parametrize("model_type,targets,first_bad", [
+    ("bert", ["re:.*"], "the whole model (BertForSequenceClassification)"),
+    ("bert", ["embeddings.word_embeddings"], "bert.embeddings.word_embeddings (Embedding)"),
+    ("bert", ["re:LayerNorm$"], "bert.embeddings.LayerNorm (LayerNorm)"),
+    ("bert", ["re:layer\\.0$"], "bert.encoder.layer.0 (BertLayer)"),
+    ("gpt2", ["wte"], "transformer.wte (Embedding)"),
+    ("llama", ["re:norm"], "model.layers.0.input_layernorm (LlamaRMSNorm)"),
+    ("deberta-v2", ["rel_embeddings"], "deberta.encoder.rel_embeddings (Embedding)"),
+])
+def test_targets_that_are_not_linear_layers_are_refused(model_type, targets, first_bad):
+    names, not_adaptable = module_kinds(model_type)
+    with pytest.raises(TargetError) as exc:
+        resolve_targets(targets, model_type, names, not_adaptable)
+    assert f"cannot be adapted: {first_bad}" in str(exc.value)
+    assert "only linear layers (nn.Linear, GPT-2's Conv1D) can" in str(exc.value)
+
+
+def test_linear_targets_pass_the_adaptable_check():
+    names, not_adaptable = module_kinds("gpt2")
+    found = resolve_targets(["Wq", "Wv", "Wa", "re:mlp\\.c_(fc|proj)$"], "gpt2", names, not_adaptable)
+    assert len(found) == 8 and all(t.path not in not_adaptable for t in found)
+
+
+def test_a_target_matching_nothing_lists_what_can_be_adapted():
+    names, not_adaptable = module_kinds("llama")
+    with pytest.raises(TargetError) as exc:
+        resolve_targets(["attention.self.query"], "llama", names, not_adaptable)
+    assert str(exc.value) == (
+        "target pattern 'attention.self.query' matched no module of this llama model; its adaptable modules: "
+        "self_attn.q_proj, self_attn.k_proj, self_attn.v_proj, self_attn.o_proj, mlp.gate_proj, mlp.up_proj, "
+        "mlp.down_proj, score")
+
+
+def test_an_invalid_regular_expression_is_a_target_error():
+    with pytest.raises(TargetError) as exc:
+        resolve_targets(["re:("], "bert", module_names("bert"))
+    assert str(exc.value).startswith("target pattern 're:(' is not a valid regular expression: missing ), ")

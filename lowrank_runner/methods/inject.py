@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lowrank_runner.methods.base import Adapter, AdapterMethod, LayerInfo, weight_out_in
-from lowrank_runner.targets import TargetModule
+from lowrank_runner.targets import FUSED_GROUPS, TargetModule
 
 ADAPTER_KEY = "lrr_adapter"
 SHARED_KEY = "lrr_shared"
@@ -22,6 +22,21 @@ SHARED_KEY = "lrr_shared"
 
 def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_adaptable(module: nn.Module) -> bool:
+    """Whether an adapter can wrap ``module``: an ``nn.Linear`` or GPT-2's ``Conv1D``."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def layer_sizes(module: nn.Module, groups: tuple[str, ...] | None = None) -> tuple[int, int]:
+    """``(in_features, out_features)`` of an adaptable module; with ``groups`` (selected
+    q/k/v of a fused projection) the output size of one group."""
+    if isinstance(module, nn.Linear):
+        in_f, out_f = module.in_features, module.out_features
+    else:
+        in_f, out_f = module.weight.shape  # Conv1D stores (in, out)
+    return in_f, (out_f // len(FUSED_GROUPS) if groups else out_f)
 
 
 def layer_info(path: str, target: TargetModule, module: nn.Module) -> LayerInfo:

@@ -61,7 +61,7 @@ def build_run_report(*, recipe, run, argv: list[str], adapted, model, task, spli
         "run": {"task": run.task, "seed": run.seed, "index": run.index, "runs_in_recipe": len(recipe.runs),
                 "resumed_from_step": resumed_from},
         "seeds": _seeds(recipe, run, holdout["seed"] if holdout else None),
-        "backbone": backbone,
+        "backbone": {**backbone, "trust_remote_code": ref.trust_remote_code},  # true: the model files' own code ran
         "data": data_fingerprint(task, splits),
         "method": cfg["method"],
         "targets": cfg["targets"],
