@@ -303,7 +303,9 @@ def run(
     if resume and not overrides:  # continue with the --set overrides the run was started with
         overrides = recorded_overrides(output)
         if overrides:
-            _err("resuming with the run's --set overrides: " + " ".join(f"--set {o}" for o in overrides))
+            import shlex
+
+            _err("resuming with the run's --set overrides: " + shlex.join(w for o in overrides for w in ("--set", o)))
     rec = load_recipe(_existing(recipe), overrides or ())
     command = ["lrr", "run", str(recipe)] + [a for s in overrides or () for a in ("--set", s)]
     command += ["--output", str(output)] if output else []

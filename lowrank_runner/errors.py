@@ -82,3 +82,12 @@ class DataError(LrrError):
 
 class ExportError(LrrError):
     """An export failed its checks; nothing was written."""
+
+
+class CheckpointError(LrrError, ValueError):
+    """A checkpoint is missing, damaged or of an older format and cannot be resumed."""
+
+
+class RunFileError(LrrError):
+    """A file of a run directory (report.json, metrics.json, metrics.jsonl, summary.json,
+    adapter files) is missing or damaged."""

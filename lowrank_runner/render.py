@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console()
@@ -10,39 +13,43 @@ console = Console()
 
 def print_methods(specs) -> None:
     for spec in specs.values():
-        table = Table(title=f"{spec.name}  [dim]{spec.paper}[/dim]", title_justify="left", show_edge=False)
+        table = Table(title=f"{escape(spec.name)}  [dim]{escape(str(spec.paper))}[/dim]", title_justify="left", show_edge=False)
         table.add_column("param")
         table.add_column("type")
         table.add_column("default")
         table.add_column("meaning")
         for name, p in spec.params.items():
             kind = p.get("type") or ("one of " + "/".join(map(str, p["enum"])) if "enum" in p else "")
-            table.add_row(name, str(kind), repr(p.get("default", "")), p.get("description", ""))
+            table.add_row(*(escape(cell) for cell in (name, str(kind), repr(p.get("default", "")), p.get("description", ""))))
         console.print(table)
         console.print()
 
 
 def print_inspection(result: dict) -> None:
-    console.print(f"[bold]{result['name']}[/bold]  recipe hash {result['recipe_hash']}  ({len(result['runs'])} run(s))")
+    console.print(f"[bold]{escape(result['name'])}[/bold]  recipe hash {result['recipe_hash']}  ({len(result['runs'])} run(s))")
     for run in result["runs"]:
         m = run["method"]
         params = ", ".join(f"{k}={v}" for k, v in m.items() if k != "name")
-        console.print(f"\n[bold]{run['task']}[/bold] seed {run['seed']}: {m['name']}({params}) on {run['backbone']}")
+        console.print(f"\n[bold]{escape(str(run['task']))}[/bold] seed {run['seed']}: "
+                      + escape(f"{m['name']}({params}) on {run['backbone']}"))
         table = Table(show_edge=False)
         table.add_column("target")
         table.add_column("modules")
         table.add_column("example")
         for symbol, paths in run["targets"].items():
-            table.add_row(symbol, str(len(paths)), paths[0] if paths else "")
+            table.add_row(escape(symbol), str(len(paths)), escape(paths[0]) if paths else "")
         console.print(table)
         init = run.get("init_from")
         if init:
             source = f"run {init['run']} (task {init['task']}, same seed), which runs first" if "task" in init else init["path"]
-            console.print(f"adapter starts from {source}; the task head is trained fresh")
+            console.print(f"adapter starts from {source}; the task head is trained fresh", markup=False)
         t = run["training"]
         console.print(
             f"adapter params {run['adapter_params']:,} · trainable {run['trainable_params']:,} "
             f"({100 * run['trainable_params'] / run['total_params']:.3f}% of {run['total_params']:,}) · "
             f"{run['train_examples']:,} train examples · {run['steps']:,} optimizer steps "
-            f"(warmup {run['warmup_steps']}) · lr {t['learning_rate']} · batch {t['batch_size']}x{t['gradient_accumulation_steps']}"
+            f"(warmup {run['warmup_steps']}) · lr {t['learning_rate']} · batch {t['batch_size']}x{t['gradient_accumulation_steps']}",
+            markup=False,
         )
+        for line in run.get("warnings", ()):  # plain stderr text: no rich markup eats a path's [..]
+            print(f"warning: {line}", file=sys.stderr)

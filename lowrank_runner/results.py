@@ -85,10 +85,11 @@ def write_results(root: Path, name: str, table: dict) -> None:
 
 
 def print_results(console, name: str, table: dict) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=f"{name}: {'median' if table['aggregate'] == 'median' else 'mean ± std'} over seeds, ×100")
+    t = Table(title=f"{escape(name)}: {'median' if table['aggregate'] == 'median' else 'mean ± std'} over seeds, ×100")
     for h in ["method", *header(table)]:
-        t.add_column(h)
-    t.add_row(name, *row(table))
+        t.add_column(escape(h))
+    t.add_row(*(escape(cell) for cell in [name, *row(table)]))
     console.print(t)

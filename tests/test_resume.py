@@ -76,3 +76,35 @@ def test_an_unfinished_checkpoint_is_ignored_and_a_completed_run_is_kept(tmp_pat
     assert resumed.exit_code == 0 and "step 4" in resumed.output, resumed.output
     again = lrr(*run_args(recipe, out, "lora2"), "--resume")
     assert again.exit_code == 0 and "already completed" in again.output
+
+
+def torchrun(*args, timeout=300):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lowrank_runner", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_stop_and_resume_like_an_uninterrupted_run(tmp_path, tiny_recipe):
+    """torchrun with 2 gloo processes: one RNG file per process, the default run directory
+    chosen by rank 0 and shared with rank 1, and the resumed run equal to an uninterrupted one."""
+    recipe = tiny_recipe()
+    args = run_args(recipe, tmp_path / "whole", "lora2")
+    torchrun(*args)
+    stopped = torchrun(*[a for a in args if a not in ("--output", tmp_path / "whole")],
+                       "--set", f"output.dir={tmp_path / 'default'}", "--stop-after-step", 4)
+    (parts,) = (tmp_path / "default" / "tiny").iterdir()  # one directory for both processes
+    assert sorted(p.name for p in (parts / "checkpoints" / "step-000004").iterdir()) == [
+        "method.safetensors", "optimizer.safetensors", "rng-0.safetensors", "rng-1.safetensors",
+        "scheduler.safetensors", "state.json", "trainable.safetensors"]
+    assert f"--output {parts} --resume  (launched as before, with 2 processes)" in stopped
+    resumed = torchrun("run", recipe, "--output", parts, "--resume")  # the run's --set overrides are reused
+    assert resumed.count("resuming classification-seed0") == 1
+    a_lines, a_pattern, a_metrics, a_adapter = run_outputs(tmp_path / "whole")
+    b_lines, b_pattern, b_metrics, b_adapter = run_outputs(parts)
+    assert b_lines == a_lines and b_pattern == a_pattern and b_metrics == a_metrics
+    assert all(torch.equal(a_adapter[k], b_adapter[k]) for k in a_adapter)

@@ -3,12 +3,15 @@
 ::
 
     RUN_DIR/
-      recipe.yaml           the resolved recipe of this run (defaults filled; hash inside)
+      recipe.yaml           the resolved recipe of this run (defaults filled), written
+                            when the run starts; its header names the recipe file, the
+                            recipe and config hashes and the --set overrides (--resume)
       metrics.jsonl         one JSON object per logged training step or evaluation
       metrics.json          final and best evaluation metrics
       report.json           reproducibility report (recipe + hash, seeds, environment,
                             backbone/data fingerprints, counts, timings, metrics);
                             written last: "status": "completed" marks a finished run
+                            ("failed" / "interrupted" with the reason while unfinished)
       report.md             the same for people, with the plots (lowrank_runner/report/)
       loss_curve.png        training/evaluation loss and learning rate per step
       metric_curve.png      evaluation metrics per evaluation, best checkpoint starred
@@ -30,6 +33,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -63,12 +67,50 @@ def write_json(path: Path, data) -> None:
     _write_atomically(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def write_recipe(path: Path, config: dict, recipe_hash: str, config_hash: str, source: str) -> None:
-    header = (
-        f"# resolved by lowrank-runner from {source}\n"
-        f"# recipe hash {recipe_hash}; this run's config hash {config_hash}\n"
-    )
-    path.write_text(header + yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+_SOURCE_LINE = "# resolved by lowrank-runner from "
+_HASH_LINE = re.compile(r"^# recipe hash (\S+); this run's config hash (\S+)$")
+_OVERRIDES_LINE = "# --set overrides: "
+
+
+def write_recipe(path: Path, config: dict, recipe_hash: str, config_hash: str, source: str,
+                 overrides: tuple[str, ...] | list[str] = (), exclusive: bool = False) -> None:
+    """The run's resolved recipe, with a header naming its source, hashes and the
+    command's ``--set`` overrides (what ``--resume`` reads back). A file already there for
+    the same config hash is kept (it records how the run was started); ``exclusive``:
+    fail with FileExistsError if the file exists at all (claiming a new run directory)."""
+    if not exclusive:
+        recorded = read_recipe_header(path)
+        if recorded is not None and recorded["config_hash"] == config_hash:
+            return
+    header = f"{_SOURCE_LINE}{source}\n# recipe hash {recipe_hash}; this run's config hash {config_hash}\n"
+    if overrides:
+        header += _OVERRIDES_LINE + json.dumps(list(overrides), ensure_ascii=False) + "\n"
+    text = header + yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+    with path.open("x" if exclusive else "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def read_recipe_header(path: Path) -> dict | None:
+    """What :func:`write_recipe` recorded: ``source``, ``recipe_hash``, ``config_hash`` and
+    ``overrides``; None when the file is missing or has no such header."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            lines = [f.readline().rstrip("\n") for _ in range(3)]
+    except (OSError, UnicodeDecodeError):
+        return None
+    match = _HASH_LINE.match(lines[1])
+    if not lines[0].startswith(_SOURCE_LINE) or match is None:
+        return None
+    overrides: list[str] = []
+    if lines[2].startswith(_OVERRIDES_LINE):
+        try:
+            overrides = json.loads(lines[2][len(_OVERRIDES_LINE):])
+        except ValueError:
+            return None
+        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+            return None
+    return {"source": lines[0][len(_SOURCE_LINE):], "recipe_hash": match[1], "config_hash": match[2],
+            "overrides": overrides}
 
 
 def save_adapter(directory: Path, adapter_state: dict, head_state: dict, config: dict) -> None:

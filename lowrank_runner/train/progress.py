@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
@@ -24,7 +25,7 @@ class TrainingProgress:
             console=self.console,
             disable=not enabled,
         )
-        self._task = self._progress.add_task("train", total=total_steps, loss="-", lr="-", metric=f"{metric} -")
+        self._task = self._progress.add_task("train", total=total_steps, loss="-", lr="-", metric=f"{escape(metric)} -")
 
     def __enter__(self):
         self._progress.__enter__()
@@ -41,7 +42,7 @@ class TrainingProgress:
         self._progress.update(self._task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}")
 
     def update_eval(self, step: int, metrics: dict, metric: str, improved: bool) -> None:
-        self._progress.update(self._task, completed=step, metric=f"{metric} {metrics[metric]:.4f}")
+        self._progress.update(self._task, completed=step, metric=f"{escape(metric)} {metrics[metric]:.4f}")
         if self.enabled:
-            shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+            shown = escape(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
             self._progress.console.print(f"step {step}: eval {shown}" + ("  [green](best)[/green]" if improved else ""))
