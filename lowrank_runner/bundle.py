@@ -24,10 +24,9 @@ import json
 import weakref
 from pathlib import Path
 
-from lowrank_runner.errors import BackboneError, ExportError
-from lowrank_runner.export import (EXPORT_INFO, collect_if_alive, load_trained_model, provenance, read_run,
-                                   reference_outputs, source_tokenizer)
-from lowrank_runner.outputs import require_free, staged_directory
+from lowrank_runner.errors import ExportError, UsageError
+from lowrank_runner.export import (DTYPES, EXPORT_INFO, check_tolerance, collect_if_alive, load_trained_model, preflight,
+                                   provenance, read_run, reference_outputs, source_tokenizer, staged_output)
 from lowrank_runner.probe import compare_outputs, model_outputs, probe_batch
 from lowrank_runner.quiet import quiet_libraries
 from lowrank_runner.resources import is_pkg_path
@@ -42,12 +41,15 @@ def load_adapted(bundle_dir, backbone: str | None = None, dtype: str | None = No
     ``lrr export --adapter`` or a run directory. ``backbone``: where the backbone is now
     (a local directory or hub id), if not where the run found it. ``dtype``: the
     backbone's dtype (default: the recipe's ``backbone.dtype``); adapters stay float32.
-    The tokenizer: ``transformers.AutoTokenizer.from_pretrained(bundle_dir)``."""
+    The tokenizer: ``transformers.AutoTokenizer.from_pretrained(bundle_dir)``.
+
+    A bundle that is missing, damaged or does not fit its backbone raises an
+    :class:`~lowrank_runner.errors.LrrError` (``ExportError``, ``BackboneError``,
+    ``UsageError``) whose message names the file and the fix."""
     quiet_libraries()
-    try:
-        model, *_ = load_trained_model(Path(bundle_dir), dtype=dtype, backbone=backbone)
-    except BackboneError as exc:
-        raise BackboneError(f"{exc}\n(load_adapted(..., backbone=PATH) or lrr export --backbone PATH points at a copy elsewhere)") from None
+    if dtype is not None and dtype not in DTYPES:
+        raise UsageError(f"load_adapted(dtype={dtype!r}): choose one of {', '.join(DTYPES)} (or None: the recipe's)")
+    model, *_ = load_trained_model(Path(bundle_dir), dtype=dtype, backbone=backbone)
     return model
 
 
@@ -63,7 +65,8 @@ def _portable_location(config: dict, ref) -> str:
 def export_bundle(source: Path, out: Path, tolerance: float = 0.0, backbone: str | None = None) -> dict:
     quiet_libraries()
     source, out = Path(source), Path(out)
-    require_free(out, "--out")
+    tolerance = check_tolerance(tolerance)
+    preflight(source, out)
     config, adapter_cfg, adapter, head = read_run(source, backbone)
     model, adapted, _, _ = load_trained_model(source, backbone=backbone)
     ref = adapted.backbone
@@ -78,7 +81,7 @@ def export_bundle(source: Path, out: Path, tolerance: float = 0.0, backbone: str
     location = _portable_location(config, ref)
     config = {**config, "backbone": {**config["backbone"], "name": location}}
     adapter_cfg = {**adapter_cfg, "backbone": {**adapter_cfg["backbone"], "name": location, "resolved": ref.location}}
-    with staged_directory(out) as tmp:
+    with staged_output(out) as tmp:
         art.save_adapter(tmp, adapter, head, adapter_cfg)
         art.write_recipe(tmp / art.RECIPE_FILE, config, adapter_cfg.get("recipe_hash"), adapter_cfg.get("config_hash"), str(source))
         tokenizer.save_pretrained(tmp)

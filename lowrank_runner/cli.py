@@ -246,23 +246,26 @@ def report(
     """Show a run's reproducibility report, or compare runs: recipe, input and environment differences, metrics."""
     from rich.console import Console
 
-    from lowrank_runner.report.compare import compare, expand
+    from lowrank_runner.errors import LrrError
+    from lowrank_runner.report.compare import compare, expand, not_completed
     from lowrank_runner.report.terminal import show_comparison, show_run
 
     runs = expand(run_dirs)
+    for line in (w for run in runs for w in run.warnings):
+        _err(f"warning: {line}")
     if render:
-        from lowrank_runner.report.write import render as render_run
+        from lowrank_runner.report.write import render_runs
 
-        for run in runs:
-            if run.status == "completed" and run.dir.is_dir():
-                written = render_run(run.dir, run.report)
-                _err(f"rendered {', '.join(str(p) for p in written)}")
+        for line in render_runs(runs):
+            _err(line)
     if as_json:
         print(json.dumps(runs[0].report if len(runs) == 1 else compare(runs), indent=2, default=str))
     elif len(runs) == 1:
         show_run(Console(), runs[0])
     else:
         show_comparison(Console(), runs)
+    if len(runs) == 1 and not_completed(runs[0]):  # a comparison marks them; one run's report is its failure
+        raise LrrError(not_completed(runs[0]))
 
 
 @command()

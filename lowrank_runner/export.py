@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import weakref
+from contextlib import contextmanager
 from pathlib import Path
 
 import lowrank_runner
-from lowrank_runner.errors import ExportError, UsageError
+from lowrank_runner.errors import BackboneError, ExportError, LrrError, UsageError
 from lowrank_runner.outputs import require_free, staged_directory
 from lowrank_runner.probe import PROBE_TEXTS, compare_outputs, largest_magnitude, model_outputs, non_finite, probe_batch
 from lowrank_runner.quiet import quiet_libraries
@@ -48,17 +50,98 @@ CAST_EPS_UNITS = 8
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 
-def adapter_dir_of(source: Path) -> Path:
-    """Where a source keeps its adapter: ``RUN_DIR/adapter`` or the bundle itself."""
-    if (source / art.ADAPTER_DIR / art.ADAPTER_CONFIG).is_file():
-        return source / art.ADAPTER_DIR
+# ------------------------------------------------------------------ reading a source
+#
+# A source is a run directory written by ``lrr run`` or a bundle written by
+# ``lrr export --adapter``. Every file is checked before the backbone is loaded: a damaged
+# or missing file is an error naming the file and the fix, never a traceback, and never a
+# model exported with a part silently left untrained.
+
+ADAPTER_FORMAT = "lowrank-runner-adapter"
+ADAPTER_FORMAT_VERSION = 1
+# What lowrank-runner reads of adapter_config.json (written by train/loop.py: adapter_config).
+ADAPTER_CONFIG_SCHEMA = {
+    "type": "object",
+    "required": ["format", "format_version", "method", "targets", "modules", "backbone", "task", "head"],
+    "properties": {
+        "format": {"const": ADAPTER_FORMAT},
+        "format_version": {"type": "integer"},
+        "method": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string", "minLength": 1}}},
+        "targets": {"type": "array", "minItems": 1},
+        "modules": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["path"],
+            "properties": {"path": {"type": "string", "minLength": 1},
+                           "symbols": {"type": "array", "items": {"type": "string"}},
+                           "groups": {"type": ["array", "null"], "items": {"type": "string"}}}}},
+        "backbone": {"type": "object", "required": ["name"],
+                     "properties": {"name": {"type": "string", "minLength": 1}, "resolved": {"type": ["string", "null"]}}},
+        "task": {"type": "object", "required": ["name", "model_class"], "properties": {
+            "name": {"type": "string"},
+            "model_class": {"type": "string", "pattern": "^[A-Z][A-Za-z0-9]*$"},
+            "num_labels": {"type": "integer", "minimum": 1},
+            "id2label": {"type": "object", "propertyNames": {"pattern": "^[0-9]+$"}},
+            "label2id": {"type": "object", "additionalProperties": {"type": "integer"}}}},
+        "head": {"type": "array", "items": {"type": "string", "minLength": 1}, "uniqueItems": True},
+        "recipe_hash": {"type": ["string", "null"]},
+        "config_hash": {"type": ["string", "null"]},
+    },
+}
+
+
+def _fix(source: Path, kind: str) -> str:
+    """How to repair a damaged file of ``source`` (a run directory or a bundle)."""
+    if kind == "bundle":
+        return "restore it from a copy, or export the bundle again from its run (lrr export RUN_DIR --adapter --out DIR)"
+    return f"restore it from a copy, or train the run again (lrr run {source / art.RECIPE_FILE} --output NEW_DIR)"
+
+
+def _is_run_dir(source: Path) -> bool:
+    return any((source / name).exists() for name in (art.ADAPTER_DIR, art.REPORT_FILE, art.METRICS_LOG, "checkpoints"))
+
+
+def _unfinished_run(source: Path) -> LrrError | None:
+    """An error for a run directory without a finished run's adapter (failed, still
+    training or stopped, or its adapter/ deleted); None for a finished run."""
+    report = _run_report(source)
+    status = report.get("status")
+    if status == "failed":
+        return UsageError(f"{source}: the run failed ({report.get('error') or 'see error.txt'}), so it has no trained "
+                          f"adapter to export; fix the cause and train it again (the traceback is in {source / 'error.txt'})")
+    checkpoints = sorted(p.name for p in (source / "checkpoints").glob("step-*"))
+    if (source / art.ADAPTER_DIR).is_dir() and (status == "completed" or not checkpoints):
+        return None
+    if status == "completed":
+        return ExportError(f"{source / art.ADAPTER_DIR}: missing: the run completed, but its trained adapter is gone; "
+                           f"{_fix(source, 'run')}")
+    where = f" (latest checkpoint: checkpoints/{checkpoints[-1]})" if checkpoints else ""
+    return UsageError(f"{source}: the run has not finished{where}: its adapter is saved in {art.ADAPTER_DIR}/ when "
+                      "training ends. Continue it with: lrr run RECIPE --output RUN_DIR --resume, then export it")
+
+
+def source_kind(source: Path) -> tuple[str, Path]:
+    """``("run", RUN_DIR/adapter)`` or ``("bundle", DIR)``; a clear error for anything else
+    (no such path, a file, an unfinished or failed run, a PEFT adapter, a multi-run root)."""
+    if not source.exists():
+        raise UsageError(f"{source}: no such run directory")
+    if not source.is_dir():
+        raise UsageError(f"{source}: not a directory; give a run directory written by 'lrr run' or an adapter bundle "
+                         "written by 'lrr export --adapter'")
     config = source / art.ADAPTER_CONFIG
-    if config.is_file():
-        data = json.loads(config.read_text())
-        if "peft_type" in data:
+    if config.is_file() and not _is_run_dir(source):
+        data = _read_adapter_json(config, source, "bundle")
+        if isinstance(data, dict) and "peft_type" in data:
             raise UsageError(f"{source}: a PEFT adapter (written by --peft); load it with peft.PeftModel.from_pretrained")
-        if data.get("format") == "lowrank-runner-adapter" and (source / art.RECIPE_FILE).is_file():
-            return source
+        return "bundle", source
+    if _is_run_dir(source):
+        unfinished = _unfinished_run(source)
+        if unfinished is not None:
+            raise unfinished
+        return "run", source / art.ADAPTER_DIR
+    info = _exported_format(source)
+    if info is not None:
+        raise UsageError(f"{source}: an export of format {info} (lrr_export.json), not a run or an adapter bundle; "
+                         "export its source run instead (lrr_export.json 'source_run'), or load it with "
+                         "transformers' from_pretrained")
     subruns = sorted(p.parent.parent.name for p in source.glob(f"*/{art.ADAPTER_DIR}/{art.ADAPTER_CONFIG}"))
     hint = f"; it holds several runs, export one of: {', '.join(str(source / s) for s in subruns)}" if subruns else ""
     raise UsageError(
@@ -67,18 +150,217 @@ def adapter_dir_of(source: Path) -> Path:
     )
 
 
+def _exported_format(directory: Path) -> str | None:
+    """The ``format`` of a directory written by ``lrr export`` (its lrr_export.json)."""
+    try:
+        info = json.loads((directory / EXPORT_INFO).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    return str(info.get("format")) if isinstance(info, dict) and info.get("format") else None
+
+
+def _read_adapter_json(path: Path, source: Path, kind: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExportError(f"{path}: missing; {_fix(source, kind)}") from None
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg}); {_fix(source, kind)}") from None
+    except RecursionError:
+        raise ExportError(f"{path}: not valid JSON (nested too deeply); {_fix(source, kind)}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ExportError(f"{path}: cannot read: {exc}; {_fix(source, kind)}") from None
+
+
+def read_adapter_config(path: Path, source: Path, kind: str = "run") -> dict:
+    """``adapter_config.json``, checked against :data:`ADAPTER_CONFIG_SCHEMA`, its format
+    version and the method registry."""
+    import jsonschema
+
+    from lowrank_runner.methods.registry import method_specs
+
+    data = _read_adapter_json(path, source, kind)
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version > ADAPTER_FORMAT_VERSION:
+        raise ExportError(f"{path}: format_version {version} was written by a newer lowrank-runner (this one, "
+                          f"{lowrank_runner.__version__}, reads format_version {ADAPTER_FORMAT_VERSION}); upgrade: "
+                          "pip install -U lowrank-runner")
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(ADAPTER_CONFIG_SCHEMA).iter_errors(data))
+    if error is None and version != ADAPTER_FORMAT_VERSION:
+        error = jsonschema.ValidationError(f"{version} is not a format_version this lowrank-runner reads "
+                                           f"({ADAPTER_FORMAT_VERSION})", path=["format_version"])
+    if error is not None:
+        key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise ExportError(f"{path}: {key}: {error.message}; the file is damaged: {_fix(source, kind)}")
+    task = data["task"]
+    if "num_labels" in task and "id2label" in task and task["num_labels"] != len(task["id2label"]):
+        raise ExportError(f"{path}: task.num_labels is {task['num_labels']} but task.id2label names "
+                          f"{len(task['id2label'])} labels; the file is damaged: {_fix(source, kind)}")
+    name, specs = data["method"]["name"], method_specs()
+    if name not in specs:
+        raise ExportError(f"{path}: method.name: '{name}' is not a registered method (registered: {', '.join(sorted(specs))}); "
+                          "install the package that provides it, or the file is damaged: " + _fix(source, kind))
+    return data
+
+
+def read_recipe_config(path: Path, source: Path, kind: str = "run") -> dict:
+    """The run's resolved recipe (``recipe.yaml``), checked as ``lrr validate`` checks a
+    recipe (schema and per-run checks; not ``training.init_from``, which only trains).
+    ``backbone.name`` is left to :func:`backbone_location` (the backbone may have moved)."""
+    from lowrank_runner.errors import RecipeError
+    from lowrank_runner.recipe.document import load_yaml
+    from lowrank_runner.recipe.schema import recipe_validator
+    from lowrank_runner.recipe.validate import run_problems, schema_problems
+
+    if not path.is_file():
+        fix = ("restore it from a copy (the run's report.json holds the same config under recipe.config), or train "
+               "the run again from its recipe") if kind == "run" else _fix(source, kind)
+        raise ExportError(f"{path}: missing: the resolved recipe is what rebuilds the model; {fix}")
+    try:
+        doc = load_yaml(path)
+        problems = schema_problems(doc, doc.data, recipe_validator(), skip=("method",))
+        problems += run_problems(doc) if isinstance(doc.data, dict) else []
+    except RecipeError as exc:
+        doc, problems = None, exc.problems
+    backbone = doc.data.get("backbone") if doc is not None and isinstance(doc.data, dict) else None
+    named = isinstance(backbone, dict) and isinstance(backbone.get("name"), str)
+    problems = [p for p in problems if p.severity == "error" and not (named and p.path == "backbone.name")]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ExportError(f"{problems[0]}{more}; the run's resolved recipe is damaged: {_fix(source, kind)}")
+    return doc.data
+
+
+def _read_tensors(path: Path, source: Path, kind: str) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise ExportError(f"{path}: missing; {_fix(source, kind)}") from None
+    except (SafetensorError, OSError, ValueError):
+        raise ExportError(f"{path}: not a readable safetensors file (truncated or corrupted); {_fix(source, kind)}") from None
+
+
+def read_head(adapter_dir: Path, adapter_cfg: dict, source: Path, kind: str) -> dict:
+    """The trained head's tensors: exactly the parameters adapter_config.json names under
+    ``head`` (a missing file would export an untrained head)."""
+    names, path = adapter_cfg["head"], adapter_dir / art.HEAD_WEIGHTS
+    if not names:
+        if path.exists():
+            raise ExportError(f"{path}: adapter_config.json names no head parameters ('head': []), yet this file "
+                              f"exists; {_fix(source, kind)}")
+        return {}
+    if not path.is_file():
+        raise ExportError(f"{path}: missing: the run trained a task head ({', '.join(names[:3])}"
+                          f"{', ...' if len(names) > 3 else ''}) and without it the export would carry an untrained "
+                          f"head; {_fix(source, kind)}")
+    head = _read_tensors(path, source, kind)
+    missing, extra = sorted(set(names) - set(head)), sorted(set(head) - set(names))
+    if missing or extra:
+        what = f"lacks {', '.join(missing[:3])}" if missing else f"holds {', '.join(extra[:3])}, which adapter_config.json does not name"
+        raise ExportError(f"{path}: {what} (adapter_config.json 'head': {', '.join(names[:3])}); {_fix(source, kind)}")
+    return head
+
+
+def _check_agreement(source: Path, adapter_dir: Path, config: dict, adapter_cfg: dict, kind: str) -> None:
+    """recipe.yaml rebuilds the model, adapter_config.json describes the weights: the
+    method and targets must be the same in both."""
+    for key in ("method", "targets"):
+        if json.dumps(config.get(key), sort_keys=True) != json.dumps(adapter_cfg[key], sort_keys=True):
+            raise ExportError(
+                f"{source / art.RECIPE_FILE} and {adapter_dir / art.ADAPTER_CONFIG} disagree on '{key}' "
+                f"({json.dumps(config.get(key))} vs {json.dumps(adapter_cfg[key])}): one of them was edited; "
+                f"{_fix(source, kind)}")
+
+
 def read_run(source: Path, backbone: str | None = None) -> tuple[dict, dict, dict, dict]:
     """The resolved run config and the adapter (config, weights, head) of a run directory
-    or bundle; ``backbone`` replaces the backbone location (a moved or downloaded copy)."""
-    import yaml
-
+    or bundle, every file checked; ``backbone`` replaces the backbone location (a moved or
+    downloaded copy). The backbone named in the config is checked to exist."""
     source = Path(source)
-    adapter_dir = adapter_dir_of(source)
-    config = yaml.safe_load((source / art.RECIPE_FILE).read_text())  # beside adapter/ or in the bundle
-    adapter_cfg, adapter, head = art.load_adapter(adapter_dir)
-    if backbone is not None:
-        config["backbone"] = {**config["backbone"], "name": str(backbone)}
+    kind, adapter_dir = source_kind(source)
+    adapter_cfg = read_adapter_config(adapter_dir / art.ADAPTER_CONFIG, source, kind)
+    config = read_recipe_config(source / art.RECIPE_FILE, source, kind)  # beside adapter/ or in the bundle
+    _check_agreement(source, adapter_dir, config, adapter_cfg, kind)
+    adapter = _read_tensors(adapter_dir / art.ADAPTER_WEIGHTS, source, kind)
+    head = read_head(adapter_dir, adapter_cfg, source, kind)
+    location = backbone_location(source, config, backbone)
+    config["backbone"] = {**config["backbone"], "name": location}
     return config, adapter_cfg, adapter, head
+
+
+def _looks_like_path(name: str) -> bool:
+    """A local path rather than a hub id (``org/model``): absolute, ``./``, ``~``, or
+    more than one ``/``."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def backbone_location(source: Path, config: dict, override: str | None) -> str:
+    """Where to load the backbone from: ``--backbone`` (checked), else the recipe's
+    ``backbone.name``; a relative local path is resolved against the directory the run
+    was started from (report.json ``cwd``). A local backbone that is gone is an error
+    naming the path and ``--backbone``."""
+    from lowrank_runner.resources import is_pkg_path
+
+    if override is not None:
+        return _checked_override(str(override))
+    name = config["backbone"]["name"]
+    if is_pkg_path(name) or Path(name).expanduser().is_dir():
+        return name
+    cwd = _run_cwd(source)
+    if cwd is not None and not Path(name).expanduser().is_absolute() and (cwd / name).is_dir():
+        return str(cwd / name)
+    if _looks_like_path(name) or _recorded_local(source):
+        relative = cwd is not None and not Path(name).expanduser().is_absolute()
+        where = str(cwd / name) if relative else name
+        raise BackboneError(
+            f"{source}: the run's backbone {where} (backbone.name in {source / art.RECIPE_FILE}) no longer exists; "
+            "if it moved, point at it: lrr export ... --backbone PATH (or load_adapted(..., backbone=PATH))")
+    return name
+
+
+def _run_report(source: Path) -> dict:
+    try:
+        report = json.loads((source / art.REPORT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
+def _run_cwd(source: Path) -> Path | None:
+    cwd = _run_report(source).get("cwd")
+    return Path(cwd) if isinstance(cwd, str) and cwd else None
+
+
+def _recorded_local(source: Path) -> bool:
+    backbone = _run_report(source).get("backbone")
+    return isinstance(backbone, dict) and backbone.get("source") in ("local", "package")
+
+
+def _checked_override(name: str) -> str:
+    """``--backbone``: an existing model directory, or a hub id."""
+    from lowrank_runner.backbones import resolve
+
+    path = Path(name).expanduser()
+    if path.exists() or _looks_like_path(name):
+        if not path.exists():
+            raise BackboneError(f"--backbone {name}: no such directory; give the backbone's local directory "
+                                "(with config.json) or a hub id")
+        if not path.is_dir():
+            raise BackboneError(f"--backbone {name}: not a directory; give the backbone's model directory (with config.json)")
+        if not (path / "config.json").is_file():
+            raise BackboneError(f"--backbone {name}: the directory holds no config.json; give a model directory "
+                                "written by save_pretrained")
+        return name
+    try:
+        resolve({"name": name})
+    except BackboneError:
+        raise BackboneError(f"--backbone {name}: no such local directory, and as a hub id it cannot be loaded here "
+                            "(not in the local cache, and the hub is unreachable or HF_HUB_OFFLINE is set); give the "
+                            "backbone's local directory (with config.json)") from None
+    return name
 
 
 def head_config_of(adapter_cfg: dict) -> dict:
@@ -92,10 +374,19 @@ def model_class_of(adapter_cfg: dict):
     import transformers
 
     name = adapter_cfg["task"]["model_class"]
-    try:
-        return getattr(transformers, name)
-    except AttributeError:
-        raise ExportError(f"adapter_config.json names task.model_class {name!r}, which this transformers lacks") from None
+    cls = getattr(transformers, name, None)
+    if not (isinstance(cls, type) and hasattr(cls, "from_pretrained") and hasattr(cls, "from_config")):
+        raise ExportError(f"adapter_config.json: task.model_class {name!r} is not a transformers model class this "
+                          f"transformers ({transformers.__version__}) has (e.g. AutoModelForSequenceClassification)")
+    return cls
+
+
+def _load_error(exc: Exception) -> str:
+    """The first line that says what does not fit (torch lists every tensor, one a line)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    detail = [ln for ln in lines if ln.startswith(("size mismatch", "Missing key", "Unexpected key"))] or lines or [repr(exc)]
+    more = f" (and {len(detail) - 1} more)" if len(detail) > 1 else ""
+    return detail[0].rstrip(".") + more
 
 
 def load_trained_model(source: Path, with_adapter: bool = True, head: bool = True, dtype: str | None = None,
@@ -110,27 +401,38 @@ def load_trained_model(source: Path, with_adapter: bool = True, head: bool = Tru
     config, adapter_cfg, adapter, head_state = read_run(source, backbone)
     build = config if dtype is None else {**config, "backbone": {**config["backbone"], "dtype": dtype}}
     head_config, model_class = head_config_of(adapter_cfg), model_class_of(adapter_cfg)
+    hint = "was it trained on another backbone? (--backbone)"
     if not with_adapter:
         model, adapted = load_plain_model(build, model_class, head_config), None
         if head:
-            model.load_state_dict(head_state, strict=False)
+            _load_head(model, head_state, source, hint)
         return model.eval(), adapted, config, adapter_cfg
-    adapted = build_adapted_model(build, model_class, head_config, weights=True)
+    try:
+        adapted = build_adapted_model(build, model_class, head_config, weights=True)
+    except ValueError as exc:  # a method's own check of the recipe against the model
+        raise ExportError(f"{source / art.RECIPE_FILE}: the recipe does not fit the backbone: {exc}") from None
     model = adapted.model
     own = set(model.state_dict())
     unknown = sorted((set(adapter) | set(head_state)) - own)
     if unknown:
-        raise ExportError(f"{source}: saved weights do not fit the rebuilt model (e.g. {unknown[:3]}); was the backbone changed?")
+        raise ExportError(f"{source}: saved weights do not fit the rebuilt model (e.g. {unknown[:3]}); {hint}")
     try:
         missing = load_adapter_state(model, adapter)  # compact (final-rank) tensors included
-    except (KeyError, ValueError, RuntimeError) as exc:
-        raise ExportError(f"{source}: saved adapter does not fit the rebuilt model: {exc}") from None
+    except (KeyError, ValueError, RuntimeError, IndexError) as exc:
+        raise ExportError(f"{source}: the saved adapter does not fit the rebuilt model: {_load_error(exc)}; {hint}") from None
     if missing:
         raise ExportError(f"{source}: adapter weights missing for {sorted(missing)[:3]}")
     if head:
-        model.load_state_dict(head_state, strict=False)
+        _load_head(model, head_state, source, hint)
     model.eval()
     return model, adapted, config, adapter_cfg
+
+
+def _load_head(model, head_state: dict, source: Path, hint: str) -> None:
+    try:
+        model.load_state_dict(head_state, strict=False)
+    except RuntimeError as exc:
+        raise ExportError(f"{source}: the saved task head does not fit the rebuilt model: {_load_error(exc)}; {hint}") from None
 
 
 def source_tokenizer(source: Path, ref, config: dict):
@@ -138,7 +440,7 @@ def source_tokenizer(source: Path, ref, config: dict):
     from lowrank_runner.backbones import BackboneRef, load_tokenizer
 
     if (Path(source) / "tokenizer_config.json").is_file():
-        return load_tokenizer(BackboneRef(str(source), str(source), True))
+        return load_tokenizer(BackboneRef(str(source), str(source), True, trust_remote_code=ref.trust_remote_code))
     return load_tokenizer(ref, config["backbone"].get("tokenizer"))
 
 
@@ -164,15 +466,64 @@ def export_dtype(requested: str | None, recipe_dtype: str, ref) -> str:
 
 
 def check_max_shard_size(size) -> int:
+    """``--max-shard-size``: 5GB, 500MB, 2KiB or a number of bytes; returns the bytes."""
     from transformers.utils.hub import convert_file_size_to_int
 
+    if isinstance(size, str) and size.strip().isdigit():
+        size = int(size)
     try:
         value = convert_file_size_to_int(size)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         value = None
-    if not isinstance(value, int) or value <= 0:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise UsageError(f"--max-shard-size {size}: give a size such as 5GB, 500MB or a number of bytes")
     return value
+
+
+def check_tolerance(value, option: str = "--tolerance"):
+    """A tolerance option: a finite number ≥ 0 (NaN would fail every comparison and blame
+    the model; Inf would check nothing). None stays None (the default)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise UsageError(f"{option} {value}: give a finite number ≥ 0 (the largest allowed difference, e.g. 1e-3)")
+    return float(value)
+
+
+def check_out(out: Path, source: Path) -> None:
+    """``--out`` before anything is loaded: outside the source, free (absent or an empty
+    directory), and creatable where it is (probed with a temporary directory, removed)."""
+    import tempfile
+
+    target, origin = out.resolve(), source.resolve()
+    if target == origin or origin in target.parents:
+        raise UsageError(f"--out {out}: inside the exported source {source}; choose a directory outside it")
+    require_free(out, "--out")
+    parent = next(p for p in target.parents if p.exists())
+    if not parent.is_dir():
+        raise UsageError(f"--out {out}: {parent} is a file, not a directory; choose another location")
+    try:
+        Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent)).rmdir()
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot write in {parent} ({exc.strerror or exc}); choose a writable location") from None
+
+
+def preflight(source: Path, out: Path) -> None:
+    """What every export checks before loading anything: the source is a finished run or
+    a bundle, and ``--out`` can be written (option values are checked before this)."""
+    source_kind(source)
+    check_out(out, source)
+
+
+@contextmanager
+def staged_output(out: Path):
+    """:func:`staged_directory`, with a failed write (disk full, permissions) an
+    :class:`ExportError` (the staging directory is removed: nothing written)."""
+    try:
+        with staged_directory(out) as tmp:
+            yield tmp
+    except OSError as exc:
+        raise ExportError(f"--out {out}: writing the export failed ({exc}); nothing written") from None
 
 
 def tied_weights(model) -> dict[str, list[str]]:
@@ -267,10 +618,11 @@ def export_merged(source: Path, out: Path, tolerance: float = 1e-3, dtype: str |
     from lowrank_runner.methods.inject import merge_adapters
 
     source, out = Path(source), Path(out)
-    require_free(out, "--out")
+    tolerance, cast_tolerance = check_tolerance(tolerance), check_tolerance(cast_tolerance, "--cast-tolerance")
     check_max_shard_size(max_shard_size)
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    preflight(source, out)
     model, adapted, config, adapter_cfg = load_trained_model(source, dtype="float32", backbone=backbone)
     ref, model_class = adapted.backbone, type(model)
     del adapted  # it holds the model too; the model must be freeable before the reload
@@ -318,7 +670,7 @@ def export_merged(source: Path, out: Path, tolerance: float = 1e-3, dtype: str |
         expected = cast
         info_cast = {"cast_max_abs_logit_diff": cast_max, "cast_mean_abs_logit_diff": cast_mean, "cast_allowed": allowed}
 
-    with staged_directory(out) as tmp:
+    with staged_output(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
         shards = sorted(p.name for p in tmp.glob("*.safetensors"))

@@ -12,9 +12,8 @@ import json
 from pathlib import Path
 
 from lowrank_runner.errors import ExportError, UsageError
-from lowrank_runner.export import EXPORT_INFO, load_trained_model
+from lowrank_runner.export import EXPORT_INFO, check_tolerance, load_trained_model, preflight, staged_output
 from lowrank_runner.probe import compare_outputs, model_outputs, probe_batch
-from lowrank_runner.outputs import require_free, staged_directory
 from lowrank_runner.quiet import quiet_libraries
 
 
@@ -27,7 +26,9 @@ def _require_peft():
 
 
 def _peft_config(peft, adapter_cfg: dict, head_modules: list[str], fan_in_fan_out: bool):
-    method = adapter_cfg["method"]
+    from lowrank_runner.methods.registry import get_method_spec
+
+    method = {**get_method_spec("lora").defaults(), **adapter_cfg["method"]}  # a resolved recipe has them all
     grouped = [m["path"] for m in adapter_cfg["modules"] if m["groups"]]
     if grouped:
         raise ExportError(
@@ -54,7 +55,8 @@ def export_peft(source: Path, out: Path, tolerance: float = 1e-4, backbone: str 
     from lowrank_runner.methods.inject import remove_adapters
 
     source, out = Path(source), Path(out)
-    require_free(out, "--out")
+    tolerance = check_tolerance(tolerance)
+    preflight(source, out)
     config, adapter_cfg, adapter_state, head_state = read_run(source, backbone)
     if adapter_cfg["method"]["name"] != "lora":
         raise UsageError(f"--peft exports 'lora' runs; this run used '{adapter_cfg['method']['name']}' (use --merge or --adapter)")
@@ -82,7 +84,7 @@ def export_peft(source: Path, out: Path, tolerance: float = 1e-4, backbone: str 
     if not diff <= tolerance:
         raise ExportError(f"PEFT's model differs from ours by {diff:.3g} on the probe batch; nothing written")
 
-    with staged_directory(out) as tmp:
+    with staged_output(out) as tmp:
         peft_model.save_pretrained(tmp)
         _set_base_path(tmp, location)
         tokenizer.save_pretrained(tmp)

@@ -135,7 +135,8 @@ def test_export_of_a_nan_adapter_writes_nothing(trained_run, tmp_path):
 
 
 def test_export_needs_a_run_directory(tmp_path):
-    code, output = lrr("export", tmp_path, "--merge", "--out", tmp_path / "x")
+    (tmp_path / "src").mkdir()
+    code, output = lrr("export", tmp_path / "src", "--merge", "--out", tmp_path / "x")
     assert code == 2 and "not a run directory" in output
 
 

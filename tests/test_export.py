@@ -156,8 +156,9 @@ def hand_made_run(src_run: Path, dst: Path, model_class: str, targets=None, meth
     config = yaml.safe_load((src_run / art.RECIPE_FILE).read_text())
     if targets is not None:
         config["targets"] = targets
-    if method is not None:
-        config["method"] = {**config["method"], **method}
+    if method is not None:  # another method replaces the parameters; the same one updates them
+        same = method.get("name", config["method"]["name"]) == config["method"]["name"]
+        config["method"] = {**config["method"], **method} if same else method
     adapter_cfg = json.loads((src_run / art.ADAPTER_DIR / art.ADAPTER_CONFIG).read_text())
     same_head = model_class == adapter_cfg["task"]["model_class"]
     task = adapter_cfg["task"] if same_head else {"name": "handmade", "model_class": model_class}

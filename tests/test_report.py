@@ -224,7 +224,7 @@ def test_lrr_report_refuses_what_is_not_a_run(runs, tmp_path):
     broken.mkdir()
     (broken / "report.json").write_text("{not json")
     code, out = lrr("report", a, broken)
-    assert code != 0 and f"{broken / 'report.json'}: not valid JSON" in out
+    assert code == 1 and f"{broken / 'report.json'}:1:2: not valid JSON" in out
 
 
 def test_hub_backbones_are_identified_by_the_cached_commit(tmp_path):
@@ -263,8 +263,9 @@ def test_a_failed_run_gets_a_report_md_too(tmp_path):
     _mark_failed(tmp_path, "Traceback (most recent call last):\n  ...\nRuntimeError: out of memory")
     assert json.loads((tmp_path / "report.json").read_text())["status"] == "failed"
     assert "failed — RuntimeError: out of memory" in (tmp_path / "report.md").read_text()
-    code, out = lrr("report", tmp_path)
-    assert code == 0 and "RuntimeError: out of memory" in out
+    code, out = lrr("report", tmp_path)  # shown, and the exit code says the run failed
+    assert code == 1 and "Status: failed — RuntimeError: out of memory" in out
+    assert f"error: {tmp_path}: the run failed: RuntimeError: out of memory; the traceback is in {tmp_path / 'error.txt'}" in out
 
 
 def test_hub_datasets_are_identified_by_the_commit_datasets_resolved():

@@ -8,6 +8,7 @@
 - ``markdown.py``: ``report.md`` of a run and of a multi-run recipe
 - ``write.py``: writes the report files of a run / recipe, re-renders them
 - ``compare.py``: reads run directories, the differences between runs (``lrr report``)
+- ``schema.py``: what ``lrr report`` reads of report.json, metrics.json, summary.json (JSON Schemas)
 - ``terminal.py``: ``lrr report`` on the terminal (rich)
 
 Only ``environment`` is re-exported here; the package imports no torch.

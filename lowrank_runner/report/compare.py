@@ -4,11 +4,12 @@ inputs (backbone and data fingerprints), environment, and metrics. Torch-free.""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from lowrank_runner.errors import UsageError
-from lowrank_runner.recipe.document import safe_load
+from lowrank_runner.errors import RunFileError, UsageError
+from lowrank_runner.recipe.document import load_yaml
+from lowrank_runner.report.schema import METRICS_SCHEMA, REPORT_SCHEMA, SUMMARY_SCHEMA, check
 from lowrank_runner.train import artifacts as art
 
 SUMMARY_FILE = art.SUMMARY_FILE
@@ -21,24 +22,42 @@ class RunReport:
     dir: Path
     report: dict
     metrics: dict | None = None  # metrics.json, when the run finished
+    warnings: list[str] = field(default_factory=list)  # files that are gone, shown beside the report
 
     @property
     def status(self) -> str:
         return self.report.get("status", "unknown")
 
 
-def _read_json(path: Path, what: str):
+def _fix(run_dir: Path) -> str:
+    return f"restore it from a copy, or train the run again (lrr run {run_dir / art.RECIPE_FILE} --output NEW_DIR)"
+
+
+def _read_json(path: Path, what: str, fix: str):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise UsageError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
-                         f"the {what} is damaged") from None
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read the {what}: {exc.strerror}") from None
+        raise RunFileError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg}); the {what} is damaged: "
+                           f"{fix}") from None
+    except RecursionError:
+        raise RunFileError(f"{path}: not valid JSON (nested too deeply); the {what} is damaged: {fix}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RunFileError(f"{path}: cannot read the {what}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def _not_finished(run_dir: Path) -> RunFileError:
+    """A run directory without report.json that holds a run in progress or stopped."""
+    steps = sorted((int(p.name.split("-")[-1]), p.name) for p in (run_dir / "checkpoints").glob("step-*")
+                   if p.name.split("-")[-1].isdigit())
+    state = (f"it stopped at step {steps[-1][0]} (checkpoints/{steps[-1][1]}) and can be resumed" if steps
+             else "it is still training, or was interrupted before its first checkpoint")
+    return RunFileError(f"{run_dir}: the run has not finished: {state}; it has no {art.REPORT_FILE} until it "
+                        "completes. Continue it with: lrr run RECIPE --output RUN_DIR --resume")
 
 
 def load_run(run_dir: Path, label: str | None = None) -> RunReport:
-    """One run directory's report; a clear error for anything else."""
+    """One run directory's report, every file it uses checked; a clear error for
+    anything else (no run, an unfinished run, a damaged file)."""
     if not run_dir.exists():
         raise UsageError(f"{run_dir}: no such run directory")
     if not run_dir.is_dir():
@@ -46,33 +65,57 @@ def load_run(run_dir: Path, label: str | None = None) -> RunReport:
     path = run_dir / art.REPORT_FILE
     if not path.is_file():
         if (run_dir / art.METRICS_LOG).is_file() or (run_dir / "checkpoints").is_dir():
-            raise UsageError(f"{run_dir}: the run has not finished, so it has no {art.REPORT_FILE} yet "
-                             "(continue it with 'lrr run RECIPE --output RUN_DIR --resume')")
+            raise _not_finished(run_dir)
         raise UsageError(f"{run_dir}: not a run directory: no {art.REPORT_FILE} (written by 'lrr run' when a run ends) "
                          f"and no {SUMMARY_FILE} (written by a recipe with several runs)")
-    report = _read_json(path, "run report")
-    if not isinstance(report, dict) or "status" not in report:
-        raise UsageError(f"{path}: not a lowrank-runner run report (no 'status' field)")
+    report = _read_json(path, "run report", _fix(run_dir))
+    check(report, REPORT_SCHEMA, path, "run report", _fix(run_dir))
     metrics_path = run_dir / art.METRICS_FILE
-    metrics = _read_json(metrics_path, "metrics file") if metrics_path.is_file() else None
-    return RunReport(label or str(run_dir), run_dir, report, metrics)
+    metrics = None
+    if metrics_path.is_file():
+        metrics = _read_json(metrics_path, "metrics file", _fix(run_dir))
+        check(metrics, METRICS_SCHEMA, metrics_path, "metrics file", _fix(run_dir))
+    warnings = []
+    if report["status"] == "completed" and not (run_dir / art.METRICS_LOG).is_file():
+        warnings.append(f"{run_dir / art.METRICS_LOG}: missing: the run's training history is gone (the report keeps "
+                        "its per-epoch rows; --render cannot redraw the plots)")
+    return RunReport(label or str(run_dir), run_dir, report, metrics, warnings)
 
 
 def _summary_runs(root: Path) -> list[RunReport]:
-    summary = _read_json(root / SUMMARY_FILE, "recipe summary")
-    entries = summary.get("runs") if isinstance(summary, dict) else None
-    if not isinstance(entries, list):
-        raise UsageError(f"{root / SUMMARY_FILE}: not a lowrank-runner recipe summary (no 'runs' list)")
+    path = root / SUMMARY_FILE
+    fix = "restore it from a copy, or give the run directories themselves"
+    summary = _read_json(path, "recipe summary", fix)
+    check(summary, SUMMARY_SCHEMA, path, "recipe summary", fix)
     out = []
-    for entry in entries:
+    for entry in summary["runs"]:
         run_dir = root / Path(entry["dir"]).name  # the runs of a recipe live beside summary.json
         label = f"{root}/{run_dir.name}"
         if (run_dir / art.REPORT_FILE).is_file():
             out.append(load_run(run_dir, label))
-        else:  # a run that failed before writing anything: what the summary knows
-            out.append(RunReport(label, run_dir, {"status": entry.get("status", "unknown"), "error": entry.get("error"),
+        elif entry["status"] == "completed":
+            raise RunFileError(f"{run_dir}: {path} lists this run as completed, but its {art.REPORT_FILE} is gone "
+                               "(deleted or moved?); restore the run directory, or compare the others by naming "
+                               "their directories")
+        else:  # a run that failed or stopped before writing its report: what the summary knows
+            out.append(RunReport(label, run_dir, {"status": entry["status"], "error": entry.get("error"),
                                                   "run": {"task": entry.get("task"), "seed": entry.get("seed")}}))
+    if not out:
+        raise RunFileError(f"{path}: lists no runs; {fix}")
     return out
+
+
+def not_completed(run: RunReport) -> str | None:
+    """What to tell about a run that did not complete (None for a completed one)."""
+    if run.status == "completed":
+        return None
+    error = run.report.get("error")
+    traceback = run.dir / "error.txt"
+    where = f"; the traceback is in {traceback}" if traceback.is_file() else ""
+    if run.status == "stopped":
+        return f"{run.label}: the run stopped before the end; continue it with: lrr run RECIPE --output RUN_DIR --resume"
+    return (f"{run.label}: the run {run.status}" + (f": {error}" if error else "") + where
+            + "; fix the cause and train it again")
 
 
 def expand(paths: list[Path]) -> list[RunReport]:
@@ -124,7 +167,7 @@ def recipe_config(run: RunReport) -> dict:
         return config
     path = run.dir / art.RECIPE_FILE
     if path.is_file():
-        data = safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path).data  # a damaged file: an error with its line and column
         return data if isinstance(data, dict) else {}
     return {}
 

@@ -9,7 +9,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lowrank_runner.errors import LrrError
+from lowrank_runner.errors import RunFileError
 
 
 @dataclass
@@ -23,14 +23,27 @@ def read_history(path: Path) -> History:
     history = History()
     if not path.is_file():
         return history
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RunFileError(f"{path}: cannot read the training history: {exc}") from None
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise LrrError(f"{path}:{n}: not a JSON line ({exc.msg}); the file is damaged") from None
+            raise RunFileError(f"{path}:{n}:{exc.colno}: not a JSON line ({exc.msg}); the file is damaged: "
+                               "restore it from a copy, or delete the line") from None
+        except RecursionError:
+            raise RunFileError(f"{path}:{n}: not a JSON line (nested too deeply); the file is damaged: restore it "
+                               "from a copy, or delete the line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise RunFileError(f"{path}:{n}: not a logged step (a JSON object with an integer 'step'); the file "
+                               "is damaged: restore it from a copy, or delete the line")
         if "eval" in record:
+            if not isinstance(record["eval"], dict):
+                raise RunFileError(f"{path}:{n}: 'eval' is not an object of metrics; the file is damaged")
             history.evals.append(record)
         elif "loss" in record:
             history.train.append(record)

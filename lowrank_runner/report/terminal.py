@@ -7,6 +7,7 @@ import json
 
 from rich.console import Console
 from rich.markdown import Markdown
+from rich.markup import escape
 from rich.table import Table
 
 from lowrank_runner.report.compare import RunReport, compare
@@ -15,17 +16,18 @@ from lowrank_runner.train import artifacts as art
 
 
 def _value(value) -> str:
-    """Recipe and environment values exactly as written (JSON), so 1e-4 and 1.2e-4 differ."""
-    return value if isinstance(value, str) else json.dumps(value, default=str)
+    """Recipe and environment values exactly as written (JSON), so 1e-4 and 1.2e-4 differ;
+    escaped, so a ``[...]`` in a path or value is shown, not read as rich markup."""
+    return escape(value if isinstance(value, str) else json.dumps(value, default=str))
 
 
 def show_run(console: Console, run: RunReport) -> None:
-    console.print(f"[dim]{run.dir}[/dim]")
+    console.print(f"[dim]{escape(str(run.dir))}[/dim]")
     console.print(Markdown(run_markdown(run.report)))
     files = [run.dir / name for name in [art.REPORT_MD, *((run.report.get("files") or {}).get("plots") or {})]]
     existing = [str(p) for p in files if p.is_file()]
     if existing:
-        console.print("[bold]files:[/bold] " + ", ".join(existing))
+        console.print("[bold]files:[/bold] " + escape(", ".join(existing)))
 
 
 def _differences(console: Console, title: str, diffs: dict, labels: list[str], same: str) -> None:
@@ -37,7 +39,7 @@ def _differences(console: Console, title: str, diffs: dict, labels: list[str], s
     for label in labels:
         table.add_column(label, overflow="fold")
     for key, values in diffs.items():
-        table.add_row(key, *[_value(v) for v in values])
+        table.add_row(escape(key), *[_value(v) for v in values])
     console.print(table)
 
 
@@ -48,7 +50,7 @@ def show_comparison(console: Console, runs: list[RunReport]) -> dict:
     for col in ("", "run directory", "status", "recipe hash", "config hash"):
         runs_table.add_column(col, overflow="fold")
     for label, run in zip(labels, data["runs"]):
-        runs_table.add_row(label, run["dir"], run["status"], run["recipe_hash"] or "–", run["config_hash"] or "–")
+        runs_table.add_row(label, *[escape(str(run[k] or "–")) for k in ("dir", "status", "recipe_hash", "config_hash")])
     console.print(runs_table)
     _differences(console, "Recipe differences (resolved recipe, dotted keys)", data["recipe_differences"], labels,
                  "the resolved recipes are identical")
@@ -70,12 +72,14 @@ def show_comparison(console: Console, runs: list[RunReport]) -> dict:
         lines += [(f"test: {n}", [(r["test"] or {}).get(n) for r in rows]) for n in data["metric_names"]]
     lines += [("trainable params", [r["trainable_params"] for r in rows]), ("wall time s", [r["wall_time_s"] for r in rows])]
     for name, values in lines:
-        cells = [fmt(v) for v in values]
+        cells = [escape(fmt(v)) for v in values]
         differs = len(set(cells)) > 1
+        name = escape(name)
         table.add_row(f"[yellow]{name}[/yellow]" if differs else f"[dim]{name}[/dim]",
                       *[f"[bold]{c}[/bold]" if differs else c for c in cells])
     console.print(table)
     failed = [r for r in runs if r.status != "completed"]
     for run in failed:
-        console.print(f"[yellow]{run.label}: {run.status}[/yellow]" + (f" — {run.report['error']}" if run.report.get("error") else ""))
+        error = f" — {run.report['error']}" if run.report.get("error") else ""
+        console.print(f"[yellow]{escape(run.label)}: {escape(run.status)}[/yellow]{escape(error)}")
     return data

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lowrank_runner.errors import RunFileError
 from lowrank_runner.report import curves
 from lowrank_runner.report.history import per_epoch, read_history
 from lowrank_runner.report.markdown import recipe_markdown, run_markdown
@@ -52,8 +53,35 @@ def write_run_report(run_dir: Path, report: dict) -> dict:
 def render(run_dir: Path, report: dict) -> list[Path]:
     """Redraw report.md and the plots of a run from its report.json and metrics.jsonl
     (report.json itself is left as the run wrote it). Returns the files written."""
+    _require_history(run_dir)
     report = _complete(run_dir, dict(report))
     return [run_dir / REPORT_MD, *(run_dir / name for name in report["files"]["plots"] if name != art.RANK_HEATMAP_FILE)]
+
+
+def _require_history(run_dir: Path) -> None:
+    path = run_dir / art.METRICS_LOG
+    if not path.is_file():
+        raise RunFileError(f"{path}: missing: --render redraws the plots from the run's training history, which is "
+                           "gone; restore the file from a copy (the report.md and plots the run wrote are untouched)")
+    read_history(path)  # a damaged line: an error before anything is redrawn
+
+
+def render_runs(runs) -> list[str]:
+    """``lrr report --render``: redraw every completed run (all checked first, so a
+    damaged one stops the command before anything is redrawn); the lines to print."""
+    done = [run for run in runs if run.status == "completed"]
+    for run in done:
+        _require_history(run.dir)
+    lines = [f"{run.label}: not rendered: the run {run.status} (only completed runs have plots to redraw)"
+             for run in runs if run.status != "completed"]
+    for run in done:
+        try:
+            written = render(run.dir, run.report)
+        except OSError as exc:
+            raise RunFileError(f"{run.dir}: cannot write the redrawn report ({exc.strerror or exc}); make the "
+                               "directory writable, or copy the run elsewhere and render the copy") from None
+        lines.append(f"rendered {', '.join(str(p) for p in written)}")
+    return lines
 
 
 def write_recipe_report(root: Path, name: str, recipe_hash: str, source: str, command: list[str] | None,
