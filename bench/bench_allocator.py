@@ -77,7 +77,7 @@ def build_triadaptlora(args, schedule):
     method = build_method(cfg)
     injection = inject(model, method, targets)
     mark_trainable(model, head_parameter_names(model))
-    method.on_train_begin(args.steps)
+    method.on_train_begin(args.steps, adapters=injection.adapters)  # as the training loop calls it
     return model, injection
 
 

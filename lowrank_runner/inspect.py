@@ -29,6 +29,17 @@ def check_schedule(plan, where: str) -> None:
         )
 
 
+def check_method_schedule(method, total_steps: int, where: str) -> list[str]:
+    """The method's schedule against the planned steps (``method.schedule_problems``):
+    raises :class:`PlanError` for one that cannot work, returns the warnings
+    (``WHERE: method.KEY: message``) for one that can act only partly."""
+    problems = method.schedule_problems(total_steps)
+    errors = [f"{where}: {p}" for p in problems if p.severity == "error"]
+    if errors:
+        raise PlanError("\n".join(errors))
+    return [f"{where}: {p}" for p in problems if p.severity != "error"]
+
+
 def inspect_recipe(recipe: Recipe, processes: int = 1) -> dict:
     quiet_libraries()
     runs = []
@@ -43,6 +54,7 @@ def inspect_recipe(recipe: Recipe, processes: int = 1) -> dict:
             n_train = holdout_sizes(n_train, cfg["task"]["holdout_fraction"])[0]
         plan = plan_steps(n_train, cfg["training"], processes)
         check_schedule(plan, where)
+        warnings = check_method_schedule(adapted.method, plan.total_steps, where)
         by_symbol: dict[str, list[str]] = {}
         for t in adapted.targets:
             for symbol in t.symbols:
@@ -68,6 +80,7 @@ def inspect_recipe(recipe: Recipe, processes: int = 1) -> dict:
             "train_examples": n_train,
             "steps": plan.total_steps,
             "warmup_steps": plan.warmup_steps,
+            "warnings": warnings,
         })
     return {"name": recipe.name, "source": recipe.source, "recipe_hash": recipe.hash, "recipe": recipe.resolved, "runs": runs}
 

@@ -77,7 +77,8 @@ HEAD = 768 * 768 + 768 + 768 * 2 + 2  # RoBERTa: classifier dense + out_proj; De
     # Derived from the papers' formulas (the papers print no such table):
     ("roberta-base", "[Wq,Wv,Wm,Wo]", ["mtlora", "structure=shim", "r=8"], 1_035_264),  # A+B + one 8x8 C per module
     ("roberta-base", "[Wq,Wv,Wm,Wo]", ["mtlora", "structure=ctcm", "r=8"], 1_038_336),  # + D
-    ("deberta-v3-base", ALL6, ["triadaptlora", "r=1"], 166_032),  # r(in+out) + r(r+1) per module
+    # r(in+out) + r(r+1) per module; growth steps that fit quickstart's 200 steps (the defaults do not)
+    ("deberta-v3-base", ALL6, ["triadaptlora", "r=1", "t_init=10", "grow_interval=10"], 166_032),
     ("deberta-v3-base", ALL6, ["condlora", "r=8"], 4 * 12_288 + 2 * 30_720),  # one (theta_A, theta_B) per symbol
 ])
 def test_parameter_counts(config_dirs, backbone, targets, method, expected):
@@ -158,6 +159,7 @@ def test_lora2_recipe_matches_the_authors_settings(config_dirs):
     assert (cola["method"]["t_init"], cola["method"]["t_final"], cola["method"]["mask_interval"]) == (800, 3500, 10)
     assert runs["stsb"]["training"]["weight_decay"] == 0.1 and runs["rte"]["method"]["orth_reg"] == 0.3
     assert runs["mrpc"]["steps"] == 115 * 30  # ⌈3,668 / 32⌉ steps per epoch, 30 epochs: T from the plan
+    assert {task: run["warnings"] for task, run in runs.items()} == dict.fromkeys(GLUE_ORDER, [])  # schedules fit T
 
 
 def test_triadaptlora_recipes_match_table_v(config_dirs):
@@ -165,6 +167,7 @@ def test_triadaptlora_recipes_match_table_v(config_dirs):
                          "nonlinear"), ("triadaptlora_deberta_glue_fixed_k.yaml", "fixed_k")]:
         runs = inspect_recipe(recipe, f"backbone.name={config_dirs['deberta-v3-base']}")
         assert list(runs) == GLUE_ORDER and all(r["method"]["growth"] == mode for r in runs.values())
+        assert all(r["warnings"] == [] for r in runs.values())  # every growth schedule fits its planned steps
     epochs = [7, 24, 25, 7, 5, 50, 30, 25]
     lrs = [5e-4, 8e-4, 1e-3, 6e-4, 9e-4, 1.2e-3, 1e-3, 2.2e-3]
     grow_by = [1, 4, 4, 4, 4, 4, 4, 4]

@@ -52,6 +52,20 @@ def test_impossible_settings_are_user_errors():
         method.on_train_begin(total_steps=5)
 
 
+def test_schedule_problems_against_the_planned_steps():
+    [never] = build_method(PRUNING).schedule_problems(5)  # t_init 2 + t_final 3 >= 5
+    assert (never.path, never.severity) == ("method.t_init", "error")
+    assert build_method(PRUNING).schedule_problems(12) == []  # masks at 4, 6, 8 and 9
+    [once] = build_method({**PRUNING, "mask_interval": 10}).schedule_problems(12)
+    assert str(once) == ("method.mask_interval: masks only once, at step 9: the budget drops from r x modules to "
+                         "target_rank x modules in one step (the decay has 7 steps, mask_interval is 10); lower "
+                         "mask_interval or train longer") and once.severity == "warning"
+    [final] = build_method({**PRUNING, "t_final": 0}).schedule_problems(12)
+    assert final.path == "method.t_final" and final.severity == "warning"
+    assert "never trains at target_rank and only the last step can be selected" in final.message
+    assert build_method({**PRUNING, "target_rank": None}).schedule_problems(1) == []  # no pruning, no schedule
+
+
 def test_pruning_in_a_real_run_ends_at_the_target_and_ships_no_dead_capacity(tmp_path, tiny_recipe):
     recipe = tiny_recipe()
     out = tmp_path / "run"
@@ -134,3 +148,90 @@ def test_diverging_masks_across_processes_stop_training(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("lora2 pruning: processes took different rank decisions at step 4") == 2  # both ranks
+
+
+# --- skipped optimizer steps (fp16 loss scaling) and non-finite gradients -------------------
+
+def allocator_run(overflow_at=None, overflow="inf", steps=12):
+    """The allocator over ``steps`` steps; at ``overflow_at`` the optimizer skips its step
+    and the allocator sees ``overflow``: "inf"/"nan" gradients on one module's λ (an fp16
+    overflow), "cleared" gradients (the loop's skip path) or "dropped" (not called)."""
+    torch.manual_seed(0)
+    model = tiny_classifier("bert").train()
+    targets = resolve_targets(["Wq", "Wv"], "bert", [n for n, _ in model.named_modules()])
+    method = build_method(PRUNING)
+    injection = inject(model, method, targets)
+    mark_trainable(model)
+    method.on_train_begin(total_steps=steps)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    first = next(iter(injection.adapters.values()))
+    for step in range(1, steps + 1):
+        model(**token_batch(), labels=torch.tensor([0, 1, 2])).loss.backward()
+        if step != overflow_at:
+            opt.step()
+            method.after_optimizer_step(step, injection.adapters)
+        elif overflow in ("inf", "nan"):
+            first.lora2_lambda.grad[0] = float(overflow)
+            method.after_optimizer_step(step, injection.adapters)
+        elif overflow == "cleared":
+            opt.zero_grad(set_to_none=True)
+            method.after_optimizer_step(step, injection.adapters)
+        opt.zero_grad()
+    masks = [a.rank_mask.clone() for a in injection.adapters.values()]
+    return method.sensitivity, masks
+
+
+def assert_same_allocator(a, b):
+    (sens_a, masks_a), (sens_b, masks_b) = a, b
+    for key in sens_b.mean:
+        assert torch.equal(sens_a.mean[key], sens_b.mean[key]) and torch.equal(sens_a.uncertainty[key],
+                                                                                sens_b.uncertainty[key]), key
+    assert all(torch.equal(x, y) for x, y in zip(masks_a, masks_b))
+
+
+@pytest.mark.parametrize("overflow", ["inf", "nan", "cleared"])
+def test_a_step_without_usable_gradients_leaves_the_importance_as_if_dropped(overflow):
+    sensitivity, _ = run = allocator_run(overflow_at=5, overflow=overflow)  # step 5: in the decay, no masking
+    assert all(bool(t.isfinite().all()) for t in (*sensitivity.mean.values(), *sensitivity.uncertainty.values()))
+    assert_same_allocator(run, allocator_run(overflow_at=5, overflow="dropped"))
+
+
+def test_an_overflow_at_a_masking_step_masks_with_the_scores_it_had():
+    assert_same_allocator(allocator_run(overflow_at=6, overflow="inf"), allocator_run(overflow_at=6, overflow="cleared"))
+
+
+def with_loss_scaler(optimizer):
+    """Give Accelerate's optimizer wrapper a GradScaler (scale 1: values unchanged), as
+    ``mixed_precision: fp16`` does on a GPU, so inf/NaN gradients make it skip the step."""
+    from accelerate.optimizer import patch_optimizer_step
+
+    optimizer.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    optimizer.scaler.scale(torch.zeros(()))  # creates its scale tensor
+    optimizer._accelerate_step_called = False
+    optimizer._optimizer_original_step_method = optimizer.optimizer.step
+    optimizer._optimizer_patched_step_method = patch_optimizer_step(optimizer, optimizer.optimizer.step)
+
+
+def test_the_loop_skips_allocator_updates_and_the_scheduler_on_a_skipped_step(tmp_path, tiny_recipe):
+    from lowrank_runner.recipe.load import load_recipe
+    from lowrank_runner.train.loop import TrainingRun
+
+    recipe = load_recipe(tiny_recipe(), [
+        "method={name: lora2, r: 4, k: 2, alpha: 8, target_rank: 1, t_init: 2, t_final: 4, mask_interval: 2}",
+        "training.epochs=3", "training.log_every=1", "training.eval_every=null", "training.warmup_steps=0"])
+    run = TrainingRun(recipe, recipe.runs[0], tmp_path / "run", ["test"])
+    run.setup()
+    run.open_outputs()
+    with_loss_scaler(run.optimizer)
+    lam = next(p for n, p in run.model.named_parameters() if n.endswith("lora2_lambda"))
+    overflow_step = 5
+    lam.register_hook(lambda g: torch.full_like(g, float("inf")) if run.state.step == overflow_step - 1 else g)
+    run.train()
+    run.finish()
+    sensitivity = run.method.sensitivity
+    assert all(bool(t.isfinite().all()) for t in (*sensitivity.mean.values(), *sensitivity.uncertainty.values()))
+    lines = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = {ln["step"]: ln for ln in lines if "loss" in ln}
+    assert [s for s, ln in logged.items() if ln.get("optimizer_step_skipped")] == [overflow_step]
+    assert logged[overflow_step]["lr"] == logged[overflow_step - 1]["lr"] > logged[overflow_step + 1]["lr"]
+    assert sum(json.loads((tmp_path / "run" / "rank_pattern.json").read_text()).values()) == 4

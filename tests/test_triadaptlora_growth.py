@@ -108,7 +108,7 @@ def train(method_cfg, steps, targets=("Wq", "Wv"), seed=0, until=None):
     method = build_method(method_cfg)
     injection = inject(model, method, resolved)
     mark_trainable(model)
-    method.on_train_begin(total_steps=steps)
+    method.on_train_begin(total_steps=steps, adapters=injection.adapters)  # as the loop calls it
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     logs = []
     for step in range(1, (until or steps) + 1):
@@ -148,13 +148,64 @@ def test_the_most_changed_module_grows_first():
     resolved = resolve_targets(["Wq", "Wv"], "bert", [n for n, _ in model.named_modules()])
     method = build_method(cfg)
     injection = inject(model, method, resolved)
-    method.on_train_begin(total_steps=10)
-    method.after_optimizer_step(0, injection.adapters)  # reference norms at t0
+    method.on_train_begin(total_steps=10, adapters=injection.adapters)  # t0 = 0: reference norms at the start
     chosen = list(injection.adapters)[2]
     with torch.no_grad():
         injection.adapters[chosen].tri_L.mul_(10.0)  # ‖L + U‖_F / r changes most here
     logs = method.after_optimizer_step(1, injection.adapters)
     assert logs["grown_modules"] == 1 and method.rank_pattern(injection.adapters)[chosen] == 2
+
+
+@pytest.mark.parametrize("t_init", [0, 3])
+def test_the_first_growth_step_is_t_init_plus_grow_interval(t_init):
+    """§III-D / docs/methods.md: growth every grow_interval steps after t_init warm-up
+    steps; with t_init 0 the first is grow_interval (it used to be twice that)."""
+    cfg = growth_cfg(growth="fixed_k", fixed_k=1, r=1, r_ref=3, grow_by=1, t_init=t_init, grow_interval=3)
+    *_, logs = train(cfg, steps=t_init + 10)
+    grown_at = [i + 1 for i, log in enumerate(logs) if log.get("grown_modules")]
+    assert grown_at[0] == t_init + 3 and grown_at == list(range(t_init + 3, t_init + 10, 3))
+
+
+def test_schedule_problems_against_the_planned_steps():
+    method = build_method(growth_cfg(t_init=100, grow_interval=100))  # the defaults
+    [never] = method.schedule_problems(81)
+    assert (never.path, never.severity) == ("method.t_init", "error")
+    assert "does not come before the end of training (81 optimizer steps)" in never.message
+    [once] = method.schedule_problems(250)
+    assert (once.path, once.severity) == ("method.grow_interval", "warning")
+    assert str(once) == ("method.grow_interval: grows only once, at step 200 of 250: the whole budget (r_ref x "
+                         "modules) is allocated at once; lower grow_interval (100) or t_init (100), or train longer")
+    assert method.schedule_problems(301) == []
+    assert build_method(growth_cfg(r=3, r_ref=3)).schedule_problems(5) == []  # nothing to grow
+    assert build_method(growth_cfg(growth="none")).schedule_problems(5) == []
+
+
+def test_run_and_inspect_warn_about_a_schedule_that_acts_only_once(tmp_path, tiny_recipe, capsys):
+    from lowrank_runner.recipe.load import load_recipe
+    from lowrank_runner.train.loop import TrainingRun
+
+    path = tiny_recipe()
+    sets = ["method={name: triadaptlora, r: 1, r_ref: 3, grow_by: 1, t_init: 4, grow_interval: 4}"]
+    recipe = load_recipe(path, sets)  # 2 epochs of 6 steps: T = 12, one growth step (8)
+    expected = (f"warning: {recipe.source} [classification, seed 0]: method.grow_interval: grows only once, at step 8 "
+                "of 12: the whole budget (r_ref x modules) is allocated at once; lower grow_interval (4) or t_init "
+                "(4), or train longer")
+    inspected = CliRunner().invoke(app, ["inspect", str(path), "--set", sets[0]])
+    assert inspected.exit_code == 0 and expected in inspected.stderr.splitlines()
+    as_json = CliRunner().invoke(app, ["inspect", str(path), "--json", "--set", sets[0]])
+    assert json.loads(as_json.stdout)["runs"][0]["warnings"] == [expected[len("warning: "):]]
+    TrainingRun(recipe, recipe.runs[0], tmp_path / "run", ["test"]).setup()
+    assert expected in capsys.readouterr().err.splitlines()
+
+
+def test_inspect_refuses_a_schedule_that_never_grows(tiny_recipe):
+    path = tiny_recipe()
+    result = CliRunner().invoke(app, ["inspect", str(path), "--set", "method={name: triadaptlora, r: 1, r_ref: 3}"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {path} [classification, seed 0]: method.t_init: triadaptlora growth: the first growth step (t_init "
+        "100 + grow_interval 100) does not come before the end of training (12 optimizer steps); lower them or "
+        "train longer")
 
 
 def test_a_grown_module_restarts_its_optimizer_state():

@@ -11,7 +11,9 @@ merging. The training loop calls only this protocol and never names a method.
   derives its factors from it.
 * :class:`AdapterMethod` (per model): builds adapters, may own parameters shared by
   several adapters (CondLoRA), may add a regulariser (``extra_loss``) and act after each
-  optimizer step (``after_optimizer_step``, for rank allocation).
+  optimizer step (``after_optimizer_step``, for rank allocation). A method with a step
+  schedule checks it against the planned steps (``schedule_problems``: errors stop the
+  run, warnings are printed by ``lrr inspect`` and ``lrr run``).
 
 Fused projections (GPT-2's ``c_attn`` holding q, k and v) are adapted per selected group
 by :class:`GroupedAdapter` unless a method overrides :meth:`AdapterMethod.create_fused_adapter`
@@ -26,6 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from lowrank_runner.errors import Problem
 from lowrank_runner.targets import FUSED_GROUPS
 
 
@@ -119,9 +122,20 @@ class AdapterMethod:
         after all adapters were created."""
         return None
 
-    def on_train_begin(self, total_steps: int) -> None:
-        """Called once before training with the planned number of optimizer steps; raise
-        ``ValueError`` for settings that cannot work with that many steps."""
+    def on_train_begin(self, total_steps: int, adapters: dict[str, Adapter] | None = None) -> None:
+        """Called once before training (before a resumed run's state is loaded) with the
+        planned number of optimizer steps and the model's adapters as training starts
+        (``training.init_from`` loaded); raise ``ValueError`` for settings that cannot
+        work with that many steps (:meth:`schedule_problems` errors)."""
+        raise_schedule_errors(self, total_steps)
+
+    def schedule_problems(self, total_steps: int) -> list[Problem]:
+        """What the method's step schedule does wrong in ``total_steps`` optimizer steps,
+        each a :class:`~lowrank_runner.errors.Problem` at its recipe path
+        (``method.t_init``) without a location: severity ``error`` for a schedule that
+        cannot work (the run is refused), ``warning`` for one that can act only partly.
+        ``lrr inspect`` and ``lrr run`` call it once the steps are planned."""
+        return []
 
     def checkpoint_eligible(self, step: int) -> bool:
         """Whether the model after ``step`` may be selected as the best checkpoint
@@ -139,7 +153,10 @@ class AdapterMethod:
     def after_optimizer_step(self, step: int, adapters: dict[str, Adapter], optimizer=None) -> dict | None:
         """Called once after every optimizer step, before gradients are cleared; may
         return values to log. ``optimizer`` is the training optimizer (for methods that
-        must reset the state of parameters they re-initialise)."""
+        must reset the state of parameters they re-initialise). On a step the optimizer
+        skipped (fp16 loss scaling found inf/NaN gradients) it is still called, with the
+        gradients already cleared (``None``): an allocator reading gradients must take
+        a missing or non-finite gradient as no evidence and leave its statistics."""
         return None
 
     def active_parameter_count(self, adapters: dict[str, Adapter]) -> int | None:
@@ -154,6 +171,18 @@ class AdapterMethod:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned (on ``lrr run --resume``)."""
+
+
+def schedule_problem(key: str, message: str, severity: str = "error") -> Problem:
+    """A problem of a method parameter's schedule, at ``method.KEY``."""
+    return Problem(None, f"method.{key}", message, severity)
+
+
+def raise_schedule_errors(method: AdapterMethod, total_steps: int) -> None:
+    """``ValueError`` with the first error of :meth:`AdapterMethod.schedule_problems`."""
+    for problem in method.schedule_problems(total_steps):
+        if problem.severity == "error":
+            raise ValueError(problem.message)
 
 
 def check_same_across_processes(decision: torch.Tensor, what: str, step: int) -> None:

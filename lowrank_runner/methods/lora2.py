@@ -37,6 +37,7 @@ from lowrank_runner.methods.base import (
     gram_penalty,
     leaf_adapters,
     leaf_items,
+    schedule_problem,
 )
 from lowrank_runner.methods.rank_budget import cubic_budget
 
@@ -106,21 +107,38 @@ class LoRA2Adapter(Adapter):
 
 class Sensitivity:
     """Eq. 9's smoothed importance of named parameters: ``s = |p ⊙ ∇p|``,
-    ``Ī ← β1 Ī + (1−β1) s``, ``Ū ← β2 Ū + (1−β2) |s − Ī|``, ``score = Ī ⊙ Ū``."""
+    ``Ī ← β1 Ī + (1−β1) s``, ``Ū ← β2 Ū + (1−β2) |s − Ī|``, ``score = Ī ⊙ Ū``.
+
+    A step without usable gradients (none: the optimizer skipped the step; or some not
+    finite) is no evidence: the statistics keep their values, exactly as if the step had
+    not happened, so one fp16 overflow cannot turn them into NaN for the rest of the run."""
 
     def __init__(self, beta1: float, beta2: float):
         self.beta1, self.beta2 = beta1, beta2
         self.mean: dict[str, torch.Tensor] = {}
         self.uncertainty: dict[str, torch.Tensor] = {}
 
-    def update(self, key: str, param: nn.Parameter) -> torch.Tensor:
-        s = (param * param.grad).abs() if param.grad is not None else torch.zeros_like(param)
-        mean = self.mean.get(key, torch.zeros_like(s))
-        mean = self.beta1 * mean + (1 - self.beta1) * s
-        unc = self.uncertainty.get(key, torch.zeros_like(s))
-        unc = self.beta2 * unc + (1 - self.beta2) * (s - mean).abs()
+    def update(self, key: str, param: nn.Parameter, usable: torch.Tensor | None = None) -> torch.Tensor:
+        """The score after this step; ``usable`` (a 0-dim bool tensor, no host sync)
+        false, or no gradient: the statistics are left as they are."""
+        mean = self.mean.get(key, torch.zeros_like(param))
+        unc = self.uncertainty.get(key, torch.zeros_like(param))
+        if param.grad is not None:
+            s = (param * param.grad).abs()
+            new_mean = self.beta1 * mean + (1 - self.beta1) * s
+            new_unc = self.beta2 * unc + (1 - self.beta2) * (s - new_mean).abs()
+            if usable is not None:
+                new_mean, new_unc = torch.where(usable, new_mean, mean), torch.where(usable, new_unc, unc)
+            mean, unc = new_mean, new_unc
         self.mean[key], self.uncertainty[key] = mean, unc
         return mean * unc
+
+
+def gradients_finite(params) -> torch.Tensor | None:
+    """Whether every gradient of ``params`` is finite, as a 0-dim bool tensor on their
+    device (no host sync); None when none has a gradient."""
+    checks = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+    return torch.stack(checks).all() if checks else None
 
 
 class LoRA2(AdapterMethod):
@@ -148,19 +166,39 @@ class LoRA2(AdapterMethod):
     def prunes(self) -> bool:
         return self.params.get("target_rank") is not None
 
-    def on_train_begin(self, total_steps: int) -> None:
+    def on_train_begin(self, total_steps: int, adapters=None) -> None:
+        super().on_train_begin(total_steps, adapters)
         self.total_steps = total_steps
-        p = self.params
-        if self.prunes and p["t_init"] + p["t_final"] >= total_steps:
-            raise ValueError(
-                f"lora2 pruning: t_init ({p['t_init']}) + t_final ({p['t_final']}) leave no steps to prune in "
-                f"{total_steps} optimizer steps; lower them or train longer"
-            )
 
-    def importance(self, path: str, adapter: "LoRA2Adapter") -> torch.Tensor:
-        u = self.sensitivity.update(f"{path}.u", adapter.lora2_u)  # k x r
-        lam = self.sensitivity.update(f"{path}.lambda", adapter.lora2_lambda)  # r
-        big_u = self.sensitivity.update(f"{path}.U", adapter.lora2_U)  # r x k
+    def schedule_problems(self, total_steps: int):
+        """Pruning needs decay steps (error); warnings for a decay that masks only once
+        and for a final phase of zero steps (the model never trains at the target)."""
+        if not self.prunes:
+            return []
+        p = self.params
+        t_init, t_final, interval = p["t_init"], p["t_final"], p["mask_interval"]
+        decay_end = total_steps - t_final
+        if t_init + t_final >= total_steps:
+            return [schedule_problem("t_init", (
+                f"lora2 pruning: t_init ({t_init}) + t_final ({t_final}) leave no steps to prune in {total_steps} "
+                "optimizer steps; lower them or train longer"))]
+        problems = []
+        if (t_init // interval + 1) * interval >= decay_end:
+            problems.append(schedule_problem("mask_interval", (
+                f"masks only once, at step {decay_end}: the budget drops from r x modules to target_rank x modules in "
+                f"one step (the decay has {decay_end - t_init} steps, mask_interval is {interval}); lower "
+                "mask_interval or train longer"), "warning"))
+        if t_final == 0:
+            problems.append(schedule_problem("t_final", (
+                f"is 0: the final mask is set after the last step ({total_steps}), so the model never trains at "
+                "target_rank and only the last step can be selected; set t_final (the authors use 1800 to 50000 "
+                "steps)"), "warning"))
+        return problems
+
+    def importance(self, path: str, adapter: "LoRA2Adapter", usable: torch.Tensor | None = None) -> torch.Tensor:
+        u = self.sensitivity.update(f"{path}.u", adapter.lora2_u, usable)  # k x r
+        lam = self.sensitivity.update(f"{path}.lambda", adapter.lora2_lambda, usable)  # r
+        big_u = self.sensitivity.update(f"{path}.U", adapter.lora2_U, usable)  # r x k
         return lam + u.mean(dim=0) + big_u.mean(dim=1)
 
     def after_optimizer_step(self, step, adapters, optimizer=None):
@@ -176,7 +214,9 @@ class LoRA2(AdapterMethod):
         if plan.final and not plan.mask_now:  # the mask is fixed: nothing left to score
             return {"rank_budget": plan.budget, "active_ranks": self._active}
         with torch.no_grad():
-            scores = [self.importance(path, m) for path, m in items]
+            # one finiteness flag for the whole step: all modules skip an overflowed step together
+            usable = gradients_finite(p for m in modules for p in (m.lora2_u, m.lora2_lambda, m.lora2_U))
+            scores = [self.importance(path, m, usable) for path, m in items]
             if plan.mask_now:
                 flat = torch.cat(scores)
                 keep = torch.zeros_like(flat)

@@ -4,8 +4,8 @@
 total number of active ranks stays at ``initial`` for the first ``t_init`` steps, then
 decays cubically to ``target`` at step ``T - t_final``, and stays there (with the mask
 fixed) for the last ``t_final`` steps. Masking happens every ``interval`` steps during the
-decay, once more at the first step of the final phase (at the target budget), and then
-the mask stays fixed.
+decay and at its last step ``T - t_final`` (at the target budget, as PEFT's AdaLoRA
+forces it there); then the mask stays fixed for the last ``t_final`` steps.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ def cubic_budget(step: int, total_steps: int, initial: int, target: int, t_init:
     decay_end = total_steps - t_final
     if step <= t_init:
         return BudgetStep(initial, False, False)
-    if step > decay_end:
-        return BudgetStep(target, step == decay_end + 1, True)
+    if step > decay_end:  # the mask was set at decay_end and stays fixed
+        return BudgetStep(target, False, True)
     span = max(decay_end - t_init, 1)
     remaining = 1 - (step - t_init) / span
     budget = int((initial - target) * remaining**3 + target)

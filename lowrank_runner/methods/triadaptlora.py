@@ -44,6 +44,7 @@ from lowrank_runner.methods.base import (
     check_same_across_processes,
     gram_penalty,
     leaf_items,
+    schedule_problem,
 )
 from lowrank_runner.methods.rank_budget import growth_count, growth_plan
 
@@ -201,7 +202,10 @@ class TriAdaptLoRA(AdapterMethod):
     def _modules(self, adapters) -> list[tuple[str, TriAdaptLoRAAdapter]]:
         return [(path, a) for path, a in leaf_items(adapters) if isinstance(a, TriAdaptLoRAAdapter)]
 
-    def on_train_begin(self, total_steps: int) -> None:
+    def on_train_begin(self, total_steps: int, adapters=None) -> None:
+        """Plan the growth steps. With ``t_init`` 0 the importance reference is the
+        adapters' norms as training starts, so the first growth step is ``grow_interval``
+        (as for any ``t_init``: ``t_init + grow_interval``), not twice that."""
         self.total_steps = total_steps
         if not self.grows:
             return
@@ -210,14 +214,31 @@ class TriAdaptLoRA(AdapterMethod):
         if p["r_ref"] == p["r"]:  # nothing to grow: the budget is spent from the start
             self.last_evaluation = -1
             return
-        if t0 + interval > total_steps - 1:
-            raise ValueError(
-                f"triadaptlora growth: the first growth step (t_init {t0} + grow_interval {interval}) does not come "
-                f"before the end of training ({total_steps} optimizer steps); lower them or train longer"
-            )
+        super().on_train_begin(total_steps, adapters)
         self.last_evaluation = t0 + (total_steps - 1 - t0) // interval * interval
         if self.generator is None:  # the run's seed, identical in every process
             self.generator = torch.Generator().manual_seed(torch.initial_seed())
+        if t0 == 0 and adapters is not None and self.reference is None:  # "step 0": before the first update
+            with torch.no_grad():
+                self.reference = self._norms(self._modules(adapters))
+
+    def schedule_problems(self, total_steps: int):
+        """Growth needs a growth step before the last step (error); a warning when there
+        is only one, which allocates the whole budget at once."""
+        p = self.params
+        if not self.grows or p["r_ref"] == p["r"]:
+            return []
+        t0, interval = p["t_init"], p["grow_interval"]
+        first = t0 + interval
+        if first > total_steps - 1:
+            return [schedule_problem("t_init", (
+                f"triadaptlora growth: the first growth step (t_init {t0} + grow_interval {interval}) does not come "
+                f"before the end of training ({total_steps} optimizer steps); lower them or train longer"))]
+        if first + interval > total_steps - 1:
+            return [schedule_problem("grow_interval", (
+                f"grows only once, at step {first} of {total_steps}: the whole budget (r_ref x modules) is allocated "
+                f"at once; lower grow_interval ({interval}) or t_init ({t0}), or train longer"), "warning")]
+        return []
 
     def is_evaluation(self, step: int) -> bool:
         p = self.params

@@ -1,24 +1,28 @@
 """One training run with Accelerate: the same code on a CPU, one GPU or under
 ``accelerate launch`` with several processes.
 
+:class:`TrainingRun` holds the phases (set-up, resume, the step, evaluate-and-select,
+checkpoint, finish; docs/architecture.md) and :func:`train_run` runs them in order.
 The loop knows nothing about any particular method: it adds ``method.extra_loss`` to
 the task loss and calls ``method.after_optimizer_step`` right after every optimizer step
-(before gradients are cleared, so allocators can read them).
+(before gradients are cleared, so allocators can read them; on a step the fp16 loss
+scaler skipped, with the gradients already cleared).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from lowrank_runner.backbones import load_tokenizer
 from lowrank_runner.backbones import resolve as resolve_backbone
-from lowrank_runner.inspect import PlanError, check_schedule
+from lowrank_runner.inspect import PlanError, check_method_schedule, check_schedule
 from lowrank_runner.methods.inject import adapter_state_dict, is_adapter_param, load_adapter_state
 from lowrank_runner.modeling import AdaptedModel, build_adapted_model
 from lowrank_runner.recipe.load import Recipe, RunSpec
@@ -53,12 +57,37 @@ def resolve_mixed_precision(setting: str) -> str:
     return "no"
 
 
+# Normalisation modules, by type: torch's (batch and instance norms share _NormBase) ...
+_NORM_TYPES = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._NormBase,
+               *([torch.nn.RMSNorm] if hasattr(torch.nn, "RMSNorm") else []))
+# ... and the classes models define themselves (LlamaRMSNorm, T5LayerNorm, DebertaLayerNorm).
+_NORM_CLASS_SUFFIXES = ("LayerNorm", "RMSNorm", "GroupNorm")
+
+
+def is_norm_module(module: torch.nn.Module) -> bool:
+    return isinstance(module, _NORM_TYPES) or type(module).__name__.endswith(_NORM_CLASS_SUFFIXES)
+
+
+def weight_decay_groups(model: torch.nn.Module) -> tuple[list, list]:
+    """Trainable parameters split by role: (decayed, not decayed). Biases (a module's
+    ``bias``) and every parameter of a normalisation module are not decayed; everything
+    else is, whatever its shape (adapter factors, LoRA2's λ, TriAdaptLoRA's packed
+    triangles, head weights)."""
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        norm = is_norm_module(module)
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            (no_decay if norm or name == "bias" else decay).append(param)
+    return decay, no_decay
+
+
 def build_optimizer(model, training: dict) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    """AdamW with ``training.weight_decay`` on every trainable parameter but biases and
+    normalisation weights (:func:`weight_decay_groups`)."""
+    decay, no_decay = weight_decay_groups(model)
     groups = [{"params": decay, "weight_decay": training["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(
         [g for g in groups if g["params"]], lr=training["learning_rate"],
@@ -149,213 +178,397 @@ def prepared_data(cfg: dict, tokenizer) -> tuple[Task, object, object]:
     return _DATA_CACHE[key]
 
 
+@dataclass
+class LoopState:
+    """Everything the loop carries from one optimizer step to the next: what a checkpoint
+    saves (with the model, optimizer, scheduler, method and RNG states) and resume restores."""
+
+    window_loss: torch.Tensor  # summed task loss since the last log line (on the device)
+    best: dict  # the selected checkpoint so far: step, metric, value, eval
+    step: int = 0  # optimizer steps done
+    epoch_index: int = 0
+    skip_batches: int = 0  # batches of the current epoch already trained (a resumed run skips them)
+    window_n: int = 0
+    last_eval: dict | None = None
+    best_state: tuple[dict, dict] | None = None  # adapter and head tensors of the best checkpoint
+    best_outputs: dict = field(default_factory=dict)  # the task's outputs (generations, answers) at the best checkpoint
+    epoch_generator: torch.Tensor | None = None  # the data order's generator state at the start of the epoch
+    log_lines: int = 0  # metrics.jsonl lines written up to the checkpoint
+
+    def checkpoint_state(self, batches_in_epoch: int, log_lines: int, config_hash: str, total_steps: int) -> dict:
+        """The JSON part of a checkpoint (``state.json``)."""
+        return {"step": self.step, "epoch_index": self.epoch_index, "batches_in_epoch": batches_in_epoch,
+                "window_loss": float(self.window_loss), "window_n": self.window_n, "best": self.best,
+                "last_eval": self.last_eval, "best_outputs": self.best_outputs, "log_lines": log_lines,
+                "config_hash": config_hash, "total_steps": total_steps}
+
+    def restore(self, saved: dict) -> None:
+        """Continue from a checkpoint's ``state.json``."""
+        self.step, self.epoch_index, self.skip_batches = saved["step"], saved["epoch_index"], saved["batches_in_epoch"]
+        self.best, self.last_eval, self.window_n = saved["best"], saved["last_eval"], saved["window_n"]
+        self.log_lines, self.best_outputs = saved["log_lines"], saved.get("best_outputs", {})
+        self.window_loss.fill_(saved["window_loss"])
+
+
+@dataclass
+class StepOutput:
+    """What one optimizer step leaves for logging."""
+
+    method_logs: dict  # returned by ``method.after_optimizer_step``
+    extra_loss: torch.Tensor | None  # the method's regulariser on the step's last micro-batch
+
+
+class TrainingRun:
+    """One run, in the phases a reader (and later work: trackers, parallel runs, FSDP)
+    can find at once:
+
+    ``setup()`` (Accelerator, data, model, optimizer; the method learns the planned
+    steps) → ``restore()`` (``--resume``: a checkpoint's state) → ``open_outputs()``
+    (run directory, ``metrics.jsonl``, progress) → ``train()``: epochs of
+    ``train_step(batch)`` (forward, backward, optimizer step, the method's hook), then
+    ``log_step`` / ``evaluate_and_select`` / ``save_checkpoint`` as scheduled →
+    ``finish()`` (test scores, adapter, metrics, report; or the stop after
+    ``--stop-after-step``). :func:`train_run` calls them in this order.
+    """
+
+    def __init__(self, recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resume: Checkpoint | None = None,
+                 stop_after: int | None = None, init_from=None):
+        self.recipe, self.run, self.run_dir, self.argv = recipe, run, run_dir, argv
+        self.resume, self.stop_after, self.init_from = resume, stop_after, init_from
+        self.cfg, self.training = run.config, run.config["training"]
+        self.where = f"{recipe.source} [{run.task}, seed {run.seed}]"
+        self.stopped_at: int | None = None
+        self.log: art.MetricsLog | None = None
+
+    # ------------------------------------------------------------------ set-up
+
+    def setup(self) -> None:
+        """Accelerator and seed, data, model (with ``training.init_from``), step plan,
+        dataloaders, optimizer and scheduler, all prepared; the method learns the plan."""
+        from accelerate.utils import set_seed
+
+        self.started = time.time()
+        self.mixed = resolve_mixed_precision(self.training["mixed_precision"])
+        self.accelerator = self._accelerator()
+        self.main = self.accelerator.is_main_process
+        set_seed(self.run.seed)
+        self._setup_data()
+        self._setup_model()
+        self.plan = plan_steps(len(self.tokenized["train"]), self.training, self.accelerator.num_processes)
+        check_schedule(self.plan, self.where)
+        self._setup_optimization()
+        self._setup_method()
+        self.state = LoopState(window_loss=torch.zeros((), device=self.accelerator.device),
+                               best={"step": None, "metric": self.task.metric, "value": None, "eval": None})
+
+    def _accelerator(self):
+        from accelerate import Accelerator
+
+        return Accelerator(
+            mixed_precision=self.mixed,
+            gradient_accumulation_steps=self.training["gradient_accumulation_steps"],
+            cpu=not has_accelerator_device(),  # lets `accelerate launch`/torchrun use gloo across CPU processes
+        )
+
+    def _setup_data(self) -> None:
+        """Tokenizer, task and tokenized splits; which splits select the best checkpoint
+        (``selection``) and which are scored once at the end (``tests``)."""
+        self.ref = resolve_backbone(self.cfg["backbone"])
+        self.tokenizer = load_tokenizer(self.ref, self.cfg["backbone"].get("tokenizer"))
+        with self.accelerator.main_process_first():
+            self.task, self.splits, self.tokenized = prepared_data(self.cfg, self.tokenizer)
+        self.holdout = self.cfg["task"].get("holdout_fraction")
+        self.selection = {"validation": ""} if self.holdout else self.task.eval_splits()
+        tests = {TEST_PREFIX + n: suffix for n, suffix in self.task.eval_splits().items()} if self.holdout else {}
+        tests.update(self.task.test_splits())  # test sets the task loads itself (task.test_split)
+        self.tests = tests
+
+    def _setup_model(self) -> None:
+        task = self.task
+        self.adapted = build_adapted_model(self.cfg, task.model_class, task.model_config_kwargs(), weights=True,
+                                           ref=self.ref)
+        if self.init_from is not None and self.resume is None:  # a checkpoint holds the adapter already
+            self.init_from.load_into(self.adapted, self.cfg)
+        self.method, self.adapters = self.adapted.method, self.adapted.injection.adapters
+
+    def _setup_optimization(self) -> None:
+        """Dataloaders, optimizer and scheduler, prepared by Accelerate with the model."""
+        from transformers import get_scheduler
+
+        train_dl, eval_dls, self.data_generator = build_dataloaders(
+            self.tokenized, self.tokenizer, self.task, self.training, self.run.seed, self.mixed,
+            {**self.selection, **self.tests})
+        optimizer = build_optimizer(self.adapted.model, self.training)
+        self.scheduler = get_scheduler(self.training["lr_scheduler"], optimizer, self.plan.warmup_steps,
+                                       self.plan.total_steps)
+        self.model, self.optimizer, self.train_dl, *prepared = self.accelerator.prepare(
+            self.adapted.model, optimizer, train_dl, *eval_dls.values())
+        self.eval_dls = dict(zip(eval_dls, prepared))
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    def _setup_method(self) -> None:
+        """The method's schedule against the planned steps (errors stop the run, warnings
+        are printed), then ``on_train_begin``."""
+        notes = check_method_schedule(self.method, self.plan.total_steps, self.where)
+        if self.main:
+            for line in notes:
+                print(f"warning: {line}", file=sys.stderr, flush=True)
+        try:
+            self.method.on_train_begin(self.plan.total_steps, adapters=self.adapters)
+        except ValueError as exc:
+            raise PlanError(f"{self.where}: method: {exc}") from None
+
+    # ------------------------------------------------------------------ resume
+
+    def restore(self) -> None:
+        """``--resume``: the checkpoint's model, optimizer, scheduler, method and RNG
+        states, and the loop's own state (step, data position, best so far)."""
+        checkpoint = self.resume
+        if checkpoint is None:
+            return
+        if checkpoint.state["config_hash"] != self.run.config_hash:
+            raise PlanError(
+                f"{checkpoint.path}: written by a different recipe (config hash {checkpoint.state['config_hash']}, "
+                f"now {self.run.config_hash}); resume with the recipe and --set overrides the run started with"
+            )
+        try:
+            best_tensors, self.state.epoch_generator = restore_checkpoint(
+                checkpoint, self.accelerator, self.model, self.optimizer, self.scheduler, self.method)
+        except ValueError as exc:
+            raise PlanError(str(exc)) from None
+        self.state.best_state = _split_best(best_tensors)
+        self.state.restore(checkpoint.state)
+
+    def open_outputs(self) -> None:
+        """The run directory with its ``recipe.yaml``, ``metrics.jsonl`` (a resumed run
+        keeps the lines up to its checkpoint) and the progress display."""
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            art.write_recipe(self.run_dir / art.RECIPE_FILE, self.cfg, self.recipe.hash, self.run.config_hash,
+                             self.recipe.source)
+            self.log = art.MetricsLog(self.run_dir / art.METRICS_LOG, keep_lines=self.state.log_lines)
+        self.eval_every = self.training["eval_every"] or self.plan.steps_per_epoch
+        self.checkpoint_every = self.training["checkpoint_every"] or self.eval_every
+        self.progress = TrainingProgress(self.plan.total_steps, enabled=self.main, metric=self.task.metric)
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> None:
+        """Epochs until the planned steps are done or ``--stop-after-step`` stops the run."""
+        self.model.train()
+        with self.progress:
+            self.progress.start_at(self.state.step)
+            while self.state.step < self.plan.total_steps and self.stopped_at is None:
+                if self.train_epoch():
+                    break
+
+    def train_epoch(self) -> bool:
+        """One pass over the training data (on resume, the rest of the interrupted one, in
+        its order); True when training ends within it."""
+        s = self.state
+        if s.skip_batches and s.epoch_generator is not None:
+            self.data_generator.set_state(s.epoch_generator)  # replay the interrupted epoch's order
+        else:
+            s.epoch_generator = self.data_generator.get_state()
+        for batch_index, batch in enumerate(self.train_dl):
+            if batch_index < s.skip_batches:
+                continue
+            out = self.train_step(batch)
+            if out is not None and self.after_step(out, batches_in_epoch=batch_index + 1):
+                return True
+        s.epoch_index += 1
+        s.skip_batches = 0
+        return False
+
+    def train_step(self, batch) -> StepOutput | None:
+        """Forward and backward of one (micro-)batch; on a gradient-synchronising batch also
+        the optimizer step. None while gradients are still being accumulated."""
+        with self.accelerator.accumulate(self.model):
+            out = self.model(**self.task.model_inputs(batch))
+            loss = self.task.loss(out, batch)
+            extra = self.method.extra_loss(self.adapters)
+            self.accelerator.backward(loss if extra is None else loss + extra)
+            self.state.window_loss += loss.detach().float()
+            self.state.window_n += 1
+            if not self.accelerator.sync_gradients:
+                return None
+            return StepOutput(self.optimizer_step(), extra)
+
+    def optimizer_step(self) -> dict:
+        """Clip, step the optimizer and (unless the step was skipped) the scheduler, run
+        the method's hook, clear gradients; returns the hook's values to log.
+
+        Under fp16 loss scaling a step with inf/NaN gradients is skipped by the optimizer;
+        its gradients are then cleared *before* the hook, so a rank allocator never reads
+        them (the schedule still advances: the hook is called with the step number)."""
+        if self.training["max_grad_norm"]:
+            self.accelerator.clip_grad_norm_(self.params, self.training["max_grad_norm"])
+        self.optimizer.step()
+        applied = not self.accelerator.optimizer_step_was_skipped
+        if applied:
+            self.scheduler.step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        logs = self.method.after_optimizer_step(self.state.step, self.adapters, self.optimizer) or {}
+        self.optimizer.zero_grad(set_to_none=True)
+        return logs if applied else {**logs, "optimizer_step_skipped": 1}
+
+    def after_step(self, out: StepOutput, batches_in_epoch: int) -> bool:
+        """Log, evaluate and checkpoint as scheduled after an optimizer step; True when
+        training ends here (the planned steps are done, or ``--stop-after-step``)."""
+        step, total = self.state.step, self.plan.total_steps
+        if step % self.training["log_every"] == 0 or step == total:
+            self.log_step(out)
+        if step % self.eval_every == 0 or step == total:
+            self.evaluate_and_select()
+        if step >= total:
+            return True
+        if step % self.checkpoint_every == 0 or step == self.stop_after:
+            self.save_checkpoint(batches_in_epoch)
+        if step == self.stop_after:
+            self.stopped_at = step
+            return True
+        return False
+
+    def _epoch(self) -> float:
+        return round(self.state.step / self.plan.steps_per_epoch, 4)
+
+    def log_step(self, out: StepOutput) -> None:
+        """The mean loss since the last log line (over all processes), the learning rate
+        and the method's values: a ``metrics.jsonl`` line and the progress bar."""
+        s = self.state
+        mean_loss = self.accelerator.reduce(s.window_loss / max(s.window_n, 1), reduction="mean").item()
+        s.window_loss.zero_()
+        s.window_n = 0
+        record = {"step": s.step, "epoch": self._epoch(), "loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],
+                  **out.method_logs}
+        if out.extra_loss is not None:
+            record["extra_loss"] = float(out.extra_loss.detach())
+        if self.log:
+            self.log.write(record)
+        self.progress.update_train(s.step, mean_loss, record["lr"])
+
+    # ------------------------------------------------------------------ evaluate and select
+
+    def evaluate_and_select(self) -> None:
+        """Score the selection splits; keep the model as the best checkpoint when it
+        improves the task's metric and the method allows this step."""
+        s = self.state
+        s.last_eval = evaluate_all(self.model, self.eval_dls, self.task, self.accelerator, self.selection)
+        improved = self.method.checkpoint_eligible(s.step) and self._improves(s.last_eval[self.task.metric])
+        if improved:
+            s.best.update(step=s.step, value=s.last_eval[self.task.metric], eval=s.last_eval)
+            s.best_state = _trainable_state(self.accelerator.unwrap_model(self.model), self.adapted)
+            s.best_outputs = {k: list(v) for k, v in self.task.outputs().items() if k in self.selection}
+        if self.log:
+            self.log.write({"step": s.step, "epoch": self._epoch(), "eval": s.last_eval})
+        self.progress.update_eval(s.step, s.last_eval, self.task.metric, improved)
+
+    def _improves(self, value: float) -> bool:
+        best = self.state.best["value"]
+        return best is None or (value > best if self.task.greater_is_better else value < best)
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def save_checkpoint(self, batches_in_epoch: int) -> None:
+        """A resumable checkpoint after the current step (collective: every process calls it)."""
+        s = self.state
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        adapter, head = _trainable_state(unwrapped, self.adapted, compact=False) if self.main else ({}, {})
+        save_checkpoint(
+            self.run_dir, self.accelerator, keep=self.training["checkpoints_kept"], optimizer=self.optimizer,
+            scheduler=self.scheduler, method=self.method, data_generator=s.epoch_generator,
+            trainable={**adapter, **head},
+            best={**s.best_state[0], **s.best_state[1]} if s.best_state else None,
+            state=s.checkpoint_state(batches_in_epoch, self.log.lines if self.log else 0, self.run.config_hash,
+                                     self.plan.total_steps),
+        )
+
+    # ------------------------------------------------------------------ finish
+
+    def finish(self) -> RunResult:
+        """Close the log; after ``--stop-after-step`` just end (the checkpoint is there),
+        else score the test sets and write the run's artifacts and report."""
+        if self.log:
+            self.log.close()
+        self.accelerator.wait_for_everyone()
+        if self.stopped_at is not None:
+            self.accelerator.end_training()
+            return RunResult(self.run_dir, self.state.best, stopped_at=self.stopped_at)
+        test = self.score_tests()
+        if self.main:
+            self.write_artifacts(test)
+        self.accelerator.end_training()
+        return RunResult(self.run_dir, self.state.best, test=test)
+
+    def score_tests(self) -> dict | None:
+        """The selected checkpoint (loaded back into the model) on the test set(s), once."""
+        if not self.tests:
+            return None
+        unwrapped, best_state = self.accelerator.unwrap_model(self.model), self.state.best_state
+        if best_state is not None:
+            load_adapter_state(unwrapped, best_state[0])
+            unwrapped.load_state_dict(best_state[1], strict=False)
+        return evaluate_all(self.model, self.eval_dls, self.task, self.accelerator, self.tests)
+
+    def write_artifacts(self, test: dict | None) -> None:
+        """Adapter, metrics, the task's outputs, rank pattern and report (main process);
+        the checkpoints go: a completed run has nothing left to resume."""
+        s, unwrapped, run = self.state, self.accelerator.unwrap_model(self.model), self.run
+        adapter_state, head_state = s.best_state or _trainable_state(unwrapped, self.adapted)
+        origin = self.init_from.record() if self.init_from is not None else None  # the adapter it started from
+        config = adapter_config(self.adapted, run, self.recipe, self.task)
+        if origin is not None:
+            config["init_from"] = origin
+        art.save_adapter(self.run_dir / art.ADAPTER_DIR, adapter_state, head_state, config)
+        final = {"task": run.task, "seed": run.seed, "metric": self.task.metric, "best": s.best,
+                 "last": {"step": s.step, "eval": s.last_eval}}
+        if test is not None:
+            final["test"] = test  # the selected checkpoint on the test set(s)
+        art.write_json(self.run_dir / art.METRICS_FILE, final)
+        self._write_outputs()
+        pattern = self._write_rank_pattern()
+        test_examples = {k[len(TEST_PREFIX):]: len(self.tokenized[k]) for k in self.tests}
+        holdout = {"fraction": self.holdout, "seed": HOLDOUT_SEED, "test_examples": test_examples} if self.holdout else None
+        write_run_report(self.run_dir, build_run_report(
+            recipe=self.recipe, run=run, argv=self.argv, adapted=self.adapted, model=unwrapped, task=self.task,
+            splits=self.splits, tokenized=self.tokenized, plan=self.plan, best=s.best, last_eval=s.last_eval, test=test,
+            started=self.started, accelerator=self.accelerator, rank_pattern=pattern,
+            resumed_from=self.resume.step if self.resume is not None else None, holdout=holdout,
+            test_examples=test_examples or None, init_from=origin,
+        ))
+        shutil.rmtree(self.run_dir / CHECKPOINTS_DIR, ignore_errors=True)  # complete: nothing left to resume
+
+    def _write_outputs(self) -> None:
+        """Generated text, answers: the selected checkpoint's on the selection splits, and
+        the test sets'."""
+        outputs = {**self.state.best_outputs, **{k: v for k, v in self.task.outputs().items() if k in self.tests}}
+        for split, rows in outputs.items():
+            art.write_jsonl(self.run_dir / art.OUTPUTS_FILE.format(split=split.replace(TEST_PREFIX, "test_")), rows)
+
+    def _write_rank_pattern(self) -> dict | None:
+        """``rank_pattern.json`` and its heatmap, for methods whose ranks change."""
+        pattern = self.method.rank_pattern(self.adapters)
+        if pattern is not None:
+            from lowrank_runner.plots import rank_heatmap
+
+            art.write_json(self.run_dir / art.RANK_PATTERN_FILE, pattern)
+            symbols = {t.path: list(t.symbols) for t in self.adapted.targets}
+            rank_heatmap(pattern, symbols, self.run_dir / art.RANK_HEATMAP_FILE,
+                         f"{self.cfg['method']['name']} final ranks: {sum(pattern.values())} over {len(pattern)} modules")
+        return pattern
+
+
 def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resume: Checkpoint | None = None,
               stop_after: int | None = None, init_from=None) -> RunResult:
     """Train one run into ``run_dir``; ``resume`` continues from a checkpoint of it,
     ``stop_after`` ends the run with a checkpoint after that optimizer step, and
-    ``init_from`` (train/init_from.py) loads another run's adapter before training."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from transformers import get_scheduler
-
-    cfg, training = run.config, run.config["training"]
-    started = time.time()
-    mixed = resolve_mixed_precision(training["mixed_precision"])
-    accelerator = Accelerator(
-        mixed_precision=mixed,
-        gradient_accumulation_steps=training["gradient_accumulation_steps"],
-        cpu=not has_accelerator_device(),  # lets `accelerate launch`/torchrun use gloo across CPU processes
-    )
-    main = accelerator.is_main_process
-    set_seed(run.seed)
-
-    ref = resolve_backbone(cfg["backbone"])
-    tokenizer = load_tokenizer(ref, cfg["backbone"].get("tokenizer"))
-    with accelerator.main_process_first():
-        task, splits, tokenized = prepared_data(cfg, tokenizer)
-    holdout = cfg["task"].get("holdout_fraction")
-    selection = {"validation": ""} if holdout else task.eval_splits()
-    tests = {TEST_PREFIX + name: suffix for name, suffix in task.eval_splits().items()} if holdout else {}
-    tests.update(task.test_splits())  # test sets the task loads itself (task.test_split)
-    adapted = build_adapted_model(cfg, task.model_class, task.model_config_kwargs(), weights=True, ref=ref)
-    model = adapted.model
-    if init_from is not None and resume is None:  # a checkpoint holds the adapter already
-        init_from.load_into(adapted, cfg)
-    plan = plan_steps(len(tokenized["train"]), training, accelerator.num_processes)
-    check_schedule(plan, f"{recipe.source} [{run.task}, seed {run.seed}]")
-
-    train_dl, eval_dls, data_generator = build_dataloaders(tokenized, tokenizer, task, training, run.seed, mixed,
-                                                      {**selection, **tests})
-    optimizer = build_optimizer(model, training)
-    scheduler = get_scheduler(training["lr_scheduler"], optimizer, plan.warmup_steps, plan.total_steps)
-    model, optimizer, train_dl, *prepared = accelerator.prepare(model, optimizer, train_dl, *eval_dls.values())
-    eval_dls = dict(zip(eval_dls, prepared))
-    method, adapters = adapted.method, adapted.injection.adapters
-    try:
-        method.on_train_begin(plan.total_steps)
-    except ValueError as exc:
-        raise PlanError(f"{recipe.source} [{run.task}, seed {run.seed}]: method: {exc}") from None
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    higher = task.greater_is_better
-    best = {"step": None, "metric": task.metric, "value": None, "eval": None}
-    best_state: tuple[dict, dict] | None = None
-    best_outputs: dict[str, list[dict]] = {}  # the task's outputs (generations, answers) at the best checkpoint
-    last_eval: dict | None = None
-    step, window_loss, window_n = 0, torch.zeros((), device=accelerator.device), 0
-    epoch_index, skip_batches, epoch_generator = 0, 0, None
-    log_lines = 0
-    if resume is not None:
-        if resume.state["config_hash"] != run.config_hash:
-            raise PlanError(
-                f"{resume.path}: written by a different recipe (config hash {resume.state['config_hash']}, "
-                f"now {run.config_hash}); resume with the recipe and --set overrides the run started with"
-            )
-        try:
-            best_tensors, epoch_generator = restore_checkpoint(resume, accelerator, model, optimizer, scheduler, method)
-        except ValueError as exc:
-            raise PlanError(str(exc)) from None
-        best_state = _split_best(best_tensors)
-        st = resume.state
-        step, epoch_index, skip_batches = st["step"], st["epoch_index"], st["batches_in_epoch"]
-        best, last_eval, window_n, log_lines = st["best"], st["last_eval"], st["window_n"], st["log_lines"]
-        best_outputs = st.get("best_outputs", {})
-        window_loss.fill_(st["window_loss"])
-
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        art.write_recipe(run_dir / art.RECIPE_FILE, cfg, recipe.hash, run.config_hash, recipe.source)
-    log = art.MetricsLog(run_dir / art.METRICS_LOG, keep_lines=log_lines) if main else None
-    eval_every = training["eval_every"] or plan.steps_per_epoch
-    checkpoint_every = training["checkpoint_every"] or eval_every
-    progress = TrainingProgress(plan.total_steps, enabled=main, metric=task.metric)
-    stopped_at = None
-
-    def checkpoint(batches_in_epoch: int) -> None:
-        unwrapped = accelerator.unwrap_model(model)
-        trainable = _trainable_state(unwrapped, adapted, compact=False) if main else ({}, {})
-        save_checkpoint(
-            run_dir, accelerator, keep=training["checkpoints_kept"], optimizer=optimizer, scheduler=scheduler,
-            method=method, data_generator=epoch_generator,
-            trainable={**trainable[0], **trainable[1]},
-            best={**best_state[0], **best_state[1]} if best_state else None,
-            state={"step": step, "epoch_index": epoch_index, "batches_in_epoch": batches_in_epoch,
-                   "window_loss": float(window_loss), "window_n": window_n, "best": best, "last_eval": last_eval,
-                   "best_outputs": best_outputs,
-                   "log_lines": log.lines if log else 0, "config_hash": run.config_hash,
-                   "total_steps": plan.total_steps},
-        )
-
-    model.train()
-    with progress:
-        progress.start_at(step)
-        while step < plan.total_steps and stopped_at is None:
-            if skip_batches and epoch_generator is not None:
-                data_generator.set_state(epoch_generator)  # replay the interrupted epoch's order
-            else:
-                epoch_generator = data_generator.get_state()
-            for batch_index, batch in enumerate(train_dl):
-                if batch_index < skip_batches:
-                    continue
-                with accelerator.accumulate(model):
-                    out = model(**task.model_inputs(batch))
-                    loss = task.loss(out, batch)
-                    extra = method.extra_loss(adapters)
-                    total = loss if extra is None else loss + extra
-                    accelerator.backward(total)
-                    window_loss += loss.detach().float()
-                    window_n += 1
-                    if not accelerator.sync_gradients:
-                        continue
-                    if training["max_grad_norm"]:
-                        accelerator.clip_grad_norm_(params, training["max_grad_norm"])
-                    optimizer.step()
-                    scheduler.step()
-                    step += 1
-                    hook_logs = method.after_optimizer_step(step, adapters, optimizer) or {}
-                    optimizer.zero_grad(set_to_none=True)
-                epoch = step / plan.steps_per_epoch
-                if step % training["log_every"] == 0 or step == plan.total_steps:
-                    mean_loss = accelerator.reduce(window_loss / max(window_n, 1), reduction="mean").item()
-                    window_loss.zero_()
-                    window_n = 0
-                    record = {"step": step, "epoch": round(epoch, 4), "loss": mean_loss,
-                              "lr": scheduler.get_last_lr()[0], **hook_logs}
-                    if extra is not None:
-                        record["extra_loss"] = float(extra.detach())
-                    if log:
-                        log.write(record)
-                    progress.update_train(step, mean_loss, record["lr"])
-                if step % eval_every == 0 or step == plan.total_steps:
-                    last_eval = evaluate_all(model, eval_dls, task, accelerator, selection)
-                    value = last_eval[task.metric]
-                    improved = method.checkpoint_eligible(step) and (
-                        best["value"] is None or (value > best["value"] if higher else value < best["value"])
-                    )
-                    if improved:
-                        best.update(step=step, value=value, eval=last_eval)
-                        best_state = _trainable_state(accelerator.unwrap_model(model), adapted)
-                        best_outputs = {k: list(v) for k, v in task.outputs().items() if k in selection}
-                    if log:
-                        log.write({"step": step, "epoch": round(epoch, 4), "eval": last_eval})
-                    progress.update_eval(step, last_eval, task.metric, improved)
-                if step >= plan.total_steps:
-                    break
-                if step % checkpoint_every == 0 or step == stop_after:
-                    checkpoint(batch_index + 1)
-                if step == stop_after:
-                    stopped_at = step
-                    break
-            else:
-                epoch_index += 1
-                skip_batches = 0
-                continue
-            break
-
-    if log:
-        log.close()
-    accelerator.wait_for_everyone()
-    if stopped_at is not None:
-        accelerator.end_training()
-        return RunResult(run_dir, best, stopped_at=stopped_at)
-    unwrapped = accelerator.unwrap_model(model)
-    test = None
-    if tests:  # score the selected checkpoint once on the test set(s)
-        if best_state is not None:
-            load_adapter_state(unwrapped, best_state[0])
-            unwrapped.load_state_dict(best_state[1], strict=False)
-        test = evaluate_all(model, eval_dls, task, accelerator, tests)
-    if main:
-        adapter_state, head_state = best_state or _trainable_state(unwrapped, adapted)
-        origin = init_from.record() if init_from is not None else None  # the adapter it started from
-        config = adapter_config(adapted, run, recipe, task)
-        if origin is not None:
-            config["init_from"] = origin
-        art.save_adapter(run_dir / art.ADAPTER_DIR, adapter_state, head_state, config)
-        final = {"task": run.task, "seed": run.seed, "metric": task.metric, "best": best, "last": {"step": step, "eval": last_eval}}
-        if test is not None:
-            final["test"] = test  # the selected checkpoint on the test set(s)
-        art.write_json(run_dir / art.METRICS_FILE, final)
-        outputs = {**best_outputs, **{k: v for k, v in task.outputs().items() if k in tests}}
-        for split, rows in outputs.items():  # generated text, answers: the selected checkpoint's
-            art.write_jsonl(run_dir / art.OUTPUTS_FILE.format(split=split.replace(TEST_PREFIX, "test_")), rows)
-        test_examples = {k[len(TEST_PREFIX):]: len(tokenized[k]) for k in tests}
-        pattern = method.rank_pattern(adapters)
-        if pattern is not None:
-            from lowrank_runner.plots import rank_heatmap
-
-            art.write_json(run_dir / art.RANK_PATTERN_FILE, pattern)
-            symbols = {t.path: list(t.symbols) for t in adapted.targets}
-            total = sum(pattern.values())
-            rank_heatmap(pattern, symbols, run_dir / art.RANK_HEATMAP_FILE,
-                         f"{cfg['method']['name']} final ranks: {total} over {len(pattern)} modules")
-        write_run_report(run_dir, build_run_report(
-            recipe=recipe, run=run, argv=argv, adapted=adapted, model=unwrapped, task=task, splits=splits,
-            tokenized=tokenized, plan=plan, best=best, last_eval=last_eval, test=test, started=started,
-            accelerator=accelerator, rank_pattern=pattern, resumed_from=resume.step if resume is not None else None,
-            holdout=({"fraction": holdout, "seed": HOLDOUT_SEED, "test_examples": test_examples} if holdout else None),
-            test_examples=test_examples or None, init_from=origin,
-        ))
-        shutil.rmtree(run_dir / CHECKPOINTS_DIR, ignore_errors=True)  # complete: nothing left to resume
-    accelerator.end_training()
-    return RunResult(run_dir, best, test=test)
+    ``init_from`` (train/init_from.py) loads another run's adapter before training.
+    The phases are :class:`TrainingRun`'s methods."""
+    training = TrainingRun(recipe, run, run_dir, argv, resume=resume, stop_after=stop_after, init_from=init_from)
+    training.setup()
+    training.restore()
+    training.open_outputs()
+    training.train()
+    return training.finish()
