@@ -14,10 +14,14 @@ process (hangs, signals, standard input, anything that needs a fresh interpreter
 from __future__ import annotations
 
 import os
+import re
 import subprocess as sp
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+
+RECIPE_AT = re.compile(r"^\S+:\d+:\d+: [\w.-]+: ")
 
 
 @dataclass
@@ -62,7 +66,8 @@ def lrr(*args: str, cwd: Path | None = None, subprocess: bool = False, timeout: 
 def assert_clean_error(result: Result, message: str | None = None, *, code: int | None = None,
                        contains: tuple[str, ...] = ()) -> None:
     """A user error: non-zero exit (``code`` if given), no traceback, and ``message`` as
-    one whole line of stderr (``error: `` prefix optional in ``message``)."""
+    one whole line of stderr (``error: `` prefix optional in ``message``), or as a recipe
+    problem's message after its ``FILE:LINE:COL: recipe.path: `` (validation caught it)."""
     assert result.exception is None, f"an exception escaped the CLI: {result.exception!r}\n{result.output}"
     assert "Traceback (most recent call last)" not in result.output, result.output
     assert "internal error in lowrank-runner" not in result.output, result.output  # the CLI's last resort: a bug
@@ -71,7 +76,9 @@ def assert_clean_error(result: Result, message: str | None = None, *, code: int 
         assert result.code == code, f"exit {result.code}, expected {code}:\n{result.output}"
     if message is not None:
         lines = result.error_lines()
-        assert message in lines or f"error: {message}" in lines, \
+        # the same message as a recipe problem: "FILE:LINE:COL: recipe.path: MESSAGE" (validation found it)
+        located = [RECIPE_AT.sub("", ln, count=1) for ln in lines]
+        assert message in lines or f"error: {message}" in lines or message in located, \
             f"expected the line\n  {message}\nin stderr:\n" + "\n".join(lines)
     for part in contains:
         assert part in result.output, f"expected {part!r} in:\n{result.output}"
