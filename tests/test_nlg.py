@@ -333,9 +333,9 @@ def test_test_split_options_are_checked(tmp_path):
     assert problems("task:\n  name: e2e\n  holdout_fraction: 0.1\n  test_split: test\n") == [
         f"{recipe}:8:15: task.test_split: task.holdout_fraction already makes the evaluation split the test set; "
         "remove the test set (task.test_split: null, no task.data.test) or the holdout"]
-    assert problems(f"task:\n  name: classification\n  data:\n    train: {train}\n    validation: {train}\n"
-                    f"    test: {train}\n") == [
-        f"{recipe}:10:5: task.data.test: task.data.test applies to e2e, dart, webnlg, data_to_text only, not to task "
+    assert problems(f"task:\n  name: classification\n  text_column: mr\n  label_column: ref\n  data:\n"
+                    f"    train: {train}\n    validation: {train}\n    test: {train}\n") == [
+        f"{recipe}:12:5: task.data.test: task.data.test applies to e2e, dart, webnlg, data_to_text only, not to task "
         "'classification'; remove it (task.holdout_fraction makes a test set of the evaluation split)"]
     assert any("test_split applies to e2e" in m for m in problems("task: {name: sst2, test_split: test}\n"))
 
