@@ -80,7 +80,7 @@ def test_versions_environment_and_seeds_are_true(runs):
 
 @pytest.mark.slow
 def test_parameter_counts_equal_the_models(runs):
-    from lowrank_runner.export import load_trained_model
+    from lowrank_runner.export.source import load_trained_model
 
     a, _, _ = runs
     report = report_of(a)
