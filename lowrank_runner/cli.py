@@ -301,7 +301,8 @@ def run(
 ):
     """Train: one run per task x seed, each writing a run directory."""
     from lowrank_runner.recipe.load import load_recipe
-    from lowrank_runner.train.runner import recorded_overrides, run_recipe
+    from lowrank_runner.train.run_dirs import recorded_overrides
+    from lowrank_runner.train.runner import run_recipe
 
     if resume and not overrides:  # continue with the --set overrides the run was started with
         overrides = recorded_overrides(output)

@@ -258,9 +258,9 @@ def test_large_files_are_hashed_by_size_head_and_tail(tmp_path, monkeypatch):
 
 
 def test_a_failed_run_gets_a_report_md_too(tmp_path):
-    from lowrank_runner.train.runner import _mark_failed
+    from lowrank_runner.train.run_dirs import mark_failed
 
-    _mark_failed(tmp_path, "Traceback (most recent call last):\n  ...\nRuntimeError: out of memory")
+    mark_failed(tmp_path, "Traceback (most recent call last):\n  ...\nRuntimeError: out of memory")
     assert json.loads((tmp_path / "report.json").read_text())["status"] == "failed"
     assert "failed — RuntimeError: out of memory" in (tmp_path / "report.md").read_text()
     code, out = lrr("report", tmp_path)  # shown, and the exit code says the run failed
