@@ -49,7 +49,7 @@ def main() -> None:
     import torch
     import transformers
 
-    from lowrank_runner.export import load_trained_model
+    from lowrank_runner.export.source import load_trained_model
     from lowrank_runner.quiet import quiet_libraries
 
     quiet_libraries()  # no load reports or progress bars in the Markdown block

@@ -301,7 +301,8 @@ def run(
 ):
     """Train: one run per task x seed, each writing a run directory."""
     from lowrank_runner.recipe.load import load_recipe
-    from lowrank_runner.train.runner import recorded_overrides, run_recipe
+    from lowrank_runner.train.run_dirs import recorded_overrides
+    from lowrank_runner.train.runner import run_recipe
 
     if resume and not overrides:  # continue with the --set overrides the run was started with
         overrides = recorded_overrides(output)
@@ -339,20 +340,20 @@ def export(
     if not merge and (dtype is not None or cast_tolerance is not None or max_shard_size != "5GB"):
         raise UsageError("--dtype, --cast-tolerance and --max-shard-size apply to --merge only")
     if merge:
-        from lowrank_runner.export import export_merged
+        from lowrank_runner.export.merge import export_merged
 
         info = export_merged(run_dir, out, tolerance=1e-3 if tolerance is None else tolerance, dtype=dtype,
                              max_shard_size=max_shard_size, cast_tolerance=cast_tolerance, backbone=backbone)
         print(f"merged {info['dtype']} checkpoint written to {out} in {len(info['shards'])} shard(s) "
               f"(max |output diff| on the probe batch: {info['max_abs_logit_diff']:.3g})")
     elif adapter:
-        from lowrank_runner.bundle import export_bundle
+        from lowrank_runner.export.bundle import export_bundle
 
         info = export_bundle(run_dir, out, tolerance=0.0 if tolerance is None else tolerance, backbone=backbone)
         print(f"adapter bundle written to {out} (loaded back: max |output diff| {info['max_abs_logit_diff']:.3g}); "
               f"load with lowrank_runner.load_adapted({str(out)!r}) or merge with: lrr export {out} --merge --out DIR")
     else:
-        from lowrank_runner.export_peft import export_peft
+        from lowrank_runner.export.peft import export_peft
 
         info = export_peft(run_dir, out, tolerance=1e-4 if tolerance is None else tolerance, backbone=backbone)
         print(f"PEFT adapter written to {out} (max |logit diff| to our model: {info['max_abs_logit_diff']:.3g}); "

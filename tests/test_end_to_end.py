@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 
 from lowrank_runner.cli import app
 from lowrank_runner.errors import ExportError
-from lowrank_runner.export import export_merged, load_trained_model, probe_batch
+from lowrank_runner.export.merge import export_merged
+from lowrank_runner.export.probe import probe_batch
+from lowrank_runner.export.source import load_trained_model
 
 runner = CliRunner()
 

@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from lowrank_runner.cli import app
-from lowrank_runner.export import head_config_of, load_trained_model
-from lowrank_runner.probe import compare_outputs, model_outputs, probe_batch
+from lowrank_runner.export.probe import compare_outputs, model_outputs, probe_batch
+from lowrank_runner.export.source import head_config_of, load_trained_model
 from lowrank_runner.train import artifacts as art
 from tests.conftest import save_tiny_backbone
 

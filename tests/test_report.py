@@ -80,7 +80,7 @@ def test_versions_environment_and_seeds_are_true(runs):
 
 @pytest.mark.slow
 def test_parameter_counts_equal_the_models(runs):
-    from lowrank_runner.export import load_trained_model
+    from lowrank_runner.export.source import load_trained_model
 
     a, _, _ = runs
     report = report_of(a)
@@ -258,9 +258,9 @@ def test_large_files_are_hashed_by_size_head_and_tail(tmp_path, monkeypatch):
 
 
 def test_a_failed_run_gets_a_report_md_too(tmp_path):
-    from lowrank_runner.train.runner import _mark_failed
+    from lowrank_runner.train.run_dirs import mark_failed
 
-    _mark_failed(tmp_path, "Traceback (most recent call last):\n  ...\nRuntimeError: out of memory")
+    mark_failed(tmp_path, "Traceback (most recent call last):\n  ...\nRuntimeError: out of memory")
     assert json.loads((tmp_path / "report.json").read_text())["status"] == "failed"
     assert "failed — RuntimeError: out of memory" in (tmp_path / "report.md").read_text()
     code, out = lrr("report", tmp_path)  # shown, and the exit code says the run failed

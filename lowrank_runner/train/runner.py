@@ -1,28 +1,16 @@
-"""``lrr run``: every run of a recipe (task x seed), each in its own run directory.
+"""``lrr run``: every run of a recipe (task x seed), each in its own run directory
+(:mod:`lowrank_runner.train.run_dirs`).
 
 One failed run does not stop the others; the command exits non-zero if any failed.
 Runs that start from another run's adapter (``training.init_from: {task: NAME}``) run
-after it, and fail without training when it did not complete.
-
-Run directories are set up before anything is loaded: a new one is created atomically
-(never reused: the default ``<output.dir>/<name>/<timestamp>`` gets a ``-2``, ``-3``
-suffix when another run took that name in the same second) and checked writable;
-``--resume`` needs a directory holding runs of this very recipe (same recipe hash). Each
-run's ``recipe.yaml`` is written when the run starts, with the command's ``--set``
-overrides in its header, so ``--resume`` without ``--set`` continues with them. Ctrl-C
-and SIGTERM stop the run: its directory is marked ``interrupted`` and resumable, or
-removed when this command created it and nothing in it can be resumed.
+after it, and fail without training when it did not complete. Ctrl-C and SIGTERM stop
+the run: its directory is marked ``interrupted`` and resumable, or removed when this
+command created it and nothing in it can be resumed.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import json
-import os
-import shlex
-import shutil
 import signal
-import tempfile
 import threading
 import traceback
 from contextlib import contextmanager
@@ -31,269 +19,18 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from lowrank_runner.errors import LrrError, UsageError
-from lowrank_runner.outputs import require_free
+from lowrank_runner.errors import LrrError
 from lowrank_runner.quiet import quiet_libraries
 from lowrank_runner.recipe.load import Recipe
-from lowrank_runner.report.markdown import run_markdown
-from lowrank_runner.report.write import REPORT_MD, write_recipe_report
+from lowrank_runner.report.write import write_recipe_report
 from lowrank_runner.results import print_results, results_table, write_results
 from lowrank_runner.train import artifacts as art
 from lowrank_runner.train.init_from import InitFromError, init_source, order_runs, source_run
+from lowrank_runner.train.run_dirs import (Taken, continue_command, discard, is_main_process, mark_failed, mark_interrupted,
+                                           nothing_resumable, prepare_root, resume_points, run_dirs, single_run_failed,
+                                           start_run_dir)
 
 console = Console(stderr=True, soft_wrap=True)  # long paths and commands stay one line (copyable)
-
-
-def is_main_process() -> bool:
-    """Rank 0 under torchrun / accelerate launch (set before any Accelerator exists)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-# ------------------------------------------------------------------ run directories
-
-
-def _writable(path: Path, option: str = "--output") -> None:
-    try:
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as exc:
-        raise UsageError(f"{option} {path}: cannot write there ({exc.strerror or exc}); choose a writable location") from None
-
-
-def _make_dirs(path: Path) -> list[Path]:
-    """Create ``path`` and its missing parents; returns those created, deepest first.
-    FileExistsError when ``path`` itself appeared meanwhile (another run took it)."""
-    missing = [p for p in (path, *path.parents) if not p.exists()]
-    try:
-        for p in reversed(missing[1:]):
-            p.mkdir(exist_ok=True)
-        path.mkdir()
-    except FileExistsError:
-        raise  # the caller takes another name, or checks what is there now
-    except OSError as exc:
-        raise UsageError(f"--output {path}: cannot create the run directory ({exc.strerror or exc}); "
-                         f"choose a writable location") from None
-    return missing
-
-
-def _claim(output: Path) -> list[Path]:
-    """A new run directory at ``output``: created, or an existing empty one; checked writable."""
-    require_free(output, "--output")
-    try:
-        created = _make_dirs(output)
-    except FileExistsError:  # created by someone else since the check
-        require_free(output, "--output")
-        created = []
-    _writable(output)
-    return created
-
-
-def timestamp() -> str:
-    """The default run directory's name: the local time to the second."""
-    return dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-
-
-def _timestamped(base: Path) -> tuple[Path, list[Path]]:
-    """``base/<timestamp>``, created atomically; ``-2``, ``-3``… when the name is taken."""
-    stamp = timestamp()
-    for n in range(1, 1000):
-        path = base / (stamp if n == 1 else f"{stamp}-{n}")
-        try:
-            created = _make_dirs(path)
-        except FileExistsError:
-            continue
-        _writable(path)
-        return path, created
-    raise UsageError(f"{base}: no free run directory name for {stamp}; give one with --output")
-
-
-def _shared(value: str | None) -> str:
-    """Rank 0's ``value`` on every process (the other ranks pass None)."""
-    if world_size() == 1:
-        return value
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
-
-    from lowrank_runner.train.loop import has_accelerator_device
-
-    PartialState(cpu=not has_accelerator_device())  # the Accelerator of each run reuses it
-    return broadcast_object_list([value])[0]
-
-
-def run_dirs(recipe: Recipe, root: Path) -> dict[int, Path]:
-    """Each run's directory under ``root`` (the root itself for a single run)."""
-    if len(recipe.runs) == 1:
-        return {recipe.runs[0].index: root}
-    return {run.index: root / run.slug for run in recipe.runs}
-
-
-def prepare_root(recipe: Recipe, output: Path | None, resume: bool) -> tuple[Path, list[Path]]:
-    """The root run directory, ready to write into (rank 0 creates it), and the
-    directories this call created (removed again if nothing resumable is left in them)."""
-    if resume:
-        if output is None:
-            raise UsageError("--resume continues the runs in an existing run directory: give it with --output RUN_DIR")
-        if not output.is_dir():
-            raise UsageError(f"--output {output}: no such run directory to resume")
-        check_resumable(recipe, output)
-        if is_main_process():
-            _writable(output)
-        return output, []
-    created: list[Path] = []
-    if output is None:
-        base = Path(recipe.resolved["output"]["dir"]) / recipe.name
-        path = None
-        if is_main_process():
-            path, created = _timestamped(base)
-        return Path(_shared(str(path) if path else None)), created
-    if is_main_process():  # the other ranks would race with rank 0 creating the directory
-        created = _claim(output)
-    return output, created
-
-
-def recorded_runs(recipe: Recipe, root: Path) -> dict[Path, dict]:
-    """The ``recipe.yaml`` headers (art.read_recipe_header) of the runs in ``root``:
-    those this recipe expects, else any run found in it or its subdirectories."""
-    dirs = run_dirs(recipe, root)
-    found = {d: art.read_recipe_header(d / art.RECIPE_FILE) for d in dirs.values()}
-    found = {d: h for d, h in found.items() if h is not None}
-    if not found:
-        candidates = [root, *sorted(p for p in root.iterdir() if p.is_dir())]
-        found = {d: h for d in candidates if (h := art.read_recipe_header(d / art.RECIPE_FILE)) is not None}
-    return found
-
-
-def recorded_overrides(output: Path | None) -> list[str]:
-    """The ``--set`` overrides the runs in ``output`` were started with (``--resume``
-    without ``--set`` continues with them)."""
-    if output is None or not output.is_dir():
-        return []
-    candidates = [output, *sorted(p for p in output.iterdir() if p.is_dir())]
-    for d in candidates:
-        header = art.read_recipe_header(d / art.RECIPE_FILE)
-        if header is not None:
-            return header["overrides"]
-    return []
-
-
-def continue_command(source: str, overrides, root: Path) -> str:
-    """The shell command that resumes ``root`` (quoted so it works as printed)."""
-    words = ["lrr", "run", source, *[w for o in overrides for w in ("--set", o)], "--output", str(root), "--resume"]
-    text = shlex.join(words)
-    if world_size() > 1:
-        text += f"  (launched as before, with {world_size()} processes)"
-    return text
-
-
-def check_resumable(recipe: Recipe, root: Path) -> None:
-    """``root`` holds runs of this recipe (same recipe hash and config hashes); refuses a
-    directory of something else, a different recipe, or other ``--set`` overrides."""
-    found = recorded_runs(recipe, root)
-    if not found:
-        raise UsageError(
-            f"--output {root}: holds no run of lowrank-runner (no {art.RECIPE_FILE} with a run's header), "
-            f"nothing to resume; give a directory written by lrr run, or drop --resume to start a new run"
-        )
-    dirs = run_dirs(recipe, root)
-    expected = {dirs[run.index]: run for run in recipe.runs}
-    for directory, header in found.items():
-        run = expected.get(directory)
-        if header["recipe_hash"] != recipe.hash or run is None or header["config_hash"] != run.config_hash:
-            raise UsageError(
-                f"--output {root}: its runs were started by a different recipe or --set overrides ({directory / art.RECIPE_FILE}: "
-                f"recipe hash {header['recipe_hash']}; {recipe.source} with these overrides: {recipe.hash}); "
-                f"resume with the recipe and overrides the run started with: "
-                f"{continue_command(header['source'], header['overrides'], root)}"
-            )
-
-
-def _completed(run_dir: Path) -> dict | None:
-    """The metrics of a completed run (None when not completed). A run whose report says
-    it completed but whose files cannot be read is refused: completed runs are never
-    trained over."""
-    report, metrics = run_dir / art.REPORT_FILE, run_dir / art.METRICS_FILE
-    if not report.is_file():
-        return None
-    try:
-        status = json.loads(report.read_text(encoding="utf-8")).get("status")
-        if status != "completed":
-            return None
-        done = json.loads(metrics.read_text(encoding="utf-8"))
-        if not isinstance(done, dict) or not isinstance(done.get("best"), dict):
-            raise ValueError("no best checkpoint recorded")
-        return done
-    except (OSError, ValueError, AttributeError) as exc:
-        raise LrrError(
-            f"{run_dir}: cannot tell whether this run completed ({report.name} or {metrics.name}: {exc}); "
-            f"it is not resumed, so a completed run is never trained over: restore the file, or start a new run "
-            f"in a new directory"
-        ) from None
-
-
-def _checkpoint_of(run, run_dir: Path):
-    """The checkpoint to resume ``run_dir`` from (None: start from step 0), checked."""
-    from lowrank_runner.train.checkpoint import STATE_FILE, latest_checkpoint
-
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
-        return None
-    if checkpoint.state.get("config_hash") != run.config_hash:
-        raise UsageError(
-            f"{checkpoint.path / STATE_FILE}: written by a different recipe (config hash "
-            f"{checkpoint.state.get('config_hash')}, this run's {run.config_hash}); it cannot be resumed by this run: "
-            f"remove {run_dir / 'checkpoints'} to start the run over"
-        )
-    if checkpoint.state.get("processes") != world_size():
-        raise UsageError(
-            f"{checkpoint.path}: written by {checkpoint.state.get('processes')} process(es), this command runs "
-            f"{world_size()}; resume with the same number of processes"
-        )
-    return checkpoint
-
-
-class _Taken(UsageError):
-    """Another ``lrr run`` claimed the run directory first (nothing of it is ours to clean up)."""
-
-
-def _start_run_dir(recipe: Recipe, run, run_dir: Path, resume: bool) -> None:
-    """Rank 0 writes the run's ``recipe.yaml`` (claiming a new directory: exclusive)."""
-    if not is_main_process():
-        return
-    fresh = not (run_dir / art.RECIPE_FILE).is_file()
-    try:
-        run_dir.mkdir(parents=True, exist_ok=run_dir.is_dir() and (resume or len(recipe.runs) == 1))
-        art.write_recipe(run_dir / art.RECIPE_FILE, run.config, recipe.hash, run.config_hash, recipe.source,
-                         recipe.overrides, exclusive=fresh)
-    except FileExistsError:
-        raise _Taken(f"--output {run_dir}: another lrr run started in this directory just now; "
-                     f"choose a new path") from None
-
-
-def _resumable(run_dir: Path) -> bool:
-    """A run directory with something to keep: a checkpoint, or a report (completed or failed runs)."""
-    return (run_dir / art.REPORT_FILE).is_file() or any((run_dir / "checkpoints").glob("step-*[0-9]"))
-
-
-def _nothing_resumable(root: Path) -> bool:
-    return is_main_process() and not any(_resumable(d) for d in (root, *(p for p in root.glob("*") if p.is_dir())))
-
-
-def _discard(root: Path, created: list[Path]) -> None:
-    """Empty and remove a run directory this command created (or found empty) that holds
-    nothing to keep; an empty directory that was there before stays."""
-    if not is_main_process() or not root.is_dir():
-        return
-    for child in root.iterdir():
-        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-    for path in created:  # deepest first; only if empty
-        try:
-            path.rmdir()
-        except OSError:
-            break
 
 
 @contextmanager
@@ -312,17 +49,6 @@ def _sigterm_interrupts():
 # ------------------------------------------------------------------ the runs
 
 
-def resume_points(recipe: Recipe, root: Path) -> dict[int, object]:
-    """Per run to resume: its completed metrics (``("completed", metrics)``) or its
-    checkpoint (None: from step 0). Every checkpoint is verified before anything trains."""
-    dirs = run_dirs(recipe, root)
-    points = {}
-    for run in recipe.runs:
-        done = _completed(dirs[run.index])
-        points[run.index] = ("completed", done) if done is not None else _checkpoint_of(run, dirs[run.index])
-    return points
-
-
 def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: bool = False,
                stop_after: int | None = None) -> list[str]:
     """Train every run; returns the slugs of runs that failed. ``resume`` continues the
@@ -338,11 +64,11 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
         except KeyboardInterrupt:
             _interrupted(recipe, root, resume, created)
             raise
-        except _Taken:
+        except Taken:
             raise
         except LrrError:  # a single run that failed
-            if len(recipe.runs) == 1 and not resume and _nothing_resumable(root):
-                _discard(root, created)
+            if len(recipe.runs) == 1 and not resume and nothing_resumable(root):
+                discard(root, created)
             raise
 
 
@@ -381,23 +107,23 @@ def _run_all(recipe: Recipe, root: Path, argv: list[str], points: dict, stop_aft
                 summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "stopped", "step": 0,
                                 "waits_for": waits_for})
                 continue
-            _start_run_dir(recipe, run, run_dir, resume)
+            start_run_dir(recipe, run, run_dir, resume)
             result = train_run(recipe, run, run_dir, argv, resume=checkpoint, stop_after=stop_after, init_from=init)
-        except _Taken:
+        except Taken:
             raise
         except LrrError as exc:
             failures.append(run.slug)
             console.print(f"[red]run {escape(run.slug)} failed:[/red] {escape(str(exc))}")
             summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "failed", "error": str(exc)})
             if len(recipe.runs) == 1:
-                _single_run_failed(run_dir, str(exc), resume)
+                single_run_failed(run_dir, str(exc), resume)
                 raise
-            _mark_failed(run_dir, str(exc), create=True)
+            mark_failed(run_dir, str(exc), create=True)
             continue
         except Exception as exc:  # keep going with the other runs; the traceback is saved
             failures.append(run.slug)
             console.print(f"[red]run {escape(run.slug)} crashed:[/red] {escape(f'{type(exc).__name__}: {exc}')}")
-            _mark_failed(run_dir, traceback.format_exc(), create=len(recipe.runs) > 1)
+            mark_failed(run_dir, traceback.format_exc(), create=len(recipe.runs) > 1)
             summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "crashed", "error": repr(exc)})
             if len(recipe.runs) == 1:
                 raise
@@ -424,42 +150,20 @@ def _run_all(recipe: Recipe, root: Path, argv: list[str], points: dict, stop_aft
     return failures
 
 
-def _single_run_failed(run_dir: Path, error: str, resume: bool) -> None:
-    """A single run that failed before training leaves nothing behind (its directory is
-    removed by :func:`run_recipe`); one that trained keeps its directory (checkpoints,
-    metrics) with the failure recorded."""
-    if resume or not _nothing_resumable(run_dir):
-        _mark_failed(run_dir, error)
-
-
 def _interrupted(recipe: Recipe, root: Path, resume: bool, created: list[Path]) -> None:
     """Ctrl-C / SIGTERM: say what is left. Runs with something to resume are marked
     ``interrupted`` (report.json, report.md); a directory this command created that holds
     nothing resumable is removed."""
     if not is_main_process():
         return
-    if not resume and _nothing_resumable(root):
-        _discard(root, created)
+    if not resume and nothing_resumable(root):
+        discard(root, created)
         console.print(f"[yellow]interrupted[/yellow] before the first checkpoint: nothing to resume; "
                       f"removed what this run wrote in {escape(str(root))}")
         return
-    dirs = run_dirs(recipe, root)
-    started = [d for d in dirs.values() if d.is_dir()]
     again = continue_command(recipe.source, recipe.overrides, root)
-    for d in started:
-        if _completed_quietly(d):
-            continue
-        checkpoints = sorted((d / "checkpoints").glob("step-*[0-9]"))
-        where = f"its checkpoint at step {int(checkpoints[-1].name[5:])}" if checkpoints else "the start (no checkpoint yet)"
-        _mark_status(d, "interrupted", f"interrupted; resumable from {where} with: {again}")
+    mark_interrupted(recipe, root, again)
     console.print(f"[yellow]interrupted[/yellow]; {escape(str(root))} is resumable: {escape(again)}")
-
-
-def _completed_quietly(run_dir: Path) -> bool:
-    try:
-        return _completed(run_dir) is not None
-    except LrrError:
-        return True  # not ours to touch
 
 
 def _source_pending(recipe: Recipe, run, summary: list[dict], root: Path) -> str | None:
@@ -480,26 +184,3 @@ def _source_pending(recipe: Recipe, run, summary: list[dict], root: Path) -> str
         f"{entry['status']}{': ' + error[-1] if error else ''}; nothing trained. Fix that run, then continue with: "
         f"{continue_command(recipe.source, recipe.overrides, root)}"
     )
-
-
-def _mark_failed(run_dir: Path, error: str, create: bool = False) -> None:
-    """Record a failure in the run's directory (``error.txt``, ``report.json``/``.md`` with
-    status failed). ``create``: make the directory if the run failed before writing one
-    (a run of a multi-run recipe, so ``lrr report`` and ``summary.json`` point somewhere)."""
-    if create and is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
-    if run_dir.is_dir() and is_main_process():
-        (run_dir / "error.txt").write_text(error)
-        _mark_status(run_dir, "failed", error.splitlines()[-1] if error else "")
-
-
-def _mark_status(run_dir: Path, status: str, message: str) -> None:
-    """Set ``status`` (failed, interrupted) and its message in report.json and report.md."""
-    report = run_dir / art.REPORT_FILE
-    try:
-        data = json.loads(report.read_text()) if report.is_file() else {}
-    except ValueError:
-        data = {}
-    data = {**(data if isinstance(data, dict) else {}), "status": status, "error": message}
-    art.write_json(report, data)
-    (run_dir / REPORT_MD).write_text(run_markdown(data), encoding="utf-8")

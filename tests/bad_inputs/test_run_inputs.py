@@ -74,9 +74,9 @@ def copy(run: Path, tmp_path: Path) -> Path:
 
 
 def test_runs_started_in_the_same_second_get_their_own_directories(recipe, tmp_path, monkeypatch):
-    from lowrank_runner.train import runner
+    from lowrank_runner.train import run_dirs
 
-    monkeypatch.setattr(runner, "timestamp", lambda: "20260102-030405")  # both start in the same second
+    monkeypatch.setattr(run_dirs, "timestamp", lambda: "20260102-030405")  # both start in the same second
     for _ in range(2):
         result = lrr("run", recipe, "--set", f"output.dir={tmp_path}", "--stop-after-step", 1)
         assert result.code == 0, result.output

@@ -25,9 +25,9 @@ import weakref
 from pathlib import Path
 
 from lowrank_runner.errors import ExportError, UsageError
-from lowrank_runner.export import (DTYPES, EXPORT_INFO, check_tolerance, collect_if_alive, load_trained_model, preflight,
-                                   provenance, read_run, reference_outputs, source_tokenizer, staged_output)
-from lowrank_runner.probe import compare_outputs, model_outputs, probe_batch
+from lowrank_runner.export.common import DTYPES, EXPORT_INFO, check_tolerance, collect_if_alive, provenance, staged_output
+from lowrank_runner.export.probe import compare_outputs, model_outputs, probe_batch, reference_outputs
+from lowrank_runner.export.source import load_trained_model, preflight, read_run, source_tokenizer
 from lowrank_runner.quiet import quiet_libraries
 from lowrank_runner.resources import is_pkg_path
 from lowrank_runner.train import artifacts as art

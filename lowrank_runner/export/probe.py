@@ -1,10 +1,15 @@
-"""The probe batch every export is checked on, and a comparison of two models' outputs
-that does not depend on the task head: every floating-point tensor of the model's output
-(``logits`` of a classifier or causal LM, ``start_logits``/``end_logits`` of extractive
-QA, ...) is compared, so no output head escapes the check.
+"""The probe batch every export is checked on, the adapter model's outputs on it that
+every export must reproduce (:func:`reference_outputs`), and a comparison of two models'
+outputs that does not depend on the task head: every floating-point tensor of the
+model's output (``logits`` of a classifier or causal LM, ``start_logits``/``end_logits``
+of extractive QA, ...) is compared, so no output head escapes the check.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+
+from lowrank_runner.errors import ExportError
 
 PROBE_TEXTS = (
     "The service was quick and the staff were friendly.",
@@ -74,3 +79,13 @@ def compare_outputs(reference: dict, other: dict) -> tuple[float, float]:
 
 def largest_magnitude(outputs: dict) -> float:
     return max(float(v.abs().max()) for v in outputs.values())
+
+
+def reference_outputs(model, batch, source: Path) -> dict:
+    """The adapter model's outputs on the probe batch, which every export must reproduce;
+    NaN/Inf there stops the export before anything is written."""
+    outputs = model_outputs(model, batch)
+    bad = non_finite(outputs)
+    if bad:
+        raise ExportError(f"{source}: the adapter model produces NaN/Inf ({', '.join(bad)}) on the probe batch; nothing written")
+    return outputs

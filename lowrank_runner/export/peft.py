@@ -12,8 +12,9 @@ import json
 from pathlib import Path
 
 from lowrank_runner.errors import ExportError, UsageError
-from lowrank_runner.export import EXPORT_INFO, check_tolerance, load_trained_model, preflight, staged_output
-from lowrank_runner.probe import compare_outputs, model_outputs, probe_batch
+from lowrank_runner.export.common import EXPORT_INFO, check_tolerance, provenance, staged_output
+from lowrank_runner.export.probe import compare_outputs, model_outputs, probe_batch, reference_outputs
+from lowrank_runner.export.source import load_trained_model, preflight, read_run, source_tokenizer
 from lowrank_runner.quiet import quiet_libraries
 
 
@@ -51,7 +52,6 @@ def export_peft(source: Path, out: Path, tolerance: float = 1e-4, backbone: str 
 
     quiet_libraries()
     peft = _require_peft()
-    from lowrank_runner.export import provenance, read_run, reference_outputs, source_tokenizer
     from lowrank_runner.methods.inject import remove_adapters
 
     source, out = Path(source), Path(out)

@@ -1,0 +1,81 @@
+"""What the three exports share: the name of their metadata file and the dtypes they
+write, the option checks and the ``--out`` check made before anything is loaded, the
+staged output directory (renamed into place only when every check passed), the
+provenance every export records, and freeing a model an export is done with.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from contextlib import contextmanager
+from pathlib import Path
+
+import lowrank_runner
+from lowrank_runner.errors import ExportError, UsageError
+from lowrank_runner.outputs import require_free, staged_directory
+
+EXPORT_INFO = "lrr_export.json"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_tolerance(value, option: str = "--tolerance"):
+    """A tolerance option: a finite number ≥ 0 (NaN would fail every comparison and blame
+    the model; Inf would check nothing). None stays None (the default)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise UsageError(f"{option} {value}: give a finite number ≥ 0 (the largest allowed difference, e.g. 1e-3)")
+    return float(value)
+
+
+def check_out(out: Path, source: Path) -> None:
+    """``--out`` before anything is loaded: outside the source, free (absent or an empty
+    directory), and creatable where it is (probed with a temporary directory, removed)."""
+    import tempfile
+
+    target, origin = out.resolve(), source.resolve()
+    if target == origin or origin in target.parents:
+        raise UsageError(f"--out {out}: inside the exported source {source}; choose a directory outside it")
+    require_free(out, "--out")
+    parent = next(p for p in target.parents if p.exists())
+    if not parent.is_dir():
+        raise UsageError(f"--out {out}: {parent} is a file, not a directory; choose another location")
+    try:
+        Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent)).rmdir()
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot write in {parent} ({exc.strerror or exc}); choose a writable location") from None
+
+
+
+@contextmanager
+def staged_output(out: Path):
+    """:func:`staged_directory`, with a failed write (disk full, permissions) an
+    :class:`ExportError` (the staging directory is removed: nothing written)."""
+    try:
+        with staged_directory(out) as tmp:
+            yield tmp
+    except OSError as exc:
+        raise ExportError(f"--out {out}: writing the export failed ({exc}); nothing written") from None
+
+
+def collect_if_alive(ref) -> None:
+    """``ref``: a weak reference to a model the caller just dropped. Reference cycles can
+    keep a model alive until the next full garbage collection; run one only then (a
+    full collection is slow in a big process)."""
+    if ref() is not None:
+        gc.collect()
+
+
+def provenance(source: Path, adapter_cfg: dict, fmt: str) -> dict:
+    """What every export's metadata says about where it came from."""
+    return {
+        "lowrank_runner_version": lowrank_runner.__version__,
+        "format": fmt,
+        "source_run": str(source.resolve()),
+        "recipe_hash": adapter_cfg.get("recipe_hash"),
+        "config_hash": adapter_cfg.get("config_hash"),
+        "method": adapter_cfg["method"],
+        "backbone": adapter_cfg["backbone"],
+        "model_class": adapter_cfg["task"]["model_class"],
+    }

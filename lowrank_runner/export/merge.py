@@ -1,0 +1,236 @@
+"""``lrr export --merge``: fold the trained adapter into the backbone and write a plain
+Hugging Face checkpoint (sharded safetensors + config + tokenizer) that loads with
+``AutoModelFor*.from_pretrained`` and nothing of ours imported.
+
+The source is a run directory written by ``lrr run`` or an adapter bundle written by
+``lrr export --adapter`` (:mod:`lowrank_runner.export.bundle`). Steps, with one copy of the
+model in memory at any time:
+
+1. the backbone is loaded in float32 with the trained adapter and head; its outputs on a
+   probe batch are the reference (NaN/Inf there: stop);
+2. adapters are merged module by module, in place: ``W ← W + ΔW`` computed in float32.
+   A non-finite ``ΔW`` stops the export (naming the module), so does an adapter whose
+   every ``ΔW`` is zero (the export would change nothing), and so does an adapted weight
+   tied to another parameter (merging would silently change both: e.g. an ``lm_head``
+   tied to the input embeddings);
+3. the merged model must reproduce the reference within ``tolerance``;
+4. it is cast to the output dtype (``--dtype``; default: the backbone's own dtype from its
+   config, unless the recipe's ``backbone.dtype`` names bfloat16/float16) and, for half
+   precision, checked again within ``cast_tolerance × max(1, max |reference|)``;
+5. it is saved in shards of at most ``max_shard_size``, freed, reloaded with plain
+   transformers and compared once more (dtype and tied embeddings included).
+
+Everything is written into a temporary sibling directory that is renamed into place only
+when every check passed: a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from pathlib import Path
+
+from lowrank_runner.errors import ExportError, UsageError
+from lowrank_runner.export.common import DTYPES, EXPORT_INFO, check_tolerance, collect_if_alive, provenance, staged_output
+from lowrank_runner.export.probe import (compare_outputs, largest_magnitude, model_outputs, non_finite, probe_batch,
+                                         reference_outputs)
+from lowrank_runner.export.source import load_trained_model, preflight, source_tokenizer
+from lowrank_runner.quiet import quiet_libraries
+
+# Half-precision casts change the outputs by rounding; allowed: this many units of the
+# dtype's machine epsilon, relative to the largest reference output (at least 1).
+CAST_EPS_UNITS = 8
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+
+
+def backbone_dtype(ref) -> str:
+    """The dtype the backbone checkpoint declares (``dtype``/``torch_dtype`` in its
+    config), float32 when it declares none or one we do not export."""
+    from lowrank_runner.backbones import load_config
+
+    cfg = load_config(ref)
+    declared = getattr(cfg, "dtype", None) or cfg.to_dict().get("torch_dtype")
+    name = str(declared).replace("torch.", "") if declared is not None else "float32"
+    return name if name in DTYPES else "float32"
+
+
+def export_dtype(requested: str | None, recipe_dtype: str, ref) -> str:
+    if requested is not None:
+        if requested not in DTYPES:
+            raise UsageError(f"--dtype {requested}: choose one of {', '.join(DTYPES)}")
+        return requested
+    if recipe_dtype in ("bfloat16", "float16"):
+        return recipe_dtype
+    return backbone_dtype(ref)
+
+
+def check_max_shard_size(size) -> int:
+    """``--max-shard-size``: 5GB, 500MB, 2KiB or a number of bytes; returns the bytes."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    if isinstance(size, str) and size.strip().isdigit():
+        size = int(size)
+    try:
+        value = convert_file_size_to_int(size)
+    except (ValueError, TypeError, OverflowError):
+        value = None
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise UsageError(f"--max-shard-size {size}: give a size such as 5GB, 500MB or a number of bytes")
+    return value
+
+
+
+def tied_weights(model) -> dict[str, list[str]]:
+    """Parameter names grouped by the tensor they share (only groups of two or more)."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return {names[0]: names for names in groups.values() if len(names) > 1}
+
+
+def refuse_tied_targets(model) -> None:
+    """Merging into a weight shared with another module would change both: refuse."""
+    from lowrank_runner.methods.inject import AdaptedLayer
+
+    shared = {n: names for names in tied_weights(model).values() for n in names}
+    for path, module in model.named_modules():
+        if isinstance(module, AdaptedLayer):
+            key = f"{path}.base_layer.weight"
+            if key in shared:
+                others = [n for n in shared[key] if n != key]
+                raise ExportError(
+                    f"{path}: its weight is tied to {', '.join(others)} (tie_word_embeddings); merging ΔW into it would "
+                    "change that tensor too and the merged model would no longer be the adapter model. Train without "
+                    f"adapting {path}, or export the adapter instead (--adapter, or --peft for lora); nothing written"
+                )
+
+
+def embeddings_tied(model) -> bool:
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    weight = getattr(out, "weight", None)
+    return weight is not None and inp is not None and weight is getattr(inp, "weight", None)
+
+
+
+class _MergeCheck:
+    """Sees each module's ΔW during the merge: non-finite values stop it; records its
+    size and whether the merged weight, stored in the output dtype, differs from the
+    base weight stored in that dtype (a ΔW below that precision changes nothing)."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+        self.largest: dict[str, float] = {}
+        self.changed: dict[str, bool] = {}
+
+    def __call__(self, path: str, delta, weight) -> None:
+        import torch
+
+        if not torch.isfinite(delta).all():
+            raise ExportError(f"{path}: the adapter's update ΔW holds NaN/Inf (a corrupted or diverged adapter); nothing written")
+        self.largest[path] = float(delta.abs().max())
+        with torch.no_grad():
+            self.changed[path] = bool(((weight.float() + delta).to(self.dtype) != weight.to(self.dtype)).any())
+
+
+
+def export_merged(source: Path, out: Path, tolerance: float = 1e-3, dtype: str | None = None,
+                  max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, cast_tolerance: float | None = None,
+                  backbone: str | None = None) -> dict:
+    import torch
+
+    quiet_libraries()
+    from lowrank_runner.methods.inject import merge_adapters
+
+    source, out = Path(source), Path(out)
+    tolerance, cast_tolerance = check_tolerance(tolerance), check_tolerance(cast_tolerance, "--cast-tolerance")
+    check_max_shard_size(max_shard_size)
+    if dtype is not None and dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    preflight(source, out)
+    model, adapted, config, adapter_cfg = load_trained_model(source, dtype="float32", backbone=backbone)
+    ref, model_class = adapted.backbone, type(model)
+    del adapted  # it holds the model too; the model must be freeable before the reload
+    target = export_dtype(dtype, config["backbone"]["dtype"], ref)
+    tokenizer = source_tokenizer(source, ref, config)
+    batch = probe_batch(tokenizer, config["task"]["max_length"])
+
+    reference = reference_outputs(model, batch, source)
+    refuse_tied_targets(model)
+    tied = embeddings_tied(model)
+    check = _MergeCheck(getattr(torch, target))
+    merge_adapters(model, check=check)
+    if not any(check.largest.values()):
+        raise ExportError(
+            f"{source}: every adapted module's update ΔW is exactly zero ({len(check.largest)} modules): the merged "
+            "weights would equal the backbone's, so the export would change nothing. Was the adapter trained "
+            "(learning rate, steps) and saved? nothing written"
+        )
+    if not any(check.changed.values()):
+        raise ExportError(
+            f"{source}: every update ΔW (largest |ΔW| {max(check.largest.values()):.3g}) is below the precision of "
+            f"{target}: the merged {target} weights would equal the backbone's, so the export would change nothing. "
+            "Export in a finer dtype (--dtype float32); nothing written"
+        )
+    merged = model_outputs(model, batch)
+    max_diff, mean_diff = compare_outputs(reference, merged)
+    if not max_diff <= tolerance:
+        raise ExportError(
+            f"the merged model differs from the adapter model by up to {max_diff:.3g} on the probe batch "
+            f"(tolerance {tolerance:g}); nothing written"
+        )
+    expected, info_cast = merged, {}
+    if target != "float32":
+        model.to(getattr(torch, target))  # in place, parameter by parameter
+        cast = model_outputs(model, batch)
+        bound = (CAST_EPS_UNITS * torch.finfo(getattr(torch, target)).eps if cast_tolerance is None else cast_tolerance)
+        allowed = bound * max(1.0, largest_magnitude(reference))
+        cast_max, cast_mean = compare_outputs(reference, cast)
+        if non_finite(cast) or not cast_max <= allowed:
+            raise ExportError(
+                f"cast to {target}, the merged model differs from the adapter model by up to {cast_max:.3g} on the "
+                f"probe batch (allowed {allowed:.3g}; overflow or too coarse a dtype); export in float32 with "
+                "--dtype float32 or loosen --cast-tolerance; nothing written"
+            )
+        expected = cast
+        info_cast = {"cast_max_abs_logit_diff": cast_max, "cast_mean_abs_logit_diff": cast_mean, "cast_allowed": allowed}
+
+    with staged_output(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(tmp)
+        shards = sorted(p.name for p in tmp.glob("*.safetensors"))
+        alive = weakref.ref(model)
+        del model
+        collect_if_alive(alive)
+        reloaded = model_class.from_pretrained(tmp, dtype="auto").eval()
+        dtypes = sorted({str(p.dtype).replace("torch.", "") for p in reloaded.parameters() if p.is_floating_point()})
+        if dtypes != [target]:
+            raise ExportError(f"the written checkpoint reloads as {', '.join(dtypes)}, not {target}; nothing written")
+        if tied and not embeddings_tied(reloaded):
+            raise ExportError("the backbone's tied input/output embeddings came back untied from the written checkpoint; nothing written")
+        again = model_outputs(reloaded, batch)
+        reload_self, _ = compare_outputs(expected, again)
+        reload_diff, _ = compare_outputs(reference, again)
+        if not reload_self <= tolerance:
+            raise ExportError(f"the written checkpoint, reloaded, differs from the merged model by {reload_self:.3g}; nothing written")
+        del reloaded
+        info = {
+            **provenance(source, adapter_cfg, "merged-transformers"),
+            "modules_merged": len(check.largest),
+            "modules_changed": sum(check.changed.values()),
+            "largest_abs_delta": max(check.largest.values()),
+            "probe_examples": len(batch["input_ids"]),
+            "outputs_compared": sorted(reference),
+            "max_abs_logit_diff": max_diff,
+            "mean_abs_logit_diff": mean_diff,
+            **info_cast,
+            "reloaded_max_abs_logit_diff": reload_diff,
+            "tolerance": tolerance,
+            "dtype": target,
+            "merge_dtype": "float32",
+            "tied_word_embeddings": tied,
+            "max_shard_size": max_shard_size,
+            "shards": shards,
+        }
+        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
