@@ -21,7 +21,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from lowrank_runner.errors import BackboneError
-from lowrank_runner.resources import is_pkg_path, resolve_pkg_path
+from lowrank_runner.resources import expand_user, is_pkg_path, resolve_pkg_path
 
 TRUST_KEY = "backbone.trust_remote_code"
 CONFIG_FILE = "config.json"
@@ -51,7 +51,7 @@ def resolve(backbone: dict, need_config: bool = True) -> BackboneRef:
         except ValueError as exc:
             raise BackboneError(f"backbone.name {name}: {exc}") from None
         return _local_ref(name, path, trust, need_config)
-    local = Path(name).expanduser()
+    local = expand_user(name)
     if local.exists() or not _is_hub_id(name):
         return _local_ref(name, local, trust, need_config)
     ref = BackboneRef(name, name, False, backbone.get("revision"), trust)

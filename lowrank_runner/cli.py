@@ -6,10 +6,12 @@ Heavy imports (torch, transformers) happen inside the commands that need them, s
 
 from __future__ import annotations
 
+import errno
 import functools
 import glob
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -113,10 +115,28 @@ def friendly(fn):
         except BrokenPipeError:  # `lrr methods | head`: the reader left; nothing to say
             sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stderr at exit
             raise typer.Exit(0) from None
+        except OSError as exc:
+            if exc.errno not in _MACHINE_ERRNOS:
+                raise typer.Exit(_internal_error(exc)) from None
+            _err(f"error: {_machine_error(exc)}")
+            raise typer.Exit(1) from None
         except Exception as exc:  # a bug in lowrank-runner, not the user's input
             raise typer.Exit(_internal_error(exc)) from None
 
     return wrapper
+
+
+# The machine, not lowrank-runner, refused a file operation: a full disk, a read-only or
+# unreadable place. Said plainly (anywhere it happens: a checkpoint, an export, a report).
+_MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def _machine_error(exc: OSError) -> str:
+    where = f" ({exc.filename})" if exc.filename else ""
+    fix = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space (disk quota)",
+           errno.EROFS: "write somewhere writable (e.g. --output/--out elsewhere)",
+           errno.EIO: "check the disk"}.get(exc.errno, "check the permissions, or use another path")
+    return f"{exc.strerror or exc}{where}: {fix}, then run the command again (a run continues with --resume)"
 
 
 def _internal_error(exc: BaseException) -> int:
@@ -367,6 +387,9 @@ def _existing(path: Path) -> Path:
 
 
 def main() -> None:
+    # SIGTERM (a scheduler's or `kill`'s stop) ends every command like Ctrl-C: staged
+    # exports are removed, runs are marked interrupted, the exit code is 130.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     app()
 
 

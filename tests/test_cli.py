@@ -96,3 +96,57 @@ def test_a_closed_pipe_is_not_an_error():
     proc = subprocess.run(f"{sys.executable} -m lowrank_runner methods --json | head -c 10", shell=True,
                           capture_output=True, text=True, timeout=60)
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def test_a_full_disk_is_said_plainly(monkeypatch, tmp_path):
+    import errno
+
+    import lowrank_runner.recipe.load as load
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "state.json"))
+
+    monkeypatch.setattr(load, "check_recipe_file", full)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\n")
+    res = invoke("validate", str(recipe))
+    assert res.exit_code == 1
+    assert res.stderr.splitlines() == [
+        f"error: No space left on device ({tmp_path / 'run' / 'state.json'}): free some space, then run the command "
+        "again (a run continues with --resume)"]
+
+
+SLOW_EXPORT = """
+import sys, time
+from pathlib import Path
+from lowrank_runner import cli, outputs
+
+@cli.command("slow-export")
+@cli.friendly
+def slow_export(out: Path):
+    with outputs.staged_directory(out) as tmp:
+        (tmp / "model.safetensors").write_text("half")
+        print("writing", flush=True)
+        time.sleep(60)
+
+sys.argv = ["lrr", "slow-export", sys.argv[1]]
+cli.main()
+"""
+
+
+def test_sigterm_ends_any_command_like_ctrl_c_and_leaves_nothing_half_written(tmp_path):
+    import signal
+
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_EXPORT)
+    out = tmp_path / "exports" / "merged"
+    proc = subprocess.Popen([sys.executable, str(script), str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err.strip() == "interrupted"
+    assert list((tmp_path / "exports").iterdir()) == []  # the staged directory is gone, no half export

@@ -151,7 +151,7 @@ def test_data_warnings_where_training_is_still_meaningful(tmp_path, capsys):
     build_task(task_config(tmp_path, labels=["pos", "neg"])).labels
     err = capsys.readouterr().err
     assert "warning: " + str(tmp_path / "train.csv") + ":3: column 'text': empty text (1 row of 2)" in err
-    assert f"train.csv: every training label is 'pos'; the classifier never sees the other classes" in err
+    assert "train.csv: every training label is 'pos'; the classifier never sees the other classes" in err
     write_csv(tmp_path / "train.csv", ["a,1.0", "b,2.5"])
     write_csv(tmp_path / "dev.csv", ["d,3", "e,3"])
     assert build_task(task_config(tmp_path, name="regression")).count_train_examples() == 2

@@ -264,18 +264,18 @@ def backbone_location(source: Path, config: dict, override: str | None) -> str:
     ``backbone.name``; a relative local path is resolved against the directory the run
     was started from (report.json ``cwd``). A local backbone that is gone is an error
     naming the path and ``--backbone``."""
-    from lowrank_runner.resources import is_pkg_path
+    from lowrank_runner.resources import expand_user, is_pkg_path
 
     if override is not None:
         return _checked_override(str(override))
     name = config["backbone"]["name"]
-    if is_pkg_path(name) or Path(name).expanduser().is_dir():
+    if is_pkg_path(name) or expand_user(name).is_dir():
         return name
     cwd = _run_cwd(source)
-    if cwd is not None and not Path(name).expanduser().is_absolute() and (cwd / name).is_dir():
+    if cwd is not None and not expand_user(name).is_absolute() and (cwd / name).is_dir():
         return str(cwd / name)
     if _looks_like_path(name) or _recorded_local(source):
-        relative = cwd is not None and not Path(name).expanduser().is_absolute()
+        relative = cwd is not None and not expand_user(name).is_absolute()
         where = str(cwd / name) if relative else name
         raise BackboneError(
             f"{source}: the run's backbone {where} (backbone.name in {source / art.RECIPE_FILE}) no longer exists; "
@@ -304,8 +304,9 @@ def _recorded_local(source: Path) -> bool:
 def _checked_override(name: str) -> str:
     """``--backbone``: an existing model directory, or a hub id."""
     from lowrank_runner.backbones import resolve
+    from lowrank_runner.resources import expand_user
 
-    path = Path(name).expanduser()
+    path = expand_user(name)
     if path.exists() or _looks_like_path(name):
         if not path.exists():
             raise BackboneError(f"--backbone {name}: no such directory; give the backbone's local directory "

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from lowrank_runner.errors import Location, Problem, RecipeError
+from lowrank_runner.errors import Problem, RecipeError
 from lowrank_runner.methods.registry import get_method_spec
 from lowrank_runner.resources import expand_user
 from lowrank_runner.recipe.document import Document, Origin, apply_override, delete, dotted, load_yaml, merge

@@ -366,6 +366,9 @@ def _backbone_name_problems(doc: Document, name: str) -> list[Problem]:
             return [problem(doc, path, str(exc))]
         return [] if (resolved / "config.json").is_file() else [problem(doc, path, f"{resolved} holds no config.json")]
     local = expand_user(name)
+    if local.exists() and not local.is_dir():
+        return [problem(doc, path, f"{name} is a file, not a model directory; point backbone.name at the directory "
+                                   "that holds config.json (or a hub id like org/model)")]
     if local.exists():
         if not (local / "config.json").is_file():
             return [problem(doc, path, f"local directory {name} holds no config.json; point backbone.name at a model directory")]

@@ -121,9 +121,9 @@ def backbone_fingerprint(name: str, location: str, local: bool, revision: str | 
         out = {"name": name, "location": location, "source": "hub", "revision": revision,
                **hub_snapshot(location, revision, cache_dir)}
     if tokenizer:
-        from lowrank_runner.resources import is_pkg_path, resolve_pkg_path
+        from lowrank_runner.resources import expand_user, is_pkg_path, resolve_pkg_path
 
-        path = resolve_pkg_path(tokenizer) if is_pkg_path(tokenizer) else Path(tokenizer).expanduser()
+        path = resolve_pkg_path(tokenizer) if is_pkg_path(tokenizer) else expand_user(tokenizer)
         out["tokenizer"] = ({"name": tokenizer, **directory_fingerprint(path)} if path.is_dir()
                             else {"name": tokenizer, **hub_snapshot(tokenizer, None, cache_dir)})
     return out

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lowrank_runner.errors import LrrError
+from lowrank_runner.resources import expand_user
 from lowrank_runner.train import artifacts as art
 
 # Method parameters that do not change what the adapter's tensors mean.
@@ -46,7 +47,7 @@ class InitSource:
         return f"run {self.run} of this recipe ({self.path})" if self.run else str(self.path)
 
     def adapter_dir(self) -> Path:
-        path = self.path.expanduser()
+        path = expand_user(str(self.path))
         for candidate in (path / art.ADAPTER_DIR, path):
             if (candidate / art.ADAPTER_CONFIG).is_file():
                 return candidate
