@@ -12,23 +12,6 @@ from pathlib import Path
 import pytest
 
 from tests.bad_inputs.harness import assert_clean_error, lrr, snapshot
-from tests.conftest import tiny_recipe_text
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory, tiny_bert, sentiment_data) -> Path:
-    root = tmp_path_factory.mktemp("export-inputs")
-    recipe = root / "tiny.yaml"
-    recipe.write_text(tiny_recipe_text(tiny_bert, sentiment_data).replace("epochs: 2", "epochs: 1"))
-    result = lrr("run", recipe, "--output", root / "run")
-    assert result.code == 0, result.output
-    return root / "run"
-
-
-@pytest.fixture
-def run_copy(trained, tmp_path):
-    """A fresh copy of the trained run to break (``tmp_path/run``)."""
-    return Path(shutil.copytree(trained, tmp_path / "run"))
 
 
 def edit_json(path: Path, edit) -> None:

@@ -11,22 +11,6 @@ from pathlib import Path
 import pytest
 
 from tests.bad_inputs.harness import assert_clean_error, lrr, snapshot
-from tests.conftest import tiny_recipe_text
-
-
-@pytest.fixture(scope="session")
-def finished(tmp_path_factory, tiny_bert, sentiment_data) -> Path:
-    root = tmp_path_factory.mktemp("report-inputs")
-    recipe = root / "tiny.yaml"
-    recipe.write_text(tiny_recipe_text(tiny_bert, sentiment_data).replace("epochs: 2", "epochs: 1"))
-    result = lrr("run", recipe, "--output", root / "run")
-    assert result.code == 0, result.output
-    return root / "run"
-
-
-@pytest.fixture
-def run_copy(finished, tmp_path):
-    return Path(shutil.copytree(finished, tmp_path / "run"))
 
 
 def edit_report(edit):
@@ -172,9 +156,9 @@ def test_bad_summary(case, multi):
     assert_clean_error(lrr("report", multi, "--render"), message.format(root=multi), code=1)
 
 
-def test_a_comparison_names_the_broken_run(finished, run_copy):
+def test_a_comparison_names_the_broken_run(tiny_run, run_copy):
     (run_copy / "report.json").write_text('{"status": "completed"')
-    result = lrr("report", finished, run_copy)
+    result = lrr("report", tiny_run, run_copy)
     assert_clean_error(result, f"{run_copy}/report.json:1:23: not valid JSON (Expecting ',' delimiter); the run report "
                                f"is damaged: {FIX.format(run=run_copy)}", code=1)
 
