@@ -292,6 +292,10 @@ def _scalar(node: yaml.ScalarNode, source: str, path: PathT = ()):
         raise RecipeError(
             [Problem(_loc(source, node), dotted(path), f"unsupported YAML value (only plain YAML is read): {exc.problem}")]
         ) from None
+    except (ValueError, TypeError, OverflowError, KeyError) as exc:  # an explicit tag the text does not fit: !!float abc
+        tag = node.tag.rsplit(":", 1)[-1]
+        raise RecipeError([Problem(_loc(source, node), dotted(path),
+                                   f"{node.value!r} is not a valid !!{tag} ({exc}); remove the tag or fix the value")]) from None
     finally:
         loader.dispose()
 

@@ -72,6 +72,17 @@ def test_deeply_nested_flow_sequences_in_a_real_process(tmp_path):
     assert_invalid(res, f"{path}:1:70: (recipe): values are nested more than 64 levels deep here (a recipe needs about 6)")
 
 
+@pytest.mark.parametrize("value,line", [
+    ("!!float abc", "'abc' is not a valid !!float (could not convert string to float: 'abc')"),
+    ("!!int 1.5", "'1.5' is not a valid !!int (invalid literal for int() with base 10: '1.5')"),
+    ("!!bool maybe", "'maybe' is not a valid !!bool ('maybe')"),
+    ("!!timestamp 2020-99-99", "'2020-99-99' is not a valid !!timestamp (month must be in 1..12)"),
+])
+def test_explicit_tags_the_text_does_not_fit(tmp_path, value, line):
+    path = write(tmp_path, f"name: t\nmethod: {{name: lora, r: {value}}}\n")
+    assert_invalid(lrr("validate", path), f"{path}:2:25: method.r: {line}; remove the tag or fix the value")
+
+
 @pytest.mark.parametrize("text,line", [
     ("name: &a [*a]\n", "1:11: (recipe): the alias *a is inside the value its anchor &a names (a value cannot contain itself)"),
     ("a: &a {b: *a}\n", "1:11: (recipe): the alias *a is inside the value its anchor &a names (a value cannot contain itself)"),
