@@ -193,7 +193,8 @@ def read_recipe_config(path: Path, source: Path, kind: str = "run") -> dict:
     return doc.data
 
 
-def _read_tensors(path: Path, source: Path, kind: str) -> dict:
+def read_tensors(path: Path, source: Path, kind: str = "run") -> dict:
+    """A safetensors file of ``source``; a missing or damaged one is an :class:`ExportError`."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -218,7 +219,7 @@ def read_head(adapter_dir: Path, adapter_cfg: dict, source: Path, kind: str) -> 
         raise ExportError(f"{path}: missing: the run trained a task head ({', '.join(names[:3])}"
                           f"{', ...' if len(names) > 3 else ''}) and without it the export would carry an untrained "
                           f"head; {_fix(source, kind)}")
-    head = _read_tensors(path, source, kind)
+    head = read_tensors(path, source, kind)
     missing, extra = sorted(set(names) - set(head)), sorted(set(head) - set(names))
     if missing or extra:
         what = f"lacks {', '.join(missing[:3])}" if missing else f"holds {', '.join(extra[:3])}, which adapter_config.json does not name"
@@ -246,7 +247,7 @@ def read_run(source: Path, backbone: str | None = None) -> tuple[dict, dict, dic
     adapter_cfg = read_adapter_config(adapter_dir / art.ADAPTER_CONFIG, source, kind)
     config = read_recipe_config(source / art.RECIPE_FILE, source, kind)  # beside adapter/ or in the bundle
     _check_agreement(source, adapter_dir, config, adapter_cfg, kind)
-    adapter = _read_tensors(adapter_dir / art.ADAPTER_WEIGHTS, source, kind)
+    adapter = read_tensors(adapter_dir / art.ADAPTER_WEIGHTS, source, kind)
     head = read_head(adapter_dir, adapter_cfg, source, kind)
     location = backbone_location(source, config, backbone)
     config["backbone"] = {**config["backbone"], "name": location}

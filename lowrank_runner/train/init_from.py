@@ -52,7 +52,10 @@ class InitSource:
             if (candidate / art.ADAPTER_CONFIG).is_file():
                 return candidate
         report = path / art.REPORT_FILE
-        status = json.loads(report.read_text()).get("status") if report.is_file() else None
+        try:
+            status = json.loads(report.read_text()).get("status") if report.is_file() else None
+        except (ValueError, OSError, AttributeError):
+            status = "unreadable report.json"
         if status and status != "completed":
             why = f"that run did not complete (status '{status}')"
         elif path.exists():
@@ -69,12 +72,25 @@ class InitSource:
                 "recipe_hash": config.get("recipe_hash"), "config_hash": config.get("config_hash"),
                 "head": "not loaded: trained fresh for this task"}
 
+    def _read(self, directory: Path) -> tuple[dict, dict]:
+        """The source's adapter_config.json and adapter tensors, checked as an export
+        checks them (a damaged or missing file names itself and how to repair it)."""
+        from lowrank_runner.errors import ExportError
+        from lowrank_runner.export.source import read_adapter_config, read_tensors
+
+        source = directory.parent if directory.name == art.ADAPTER_DIR else directory
+        try:
+            config = read_adapter_config(directory / art.ADAPTER_CONFIG, source)
+            return config, read_tensors(directory / art.ADAPTER_WEIGHTS, source)
+        except ExportError as exc:
+            raise InitFromError(f"{self.where}: cannot start from {self.label}: {exc}") from None
+
     def load_into(self, adapted, run_config: dict) -> None:
         """Load the source's adapter tensors into ``adapted.model`` (head untouched)."""
         from lowrank_runner.methods.inject import load_adapter_state
 
         directory = self.adapter_dir()
-        config, adapter, _head = art.load_adapter(directory)
+        config, adapter = self._read(directory)
         mine, theirs = run_config["method"], config.get("method", {})
         fix = "start from a run of the same method, parameters and targets, or remove training.init_from"
         if mine.get("name") != theirs.get("name"):

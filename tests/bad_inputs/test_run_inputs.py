@@ -320,3 +320,23 @@ def test_resume_with_another_number_of_processes_is_refused(recipe, stopped, tmp
     result = lrr("run", recipe, "--output", run, "--resume", env={"WORLD_SIZE": "2"})
     assert_clean_error(result, f"{run / 'checkpoints' / 'step-000002'}: written by 1 process(es), this command runs 2; "
                                f"resume with the same number of processes", code=2)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda a: (a / "adapter.safetensors").write_bytes(b"garbage"),
+     "{run}/adapter/adapter.safetensors: not a readable safetensors file (truncated or corrupted)"),
+    (lambda a: (a / "adapter.safetensors").unlink(), "{run}/adapter/adapter.safetensors: missing"),
+    (lambda a: (a / "adapter_config.json").write_text("{"), "{run}/adapter/adapter_config.json:1:2: not valid JSON"),
+])
+def test_init_from_a_damaged_run_fails_before_training(run_copy, tmp_path, tiny_bert, sentiment_data, damage, message):
+    from tests.conftest import tiny_recipe_text
+
+    damage(run_copy / "adapter")
+    recipe = tmp_path / "from.yaml"
+    recipe.write_text(tiny_recipe_text(tiny_bert, sentiment_data).replace(
+        "seed: 0,", f"seed: 0, init_from: {run_copy},"))
+    result = lrr("run", recipe, "--output", tmp_path / "out")
+    assert_clean_error(result, code=1)
+    expected = message.format(run=run_copy)
+    assert any(expected in line and "cannot start from" in line for line in result.error_lines()), result.stderr
+    assert not (tmp_path / "out").exists()
