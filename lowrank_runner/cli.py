@@ -108,6 +108,9 @@ def friendly(fn):
             _err(f"error: {exc}" if not hasattr(exc, "problems") else str(exc))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
+            if _AS_PROGRAM:  # a second Ctrl-C must not break the clean exit (torch's atexit hooks)
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
             _err("interrupted")
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort, click.ClickException):  # typer's own exits and usage errors
@@ -324,6 +327,10 @@ def run(
     from lowrank_runner.train.run_dirs import recorded_overrides
     from lowrank_runner.train.runner import run_recipe
 
+    if output is not None:
+        from lowrank_runner.resources import expand_user
+
+        output = expand_user(str(output))  # --output '~/runs/x' (quoted, so the shell did not expand it)
     if resume and not overrides:  # continue with the --set overrides the run was started with
         overrides = recorded_overrides(output)
         if overrides:
@@ -381,12 +388,20 @@ def export(
 
 
 def _existing(path: Path) -> Path:
+    if path.exists() and not path.is_file():
+        kind = "a directory" if path.is_dir() else "not a regular file (a device, pipe or socket?)"
+        raise UsageError(f"{path}: {kind}; give a recipe file (.yaml)")
     if not path.is_file():
         raise UsageError(f"{path}: no such recipe file")
     return path
 
 
+_AS_PROGRAM = False  # set by main(): the process is `lrr` itself (not a test runner or a notebook calling app)
+
+
 def main() -> None:
+    global _AS_PROGRAM
+    _AS_PROGRAM = True
     # SIGTERM (a scheduler's or `kill`'s stop) ends every command like Ctrl-C: staged
     # exports are removed, runs are marked interrupted, the exit code is 130.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -91,3 +91,7 @@ class CheckpointError(LrrError, ValueError):
 class RunFileError(LrrError):
     """A file of a run directory (report.json, metrics.json, metrics.jsonl, summary.json,
     adapter files) is missing or damaged."""
+
+
+class TrainingError(LrrError):
+    """Training cannot go on meaningfully (e.g. the loss is no longer a finite number)."""

@@ -133,13 +133,40 @@ def load_adapter(directory: Path) -> tuple[dict, dict, dict]:
     return config, adapter, head
 
 
+def _kept_lines(path: Path, keep: int) -> list[str]:
+    """The first ``keep`` lines of a resumed run's ``metrics.jsonl``, each checked to be a
+    JSON object (checked before training goes on, not when the report reads them)."""
+    from lowrank_runner.errors import CheckpointError
+
+    if keep == 0:
+        return []
+    fix = "restore the file from a copy, or start the run again in a new directory"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)[:keep]
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing, but the checkpoint was written after {keep} lines of it; {fix}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc}); {fix}") from None
+    if len(lines) < keep:
+        raise CheckpointError(f"{path}: {len(lines)} lines, but the checkpoint was written after {keep}; the log was "
+                              f"truncated: {fix}")
+    for number, line in enumerate(lines, 1):
+        try:
+            ok = isinstance(json.loads(line), dict)
+        except ValueError as exc:
+            raise CheckpointError(f"{path}:{number}: not a JSON object ({exc}); the log is damaged: {fix}") from None
+        if not ok:
+            raise CheckpointError(f"{path}:{number}: not a JSON object; the log is damaged: {fix}")
+    return lines
+
+
 class MetricsLog:
     """Append-only ``metrics.jsonl`` (flushed per line so a crash loses nothing). A resumed
     run keeps the first ``keep_lines`` lines (those written up to its checkpoint) and drops
     the rest, so no step is logged twice."""
 
     def __init__(self, path: Path, keep_lines: int = 0):
-        kept = path.read_text(encoding="utf-8").splitlines(keepends=True)[:keep_lines] if path.is_file() else []
+        kept = _kept_lines(path, keep_lines)
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text("".join(kept), encoding="utf-8")
         tmp.replace(path)

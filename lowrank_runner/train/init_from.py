@@ -81,9 +81,15 @@ class InitSource:
         source = directory.parent if directory.name == art.ADAPTER_DIR else directory
         try:
             config = read_adapter_config(directory / art.ADAPTER_CONFIG, source)
-            return config, read_tensors(directory / art.ADAPTER_WEIGHTS, source)
+            tensors = read_tensors(directory / art.ADAPTER_WEIGHTS, source)
         except ExportError as exc:
             raise InitFromError(f"{self.where}: cannot start from {self.label}: {exc}") from None
+        broken = sorted(name for name, t in tensors.items() if t.is_floating_point() and not t.isfinite().all())
+        if broken:
+            raise InitFromError(f"{self.where}: cannot start from {self.label}: {directory / art.ADAPTER_WEIGHTS} holds "
+                                f"NaN or Inf values ({', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}); the "
+                                "source run diverged or the file is damaged: start from another run")
+        return config, tensors
 
     def load_into(self, adapted, run_config: dict) -> None:
         """Load the source's adapter tensors into ``adapted.model`` (head untouched)."""

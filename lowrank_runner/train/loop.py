@@ -12,6 +12,7 @@ scaler skipped, with the gradients already cleared).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from lowrank_runner.backbones import load_tokenizer
+from lowrank_runner.errors import TrainingError
 from lowrank_runner.backbones import resolve as resolve_backbone
 from lowrank_runner.inspect import PlanError, check_method_schedule, check_schedule
 from lowrank_runner.methods.inject import adapter_state_dict, is_adapter_param, load_adapter_state
@@ -331,6 +333,12 @@ class TrainingRun:
                 f"{checkpoint.path}: written by a different recipe (config hash {checkpoint.state['config_hash']}, "
                 f"now {self.run.config_hash}); resume with the recipe and --set overrides the run started with"
             )
+        planned = checkpoint.state.get("total_steps")
+        if planned != self.plan.total_steps:
+            raise PlanError(
+                f"{checkpoint.path}: the run planned {planned} optimizer steps when this checkpoint was written and plans "
+                f"{self.plan.total_steps} now: its training data changed (files edited or replaced?); resume with the "
+                "same data, or start a new run in a new directory")
         try:
             best_tensors, self.state.epoch_generator = restore_checkpoint(
                 checkpoint, self.accelerator, self.model, self.optimizer, self.scheduler, self.method)
@@ -439,6 +447,12 @@ class TrainingRun:
         and the method's values: a ``metrics.jsonl`` line and the progress bar."""
         s = self.state
         mean_loss = self.accelerator.reduce(s.window_loss / max(s.window_n, 1), reduction="mean").item()
+        if not math.isfinite(mean_loss):  # every process sees the same reduced value: all stop
+            raise TrainingError(
+                f"{self.where}: the training loss is {mean_loss} at step {s.step}: the model's outputs are not finite "
+                "(training diverged, or the backbone or initial adapter holds NaN/Inf weights); lower "
+                "training.learning_rate, set training.max_grad_norm, use backbone.dtype float32 or bfloat16 instead "
+                "of float16, or check the backbone's weights")
         s.window_loss.zero_()
         s.window_n = 0
         record = {"step": s.step, "epoch": self._epoch(), "loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],

@@ -98,6 +98,9 @@ def _run_all(recipe: Recipe, root: Path, argv: list[str], points: dict, stop_aft
             (run_dir / "error.txt").unlink(missing_ok=True)  # a failure from before: this try starts over
         if checkpoint is not None:
             console.print(f"resuming {escape(run.slug)} from {escape(str(checkpoint.path))} (step {checkpoint.step})")
+        elif resume and run_dir.is_dir() and any(run_dir.iterdir()):
+            console.print(f"[yellow]no checkpoint[/yellow] in {escape(str(run_dir / 'checkpoints'))}: "
+                          f"{escape(run.slug)} starts again from step 0")
         try:
             init = init_source(recipe, run, dirs)
             waits_for = _source_pending(recipe, run, summary, root)

@@ -340,3 +340,81 @@ def test_init_from_a_damaged_run_fails_before_training(run_copy, tmp_path, tiny_
     expected = message.format(run=run_copy)
     assert any(expected in line and "cannot start from" in line for line in result.error_lines()), result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ found by the second corpus
+
+
+def test_a_damaged_metrics_log_is_found_before_training_resumes(recipe, stopped, tmp_path):
+    run = copy(stopped[0], tmp_path)
+    (run / "metrics.jsonl").write_text("{broken\n")
+    result = lrr("run", recipe, "--output", run, "--resume")
+    assert_clean_error(result, code=1)
+    assert any(f"{run / 'metrics.jsonl'}:1: not a JSON object" in ln for ln in result.error_lines()), result.stderr
+    assert not (run / "adapter").exists() and not (run / "metrics.json").exists()  # nothing trained, nothing written
+
+
+def test_resume_after_the_training_data_changed_is_refused(recipe, tmp_path, sentiment_data):
+    """The same recipe over a data file edited in place between stop and resume (the
+    config hash is of the recipe, not of the data): the plan's step count tells."""
+    (tmp_path / "data").mkdir()
+    moved = tmp_path / "moved.yaml"
+    edited = tmp_path / "data" / "train.jsonl"
+    edited.write_text(sentiment_data[0].read_text())
+    moved.write_text(recipe.read_text().replace(str(sentiment_data[0]), str(edited)))
+    out = tmp_path / "again"
+    assert lrr("run", moved, "--output", out, *sets(STOP_SETS), "--stop-after-step", 2).code == 0
+    edited.write_text("".join(edited.read_text().splitlines(keepends=True)[:48]))
+    result = lrr("run", moved, "--output", out, "--resume")
+    assert_clean_error(result, code=1)
+    assert any("the run planned 6 optimizer steps when this checkpoint was written and plans 3 now: its training data "
+               "changed" in ln for ln in result.error_lines()), result.stderr
+
+
+def test_resume_without_a_checkpoint_says_it_starts_again(recipe, stopped, tmp_path):
+    run = copy(stopped[0], tmp_path)
+    shutil.rmtree(run / "checkpoints")
+    result = lrr("run", recipe, "--output", run, "--resume")
+    assert result.code == 0, result.output
+    assert f"no checkpoint in {run / 'checkpoints'}: classification-seed0 starts again from step 0" in \
+        " ".join(result.output.split())
+
+
+def test_a_diverged_run_stops_with_the_reason(recipe, tmp_path, tiny_bert):
+    """A backbone of NaN weights: the loss is NaN from the first step; the run stops
+    instead of 'completing' with NaN metrics."""
+    from safetensors.torch import load_file, save_file
+
+    nan = Path(shutil.copytree(tiny_bert, tmp_path / "nan-bert"))
+    weights = nan / "model.safetensors"
+    save_file({k: v.clone().fill_(float("nan")) if v.is_floating_point() else v for k, v in load_file(weights).items()},
+              weights, metadata={"format": "pt"})
+    result = lrr("run", recipe, "--output", tmp_path / "out", "--set", f"backbone.name={nan}")
+    assert_clean_error(result, code=1)
+    assert any("the training loss is nan at step 2: the model's outputs are not finite" in ln
+               for ln in result.error_lines()), result.stderr
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_init_from_an_adapter_of_nan_values_is_refused(run_copy, tmp_path, tiny_bert, sentiment_data):
+    from safetensors.torch import load_file, save_file
+
+    weights = run_copy / "adapter" / "adapter.safetensors"
+    save_file({k: v.clone().fill_(float("nan")) for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
+    recipe = tmp_path / "from.yaml"
+    recipe.write_text(tiny_recipe_text(tiny_bert, sentiment_data).replace("seed: 0,", f"seed: 0, init_from: {run_copy},"))
+    result = lrr("run", recipe, "--output", tmp_path / "out")
+    assert_clean_error(result, code=1)
+    assert any(f"{weights} holds NaN or Inf values" in ln for ln in result.error_lines()), result.stderr
+
+
+def test_output_with_a_quoted_tilde_is_the_home_directory(recipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    result = lrr("run", recipe, "--output", "~/runs/x", "--stop-after-step", 1, cwd=tmp_path)
+    assert result.code == 0, result.output
+    assert (tmp_path / "home" / "runs" / "x" / "recipe.yaml").is_file() and not (tmp_path / "~").exists()
+
+
+@pytest.mark.parametrize("command", ["run", "inspect"])
+def test_a_recipe_argument_that_is_a_directory(tmp_path, command):
+    assert_clean_error(lrr(command, tmp_path), f"{tmp_path}: a directory; give a recipe file (.yaml)", code=2)
