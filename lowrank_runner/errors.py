@@ -95,3 +95,13 @@ class RunFileError(LrrError):
 
 class TrainingError(LrrError):
     """Training cannot go on meaningfully (e.g. the loss is no longer a finite number)."""
+
+
+class RecipeKeyError(LrrError):
+    """A recipe value that only the model at hand shows to be wrong (a target that
+    matches no linear layer, a rank above a layer's size): ``key`` is its dotted recipe
+    path, so the caller can name the recipe line (:func:`lowrank_runner.recipe.load.at_recipe_lines`)."""
+
+    def __init__(self, message: str, key: str):
+        super().__init__(message)
+        self.key = key

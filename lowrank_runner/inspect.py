@@ -10,7 +10,7 @@ from __future__ import annotations
 from lowrank_runner.errors import LrrError
 from lowrank_runner.modeling import build_adapted_model, parameter_counts
 from lowrank_runner.quiet import quiet_libraries
-from lowrank_runner.recipe.load import Recipe
+from lowrank_runner.recipe.load import Recipe, at_recipe_lines
 from lowrank_runner.tasks.base import build_task
 from lowrank_runner.tasks.holdout import holdout_sizes
 from lowrank_runner.train.init_from import source_run
@@ -47,7 +47,8 @@ def inspect_recipe(recipe: Recipe, processes: int = 1) -> dict:
         where = f"{recipe.source} [{run.task}, seed {run.seed}]"
         cfg = run.config
         task = build_task(cfg["task"])
-        adapted = build_adapted_model(cfg, task.model_class, task.model_config_kwargs(), weights=False)
+        with at_recipe_lines(run):
+            adapted = build_adapted_model(cfg, task.model_class, task.model_config_kwargs(), weights=False)
         model = adapted.model
         n_train = task.count_train_examples()
         if cfg["task"].get("holdout_fraction"):  # trains on the rest of the training set

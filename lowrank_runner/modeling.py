@@ -9,14 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lowrank_runner import backbones
-from lowrank_runner.errors import LrrError
+from lowrank_runner.errors import LrrError, RecipeKeyError
 from lowrank_runner.methods.inject import (Injection, count_adapter_params, inject, is_adaptable, is_adapter_param, layer_sizes,
                                            mark_trainable)
 from lowrank_runner.methods.registry import get_method_spec
 from lowrank_runner.targets import TargetError, TargetModule, resolve_targets
 
 
-class TargetResolutionError(LrrError):
+class TargetResolutionError(RecipeKeyError):
     pass
 
 
@@ -24,7 +24,7 @@ class BackboneWeightsError(LrrError):
     pass
 
 
-class TaskLengthError(LrrError):
+class TaskLengthError(RecipeKeyError):
     """task.max_length beyond the backbone's positions."""
 
 
@@ -43,7 +43,7 @@ class AdaptedModel:
         return self.injection.method
 
 
-class MethodConfigError(LrrError):
+class MethodConfigError(RecipeKeyError):
     pass
 
 
@@ -54,7 +54,7 @@ def build_method(method_cfg: dict):
     try:
         return spec.load()(**params)
     except ValueError as exc:
-        raise MethodConfigError(f"method: {exc}") from None
+        raise MethodConfigError(f"method: {exc}", "method") from None
 
 
 def find_targets(model, targets: list[str], model_type: str) -> list[TargetModule]:
@@ -64,7 +64,7 @@ def find_targets(model, targets: list[str], model_type: str) -> list[TargetModul
         return resolve_targets(targets, model_type, list(modules),
                                not_adaptable={name: type(m).__name__ for name, m in modules.items() if not is_adaptable(m)})
     except TargetError as exc:
-        raise TargetResolutionError(f"targets: {exc}") from None
+        raise TargetResolutionError(f"targets: {exc}", "targets") from None
 
 
 def rank_parameters(method_cfg: dict) -> dict[str, int]:
@@ -89,16 +89,17 @@ def check_ranks(model, targets: list[TargetModule], method_cfg: dict) -> None:
     know): an error naming the modules, their sizes and the largest valid value."""
     sizes = {t.path: layer_sizes(model.get_submodule(t.path), t.groups) for t in targets}
     largest = min((min(s) for s in sizes.values()), default=None)
-    problems = []
+    problems, keys = [], []
     for name, value in rank_parameters(method_cfg).items():
         over = [(path, s) for path, s in sizes.items() if value > min(s)]
         if over:
+            keys.append(f"method.{name}")
             shown = ", ".join(f"{path} ({i} in, {o} out)" for path, (i, o) in over[:3])
             more = f" and {len(over) - 3} more" if len(over) > 3 else ""
             problems.append(f"method.{name} {value} is above the rank a module can have, min(in, out), for {len(over)} "
                             f"adapted module(s): {shown}{more}; the largest valid method.{name} for these targets is {largest}")
     if problems:
-        raise MethodConfigError("; ".join(problems))
+        raise MethodConfigError("; ".join(problems), keys[0])
 
 
 POSITION_TABLES = ("position_embeddings", "wpe")  # BERT/RoBERTa/DeBERTa (absolute), GPT-2
@@ -138,7 +139,8 @@ def check_positions(model, config, task_cfg: dict, ref: backbones.BackboneRef) -
             source = f"{declared[0]} {declared[1]} in {where}" if declared else f"its position table in {where}"
             source += f", less {offset} reserved by its padding offset" if offset else ""
             raise TaskLengthError(f"{what} needs {needed} token positions, beyond the {limit} of backbone "
-                                  f"'{ref.name}' ({source}); lower task.max_length so that at most {limit} are needed")
+                                  f"'{ref.name}' ({source}); lower task.max_length so that at most {limit} are needed",
+                                  "task.max_length")
     elif declared and needed > declared[1]:
         warn(f"{what} needs {needed} token positions, beyond the {declared[1]} backbone '{ref.name}' was pretrained "
              f"with ({declared[0]} in {where}); it has no absolute position table (relative or rotary positions), so "

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from lowrank_runner.errors import Problem, RecipeError
+from lowrank_runner.errors import Problem, RecipeError, RecipeKeyError
 from lowrank_runner.methods.registry import get_method_spec
 from lowrank_runner.resources import expand_user
 from lowrank_runner.recipe.document import Document, Origin, apply_override, delete, dotted, load_yaml, merge
@@ -33,6 +34,16 @@ class RunSpec:
     config: dict  # the recipe for this run: defaults filled, one task, one seed, no `tasks`
     config_hash: str
     init_from_at: str | None = None  # where training.init_from is set: "FILE:LINE:COL recipe.path"
+    locations: dict = field(default_factory=dict, compare=False, hash=False)  # dotted key -> "FILE:LINE:COL"
+
+    def location_of(self, key: str) -> str | None:
+        """Where the recipe sets ``key`` (or its nearest enclosing key), "FILE:LINE:COL"."""
+        parts = key.split(".")
+        while parts:
+            if ".".join(parts) in self.locations:
+                return self.locations[".".join(parts)]
+            parts.pop()
+        return None
 
     @property
     def slug(self) -> str:
@@ -227,7 +238,9 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
     runs = []
     for i, (task, seed, run_doc) in enumerate(expand_runs(doc)):
         config = canonical_form(_resolve(run_doc.data, schema))
-        runs.append(RunSpec(i, task, seed, config, canonical_hash(config), _setting_at(run_doc, ("training", "init_from"))))
+        locations = {dotted(p): str(o.value) for p, o in run_doc.origins.items() if p}
+        runs.append(RunSpec(i, task, seed, config, canonical_hash(config), _setting_at(run_doc, ("training", "init_from")),
+                            locations))
     return Recipe(
         name=resolved["name"],
         source=str(path),
@@ -254,3 +267,16 @@ def _resolve(data: dict, schema: dict) -> dict:
     if isinstance(out.get("tasks"), dict):
         out["tasks"] = {k: (v or {}) for k, v in out["tasks"].items()}
     return out
+
+
+@contextmanager
+def at_recipe_lines(run: RunSpec):
+    """Name the recipe line of a problem that only the model at hand shows (a
+    :class:`RecipeKeyError`: targets, ranks, max_length), as validation names its own."""
+    try:
+        yield
+    except RecipeKeyError as exc:
+        where = run.location_of(exc.key)
+        if where is None:
+            raise
+        raise type(exc)(f"{where}: {exc}", exc.key) from None

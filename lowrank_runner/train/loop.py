@@ -27,7 +27,7 @@ from lowrank_runner.backbones import resolve as resolve_backbone
 from lowrank_runner.inspect import PlanError, check_method_schedule, check_schedule
 from lowrank_runner.methods.inject import adapter_state_dict, is_adapter_param, load_adapter_state
 from lowrank_runner.modeling import AdaptedModel, build_adapted_model
-from lowrank_runner.recipe.load import Recipe, RunSpec
+from lowrank_runner.recipe.load import Recipe, RunSpec, at_recipe_lines
 from lowrank_runner.report.build import build_run_report
 from lowrank_runner.report.write import write_run_report
 from lowrank_runner.tasks.base import Task, build_task
@@ -287,8 +287,9 @@ class TrainingRun:
 
     def _setup_model(self) -> None:
         task = self.task
-        self.adapted = build_adapted_model(self.cfg, task.model_class, task.model_config_kwargs(), weights=True,
-                                           ref=self.ref)
+        with at_recipe_lines(self.run):
+            self.adapted = build_adapted_model(self.cfg, task.model_class, task.model_config_kwargs(), weights=True,
+                                               ref=self.ref)
         if self.init_from is not None and self.resume is None:  # a checkpoint holds the adapter already
             self.init_from.load_into(self.adapted, self.cfg)
         self.method, self.adapters = self.adapted.method, self.adapted.injection.adapters

@@ -21,7 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-RECIPE_AT = re.compile(r"^\S+:\d+:\d+: [\w.-]+: ")
+# a message at its recipe line: "FILE:LINE:COL: [recipe.path: ]MESSAGE" or "--set KEY=VALUE: MESSAGE"
+RECIPE_AT = re.compile(r"^(error: )?(\S+:\d+:\d+: |--set )")
+
+
+def _located(line: str, message: str) -> bool:
+    """``line`` is ``message`` named at its recipe line (validation, or the model showed it:
+    lowrank_runner.recipe.load.at_recipe_lines)."""
+    return bool(RECIPE_AT.match(line)) and line.endswith(": " + message)
 
 
 @dataclass
@@ -76,9 +83,10 @@ def assert_clean_error(result: Result, message: str | None = None, *, code: int 
         assert result.code == code, f"exit {result.code}, expected {code}:\n{result.output}"
     if message is not None:
         lines = result.error_lines()
-        # the same message as a recipe problem: "FILE:LINE:COL: recipe.path: MESSAGE" (validation found it)
-        located = [RECIPE_AT.sub("", ln, count=1) for ln in lines]
-        assert message in lines or f"error: {message}" in lines or message in located, \
+        # the same message at its recipe line: "FILE:LINE:COL: recipe.path: MESSAGE" (validation found it)
+        # or "FILE:LINE:COL: MESSAGE" / "--set KEY=VALUE: MESSAGE" (the model showed it: at_recipe_lines)
+        located = any(_located(ln, message) for ln in lines)
+        assert message in lines or f"error: {message}" in lines or located, \
             f"expected the line\n  {message}\nin stderr:\n" + "\n".join(lines)
     for part in contains:
         assert part in result.output, f"expected {part!r} in:\n{result.output}"

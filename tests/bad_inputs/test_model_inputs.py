@@ -520,3 +520,22 @@ def test_generation_counts_the_new_tokens():
     assert positions_needed({"max_length": 64, "generation": {"max_new_tokens": 40}}) == (
         72, "task.max_length 64 // 2 + task.generation.max_new_tokens 40")
     assert positions_needed({"max_length": 64, "generation": {"max_new_tokens": 8}}) == (64, "task.max_length 64")
+
+
+@pytest.mark.parametrize("where", ["recipe", "set"])
+def test_problems_only_the_model_shows_name_the_recipe_line(tmp_path, tiny_bert, sentiment_data, where):
+    """A rank above the layers, found with the model at hand, is still named at the line
+    of the recipe (or the --set) that sets it, as validation names its problems."""
+    from tests.conftest import tiny_recipe_text
+
+    recipe = tmp_path / "r.yaml"
+    text = tiny_recipe_text(tiny_bert, sentiment_data)
+    recipe.write_text(text.replace("r: 4,", "r: 64,") if where == "recipe" else text)
+    args = ("--set", "method.r=64") if where == "set" else ()
+    line, text = next((i, ln) for i, ln in enumerate(recipe.read_text().splitlines(), 1) if ln.startswith("method:"))
+    at = f"{recipe}:{line}:{text.index('r: 64') + 4}" if where == "recipe" else "--set method.r=64"
+    for command in ("inspect", "run"):
+        result = lrr(command, recipe, *args, *(("--output", tmp_path / "out") if command == "run" else ()))
+        assert_clean_error(result, code=1)
+        assert result.error_lines()[-1].startswith(f"error: {at}: method.r 64 is above the rank a module can have"), \
+            result.stderr

@@ -156,7 +156,7 @@ def test_a_device_a_fifo_and_an_empty_directory_are_usage_errors(tmp_path):
 
 def test_inspect_and_run_refuse_a_directory_before_anything_else(tmp_path):
     for command in ("inspect", "run"):
-        assert_clean_error(lrr(command, tmp_path), f"{tmp_path}: no such recipe file", code=2)
+        assert_clean_error(lrr(command, tmp_path), f"{tmp_path}: a directory; give a recipe file (.yaml)", code=2)
 
 
 def test_an_unreadable_file(tmp_path, monkeypatch):

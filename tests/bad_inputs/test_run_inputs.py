@@ -414,7 +414,3 @@ def test_output_with_a_quoted_tilde_is_the_home_directory(recipe, tmp_path, monk
     assert result.code == 0, result.output
     assert (tmp_path / "home" / "runs" / "x" / "recipe.yaml").is_file() and not (tmp_path / "~").exists()
 
-
-@pytest.mark.parametrize("command", ["run", "inspect"])
-def test_a_recipe_argument_that_is_a_directory(tmp_path, command):
-    assert_clean_error(lrr(command, tmp_path), f"{tmp_path}: a directory; give a recipe file (.yaml)", code=2)
