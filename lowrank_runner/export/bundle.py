@@ -25,9 +25,10 @@ import weakref
 from pathlib import Path
 
 from lowrank_runner.errors import ExportError, UsageError
-from lowrank_runner.export.common import DTYPES, EXPORT_INFO, check_tolerance, collect_if_alive, provenance, staged_output
+from lowrank_runner.export.common import (DTYPES, EXPORT_INFO, backbone_checked, check_tolerance, collect_if_alive,
+                                          provenance, staged_output)
 from lowrank_runner.export.probe import compare_outputs, model_outputs, probe_batch, reference_outputs
-from lowrank_runner.export.source import load_trained_model, preflight, read_run, source_tokenizer
+from lowrank_runner.export.source import load_trained_model, loaded_backbone, preflight, read_run, source_tokenizer
 from lowrank_runner.quiet import quiet_libraries
 from lowrank_runner.resources import is_pkg_path
 from lowrank_runner.train import artifacts as art
@@ -70,6 +71,7 @@ def export_bundle(source: Path, out: Path, tolerance: float = 0.0, backbone: str
     config, adapter_cfg, adapter, head = read_run(source, backbone)
     model, adapted, _, _ = load_trained_model(source, backbone=backbone)
     ref = adapted.backbone
+    used = backbone_checked(loaded_backbone(source, adapter_cfg, ref, backbone))
     del adapted
     tokenizer = source_tokenizer(source, ref, config)
     batch = probe_batch(tokenizer, config["task"]["max_length"])
@@ -80,7 +82,9 @@ def export_bundle(source: Path, out: Path, tolerance: float = 0.0, backbone: str
 
     location = _portable_location(config, ref)
     config = {**config, "backbone": {**config["backbone"], "name": location}}
-    adapter_cfg = {**adapter_cfg, "backbone": {**adapter_cfg["backbone"], "name": location, "resolved": ref.location}}
+    # The bundle names the backbone it was checked on, with its fingerprint (a later export compares against it).
+    adapter_cfg = {**adapter_cfg, "backbone": {**adapter_cfg["backbone"], "name": location, "resolved": used["resolved"],
+                                               "source": used["source"], "fingerprint": used["fingerprint"]}}
     with staged_output(out) as tmp:
         art.save_adapter(tmp, adapter, head, adapter_cfg)
         art.write_recipe(tmp / art.RECIPE_FILE, config, adapter_cfg.get("recipe_hash"), adapter_cfg.get("config_hash"), str(source))
@@ -91,7 +95,7 @@ def export_bundle(source: Path, out: Path, tolerance: float = 0.0, backbone: str
         if not max_diff <= tolerance:
             raise ExportError(f"the bundle, loaded back, differs from the run's model by {max_diff:.3g} (tolerance {tolerance:g}); nothing written")
         info = {
-            **provenance(source, adapter_cfg, BUNDLE_FORMAT),
+            **provenance(source, adapter_cfg, BUNDLE_FORMAT, used),
             "modules": [m["path"] for m in adapter_cfg["modules"]],
             "adapter_tensors": len(adapter),
             "head_tensors": len(head),

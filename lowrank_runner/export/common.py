@@ -1,13 +1,15 @@
 """What the three exports share: the name of their metadata file and the dtypes they
 write, the option checks and the ``--out`` check made before anything is loaded, the
 staged output directory (renamed into place only when every check passed), the
-provenance every export records, and freeing a model an export is done with.
+provenance every export records (the backbone actually loaded included, with a warning
+when it is not the one the run trained on), and freeing a model an export is done with.
 """
 
 from __future__ import annotations
 
 import gc
 import math
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -67,8 +69,22 @@ def collect_if_alive(ref) -> None:
         gc.collect()
 
 
-def provenance(source: Path, adapter_cfg: dict, fmt: str) -> dict:
-    """What every export's metadata says about where it came from."""
+def warn(message: str) -> None:
+    """A warning line on stderr (the export goes on)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def backbone_checked(backbone: dict) -> dict:
+    """``backbone`` (:func:`~lowrank_runner.export.source.loaded_backbone`), its warning
+    (a backbone other than the one the run trained on) printed, as the export records it."""
+    if backbone.get("warning"):
+        warn(backbone["warning"])
+    return backbone
+
+
+def provenance(source: Path, adapter_cfg: dict, fmt: str, backbone: dict) -> dict:
+    """What every export's metadata says about where it came from; ``backbone``: the
+    backbone actually loaded (:func:`~lowrank_runner.export.source.loaded_backbone`)."""
     return {
         "lowrank_runner_version": lowrank_runner.__version__,
         "format": fmt,
@@ -76,6 +92,6 @@ def provenance(source: Path, adapter_cfg: dict, fmt: str) -> dict:
         "recipe_hash": adapter_cfg.get("recipe_hash"),
         "config_hash": adapter_cfg.get("config_hash"),
         "method": adapter_cfg["method"],
-        "backbone": adapter_cfg["backbone"],
+        "backbone": backbone,
         "model_class": adapter_cfg["task"]["model_class"],
     }

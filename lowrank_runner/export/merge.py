@@ -10,7 +10,9 @@ model in memory at any time:
    probe batch are the reference (NaN/Inf there: stop);
 2. adapters are merged module by module, in place: ``W ← W + ΔW`` computed in float32.
    A non-finite ``ΔW`` stops the export (naming the module), so does an adapter whose
-   every ``ΔW`` is zero (the export would change nothing), and so does an adapted weight
+   every ``ΔW`` is zero (the export would change nothing; both checked in step 1 by
+   :func:`~lowrank_runner.export.probe.check_adapter`, as every export does), so does one
+   whose every ``ΔW`` is below the output dtype's precision, and so does an adapted weight
    tied to another parameter (merging would silently change both: e.g. an ``lm_head``
    tied to the input embeddings);
 3. the merged model must reproduce the reference within ``tolerance``;
@@ -31,10 +33,11 @@ import weakref
 from pathlib import Path
 
 from lowrank_runner.errors import ExportError, UsageError
-from lowrank_runner.export.common import DTYPES, EXPORT_INFO, check_tolerance, collect_if_alive, provenance, staged_output
+from lowrank_runner.export.common import (DTYPES, EXPORT_INFO, backbone_checked, check_tolerance, collect_if_alive,
+                                          provenance, staged_output)
 from lowrank_runner.export.probe import (compare_outputs, largest_magnitude, model_outputs, non_finite, probe_batch,
                                          reference_outputs)
-from lowrank_runner.export.source import load_trained_model, preflight, source_tokenizer
+from lowrank_runner.export.source import load_trained_model, loaded_backbone, preflight, source_tokenizer
 from lowrank_runner.quiet import quiet_libraries
 
 # Half-precision casts change the outputs by rounding; allowed: this many units of the
@@ -113,9 +116,10 @@ def embeddings_tied(model) -> bool:
 
 
 class _MergeCheck:
-    """Sees each module's ΔW during the merge: non-finite values stop it; records its
-    size and whether the merged weight, stored in the output dtype, differs from the
-    base weight stored in that dtype (a ΔW below that precision changes nothing)."""
+    """Sees each module's ΔW during the merge (already checked finite and not all zero by
+    :func:`~lowrank_runner.export.probe.check_adapter`): records its size and whether the
+    merged weight, stored in the output dtype, differs from the base weight stored in
+    that dtype (a ΔW below that precision changes nothing)."""
 
     def __init__(self, dtype):
         self.dtype = dtype
@@ -125,8 +129,6 @@ class _MergeCheck:
     def __call__(self, path: str, delta, weight) -> None:
         import torch
 
-        if not torch.isfinite(delta).all():
-            raise ExportError(f"{path}: the adapter's update ΔW holds NaN/Inf (a corrupted or diverged adapter); nothing written")
         self.largest[path] = float(delta.abs().max())
         with torch.no_grad():
             self.changed[path] = bool(((weight.float() + delta).to(self.dtype) != weight.to(self.dtype)).any())
@@ -149,6 +151,7 @@ def export_merged(source: Path, out: Path, tolerance: float = 1e-3, dtype: str |
     preflight(source, out)
     model, adapted, config, adapter_cfg = load_trained_model(source, dtype="float32", backbone=backbone)
     ref, model_class = adapted.backbone, type(model)
+    used = backbone_checked(loaded_backbone(source, adapter_cfg, ref, backbone))
     del adapted  # it holds the model too; the model must be freeable before the reload
     target = export_dtype(dtype, config["backbone"]["dtype"], ref)
     tokenizer = source_tokenizer(source, ref, config)
@@ -159,12 +162,6 @@ def export_merged(source: Path, out: Path, tolerance: float = 1e-3, dtype: str |
     tied = embeddings_tied(model)
     check = _MergeCheck(getattr(torch, target))
     merge_adapters(model, check=check)
-    if not any(check.largest.values()):
-        raise ExportError(
-            f"{source}: every adapted module's update ΔW is exactly zero ({len(check.largest)} modules): the merged "
-            "weights would equal the backbone's, so the export would change nothing. Was the adapter trained "
-            "(learning rate, steps) and saved? nothing written"
-        )
     if not any(check.changed.values()):
         raise ExportError(
             f"{source}: every update ΔW (largest |ΔW| {max(check.largest.values()):.3g}) is below the precision of "
@@ -214,7 +211,7 @@ def export_merged(source: Path, out: Path, tolerance: float = 1e-3, dtype: str |
             raise ExportError(f"the written checkpoint, reloaded, differs from the merged model by {reload_self:.3g}; nothing written")
         del reloaded
         info = {
-            **provenance(source, adapter_cfg, "merged-transformers"),
+            **provenance(source, adapter_cfg, "merged-transformers", used),
             "modules_merged": len(check.largest),
             "modules_changed": sum(check.changed.values()),
             "largest_abs_delta": max(check.largest.values()),

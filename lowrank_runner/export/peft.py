@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 
 from lowrank_runner.errors import ExportError, UsageError
-from lowrank_runner.export.common import EXPORT_INFO, check_tolerance, provenance, staged_output
+from lowrank_runner.export.common import EXPORT_INFO, backbone_checked, check_tolerance, provenance, staged_output
 from lowrank_runner.export.probe import compare_outputs, model_outputs, probe_batch, reference_outputs
-from lowrank_runner.export.source import load_trained_model, preflight, read_run, source_tokenizer
+from lowrank_runner.export.source import load_trained_model, loaded_backbone, preflight, read_run, source_tokenizer
 from lowrank_runner.quiet import quiet_libraries
 
 
@@ -61,6 +61,7 @@ def export_peft(source: Path, out: Path, tolerance: float = 1e-4, backbone: str 
     if adapter_cfg["method"]["name"] != "lora":
         raise UsageError(f"--peft exports 'lora' runs; this run used '{adapter_cfg['method']['name']}' (use --merge or --adapter)")
     ours, adapted, _, _ = load_trained_model(source, backbone=backbone)
+    used = backbone_checked(loaded_backbone(source, adapter_cfg, adapted.backbone, backbone))
     tokenizer = source_tokenizer(source, adapted.backbone, config)
     batch = probe_batch(tokenizer, config["task"]["max_length"])
     expected = reference_outputs(ours, batch, source)
@@ -99,7 +100,7 @@ def export_peft(source: Path, out: Path, tolerance: float = 1e-4, backbone: str 
             raise ExportError(f"the written PEFT adapter, reloaded, differs from ours by {reload_diff:.3g}; nothing written")
         task = adapter_cfg["task"]
         info = {
-            **provenance(source, adapter_cfg, "peft-lora"),
+            **provenance(source, adapter_cfg, "peft-lora", used),
             "base_model": location,
             "head_config": {k: v for k, v in task.items() if k not in ("name", "model_class")},
             "outputs_compared": sorted(expected),

@@ -81,9 +81,37 @@ def largest_magnitude(outputs: dict) -> float:
     return max(float(v.abs().max()) for v in outputs.values())
 
 
+def check_adapter(model, source: Path) -> dict[str, float]:
+    """Every adapted module's update ΔW (float32, as it would be merged): one holding
+    NaN/Inf (a corrupted or diverged adapter) stops the export naming the module, and so
+    does an adapter whose every ΔW is exactly zero (the export would change nothing in
+    the backbone). Returns the largest |ΔW| per module."""
+    import torch
+
+    from lowrank_runner.methods.inject import AdaptedLayer
+
+    largest: dict[str, float] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, AdaptedLayer):
+            delta = module.stored_delta()
+            if not torch.isfinite(delta).all():
+                raise ExportError(f"{source}: {path}: the adapter's update ΔW holds NaN/Inf (a corrupted or diverged "
+                                  "adapter); nothing written")
+            largest[path] = float(delta.abs().max())
+    if not any(largest.values()):
+        raise ExportError(
+            f"{source}: every adapted module's update ΔW is exactly zero ({len(largest)} modules): the adapter leaves "
+            "the backbone's weights as they are, so the export would change nothing. Was the adapter trained "
+            "(learning rate, steps) and saved? nothing written"
+        )
+    return largest
+
+
 def reference_outputs(model, batch, source: Path) -> dict:
-    """The adapter model's outputs on the probe batch, which every export must reproduce;
-    NaN/Inf there stops the export before anything is written."""
+    """The adapter model's outputs on the probe batch, which every export must reproduce.
+    The adapter is checked first (:func:`check_adapter`: NaN/Inf or all-zero ΔW), then
+    the outputs: NaN/Inf there stops the export before anything is written."""
+    check_adapter(model, source)
     outputs = model_outputs(model, batch)
     bad = non_finite(outputs)
     if bad:

@@ -302,6 +302,44 @@ def _recorded_local(source: Path) -> bool:
     return isinstance(backbone, dict) and backbone.get("source") in ("local", "package")
 
 
+def loaded_backbone(source: Path, adapter_cfg: dict, ref, override: str | None) -> dict:
+    """What an export records of the backbone it loaded (``ref``): the run's entry
+    (``name``), where it was actually loaded from (``resolved``; ``override``: the
+    ``--backbone`` given, if any), the run's own location (``run_resolved``), and whether
+    its files are those the run trained on: ``same_as_run`` compares the fingerprint of
+    the loaded files (report/fingerprint.py) with the one the run recorded (report.json
+    ``backbone.fingerprint``; a bundle's adapter_config.json ``backbone.fingerprint``),
+    None when either is unknown or they are of different kinds (a hub snapshot vs a
+    local directory). Files that differ are warned about on stderr (``warning`` holds
+    the line): a moved or downloaded copy of the same model is what ``--backbone`` is
+    for, another model is not."""
+    from lowrank_runner.report.fingerprint import backbone_fingerprint
+
+    recorded = _run_report(source).get("backbone")
+    if not (isinstance(recorded, dict) and recorded.get("fingerprint")):
+        recorded = adapter_cfg["backbone"]
+    try:
+        loaded = backbone_fingerprint(ref.name, ref.location, ref.local, ref.revision)
+    except OSError:
+        loaded = {"source": "local" if ref.local else "hub", "fingerprint": None}
+    run_print, run_hub = recorded.get("fingerprint"), recorded.get("source") == "hub"
+    comparable = isinstance(run_print, str) and loaded.get("fingerprint") and run_hub == (loaded["source"] == "hub")
+    same = (run_print == loaded["fingerprint"]) if comparable else None
+    resolved = str(Path(ref.location).resolve()) if ref.local else ref.location
+    info = {**adapter_cfg["backbone"], "resolved": resolved, "override": override,
+            "run_resolved": adapter_cfg["backbone"].get("resolved"), "source": loaded["source"],
+            "fingerprint": loaded.get("fingerprint"), "run_fingerprint": run_print, "same_as_run": same}
+    if same is False:
+        where = source / (art.REPORT_FILE if recorded is not adapter_cfg["backbone"] else art.ADAPTER_CONFIG)
+        trained = recorded.get("location") or recorded.get("resolved") or recorded.get("name")
+        fix = (f"check that --backbone {override} is the model the run was trained on" if override is not None
+               else "its files changed after the run trained on it")
+        info["warning"] = (f"the export is of a different backbone than the run trained on: {resolved} (fingerprint "
+                           f"{loaded['fingerprint'][:12]}) is not the backbone recorded in {where} ({trained}, "
+                           f"fingerprint {run_print[:12]}); {fix}")
+    return info
+
+
 def _checked_override(name: str) -> str:
     """``--backbone``: an existing model directory, or a hub id."""
     from lowrank_runner.backbones import resolve

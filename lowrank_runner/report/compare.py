@@ -4,6 +4,7 @@ inputs (backbone and data fingerprints), environment, and metrics. Torch-free.""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,23 @@ def _not_finished(run_dir: Path) -> RunFileError:
                         "completes. Continue it with: lrr run RECIPE --output RUN_DIR --resume")
 
 
+def _completed_without_report(run_dir: Path) -> bool:
+    """The files a run writes when it ends (metrics.json, adapter/) with its checkpoints
+    removed, as after report.json (train/loop.py write_artifacts): a run that completed.
+    With checkpoints left it stopped while writing them, and resumes."""
+    return ((run_dir / art.METRICS_FILE).is_file() and (run_dir / art.ADAPTER_DIR).is_dir()
+            and not any((run_dir / "checkpoints").glob("step-*")))
+
+
+def _report_gone(run_dir: Path) -> RunFileError:
+    """A completed run (its metrics.json and adapter/ are there) whose report.json is gone."""
+    return RunFileError(
+        f"{run_dir / art.REPORT_FILE}: missing from a run that completed (its {art.METRICS_FILE} and "
+        f"{art.ADAPTER_DIR}/ are there): the report is written once, when the run ends, and cannot be rebuilt from "
+        f"the other files; restore it from a copy, or train the run again (lrr run {run_dir / art.RECIPE_FILE} "
+        "--output NEW_DIR). The adapter can still be exported: lrr export RUN_DIR --merge --out DIR")
+
+
 def load_run(run_dir: Path, label: str | None = None) -> RunReport:
     """One run directory's report, every file it uses checked; a clear error for
     anything else (no run, an unfinished run, a damaged file)."""
@@ -64,6 +82,8 @@ def load_run(run_dir: Path, label: str | None = None) -> RunReport:
         raise UsageError(f"{run_dir}: not a directory (give a run directory written by 'lrr run')")
     path = run_dir / art.REPORT_FILE
     if not path.is_file():
+        if _completed_without_report(run_dir):
+            raise _report_gone(run_dir)
         if (run_dir / art.METRICS_LOG).is_file() or (run_dir / "checkpoints").is_dir():
             raise _not_finished(run_dir)
         raise UsageError(f"{run_dir}: not a run directory: no {art.REPORT_FILE} (written by 'lrr run' when a run ends) "
@@ -114,8 +134,25 @@ def not_completed(run: RunReport) -> str | None:
     where = f"; the traceback is in {traceback}" if traceback.is_file() else ""
     if run.status == "stopped":
         return f"{run.label}: the run stopped before the end; continue it with: lrr run RECIPE --output RUN_DIR --resume"
+    if run.status == "interrupted":
+        return _interrupted(run.label, error)
     return (f"{run.label}: the run {run.status}" + (f": {error}" if error else "") + where
             + "; fix the cause and train it again")
+
+
+# What train/run_dirs.py mark_interrupted records: "interrupted; resumable from WHERE with: COMMAND".
+_RESUMABLE = re.compile(r"resumable from (?P<where>.+?) with: (?P<command>.+)$")
+
+
+def _interrupted(label: str, error) -> str:
+    """A run stopped by SIGINT/SIGTERM: where it resumes from and the command (run from
+    the directory the run was started in), as recorded in its report.json."""
+    found = _RESUMABLE.search(error) if isinstance(error, str) else None
+    if found is None:
+        return (f"{label}: the run was interrupted (SIGINT/SIGTERM) before it finished; it can be resumed: "
+                "lrr run RECIPE --output RUN_DIR --resume")
+    return (f"{label}: the run was interrupted (SIGINT/SIGTERM) before it finished; it resumes from "
+            f"{found['where']}, from the directory it was started in, with: {found['command']}")
 
 
 def expand(paths: list[Path]) -> list[RunReport]:

@@ -19,6 +19,10 @@ _COUNT = {"type": ["integer", "null"]}
 _NUMBER = {"type": ["number", "null"]}
 _METRICS = {"type": ["object", "null"], "additionalProperties": _NUMBER}
 
+# Every status a run's report.json can hold: completed (report/build.py), failed and
+# interrupted (SIGINT/SIGTERM; train/run_dirs.py mark_status), with the reason in "error".
+STATUSES = ["completed", "failed", "interrupted"]
+
 # Every field a completed run's report.json has (report/build.py, report/write.py).
 COMPLETED_FIELDS = ("format", "format_version", "recipe", "command", "run", "seeds", "backbone", "data", "method",
                     "targets", "modules", "trainable_params", "total_params", "steps", "best", "final_eval",
@@ -30,7 +34,7 @@ REPORT_SCHEMA = {
     "properties": {
         "format": {"const": "lowrank-runner-report"},
         "format_version": {"const": 1},
-        "status": {"enum": ["completed", "failed"]},
+        "status": {"enum": STATUSES},
         "error": _STRING_OR_NULL,
         "started_at": _STRING_OR_NULL,
         "finished_at": _STRING_OR_NULL,

@@ -349,3 +349,97 @@ def test_an_export_is_not_a_source(run_copy, tmp_path):
                                "run or an adapter bundle; export its source run instead (lrr_export.json 'source_run'), "
                                "or load it with transformers' from_pretrained", code=2)
     assert not (tmp_path / "again").exists()
+
+
+FORMATS = ["--merge", "--adapter", "--peft"]
+
+
+def _warnings(result) -> list[str]:
+    return [line for line in result.error_lines() if line.startswith("warning: ")]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_export_records_and_checks_the_backbone_it_loaded(fmt, run_copy, tmp_path, tiny_bert):
+    """--backbone: lrr_export.json records the directory actually loaded; a moved copy
+    of the run's backbone passes quietly, another model (same shapes, other weights) is
+    exported with a warning naming both fingerprints."""
+    from lowrank_runner.report.fingerprint import directory_fingerprint
+    from tests.conftest import save_tiny_backbone
+
+    moved = Path(shutil.copytree(tiny_bert, tmp_path / "moved-bert"))
+    result = lrr("export", run_copy, fmt, "--backbone", moved, "--out", tmp_path / "out")
+    assert result.code == 0, result.output
+    assert _warnings(result) == []
+    recorded = json.loads((tmp_path / "out" / "lrr_export.json").read_text())["backbone"]
+    assert (recorded["resolved"], recorded["override"], recorded["same_as_run"]) == (str(moved), str(moved), True)
+    assert recorded["run_resolved"] == str(tiny_bert)
+
+    other = save_tiny_backbone(tmp_path / "other-bert", seed=1)
+    result = lrr("export", run_copy, fmt, "--backbone", other, "--out", tmp_path / "out2")
+    assert result.code == 0, result.output
+    trained = json.loads((run_copy / "report.json").read_text())["backbone"]
+    assert _warnings(result) == [
+        f"warning: the export is of a different backbone than the run trained on: {other} (fingerprint "
+        f"{directory_fingerprint(other)['fingerprint'][:12]}) is not the backbone recorded in {run_copy}/report.json "
+        f"({trained['location']}, fingerprint {trained['fingerprint'][:12]}); check that --backbone {other} is the "
+        "model the run was trained on"]
+    recorded = json.loads((tmp_path / "out2" / "lrr_export.json").read_text())["backbone"]
+    assert (recorded["resolved"], recorded["same_as_run"]) == (str(other), False)
+    assert recorded["warning"] == _warnings(result)[0][len("warning: "):]
+
+
+def test_a_bundle_carries_the_backbone_fingerprint_a_later_merge_checks(run_copy, tmp_path, tiny_bert):
+    from tests.conftest import save_tiny_backbone
+
+    assert lrr("export", run_copy, "--adapter", "--out", tmp_path / "bundle").code == 0
+    other = save_tiny_backbone(tmp_path / "other-bert", seed=1)
+    result = lrr("export", tmp_path / "bundle", "--merge", "--backbone", other, "--out", tmp_path / "merged")
+    assert result.code == 0, result.output
+    [warning] = _warnings(result)
+    assert f"is not the backbone recorded in {tmp_path}/bundle/adapter_config.json ({tiny_bert}, fingerprint " in warning
+
+
+def zero_adapter(run: Path) -> None:
+    edit_tensors(run / "adapter" / "adapter.safetensors",
+                 lambda state: [v.zero_() for k, v in state.items() if k.endswith("lora_B")])
+
+
+def nan_adapter(run: Path) -> None:
+    def edit(state):
+        state["bert.encoder.layer.0.attention.self.query.lrr_adapter.lora_B"][0, 0] = float("nan")
+    edit_tensors(run / "adapter" / "adapter.safetensors", edit)
+
+
+ADAPTERS = {
+    "all-zero adapter": (
+        zero_adapter, "{run}: every adapted module's update ΔW is exactly zero ({n} modules): the adapter leaves the "
+                      "backbone's weights as they are, so the export would change nothing. Was the adapter trained "
+                      "(learning rate, steps) and saved? nothing written"),
+    "NaN adapter": (
+        nan_adapter, "{run}: bert.encoder.layer.0.attention.self.query: the adapter's update ΔW holds NaN/Inf (a "
+                     "corrupted or diverged adapter); nothing written"),
+}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("case", ADAPTERS, ids=list(ADAPTERS))
+def test_every_export_refuses_an_adapter_that_changes_nothing_or_is_not_finite(case, fmt, run_copy, tmp_path):
+    breaker, message = ADAPTERS[case]
+    breaker(run_copy)
+    modules = len(json.loads(adapter_config(run_copy).read_text())["modules"])
+    before = snapshot(tmp_path)
+    result = lrr("export", run_copy, fmt, "--out", tmp_path / "out")
+    assert_clean_error(result, message.format(run=run_copy, n=modules), code=1)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_backbone_changed_in_place_is_warned_about(run_copy, tmp_path, tiny_bert):
+    from lowrank_runner.report.fingerprint import directory_fingerprint
+
+    edit_json(run_copy / "report.json", lambda r: r["backbone"].__setitem__("fingerprint", "0" * 64))
+    result = lrr("export", run_copy, "--adapter", "--out", tmp_path / "out")
+    assert result.code == 0, result.output
+    assert _warnings(result) == [
+        f"warning: the export is of a different backbone than the run trained on: {tiny_bert} (fingerprint "
+        f"{directory_fingerprint(tiny_bert)['fingerprint'][:12]}) is not the backbone recorded in {run_copy}/report.json "
+        f"({tiny_bert}, fingerprint 000000000000); its files changed after the run trained on it"]

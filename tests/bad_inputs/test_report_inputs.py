@@ -21,6 +21,28 @@ def edit_report(edit):
     return apply
 
 
+def interrupted(checkpoint: bool):
+    """What ``lrr run`` leaves when SIGINT/SIGTERM stops a run (train/run_dirs.py
+    mark_interrupted): no adapter or metrics yet, report.json with status interrupted."""
+    def apply(run: Path) -> None:
+        from lowrank_runner.recipe.load import load_recipe
+        from lowrank_runner.train.run_dirs import mark_interrupted
+
+        for name in ("report.json", "metrics.json"):
+            (run / name).unlink()
+        shutil.rmtree(run / "adapter")
+        if checkpoint:
+            (run / "checkpoints" / "step-000004").mkdir(parents=True)
+        mark_interrupted(load_recipe(run / "recipe.yaml"), run, "lrr run tiny.yaml --output runs/tiny --resume")
+    return apply
+
+
+def still_training(run: Path) -> None:
+    for name in ("report.json", "metrics.json"):
+        (run / name).unlink()
+    shutil.rmtree(run / "adapter")
+
+
 def stopped(run: Path) -> None:
     (run / "report.json").unlink()
     (run / "checkpoints" / "step-000004").mkdir(parents=True)
@@ -51,7 +73,8 @@ CASES = {
         "{run}/report.json: (top level): [1, 2] is not of type 'object'; the run report is damaged: {fix}", 1),
     "report.json with an unknown status": (
         edit_report(lambda r: {**r, "status": "done"}), (),
-        "{run}/report.json: status: 'done' is not one of ['completed', 'failed']; the run report is damaged: {fix}", 1),
+        "{run}/report.json: status: 'done' is not one of ['completed', 'failed', 'interrupted']; the run report is "
+        "damaged: {fix}", 1),
     "report.json with a field of the wrong type": (
         edit_report(lambda r: {**r, "best": "0.9"}), (),
         "{run}/report.json: best: '0.9' is not of type 'object', 'null'; the run report is damaged: {fix}", 1),
@@ -82,8 +105,25 @@ CASES = {
         stopped, (),
         "{run}: the run has not finished: it stopped at step 4 (checkpoints/step-000004) and can be resumed; it has no "
         "report.json until it completes. Continue it with: lrr run RECIPE --output RUN_DIR --resume", 1),
-    "run still training": (
+    "interrupted run": (
+        interrupted(checkpoint=True), (),
+        "{run}: the run was interrupted (SIGINT/SIGTERM) before it finished; it resumes from its checkpoint at step 4, "
+        "from the directory it was started in, with: lrr run tiny.yaml --output runs/tiny --resume", 1),
+    "interrupted run before its first checkpoint": (
+        interrupted(checkpoint=False), (),
+        "{run}: the run was interrupted (SIGINT/SIGTERM) before it finished; it resumes from the start (no checkpoint "
+        "yet), from the directory it was started in, with: lrr run tiny.yaml --output runs/tiny --resume", 1),
+    "interrupted run without its reason": (
+        lambda run: (run / "report.json").write_text('{"status": "interrupted"}'), (),
+        "{run}: the run was interrupted (SIGINT/SIGTERM) before it finished; it can be resumed: lrr run RECIPE "
+        "--output RUN_DIR --resume", 1),
+    "report.json deleted from a completed run": (
         lambda run: (run / "report.json").unlink(), (),
+        "{run}/report.json: missing from a run that completed (its metrics.json and adapter/ are there): the report "
+        "is written once, when the run ends, and cannot be rebuilt from the other files; {fix}. The adapter can "
+        "still be exported: lrr export RUN_DIR --merge --out DIR", 1),
+    "run still training": (
+        still_training, (),
         "{run}: the run has not finished: it is still training, or was interrupted before its first checkpoint; it has "
         "no report.json until it completes. Continue it with: lrr run RECIPE --output RUN_DIR --resume", 1),
     "not a run": (
