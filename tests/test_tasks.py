@@ -219,3 +219,36 @@ def test_the_label_column_cannot_be_a_text_column(tmp_path):
     write_csv(tmp_path / "dev.csv", ["a,pos"])
     with pytest.raises(DataError, match=r"^task.text_pair_column and task.label_column both name column 'label'"):
         build_task(task_config(tmp_path, text_pair_column="label")).labels
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl", "parquet"])
+def test_every_format_reads_the_named_file_not_a_glob(tmp_path, fmt):
+    """``datasets`` resolves data_files as glob patterns: a path with ``[``, ``*`` is read
+    as the one file it names (a file beside it that the pattern matches is not read), also
+    through a symbolic link."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def write(path, texts, labels):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if fmt == "parquet":
+            pq.write_table(pa.table({"text": texts, "label": labels}), path)
+        elif fmt == "jsonl":
+            path.write_text("".join(json.dumps({"text": t, "label": lb}) + "\n" for t, lb in zip(texts, labels)))
+        else:
+            sep = "," if fmt == "csv" else "\t"
+            path.write_text(f"text{sep}label\n" + "".join(f"{t}{sep}{lb}\n" for t, lb in zip(texts, labels)))
+
+    train, dev = tmp_path / f"d[1]/tr*.{fmt}", tmp_path / f"d[1]/dev?.{fmt}"
+    write(train, ["a", "b", "c"], ["pos", "neg", "pos"])
+    write(dev, ["d", "e"], ["neg", "pos"])
+    write(tmp_path / f"d[1]/train.{fmt}", ["x"] * 5, ["neutral"] * 5)  # what the patterns would also match
+    write(tmp_path / f"d1/tr*.{fmt}", ["x"] * 5, ["neutral"] * 5)
+    write(tmp_path / f"d1/devs.{fmt}", ["x"] * 5, ["neutral"] * 5)
+    (tmp_path / "l[x]").mkdir()
+    (tmp_path / f"l[x]/train.{fmt}").symlink_to(train)
+    for path in (train, tmp_path / f"l[x]/train.{fmt}"):
+        task = build_task(task_config(tmp_path, data={"train": str(path), "validation": str(dev), "format": "auto"}))
+        splits = task.load_splits()
+        assert list(splits["train"]["text"]) == ["a", "b", "c"] and list(splits["validation"]["text"]) == ["d", "e"]
+        assert task.labels == ["neg", "pos"]

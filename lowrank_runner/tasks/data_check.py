@@ -6,10 +6,11 @@ the column instead, and the fix. Once a file passes, ``datasets`` loads it as be
 (its cache keyed by the file is kept).
 
 * :func:`read_rows` checks a whole file's syntax and structure: UTF-8 (a leading byte
-  order mark is accepted), one JSON object per line (blank lines are skipped, as
-  ``datasets`` skips them) or a JSON array of objects, CSV/TSV rows with as many fields
-  as the header, a Parquet file that opens; and returns the requested columns' values
-  with the line of every row.
+  order mark is accepted, one further in is an error: files joined together), one JSON
+  object per line (blank lines are skipped, as ``datasets`` skips them) or a JSON array
+  of objects, each naming a key once (``datasets`` refuses a repeated key), CSV/TSV rows
+  with as many fields as the header (and not the header again), a Parquet file that
+  opens; and returns the requested columns' values with the line of every row.
 * :func:`check_text`, :func:`check_labels`, :func:`check_scores` check those values.
 * :func:`peek_problems` is the bounded variant for ``lrr validate``: the head of each
   file only (its format, its header or first row's keys against the column settings).
@@ -190,6 +191,8 @@ def decoded_lines(f, shown: str):
 def _decode(raw: bytes, shown: str, line: int) -> str:
     if line == 1:
         raw = raw.removeprefix(codecs.BOM_UTF8)
+    elif raw.startswith(codecs.BOM_UTF8):
+        raise bom_inside(shown, line, 1)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -197,6 +200,33 @@ def _decode(raw: bytes, shown: str, line: int) -> str:
         utf16 = " (it is UTF-16)" if line == 1 and raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else ""
         raise DataError(f"{shown}:{line}:{column}: not UTF-8 (byte 0x{raw[exc.start]:02x}){utf16}; save the file "
                         "as UTF-8") from None
+
+
+def bom_inside(shown: str, line: int, column: int) -> DataError:
+    """A UTF-8 byte order mark after the start of the file (files joined together)."""
+    return DataError(f"{shown}:{line}:{column}: a byte order mark (U+FEFF) inside the file (files joined "
+                     "together?); remove it")
+
+
+class _DuplicateKey(Exception):
+    """A JSON object that names a key twice (``datasets`` refuses the file)."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """``object_pairs_hook``: an object's pairs as a dict; a repeated key raises."""
+    out = dict(pairs)
+    if len(out) < len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return out
+
+
+def _duplicate(shown: str, line: int, exc: _DuplicateKey) -> DataError:
+    return DataError(f"{shown}:{line}: key {json.dumps(exc.args[0], ensure_ascii=False)} is written twice in one "
+                     "object; keep one of them (each key names one column)")
+
+
+JSON_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
 
 
 def _read_json(f, shown: str, wanted: list[str]) -> Rows:
@@ -207,15 +237,18 @@ def _read_json(f, shown: str, wanted: list[str]) -> Rows:
         return _read_json_array(f, shown, wanted)
     rows = Rows(shown, "json", [], values={c: [] for c in wanted})
     seen: dict[str, None] = {}
-    decoder = json.JSONDecoder()
     for n, raw in enumerate(f, start=1):
         text = _decode(raw, shown, n)
         if not text.strip():
             continue
         try:
-            obj = decoder.decode(text.rstrip("\r\n"))
+            obj = JSON_DECODER.decode(text.rstrip("\r\n"))
         except json.JSONDecodeError as exc:
+            if exc.doc[exc.pos:exc.pos + 1] == "\ufeff":
+                raise bom_inside(shown, n, exc.colno) from None
             raise DataError(f"{shown}:{n}:{exc.colno}: not valid JSON ({exc.msg}){_json_hint(text)}") from None
+        except _DuplicateKey as exc:
+            raise _duplicate(shown, n, exc) from None
         _add_object(rows, obj, n, wanted, seen)
     rows.columns = list(seen)
     return rows
@@ -249,20 +282,25 @@ def _read_json_array(f, shown: str, wanted: list[str]) -> Rows:
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
+        if text[exc.pos:exc.pos + 1] == "\ufeff":
+            raise bom_inside(shown, exc.lineno, exc.colno) from None
         raise DataError(f"{shown}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from None
     rows = Rows(shown, "json", [], values={c: [] for c in wanted})
     seen: dict[str, None] = {}
     if not isinstance(doc, list):  # "[...] trailing" cannot get here: json.loads rejects extra data
         raise DataError(f"{shown}:1: expected a JSON array of objects")
     # The line of each element: step through the (valid) array element by element.
-    decoder, pos, line, counted = json.JSONDecoder(), text.index("[") + 1, 1, 0
-    for obj in doc:
+    pos, line, counted = text.index("[") + 1, 1, 0
+    for _ in doc:
         while text[pos] in " \t\r\n,":
             pos += 1
         line += text.count("\n", counted, pos)
         counted = pos
+        try:
+            obj, pos = JSON_DECODER.raw_decode(text, pos)
+        except _DuplicateKey as exc:
+            raise _duplicate(shown, line, exc) from None
         _add_object(rows, obj, line, wanted, seen)
-        pos = decoder.raw_decode(text, pos)[1]
     rows.columns = list(seen)
     return rows
 
@@ -297,6 +335,9 @@ def _read_delimited(f, shown: str, fmt: str, delimiter: str, wanted: list[str]) 
                 rows.columns, rows.header_line = header, start
                 index = {c: header.index(c) for c in wanted if c in header}
                 continue
+            if record == header:  # pandas would read it as a row: a class named like the label column
+                raise DataError(f"{shown}:{start}: the header (line {header_line}) again, as a row (files joined "
+                                "together?); remove the line")
             if len(record) != len(header):
                 fix = _ragged_fix(fmt) if end == start or fmt == "tsv" else (
                     f"the quoted field from line {start} runs on to line {end}: close its quote (\")")

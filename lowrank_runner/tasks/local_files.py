@@ -2,15 +2,20 @@
 
 Files are checked line by line first (:mod:`lowrank_runner.tasks.data_check`: every
 problem named with its file, line and column), then read with ``datasets`` (so
-tokenisation is cached by fingerprint). Columns are mapped by ``text_column`` /
+tokenisation is cached by fingerprint), the named file exactly: never as a glob pattern
+(:func:`literal_pattern`). Columns are mapped by ``text_column`` /
 ``text_pair_column`` / ``label_column``, and class names become indices in the order of
 ``labels`` (default: the sorted distinct labels of the whole training file).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import glob
+import os
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 
@@ -38,16 +43,46 @@ def load_files(data: dict, splits: tuple[str, ...] = ("train", "validation"), wa
     for split, checked in rows.items():
         fmt = checked.fmt
         builder, kwargs = _builder(fmt, delimiter, checked, strings)
-        path = str(data_file(data[split], split))
+        path = literal_pattern(data_file(data[split], split), checked.shown)
         try:
-            out[split] = datasets.load_dataset(builder, data_files={split: path}, split=split, **kwargs)
+            with _datasets_silenced():
+                out[split] = datasets.load_dataset(builder, data_files={split: path}, split=split, **kwargs)
         except Exception as exc:  # checked above: what datasets still refuses
+            if isinstance(exc, datasets.exceptions.DatasetGenerationError) and exc.__cause__ is not None:
+                exc = exc.__cause__  # "An error occurred while generating the dataset": the reader's own error
             first = str(exc).strip().splitlines()
             raise DataError(f"{checked.shown}: cannot read as {fmt} ({type(exc).__name__}"
                             f"{': ' + first[0] if first else ''})") from None
         if len(out[split]) != len(checked.lines):  # the checker and datasets disagree: name rows, not lines
             checked.fmt, checked.lines = "parquet", list(range(1, len(out[split]) + 1))
     return datasets.DatasetDict(out), rows
+
+
+def literal_pattern(path: Path, shown: str) -> str:
+    """``path`` as a ``data_files`` entry that names exactly that file: ``datasets``
+    resolves every entry as an fsspec glob, so a ``*``, ``?`` or ``[`` in a directory or
+    file name would match other files (or none); :func:`glob.escape` makes each a literal
+    (``[*]``, ``[?]``, ``[[]``), which fsspec's glob honours (no brace expansion there:
+    ``{}`` are literal already). ``::`` chains URLs there and cannot be escaped."""
+    absolute = os.path.abspath(path)
+    if "::" in absolute:
+        raise DataError(f"{shown}: datasets cannot read a file whose path holds '::' ({absolute}; '::' chains URLs "
+                        "there); rename the directory or the file")
+    return glob.escape(absolute)
+
+
+@contextlib.contextmanager
+def _datasets_silenced():
+    """``datasets`` logs a file it cannot read ("Failed to load JSON ...") before raising;
+    the raised error becomes one :class:`DataError` line, so keep its log quiet meanwhile."""
+    from datasets.utils import logging as ds_logging
+
+    before = ds_logging.get_verbosity()
+    ds_logging.set_verbosity(ds_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(before)
 
 
 def _builder(fmt: str, delimiter: str | None, rows: Rows, strings: tuple[str, ...] | None) -> tuple[str, dict]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -410,3 +411,143 @@ def test_validate_reads_the_head_of_each_data_file(tmp_path, tiny_bert):
         "recipe.yaml:7:36: task.data.validation: v.jsonl: no column 'text' (columns: 'sentence', 'label'); "
         "set task.text_column to one of them",
     ]
+
+
+# ---------------------------------------------------------------- duplicate keys, joined files
+
+def test_jsonl_row_naming_a_key_twice(run_with, capfd):
+    """pyarrow refuses the file ("Column(/text) was specified twice"): the checker names the line."""
+    text = jsonl(GOOD) + '{"text": "a", "text": "b", "label": "pos"}\n'
+    result = run_with(pair(text))
+    assert_clean_error(result, 'train.jsonl:3: key "text" is written twice in one object; keep one of them (each '
+                               'key names one column)')
+    assert "Failed to load JSON" not in result.output + capfd.readouterr().err
+
+
+def test_jsonl_nested_object_naming_a_key_twice(run_with):
+    text = jsonl(GOOD) + '{"text": "a", "meta": {"x": 1, "x": 2}, "label": "pos"}\n'
+    assert_clean_error(run_with(pair(text)), 'train.jsonl:3: key "x" is written twice in one object; keep one of '
+                                             'them (each key names one column)')
+
+
+def test_json_array_element_naming_a_key_twice(run_with):
+    text = '[\n  {"text": "a", "label": "pos"},\n  {"text": "b",\n   "label": "neg", "label": "pos"}\n]\n'
+    files = {"train.json": text, "dev.jsonl": jsonl(GOOD)}
+    assert_clean_error(run_with(files), 'train.json:3: key "label" is written twice in one object; keep one of '
+                                        'them (each key names one column)')
+
+
+def test_what_datasets_still_refuses_is_one_line(tmp_path, monkeypatch, capfd):
+    """A file the checker passes but ``datasets`` refuses (here: the duplicate-key check
+    switched off) gives the reader's own error as one DataError line; datasets' log line
+    ("Failed to load JSON ...") stays out of the output."""
+    import lowrank_runner.tasks.data_check as data_check
+    from lowrank_runner.errors import DataError
+    from lowrank_runner.quiet import quiet_libraries
+    from lowrank_runner.tasks.local_files import load_files
+
+    quiet_libraries()
+    monkeypatch.setattr(data_check, "JSON_DECODER", json.JSONDecoder())
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.jsonl").write_text('{"text": "a", "text": "b", "label": "pos"}\n')
+    with pytest.raises(DataError) as err:
+        load_files({"train": "train.jsonl"}, ("train",), {"text": "task.text_column"})
+    assert str(err.value) == ("train.jsonl: cannot read as json (ArrowInvalid: JSON parse error: Column(/text) was "
+                              "specified twice in row 0)")
+    assert "Failed to load JSON" not in capfd.readouterr().err
+
+
+def test_byte_order_mark_inside_a_jsonl_file(run_with):
+    """Two files joined with cat: the second one's byte order mark starts line 3."""
+    raw = jsonl(GOOD).encode() + b"\xef\xbb\xbf" + jsonl(GOOD).encode()
+    assert_clean_error(run_with(pair(raw)), "train.jsonl:3:1: a byte order mark (U+FEFF) inside the file (files "
+                                            "joined together?); remove it")
+
+
+def test_byte_order_mark_inside_a_json_line(run_with):
+    raw = jsonl(GOOD).encode() + b'{ \xef\xbb\xbf"text": "c", "label": "neg"}\n'
+    assert_clean_error(run_with(pair(raw)), "train.jsonl:3:3: a byte order mark (U+FEFF) inside the file (files "
+                                            "joined together?); remove it")
+
+
+def test_byte_order_mark_inside_a_json_array(run_with):
+    raw = b'[{"text": "a", "label": "pos"},\n\xef\xbb\xbf{"text": "b", "label": "neg"}]\n'
+    files = {"train.json": raw, "dev.jsonl": jsonl(GOOD)}
+    assert_clean_error(run_with(files), "train.json:2:1: a byte order mark (U+FEFF) inside the file (files joined "
+                                        "together?); remove it")
+
+
+def test_byte_order_mark_inside_a_csv_file(run_with):
+    raw = b"text,label\na,pos\n\xef\xbb\xbftext,label\nb,neg\n"
+    assert_clean_error(run_with(csvs(raw)), "train.csv:3:1: a byte order mark (U+FEFF) inside the file (files "
+                                            "joined together?); remove it")
+
+
+def test_csv_header_repeated_as_a_row(run_with):
+    """Two CSV files joined: the second header would be a row of class 'label'."""
+    assert_clean_error(run_with(csvs("text,label\na,pos\ntext,label\nb,neg\n")),
+                       "train.csv:3: the header (line 1) again, as a row (files joined together?); remove the line")
+
+
+# ---------------------------------------------------------------- paths read literally
+
+TRAIN = jsonl(GOOD * 3)  # 6 rows
+DECOY = jsonl([{"text": "so so", "label": "neutral"}] * 4)  # what a glob reading of the path would add
+
+
+def write_recipe(tmp_path: Path, tiny_bert, train: str, files: dict[str, str]) -> None:
+    """``files`` (path -> text) and a recipe training on ``train`` (any characters:
+    written as a quoted YAML string)."""
+    for name, text in {**files, "dev.jsonl": jsonl(GOOD)}.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    (tmp_path / "recipe.yaml").write_text(textwrap.dedent(f"""\
+        name: literal-paths
+        backbone: {{name: {tiny_bert}}}
+        targets: [Wq, Wv]
+        method: {{name: lora, r: 2, alpha: 4}}
+        task:
+          name: classification
+          data:
+            train: {json.dumps(train)}
+            validation: dev.jsonl
+          max_length: 16
+        training: {{learning_rate: 1e-2, epochs: 1, batch_size: 4, seed: 0}}
+        """), encoding="utf-8")
+
+
+@pytest.mark.parametrize("train, decoys", [
+    ("g/tr*.jsonl", ["g/tr1.jsonl"]),  # as a glob: both files
+    ("g/tr?.jsonl", ["g/tra.jsonl"]),
+    ("br[1]/train.jsonl", ["br1/train.jsonl"]),  # as a glob: the other directory only
+    ("br[x]/train.jsonl", []),  # as a glob: no file at all
+    ("x]/*/train.jsonl", ["x]/y/train.jsonl"]),
+    ("sp ace/ünï {a,b}/train.jsonl", ["sp ace/ünï a/train.jsonl"]),
+    ("q/**", ["q/deep/train.jsonl"]),
+], ids=["star", "question-mark", "class", "brackets", "closing-bracket-and-star", "space-unicode-braces",
+        "double-star"])
+def test_data_path_is_read_literally(tmp_path, tiny_bert, train, decoys):
+    """A data path names one file, never a pattern: the six rows of that file, whatever
+    glob characters its name holds (``datasets`` would glob it: lowrank_runner/tasks/local_files.py)."""
+    write_recipe(tmp_path, tiny_bert, train, {train: TRAIN, **{d: DECOY for d in decoys}})
+    result = lrr("inspect", "recipe.yaml", "--json", "--set", "task.data.format=json", cwd=tmp_path)
+    assert result.code == 0, result.output
+    assert json.loads(result.stdout)["runs"][0]["train_examples"] == 6
+
+
+def test_run_on_a_path_with_brackets(tmp_path, tiny_bert):
+    """``lrr run`` trains on a file in a directory named with brackets (was: "cannot read as json (StopIteration)")."""
+    write_recipe(tmp_path, tiny_bert, "br[x]/train.jsonl", {"br[x]/train.jsonl": TRAIN, "brx/train.jsonl": DECOY})
+    result = lrr("run", "recipe.yaml", "--output", "out", cwd=tmp_path)
+    assert result.code == 0, result.output
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())  # trained and scored
+    task = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())["task"]
+    assert task["id2label"] == {"0": "neg", "1": "pos"}  # the literal file's classes only
+
+
+def test_data_path_holding_a_double_colon(run_with, tmp_path):
+    """``::`` chains URLs in ``datasets`` and cannot be escaped: a clear error, before the model loads."""
+    result = run_with({"a::b/train.jsonl": TRAIN, "dev.jsonl": jsonl(GOOD)})
+    assert_clean_error(result, f"a::b/train.jsonl: datasets cannot read a file whose path holds '::' "
+                               f"({tmp_path}/a::b/train.jsonl; '::' chains URLs there); rename the directory or the "
+                               "file")
