@@ -205,6 +205,11 @@ def _completed(run_dir: Path) -> dict | None:
     trained over."""
     report, metrics = run_dir / art.REPORT_FILE, run_dir / art.METRICS_FILE
     if not report.is_file():
+        if metrics.is_file() and (run_dir / art.ADAPTER_DIR / art.ADAPTER_CONFIG).is_file():
+            raise LrrError(  # the files a completed run writes, all but the report
+                f"{run_dir}: this run completed ({metrics.name} and {art.ADAPTER_DIR}/ are there) but its "
+                f"{report.name} is missing; it is not resumed, so a completed run is never trained over: restore "
+                f"{report.name} from a copy, or start a new run in a new directory")
         return None
     try:
         status = json.loads(report.read_text(encoding="utf-8")).get("status")

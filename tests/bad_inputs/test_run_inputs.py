@@ -414,3 +414,14 @@ def test_output_with_a_quoted_tilde_is_the_home_directory(recipe, tmp_path, monk
     assert result.code == 0, result.output
     assert (tmp_path / "home" / "runs" / "x" / "recipe.yaml").is_file() and not (tmp_path / "~").exists()
 
+
+
+def test_a_completed_run_without_its_report_is_not_trained_over(recipe, completed, tmp_path, no_training):
+    run = copy(completed, tmp_path)
+    (run / "report.json").unlink()
+    before = snapshot(run)
+    assert_clean_error(lrr("run", recipe, "--output", run, "--resume"),
+                       f"{run}: this run completed (metrics.json and adapter/ are there) but its report.json is "
+                       "missing; it is not resumed, so a completed run is never trained over: restore report.json from "
+                       "a copy, or start a new run in a new directory", code=1)
+    assert snapshot(run) == before
