@@ -98,21 +98,32 @@ def _in_cache(ref: BackboneRef) -> bool:
     return isinstance(found, str)
 
 
-def _ensure_hub_reachable(ref: BackboneRef, timeout: float = 3.0) -> None:
-    """Fail in seconds (not after minutes of retries) when the hub cannot be reached."""
-    if _in_cache(ref):
-        return
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be used now (offline mode, or its endpoint does not
+    answer within ``timeout`` seconds), or None: a check of seconds, before a library
+    spends minutes retrying (models here; datasets in tasks/base.py)."""
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
-        raise BackboneError(_hub_help(ref, "HF_HUB_OFFLINE is set and the model is not in the local cache"))
+        return "HF_HUB_OFFLINE is set"
     url = urlparse(constants.ENDPOINT)
     host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
     try:
         with socket.create_connection((host, port), timeout=timeout):
-            pass
+            return None
     except OSError as exc:
-        raise BackboneError(_hub_help(ref, f"{host} unreachable: {exc}")) from None
+        return f"{host} unreachable: {exc}"
+
+
+def _ensure_hub_reachable(ref: BackboneRef, timeout: float = 3.0) -> None:
+    """Fail in seconds (not after minutes of retries) when the hub cannot be reached."""
+    if _in_cache(ref):
+        return
+    why = hub_unreachable(timeout)
+    if why is not None:
+        if why.startswith("HF_HUB_OFFLINE"):
+            why += " and the model is not in the local cache"
+        raise BackboneError(_hub_help(ref, why))
 
 
 # --- reading the directory's JSON files ourselves (no code, positions in messages) -----------

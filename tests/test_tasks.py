@@ -252,3 +252,28 @@ def test_every_format_reads_the_named_file_not_a_glob(tmp_path, fmt):
         splits = task.load_splits()
         assert list(splits["train"]["text"]) == ["a", "b", "c"] and list(splits["validation"]["text"]) == ["d", "e"]
         assert task.labels == ["neg", "pos"]
+
+
+def test_an_unreachable_hub_fails_in_seconds_with_the_offline_fix(monkeypatch):
+    """Not in offline mode and no network: one quick check instead of datasets' minutes of
+    retries, and the message says how to go without the hub."""
+    import time
+
+    import datasets
+    from huggingface_hub import constants
+
+    from lowrank_runner.errors import DataError
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://127.0.0.1:9")  # nothing listens on the discard port
+    called = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: called.append(a))
+    task = build_task({"name": "rte", "dataset": "nyu-mll/glue", "max_length": 64})
+    started = time.monotonic()
+    with pytest.raises(DataError, match=r"cannot load GLUE 'rte' from the hub 'nyu-mll/glue' \(127\.0\.0\.1 unreachable: "
+                                        r".*\); without the hub, point task\.data_dir at a directory of raw GLUE files "
+                                        r"\(or, with a copy in the datasets cache, set HF_DATASETS_OFFLINE=1\)"):
+        task.load_splits()
+    assert time.monotonic() - started < 10 and not called

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,28 @@ class Task:
             return {}
         return {role: resolve_local_path(v) for role, v in data.items()
                 if role not in ("format", "delimiter") and isinstance(v, str)}
+
+    def load_hub(self, path: str, name: str | None, what: str, offline_fix: str):
+        """``datasets.load_dataset(path, name)``, failing in seconds with ``offline_fix``
+        when the hub cannot be used (instead of minutes of retries), and with one line for
+        any other failure (unknown id, a script-only dataset, ...). A copy in the datasets
+        cache is used offline with ``HF_DATASETS_OFFLINE=1``."""
+        import datasets
+
+        from lowrank_runner.backbones import hub_unreachable
+        from lowrank_runner.errors import DataError
+
+        offline = getattr(datasets.config, "HF_DATASETS_OFFLINE", False) or getattr(datasets.config, "HF_HUB_OFFLINE", False)
+        local = Path(path).expanduser().exists()  # a dataset saved in a directory: no hub involved
+        why = None if offline or local else hub_unreachable()  # offline mode: datasets reads its cache, or fails
+        if why is not None:
+            raise DataError(f"cannot load {what} from the hub '{path}' ({why}); {offline_fix} (or, with a copy in "
+                            "the datasets cache, set HF_DATASETS_OFFLINE=1)")
+        try:
+            return datasets.load_dataset(path, name)
+        except Exception as exc:  # offline without a cached copy, unknown id, script-only dataset, ...
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise DataError(f"cannot load {what} from '{path}' ({type(exc).__name__}: {first}); {offline_fix}") from None
 
     def limit_samples(self, splits, eval_splits=("validation",)):
         """Cut ``train`` to ``task.max_train_samples`` and each evaluation split to

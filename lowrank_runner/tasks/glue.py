@@ -178,14 +178,8 @@ class Glue(Task):
             splits = {s: datasets.Dataset.from_dict(read_raw_tsv(f, g)) for s, f in self.data_files().items()}
             splits = datasets.DatasetDict(splits)
         else:
-            try:
-                hub = datasets.load_dataset(self.dataset, self.spec.name)
-            except Exception as exc:  # offline, unknown id, ...
-                raise DataError(
-                    f"cannot load GLUE '{self.spec.name}' from '{self.dataset}' ({type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0] if str(exc) else ''}); without the hub, point task.data_dir at a "
-                    "directory of raw GLUE files"
-                ) from None
+            hub = self.load_hub(self.dataset, self.spec.name, f"GLUE '{self.spec.name}'",
+                                "without the hub, point task.data_dir at a directory of raw GLUE files")
             names = HUB_SPLITS.get(self.spec.name, {"validation": "validation"})
             splits = datasets.DatasetDict({"train": hub["train"], **{ours: hub[theirs] for ours, theirs in names.items()}})
             splits = splits.select_columns([*g.texts, "label"])

@@ -180,14 +180,9 @@ class DataToText(Task):
             if dataset is None:
                 raise DataError(f"task '{self.spec.name}' reads your files: set task.data.train and task.data.validation")
             config = c.get("dataset_config") or (default_config if dataset == default_id else None)
-            try:
-                hub = datasets.load_dataset(dataset, config)
-            except Exception as exc:  # offline, unknown id, script-only dataset, ...
-                raise DataError(
-                    f"cannot load '{dataset}'{f' ({config})' if config else ''} for task '{self.spec.name}' "
-                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); without the hub, "
-                    "point task.data.train and task.data.validation at files with a source and a target column"
-                ) from None
+            hub = self.load_hub(dataset, config, f"the data of task '{self.spec.name}'{f' ({config})' if config else ''}",
+                                "without the hub, point task.data.train and task.data.validation "
+                                "at files with a source and a target column")
             default_eval = next((s for s in ("validation", "dev") if s in hub), "validation")
             names = {"train": "train", "validation": c.get("eval_split") or default_eval}
             if c.get("test_split"):

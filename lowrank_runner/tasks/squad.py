@@ -150,14 +150,8 @@ class SquadV2(Task):
             splits = datasets.DatasetDict({split: datasets.Dataset.from_dict(read_squad_json(path), features=hub_features())
                                            for split, path in self.data_files().items()})
         else:
-            try:
-                hub = datasets.load_dataset(self.dataset)
-            except Exception as exc:  # offline, unknown id, ...
-                raise DataError(
-                    f"cannot load SQuAD 2.0 from '{self.dataset}' ({type(exc).__name__}: "
-                    f"{str(exc).splitlines()[0] if str(exc) else ''}); without the hub, point task.data_dir at a "
-                    f"directory holding the official {' and '.join(FILES.values())}"
-                ) from None
+            hub = self.load_hub(self.dataset, None, "SQuAD 2.0", "without the hub, point task.data_dir at a "
+                                f"directory holding the official {' and '.join(FILES.values())}")
             splits = datasets.DatasetDict({s: hub[s] for s in ("train", "validation")})
             splits = splits.select_columns(list(hub_features()))
         return self.limit_samples(splits)
