@@ -338,7 +338,11 @@ def _backbone_problems(doc: Document, backbone) -> list[Problem]:
     out = _tokenizer_problems(doc, backbone.get("tokenizer"))
     if not isinstance(backbone.get("name"), str):
         return out
-    return out + _backbone_name_problems(doc, backbone["name"])
+    name, revision = backbone["name"], backbone.get("revision")
+    if revision is not None and (is_pkg_path(name) or expand_user(name).is_dir()):
+        out.append(problem(doc, ("backbone", "revision"), f"a local backbone has no revisions: revision "
+                           f"'{revision}' is ignored for {name} (it applies to hub ids); remove it", severity="warning"))
+    return out + _backbone_name_problems(doc, name)
 
 
 def _tokenizer_problems(doc: Document, name) -> list[Problem]:

@@ -84,6 +84,10 @@ class InitSource:
             tensors = read_tensors(directory / art.ADAPTER_WEIGHTS, source)
         except ExportError as exc:
             raise InitFromError(f"{self.where}: cannot start from {self.label}: {exc}") from None
+        if tensors and all(t.is_floating_point() and not t.any() for t in tensors.values()):
+            raise InitFromError(f"{self.where}: cannot start from {self.label}: every tensor of "
+                                f"{directory / art.ADAPTER_WEIGHTS} is zero (an adapter that changes nothing, and "
+                                "factors that cannot learn from zero); start from another run, or remove training.init_from")
         broken = sorted(name for name, t in tensors.items() if t.is_floating_point() and not t.isfinite().all())
         if broken:
             raise InitFromError(f"{self.where}: cannot start from {self.label}: {directory / art.ADAPTER_WEIGHTS} holds "
@@ -120,7 +124,8 @@ class InitSource:
         try:
             missing = load_adapter_state(adapted.model, adapter)
         except (KeyError, RuntimeError) as exc:
-            first = str(exc).strip().splitlines()[0][:300]
+            lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+            first = next((ln for ln in lines if "size mismatch" in ln), lines[0] if lines else "")[:300]
             raise InitFromError(f"{self.where}: {self.label} does not fit: {first}; {fix}") from None
         if missing:
             raise InitFromError(f"{self.where}: {self.label} does not fit: it has no tensors for "

@@ -425,3 +425,15 @@ def test_a_completed_run_without_its_report_is_not_trained_over(recipe, complete
                        "missing; it is not resumed, so a completed run is never trained over: restore report.json from "
                        "a copy, or start a new run in a new directory", code=1)
     assert snapshot(run) == before
+
+
+def test_init_from_an_all_zero_adapter_is_refused(run_copy, tmp_path, tiny_bert, sentiment_data):
+    from safetensors.torch import load_file, save_file
+
+    weights = run_copy / "adapter" / "adapter.safetensors"
+    save_file({k: v.clone().zero_() for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
+    recipe = tmp_path / "from.yaml"
+    recipe.write_text(tiny_recipe_text(tiny_bert, sentiment_data).replace("seed: 0,", f"seed: 0, init_from: {run_copy},"))
+    result = lrr("run", recipe, "--output", tmp_path / "out")
+    assert_clean_error(result, code=1)
+    assert any(f"every tensor of {weights} is zero" in ln for ln in result.error_lines()), result.stderr
