@@ -395,7 +395,11 @@ def _set_yaml_problem(exc: yaml.YAMLError) -> str:
 
 def apply_override(doc: Document, text: str) -> Document:
     """``doc`` with one ``--set dotted.path=value`` applied: mappings on the way are
-    created as needed; a list item must exist; nothing can be set inside a scalar."""
+    created as needed; a list item must exist; nothing can be set inside a scalar.
+    ``--set '~dotted.path'`` removes the key (as Hydra writes it), e.g. ``~task.data``
+    to switch a recipe from your files to a hub task."""
+    if text.startswith("~"):
+        return _remove_override(doc, text)
     parts, value = parse_override(text)
     loc = Location(f"--set {text}")
     if parts[0] == "extends":
@@ -408,6 +412,23 @@ def apply_override(doc: Document, text: str) -> Document:
     out = merge(doc, over, path)
     for i in range(1, len(path)):  # mappings the override created point at it
         out.origins.setdefault(path[:i], Origin(loc, loc, path[:i]))
+    return out
+
+
+def _remove_override(doc: Document, text: str) -> Document:
+    from lowrank_runner.errors import UsageError
+
+    key = text[1:].strip()
+    if not key or "=" in key or any(not part.strip() for part in key.split(".")):
+        raise UsageError(f"--set {text!r}: expected ~dotted.path (no value) to remove a key, e.g. --set '~task.data'")
+    loc = Location(f"--set {text}")
+    parts = tuple(int(p) if p.isdigit() else p for p in key.split("."))
+    path = _override_path(doc.data, parts, loc)
+    parent = _get(doc.data, path[:-1])
+    if not isinstance(parent, dict) or path[-1] not in parent:
+        raise RecipeError([Problem(loc, dotted(path), "the recipe does not set this key, so there is nothing to remove")])
+    out = doc.copy()
+    delete(out, path)
     return out
 
 

@@ -431,3 +431,15 @@ def test_extends_with_dotdot_and_absolute_paths_is_allowed_and_shown(tmp_path):
         assert res.code == 0, res.output
         reads = json.loads(res.stdout)["files"][0]["io"]["reads"]
         assert [r["path"] for r in reads if r["key"] == "recipe"] == [str(base), str(path)]
+
+
+def test_set_tilde_removes_a_key_and_refuses_what_is_not_there():
+    ok = lrr("validate", "recipes/quickstart.yaml", "--set", "~task.data", "--set", "~task.labels",
+             "--set", "task.name=sst2")
+    assert ok.code == 0, ok.output
+    missing = lrr("validate", "recipes/quickstart.yaml", "--set", "~task.nothing")
+    assert missing.code == 1 and missing.stdout.splitlines() == [
+        "--set ~task.nothing: task.nothing: the recipe does not set this key, so there is nothing to remove"]
+    assert_clean_error(lrr("validate", "recipes/quickstart.yaml", "--set", "~task.data=x"),
+                       "--set '~task.data=x': expected ~dotted.path (no value) to remove a key, e.g. --set '~task.data'",
+                       code=2)
