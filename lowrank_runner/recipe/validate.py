@@ -454,4 +454,30 @@ def init_from_problems(doc: Document, runs: list) -> list[Problem]:
             if node in seen:
                 break
             seen.append(node)
+    docs = {(t, s): r for t, s, r in runs}
+    for (task, seed), (source, _, run) in edges.items():
+        differ = _method_misfit(run.data.get("method"), docs[(source, seed)].data.get("method"))
+        if differ:
+            out.append(problem(run, ("training", "init_from", "task"),
+                               f"task '{task}' starts from the adapter of task '{source}', whose method differs "
+                               f"({differ}): the adapter would not fit; give both tasks the same method parameters, "
+                               "or remove training.init_from"))
     return out
+
+
+def _method_misfit(mine, theirs) -> str | None:
+    """How two tasks' methods differ in what an adapter's tensors mean (defaults filled;
+    dropout may differ), or None (the same, or not comparable: other checks report it)."""
+    from lowrank_runner.methods.registry import method_specs
+    from lowrank_runner.train.init_from import FREE_PARAMS
+
+    specs = method_specs()
+    if not (isinstance(mine, dict) and isinstance(theirs, dict)) or not all(
+            isinstance(m.get("name"), str) and m["name"] in specs for m in (mine, theirs)):
+        return None
+    if mine["name"] != theirs["name"]:
+        return f"'{mine['name']}' here, '{theirs['name']}' there"
+    defaults = specs[mine["name"]].defaults()
+    mine, theirs = {**defaults, **mine}, {**defaults, **theirs}
+    keys = sorted(k for k in set(mine) | set(theirs) if k not in FREE_PARAMS and mine.get(k) != theirs.get(k))
+    return "; ".join(f"{k}: {mine.get(k)!r} here, {theirs.get(k)!r} there" for k in keys) or None
