@@ -134,6 +134,8 @@ def test_an_error_in_a_merged_value_names_its_line(make_recipe):
     ("a: [1]\nb: {<<: 3}\n", "r.yaml:2:5: b: '<<' merges mappings"),
     ("a: &a [1]\nb:\n  <<: *a\n", "r.yaml:3:3: b: '<<' merges mappings"),
     ("a: {<<: *nothing}\n", "r.yaml:1:9: (recipe): invalid YAML: found undefined alias 'nothing'"),
+    ("a: &a {x: 1}\nb:\n  <<: *a\n  <<: *a\n", "r.yaml:4:3: b: duplicate merge key '<<' (first written at line 3); "
+                                              "merge several mappings with one: <<: [*a, *b]"),
 ])
 def test_merge_keys_merge_mappings_only(text, message):
     with pytest.raises(RecipeError) as exc:

@@ -257,8 +257,15 @@ def _entries(node: yaml.MappingNode, path: PathT, source: str, problems: list) -
     of the named mappings that the mapping does not set itself."""
     own: dict = {}
     merged: dict = {}
+    merge_at = None
     for key_node, value_node in node.value:
         if key_node.tag == MERGE_TAG:
+            if merge_at is not None:  # PyYAML would keep the last one silently
+                problems.append(Problem(_loc(source, key_node), dotted(path),
+                                        f"duplicate merge key '<<' (first written at line {merge_at}); merge several "
+                                        "mappings with one: <<: [*a, *b]"))
+                continue
+            merge_at = key_node.start_mark.line + 1
             sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
             for src in sources:
                 if not isinstance(src, yaml.MappingNode):
