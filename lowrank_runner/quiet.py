@@ -17,3 +17,5 @@ def quiet_libraries() -> None:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+    # the libraries' notes to each other (a deprecated transformers name peft still calls) are not the user's
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|accelerate|datasets)(\.|$)")
