@@ -162,6 +162,11 @@ def test_lora2_recipe_matches_the_authors_settings(config_dirs):
     assert {task: run["warnings"] for task, run in runs.items()} == dict.fromkeys(GLUE_ORDER, [])  # schedules fit T
 
 
+# Table V's LoRA Dropout row (MNLI SST-2 CoLA QQP QNLI RTE MRPC STS-B): "default" is the
+# implementation's default, 0 (PEFT's LoraConfig and loralib alike).
+DROPOUTS = [0, 0.3, 0, 0, 0, 0, 0.3, 0]
+
+
 def test_triadaptlora_recipes_match_table_v(config_dirs):
     for recipe, mode in [("triadaptlora_deberta_glue.yaml", "linear"), ("triadaptlora_deberta_glue_nonlinear.yaml",
                          "nonlinear"), ("triadaptlora_deberta_glue_fixed_k.yaml", "fixed_k")]:
@@ -181,6 +186,7 @@ def test_triadaptlora_recipes_match_table_v(config_dirs):
         assert run["method"]["t_init"] == run["method"]["grow_interval"] == run["training"]["warmup_steps"] == interval[i]
         assert (run["method"]["r"], run["method"]["r_ref"]) == (1, 8)
         assert run["task_config"]["max_length"] == lengths[i]
+        assert run["method"]["dropout"] == DROPOUTS[i]
     assert runs["mnli"]["adapter_params"] == 166_032  # rank 1 everywhere at the start
 
 
@@ -202,3 +208,6 @@ def test_mtlora_condlora_and_lora_baselines_match_their_tables(config_dirs):
     assert inspect_recipe("lora_roberta_glue.yaml", roberta)["rte"]["adapter_params"] == 294_912  # CondLoRA Table 4
     lora = inspect_recipe("lora_deberta_glue.yaml", f"backbone.name={config_dirs['deberta-v3-base']}")
     assert lora["sst2"]["adapter_params"] == 1_327_104  # LoRA2 Table 1, r = 8
+    # TriAdaptLoRA Table V, which the paper says LoRA uses too: its alpha and LoRA dropout rows
+    assert [lora[t]["method"]["alpha"] for t in GLUE_ORDER] == [16, 16, 32, 16, 32, 32, 32, 32]
+    assert [lora[t]["method"]["dropout"] for t in GLUE_ORDER] == DROPOUTS
