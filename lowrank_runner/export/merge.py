@@ -138,11 +138,11 @@ class _MergeCheck:
 def export_merged(source: Path, out: Path, tolerance: float = 1e-3, dtype: str | None = None,
                   max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, cast_tolerance: float | None = None,
                   backbone: str | None = None) -> dict:
-    import torch
-
+    """Merge ``source``'s adapters into its backbone and write a plain transformers
+    checkpoint to ``out``, in phases: check the options and the source, merge in
+    float32 (checked against the adapter model), cast to the target dtype (checked),
+    write, reload and check again. Any failed check writes nothing."""
     quiet_libraries()
-    from lowrank_runner.methods.inject import merge_adapters
-
     source, out = Path(source), Path(out)
     tolerance, cast_tolerance = check_tolerance(tolerance), check_tolerance(cast_tolerance, "--cast-tolerance")
     check_max_shard_size(max_shard_size)
@@ -160,14 +160,7 @@ def export_merged(source: Path, out: Path, tolerance: float = 1e-3, dtype: str |
     reference = reference_outputs(model, batch, source)
     refuse_tied_targets(model)
     tied = embeddings_tied(model)
-    check = _MergeCheck(getattr(torch, target))
-    merge_adapters(model, check=check)
-    if not any(check.changed.values()):
-        raise ExportError(
-            f"{source}: every update ΔW (largest |ΔW| {max(check.largest.values()):.3g}) is below the precision of "
-            f"{target}: the merged {target} weights would equal the backbone's, so the export would change nothing. "
-            "Export in a finer dtype (--dtype float32); nothing written"
-        )
+    check = _merge(model, target, source)
     merged = model_outputs(model, batch)
     max_diff, mean_diff = compare_outputs(reference, merged)
     if not max_diff <= tolerance:
@@ -177,39 +170,14 @@ def export_merged(source: Path, out: Path, tolerance: float = 1e-3, dtype: str |
         )
     expected, info_cast = merged, {}
     if target != "float32":
-        model.to(getattr(torch, target))  # in place, parameter by parameter
-        cast = model_outputs(model, batch)
-        bound = (CAST_EPS_UNITS * torch.finfo(getattr(torch, target)).eps if cast_tolerance is None else cast_tolerance)
-        allowed = bound * max(1.0, largest_magnitude(reference))
-        cast_max, cast_mean = compare_outputs(reference, cast)
-        if non_finite(cast) or not cast_max <= allowed:
-            raise ExportError(
-                f"cast to {target}, the merged model differs from the adapter model by up to {cast_max:.3g} on the "
-                f"probe batch (allowed {allowed:.3g}; overflow or too coarse a dtype); export in float32 with "
-                "--dtype float32 or loosen --cast-tolerance; nothing written"
-            )
-        expected = cast
-        info_cast = {"cast_max_abs_logit_diff": cast_max, "cast_mean_abs_logit_diff": cast_mean, "cast_allowed": allowed}
+        expected, info_cast = _cast(model, target, batch, reference, cast_tolerance)
 
     with staged_output(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
-        tokenizer.save_pretrained(tmp)
-        shards = sorted(p.name for p in tmp.glob("*.safetensors"))
+        shards = _write(model, tokenizer, tmp, max_shard_size)
         alive = weakref.ref(model)
-        del model
+        del model  # the reload needs the memory
         collect_if_alive(alive)
-        reloaded = model_class.from_pretrained(tmp, dtype="auto").eval()
-        dtypes = sorted({str(p.dtype).replace("torch.", "") for p in reloaded.parameters() if p.is_floating_point()})
-        if dtypes != [target]:
-            raise ExportError(f"the written checkpoint reloads as {', '.join(dtypes)}, not {target}; nothing written")
-        if tied and not embeddings_tied(reloaded):
-            raise ExportError("the backbone's tied input/output embeddings came back untied from the written checkpoint; nothing written")
-        again = model_outputs(reloaded, batch)
-        reload_self, _ = compare_outputs(expected, again)
-        reload_diff, _ = compare_outputs(reference, again)
-        if not reload_self <= tolerance:
-            raise ExportError(f"the written checkpoint, reloaded, differs from the merged model by {reload_self:.3g}; nothing written")
-        del reloaded
+        reload_diff = _reload_check(model_class, tmp, target, tied, batch, expected, reference, tolerance)
         info = {
             **provenance(source, adapter_cfg, "merged-transformers", used),
             "modules_merged": len(check.largest),
@@ -230,4 +198,67 @@ def export_merged(source: Path, out: Path, tolerance: float = 1e-3, dtype: str |
         }
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def _merge(model, target: str, source: Path) -> "_MergeCheck":
+    """Fold every adapter into its weight in float32; refuse a merge whose updates all
+    vanish in ``target``'s precision (the export would change nothing)."""
+    import torch
+
+    from lowrank_runner.methods.inject import merge_adapters
+
+    check = _MergeCheck(getattr(torch, target))
+    merge_adapters(model, check=check)
+    if not any(check.changed.values()):
+        raise ExportError(
+            f"{source}: every update ΔW (largest |ΔW| {max(check.largest.values()):.3g}) is below the precision of "
+            f"{target}: the merged {target} weights would equal the backbone's, so the export would change nothing. "
+            "Export in a finer dtype (--dtype float32); nothing written"
+        )
+    return check
+
+
+def _cast(model, target: str, batch, reference: dict, cast_tolerance: float | None) -> tuple[dict, dict]:
+    """Cast the merged model to ``target`` in place; its outputs must stay within the
+    cast tolerance of the adapter model's. Returns them and the record of the check."""
+    import torch
+
+    model.to(getattr(torch, target))  # in place, parameter by parameter
+    cast = model_outputs(model, batch)
+    bound = CAST_EPS_UNITS * torch.finfo(getattr(torch, target)).eps if cast_tolerance is None else cast_tolerance
+    allowed = bound * max(1.0, largest_magnitude(reference))
+    cast_max, cast_mean = compare_outputs(reference, cast)
+    if non_finite(cast) or not cast_max <= allowed:
+        raise ExportError(
+            f"cast to {target}, the merged model differs from the adapter model by up to {cast_max:.3g} on the "
+            f"probe batch (allowed {allowed:.3g}; overflow or too coarse a dtype); export in float32 with "
+            "--dtype float32 or loosen --cast-tolerance; nothing written"
+        )
+    return cast, {"cast_max_abs_logit_diff": cast_max, "cast_mean_abs_logit_diff": cast_mean, "cast_allowed": allowed}
+
+
+def _write(model, tokenizer, tmp: Path, max_shard_size) -> list[str]:
+    """Save the model (sharded safetensors) and tokenizer; the shards' names."""
+    model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(tmp)
+    return sorted(p.name for p in tmp.glob("*.safetensors"))
+
+
+def _reload_check(model_class, tmp: Path, target: str, tied: bool, batch, expected: dict, reference: dict,
+                  tolerance: float) -> float:
+    """Reload the written checkpoint as a user would: its dtype, its tied embeddings and
+    its outputs must be the merged model's. Returns its largest difference to the
+    adapter model."""
+    reloaded = model_class.from_pretrained(tmp, dtype="auto").eval()
+    dtypes = sorted({str(p.dtype).replace("torch.", "") for p in reloaded.parameters() if p.is_floating_point()})
+    if dtypes != [target]:
+        raise ExportError(f"the written checkpoint reloads as {', '.join(dtypes)}, not {target}; nothing written")
+    if tied and not embeddings_tied(reloaded):
+        raise ExportError("the backbone's tied input/output embeddings came back untied from the written checkpoint; nothing written")
+    again = model_outputs(reloaded, batch)
+    reload_self, _ = compare_outputs(expected, again)
+    reload_diff, _ = compare_outputs(reference, again)
+    if not reload_self <= tolerance:
+        raise ExportError(f"the written checkpoint, reloaded, differs from the merged model by {reload_self:.3g}; nothing written")
+    return reload_diff
 
