@@ -23,9 +23,10 @@ TRUST = "lrr runs no code from model files unless the recipe sets backbone.trust
 
 # --- building bad model directories ---------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def clean(tmp_path_factory) -> Path:
-    return save_tiny_backbone(tmp_path_factory.mktemp("clean-bert"))
+@pytest.fixture
+def clean(tiny_bert) -> Path:
+    """The session's clean tiny BERT directory (never modified: model_dir copies it)."""
+    return tiny_bert
 
 
 @pytest.fixture
@@ -85,22 +86,12 @@ def recipe(tmp_path, sentiment_data):
 
 # --- 1. no code from model or dataset directories --------------------------------------------
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, clean, sentiment_data):
-    root = tmp_path_factory.mktemp("trained")
-    path = root / "recipe.yaml"
-    path.write_text(tiny_recipe_text(clean, sentiment_data).replace("epochs: 2", "epochs: 1"))
-    result = lrr("run", path, "--output", root / "run")
-    assert result.code == 0, result.output
-    return root / "run"
-
-
 @pytest.mark.parametrize("command", ["inspect", "run", "export"])
-def test_custom_modeling_code_never_runs_even_when_stdin_says_yes(command, model_dir, recipe, tmp_path, trained_run):
+def test_custom_modeling_code_never_runs_even_when_stdin_says_yes(command, model_dir, recipe, tmp_path, tiny_run):
     marker = tmp_path / "MARKER"
     custom = custom_config_dir(model_dir, marker)
     if command == "export":
-        args = ["export", trained_run, "--merge", "--out", tmp_path / "merged", "--backbone", custom]
+        args = ["export", tiny_run, "--merge", "--out", tmp_path / "merged", "--backbone", custom]
     else:
         args = [command, recipe(custom)] + (["--output", tmp_path / "run"] if command == "run" else [])
     result = lrr(*args, subprocess=True, input="y\n" * 3, timeout=180)
