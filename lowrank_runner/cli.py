@@ -21,16 +21,20 @@ import typer
 
 from lowrank_runner.errors import LrrError, UsageError
 
-class PlainHelpCommand(typer.core.TyperCommand):
+class _PlainTypes:
     """Help that shows what to type, not Python types: an option that takes a value shows
-    its metavar (``--output DIR``), a flag or an argument shows nothing more, and the usage
-    line reads ``lrr run [OPTIONS] RECIPE`` (click's convention)."""
+    its metavar (``--output DIR``), a flag or an argument shows nothing more."""
 
     def get_params(self, ctx):
         params = super().get_params(ctx)
         for param in params:
             param.display_type_rich = functools.partial(_type_column, param)
         return params
+
+
+class PlainHelpCommand(_PlainTypes, typer.core.TyperCommand):
+    """A command with plain help; its usage line reads ``lrr run [OPTIONS] RECIPE``
+    (click's convention)."""
 
     def collect_usage_pieces(self, ctx) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
@@ -47,12 +51,8 @@ def _type_column(param, ctx=None) -> str | None:
     return param.metavar or param.name.upper()
 
 
-class PlainHelpGroup(typer.core.TyperGroup):
-    def get_params(self, ctx):
-        params = super().get_params(ctx)
-        for param in params:
-            param.display_type_rich = functools.partial(_type_column, param)
-        return params
+class PlainHelpGroup(_PlainTypes, typer.core.TyperGroup):
+    """``lrr`` itself, with plain help."""
 
 
 def _version(value: bool) -> None:

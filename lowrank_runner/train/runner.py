@@ -10,10 +10,7 @@ command created it and nothing in it can be resumed.
 
 from __future__ import annotations
 
-import signal
-import threading
 import traceback
-from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
@@ -33,19 +30,6 @@ from lowrank_runner.train.run_dirs import (Taken, continue_command, discard, is_
 console = Console(stderr=True, soft_wrap=True)  # long paths and commands stay one line (copyable)
 
 
-@contextmanager
-def _sigterm_interrupts():
-    """SIGTERM (what cluster schedulers send) stops a run like Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 # ------------------------------------------------------------------ the runs
 
 
@@ -58,18 +42,17 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
     quiet_libraries()
     root, created = prepare_root(recipe, output, resume)
     points = resume_points(recipe, root) if resume else {}
-    with _sigterm_interrupts():
-        try:
-            return _run_all(recipe, root, argv, points, stop_after)
-        except KeyboardInterrupt:
-            _interrupted(recipe, root, resume, created)
-            raise
-        except Taken:
-            raise
-        except LrrError:  # a single run that failed
-            if len(recipe.runs) == 1 and not resume and nothing_resumable(root):
-                discard(root, created)
-            raise
+    try:  # Ctrl-C, and SIGTERM, which the CLI turns into the same (cli.main)
+        return _run_all(recipe, root, argv, points, stop_after)
+    except KeyboardInterrupt:
+        _interrupted(recipe, root, resume, created)
+        raise
+    except Taken:
+        raise
+    except LrrError:  # a single run that failed
+        if len(recipe.runs) == 1 and not resume and nothing_resumable(root):
+            discard(root, created)
+        raise
 
 
 def _run_all(recipe: Recipe, root: Path, argv: list[str], points: dict, stop_after: int | None) -> list[str]:
