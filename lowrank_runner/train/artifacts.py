@@ -123,16 +123,6 @@ def save_adapter(directory: Path, adapter_state: dict, head_state: dict, config:
     write_json(directory / ADAPTER_CONFIG, config)
 
 
-def load_adapter(directory: Path) -> tuple[dict, dict, dict]:
-    from safetensors.torch import load_file
-
-    config = json.loads((directory / ADAPTER_CONFIG).read_text())
-    adapter = load_file(str(directory / ADAPTER_WEIGHTS))
-    head_path = directory / HEAD_WEIGHTS
-    head = load_file(str(head_path)) if head_path.is_file() else {}
-    return config, adapter, head
-
-
 def _kept_lines(path: Path, keep: int) -> list[str]:
     """The first ``keep`` lines of a resumed run's ``metrics.jsonl``, each checked to be a
     JSON object (checked before training goes on, not when the report reads them)."""
