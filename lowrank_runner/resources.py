@@ -49,10 +49,10 @@ def resolve_pkg_path(name: str) -> Path:
         raise ValueError(f"Python package '{package}' is not installed (pip install the package that provides it)")
     for root in spec.submodule_search_locations:
         path = Path(root) / sub.lstrip("/")
+        if not path.resolve().is_relative_to(Path(root).resolve()):
+            raise ValueError(f"'{name}' leads out of package '{package}' (to {path.resolve()}); pkg: paths stay "
+                             "inside the package: give a path of your own without pkg: instead")
         if path.exists():
-            if not path.resolve().is_relative_to(Path(root).resolve()):
-                raise ValueError(f"'{name}' leads out of package '{package}' (to {path.resolve()}); pkg: paths stay "
-                                 "inside the package: give a path of your own without pkg: instead")
             return path
     raise ValueError(f"package '{package}' has no '{sub}' (looked in {', '.join(spec.submodule_search_locations)})")
 
