@@ -93,6 +93,20 @@ SetOption = typer.Option(
 )
 
 
+SweepOption = typer.Option(
+    None, "--sweep", metavar="KEY=V1,V2,...", autocompletion=_complete_set,
+    help="Sweep a recipe key over these values (each YAML), one run per point, e.g. --sweep method.r=4,8,16; "
+         "the same as --set 'sweep={KEY: [V1, V2, ...]}'. Repeatable (a grid).",
+)
+
+
+def _with_sweeps(overrides: Optional[List[str]], sweeps: Optional[List[str]]) -> list[str]:
+    """The ``--set`` overrides with each ``--sweep`` as the override it stands for."""
+    from lowrank_runner.recipe.sweep import sweep_override
+
+    return [*(overrides or ()), *(sweep_override(s) for s in sweeps or ())]
+
+
 def _err(message: str) -> None:
     print(message, file=sys.stderr)
 
@@ -189,6 +203,7 @@ def expand_recipe_paths(paths: list[str]) -> list[Path]:
 def validate(
     paths: Optional[List[str]] = typer.Argument(None, help="Recipe files, directories or globs (default: recipes/)."),
     overrides: Optional[List[str]] = SetOption,
+    sweeps: Optional[List[str]] = SweepOption,
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ):
     """Check recipes against the schema and the methods' parameters; report every problem at once,
@@ -196,6 +211,7 @@ def validate(
     from lowrank_runner.recipe.load import check_recipe_file
     from lowrank_runner.recipe.paths import describe, recipe_file_io
 
+    overrides = _with_sweeps(overrides, sweeps)
     files = expand_recipe_paths(paths or ["recipes"])
     results = []
     for path in files:
@@ -296,14 +312,15 @@ def report(
 def inspect(
     recipe: Path = typer.Argument(..., help="Recipe file."),
     overrides: Optional[List[str]] = SetOption,
+    sweeps: Optional[List[str]] = SweepOption,
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
     processes: int = typer.Option(1, "--processes", min=1, metavar="N", help="Number of training processes to plan steps for."),
 ):
-    """Resolve a recipe without loading weights: modules matched, parameter counts, planned steps."""
+    """Resolve a recipe without loading weights: modules matched, parameter counts, planned steps (per sweep point)."""
     from lowrank_runner.inspect import inspect_recipe
     from lowrank_runner.recipe.load import load_recipe
 
-    rec = load_recipe(_existing(recipe), overrides or ())
+    rec = load_recipe(_existing(recipe), _with_sweeps(overrides, sweeps))
     result = inspect_recipe(rec, processes=processes)
     if as_json:
         print(json.dumps(result, indent=2))
@@ -318,15 +335,17 @@ def inspect(
 def run(
     recipe: Path = typer.Argument(..., help="Recipe file."),
     overrides: Optional[List[str]] = SetOption,
+    sweeps: Optional[List[str]] = SweepOption,
     output: Optional[Path] = typer.Option(None, "--output", "-o", metavar="RUN_DIR", help="Run directory (default: <output.dir>/<name>/<timestamp>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted runs in --output RUN_DIR from their latest checkpoints (same recipe and --set overrides)."),
     stop_after_step: Optional[int] = typer.Option(None, "--stop-after-step", min=1, metavar="STEP", help="End each run after this optimizer step with a checkpoint (e.g. before a machine's time limit); continue later with --resume."),
 ):
-    """Train: one run per task x seed, each writing a run directory."""
+    """Train: one run per task x sweep point x seed, each writing a run directory."""
     from lowrank_runner.recipe.load import load_recipe
     from lowrank_runner.train.run_dirs import recorded_overrides
     from lowrank_runner.train.runner import run_recipe
 
+    overrides = _with_sweeps(overrides, sweeps)
     if output is not None:
         from lowrank_runner.resources import expand_user
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from lowrank_runner.errors import LrrError
 from lowrank_runner.modeling import build_adapted_model, parameter_counts
 from lowrank_runner.quiet import quiet_libraries
-from lowrank_runner.recipe.load import Recipe, at_recipe_lines
+from lowrank_runner.recipe.load import Recipe, at_recipe_lines, canonical_hash
 from lowrank_runner.tasks.base import build_task
 from lowrank_runner.tasks.holdout import holdout_sizes
 from lowrank_runner.train.init_from import source_run
@@ -41,50 +41,59 @@ def check_method_schedule(method, total_steps: int, where: str) -> list[str]:
 
 
 def inspect_recipe(recipe: Recipe, processes: int = 1) -> dict:
+    """Every run of the recipe as it will train (a sweep's points included); runs that
+    differ only in their seed are built once."""
     quiet_libraries()
+    built: dict[str, tuple] = {}
     runs = []
     for run in recipe.runs:
-        where = f"{recipe.source} [{run.task}, seed {run.seed}]"
-        cfg = run.config
-        task = build_task(cfg["task"])
-        with at_recipe_lines(run):
-            adapted = build_adapted_model(cfg, task.model_class, task.model_config_kwargs(), weights=False)
-        model = adapted.model
-        n_train = task.count_train_examples()
-        if cfg["task"].get("holdout_fraction"):  # trains on the rest of the training set
-            n_train = holdout_sizes(n_train, cfg["task"]["holdout_fraction"])[0]
-        plan = plan_steps(n_train, cfg["training"], processes)
+        where = f"{recipe.source} [{run.task}{', ' + run.label if run.label else ''}, seed {run.seed}]"
+        key = canonical_hash({**run.config, "training": {**run.config["training"], "seed": None}})
+        if key not in built:
+            built[key] = _inspect_model(run, processes)
+        entry, plan, method = built[key]
         check_schedule(plan, where)
-        warnings = check_method_schedule(adapted.method, plan.total_steps, where)
-        by_symbol: dict[str, list[str]] = {}
-        for t in adapted.targets:
-            for symbol in t.symbols:
-                label = t.path + (f"[{','.join(t.groups)}]" if t.groups and len(t.groups) < 3 else "")
-                by_symbol.setdefault(symbol, []).append(label)
-        params = dict(model.named_parameters())
-        runs.append({
-            "task": run.task,
-            "seed": run.seed,
-            "config_hash": run.config_hash,
-            "backbone": adapted.backbone.describe(),
-            "model_type": adapted.config.model_type,
-            "method": cfg["method"],
-            "task_config": cfg["task"],
-            "training": {**cfg["training"], "total_steps": plan.total_steps, "warmup_steps": plan.warmup_steps,
-                         "steps_per_epoch": plan.steps_per_epoch, "processes": processes},
-            "modules": [t.path for t in adapted.targets],
-            "targets": by_symbol,
-            "head": adapted.head_names,
-            **parameter_counts(model, adapted),
-            "total_params": sum(p.numel() for p in params.values()),
-            "init_from": _init_from(recipe, run),
-            "train_examples": n_train,
-            "steps": plan.total_steps,
-            "warmup_steps": plan.warmup_steps,
-            "warnings": warnings,
-        })
+        runs.append({"task": run.task, "seed": run.seed, "point": run.point, "label": run.label,
+                     "config_hash": run.config_hash, **entry, "training": {**entry["training"], "seed": run.seed},
+                     "init_from": _init_from(recipe, run),
+                     "warnings": check_method_schedule(method, plan.total_steps, where)})
     return {"name": recipe.name, "source": recipe.source, "recipe_hash": recipe.hash, "recipe": recipe.resolved, "runs": runs}
 
+
+def _inspect_model(run, processes: int) -> tuple[dict, object, object]:
+    """What one run's configuration builds (on the meta device) and plans: its inspect
+    entry (all but the run's identity), the step plan and the method."""
+    cfg = run.config
+    task = build_task(cfg["task"])
+    with at_recipe_lines(run):
+        adapted = build_adapted_model(cfg, task.model_class, task.model_config_kwargs(), weights=False)
+    model = adapted.model
+    n_train = task.count_train_examples()
+    if cfg["task"].get("holdout_fraction"):  # trains on the rest of the training set
+        n_train = holdout_sizes(n_train, cfg["task"]["holdout_fraction"])[0]
+    plan = plan_steps(n_train, cfg["training"], processes)
+    by_symbol: dict[str, list[str]] = {}
+    for t in adapted.targets:
+        for symbol in t.symbols:
+            label = t.path + (f"[{','.join(t.groups)}]" if t.groups and len(t.groups) < 3 else "")
+            by_symbol.setdefault(symbol, []).append(label)
+    entry = {
+        "backbone": adapted.backbone.describe(),
+        "model_type": adapted.config.model_type,
+        "method": cfg["method"],
+        "task_config": cfg["task"],
+        "training": {**cfg["training"], "total_steps": plan.total_steps, "warmup_steps": plan.warmup_steps,
+                     "steps_per_epoch": plan.steps_per_epoch, "processes": processes},
+        "modules": [t.path for t in adapted.targets],
+        "targets": by_symbol,
+        "head": adapted.head_names,
+        **parameter_counts(model, adapted),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "train_examples": n_train,
+        "steps": plan.total_steps,
+        "warmup_steps": plan.warmup_steps,
+    }
+    return entry, plan, adapted.method
 
 
 def _init_from(recipe: Recipe, run) -> dict | None:

@@ -30,7 +30,8 @@ def print_inspection(result: dict) -> None:
     for run in result["runs"]:
         m = run["method"]
         params = ", ".join(f"{k}={v}" for k, v in m.items() if k != "name")
-        console.print(f"\n[bold]{escape(str(run['task']))}[/bold] seed {run['seed']}: "
+        point = f" [cyan]{escape(run['label'])}[/cyan]" if run.get("label") else ""
+        console.print(f"\n[bold]{escape(str(run['task']))}[/bold]{point} seed {run['seed']}: "
                       + escape(f"{m['name']}({params}) on {run['backbone']}"))
         table = Table(show_edge=False)
         table.add_column("target")
@@ -53,3 +54,20 @@ def print_inspection(result: dict) -> None:
         )
         for line in run.get("warnings", ()):  # plain stderr text: no rich markup eats a path's [..]
             print(f"warning: {line}", file=sys.stderr)
+    if any(run.get("label") for run in result["runs"]):
+        _print_points(result["runs"])
+
+
+def _print_points(runs: list[dict]) -> None:
+    """A sweep's points at a glance: per task and point, its seeds, parameters and steps."""
+    table = Table(title="sweep points", show_edge=False)
+    for column in ("task", "point", "seeds", "adapter params", "trainable", "steps"):
+        table.add_column(column, overflow="fold")
+    rows: dict[tuple, dict] = {}
+    for run in runs:
+        row = rows.setdefault((run["task"], run["label"]), {**run, "seeds": []})
+        row["seeds"].append(str(run["seed"]))
+    for (task, label), run in rows.items():
+        table.add_row(escape(str(task)), escape(label), ",".join(run["seeds"]), f"{run['adapter_params']:,}",
+                      f"{run['trainable_params']:,}", f"{run['steps']:,}")
+    console.print(table)

@@ -203,6 +203,6 @@ def test_each_seed_of_a_list_is_one_run_located_at_its_item(make_recipe):
 
     doc = load_document(make_recipe(BASE.replace("training: {learning_rate: 1e-3}", "training: {seed: [3, 4, 5]}")))
     runs = expand_runs(doc)
-    assert [seed for _, seed, _ in runs] == [3, 4, 5]
-    assert [run.origins[("training", "seed")].value.column for _, _, run in runs] == [19, 22, 25]
-    assert all(("training", "seed", 0) not in run.origins for _, _, run in runs)
+    assert [run.seed for run in runs] == [3, 4, 5]
+    assert [run.doc.origins[("training", "seed")].value.column for run in runs] == [19, 22, 25]
+    assert all(("training", "seed", 0) not in run.doc.origins for run in runs)

@@ -104,8 +104,9 @@ def source_kind(source: Path) -> tuple[str, Path]:
         raise UsageError(f"{source}: an export of format {info} (lrr_export.json), not a run or an adapter bundle; "
                          "export its source run instead (lrr_export.json 'source_run'), or load it with "
                          "transformers' from_pretrained")
-    subruns = sorted(p.parent.parent.name for p in source.glob(f"*/{art.ADAPTER_DIR}/{art.ADAPTER_CONFIG}"))
-    hint = f"; it holds several runs, export one of: {', '.join(str(source / s) for s in subruns)}" if subruns else ""
+    subruns = sorted(p.parent.parent for pattern in ("*", "*/*/*")
+                     for p in source.glob(f"{pattern}/{art.ADAPTER_DIR}/{art.ADAPTER_CONFIG}"))
+    hint = f"; it holds several runs, export one of: {', '.join(map(str, subruns))}" if subruns else ""
     raise UsageError(
         f"{source}: not a run directory written by 'lrr run' (no {art.ADAPTER_DIR}/{art.ADAPTER_CONFIG}) "
         f"nor an adapter bundle written by 'lrr export --adapter'{hint}"

@@ -1,7 +1,7 @@
 """Load a recipe: YAML (+ ``extends``) → ``--set`` overrides → checks → runs.
 
 The result is a frozen :class:`Recipe`: the resolved recipe (defaults filled, its
-canonical hash) and one :class:`RunSpec` per task × seed. Nothing downstream reads
+canonical hash) and one :class:`RunSpec` per task × sweep point × seed. Nothing downstream reads
 YAML again.
 """
 
@@ -12,13 +12,14 @@ import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 from lowrank_runner.errors import Problem, RecipeError, RecipeKeyError
 from lowrank_runner.methods.registry import get_method_spec
 from lowrank_runner.resources import expand_user
 from lowrank_runner.recipe.document import Document, Origin, apply_override, delete, dotted, load_yaml, merge
-from lowrank_runner.recipe.schema import fill_defaults, recipe_schema, recipe_validator
+from lowrank_runner.recipe.schema import fill_defaults, recipe_key_paths, recipe_schema, recipe_validator
+from lowrank_runner.recipe.sweep import Point, apply_point, points, sweep_problems, without_sweep
 from lowrank_runner.recipe.validate import (
     NON_FINITE, dedupe, init_from_problems, non_finite_problems, problem, run_problems, schema_problems,
 )
@@ -35,6 +36,8 @@ class RunSpec:
     config_hash: str
     init_from_at: str | None = None  # where training.init_from is set: "FILE:LINE:COL recipe.path"
     locations: dict = field(default_factory=dict, compare=False, hash=False)  # dotted key -> "FILE:LINE:COL"
+    point: dict = field(default_factory=dict, compare=False, hash=False)  # the sweep point: dotted key -> value
+    label: str = ""  # the sweep point as a directory name ("r_ref=4,t_init=50"); "" without a sweep
 
     def location_of(self, key: str) -> str | None:
         """Where the recipe sets ``key`` (or its nearest enclosing key), "FILE:LINE:COL"."""
@@ -47,7 +50,10 @@ class RunSpec:
 
     @property
     def slug(self) -> str:
-        return f"{self.task.replace('/', '-')}-seed{self.seed}"
+        """The run's directory under the recipe's: ``task-seedN``, or ``task/POINT/seedN``
+        for a point of a sweep."""
+        task = self.task.replace('/', '-')
+        return f"{task}/{self.label}/seed{self.seed}" if self.label else f"{task}-seed{self.seed}"
 
 
 @dataclass(frozen=True)
@@ -152,47 +158,72 @@ def _subdocument(doc: Document, at: tuple) -> Document:
     return Document(data, origins, doc.file)
 
 
-def expand_runs(doc: Document) -> list[tuple[str, int, Document]]:
-    """One document per task × seed (task-major order)."""
-    base = doc.copy()
-    tasks = base.data.get("tasks")
-    per_task: list[tuple[str, Document]] = []
-    if isinstance(tasks, dict):
-        delete(base, ("tasks",))
-        for name, overrides in tasks.items():
-            run = base
-            if isinstance(overrides, dict):
-                run = merge(base, _subdocument(doc, ("tasks", name)))
-            run = run.copy()
-            task = run.data.get("task")
-            if not isinstance(task, dict):
-                run.data["task"] = task = {}
-            task["name"] = name
-            key_origin = doc.origins.get(("tasks", name))
-            if key_origin:
-                run.origins[("task", "name")] = Origin(key_origin.key, key_origin.key, ("tasks", name))
-            per_task.append((name, run))
-    else:
-        task = base.data.get("task")
-        per_task.append((task.get("name") if isinstance(task, dict) else None, base))
+class Expanded(NamedTuple):
+    """One run of a recipe document: its task, seed, sweep point and document."""
+
+    task: str | None
+    seed: Any
+    doc: Document
+    point: Point | None = None
+
+
+def expand_runs(doc: Document, skip: frozenset = frozenset()) -> list[Expanded]:
+    """One document per task × sweep point × seed (in that order); the sweep's axes with
+    a key in ``skip`` are left out (their own problems are reported instead)."""
+    found = points(doc, skip)
     out = []
-    for name, run in per_task:
-        training = run.data.get("training") if isinstance(run.data.get("training"), dict) else {}
-        seeds = training.get("seed", 0)
-        seeds = seeds if isinstance(seeds, list) else [seeds]
-        at = ("training", "seed")
-        run = run.copy()  # without the list of seeds, each copy is linear in the number of seeds
-        items = {p: run.origins.pop(p) for p in [p for p in run.origins if p[:2] == at and len(p) > 2]}
-        if isinstance(run.data.get("training"), dict):
-            run.data["training"]["seed"] = None
-        for i, seed in enumerate(seeds):
-            single = run.copy()
-            single.data.setdefault("training", {})
-            if isinstance(single.data["training"], dict):
-                single.data["training"]["seed"] = seed
-            if at + (i,) in items:
-                single.origins[at] = items[at + (i,)]
-            out.append((name, seed, single))
+    for name, run in _per_task(without_sweep(doc), doc):
+        for point in found or [None]:
+            at_point = apply_point(run, point, doc) if point else run
+            out += [Expanded(name, seed, single, point) for seed, single in _per_seed(at_point)]
+    return out
+
+
+def _per_task(base: Document, doc: Document) -> list[tuple[str | None, Document]]:
+    """The document of each task: ``tasks.NAME`` merged over the rest of the recipe."""
+    base = base.copy()
+    tasks = base.data.get("tasks")
+    if not isinstance(tasks, dict):
+        task = base.data.get("task")
+        return [(task.get("name") if isinstance(task, dict) else None, base)]
+    delete(base, ("tasks",))
+    per_task = []
+    for name, overrides in tasks.items():
+        run = base
+        if isinstance(overrides, dict):
+            run = merge(base, _subdocument(doc, ("tasks", name)))
+        run = run.copy()
+        task = run.data.get("task")
+        if not isinstance(task, dict):
+            run.data["task"] = task = {}
+        task["name"] = name
+        key_origin = doc.origins.get(("tasks", name))
+        if key_origin:
+            run.origins[("task", "name")] = Origin(key_origin.key, key_origin.key, ("tasks", name))
+        per_task.append((name, run))
+    return per_task
+
+
+def _per_seed(run: Document) -> list[tuple[Any, Document]]:
+    """One document per seed of ``training.seed`` (a number or a list), the seed located
+    at its list item."""
+    training = run.data.get("training") if isinstance(run.data.get("training"), dict) else {}
+    seeds = training.get("seed", 0)
+    seeds = seeds if isinstance(seeds, list) else [seeds]
+    at = ("training", "seed")
+    run = run.copy()  # without the list of seeds, each copy is linear in the number of seeds
+    items = {p: run.origins.pop(p) for p in [p for p in run.origins if p[:2] == at and len(p) > 2]}
+    if isinstance(run.data.get("training"), dict):
+        run.data["training"]["seed"] = None
+    out = []
+    for i, seed in enumerate(seeds):
+        single = run.copy()
+        single.data.setdefault("training", {})
+        if isinstance(single.data["training"], dict):
+            single.data["training"]["seed"] = seed
+        if at + (i,) in items:
+            single.origins[at] = items[at + (i,)]
+        out.append((seed, single))
     return out
 
 
@@ -200,11 +231,16 @@ def expand_runs(doc: Document) -> list[tuple[str, int, Document]]:
 
 
 def check_document(doc: Document) -> list[Problem]:
-    """Every problem in a composed recipe document (schema, methods, semantics)."""
+    """Every problem in a composed recipe document (schema, methods, semantics); each
+    sweep point is checked like a recipe of its own, at the lines of its values."""
     problems = schema_problems(doc, doc.data, recipe_validator(), skip=("method",))
-    runs = expand_runs(doc)
-    for _, _, run in runs:  # defensive about types the schema already flagged
-        problems += run_problems(run)
+    sweep = sweep_problems(doc, recipe_key_paths(), problem)
+    problems += [p for found in sweep.values() for p in found]
+    runs = expand_runs(doc, skip=frozenset(sweep))
+    for run in runs:  # defensive about types the schema already flagged
+        if run.point is not None:
+            problems += schema_problems(run.doc, run.doc.data, recipe_validator(), skip=("method",))
+        problems += run_problems(run.doc)
     problems += init_from_problems(doc, runs)
     return dedupe(_one_per_number(problems, non_finite_problems(doc, doc.data)))
 
@@ -236,11 +272,11 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
     schema = recipe_schema()
     resolved = canonical_form(_resolve(doc.data, schema))  # what runs see is what the hash is of
     runs = []
-    for i, (task, seed, run_doc) in enumerate(expand_runs(doc)):
+    for i, (task, seed, run_doc, point) in enumerate(expand_runs(doc)):
         config = canonical_form(_resolve(run_doc.data, schema))
         locations = {dotted(p): str(o.value) for p, o in run_doc.origins.items() if p}
         runs.append(RunSpec(i, task, seed, config, canonical_hash(config), _setting_at(run_doc, ("training", "init_from")),
-                            locations))
+                            locations, canonical_form(point.values) if point else {}, point.label if point else ""))
     return Recipe(
         name=resolved["name"],
         source=str(path),

@@ -39,8 +39,8 @@ def recipe_io(doc: Document) -> dict:
     if backbone.get("tokenizer"):
         reads.append(_place("backbone.tokenizer", backbone["tokenizer"]))
     runs = expand_runs(doc)
-    for task, _, run in runs:
-        reads += [dict(entry, task=task) for entry in _run_reads(_resolve(run.data, schema))]
+    for run in runs:
+        reads += [dict(entry, task=run.task) for entry in _run_reads(_resolve(run.doc.data, schema))]
     out_dir = resolved["output"]["dir"]
     where = Path(out_dir) / resolved["name"] / "<timestamp>"
     writes = {"key": "output.dir", "value": out_dir, "runs": str(where), "path": os.path.abspath(where),

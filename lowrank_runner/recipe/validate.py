@@ -402,16 +402,17 @@ def dedupe(problems: list[Problem]) -> list[Problem]:
 
 
 def init_from_problems(doc: Document, runs: list) -> list[Problem]:
-    """``training.init_from`` of every run (``runs``: (task, seed, run document) from
-    expansion): a ``{task: NAME}`` reference must name another task of this multi-task
-    recipe that has a run with the same seed, without cycles; a path must be a run
-    directory (or adapter directory) that exists."""
+    """``training.init_from`` of every run (``runs``: :class:`~lowrank_runner.recipe.load.Expanded`
+    from expansion): a ``{task: NAME}`` reference must name another task of this
+    multi-task recipe that has a run with the same seed (and sweep point), without
+    cycles; a path must be a run directory (or adapter directory) that exists."""
     multi = isinstance(doc.data.get("tasks"), dict)
     seeds: dict = {}
-    for task, seed, _ in runs:
-        seeds.setdefault(task, []).append(seed)
+    for r in runs:
+        seeds.setdefault(r.task, []).append(r.seed)
     out, edges = [], {}
-    for task, seed, run in runs:
+    for task, seed, run, point in runs:
+        label = point.label if point else ""
         training = run.data.get("training")
         ref = training.get("init_from") if isinstance(training, dict) else None
         at = ("training", "init_from")
@@ -441,22 +442,22 @@ def init_from_problems(doc: Document, runs: list) -> list[Problem]:
                                         f"{', '.join(map(str, seeds[source]))}); each run starts from the source "
                                         "task's run of the same seed"))
         else:
-            edges[(task, seed)] = (source, seed, run)
+            edges[(task, label, seed)] = (source, label, seed, run)
     for start in edges:
         node, seen = start, [start]
         while node in edges:
-            node = edges[node][:2]
+            node = edges[node][:3]
             if node == start:
-                cycle = " -> ".join(t for t, _ in seen + [start])
-                out.append(problem(edges[start][2], ("training", "init_from", "task"),
+                cycle = " -> ".join(t for t, _, _ in seen + [start])
+                out.append(problem(edges[start][3], ("training", "init_from", "task"),
                                    f"tasks start from each other in a cycle: {cycle}"))
                 break
             if node in seen:
                 break
             seen.append(node)
-    docs = {(t, s): r for t, s, r in runs}
-    for (task, seed), (source, _, run) in edges.items():
-        differ = _method_misfit(run.data.get("method"), docs[(source, seed)].data.get("method"))
+    docs = {(r.task, r.point.label if r.point else "", r.seed): r.doc for r in runs}
+    for (task, label, seed), (source, _, _, run) in edges.items():
+        differ = _method_misfit(run.data.get("method"), docs[(source, label, seed)].data.get("method"))
         if differ:
             out.append(problem(run, ("training", "init_from", "task"),
                                f"task '{task}' starts from the adapter of task '{source}', whose method differs "

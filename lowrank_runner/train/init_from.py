@@ -133,11 +133,12 @@ class InitSource:
 
 
 def source_run(recipe, run):
-    """The run of this recipe that ``run`` starts from (``init_from: {task: NAME}``), or None."""
+    """The run of this recipe that ``run`` starts from (``init_from: {task: NAME}``): the
+    source task's run of the same seed and sweep point, or None."""
     ref = run.config["training"].get("init_from")
     if not isinstance(ref, dict):
         return None
-    found = [r for r in recipe.runs if r.task == ref["task"] and r.seed == run.seed]
+    found = [r for r in recipe.runs if r.task == ref["task"] and r.seed == run.seed and r.label == run.label]
     return found[0] if found else None
 
 

@@ -150,8 +150,7 @@ def recorded_runs(recipe: Recipe, root: Path) -> dict[Path, dict]:
     found = {d: art.read_recipe_header(d / art.RECIPE_FILE) for d in dirs.values()}
     found = {d: h for d, h in found.items() if h is not None}
     if not found:
-        candidates = [root, *sorted(p for p in root.iterdir() if p.is_dir())]
-        found = {d: h for d in candidates if (h := art.read_recipe_header(d / art.RECIPE_FILE)) is not None}
+        found = {d: h for d in candidate_run_dirs(root) if (h := art.read_recipe_header(d / art.RECIPE_FILE)) is not None}
     return found
 
 
@@ -160,8 +159,7 @@ def recorded_overrides(output: Path | None) -> list[str]:
     without ``--set`` continues with them)."""
     if output is None or not output.is_dir():
         return []
-    candidates = [output, *sorted(p for p in output.iterdir() if p.is_dir())]
-    for d in candidates:
+    for d in candidate_run_dirs(output):
         header = art.read_recipe_header(d / art.RECIPE_FILE)
         if header is not None:
             return header["overrides"]
@@ -286,7 +284,15 @@ def _resumable(run_dir: Path) -> bool:
 
 
 def nothing_resumable(root: Path) -> bool:
-    return is_main_process() and not any(_resumable(d) for d in (root, *(p for p in root.glob("*") if p.is_dir())))
+    return is_main_process() and not any(_resumable(d) for d in candidate_run_dirs(root))
+
+
+def candidate_run_dirs(root: Path) -> list[Path]:
+    """``root`` and the directories below it where a recipe's runs live: ``TASK-seedN``
+    one level down, a sweep's ``TASK/POINT/seedN`` three levels down."""
+    if not root.is_dir():
+        return [root]
+    return [root, *sorted(p for pattern in ("*", "*/*/*") for p in root.glob(pattern) if p.is_dir())]
 
 
 def discard(root: Path, created: list[Path]) -> None:

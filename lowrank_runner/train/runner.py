@@ -67,13 +67,14 @@ def _run_all(recipe: Recipe, root: Path, argv: list[str], points: dict, stop_aft
     again = continue_command(recipe.source, recipe.overrides, root)
     for run in order_runs(recipe):
         run_dir = dirs[run.index]
-        console.rule(f"[bold]{escape(recipe.name)}[/bold] · {escape(run.task)} · seed {run.seed}")
+        at_point = f" · {escape(run.label)}" if run.label else ""
+        console.rule(f"[bold]{escape(recipe.name)}[/bold] · {escape(run.task)}{at_point} · seed {run.seed}")
         console.print(f"run directory: {escape(str(run_dir))}")  # a rule would shorten a long path
         point = points.get(run.index)
         if isinstance(point, tuple):
             done = point[1]
             console.print(f"already completed: {escape(run.slug)} · {escape(str(run_dir))}")
-            summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "completed", "best": done["best"],
+            summary.append({**_entry(run, run_dir), "status": "completed", "best": done["best"],
                             **({"test": done["test"]} if "test" in done else {})})
             continue
         checkpoint = point
@@ -90,7 +91,7 @@ def _run_all(recipe: Recipe, root: Path, argv: list[str], points: dict, stop_aft
             if waits_for is not None:
                 console.print(f"[yellow]not started[/yellow] {escape(run.slug)}: it starts from {escape(waits_for)}, "
                               f"which was stopped; continue with: {escape(again)}")
-                summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "stopped", "step": 0,
+                summary.append({**_entry(run, run_dir), "status": "stopped", "step": 0,
                                 "waits_for": waits_for})
                 continue
             start_run_dir(recipe, run, run_dir, resume)
@@ -100,7 +101,7 @@ def _run_all(recipe: Recipe, root: Path, argv: list[str], points: dict, stop_aft
         except LrrError as exc:
             failures.append(run.slug)
             console.print(f"[red]run {escape(run.slug)} failed:[/red] {escape(str(exc))}")
-            summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "failed", "error": str(exc)})
+            summary.append({**_entry(run, run_dir), "status": "failed", "error": str(exc)})
             if len(recipe.runs) == 1:
                 single_run_failed(run_dir, str(exc), resume)
                 raise
@@ -110,7 +111,7 @@ def _run_all(recipe: Recipe, root: Path, argv: list[str], points: dict, stop_aft
             failures.append(run.slug)
             console.print(f"[red]run {escape(run.slug)} crashed:[/red] {escape(f'{type(exc).__name__}: {exc}')}")
             mark_failed(run_dir, traceback.format_exc(), create=len(recipe.runs) > 1)
-            summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "crashed", "error": repr(exc)})
+            summary.append({**_entry(run, run_dir), "status": "crashed", "error": repr(exc)})
             if len(recipe.runs) == 1:
                 raise
             continue
@@ -118,12 +119,12 @@ def _run_all(recipe: Recipe, root: Path, argv: list[str], points: dict, stop_aft
         if result.stopped_at is not None:
             console.print(f"[yellow]stopped[/yellow] {escape(run.slug)} after step {result.stopped_at} with a checkpoint; "
                           f"continue with: {escape(again)}")
-            summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "stopped",
+            summary.append({**_entry(run, run_dir), "status": "stopped",
                             "step": result.stopped_at})
             continue
         console.print(f"[bold green]done[/bold green] {escape(run.slug)}: best {escape(str(best['metric']))} "
                       f"{best['value']:.4f} at step {best['step']} · {escape(str(run_dir))}")
-        summary.append({"task": run.task, "seed": run.seed, "dir": str(run_dir), "status": "completed", "best": best,
+        summary.append({**_entry(run, run_dir), "status": "completed", "best": best,
                         **({"test": result.test} if result.test is not None else {})})
     if len(recipe.runs) > 1 and is_main_process():
         root.mkdir(parents=True, exist_ok=True)
@@ -134,6 +135,11 @@ def _run_all(recipe: Recipe, root: Path, argv: list[str], points: dict, stop_aft
         write_recipe_report(root, recipe.name, recipe.hash, recipe.source, argv, summary)
         print_results(console, recipe.name, table)
     return failures
+
+
+def _entry(run, run_dir: Path) -> dict:
+    """What summary.json says of every run: which run it is and where."""
+    return {"task": run.task, "seed": run.seed, "point": run.point, "label": run.label, "dir": str(run_dir)}
 
 
 def _interrupted(recipe: Recipe, root: Path, resume: bool, created: list[Path]) -> None:
@@ -159,7 +165,8 @@ def _source_pending(recipe: Recipe, run, summary: list[dict], root: Path) -> str
     source = source_run(recipe, run)
     if source is None:
         return None
-    entry = next((e for e in summary if (e["task"], e["seed"]) == (source.task, source.seed)), {"status": "not run"})
+    entry = next((e for e in summary if (e["task"], e["label"], e["seed"]) == (source.task, source.label, source.seed)),
+                 {"status": "not run"})
     if entry["status"] == "completed":
         return None
     if entry["status"] == "stopped":

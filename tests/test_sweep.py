@@ -1,0 +1,141 @@
+"""Sweeps: a recipe's ``sweep:`` block (and ``--sweep``) as points beside tasks × seeds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lowrank_runner.recipe.load import check_recipe_file, load_recipe
+from lowrank_runner.recipe.sweep import sweep_override
+from tests.bad_inputs.harness import assert_clean_error, lrr, snapshot
+
+SWEEP = """
+sweep:
+  method.r: [2, 4]
+  zip:
+    training.learning_rate: [1.0e-2, 5.0e-3]
+    method.alpha: [4, 8]
+"""
+
+
+def messages(path, overrides=()):
+    return [str(p) for p in check_recipe_file(path, overrides)]
+
+
+def test_grid_times_zip_times_seeds_in_task_point_seed_order(tiny_recipe):
+    recipe = load_recipe(tiny_recipe(SWEEP), ["training.seed=[0, 1]"])
+    slugs = [run.slug for run in recipe.runs]
+    assert slugs == [
+        "classification/r=2,learning_rate=0.01,alpha=4/seed0", "classification/r=2,learning_rate=0.01,alpha=4/seed1",
+        "classification/r=2,learning_rate=0.005,alpha=8/seed0", "classification/r=2,learning_rate=0.005,alpha=8/seed1",
+        "classification/r=4,learning_rate=0.01,alpha=4/seed0", "classification/r=4,learning_rate=0.01,alpha=4/seed1",
+        "classification/r=4,learning_rate=0.005,alpha=8/seed0", "classification/r=4,learning_rate=0.005,alpha=8/seed1",
+    ]
+    last = recipe.runs[-1]
+    assert last.point == {"method.r": 4, "training.learning_rate": 0.005, "method.alpha": 8}
+    assert (last.config["method"]["r"], last.config["method"]["alpha"], last.config["training"]["learning_rate"]) == (4, 8, 0.005)
+    assert "sweep" not in last.config and len({run.config_hash for run in recipe.runs}) == 8
+
+
+def test_a_point_wins_over_a_per_task_value_and_a_mapping_replaces(make_recipe, tiny_recipe):
+    path = tiny_recipe("""
+        sweep:
+          method: [{name: lora, r: 2}, {name: mtlora, r: 2, structure: shim}]
+        """)
+    recipe = load_recipe(path)
+    assert [run.label for run in recipe.runs] == ["method=lora", "method=mtlora"]
+    assert recipe.runs[0].config["method"] == {"name": "lora", "r": 2, "alpha": 16, "dropout": 0, "rslora": False}
+    assert recipe.runs[1].config["method"]["name"] == "mtlora"
+
+
+def test_labels_are_directory_names_and_fall_back_to_indexes_when_values_read_the_same(tiny_recipe):
+    path = tiny_recipe("""
+        sweep:
+          targets: [[Wq], [Wq, Wv]]
+          task.data.train: ["a b/c.jsonl", "a b?c.jsonl"]
+        """)
+    from lowrank_runner.recipe.load import expand_runs, load_document
+
+    labels = [run.point.label for run in expand_runs(load_document(path))]
+    assert labels == ["targets=Wq,train=0", "targets=Wq,train=1", "targets=Wq+Wv,train=0", "targets=Wq+Wv,train=1"]
+
+
+def test_every_point_is_validated_at_the_line_of_its_value(tiny_recipe):
+    path = tiny_recipe("""
+        sweep:
+          method.r: [4, 0]
+          targets: [[Wq], [Wq, Wx]]
+        """)
+    assert messages(path) == [
+        f"{path}:12:17: sweep.method.r.1: must be >= 1; got 0",
+        f"{path}:13:24: sweep.targets.1.1: unknown target symbol 'Wx'; symbols: Wq, Wk, Wv, Wa, Wm, Wo, Wf "
+        "(or write a module pattern)",
+    ]
+
+
+@pytest.mark.parametrize("block,message", [
+    ("method.rr: [4, 8]", "11:3: sweep.method.rr: unknown recipe key 'method.rr' (did you mean 'method.r'?); a sweep "
+                          "names dotted recipe keys, e.g. method.r or training.learning_rate"),
+    ("training.seed: [1, 2]", "11:3: sweep.training.seed: 'training.seed' cannot be swept: list the seeds in "
+                              "training.seed: each point runs every seed"),
+    ("task.name: [sst2, rte]", "11:3: sweep.task.name: 'task.name' cannot be swept: list the tasks in tasks:, each "
+                               "point runs every task"),
+    ("method.r: [4, 4]", "11:17: sweep.method.r.1: 4 is listed twice for method.r (also item 0): each point runs once"),
+    ("zip: {method.r: [4, 8], method.alpha: [8]}", "11:8: sweep.zip: zipped keys move together, so their lists need "
+                                                   "the same length (method.r: 2, method.alpha: 1)"),
+    ("method: [{name: lora}]\n  method.r: [4]", "12:3: sweep.method.r: 'method.r' is inside 'method', which is swept "
+                                                 "too: sweep one of them"),
+    ("method.r: []", "11:13: sweep.method.r: must have at least 1 item(s); got 0"),
+    ("method.r: 4", "11:13: sweep.method.r: expected a list, got an integer (4)"),
+])
+def test_bad_sweeps_are_located_errors(tiny_recipe, block, message):
+    path = tiny_recipe(f"sweep:\n  {block}\n")
+    found = messages(path)
+    assert f"{path}:{message}" in found, found
+
+
+def test_the_command_line_axis_is_the_override_it_stands_for(tiny_recipe):
+    assert sweep_override("method.r=2,4") == "sweep={method.r: [2, 4]}"
+    assert sweep_override("targets=[Wq,Wv],[Wq]") == "sweep={targets: [[Wq, Wv], [Wq]]}"
+    result = lrr("inspect", tiny_recipe(), "--sweep", "method.r=2,0")
+    assert_clean_error(result, "sweep.method.r.1: must be >= 1; got 0", code=1)
+    assert_clean_error(lrr("validate", tiny_recipe(), "--sweep", "method.r"),
+                       "--sweep 'method.r': expected dotted.key=VALUE,VALUE,..., e.g. --sweep method.r=4,8,16", code=2)
+
+
+def test_inspect_lists_every_point_with_its_parameters_and_steps(tiny_recipe):
+    result = lrr("inspect", tiny_recipe(), "--sweep", "method.r=2,4", "--sweep", "targets=[Wq],[Wq,Wv]", "--json")
+    assert result.code == 0, result.output
+    runs = json.loads(result.stdout)["runs"]
+    assert [(r["label"], r["adapter_params"]) for r in runs] == [
+        # r (in + out) per module, hidden size 16, 2 layers: 2 x 32 x 2 for r=2 on Wq
+        ("r=2,targets=Wq", 128), ("r=2,targets=Wq+Wv", 256), ("r=4,targets=Wq", 256), ("r=4,targets=Wq+Wv", 512),
+    ]
+    assert all(r["steps"] == runs[0]["steps"] > 0 for r in runs)
+    text = lrr("inspect", tiny_recipe(), "--sweep", "method.r=2,4")
+    assert "sweep points" in text.output and "r=4" in text.output
+
+
+@pytest.mark.slow
+def test_a_sweep_trains_each_point_in_its_directory_and_resumes(tiny_recipe, tmp_path):
+    path = tiny_recipe()
+    out = tmp_path / "sweep"
+    args = ("run", path, "--sweep", "method.r=2,4", "--set", "training.epochs=1", "--output", out)
+    first = lrr(*args, "--stop-after-step", "2")
+    assert first.code == 0, first.output
+    dirs = sorted(str(p.parent.relative_to(out)) for p in out.rglob("recipe.yaml"))
+    assert dirs == ["classification/r=2/seed0", "classification/r=4/seed0"]
+    assert "--set 'sweep={method.r: [2, 4]}'" in first.output  # the continue command names the axis
+    second = lrr(*args, "--resume")
+    assert second.code == 0, second.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(r["label"], r["point"], r["status"]) for r in summary["runs"]] == [
+        ("r=2", {"method.r": 2}, "completed"), ("r=4", {"method.r": 4}, "completed")]
+    for run in summary["runs"]:
+        report = json.loads((out / "classification" / run["label"] / "seed0" / "report.json").read_text())
+        assert report["status"] == "completed"
+    before = snapshot(out)
+    again = lrr("run", path, "--sweep", "method.r=2,8", "--set", "training.epochs=1", "--output", out, "--resume")
+    assert_clean_error(again, contains=("its runs were started by a different recipe or --set overrides",))
+    assert snapshot(out) == before
