@@ -58,7 +58,10 @@ def test_labels_are_directory_names_and_fall_back_to_indexes_when_values_read_th
     from lowrank_runner.recipe.load import expand_runs, load_document
 
     labels = [run.point.label for run in expand_runs(load_document(path))]
-    assert labels == ["targets=Wq,train=0", "targets=Wq,train=1", "targets=Wq+Wv,train=0", "targets=Wq+Wv,train=1"]
+    assert labels == ["targets=Wq,train=0-a_b_c.jsonl", "targets=Wq,train=1-a_b_c.jsonl",
+                      "targets=Wq+Wv,train=0-a_b_c.jsonl", "targets=Wq+Wv,train=1-a_b_c.jsonl"]
+    cased = tiny_recipe("sweep: {method.name: [lora, LORA]}\n", name="cased.yaml")
+    assert [run.point.label for run in expand_runs(load_document(cased))] == ["name=0-lora", "name=1-LORA"]  # macOS
 
 
 def test_every_point_is_validated_at_the_line_of_its_value(tiny_recipe):

@@ -112,11 +112,12 @@ def _short_names(keys: list[str]) -> dict[str, str]:
 
 
 def _value_labels(axis: Axis, j: int) -> list[str]:
-    """A directory-safe label per value of key ``j``; the value's index where two
-    values would read the same."""
+    """A directory-safe label per value of key ``j``, prefixed by the value's index
+    where two values would read the same (letter case aside: macOS and Windows file
+    systems ignore it, so ``UV`` and ``uv`` would share a directory)."""
     labels = [_label(values[j]) for values in axis.values]
-    if len(set(labels)) < len(labels):
-        return [str(i) for i in range(len(labels))]
+    if len({label.lower() for label in labels}) < len(labels):
+        return [f"{i}-{label}" for i, label in enumerate(labels)]
     return labels
 
 
