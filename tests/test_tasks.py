@@ -277,3 +277,16 @@ def test_an_unreachable_hub_fails_in_seconds_with_the_offline_fix(monkeypatch):
                                         r"\(or, with a copy in the datasets cache, set HF_DATASETS_OFFLINE=1\)"):
         task.load_splits()
     assert time.monotonic() - started < 10 and not called
+
+
+@pytest.mark.parametrize("name,metric,greater", [
+    ("regression", None, True), ("regression", "pearson", True), ("regression", "mse", False),
+    ("classification", "accuracy", True), ("e2e", "bleu", True), ("e2e", "perplexity", False), ("e2e", "ter", False),
+    ("stsb", "spearman", True),
+])
+def test_errors_and_losses_select_the_lowest(tmp_path, name, metric, greater):
+    """The checkpoint selection (and a search's direction) follows the metric: a regression
+    selected on mse keeps its lowest, not its worst, checkpoint."""
+    cfg = task_config(tmp_path, name=name, metric=metric) if name in ("regression", "classification") else \
+        {"name": name, "metric": metric}
+    assert build_task(cfg).greater_is_better is greater

@@ -9,6 +9,8 @@ import numpy as np
 
 from lowrank_runner.tasks.registry import TaskSpec
 
+LOWER_IS_BETTER = frozenset({"loss", "perplexity", "ter", "mse"})  # selection metrics minimised
+
 
 class Task:
     """Base class: a task built from the resolved ``task`` section of a run."""
@@ -108,7 +110,10 @@ class Task:
     def metric(self) -> str:
         return self.config.get("metric") or self.spec.primary_metric
 
-    greater_is_better = True
+    @property
+    def greater_is_better(self) -> bool:
+        """Whether the selection metric improves upwards (errors and losses select the lowest)."""
+        return self.metric not in LOWER_IS_BETTER
 
     def model_inputs(self, batch) -> dict:
         """What a training step passes to the model: the whole batch (labels included, so

@@ -155,10 +155,6 @@ class Glue(Task):
     def is_regression(self) -> bool:
         return self.glue.labels is None
 
-    @property
-    def greater_is_better(self) -> bool:
-        return True
-
     def data_files(self) -> dict:
         """With ``task.data_dir``: the raw GLUE files of this task's folder."""
         if not self.config.get("data_dir"):

@@ -158,10 +158,6 @@ class DataToText(Task):
         self.tokenizer = None
         self.eval_sets: dict[str, EvalSet] = {}
 
-    @property
-    def greater_is_better(self) -> bool:
-        return self.metric not in ("loss", "perplexity", "ter")
-
     # ---- data
     @cached_property
     def raw(self):
