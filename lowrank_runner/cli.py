@@ -210,6 +210,7 @@ def validate(
     and for each valid recipe the files and places it reads and where its runs are written."""
     from lowrank_runner.recipe.load import check_recipe_file
     from lowrank_runner.recipe.paths import describe, recipe_file_io
+    from lowrank_runner.search.space import file_search, search_lines
 
     overrides = _with_sweeps(overrides, sweeps)
     files = expand_recipe_paths(paths or ["recipes"])
@@ -217,7 +218,10 @@ def validate(
     for path in files:
         problems = check_recipe_file(path, overrides or ())
         valid = not any(p.severity == "error" for p in problems)
-        results.append((path, problems, recipe_file_io(path, overrides or ()) if valid else None))
+        io = recipe_file_io(path, overrides or ()) if valid else None
+        if io is not None and (search := file_search(path, overrides or ())):
+            io["search"] = search  # its space, trials and sampler
+        results.append((path, problems, io))
     errors = sum(1 for _, _, io in results if io is None)
     if as_json:
         print(json.dumps({
@@ -232,7 +236,7 @@ def validate(
             for p in problems:
                 print(p)
             if io is not None:
-                print("\n".join([f"{path}: valid"] + describe(io)))
+                print("\n".join([f"{path}: valid"] + describe(io) + search_lines(io.get("search"))))
         sys.stdout.flush()
         print(f"{len(files)} recipe(s) checked: {len(files) - errors} valid, {errors} invalid", file=sys.stderr)
     raise typer.Exit(1 if errors else 0)
@@ -326,8 +330,11 @@ def inspect(
         print(json.dumps(result, indent=2))
     else:
         from lowrank_runner.render import print_inspection
+        from lowrank_runner.search.space import search_lines
 
         print_inspection(result)
+        for line in search_lines(result.get("search")):
+            print(line)
 
 
 @command()
@@ -342,7 +349,7 @@ def run(
 ):
     """Train: one run per task x sweep point x seed, each writing a run directory."""
     from lowrank_runner.recipe.load import load_recipe
-    from lowrank_runner.train.run_dirs import recorded_overrides
+    from lowrank_runner.search.study import recorded_overrides, run_search  # recorded: a search's own, else its runs'
     from lowrank_runner.train.runner import run_recipe
 
     overrides = _with_sweeps(overrides, sweeps)
@@ -361,7 +368,8 @@ def run(
     command += ["--output", str(output)] if output else []
     command += ["--resume"] if resume else []
     command += ["--stop-after-step", str(stop_after_step)] if stop_after_step else []
-    failures = run_recipe(rec, output=output, argv=command, resume=resume, stop_after=stop_after_step)
+    train = run_search if rec.resolved.get("search") else run_recipe  # a search: its trials, then the best point
+    failures = train(rec, output=output, argv=command, resume=resume, stop_after=stop_after_step)
     raise typer.Exit(1 if failures else 0)
 
 

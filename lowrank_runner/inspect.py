@@ -57,7 +57,12 @@ def inspect_recipe(recipe: Recipe, processes: int = 1) -> dict:
                      "config_hash": run.config_hash, **entry, "training": {**entry["training"], "seed": run.seed},
                      "init_from": _init_from(recipe, run),
                      "warnings": check_method_schedule(method, plan.total_steps, where)})
-    return {"name": recipe.name, "source": recipe.source, "recipe_hash": recipe.hash, "recipe": recipe.resolved, "runs": runs}
+    out = {"name": recipe.name, "source": recipe.source, "recipe_hash": recipe.hash, "recipe": recipe.resolved, "runs": runs}
+    if recipe.resolved.get("search"):  # its space, trials, sampler and objective per task
+        from lowrank_runner.search.record import search_summary
+
+        out["search"] = search_summary(recipe)
+    return out
 
 
 def _inspect_model(run, processes: int) -> tuple[dict, object, object]:

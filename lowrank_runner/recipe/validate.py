@@ -178,6 +178,10 @@ def run_problems(doc: Document) -> list[Problem]:
     out += _training_problems(doc, part("training", dict))
     out += _backbone_problems(doc, part("backbone", dict))
     out += _output_problems(doc, part("output", dict))
+    if isinstance(data.get("search"), dict):  # every value a trial can take, checked like this run's
+        from lowrank_runner.search.space import search_problems
+
+        out += search_problems(doc)
     return out
 
 
