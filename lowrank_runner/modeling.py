@@ -6,7 +6,7 @@ weights) and ``export`` (weights + the trained adapter).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lowrank_runner import backbones
 from lowrank_runner.errors import LrrError, RecipeKeyError
@@ -37,10 +37,18 @@ class AdaptedModel:
     trainable_names: list[str]
     backbone: backbones.BackboneRef
     config: object  # transformers PretrainedConfig (task head settings applied)
+    # export: per trained backbone tensor, its change from the pretrained one (export/source.py: base_updates)
+    base_updates: dict = field(default_factory=dict)
 
     @property
     def method(self):
         return self.injection.method
+
+    @property
+    def base_names(self) -> list[str]:
+        """Backbone parameters the method trains itself (full fine-tuning, BitFit), saved
+        with the adapter; [] for adapter methods."""
+        return self.injection.base_names
 
 
 class MethodConfigError(RecipeKeyError):
@@ -57,6 +65,13 @@ def build_method(method_cfg: dict):
         raise MethodConfigError(f"method: {exc}", "method") from None
 
 
+def uses_targets(method_cfg: dict) -> bool:
+    """Whether the method puts adapters on the recipe's ``targets``; a schema saying
+    ``"x-targets": false`` (full fine-tuning, BitFit) trains backbone parameters instead
+    and the targets are not resolved (documented in its schema)."""
+    return get_method_spec(method_cfg["name"]).schema.get("x-targets", True) is not False
+
+
 def find_targets(model, targets: list[str], model_type: str) -> list[TargetModule]:
     """Targets as module paths; every matched module must be one an adapter can wrap."""
     modules = dict(model.named_modules())
@@ -68,12 +83,14 @@ def find_targets(model, targets: list[str], model_type: str) -> list[TargetModul
 
 
 def rank_parameters(method_cfg: dict) -> dict[str, int]:
-    """The method's parameters that are a rank of every adapted module: ``r``, and the
+    """The method's parameters that are a rank of every adapted module: ``r`` (or what
+    the schema's ``x-rank`` names), and the
     parameters its schema declares ``r`` cannot exceed (``x-le``: TriAdaptLoRA's
     ``r <= r_ref <= max_rank``). Those declared not to exceed ``r`` (LoRA2's
     ``target_rank``) are bounded through ``r`` already."""
-    bounds = get_method_spec(method_cfg["name"]).schema.get("x-le", {})
-    names, todo = [], ["r"]
+    schema = get_method_spec(method_cfg["name"]).schema
+    bounds = schema.get("x-le", {})
+    names, todo = [], [schema.get("x-rank", "r")]  # AdaLoRA's rank parameter is init_r
     while todo:
         name = todo.pop(0)
         if name not in names:
@@ -178,7 +195,7 @@ def build_adapted_model(
     ref = ref or backbones.resolve(backbone_cfg)
     config = backbones.load_config(ref, **head_config)
     model = backbones.build_empty(model_class, config, ref)
-    targets = find_targets(model, run_config["targets"], config.model_type)
+    targets = find_targets(model, run_config["targets"], config.model_type) if uses_targets(run_config["method"]) else []
     check_ranks(model, targets, run_config["method"])
     check_positions(model, config, run_config.get("task", {}), ref)
     missing: list[str] = []
@@ -191,7 +208,10 @@ def build_adapted_model(
     if getattr(config, "pad_token_id", None) is None and getattr(config, "eos_token_id", None) is not None:
         model.config.pad_token_id = config.eos_token_id  # GPT-2/LLaMA classification needs a pad id
     method = build_method(run_config["method"])
-    injection = inject(model, method, targets)
+    try:
+        injection = inject(model, method, targets)
+    except ValueError as exc:  # e.g. BitFit on a backbone without biases
+        raise MethodConfigError(f"method: {exc}", "method") from None
     head = backbones.head_parameter_names(model) if run_config["training"]["train_head"] else []
     check_mismatched(ref, mismatched, head)
     untrained = [n for n in sorted(set(missing) | set(mismatched)) if n not in head]
@@ -205,7 +225,7 @@ def build_adapted_model(
             f"backbone '{ref.name}' has no pretrained weights for {', '.join(untrained[:6])}"
             f"{' ...' if len(untrained) > 6 else ''}: they would stay random and frozen; {fix}"
         )
-    trainable = mark_trainable(model, head)
+    trainable = mark_trainable(model, head + injection.base_names)
     return AdaptedModel(model, injection, targets, head, trainable, ref, config)
 
 
@@ -237,12 +257,15 @@ def load_plain_model(run_config: dict, model_class, head_config: dict):
 def parameter_counts(model, adapted: AdaptedModel) -> dict[str, int]:
     """Adapter and trainable parameter counts. Methods that pre-allocate rank capacity
     (TriAdaptLoRA's growth) count the parameters in use; ``adapter_params_allocated``
-    is what the tensors hold."""
-    allocated = count_adapter_params(model)
+    is what the tensors hold. The backbone parameters a method trains itself (full
+    fine-tuning, BitFit) count as its adapter parameters; ``trainable_params`` adds the head."""
+    params = dict(model.named_parameters())
+    base = sum(params[n].numel() for n in adapted.base_names)
+    allocated = count_adapter_params(model) + base
     active = adapted.method.active_parameter_count(adapted.injection.adapters)
     adapter = allocated if active is None else active
-    params = dict(model.named_parameters())
-    head = sum(params[n].numel() for n in adapted.trainable_names if not is_adapter_param(n))
+    trained_base = set(adapted.base_names)
+    head = sum(params[n].numel() for n in adapted.trainable_names if not is_adapter_param(n) and n not in trained_base)
     out = {"adapter_params": adapter, "trainable_params": adapter + head}
     if active is not None:
         out["adapter_params_allocated"] = allocated

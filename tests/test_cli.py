@@ -51,7 +51,7 @@ def test_shell_completion_is_offered_and_completes_recipe_keys():
     lrr = str(Path(sys.executable).with_name("lrr"))  # the installed command: completion is keyed by its name
     proc = subprocess.run([lrr], env=env, capture_output=True, text=True, timeout=60)
     assert proc.stdout.split() == ["training.learning_rate="]
-    env["COMP_WORDS"] = "lrr inspect r.yaml --set method.target_r"
+    env["COMP_WORDS"] = "lrr inspect r.yaml --set method.target_ra"
     proc = subprocess.run([lrr], env=env, capture_output=True, text=True, timeout=60)
     assert proc.stdout.split() == ["method.target_rank="]  # a method parameter, from its schema fragment
 

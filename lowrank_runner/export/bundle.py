@@ -72,10 +72,11 @@ def export_bundle(source: Path, out: Path, tolerance: float = 0.0, backbone: str
     model, adapted, _, _ = load_trained_model(source, backbone=backbone)
     ref = adapted.backbone
     used = backbone_checked(loaded_backbone(source, adapter_cfg, ref, backbone))
+    updates = adapted.base_updates
     del adapted
     tokenizer = source_tokenizer(source, ref, config)
     batch = probe_batch(tokenizer, config["task"]["max_length"])
-    expected = reference_outputs(model, batch, source)
+    expected = reference_outputs(model, batch, source, updates)
     alive = weakref.ref(model)
     del model
     collect_if_alive(alive)

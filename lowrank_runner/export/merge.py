@@ -152,15 +152,16 @@ def export_merged(source: Path, out: Path, tolerance: float = 1e-3, dtype: str |
     model, adapted, config, adapter_cfg = load_trained_model(source, dtype="float32", backbone=backbone)
     ref, model_class = adapted.backbone, type(model)
     used = backbone_checked(loaded_backbone(source, adapter_cfg, ref, backbone))
+    updates = adapted.base_updates  # backbone tensors trained by the method itself (full, bitfit): already in place
     del adapted  # it holds the model too; the model must be freeable before the reload
     target = export_dtype(dtype, config["backbone"]["dtype"], ref)
     tokenizer = source_tokenizer(source, ref, config)
     batch = probe_batch(tokenizer, config["task"]["max_length"])
 
-    reference = reference_outputs(model, batch, source)
+    reference = reference_outputs(model, batch, source, updates)
     refuse_tied_targets(model)
     tied = embeddings_tied(model)
-    check = _merge(model, target, source)
+    check = _merge(model, target, source, updates)
     merged = model_outputs(model, batch)
     max_diff, mean_diff = compare_outputs(reference, merged)
     if not max_diff <= tolerance:
@@ -180,7 +181,8 @@ def export_merged(source: Path, out: Path, tolerance: float = 1e-3, dtype: str |
         reload_diff = _reload_check(model_class, tmp, target, tied, batch, expected, reference, tolerance)
         info = {
             **provenance(source, adapter_cfg, "merged-transformers", used),
-            "modules_merged": len(check.largest),
+            "modules_merged": len(check.largest) - len(updates),
+            "base_tensors_trained": len(updates),
             "modules_changed": sum(check.changed.values()),
             "largest_abs_delta": max(check.largest.values()),
             "probe_examples": len(batch["input_ids"]),
@@ -200,15 +202,19 @@ def export_merged(source: Path, out: Path, tolerance: float = 1e-3, dtype: str |
     return info
 
 
-def _merge(model, target: str, source: Path) -> "_MergeCheck":
+def _merge(model, target: str, source: Path, base_updates: dict | None = None) -> "_MergeCheck":
     """Fold every adapter into its weight in float32; refuse a merge whose updates all
-    vanish in ``target``'s precision (the export would change nothing)."""
+    vanish in ``target``'s precision (the export would change nothing). The backbone
+    tensors a method trained itself (``base_updates``: full fine-tuning, BitFit) are in
+    the model already; they count as updates of their own."""
     import torch
 
     from lowrank_runner.methods.inject import merge_adapters
 
     check = _MergeCheck(getattr(torch, target))
     merge_adapters(model, check=check)
+    for name, update in (base_updates or {}).items():
+        check.largest[name], check.changed[name] = update["largest"], update["changed"][target]
     if not any(check.changed.values()):
         raise ExportError(
             f"{source}: every update ΔW (largest |ΔW| {max(check.largest.values()):.3g}) is below the precision of "

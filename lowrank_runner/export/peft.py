@@ -58,6 +58,10 @@ def export_peft(source: Path, out: Path, tolerance: float = 1e-4, backbone: str 
     tolerance = check_tolerance(tolerance)
     preflight(source, out)
     config, adapter_cfg, adapter_state, head_state = read_run(source, backbone)
+    if adapter_cfg.get("base"):
+        raise UsageError(f"--peft: this run used '{adapter_cfg['method']['name']}', which trains the backbone's own "
+                         "parameters (adapter_config.json 'base'), and PEFT has no adapter type for that; export the "
+                         "trained model with --merge (or a bundle with --adapter)")
     if adapter_cfg["method"]["name"] != "lora":
         raise UsageError(f"--peft exports 'lora' runs; this run used '{adapter_cfg['method']['name']}' (use --merge or --adapter)")
     ours, adapted, _, _ = load_trained_model(source, backbone=backbone)

@@ -81,11 +81,13 @@ def largest_magnitude(outputs: dict) -> float:
     return max(float(v.abs().max()) for v in outputs.values())
 
 
-def check_adapter(model, source: Path) -> dict[str, float]:
+def check_adapter(model, source: Path, base_updates: dict | None = None) -> dict[str, float]:
     """Every adapted module's update ΔW (float32, as it would be merged): one holding
     NaN/Inf (a corrupted or diverged adapter) stops the export naming the module, and so
     does an adapter whose every ΔW is exactly zero (the export would change nothing in
-    the backbone). Returns the largest |ΔW| per module."""
+    the backbone). ``base_updates``: the backbone tensors the method trained itself
+    (export/source.py ``base_updates``: full fine-tuning, BitFit), checked the same way.
+    Returns the largest |ΔW| per module (and per trained tensor)."""
     import torch
 
     from lowrank_runner.methods.inject import AdaptedLayer
@@ -98,6 +100,11 @@ def check_adapter(model, source: Path) -> dict[str, float]:
                 raise ExportError(f"{source}: {path}: the adapter's update ΔW holds NaN/Inf (a corrupted or diverged "
                                   "adapter); nothing written")
             largest[path] = float(delta.abs().max())
+    for name, update in (base_updates or {}).items():
+        if update["largest"] != update["largest"]:  # NaN
+            raise ExportError(f"{source}: {name}: the trained tensor holds NaN/Inf (a corrupted or diverged run); "
+                              "nothing written")
+        largest[name] = update["largest"]
     if not any(largest.values()):
         raise ExportError(
             f"{source}: every adapted module's update ΔW is exactly zero ({len(largest)} modules): the adapter leaves "
@@ -107,11 +114,12 @@ def check_adapter(model, source: Path) -> dict[str, float]:
     return largest
 
 
-def reference_outputs(model, batch, source: Path) -> dict:
+def reference_outputs(model, batch, source: Path, base_updates: dict | None = None) -> dict:
     """The adapter model's outputs on the probe batch, which every export must reproduce.
-    The adapter is checked first (:func:`check_adapter`: NaN/Inf or all-zero ΔW), then
-    the outputs: NaN/Inf there stops the export before anything is written."""
-    check_adapter(model, source)
+    The adapter is checked first (:func:`check_adapter`: NaN/Inf or all-zero ΔW, with the
+    trained backbone tensors ``base_updates``), then the outputs: NaN/Inf there stops the
+    export before anything is written."""
+    check_adapter(model, source, base_updates)
     outputs = model_outputs(model, batch)
     bad = non_finite(outputs)
     if bad:

@@ -30,7 +30,7 @@ ADAPTER_CONFIG_SCHEMA = {
         "format_version": {"type": "integer"},
         "method": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string", "minLength": 1}}},
         "targets": {"type": "array", "minItems": 1},
-        "modules": {"type": "array", "minItems": 1, "items": {
+        "modules": {"type": "array", "items": {
             "type": "object", "required": ["path"],
             "properties": {"path": {"type": "string", "minLength": 1},
                            "symbols": {"type": "array", "items": {"type": "string"}},
@@ -44,6 +44,8 @@ ADAPTER_CONFIG_SCHEMA = {
             "id2label": {"type": "object", "propertyNames": {"pattern": "^[0-9]+$"}},
             "label2id": {"type": "object", "additionalProperties": {"type": "integer"}}}},
         "head": {"type": "array", "items": {"type": "string", "minLength": 1}, "uniqueItems": True},
+        # backbone parameters the method trained itself (full fine-tuning, BitFit), in adapter.safetensors
+        "base": {"type": "array", "items": {"type": "string", "minLength": 1}, "uniqueItems": True},
         "recipe_hash": {"type": ["string", "null"]},
         "config_hash": {"type": ["string", "null"]},
     },
@@ -155,6 +157,9 @@ def read_adapter_config(path: Path, source: Path, kind: str = "run") -> dict:
     if error is not None:
         key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
         raise ExportError(f"{path}: {key}: {error.message}; the file is damaged: {_fix(source, kind)}")
+    if not data["modules"] and not data.get("base"):
+        raise ExportError(f"{path}: modules: [] and no trained backbone parameters ('base'): the run adapted nothing; "
+                          f"the file is damaged: {_fix(source, kind)}")
     task = data["task"]
     if "num_labels" in task and "id2label" in task and task["num_labels"] != len(task["id2label"]):
         raise ExportError(f"{path}: task.num_labels is {task['num_labels']} but task.id2label names "
@@ -249,6 +254,11 @@ def read_run(source: Path, backbone: str | None = None) -> tuple[dict, dict, dic
     config = read_recipe_config(source / art.RECIPE_FILE, source, kind)  # beside adapter/ or in the bundle
     _check_agreement(source, adapter_dir, config, adapter_cfg, kind)
     adapter = read_tensors(adapter_dir / art.ADAPTER_WEIGHTS, source, kind)
+    lacking = sorted(set(adapter_cfg.get("base", [])) - set(adapter))
+    if lacking:
+        raise ExportError(f"{adapter_dir / art.ADAPTER_WEIGHTS}: lacks the trained backbone tensors "
+                          f"{', '.join(lacking[:3])}{' ...' if len(lacking) > 3 else ''} (adapter_config.json 'base'); "
+                          f"{_fix(source, kind)}")
     head = read_head(adapter_dir, adapter_cfg, source, kind)
     location = backbone_location(source, config, backbone)
     config["backbone"] = {**config["backbone"], "name": location}
@@ -419,6 +429,7 @@ def load_trained_model(source: Path, with_adapter: bool = True, head: bool = Tru
     unknown = sorted((set(adapter) | set(head_state)) - own)
     if unknown:
         raise ExportError(f"{source}: saved weights do not fit the rebuilt model (e.g. {unknown[:3]}); {hint}")
+    adapted.base_updates = base_updates(model, adapter, adapted.base_names)
     try:
         missing = load_adapter_state(model, adapter)  # compact (final-rank) tensors included
     except (KeyError, ValueError, RuntimeError, IndexError) as exc:
@@ -429,6 +440,29 @@ def load_trained_model(source: Path, with_adapter: bool = True, head: bool = Tru
         _load_head(model, head_state, source, hint)
     model.eval()
     return model, adapted, config, adapter_cfg
+
+
+def base_updates(model, saved: dict, names: list[str]) -> dict[str, dict]:
+    """For the backbone parameters a method trained itself (full fine-tuning, BitFit):
+    per name, the largest |trained − pretrained| (float32, NaN when the trained tensor is
+    not finite) and, per export dtype, whether the trained tensor stored in that dtype
+    differs from the pretrained one: what a merge check needs, computed one tensor at a
+    time while ``model`` still holds the pretrained weights."""
+    import torch
+
+    params, out = dict(model.named_parameters()), {}
+    with torch.no_grad():
+        for name in names:
+            new, old = saved[name], params[name].detach()
+            if new.shape != old.shape:
+                continue  # load_adapter_state names the mismatch
+            new = new.to(old.device)
+            delta = new.float() - old.float()
+            finite = bool(torch.isfinite(delta).all())
+            out[name] = {"largest": float(delta.abs().max()) if finite and delta.numel() else (0.0 if finite else float("nan")),
+                         "changed": {d: bool((new.to(getattr(torch, d)) != old.to(getattr(torch, d))).any())
+                                     for d in ("float32", "bfloat16", "float16")}}
+    return out
 
 
 def _load_head(model, head_state: dict, source: Path, hint: str) -> None:

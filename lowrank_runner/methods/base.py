@@ -117,6 +117,16 @@ class AdapterMethod:
             layer, {g: self.create_adapter(layer.for_group(g), w0[layer.group_slice(g)]) for g in layer.groups}
         )
 
+    def trainable_base_parameters(self, model: nn.Module) -> list[str]:
+        """Names (as ``model.named_parameters()`` gives them, adapters injected) of the
+        backbone's own parameters this method trains, task head excluded (it trains by
+        ``training.train_head``): full fine-tuning names every one, BitFit the biases.
+        They are unfrozen, optimised, checkpointed and saved with the adapter (in
+        ``adapter.safetensors``, under these names), counted as the method's parameters,
+        and a merged export is the backbone holding them. Default: none (adapter methods
+        leave the backbone frozen). Raise ``ValueError`` when the model has none to train."""
+        return []
+
     def shared_modules(self) -> nn.Module | None:
         """Parameters shared across adapters, registered once on the model as ``lrr_shared``
         after all adapters were created."""

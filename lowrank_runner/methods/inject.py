@@ -8,7 +8,7 @@ so the adapter's state dict is a plain filter on the model's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -84,11 +84,13 @@ class AdaptedLayer(nn.Module):
 
 @dataclass
 class Injection:
-    """What :func:`inject` did: the adapters by module path and the method object."""
+    """What :func:`inject` did: the adapters by module path, the method object and the
+    backbone parameters the method trains itself (:meth:`AdapterMethod.trainable_base_parameters`)."""
 
     method: AdapterMethod
     adapters: dict[str, Adapter]
     layers: dict[str, LayerInfo]
+    base_names: list[str] = field(default_factory=list)
 
 
 def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -116,7 +118,7 @@ def inject(model: nn.Module, method: AdapterMethod, targets: list[TargetModule])
     shared = method.shared_modules()
     if shared is not None:
         model.add_module(SHARED_KEY, shared)
-    return Injection(method, adapters, layers)
+    return Injection(method, adapters, layers, list(method.trainable_base_parameters(model)))
 
 
 def is_adapter_param(name: str) -> bool:
@@ -124,7 +126,8 @@ def is_adapter_param(name: str) -> bool:
 
 
 def mark_trainable(model: nn.Module, head_names: list[str] = ()) -> list[str]:
-    """Freeze everything but adapter parameters and the named head parameters."""
+    """Freeze everything but adapter parameters and the named ones (the task head, and the
+    backbone parameters a method trains itself: :attr:`Injection.base_names`)."""
     head = set(head_names)
     trainable = []
     for name, param in model.named_parameters():
@@ -135,11 +138,13 @@ def mark_trainable(model: nn.Module, head_names: list[str] = ()) -> list[str]:
     return trainable
 
 
-def adapter_state_dict(model: nn.Module, compact: bool = False) -> dict[str, torch.Tensor]:
-    """The adapter's tensors (parameters and buffers). ``compact=True`` stores
-    dynamic-rank adapters at their active ranks only (what a finished run saves); the
-    full state, capacity included, is what checkpoints keep."""
-    state = {k: v for k, v in model.state_dict().items() if is_adapter_param(k)}
+def adapter_state_dict(model: nn.Module, compact: bool = False, base_names=()) -> dict[str, torch.Tensor]:
+    """The adapter's tensors (parameters and buffers), and the trained backbone
+    parameters ``base_names`` (:attr:`Injection.base_names`: full fine-tuning, BitFit).
+    ``compact=True`` stores dynamic-rank adapters at their active ranks only (what a
+    finished run saves); the full state, capacity included, is what checkpoints keep."""
+    base = set(base_names)
+    state = {k: v for k, v in model.state_dict().items() if is_adapter_param(k) or k in base}
     if compact:
         for name, module in model.named_modules():
             small = module.compact_state() if isinstance(module, Adapter) else None

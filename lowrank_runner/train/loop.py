@@ -25,7 +25,7 @@ from lowrank_runner.backbones import load_tokenizer
 from lowrank_runner.errors import TrainingError
 from lowrank_runner.backbones import resolve as resolve_backbone
 from lowrank_runner.inspect import PlanError, check_method_schedule, check_schedule
-from lowrank_runner.methods.inject import adapter_state_dict, is_adapter_param, load_adapter_state
+from lowrank_runner.methods.inject import adapter_state_dict, load_adapter_state
 from lowrank_runner.modeling import AdaptedModel, build_adapted_model
 from lowrank_runner.recipe.load import Recipe, RunSpec, at_recipe_lines
 from lowrank_runner.report.build import build_run_report
@@ -121,9 +121,10 @@ def evaluate_all(model, dataloaders: dict, task: Task, accelerator, splits: dict
 
 
 def _trainable_state(model, adapted: AdaptedModel, compact: bool = True) -> tuple[dict, dict]:
-    """Adapter (at its active ranks unless ``compact=False``) and head tensors, on the CPU."""
+    """Adapter (at its active ranks unless ``compact=False``, with the backbone tensors the
+    method trains itself) and head tensors, on the CPU."""
     state = model.state_dict()
-    adapter = {k: v.detach().to("cpu", copy=True) for k, v in adapter_state_dict(model, compact).items()}
+    adapter = {k: v.detach().to("cpu", copy=True) for k, v in adapter_state_dict(model, compact, adapted.base_names).items()}
     head = {k: state[k].detach().to("cpu", copy=True) for k in adapted.head_names}
     return adapter, head
 
@@ -142,16 +143,18 @@ def adapter_config(adapted: AdaptedModel, run: RunSpec, recipe: Recipe, task: Ta
         "backbone": {**run.config["backbone"], "resolved": adapted.backbone.location},
         "task": {"name": run.task, "model_class": task.model_class_name, **task.model_config_kwargs()},
         "head": adapted.head_names,
+        "base": adapted.base_names,  # backbone tensors the method trained (full, bitfit), in adapter.safetensors
         "recipe_hash": recipe.hash,
         "config_hash": run.config_hash,
     }
 
 
-def _split_best(tensors: dict | None) -> tuple[dict, dict] | None:
+def _split_best(tensors: dict | None, head_names: list[str]) -> tuple[dict, dict] | None:
+    """A checkpoint's best tensors as (adapter, head): the head is what ``head_names`` names."""
     if tensors is None:
         return None
-    adapter = {k: v for k, v in tensors.items() if is_adapter_param(k)}
-    return adapter, {k: v for k, v in tensors.items() if k not in adapter}
+    head = set(head_names)
+    return {k: v for k, v in tensors.items() if k not in head}, {k: v for k, v in tensors.items() if k in head}
 
 
 _DATA_CACHE: dict[str, tuple[Task, object, object]] = {}
@@ -345,7 +348,7 @@ class TrainingRun:
                 checkpoint, self.accelerator, self.model, self.optimizer, self.scheduler, self.method)
         except ValueError as exc:
             raise PlanError(str(exc)) from None
-        self.state.best_state = _split_best(best_tensors)
+        self.state.best_state = _split_best(best_tensors, self.adapted.head_names)
         self.state.restore(checkpoint.state)
 
     def open_outputs(self) -> None:
