@@ -282,17 +282,26 @@ def tasks(as_json: bool = typer.Option(False, "--json", help="Machine-readable o
 @command()
 @friendly
 def report(
-    run_dirs: List[Path] = typer.Argument(..., help="Run directories written by 'lrr run' (a multi-run directory stands for its runs)."),
+    run_dirs: List[Path] = typer.Argument(..., help="Run directories written by 'lrr run' (a multi-run directory stands for its runs); with --table, recipes' output directories."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output: one run's report.json, or the comparison."),
     render: bool = typer.Option(False, "--render", help="Redraw each run's report.md and plots from its report.json and metrics.jsonl."),
+    table: bool = typer.Option(False, "--table", help="One results table from several recipes' output directories (one row per recipe and sweep point), in the first recipe's layout (output.table)."),
+    out: Optional[Path] = typer.Option(None, "--out", metavar="FILE", help="--table: write it to FILE (.md, .csv or .tex) instead of printing it."),
+    table_format: Optional[str] = typer.Option(None, "--format", metavar="md|csv|latex", help="--table: the format printed or written (default: md, or --out's suffix)."),
+    figure: Optional[Path] = typer.Option(None, "--figure", metavar="FILE", help="--table: also draw the sweep figure (PNG): each column's metric against the swept value, ± std over seeds."),
 ):
-    """Show a run's reproducibility report, or compare runs: recipe, input and environment differences, metrics."""
+    """Show a run's reproducibility report, or compare runs: recipe, input and environment differences, metrics.
+    With --table: the results table of several recipes (methods, sweep points) in the paper's layout."""
     from rich.console import Console
 
     from lowrank_runner.errors import LrrError
     from lowrank_runner.report.compare import compare, expand, not_completed
     from lowrank_runner.report.terminal import show_comparison, show_run
 
+    if table:
+        return _report_table(run_dirs, render, as_json, out, table_format, figure)
+    if out is not None or table_format is not None or figure is not None:
+        raise UsageError("--out, --format and --figure go with --table: lrr report --table DIR [DIR ...] --out FILE")
     runs = expand(run_dirs)
     for line in (w for run in runs for w in run.warnings):
         _err(f"warning: {line}")
@@ -309,6 +318,24 @@ def report(
         show_comparison(Console(), runs)
     if len(runs) == 1 and not_completed(runs[0]):  # a comparison marks them; one run's report is its failure
         raise LrrError(not_completed(runs[0]))
+
+
+def _report_table(run_dirs: list[Path], render: bool, as_json: bool, out: Optional[Path], table_format: Optional[str],
+                  figure: Optional[Path]) -> None:
+    """``lrr report --table``: build the table, print or write it (and the figure)."""
+    from lowrank_runner.tables import report_table, table_json
+
+    if render:
+        raise UsageError("--render redraws run reports; it does not go with --table")
+    if as_json and (out is not None or table_format is not None):
+        raise UsageError("--json prints the table as JSON; it does not go with --out or --format")
+    built, text, lines = report_table(run_dirs, out, table_format, figure)
+    if as_json:
+        print(json.dumps(table_json(built), indent=2))
+    elif out is None:
+        sys.stdout.write(text)
+    for line in lines:
+        _err(line)
 
 
 @command()

@@ -48,7 +48,8 @@ training: {{learning_rate: 2e-2, epochs: 3, batch_size: 16, seed: 0, log_every: 
 def test_run_directory_contents(trained_run):
     run_dir, _ = trained_run
     assert sorted(p.name for p in run_dir.iterdir()) == ["adapter", "loss_curve.png", "metric_curve.png", "metrics.json",
-                                                         "metrics.jsonl", "recipe.yaml", "report.json", "report.md"]
+                                                         "metrics.jsonl", "recipe.yaml", "report.json", "report.md",
+                                                         "results.csv", "results.md", "results.tex"]
     assert sorted(p.name for p in (run_dir / "adapter").iterdir()) == ["adapter.safetensors", "adapter_config.json", "head.safetensors"]
     lines = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [ln for ln in lines if "loss" in ln and "eval" not in ln]
@@ -161,14 +162,15 @@ def test_multi_seed_run_writes_one_directory_per_run_and_a_summary(trained_run, 
                        "--set", "training.epochs=1", "--set", "training.eval_every=null")
     assert code == 0, output
     assert sorted(p.name for p in (tmp_path / "multi").iterdir()) == [
-        "classification-seed1", "classification-seed2", "report.md", "results.csv", "results.md", "summary.json"]
+        "classification-seed1", "classification-seed2", "report.md", "results.csv", "results.md", "results.tex",
+        "summary.json"]
     summary = json.loads((tmp_path / "multi" / "summary.json").read_text())
     assert [r["status"] for r in summary["runs"]] == ["completed", "completed"]
     assert len(calls) == 1  # the second seed reuses the tokenized data
     values = [100 * r["best"]["value"] for r in summary["runs"]]
     mean = sum(values) / 2
     table = (tmp_path / "multi" / "results.md").read_text()
-    assert "| method | classification (accuracy) | Avg. |" in table and f"{mean:.2f}±" in table
+    assert "| Method | # Params | classification (Acc) | Avg. |" in table and f"{mean:.2f}±" in table
     assert "mean ± std over seeds classification: [1, 2]" in table
     code, output = lrr("export", tmp_path / "multi", "--merge", "--out", tmp_path / "m")
     assert code == 2 and "classification-seed1" in output

@@ -20,6 +20,7 @@ from lowrank_runner.resources import expand_user
 from lowrank_runner.recipe.document import Document, Origin, apply_override, delete, dotted, load_yaml, merge
 from lowrank_runner.recipe.schema import fill_defaults, recipe_key_paths, recipe_schema, recipe_validator
 from lowrank_runner.recipe.sweep import Point, apply_point, points, sweep_problems, without_sweep
+from lowrank_runner.tables.spec import table_problems
 from lowrank_runner.recipe.validate import (
     NON_FINITE, dedupe, init_from_problems, non_finite_problems, problem, run_problems, schema_problems,
 )
@@ -242,6 +243,7 @@ def check_document(doc: Document) -> list[Problem]:
             problems += schema_problems(run.doc, run.doc.data, recipe_validator(), skip=("method",))
         problems += run_problems(run.doc)
     problems += init_from_problems(doc, runs)
+    problems += table_problems(doc, [run.task for run in runs])
     return dedupe(_one_per_number(problems, non_finite_problems(doc, doc.data)))
 
 

@@ -103,14 +103,16 @@ def load_run(run_dir: Path, label: str | None = None) -> RunReport:
 
 
 def _summary_runs(root: Path) -> list[RunReport]:
+    from lowrank_runner.tables.sources import run_dir_of
+
     path = root / SUMMARY_FILE
     fix = "restore it from a copy, or give the run directories themselves"
     summary = _read_json(path, "recipe summary", fix)
     check(summary, SUMMARY_SCHEMA, path, "recipe summary", fix)
     out = []
     for entry in summary["runs"]:
-        run_dir = root / Path(entry["dir"]).name  # the runs of a recipe live beside summary.json
-        label = f"{root}/{run_dir.name}"
+        run_dir = run_dir_of(root, entry)  # the runs of a recipe live under summary.json (a sweep: task/POINT/seedN)
+        label = f"{root}/{run_dir.relative_to(root).as_posix()}"
         if (run_dir / art.REPORT_FILE).is_file():
             out.append(load_run(run_dir, label))
         elif entry["status"] == "completed":

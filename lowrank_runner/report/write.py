@@ -87,14 +87,18 @@ def render_runs(runs) -> list[str]:
 def write_recipe_report(root: Path, name: str, recipe_hash: str, source: str, command: list[str] | None,
                         summary: list[dict]) -> Path:
     """The root report.md of a multi-run recipe (after summary.json and results.md)."""
-    from lowrank_runner.results import RESULTS_MD
+    from lowrank_runner.tables import RESULTS_MD, SWEEP_FIGURE
+    from lowrank_runner.tables.sources import run_dir_of
 
     runs = []
     for entry in summary:
-        run_dir = Path(entry["dir"])
-        runs.append({**entry, "slug": run_dir.name, "has_report": (root / run_dir.name / REPORT_MD).is_file()})
+        slug = run_dir_of(root, entry).relative_to(root).as_posix()  # task-seedN, or task/POINT/seedN (a sweep)
+        runs.append({**entry, "slug": slug, "has_report": (root / slug / REPORT_MD).is_file()})
     results = root / RESULTS_MD
-    text = recipe_markdown(name, recipe_hash, source, command, runs, results.read_text() if results.is_file() else None)
+    table = results.read_text() if results.is_file() else None
+    if table and (root / SWEEP_FIGURE).is_file():
+        table += f"\n![metric against the swept value]({SWEEP_FIGURE})\n"
+    text = recipe_markdown(name, recipe_hash, source, command, runs, table)
     path = root / REPORT_MD
     path.write_text(text, encoding="utf-8")
     return path

@@ -7,9 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from lowrank_runner.tasks.registry import TaskSpec
-
-LOWER_IS_BETTER = frozenset({"loss", "perplexity", "ter", "mse"})  # selection metrics minimised
+from lowrank_runner.tasks.registry import LOWER_IS_BETTER, TaskSpec
 
 
 class Task:

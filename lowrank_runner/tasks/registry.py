@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
+LOWER_IS_BETTER = frozenset({"loss", "perplexity", "ter", "mse"})  # metrics that improve downwards
+
 
 @dataclass(frozen=True)
 class TaskSpec:

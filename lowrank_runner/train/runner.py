@@ -20,7 +20,7 @@ from lowrank_runner.errors import LrrError
 from lowrank_runner.quiet import quiet_libraries
 from lowrank_runner.recipe.load import Recipe
 from lowrank_runner.report.write import write_recipe_report
-from lowrank_runner.results import print_results, results_table, write_results
+from lowrank_runner.tables import write_recipe_tables
 from lowrank_runner.train import artifacts as art
 from lowrank_runner.train.init_from import InitFromError, init_source, order_runs, source_run
 from lowrank_runner.train.run_dirs import (Taken, continue_command, discard, is_main_process, mark_failed, mark_interrupted,
@@ -129,11 +129,10 @@ def _run_all(recipe: Recipe, root: Path, argv: list[str], points: dict, stop_aft
     if len(recipe.runs) > 1 and is_main_process():
         root.mkdir(parents=True, exist_ok=True)
         art.write_json(root / art.SUMMARY_FILE, {"recipe": recipe.name, "hash": recipe.hash, "runs": summary})
-        tasks = list(dict.fromkeys(run.task for run in recipe.runs))
-        table = results_table(summary, tasks, recipe.resolved.get("output", {}).get("aggregate", "mean"))
-        write_results(root, recipe.name, table)
+        write_recipe_tables(root, recipe, summary, console)  # results.md/.csv/.tex (+ sweep.png)
         write_recipe_report(root, recipe.name, recipe.hash, recipe.source, argv, summary)
-        print_results(console, recipe.name, table)
+    elif summary and summary[0]["status"] == "completed" and is_main_process():
+        write_recipe_tables(root, recipe, summary, console)  # a single run: its table in its run directory
     return failures
 
 

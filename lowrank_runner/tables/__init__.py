@@ -1,0 +1,100 @@
+"""Results tables in the papers' layout, and the figure of a sweep.
+
+- ``spec.py``: what the table shows (``output.table`` of the recipe, schema defaults)
+- ``build.py``: rows (methods, sweep points) x columns (tasks, metrics) from summaries
+- ``formats.py``: Markdown, CSV (long form), LaTeX (booktabs), the terminal
+- ``figure.py``: the sweep's PNG (metric vs the swept value, ± std over seeds)
+- ``sources.py``: the runs of a recipe just run, or of recipes' output directories
+
+``lrr run`` writes ``results.md``, ``results.csv``, ``results.tex`` (and ``sweep.png`` for
+a sweep) into the recipe's output directory (a single run: its run directory);
+``lrr report --table DIR ...`` builds one table from several recipes. Torch-free.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lowrank_runner.tables.build import Source, Table, build_table
+from lowrank_runner.tables.figure import SWEEP_FIGURE, sweep_figure
+from lowrank_runner.tables.formats import FORMATS, csv_text, latex, markdown, print_table
+from lowrank_runner.tables.spec import table_spec
+
+RESULTS_MD = "results.md"
+RESULTS_CSV = "results.csv"
+RESULTS_TEX = "results.tex"
+
+__all__ = ["RESULTS_CSV", "RESULTS_MD", "RESULTS_TEX", "SWEEP_FIGURE", "FORMATS", "Source", "Table", "build_table",
+           "csv_text", "latex", "markdown", "print_table", "sweep_figure", "table_spec", "write_tables",
+           "write_recipe_tables"]
+
+
+def write_tables(root: Path, table: Table, title: str) -> list[Path]:
+    """results.md, results.csv, results.tex and (a sweep) sweep.png in ``root``."""
+    written = []
+    for name, render in ((RESULTS_MD, markdown), (RESULTS_CSV, csv_text), (RESULTS_TEX, latex)):
+        (root / name).write_text(render(table), encoding="utf-8")
+        written.append(root / name)
+    figure = sweep_figure(table, root / SWEEP_FIGURE, title)
+    return written + ([figure] if figure else [])
+
+
+def write_recipe_tables(root: Path, recipe, summary: list[dict], console=None) -> Table:
+    """The end of ``lrr run``: the recipe's table from its summary entries, written into
+    ``root`` and printed on ``console``."""
+    from lowrank_runner.tables.sources import recipe_source
+
+    table = build_table([recipe_source(recipe, summary)], table_spec(recipe.resolved.get("output")))
+    write_tables(root, table, recipe.name)
+    if console is not None:
+        print_table(console, table, recipe.name)
+    return table
+
+
+def _format_of(out: Path | None, fmt: str | None) -> str:
+    from lowrank_runner.errors import UsageError
+
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise UsageError(f"--format {fmt}: choose md, csv or latex")
+        return fmt
+    if out is None:
+        return "md"
+    suffix = out.suffix.lstrip(".").lower()
+    if suffix not in FORMATS:
+        raise UsageError(f"--out {out}: give a file ending in .md, .csv or .tex, or say --format md|csv|latex")
+    return suffix
+
+
+def report_table(paths: list[Path], out: Path | None = None, fmt: str | None = None,
+                 figure: Path | None = None) -> tuple[Table, str, list[str]]:
+    """``lrr report --table``: one table from several recipes' output directories, in the
+    first recipe's layout. Returns the table, its text in the format asked for, and the
+    lines that say what was written (``--out``, ``--figure``)."""
+    from lowrank_runner.errors import UsageError
+    from lowrank_runner.tables.sources import read_outputs
+
+    kind = _format_of(out, fmt)
+    sources, resolved = read_outputs(paths)
+    table = build_table(sources, table_spec(resolved.get("output")))
+    text, lines = FORMATS[kind](table), []
+    title = " vs ".join(dict.fromkeys(s.name for s in sources))
+    if figure is not None:
+        if sweep_figure(table, figure, title) is None:
+            raise UsageError(f"--figure {figure}: the runs have no sweep point with a result (the figure plots a "
+                             "metric against a swept value: a recipe with sweep:)")
+        lines.append(f"figure written to {figure}")
+    if out is not None:
+        out.write_text(text, encoding="utf-8")
+        lines.append(f"table written to {out}")
+    return table, text, lines
+
+
+def table_json(table: Table) -> dict:
+    """The table as plain data (``lrr report --table --json``)."""
+    return {"headers": table.headers, "columns": [{"task": c.task, "metrics": list(c.metrics)} for c in table.columns],
+            "aggregate": table.spec.aggregate, "spread": table.spec.spread, "average": table.spec.average,
+            "rows": [{"method": r.method, "label": r.label, "point": r.point, "params": r.params, "average": r.average,
+                      "cells": [[{"metric": v.metric, "value": v.centre, "std": v.spread, "seeds": v.seeds,
+                                  "missing_seeds": v.missing} for v in cell] for cell in r.cells]}
+                     for r in table.rows]}

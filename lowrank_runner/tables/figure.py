@@ -1,0 +1,89 @@
+"""The figure of a sweep, like the papers' sensitivity plots (TriAdaptLoRA Figures 3-5,
+MTLoRA Figure 5): each column's first metric against the swept value, the seeds' mean
+(or median) with ± std as error bars, one line per method and task (and per value of
+the other swept keys). Numbers on the x axis are placed by value; anything else
+(booleans, strings, target lists, mappings) as categories in the sweep's order.
+matplotlib, headless (Agg)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lowrank_runner.tables.build import Table
+
+SWEEP_FIGURE = "sweep.png"
+
+
+def _short(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
+def _text(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+
+def sweep_axis(table: Table) -> str | None:
+    """The swept key on the x axis: the first key of the first row with a point."""
+    return next((next(iter(r.point)) for r in table.rows if r.point), None)
+
+
+def _lines(table: Table, axis: str) -> dict[str, list[tuple[object, float, float | None]]]:
+    """label -> [(x, centre, spread)] for each method x column x other keys' values."""
+    methods = {r.method for r in table.rows}
+    lines: dict[str, list] = {}
+    for row in table.rows:
+        if axis not in row.point:
+            continue
+        others = ",".join(f"{_short(k)}={_text(v)}" for k, v in row.point.items() if k != axis)
+        for head, cell in zip(table.headers, row.cells):
+            value = cell[0]
+            if value.centre is None:
+                continue
+            parts = ([row.method] if len(methods) > 1 else []) + [head] + ([others] if others else [])
+            lines.setdefault(" · ".join(parts), []).append((row.point[axis], value.centre, value.spread))
+    return lines
+
+
+def _numeric(values) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def sweep_figure(table: Table, path: Path, title: str) -> Path | None:
+    """Draw the sweep's figure to ``path`` (PNG); None when the table has no sweep point
+    with a value."""
+    axis = sweep_axis(table)
+    lines = _lines(table, axis) if axis else {}
+    if not lines:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [x for points in lines.values() for x, _, _ in points]
+    numeric = _numeric(xs)
+    categories = list(dict.fromkeys(_text(x) for x in xs))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, points in lines.items():
+        points = sorted(points, key=lambda p: p[0]) if numeric else points
+        at = [p[0] if numeric else categories.index(_text(p[0])) for p in points]
+        ax.errorbar(at, [p[1] for p in points], yerr=[p[2] or 0.0 for p in points], marker="o", capsize=3,
+                    label=label)
+    if not numeric:
+        ax.set_xticks(range(len(categories)), categories, rotation=20 if len(categories) > 4 else 0)
+    elif all(isinstance(x, int) for x in xs):  # ranks, steps: ticks at the swept values (log2 when they double)
+        if min(xs) > 0 and max(xs) / min(xs) >= 16:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(set(xs)), [str(x) for x in sorted(set(xs))])
+    ax.set_xlabel(axis)
+    ax.set_ylabel("metric ×100" if len({h for h in table.headers}) > 1 else table.headers[0])
+    spread = " ± std" if table.spec.spread == "std" else ""
+    ax.set_title(f"{title}: {'median' if table.spec.aggregate == 'median' else 'mean'}{spread} over seeds",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

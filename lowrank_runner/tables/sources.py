@@ -1,0 +1,130 @@
+"""Where a table's runs come from: the recipe ``lrr run`` just ran (its summary), or the
+output directories of earlier runs (``lrr report --table DIR ...``): a multi-run
+recipe's ``summary.json`` or a single run's ``report.json``. Every file is checked
+(report/schema.py); anything else is a clear error. Torch-free."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lowrank_runner.errors import RunFileError, UsageError
+from lowrank_runner.tables.build import Source
+from lowrank_runner.train import artifacts as art
+
+
+def recipe_tasks(resolved: dict) -> list[str]:
+    """The recipe's tasks in its order: the keys of ``tasks:``, else ``task.name``."""
+    tasks = resolved.get("tasks")
+    if isinstance(tasks, dict) and tasks:
+        return list(tasks)
+    name = (resolved.get("task") or {}).get("name")
+    return [name] if name else []
+
+
+def recipe_source(recipe, summary: list[dict]) -> Source:
+    """The runs of a recipe just run: its tasks and sweep points in the recipe's order."""
+    tasks = list(dict.fromkeys(run.task for run in recipe.runs))
+    points = {getattr(run, "label", ""): dict(getattr(run, "point", {}) or {}) for run in recipe.runs}
+    return Source(recipe.name, tasks, summary, points)
+
+
+def run_dir_of(root: Path, entry: dict) -> Path:
+    """A summary entry's run directory under ``root`` (the recipe's output directory, which
+    may have moved since): the tail of the recorded path (``task-seedN``, or
+    ``task/POINT/seedN`` for a sweep) that exists under ``root``."""
+    recorded = Path(entry["dir"])
+    parts = recorded.parts
+    for n in range(1, len(parts) + 1):
+        candidate = root.joinpath(*parts[-n:])
+        if (candidate / art.REPORT_FILE).is_file():
+            return candidate
+    return root.joinpath(*parts[-(3 if entry.get("label") else 1):])
+
+
+def _not_an_output(path: Path) -> UsageError:
+    return UsageError(f"{path}: not a recipe's output directory: no {art.SUMMARY_FILE} (written by a recipe with "
+                      f"several runs) and no {art.REPORT_FILE} (a single run); give the directories 'lrr run' wrote "
+                      "(its --output), one per recipe")
+
+
+def _summary_source(root: Path) -> tuple[Source, dict]:
+    from lowrank_runner.report.compare import _read_json, load_run
+    from lowrank_runner.report.schema import SUMMARY_SCHEMA, check
+
+    path = root / art.SUMMARY_FILE
+    fix = "restore it from a copy, or run the recipe again with --resume"
+    summary = _read_json(path, "recipe summary", fix)
+    check(summary, SUMMARY_SCHEMA, path, "recipe summary", fix)
+    entries, resolved = [], None
+    for entry in summary["runs"]:
+        run_dir = run_dir_of(root, entry)
+        entry = {**entry, "dir": str(run_dir)}
+        if entry["status"] == "completed":
+            if not (run_dir / art.REPORT_FILE).is_file():
+                raise RunFileError(f"{run_dir}: {path} lists this run as completed, but its {art.REPORT_FILE} is "
+                                   "gone (deleted or moved?); restore the run directory")
+            report = load_run(run_dir).report
+            resolved = resolved or (report.get("recipe") or {}).get("resolved")
+        entries.append(entry)
+    if not entries:
+        raise RunFileError(f"{path}: lists no runs; {fix}")
+    name = summary.get("recipe") or (resolved or {}).get("name") or root.name
+    return _source(name, resolved or {}, entries), resolved or {}
+
+
+def _single_source(run_dir: Path) -> tuple[Source, dict]:
+    from lowrank_runner.report.compare import load_run
+
+    run = load_run(run_dir)
+    report = run.report
+    resolved = (report.get("recipe") or {}).get("resolved") or {}
+    meta = report.get("run") or {}
+    entry = {"task": meta.get("task"), "seed": meta.get("seed"), "dir": str(run_dir), "status": run.status,
+             "best": report.get("best"), "test": report.get("test"),
+             "point": meta.get("point") or {}, "label": meta.get("label") or ""}
+    name = (report.get("recipe") or {}).get("name") or run_dir.name
+    return _source(name, resolved, [entry]), resolved
+
+
+def _source(name: str, resolved: dict, entries: list[dict]) -> Source:
+    tasks = list(dict.fromkeys(recipe_tasks(resolved) + [e["task"] for e in entries if e.get("task")]))
+    points = {e.get("label", ""): e.get("point") or {} for e in entries}
+    return Source(name, tasks, entries, points)
+
+
+def read_output(path: Path) -> tuple[Source, dict]:
+    """One recipe's output directory: its runs, and its resolved recipe (for the layout)."""
+    if not path.exists():
+        raise UsageError(f"{path}: no such directory")
+    if not path.is_dir():
+        raise UsageError(f"{path}: not a directory (give the output directory of a recipe run by 'lrr run')")
+    if (path / art.SUMMARY_FILE).is_file() and not (path / art.REPORT_FILE).is_file():
+        return _summary_source(path)
+    if (path / art.REPORT_FILE).is_file():
+        return _single_source(path)
+    raise _not_an_output(path)
+
+
+def _shared_tasks(sources: list[Source], paths: list[Path]) -> None:
+    first = set(sources[0].tasks)
+    for source, path in zip(sources[1:], paths[1:]):
+        if not first & set(source.tasks):
+            raise UsageError(f"{path}: its recipe {source.name!r} runs {', '.join(source.tasks)}, which "
+                             f"{paths[0]} ({sources[0].name!r}: {', '.join(sources[0].tasks)}) does not: a table "
+                             "compares methods on the same tasks; give the directories of one comparison, or "
+                             "build one table per task set")
+
+
+def read_outputs(paths: list[Path]) -> tuple[list[Source], dict]:
+    """Several recipes' output directories: their sources (rows named by recipe, made
+    unique by the directory name), and the first one's resolved recipe (the layout)."""
+    if not paths:
+        raise UsageError("give at least one output directory: lrr report --table DIR [DIR ...]")
+    read = [read_output(p) for p in paths]
+    sources = [s for s, _ in read]
+    _shared_tasks(sources, paths)
+    names = [s.name for s in sources]
+    for source, path in zip(sources, paths):
+        if names.count(source.name) > 1:
+            source.name = f"{source.name} [{path.name}]"
+    return sources, read[0][1]

@@ -1,0 +1,266 @@
+"""Results tables in the papers' layout (Markdown, CSV, LaTeX booktabs), the sweep
+figure, `output.table` in recipes, and `lrr report --table` over recipes' output
+directories (real runs of the tiny BERT)."""
+
+import json
+import shutil
+import textwrap
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from lowrank_runner.cli import app
+from lowrank_runner.recipe.load import check_recipe_file, load_document
+from lowrank_runner.tables import build_table, csv_text, latex, markdown, sweep_figure, table_spec
+from lowrank_runner.tables.build import Source
+from lowrank_runner.tables.formats import format_params
+from lowrank_runner.tables.spec import table_problems
+from tests.conftest import tiny_recipe_text
+
+cli = CliRunner()
+
+
+def lrr(*args):
+    result = cli.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def entry(tmp_path, task, seed, evals, metric, params=None, label="", point=None):
+    """A summary entry of a completed run; with ``params`` its run directory holds a
+    report.json with that adapter_params."""
+    run_dir = tmp_path / f"{label or 'run'}-{task}-{seed}"
+    if params is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "report.json").write_text(json.dumps({"adapter_params": params}))
+    return {"task": task, "seed": seed, "status": "completed", "dir": str(run_dir), "label": label,
+            "point": point or {}, "best": {"metric": metric, "value": evals[metric], "eval": evals}}
+
+
+# LoRA2 Table 1 (DeBERTaV3-base): one "seed" per method, the paper's numbers.
+LORA2_K1 = {"cola": {"matthews_correlation": 0.7063}, "sst2": {"accuracy": 0.9564}, "mrpc": {"accuracy": 0.9093},
+            "qqp": {"accuracy": 0.9162, "f1": 0.8805}, "stsb": {"pearson": 0.9169},
+            "mnli": {"accuracy": 0.9019, "accuracy_mm": 0.9038}, "qnli": {"accuracy": 0.9392},
+            "rte": {"accuracy": 0.8953}}
+LORA_R1 = {"cola": {"matthews_correlation": 0.6860}, "sst2": {"accuracy": 0.9495}, "mrpc": {"accuracy": 0.8824},
+           "qqp": {"accuracy": 0.9120, "f1": 0.8837}, "stsb": {"pearson": 0.9141},
+           "mnli": {"accuracy": 0.9009, "accuracy_mm": 0.9028}, "qnli": {"accuracy": 0.9335},
+           "rte": {"accuracy": 0.8129}}
+LORA2_LAYOUT = {"table": {"columns": ["cola", "sst2", "mrpc", {"task": "qqp", "metrics": ["accuracy", "f1"]}, "stsb",
+                                      {"task": "mnli", "metrics": ["accuracy", "accuracy_mm"]}, "qnli", "rte"],
+                          "average": "mean", "spread": "none"}}
+
+
+def paper_source(tmp_path, name, numbers, params):
+    entries = [entry(tmp_path / name, task, 0, evals, next(iter(evals)), params) for task, evals in numbers.items()]
+    return Source(name, list(numbers), entries)
+
+
+def test_lora2_table_1_average_takes_the_mean_of_each_tasks_metrics(tmp_path):
+    """LoRA2 averages MNLI m/mm and QQP Acc/F1 first: its 89.06 and 87.23 come out."""
+    t = build_table([paper_source(tmp_path, "LoRA2 (k=1)", LORA2_K1, 167_552),
+                     paper_source(tmp_path, "LoRA (r=1)", LORA_R1, 166_656)], table_spec(LORA2_LAYOUT))
+    assert [round(r.average, 2) for r in t.rows] == [89.06, 87.23]
+    lines = markdown(t).splitlines()
+    assert lines[0] == ("| Method | # Params | CoLA (Mcc) | SST-2 (Acc) | MRPC (Acc) | QQP (Acc/F1) | STS-B (Pearson) | "
+                        "MNLI (Acc m/mm) | QNLI (Acc) | RTE (Acc) | Avg. |")
+    assert lines[2] == ("| LoRA2 (k=1) | 0.17M | **70.63** | **95.64** | **90.93** | **91.62**/88.05 | **91.69** | "
+                        "**90.19**/**90.38** | **93.92** | **89.53** | **89.06** |")
+    assert lines[3] == ("| LoRA (r=1) | 0.17M | 68.60 | 94.95 | 88.24 | 91.20/**88.37** | 91.41 | 90.09/90.28 | 93.35 | "
+                        "81.29 | 87.23 |")
+    assert lines[5] == ("Metrics ×100 (NIST, MSE, perplexity as they are), mean over seeds cola: [0]; sst2: [0]; "
+                        "mrpc: [0]; qqp: [0]; stsb: [0]; mnli: [0]; qnli: [0]; rte: [0].")
+    assert lines[6] == "Avg.: the mean over the columns of each column's mean over its metrics."
+
+
+def small_table(tmp_path):
+    a = [entry(tmp_path, "mnli", s, {"accuracy": 0.90 + s / 100, "accuracy_mm": 0.91}, "accuracy", 1_327_104)
+         for s in range(2)] + [entry(tmp_path, "rte", s, {"accuracy": 0.85 + s / 50}, "accuracy", 1_327_104)
+                               for s in range(2)]
+    b = [entry(tmp_path, "mnli", 0, {"accuracy": 0.89, "accuracy_mm": 0.90}, "accuracy", 37_440, label="b"),
+         {"task": "rte", "seed": 0, "status": "failed", "error": "boom", "dir": str(tmp_path / "x"), "label": "b"}]
+    spec = table_spec({"table": {"columns": [{"task": "mnli", "metrics": ["accuracy", "accuracy_mm"]}, "rte"]}})
+    return build_table([Source("lora_{r=8}", ["mnli", "rte"], a), Source("lora2 & co", ["mnli", "rte"], b,
+                                                                          {"b": {}})], spec)
+
+
+def test_markdown_layout(tmp_path):
+    assert markdown(small_table(tmp_path)) == textwrap.dedent("""\
+        | Method | # Params | MNLI (Acc m/mm) | RTE (Acc) | Avg. |
+        |---|---|---|---|---|
+        | lora_{r=8} | 1.33M | **90.50±0.71**/**91.00±0.00** | 86.00±1.41 | 88.25 |
+        | lora2 & co (b) | 37.4k | 89.00/90.00 | – | 89.00* |
+
+        Metrics ×100 (NIST, MSE, perplexity as they are), mean ± std over seeds mnli: [0, 1]; rte: [0, 1].
+        Avg.: the mean over the columns of each column's first metric.
+        The # Params column: trainable adapter parameters (report.json adapter_params; the mean over a row's runs where they differ).
+        * or –: some runs of this task failed or did not finish (see summary.json); an Avg. with * is over the columns that have a value.
+        """)
+
+
+def test_latex_is_a_booktabs_tabular_with_pm_and_escaped_names(tmp_path):
+    assert latex(small_table(tmp_path)) == textwrap.dedent(r"""
+        % Metrics x100 (NIST, MSE, perplexity as they are), mean +/- std over seeds mnli: [0, 1]; rte: [0, 1].
+        % Avg.: the mean over the columns of each column's first metric.
+        % The # Params column: trainable adapter parameters (report.json adapter_params; the mean over a row's runs where they differ).
+        % * or -: some runs of this task failed or did not finish (see summary.json); an Avg. with * is over the columns that have a value.
+        % needs \usepackage{booktabs}
+        \begin{tabular}{lrrrr}
+        \toprule
+        Method & \# Params & MNLI (Acc m/mm) & RTE (Acc) & Avg. \\
+        \midrule
+        lora\_\{r=8\} & 1.33M & $\mathbf{90.50} \pm 0.71$/$\mathbf{91.00} \pm 0.00$ & $86.00 \pm 1.41$ & 88.25 \\
+        lora2 \& co (b) & 37.4k & $89.00$/$90.00$ & -- & 89.00$^*$ \\
+        \bottomrule
+        \end{tabular}
+        """).lstrip()
+
+
+def test_csv_is_the_long_form_with_every_number(tmp_path):
+    assert csv_text(small_table(tmp_path)) == textwrap.dedent("""\
+        method,task,metric,value,std,seeds,missing_seeds,point,column,params
+        lora_{r=8},mnli,accuracy,90.5,0.707107,0 1,,,MNLI (Acc m/mm),1327104
+        lora_{r=8},mnli,accuracy_mm,91.0,0.0,0 1,,,MNLI (Acc m/mm),1327104
+        lora_{r=8},rte,accuracy,86.0,1.414214,0 1,,,RTE (Acc),1327104
+        lora_{r=8},Avg.,,88.25,,,,,Avg.,1327104
+        lora2 & co,mnli,accuracy,89.0,,0,,b,MNLI (Acc m/mm),37440
+        lora2 & co,mnli,accuracy_mm,90.0,,0,,b,MNLI (Acc m/mm),37440
+        lora2 & co,rte,accuracy,,,,0,b,RTE (Acc),37440
+        lora2 & co,Avg.,,89.0,,,,b,Avg.,37440
+        """)
+
+
+def test_parameter_counts_as_the_papers_print_them():
+    assert [format_params(n) for n in (None, 512, 37_440, 167_552, 1_327_104, 24_576, 184_420_000)] == [
+        "–", "512", "37.4k", "0.17M", "1.33M", "24.6k", "184M"]
+
+
+def sweep_sources(tmp_path):
+    """A sweep over the target sets (categories) of two methods on RTE and CoLA, 2 seeds."""
+    out = []
+    for name, shift in (("lora", 0.0), ("lora2", 0.02)):
+        entries, points = [], {}
+        for i, targets in enumerate((["Wq", "Wv"], ["Wq", "Wk", "Wv"], "all")):
+            label = f"targets={json.dumps(targets, separators=(',', ':'))}"
+            points[label] = {"targets": targets}
+            for task, metric in (("rte", "accuracy"), ("cola", "matthews_correlation")):
+                entries += [entry(tmp_path / name, task, s, {metric: 0.6 + i / 20 + shift + s / 100}, metric,
+                                  label=label, point=points[label]) for s in range(2)]
+        out.append(Source(name, ["rte", "cola"], entries, points))
+    return out
+
+
+def test_a_sweep_gives_one_row_per_point_and_its_figure(tmp_path):
+    t = build_table(sweep_sources(tmp_path), table_spec({}))
+    assert [r.title for r in t.rows] == ['lora (targets=["Wq","Wv"])', 'lora (targets=["Wq","Wk","Wv"])',
+                                         'lora (targets="all")', 'lora2 (targets=["Wq","Wv"])',
+                                         'lora2 (targets=["Wq","Wk","Wv"])', 'lora2 (targets="all")']
+    assert [r.params for r in t.rows] == [None] * 6  # no report.json: the column says "–"
+    path = sweep_figure(t, tmp_path / "sweep.png", "targets")
+    image = Image.open(path)
+    assert image.format == "PNG" and image.size == (768, 504)  # 6.4 x 4.2 in at 120 dpi
+    assert len(image.convert("RGB").getcolors(1 << 16)) > 50  # lines, markers, labels: not a blank canvas
+    numeric = [Source("s", ["rte"], [entry(tmp_path, "rte", 0, {"accuracy": a}, "accuracy", label=f"r={r}",
+                                           point={"method.r": r}) for r, a in ((2, 0.7), (8, 0.8), (32, 0.75))])]
+    assert sweep_figure(build_table(numeric, table_spec({})), tmp_path / "r.png", "r").is_file()
+    plain = [Source("s", ["rte"], [entry(tmp_path, "rte", 0, {"accuracy": 0.7}, "accuracy")])]
+    assert sweep_figure(build_table(plain, table_spec({})), tmp_path / "none.png", "x") is None
+
+
+def test_output_table_in_a_recipe_defaults_and_errors(tmp_path, tiny_bert, sentiment_data):
+    assert table_spec({}) == table_spec({"aggregate": "mean", "table": {}})  # the schema's defaults
+    spec = table_spec({"aggregate": "median", "table": {"average": "none", "precision": 1, "params": False}})
+    assert (spec.aggregate, spec.average, spec.precision, spec.params, spec.spread) == ("median", "none", 1, False, "std")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(tiny_recipe_text(tiny_bert, sentiment_data) + textwrap.dedent("""\
+        output:
+          table:
+            columns: [classification, {task: clasification, metrics: [acuracy]}, {task: classification, metrics: [f1]}]
+            average: median
+        """))
+    problems = [str(p) for p in check_recipe_file(recipe)]
+    assert any(p.startswith(f"{recipe}:14:14:") and "output.table.average" in p and "median" in p for p in problems)
+    doc = load_document(recipe, ["output.table.average=mean"])
+    found = [str(p) for p in table_problems(doc, ["classification"])]
+    assert found == [
+        f"{recipe}:13:38: output.table.columns.1.task: the recipe runs no task 'clasification' (did you mean "
+        "'classification'?); its tasks: classification",
+        f"{recipe}:13:107: output.table.columns.2.metrics.0: task 'classification' reports no metric 'f1'; it reports "
+        "accuracy, f1_macro, matthews_correlation, loss"]
+
+
+# ------------------------------------------------------------------ real runs, lrr run / lrr report --table
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory, tiny_bert, sentiment_data):
+    """Three recipes run by `lrr run`: lora (2 seeds), lora-sweep (method.r 2, 4; 1 seed),
+    single (one run)."""
+    root = tmp_path_factory.mktemp("tables")
+    base = tiny_recipe_text(tiny_bert, sentiment_data).replace("epochs: 2", "epochs: 1")
+    recipes = {"lora": base.replace("seed: 0", "seed: [0, 1]"),
+               "lora-sweep": base + "sweep: {method.r: [2, 4]}\n", "single": base}
+    for name, text in recipes.items():
+        path = root / f"{name}.yaml"
+        path.write_text(text.replace("name: tiny", f"name: {name}"))
+        code, out, err = lrr("run", path, "--output", root / name)
+        assert code == 0, out + err
+    return root
+
+
+def test_lrr_run_writes_the_table_and_the_sweep_figure(outputs):
+    sweep = outputs / "lora-sweep"
+    assert {"results.md", "results.csv", "results.tex", "sweep.png", "summary.json"} <= {p.name for p in sweep.iterdir()}
+    md = (sweep / "results.md").read_text()
+    assert "| lora-sweep (r=2) | 256 |" in md and "| lora-sweep (r=4) | 512 |" in md  # adapter params of r=2, r=4
+    assert Image.open(sweep / "sweep.png").size == (768, 504)
+    assert "![metric against the swept value](sweep.png)" in (sweep / "report.md").read_text()
+    assert "[classification/r=2/seed0](classification/r=2/seed0/report.md)" in (sweep / "report.md").read_text()
+    single = outputs / "single"
+    assert (single / "report.json").is_file() and "| single | 512 |" in (single / "results.md").read_text()
+    code, out, err = lrr("report", sweep, "--json")  # the runs of a sweep are found under their points
+    assert code == 0 and [r["label"] for r in json.loads(out)["runs"]] == [
+        f"{sweep}/classification/r=2/seed0", f"{sweep}/classification/r=4/seed0"]
+
+
+def test_report_table_over_several_recipes_output_directories(outputs, tmp_path):
+    moved = shutil.copytree(outputs / "lora", tmp_path / "moved-lora")  # summary.json's paths are the old ones
+    dirs = [moved, outputs / "lora-sweep", outputs / "single"]
+    code, out, err = lrr("report", "--table", *dirs)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "| Method | # Params | classification (Acc) | Avg. |"
+    assert [line.split(" | ")[0:2] for line in lines[2:6]] == [
+        ["| lora", "512"], ["| lora-sweep (r=2)", "256"], ["| lora-sweep (r=4)", "512"], ["| single", "512"]]
+    assert "classification: [0, 1]." in out
+    code, _, err = lrr("report", "--table", *dirs, "--out", tmp_path / "t.tex", "--figure", tmp_path / "f.png")
+    assert code == 0 and f"table written to {tmp_path / 't.tex'}" in err
+    tex = (tmp_path / "t.tex").read_text()
+    assert "\\toprule\nMethod & \\# Params & classification (Acc) & Avg. \\\\\n\\midrule\nlora & 512 & $" in tex
+    assert Image.open(tmp_path / "f.png").size == (768, 504)
+    code, out, _ = lrr("report", "--table", *dirs, "--format", "csv")
+    assert code == 0 and out.splitlines()[0].startswith("method,task,metric,value,std") and len(out.splitlines()) == 9
+    code, out, _ = lrr("report", "--table", *dirs, "--json")
+    assert code == 0 and [r["label"] for r in json.loads(out)["rows"]] == ["", "r=2", "r=4", ""]
+
+
+def test_report_table_refuses_what_it_cannot_tabulate(outputs, tmp_path):
+    code, _, err = lrr("report", "--table", outputs / "lora", tmp_path)
+    assert code == 2 and err.strip() == (
+        f"error: {tmp_path}: not a recipe's output directory: no summary.json (written by a recipe with several runs) "
+        "and no report.json (a single run); give the directories 'lrr run' wrote (its --output), one per recipe")
+    other = shutil.copytree(outputs / "single", tmp_path / "stsb")  # the same run, said to be STS-B
+    report = json.loads((other / "report.json").read_text())
+    report["run"]["task"] = report["recipe"]["resolved"]["task"]["name"] = "stsb"
+    (other / "report.json").write_text(json.dumps(report))
+    code, _, err = lrr("report", "--table", outputs / "lora", other)
+    assert code == 2 and err.strip() == (
+        f"error: {other}: its recipe 'single' runs stsb, which {outputs / 'lora'} ('lora': classification) does not: "
+        "a table compares methods on the same tasks; give the directories of one comparison, or build one table per "
+        "task set")
+    code, _, err = lrr("report", "--table", outputs / "lora", "--out", tmp_path / "t.txt")
+    assert code == 2 and "give a file ending in .md, .csv or .tex" in err
+    code, _, err = lrr("report", outputs / "lora", "--out", tmp_path / "t.md")
+    assert code == 2 and "--out, --format and --figure go with --table" in err
+    code, _, err = lrr("report", "--table", outputs / "lora", "--figure", tmp_path / "f.png")
+    assert code == 2 and "no sweep point" in err
