@@ -11,6 +11,7 @@ command created it and nothing in it can be resumed.
 from __future__ import annotations
 
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -55,85 +56,120 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
         raise
 
 
+@dataclass
+class _Batch:
+    """What every run of one ``lrr run`` shares: the recipe, where it writes, what it resumes."""
+
+    recipe: Recipe
+    root: Path
+    argv: list[str]
+    points: dict  # run index -> ("completed", metrics) | checkpoint | None (only with --resume)
+    stop_after: int | None
+    dirs: dict
+    again: str  # the command that continues this batch
+    summary: list = field(default_factory=list)
+
+    @property
+    def resume(self) -> bool:
+        return bool(self.points)
+
+
 def _run_all(recipe: Recipe, root: Path, argv: list[str], points: dict, stop_after: int | None) -> list[str]:
-    from lowrank_runner.train.loop import clear_data_cache, train_run
+    from lowrank_runner.train.loop import clear_data_cache
 
     clear_data_cache()
-    resume = bool(points)
-    dirs = run_dirs(recipe, root)
-    failures, summary = [], []
     if not is_main_process():
         console.quiet = True
-    again = continue_command(recipe.source, recipe.overrides, root)
-    for run in order_runs(recipe):
-        run_dir = dirs[run.index]
-        at_point = f" · {escape(run.label)}" if run.label else ""
-        console.rule(f"[bold]{escape(recipe.name)}[/bold] · {escape(run.task)}{at_point} · seed {run.seed}")
-        console.print(f"run directory: {escape(str(run_dir))}")  # a rule would shorten a long path
-        point = points.get(run.index)
-        if isinstance(point, tuple):
-            done = point[1]
-            console.print(f"already completed: {escape(run.slug)} · {escape(str(run_dir))}")
-            summary.append({**_entry(run, run_dir), "status": "completed", "best": done["best"],
-                            **({"test": done["test"]} if "test" in done else {})})
-            continue
-        checkpoint = point
-        if resume and is_main_process():
-            (run_dir / "error.txt").unlink(missing_ok=True)  # a failure from before: this try starts over
-        if checkpoint is not None:
-            console.print(f"resuming {escape(run.slug)} from {escape(str(checkpoint.path))} (step {checkpoint.step})")
-        elif resume and run_dir.is_dir() and any(run_dir.iterdir()):
-            console.print(f"[yellow]no checkpoint[/yellow] in {escape(str(run_dir / 'checkpoints'))}: "
-                          f"{escape(run.slug)} starts again from step 0")
-        try:
-            init = init_source(recipe, run, dirs)
-            waits_for = _source_pending(recipe, run, summary, root)
-            if waits_for is not None:
-                console.print(f"[yellow]not started[/yellow] {escape(run.slug)}: it starts from {escape(waits_for)}, "
-                              f"which was stopped; continue with: {escape(again)}")
-                summary.append({**_entry(run, run_dir), "status": "stopped", "step": 0,
-                                "waits_for": waits_for})
-                continue
-            start_run_dir(recipe, run, run_dir, resume)
-            result = train_run(recipe, run, run_dir, argv, resume=checkpoint, stop_after=stop_after, init_from=init)
-        except Taken:
+    batch = _Batch(recipe, root, argv, points, stop_after, run_dirs(recipe, root),
+                   continue_command(recipe.source, recipe.overrides, root))
+    ordered = order_runs(recipe)
+    for run in ordered:
+        batch.summary.append(_one_run(batch, run))
+    _write_results(batch)
+    return [run.slug for run, entry in zip(ordered, batch.summary) if entry["status"] in ("failed", "crashed")]
+
+
+def _one_run(batch: _Batch, run) -> dict:
+    """Train (or skip, or continue) one run; its summary entry. A failure is recorded and
+    the batch goes on, unless the recipe has this one run (then it is raised)."""
+    run_dir = batch.dirs[run.index]
+    at_point = f" · {escape(run.label)}" if run.label else ""
+    console.rule(f"[bold]{escape(batch.recipe.name)}[/bold] · {escape(run.task)}{at_point} · seed {run.seed}")
+    console.print(f"run directory: {escape(str(run_dir))}")  # a rule would shorten a long path
+    point = batch.points.get(run.index)
+    if isinstance(point, tuple):
+        console.print(f"already completed: {escape(run.slug)} · {escape(str(run_dir))}")
+        return {**_entry(run, run_dir), "status": "completed", "best": point[1]["best"],
+                **({"test": point[1]["test"]} if "test" in point[1] else {})}
+    _announce_start(batch, run, run_dir, point)
+    single = len(batch.recipe.runs) == 1
+    try:
+        return _train(batch, run, run_dir, point)
+    except Taken:
+        raise
+    except LrrError as exc:
+        console.print(f"[red]run {escape(run.slug)} failed:[/red] {escape(str(exc))}")
+        if single:
+            single_run_failed(run_dir, str(exc), batch.resume)
             raise
-        except LrrError as exc:
-            failures.append(run.slug)
-            console.print(f"[red]run {escape(run.slug)} failed:[/red] {escape(str(exc))}")
-            summary.append({**_entry(run, run_dir), "status": "failed", "error": str(exc)})
-            if len(recipe.runs) == 1:
-                single_run_failed(run_dir, str(exc), resume)
-                raise
-            mark_failed(run_dir, str(exc), create=True)
-            continue
-        except Exception as exc:  # keep going with the other runs; the traceback is saved
-            failures.append(run.slug)
-            console.print(f"[red]run {escape(run.slug)} crashed:[/red] {escape(f'{type(exc).__name__}: {exc}')}")
-            mark_failed(run_dir, traceback.format_exc(), create=len(recipe.runs) > 1)
-            summary.append({**_entry(run, run_dir), "status": "crashed", "error": repr(exc)})
-            if len(recipe.runs) == 1:
-                raise
-            continue
-        best = result.best
-        if result.stopped_at is not None:
-            console.print(f"[yellow]stopped[/yellow] {escape(run.slug)} after step {result.stopped_at} with a checkpoint; "
-                          f"continue with: {escape(again)}")
-            summary.append({**_entry(run, run_dir), "status": "stopped",
-                            "step": result.stopped_at})
-            continue
-        console.print(f"[bold green]done[/bold green] {escape(run.slug)}: best {escape(str(best['metric']))} "
-                      f"{best['value']:.4f} at step {best['step']} · {escape(str(run_dir))}")
-        summary.append({**_entry(run, run_dir), "status": "completed", "best": best,
-                        **({"test": result.test} if result.test is not None else {})})
-    if len(recipe.runs) > 1 and is_main_process():
+        mark_failed(run_dir, str(exc), create=True)
+        return {**_entry(run, run_dir), "status": "failed", "error": str(exc)}
+    except Exception as exc:  # keep going with the other runs; the traceback is saved
+        console.print(f"[red]run {escape(run.slug)} crashed:[/red] {escape(f'{type(exc).__name__}: {exc}')}")
+        mark_failed(run_dir, traceback.format_exc(), create=not single)
+        if single:
+            raise
+        return {**_entry(run, run_dir), "status": "crashed", "error": repr(exc)}
+
+
+def _announce_start(batch: _Batch, run, run_dir: Path, checkpoint) -> None:
+    """Where a run starts from (a checkpoint, or step 0 again), clearing an old failure."""
+    if batch.resume and is_main_process():
+        (run_dir / "error.txt").unlink(missing_ok=True)  # a failure from before: this try starts over
+    if checkpoint is not None:
+        console.print(f"resuming {escape(run.slug)} from {escape(str(checkpoint.path))} (step {checkpoint.step})")
+    elif batch.resume and run_dir.is_dir() and any(run_dir.iterdir()):
+        console.print(f"[yellow]no checkpoint[/yellow] in {escape(str(run_dir / 'checkpoints'))}: "
+                      f"{escape(run.slug)} starts again from step 0")
+
+
+def _train(batch: _Batch, run, run_dir: Path, checkpoint) -> dict:
+    """The training of one run, from its source adapter if it has one; its summary entry."""
+    from lowrank_runner.train.loop import train_run
+
+    init = init_source(batch.recipe, run, batch.dirs)
+    waits_for = _source_pending(batch.recipe, run, batch.summary, batch.root)
+    if waits_for is not None:
+        console.print(f"[yellow]not started[/yellow] {escape(run.slug)}: it starts from {escape(waits_for)}, "
+                      f"which was stopped; continue with: {escape(batch.again)}")
+        return {**_entry(run, run_dir), "status": "stopped", "step": 0, "waits_for": waits_for}
+    start_run_dir(batch.recipe, run, run_dir, batch.resume)
+    result = train_run(batch.recipe, run, run_dir, batch.argv, resume=checkpoint, stop_after=batch.stop_after,
+                       init_from=init)
+    if result.stopped_at is not None:
+        console.print(f"[yellow]stopped[/yellow] {escape(run.slug)} after step {result.stopped_at} with a checkpoint; "
+                      f"continue with: {escape(batch.again)}")
+        return {**_entry(run, run_dir), "status": "stopped", "step": result.stopped_at}
+    best = result.best
+    console.print(f"[bold green]done[/bold green] {escape(run.slug)}: best {escape(str(best['metric']))} "
+                  f"{best['value']:.4f} at step {best['step']} · {escape(str(run_dir))}")
+    return {**_entry(run, run_dir), "status": "completed", "best": best,
+            **({"test": result.test} if result.test is not None else {})}
+
+
+def _write_results(batch: _Batch) -> None:
+    """summary.json, the results tables and the recipe's report.md (a single run: its
+    table, in its run directory, once it completed)."""
+    recipe, root, summary = batch.recipe, batch.root, batch.summary
+    if not is_main_process():
+        return
+    if len(recipe.runs) > 1:
         root.mkdir(parents=True, exist_ok=True)
         art.write_json(root / art.SUMMARY_FILE, {"recipe": recipe.name, "hash": recipe.hash, "runs": summary})
         write_recipe_tables(root, recipe, summary, console)  # results.md/.csv/.tex (+ sweep.png)
-        write_recipe_report(root, recipe.name, recipe.hash, recipe.source, argv, summary)
-    elif summary and summary[0]["status"] == "completed" and is_main_process():
-        write_recipe_tables(root, recipe, summary, console)  # a single run: its table in its run directory
-    return failures
+        write_recipe_report(root, recipe.name, recipe.hash, recipe.source, batch.argv, summary)
+    elif summary and summary[0]["status"] == "completed":
+        write_recipe_tables(root, recipe, summary, console)
 
 
 def _entry(run, run_dir: Path) -> dict:
