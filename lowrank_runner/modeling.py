@@ -195,7 +195,7 @@ def build_adapted_model(
     ref = ref or backbones.resolve(backbone_cfg)
     config = backbones.load_config(ref, **head_config)
     model = backbones.build_empty(model_class, config, ref)
-    targets = find_targets(model, run_config["targets"], config.model_type) if uses_targets(run_config["method"]) else []
+    targets = find_targets(model, run_config.get("targets", []), config.model_type) if uses_targets(run_config["method"]) else []
     check_ranks(model, targets, run_config["method"])
     check_positions(model, config, run_config.get("task", {}), ref)
     missing: list[str] = []

@@ -39,7 +39,10 @@ def print_inspection(result: dict) -> None:
         table.add_column("example")
         for symbol, paths in run["targets"].items():
             table.add_row(escape(symbol), str(len(paths)), escape(paths[0]) if paths else "")
-        console.print(table)
+        if run["targets"]:
+            console.print(table)
+        else:  # full fine-tuning, BitFit
+            console.print("no adapted modules: the method trains backbone tensors", markup=False)
         init = run.get("init_from")
         if init:
             source = f"run {init['run']} (task {init['task']}, same seed), which runs first" if "task" in init else init["path"]

@@ -29,7 +29,7 @@ ADAPTER_CONFIG_SCHEMA = {
         "format": {"const": ADAPTER_FORMAT},
         "format_version": {"type": "integer"},
         "method": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string", "minLength": 1}}},
-        "targets": {"type": "array", "minItems": 1},
+        "targets": {"type": "array"},  # [] for a method without adapters (full, bitfit)
         "modules": {"type": "array", "items": {
             "type": "object", "required": ["path"],
             "properties": {"path": {"type": "string", "minLength": 1},
@@ -236,8 +236,8 @@ def read_head(adapter_dir: Path, adapter_cfg: dict, source: Path, kind: str) -> 
 def _check_agreement(source: Path, adapter_dir: Path, config: dict, adapter_cfg: dict, kind: str) -> None:
     """recipe.yaml rebuilds the model, adapter_config.json describes the weights: the
     method and targets must be the same in both."""
-    for key in ("method", "targets"):
-        if json.dumps(config.get(key), sort_keys=True) != json.dumps(adapter_cfg[key], sort_keys=True):
+    for key, default in (("method", None), ("targets", [])):
+        if json.dumps(config.get(key, default), sort_keys=True) != json.dumps(adapter_cfg[key], sort_keys=True):
             raise ExportError(
                 f"{source / art.RECIPE_FILE} and {adapter_dir / art.ADAPTER_CONFIG} disagree on '{key}' "
                 f"({json.dumps(config.get(key))} vs {json.dumps(adapter_cfg[key])}): one of them was edited; "

@@ -210,6 +210,9 @@ def _method_problems(doc: Document, method) -> list[Problem]:
     if name not in specs:
         return [problem(doc, ("method", "name"), f"unknown method '{name}'{suggest(name, specs)}; registered: {', '.join(sorted(specs))} (see 'lrr methods')")]
     out = schema_problems(doc, method, validator_for(specs[name].schema), ("method",))
+    if "targets" not in doc.data and specs[name].schema.get("x-targets", True) is not False:
+        out.append(problem(doc, (), f"missing required key 'targets' (the modules method '{name}' adapts, e.g. "
+                                    "targets: [Wq, Wv]; only full and bitfit take none)", key=True))
     # "x-le": {"a": "b"} in a method schema: parameter a must not exceed parameter b.
     defaults = specs[name].defaults()
     for small, large in specs[name].schema.get("x-le", {}).items():

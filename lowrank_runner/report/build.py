@@ -64,7 +64,7 @@ def build_run_report(*, recipe, run, argv: list[str], adapted, model, task, spli
         "backbone": {**backbone, "trust_remote_code": ref.trust_remote_code},  # true: the model files' own code ran
         "data": data_fingerprint(task, splits),
         "method": cfg["method"],
-        "targets": cfg["targets"],
+        "targets": cfg.get("targets", []),
         "modules": len(adapted.targets),
         **counts,
         "total_params": total,

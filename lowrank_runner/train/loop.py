@@ -137,7 +137,7 @@ def adapter_config(adapted: AdaptedModel, run: RunSpec, recipe: Recipe, task: Ta
         "format_version": 1,
         "lowrank_runner_version": lowrank_runner.__version__,
         "method": run.config["method"],
-        "targets": run.config["targets"],
+        "targets": run.config.get("targets", []),  # none for methods without adapters
         "modules": [{"path": t.path, "symbols": list(t.symbols), "groups": list(t.groups) if t.groups else None}
                     for t in adapted.targets],
         "backbone": {**run.config["backbone"], "resolved": adapted.backbone.location},
