@@ -104,6 +104,11 @@ def _with_sweeps(overrides: Optional[List[str]], sweeps: Optional[List[str]]) ->
     """The ``--set`` overrides with each ``--sweep`` as the override it stands for."""
     from lowrank_runner.recipe.sweep import sweep_override
 
+    keys = [s.partition("=")[0].strip() for s in sweeps or ()]
+    twice = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+    if twice:
+        raise UsageError(f"--sweep {twice} is given twice: give its values once, e.g. --sweep {twice}=4,8,16 "
+                         "(repeat --sweep for other keys: a grid)")
     return [*(overrides or ()), *(sweep_override(s) for s in sweeps or ())]
 
 

@@ -44,7 +44,7 @@ def test_a_point_wins_over_a_per_task_value_and_a_mapping_replaces(make_recipe, 
           method: [{name: lora, r: 2}, {name: mtlora, r: 2, structure: shim}]
         """)
     recipe = load_recipe(path)
-    assert [run.label for run in recipe.runs] == ["method=lora", "method=mtlora"]
+    assert [run.label for run in recipe.runs] == ["method=lora", "method=mtlora-structure=shim"]
     assert recipe.runs[0].config["method"] == {"name": "lora", "r": 2, "alpha": 16, "dropout": 0, "rslora": False}
     assert recipe.runs[1].config["method"]["name"] == "mtlora"
 
@@ -142,3 +142,73 @@ def test_a_sweep_trains_each_point_in_its_directory_and_resumes(tiny_recipe, tmp
     again = lrr("run", path, "--sweep", "method.r=2,8", "--set", "training.epochs=1", "--output", out, "--resume")
     assert_clean_error(again, contains=("its runs were started by a different recipe or --set overrides",))
     assert snapshot(out) == before
+
+
+# ------------------------------------------------------------- found by a tester
+
+
+@pytest.mark.parametrize("block,message", [
+    # a whole mapping that holds a key a sweep cannot move (the seeds were dropped, a task trained in another's dir)
+    ("training: [{learning_rate: 0.01}, {learning_rate: 0.02}]",
+     "11:3: sweep.training: 'training' cannot be swept as a whole: it holds training.seed, which a sweep cannot move "
+     "(list the seeds in training.seed: each point runs every seed); sweep the keys inside it, e.g. "
+     "training.learning_rate"),
+    ("task: [{name: regression}]", "11:3: sweep.task: 'task' cannot be swept as a whole: it holds task.name, which a "
+                                   "sweep cannot move (list the tasks in tasks:, each point runs every task); sweep the "
+                                   "keys inside it, e.g. task.max_length"),
+    # the same key twice: the last value won and runs repeated
+    ("method.r: [2, 4]\n  zip: {method.r: [8, 16], method.alpha: [1, 2]}",
+     "12:9: sweep.zip.method.r: 'method.r' is swept twice (also at {path}:11:3): give its values once"),
+    # equal once read as a recipe reads them
+    ("method.r: [2, 2.0]", "11:17: sweep.method.r.1: 2.0 is listed twice for method.r (also item 0): each point runs once"),
+    ("method: [{name: lora, r: 2}, {name: lora, r: 2, alpha: 16}]",
+     "10:1: sweep: points method=lora and method=lora-alpha=16 are the same run once defaults are filled: remove one"),
+    ("method.r: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]\n  method.alpha: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]\n"
+     "  method.dropout: [0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1]",
+     "10:1: sweep: 1,331 points (11 x 11 x 11); a recipe sweeps at most 1,000: split the sweep into several recipes, "
+     "or sweep fewer values"),
+])
+def test_sweeps_that_would_train_the_wrong_runs_are_errors(tiny_recipe, block, message):
+    path = tiny_recipe(f"sweep:\n  {block}\n")
+    found = messages(path)
+    assert f"{path}:{message.format(path=path)}" in found, found
+
+
+def test_a_big_grid_fails_fast(tiny_recipe):
+    import time
+
+    values = ", ".join(map(str, range(1, 101)))
+    path = tiny_recipe(f"sweep:\n  method.r: [{values}]\n  method.alpha: [{values}]\n  training.epochs: [{values}]\n")
+    start = time.perf_counter()
+    assert any("1,000,000 points (100 x 100 x 100)" in m for m in messages(path))
+    assert time.perf_counter() - start < 30  # it took 16 minutes point by point
+
+
+def test_mapping_points_are_labelled_by_what_differs(tiny_recipe):
+    recipe = load_recipe(tiny_recipe("sweep:\n  method: [{name: lora, r: 2}, {name: lora, r: 4}, {name: mtlora, r: 2}]\n"))
+    assert [run.label for run in recipe.runs] == ["method=lora-r=2", "method=lora-r=4", "method=mtlora-r=2"]
+
+
+def test_the_command_line_refuses_what_it_cannot_mean(tiny_recipe):
+    assert_clean_error(lrr("inspect", tiny_recipe(), "--sweep", "method.r=2,4", "--sweep", "method.r=8"),
+                       "--sweep method.r is given twice: give its values once, e.g. --sweep method.r=4,8,16 (repeat "
+                       "--sweep for other keys: a grid)", code=2)
+    assert_clean_error(lrr("inspect", tiny_recipe(), "--set", "sweep.method.r=[2,4]"),
+                       "--set sweep.method.r=[2,4]: sweep: a sweep's keys are dotted recipe keys themselves, so --set "
+                       "cannot reach inside it: write --sweep KEY=V1,V2 (e.g. --sweep method.r=2,4) or --set "
+                       "'sweep={method.r: [2, 4]}'", code=1)
+
+
+def test_values_beyond_a_float_s_integers_stay_floats(tiny_recipe):
+    from lowrank_runner.recipe.load import canonical_form
+
+    assert canonical_form({"a": 1e30, "b": 3.0}) == {"a": 1e30, "b": 3}
+    assert isinstance(canonical_form(1e30), float)
+
+
+def test_a_path_too_long_for_the_file_system_is_a_located_error(tiny_recipe, tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)  # data/ exists, so the too-long name below it is an OSError, not "not found"
+    path = tiny_recipe(f"sweep:\n  task.data.train: [data/{'x' * 300}.jsonl]\n")
+    assert_clean_error(lrr("validate", path, "--json"), code=1)
+    assert f"{path}:11:21: sweep.task.data.train.0: cannot be read as a path: File name too long" in messages(path)

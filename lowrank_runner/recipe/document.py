@@ -412,6 +412,10 @@ def apply_override(doc: Document, text: str) -> Document:
     if parts[0] == "extends":
         raise RecipeError([Problem(loc, "extends", "cannot be set with --set: the recipe's files are composed "
                                                    "before overrides apply; write extends in the recipe")])
+    if parts[0] == "sweep" and len(parts) > 1:
+        raise RecipeError([Problem(loc, "sweep", "a sweep's keys are dotted recipe keys themselves, so --set cannot "
+                                                 "reach inside it: write --sweep KEY=V1,V2 (e.g. --sweep method.r=2,4) "
+                                                 "or --set 'sweep={method.r: [2, 4]}'")])
     path = _override_path(doc.data, parts, loc)
     over = Document(value, {(): Origin(loc, loc, path)}, loc.source)
     if isinstance(value, (dict, list)):

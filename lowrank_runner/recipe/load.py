@@ -69,12 +69,13 @@ class Recipe:
 
 def canonical_form(data: Any) -> Any:
     """The value the hash is taken of: integral floats as integers (``epochs: 3.0`` is
-    ``epochs: 3``; JSON Schema counts both as integers), tuples as lists."""
+    ``epochs: 3``; JSON Schema counts both as integers) where a float holds them exactly
+    (below 2^53), tuples as lists."""
     if isinstance(data, dict):
         return {str(k): canonical_form(v) for k, v in data.items()}
     if isinstance(data, (list, tuple)):
         return [canonical_form(v) for v in data]
-    if isinstance(data, float) and data.is_integer():
+    if isinstance(data, float) and data.is_integer() and abs(data) < 2 ** 53:  # 1e30 stays a float
         return int(data)
     return data
 
@@ -244,7 +245,24 @@ def check_document(doc: Document) -> list[Problem]:
         problems += run_problems(run.doc)
     problems += init_from_problems(doc, runs)
     problems += table_problems(doc, [run.task for run in runs])
+    if not any(p.severity == "error" for p in problems):
+        problems += _same_points(doc, runs)
     return dedupe(_one_per_number(problems, non_finite_problems(doc, doc.data)))
+
+
+def _same_points(doc: Document, runs: list[Expanded]) -> list[Problem]:
+    """Two points of a sweep that make the same run once defaults are filled
+    (``{name: lora, r: 2}`` and ``{name: lora, r: 2, alpha: 16}``): it would train twice."""
+    schema, seen, out = recipe_schema(), {}, []
+    for run in runs:
+        if run.point is None:
+            continue
+        key = (run.task, json.dumps(run.seed), canonical_hash(canonical_form(_resolve(run.doc.data, schema))))
+        if key in seen and seen[key] != run.point.label:
+            out.append(problem(doc, ("sweep",), f"points {seen[key]} and {run.point.label} are the same run once "
+                                                "defaults are filled: remove one", key=True))
+        seen.setdefault(key, run.point.label)
+    return dedupe(out)
 
 
 def _one_per_number(problems: list[Problem], numbers: list[Problem]) -> list[Problem]:

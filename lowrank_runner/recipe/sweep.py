@@ -17,6 +17,8 @@ the value that is wrong. ``lrr run --sweep KEY=V1,V2`` adds an axis from the com
 from __future__ import annotations
 
 import itertools
+import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -115,13 +117,21 @@ def _value_labels(axis: Axis, j: int) -> list[str]:
     """A directory-safe label per value of key ``j``, prefixed by the value's index
     where two values would read the same (letter case aside: macOS and Windows file
     systems ignore it, so ``UV`` and ``uv`` would share a directory)."""
-    labels = [_label(values[j]) for values in axis.values]
+    values = [v[j] for v in axis.values]
+    labels = [_label(v, _differing(values) if isinstance(v, dict) else None) for v in values]
     if len({label.lower() for label in labels}) < len(labels):
         return [f"{i}-{label}" for i, label in enumerate(labels)]
     return labels
 
 
-def _label(value) -> str:
+def _differing(values: list) -> list[str]:
+    """The keys whose value is not the same in every mapping of an axis (a mapping's
+    label shows its name and these: ``lora-r=4``)."""
+    keys = dict.fromkeys(k for v in values if isinstance(v, dict) for k in v)
+    return [k for k in keys if k != "name" and len({_canonical(v.get(k)) if isinstance(v, dict) else "" for v in values}) > 1]
+
+
+def _label(value, keys: list[str] | None = None) -> str:
     if isinstance(value, bool):
         text = "true" if value else "false"
     elif value is None:
@@ -131,7 +141,9 @@ def _label(value) -> str:
     elif isinstance(value, list):
         text = "+".join(_label(v) for v in value) or "none"
     elif isinstance(value, dict):
-        text = str(value.get("name", "")) or "-".join(f"{k}={_label(v)}" for k, v in value.items())
+        keys = list(value) if keys is None else [k for k in keys if k in value]
+        parts = [str(value["name"])] if "name" in value else []
+        text = "-".join(parts + [f"{k}={_label(value[k])}" for k in keys if k != "name"]) or "default"
     else:
         text = str(value)
     return re.sub(r"[^A-Za-z0-9._+=-]+", "_", text)[:64] or "_"
@@ -162,36 +174,73 @@ def without_sweep(doc: Document) -> Document:
 # ------------------------------------------------------------------ checks
 
 
+MAX_POINTS = 1000  # a paper's ablation or figure has tens; more is a typo (and slow to check)
+
+
 def sweep_problems(doc: Document, settable: list[str], problem) -> dict[str, list[Problem]]:
     """What is wrong with the ``sweep`` block beyond its schema, per swept key: unknown
-    or fixed keys (did-you-mean), keys inside another swept key, zipped lists of
-    different lengths, values listed twice. ``problem(doc, path, message, key=...)``
-    makes a located problem."""
+    or fixed keys (did-you-mean), a key swept twice or inside another swept key, zipped
+    lists of different lengths, values listed twice, more than :data:`MAX_POINTS`
+    points. ``problem(doc, path, message, key=...)`` makes a located problem."""
     from lowrank_runner.recipe.validate import suggest
 
     out: dict[str, list[Problem]] = {}
     found = axes(doc)
     keys = [k for axis in found for k in axis.keys]
+    where: dict[str, PathT] = {}
     for axis in found:
         for j, key in enumerate(axis.keys):
             at = axis.at[0][j][:-1] if axis.at else (SWEEP, key)
-            out.setdefault(key, []).extend(_key_problems(doc, key, at, keys, settable, problem, suggest))
-            seen = {}
-            for i, values in enumerate(axis.values):
-                if len(axis.keys) == 1 and _canonical(values[j]) in seen:
-                    out[key].append(problem(doc, axis.at[i][j], f"{values[j]!r} is listed twice for {key} (also item "
-                                                                f"{seen[_canonical(values[j])]}): each point runs once"))
-                seen.setdefault(_canonical(values[j]), i)
+            found_here = out.setdefault(key, [])
+            if key in where:
+                first = doc.origin(where[key])
+                found_here.append(problem(doc, at, f"'{key}' is swept twice (also at {first.key if first else 'sweep'}): "
+                                                   "give its values once", key=True))
+                continue
+            where[key] = at
+            found_here.extend(_key_problems(doc, key, at, keys, settable, problem, suggest))
+            if len(axis.keys) == 1:
+                found_here.extend(_repeated_values(doc, axis, key, problem))
     for group, found_problem in _zip_problems(doc, problem):
         for key in group:
             out.setdefault(key, []).append(found_problem)
+    _too_many_points(doc, found, out, problem)
     return {k: v for k, v in out.items() if v}
+
+
+def _repeated_values(doc: Document, axis: Axis, key: str, problem) -> list[Problem]:
+    """A value listed twice (as a recipe reads it: 2 and 2.0, 1e-3 and 0.001 are one)."""
+    seen, out = {}, []
+    for i, (value,) in enumerate(axis.values):
+        text = _canonical(value)
+        if text in seen:
+            out.append(problem(doc, axis.at[i][0], f"{value!r} is listed twice for {key} (also item {seen[text]}): "
+                                                   "each point runs once"))
+        seen.setdefault(text, i)
+    return out
+
+
+def _too_many_points(doc: Document, found: list[Axis], out: dict, problem) -> None:
+    sizes = [len(axis.values) for axis in found]
+    total = math.prod(sizes)
+    if total > MAX_POINTS:
+        shown = " x ".join(map(str, sizes))
+        message = (f"{total:,} points ({shown}); a recipe sweeps at most {MAX_POINTS:,}: split the sweep into "
+                   "several recipes, or sweep fewer values")
+        for axis in found:
+            out.setdefault(axis.keys[0], []).append(problem(doc, (SWEEP,), message, key=True))
+            for key in axis.keys[1:]:
+                out.setdefault(key, [])
 
 
 def _key_problems(doc, key, at, keys, settable, problem, suggest) -> list[Problem]:
     fixed = next((why for k, why in FIXED.items() if key == k or key.startswith(k + ".")), None)
     if fixed:
         return [problem(doc, at, f"'{key}' cannot be swept: {fixed}", key=True)]
+    holds = next((k for k in FIXED if k.startswith(key + ".")), None)
+    if holds:
+        return [problem(doc, at, f"'{key}' cannot be swept as a whole: it holds {holds}, which a sweep cannot move "
+                                 f"({FIXED[holds]}); sweep the keys inside it, e.g. {key}.{_example(key)}", key=True)]
     if key not in settable:
         return [problem(doc, at, f"unknown recipe key '{key}'{suggest(key, settable)}; a sweep names dotted "
                                  "recipe keys, e.g. method.r or training.learning_rate", key=True)]
@@ -199,6 +248,10 @@ def _key_problems(doc, key, at, keys, settable, problem, suggest) -> list[Proble
     if inside:
         return [problem(doc, at, f"'{key}' is inside '{inside[0]}', which is swept too: sweep one of them", key=True)]
     return []
+
+
+def _example(key: str) -> str:
+    return {"training": "learning_rate", "task": "max_length"}.get(key, "KEY")
 
 
 def _zip_problems(doc: Document, problem) -> list[tuple[list[str], Problem]]:
@@ -218,8 +271,11 @@ def _zip_problems(doc: Document, problem) -> list[tuple[list[str], Problem]]:
     return out
 
 
-def _canonical(value):
-    return yaml.safe_dump(value, sort_keys=True)
+def _canonical(value) -> str:
+    """The value as a recipe's hash reads it (2.0 is 2; key order does not matter)."""
+    from lowrank_runner.recipe.load import canonical_form
+
+    return json.dumps(canonical_form(value), sort_keys=True)
 
 
 # ------------------------------------------------------------------ the command line

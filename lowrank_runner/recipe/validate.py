@@ -294,6 +294,13 @@ def _test_split_problems(doc: Document, task: dict, name: str) -> list[Problem]:
 
 
 def _path_problems(doc: Document, path: PathT, value: str, want_dir: bool) -> list[Problem]:
+    try:
+        return _existing_path_problems(doc, path, value, want_dir)
+    except OSError as exc:  # a name too long for the file system, a path through a file, ...
+        return [problem(doc, path, f"cannot be read as a path: {exc.strerror or exc}")]
+
+
+def _existing_path_problems(doc: Document, path: PathT, value: str, want_dir: bool) -> list[Problem]:
     if is_pkg_path(value):
         try:
             resolved = resolve_pkg_path(value)

@@ -528,8 +528,11 @@ def _peek(value: str, role: str, data: dict, wanted: dict[str, str]) -> None:
         path = resolve_local_path(value)
     except ValueError:
         return
-    if not path.is_file():
-        return  # the recipe validator reports missing files and directories
+    try:
+        if not path.is_file():
+            return  # the recipe validator reports missing files and directories
+    except OSError:
+        return  # a name the file system refuses (too long): the recipe validator reports it
     path = data_file(value, role)
     shown = shown_path(value, path)
     fmt = format_of(path, data.get("format") or "auto", shown)
