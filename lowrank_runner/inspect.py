@@ -59,10 +59,21 @@ def inspect_recipe(recipe: Recipe, processes: int = 1) -> dict:
                      "warnings": check_method_schedule(method, plan.total_steps, where)})
     out = {"name": recipe.name, "source": recipe.source, "recipe_hash": recipe.hash, "recipe": recipe.resolved, "runs": runs}
     if recipe.resolved.get("search"):  # its space, trials, sampler and objective per task
+        from lowrank_runner.search.choices import choice_problems
         from lowrank_runner.search.record import search_summary
 
+        problems = choice_problems(recipe, _build_model)  # each choice of targets / method.* on the model
+        if problems:
+            raise PlanError("\n".join(problems))
         out["search"] = search_summary(recipe)
     return out
+
+
+def _build_model(run) -> None:
+    """Build one run's adapted model on the meta device (raises what it cannot take)."""
+    task = build_task(run.config["task"])
+    with at_recipe_lines(run):
+        build_adapted_model(run.config, task.model_class, task.model_config_kwargs(), weights=False)
 
 
 def _inspect_model(run, processes: int) -> tuple[dict, object, object]:

@@ -111,6 +111,47 @@ def test_a_search_runs_trials_in_a_sqlite_study_then_the_best_point_with_every_s
     assert (out / "best" / "results.md").is_file()
 
 
+def test_a_trials_recorded_overrides_rerun_it_alone(search_recipe, searched):
+    """``lrr run RECIPE --set …`` with a trial's recorded overrides plans that trial's one
+    run (its seed, not every seed of training.seed: [0, 1])."""
+    from lowrank_runner.recipe.load import load_recipe
+
+    for t in study(searched).trials:
+        header = art.read_recipe_header(searched / "search" / "classification" / f"trial-{t.number:04d}" / art.RECIPE_FILE)
+        assert "training.seed=0" in header["overrides"]
+        rerun = load_recipe(search_recipe, header["overrides"])
+        assert [(run.task, run.seed, run.config_hash) for run in rerun.runs] == [
+            ("classification", 0, header["config_hash"])]
+
+
+def test_report_and_export_read_a_searchs_final_runs(searched, tmp_path):
+    best = searched / "best"
+    shown = CliRunner().invoke(app, ["report", str(searched), "--json"], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    note = (f"{searched}: a search; reading its final runs, {best} (each task's best point with every seed; "
+            f"its trials are in {searched / 'search'})")
+    assert note in shown.stderr and note not in shown.stdout
+    assert [r["label"] for r in json.loads(shown.stdout)["runs"]] == [
+        f"{best}/classification-seed0", f"{best}/classification-seed1"]
+    table = lrr("report", "--table", searched)
+    assert table.exit_code == 0, table.output
+    assert note in table.stderr and "tiny-search" in table.stdout
+    refused = lrr("export", searched, "--merge", "--out", tmp_path / "merged")
+    assert refused.exit_code == 2
+    trials = ", ".join(str(searched / "search" / "classification" / f"trial-{n:04d}") for n in range(3))
+    assert (f"it holds several runs, export one of: {best}/classification-seed0, {best}/classification-seed1, "
+            f"{trials}") in refused.output
+    (best.rename(tmp_path / "moved"))
+    try:
+        missing = lrr("report", searched)
+        assert missing.exit_code == 2
+        assert (f"{searched}: a search (lrr run of a recipe with a search: block) without final runs: no best/ (no "
+                f"trial completed, or the search has not trained its best points yet; {searched / 'search.md'} says "
+                f"which); its trials are run directories: {searched / 'search'}/TASK/trial-NNNN") in missing.output
+    finally:
+        (tmp_path / "moved").rename(best)
+
+
 def test_an_interrupted_search_resumes_its_study(search_recipe, searched, tmp_path, monkeypatch):
     out = tmp_path / "out"
     stopped = lrr("run", search_recipe, "--output", out, "--stop-after-step", 2)
@@ -176,6 +217,13 @@ def test_one_study_per_task_and_a_sampled_value_wins_over_the_tasks_own(tmp_path
     out = tmp_path / "out"
     result = lrr("run", recipe, "--output", out)
     assert result.exit_code == 0, result.output
+    from lowrank_runner.recipe.load import load_recipe
+
+    for task, other in (("classification", "regression"), ("regression", "classification")):
+        header = art.read_recipe_header(out / "search" / task / "trial-0001" / art.RECIPE_FILE)
+        assert f"~tasks.{other}" in header["overrides"] and f"tasks.{task}.training.seed=0" in header["overrides"]
+        rerun = load_recipe(recipe, header["overrides"])  # the trial alone, not both tasks
+        assert [(run.task, run.config_hash) for run in rerun.runs] == [(task, header["config_hash"])]
     storage = f"sqlite:///{out / 'search.db'}"
     assert sorted(optuna.get_all_study_names(storage)) == ["classification", "regression"]
     for task in ("classification", "regression"):
@@ -195,25 +243,34 @@ def test_one_study_per_task_and_a_sampled_value_wins_over_the_tasks_own(tmp_path
 
 
 def test_a_failed_trial_is_recorded_and_the_search_goes_on(search_recipe, tmp_path, monkeypatch):
-    import lowrank_runner.search.study as search_study
+    import lowrank_runner.train.runner as runner
     from lowrank_runner.errors import TrainingError
 
     calls = []
 
-    def diverged(recipe, run_dir, *args, **kwargs):
-        calls.append(run_dir.name)
-        raise TrainingError(f"{recipe.source}: the training loss is nan at step 3")
+    def diverged(batch, run, run_dir, checkpoint):
+        calls.append(run_dir.name)  # the run's directory exists (recipe.yaml); run_recipe removes it on failure
+        raise TrainingError(f"{batch.recipe.source}: the training loss is nan at step 3")
 
-    monkeypatch.setattr(search_study, "run_recipe", diverged)
+    monkeypatch.setattr(runner, "_train", diverged)
     out = tmp_path / "out"
     result = lrr("run", search_recipe, "--output", out, "--set", "search.n_trials=2")
     assert result.exit_code == 1, result.output
     assert calls == ["trial-0000", "trial-0001"]  # a failed trial counts towards n_trials; no best point to train
     assert [t[1] for t in trial_summary(out)] == ["FAIL", "FAIL"]
     record = json.loads((out / "search.json").read_text())
+    error = f"{search_recipe}: the training loss is nan at step 3"
     assert record["status"] == "failed" and record["tasks"]["classification"]["best"] is None
-    assert record["tasks"]["classification"]["trials"][1]["error"] == f"{search_recipe}: the training loss is nan at step 3"
-    assert "No trial completed yet." in (out / "search.md").read_text()
+    assert record["tasks"]["classification"]["trials"][1]["error"] == error
+    for trial in record["tasks"]["classification"]["trials"]:  # each failed trial keeps its directory, as a sweep run does
+        run_dir = out / trial["dir"]
+        assert (run_dir / "error.txt").read_text() == error
+        report = json.loads((run_dir / art.REPORT_FILE).read_text())
+        assert report["status"] == "failed" and report["error"] == error
+        header = art.read_recipe_header(run_dir / art.RECIPE_FILE)  # what reruns the trial alone
+        assert header["overrides"][:2] == ["search.n_trials=2", "~search"] and "training.seed=0" in header["overrides"]
+    assert ("No trial completed: 2 trial(s) failed, so there is no best point to train. The first failure, trial 0 "
+            f"(`search/classification/trial-0000/error.txt`): {error}") in (out / "search.md").read_text()
 
 
 def test_inspect_and_validate_show_the_search(search_recipe):
@@ -231,6 +288,20 @@ def test_inspect_and_validate_show_the_search(search_recipe):
         "seed": 0}
     assert "objective [classification]: maximize accuracy on the held-out 0.25 of train" in \
         lrr("inspect", search_recipe).output
+
+
+def test_inspect_builds_the_model_at_each_choice_of_targets_and_method_keys(tiny_recipe):
+    recipe = tiny_recipe("search:\n  n_trials: 2\n  space:\n    targets: {choices: [[Wq], [Wnope]]}\n"
+                         "    method.r: {choices: [2, 400]}\n")
+    assert check_recipe_file(recipe) == []  # only the model shows these
+    result = lrr("inspect", recipe)
+    assert result.exit_code == 1
+    assert (f"{recipe}:13:31: search.space.targets.choices.1: choices: a trial would set targets to ['Wnope'], which "
+            "the model of classification cannot take: targets: target pattern 'Wnope' matched no module of this bert "
+            "model") in result.output
+    assert (f"{recipe}:14:29: search.space.method.r.choices.1: choices: a trial would set method.r to 400, which the "
+            "model of classification cannot take: method.r 400 is above the rank a module can have") in result.output
+    assert "choices.0" not in result.output
 
 
 def test_the_condlora_search_recipe_is_its_protocol(tmp_path):

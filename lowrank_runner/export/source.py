@@ -106,13 +106,27 @@ def source_kind(source: Path) -> tuple[str, Path]:
         raise UsageError(f"{source}: an export of format {info} (lrr_export.json), not a run or an adapter bundle; "
                          "export its source run instead (lrr_export.json 'source_run'), or load it with "
                          "transformers' from_pretrained")
-    subruns = sorted(p.parent.parent for pattern in ("*", "*/*/*")
-                     for p in source.glob(f"{pattern}/{art.ADAPTER_DIR}/{art.ADAPTER_CONFIG}"))
+    subruns = _subruns(source)
     hint = f"; it holds several runs, export one of: {', '.join(map(str, subruns))}" if subruns else ""
     raise UsageError(
         f"{source}: not a run directory written by 'lrr run' (no {art.ADAPTER_DIR}/{art.ADAPTER_CONFIG}) "
         f"nor an adapter bundle written by 'lrr export --adapter'{hint}"
     )
+
+
+def _subruns(source: Path) -> list[Path]:
+    """The run directories below ``source`` (a recipe's ``TASK-seedN``, a sweep's
+    ``TASK/POINT/seedN``, or ``POINT/seedN`` below a sweep's task); in a search's directory its final runs (``best/``) first, then
+    its trials."""
+    from lowrank_runner.search.layout import final_runs
+
+    best = final_runs(source)
+    roots = [(best, ("", "*", "*/*/*"))] if best is not None else []
+    found = []  # "*/*": below a sweep's task directory, POINT/seedN
+    for root, patterns in [*roots, (source, ("*", "*/*", "*/*/*"))]:
+        found += sorted(p.parent.parent for pattern in patterns
+                        for p in root.glob(f"{pattern}/{art.ADAPTER_DIR}/{art.ADAPTER_CONFIG}".lstrip("/")))
+    return list(dict.fromkeys(found))
 
 
 def _exported_format(directory: Path) -> str | None:

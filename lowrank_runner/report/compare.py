@@ -158,11 +158,14 @@ def _interrupted(label: str, error) -> str:
 
 
 def expand(paths: list[Path]) -> list[RunReport]:
-    """Run directories; a multi-run directory (with summary.json) stands for its runs."""
+    """Run directories; a multi-run directory (with summary.json) stands for its runs, a
+    search's directory for its final runs (RUN_DIR/best)."""
+    from lowrank_runner.search.layout import runs_of
+
     if not paths:
         raise UsageError("give at least one run directory: lrr report RUN_DIR [RUN_DIR ...]")
     runs: list[RunReport] = []
-    for path in paths:
+    for path in map(runs_of, paths):
         if path.is_dir() and (path / SUMMARY_FILE).is_file() and not (path / art.REPORT_FILE).is_file():
             runs += _summary_runs(path)
         else:

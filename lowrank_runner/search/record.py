@@ -9,11 +9,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lowrank_runner.recipe.load import Recipe
+from lowrank_runner.search.layout import BEST_DIR, DB_FILE, RECORD_FILE as RECORD_JSON, RECORD_MD
 from lowrank_runner.search.space import SearchSpec, describe_search
 from lowrank_runner.train import artifacts as art
-
-RECORD_JSON = "search.json"
-RECORD_MD = "search.md"
 
 
 @dataclass(frozen=True)
@@ -49,9 +47,9 @@ def search_record(recipe: Recipe, spec: SearchSpec, info: dict, studies: dict, s
     """The record as a dict: the search's settings and, per task, its trials and best point."""
     return {
         "recipe": recipe.name, "source": recipe.source, "hash": recipe.hash, "overrides": list(recipe.overrides),
-        "status": status, "storage": "search.db", "n_trials": spec.n_trials, "sampler": spec.sampler, "seed": spec.seed,
+        "status": status, "storage": DB_FILE, "n_trials": spec.n_trials, "sampler": spec.sampler, "seed": spec.seed,
         "space": {d.key: {d.kind: list(d.values)} for d in spec.dimensions},
-        "best_runs": "best",
+        "best_runs": BEST_DIR,
         "tasks": {task: _task_record(info[task], studies.get(task), decode) for task in info},
     }
 
@@ -108,5 +106,19 @@ def _task_markdown(task: str, entry: dict, keys: list[str]) -> list[str]:
         shown = ", ".join(f"`{k}` = {json.dumps(v)}" for k, v in best["params"].items())
         lines += ["", f"Best: trial {best['number']}, {entry['metric']} {best['value']:.4f}: {shown}."]
     else:
-        lines += ["", "No trial completed yet."]
+        lines += ["", _no_best(entry["trials"])]
     return lines + [""]
+
+
+def _no_best(trials: list[dict]) -> str:
+    """Why a task has no best point: its trials failed (the first error), or none finished yet."""
+    failed = [t for t in trials if t["state"] == "FAIL"]
+    if not failed:
+        return "No trial completed yet."
+    first = failed[0]
+    error = f": {first['error']}" if first.get("error") else ""
+    running = len(trials) - len(failed)
+    more = f", {running} not finished" if running else ""
+    where = f" (`{first['dir']}/error.txt`)" if first.get("dir") else ""
+    return (f"No trial completed: {len(failed)} trial(s) failed{more}, so there is no best point to train. "
+            f"The first failure, trial {first['number']}{where}{error}")

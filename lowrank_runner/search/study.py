@@ -13,7 +13,9 @@ trial a run directory, then the best point of each task with every seed.
 
 A trial is the recipe with the sampled values set on its task (``--set`` overrides,
 recorded in the trial's ``recipe.yaml``), run by :func:`~lowrank_runner.train.runner.run_recipe`
-with the recipe's first seed. Its value is the run's ``best`` (the task's selection
+with the recipe's first seed (the recorded overrides pin that seed and, in a multi-task
+recipe, remove the other tasks, so they rerun the trial alone). A trial that fails keeps
+its directory (``error.txt``, ``report.json`` failed). Its value is the run's ``best`` (the task's selection
 metric on the selection split, never a test split), maximised or minimised as the
 training loop selects checkpoints. ``--resume`` continues the studies: finished trials
 are kept, a trial that was running continues from its checkpoint (or starts again with
@@ -33,6 +35,7 @@ from rich.markup import escape
 from lowrank_runner.errors import LrrError, UsageError
 from lowrank_runner.quiet import quiet_libraries
 from lowrank_runner.recipe.load import Recipe, load_recipe
+from lowrank_runner.search.layout import BEST_DIR, DB_FILE, RECORD_FILE, TRIALS_DIR
 from lowrank_runner.search.record import task_info, write_record
 from lowrank_runner.search.space import SearchSpec, search_spec, trial_overrides
 from lowrank_runner.train import artifacts as art
@@ -40,10 +43,6 @@ from lowrank_runner.train.run_dirs import continue_command, prepare_root, record
 from lowrank_runner.train import run_dirs
 from lowrank_runner.train.runner import console, run_recipe
 
-DB_FILE = "search.db"
-RECORD_FILE = "search.json"
-TRIALS_DIR = "search"
-BEST_DIR = "best"
 STOPPED = "stopped"  # --stop-after-step ended a trial: the search waits for --resume
 
 
@@ -187,6 +186,7 @@ class Search:
         shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
         console.rule(f"[bold]search[/bold] · {escape(task)} · trial {trial.number} ({self.spec.n_trials} per task)")
         console.print(f"parameters: {escape(shown)}")
+        rec = None
         try:
             rec = self.trial_recipe(task, values)  # a sampled value the recipe cannot take fails this trial
             run_recipe(rec, run_dir, self.argv, resume=(run_dir / art.RECIPE_FILE).is_file(), stop_after=self.stop_after)
@@ -200,6 +200,7 @@ class Search:
             raise
         except LrrError as exc:
             text = str(exc).strip()
+            _keep_failed(run_dir, rec, text or type(exc).__name__)
             trial.set_user_attr("error", text.splitlines()[-1] if text else type(exc).__name__)
             study.tell(trial.number, state=self.optuna.trial.TrialState.FAIL)
             console.print(f"[red]trial {trial.number} failed[/red]: {escape(text.splitlines()[-1] if text else '')}; "
@@ -213,16 +214,24 @@ class Search:
         return self.root / TRIALS_DIR / task.replace("/", "-") / f"trial-{number:04d}"
 
     def trial_recipe(self, task: str, values: dict) -> Recipe:
-        """The recipe with ``values`` on ``task``, reduced to that task's first seed."""
-        rec = self.at_points({task: values})
-        return replace(rec, runs=(next(run for run in rec.runs if run.task == task),))
+        """The recipe with ``values`` on ``task``, reduced by ``--set`` overrides to that
+        task (``~tasks.OTHER``) and its first seed: one run, which its recorded overrides
+        (``recipe.yaml``) rerun alone with ``lrr run RECIPE --set …``."""
+        seed = self.info[task].seed
+        others = [f"~tasks.{name}" for name in self.recipe.resolved.get("tasks") or {} if name != task]
+        rec = self.at_points({task: {**values, "training.seed": seed}}, others)
+        if len(rec.runs) != 1:  # the overrides must leave the trial's run alone
+            raise LrrError(f"{self.recipe.source}: the overrides of a trial of {task} plan {len(rec.runs)} runs, "
+                           f"not 1: {rec.overrides}")
+        return rec
 
-    def at_points(self, points: dict) -> Recipe:
-        """The recipe without its search, each task's values (``points``) set on it."""
+    def at_points(self, points: dict, extra: list[str] = ()) -> Recipe:
+        """The recipe without its search, each task's values (``points``) set on it,
+        then the ``extra`` overrides."""
         overrides = [*self.recipe.overrides, "~search"]
         for task, values in points.items():
             overrides += trial_overrides(self.recipe.resolved, task, values)
-        return load_recipe(self.recipe.source, overrides)
+        return load_recipe(self.recipe.source, [*overrides, *extra])
 
     def decode(self, params: dict) -> dict:
         """Optuna's parameters as recipe values (choices that are lists are stored as JSON)."""
@@ -257,6 +266,17 @@ class Search:
         if any((out / d / art.RECIPE_FILE).is_file() and _metrics(out / d) is None for d in _run_dirs(rec, out)):
             console.print(f"continue the search (its best runs) with: {escape(self.again)}")
         return failures
+
+
+def _keep_failed(run_dir: Path, rec: Recipe | None, error: str) -> None:
+    """A failed trial keeps its directory, as a failed run of a sweep does: ``error.txt``
+    and ``report.json`` (status failed) and, when its recipe loaded, its ``recipe.yaml``
+    (the overrides that rerun it). ``run_recipe`` removes a single run's directory that
+    failed before training; a trial is listed in ``search.json``, so it stays."""
+    run_dirs.mark_failed(run_dir, error, create=True)
+    if rec is not None and not (run_dir / art.RECIPE_FILE).is_file():
+        run = rec.runs[0]
+        art.write_recipe(run_dir / art.RECIPE_FILE, run.config, rec.hash, run.config_hash, rec.source, rec.overrides)
 
 
 def _run_dirs(recipe: Recipe, root: Path) -> list[Path]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lowrank_runner.errors import RunFileError, UsageError
+from lowrank_runner.search.layout import runs_of
 from lowrank_runner.tables.build import Source
 from lowrank_runner.train import artifacts as art
 
@@ -98,6 +99,7 @@ def read_output(path: Path) -> tuple[Source, dict]:
         raise UsageError(f"{path}: no such directory")
     if not path.is_dir():
         raise UsageError(f"{path}: not a directory (give the output directory of a recipe run by 'lrr run')")
+    path = runs_of(path)  # a search's directory: its final runs, path/best
     if (path / art.SUMMARY_FILE).is_file() and not (path / art.REPORT_FILE).is_file():
         return _summary_source(path)
     if (path / art.REPORT_FILE).is_file():
