@@ -273,6 +273,29 @@ def test_a_failed_trial_is_recorded_and_the_search_goes_on(search_recipe, tmp_pa
             f"(`search/classification/trial-0000/error.txt`): {error}") in (out / "search.md").read_text()
 
 
+def test_a_crashed_trial_fails_alone_and_the_search_goes_on(search_recipe, tmp_path, monkeypatch):
+    """Out of memory at a sampled batch size is a crash, not an LrrError: that trial fails
+    (its traceback kept), the next one trains."""
+    import lowrank_runner.train.runner as runner
+
+    train, calls = runner._train, []
+
+    def out_of_memory_once(batch, run, run_dir, checkpoint):
+        calls.append(run_dir.name)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return train(batch, run, run_dir, checkpoint)
+
+    monkeypatch.setattr(runner, "_train", out_of_memory_once)
+    out = tmp_path / "out"
+    result = lrr("run", search_recipe, "--output", out, "--set", "search.n_trials=2", "--set", "training.seed=0")
+    assert result.exit_code == 0, result.output
+    assert [t[1] for t in trial_summary(out)] == ["FAIL", "COMPLETE"]
+    assert "RuntimeError: CUDA out of memory" in (out / "search" / "classification" / "trial-0000" / "error.txt").read_text()
+    assert "trial 0 failed: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB; the search goes on" in \
+        result.output
+
+
 def test_inspect_and_validate_show_the_search(search_recipe):
     shown = lrr("validate", search_recipe)
     assert shown.exit_code == 0, shown.output

@@ -27,6 +27,7 @@ samples what an uninterrupted one would.
 from __future__ import annotations
 
 import json
+import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -199,16 +200,21 @@ class Search:
         except UsageError:
             raise
         except LrrError as exc:
-            text = str(exc).strip()
-            _keep_failed(run_dir, rec, text or type(exc).__name__)
-            trial.set_user_attr("error", text.splitlines()[-1] if text else type(exc).__name__)
-            study.tell(trial.number, state=self.optuna.trial.TrialState.FAIL)
-            console.print(f"[red]trial {trial.number} failed[/red]: {escape(text.splitlines()[-1] if text else '')}; "
-                          "the search goes on")
+            self.failed(study, trial, run_dir, rec, str(exc).strip() or type(exc).__name__)
+        except Exception as exc:  # a crash (out of memory at a sampled batch size): the search goes on
+            self.failed(study, trial, run_dir, rec, f"{type(exc).__name__}: {exc}", traceback.format_exc())
         else:
             study.tell(trial.number, value)
         self.write("running")
         return None
+
+    def failed(self, study, trial, run_dir: Path, rec: Recipe | None, error: str, details: str | None = None) -> None:
+        """Record a failed trial (its directory kept, with the error) and tell the study."""
+        _keep_failed(run_dir, rec, details or error)
+        last = error.splitlines()[-1]
+        trial.set_user_attr("error", last)
+        study.tell(trial.number, state=self.optuna.trial.TrialState.FAIL)
+        console.print(f"[red]trial {trial.number} failed[/red]: {escape(last)}; the search goes on")
 
     def trial_dir(self, task: str, number: int) -> Path:
         return self.root / TRIALS_DIR / task.replace("/", "-") / f"trial-{number:04d}"
