@@ -108,3 +108,28 @@ def test_two_processes_stop_and_resume_like_an_uninterrupted_run(tmp_path, tiny_
     b_lines, b_pattern, b_metrics, b_adapter = run_outputs(parts)
     assert b_lines == a_lines and b_pattern == a_pattern and b_metrics == a_metrics
     assert all(torch.equal(a_adapter[k], b_adapter[k]) for k in a_adapter)
+
+
+def test_ctrl_c_while_a_run_writes_its_results_leaves_it_resumable(tmp_path, tiny_recipe, monkeypatch):
+    """Interrupted after metrics.json and adapter/ but before report.json (which marks a run
+    completed), the run was neither complete nor resumable; now it resumes from its last
+    checkpoint and completes."""
+    import lowrank_runner.train.loop as loop
+
+    real = loop.write_run_report
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "write_run_report", interrupted)
+    out = tmp_path / "run"
+    args = ["run", tiny_recipe(), "--output", out, "--set", "training.checkpoint_every=2", "--set", "training.epochs=1"]
+    result = lrr(*args)
+    assert result.exit_code == 130, result.output
+    assert not (out / "metrics.json").exists() and not (out / "adapter").exists()
+    assert json.loads((out / "report.json").read_text())["status"] == "interrupted"
+    monkeypatch.setattr(loop, "write_run_report", real)
+    resumed = lrr(*args, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((out / "report.json").read_text())["status"] == "completed"
+    assert (out / "adapter" / "adapter.safetensors").is_file() and not (out / "checkpoints").exists()

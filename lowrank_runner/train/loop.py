@@ -120,6 +120,15 @@ def evaluate_all(model, dataloaders: dict, task: Task, accelerator, splits: dict
     return out
 
 
+
+def _reports_completed(run_dir: Path) -> bool:
+    """Whether the run's report.json says it completed (an older one may say interrupted)."""
+    try:
+        return json.loads((run_dir / art.REPORT_FILE).read_text(encoding="utf-8")).get("status") == "completed"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _trainable_state(model, adapted: AdaptedModel, compact: bool = True) -> tuple[dict, dict]:
     """Adapter (at its active ranks unless ``compact=False``, with the backbone tensors the
     method trains itself) and head tensors, on the CPU."""
@@ -532,7 +541,19 @@ class TrainingRun:
 
     def write_artifacts(self, test: dict | None) -> None:
         """Adapter, metrics, the task's outputs, rank pattern and report (main process);
-        the checkpoints go: a completed run has nothing left to resume."""
+        the checkpoints go: a completed run has nothing left to resume. The report is
+        written last and marks the run completed; stopped before it (Ctrl-C, a full
+        disk), what was written goes again, so the run resumes from its last checkpoint."""
+        try:
+            self._write_results(test)
+        except BaseException:
+            if not _reports_completed(self.run_dir):
+                shutil.rmtree(self.run_dir / art.ADAPTER_DIR, ignore_errors=True)
+                (self.run_dir / art.METRICS_FILE).unlink(missing_ok=True)
+            raise
+        shutil.rmtree(self.run_dir / CHECKPOINTS_DIR, ignore_errors=True)  # complete: nothing left to resume
+
+    def _write_results(self, test: dict | None) -> None:
         s, unwrapped, run = self.state, self.accelerator.unwrap_model(self.model), self.run
         adapter_state, head_state = s.best_state or _trainable_state(unwrapped, self.adapted)
         origin = self.init_from.record() if self.init_from is not None else None  # the adapter it started from
@@ -556,7 +577,6 @@ class TrainingRun:
             resumed_from=self.resume.step if self.resume is not None else None, holdout=holdout,
             test_examples=test_examples or None, init_from=origin,
         ))
-        shutil.rmtree(self.run_dir / CHECKPOINTS_DIR, ignore_errors=True)  # complete: nothing left to resume
 
     def _write_outputs(self) -> None:
         """Generated text, answers: the selected checkpoint's on the selection splits, and
