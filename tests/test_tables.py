@@ -264,3 +264,55 @@ def test_report_table_refuses_what_it_cannot_tabulate(outputs, tmp_path):
     assert code == 2 and "--out, --format and --figure go with --table" in err
     code, _, err = lrr("report", "--table", outputs / "lora", "--figure", tmp_path / "f.png")
     assert code == 2 and "no sweep point" in err
+
+
+# ------------------------------------------------------------- found by a tester
+
+
+def test_an_average_of_errors_is_best_lowest_and_a_mixed_one_has_no_best(tmp_path):
+    rows = [Source(f"m{i}", ["regression"], [entry(tmp_path / f"m{i}", "regression", 0, {"mse": mse}, "mse")])
+            for i, mse in enumerate((1.66, 2.69))]
+    spec = table_spec({"table": {"columns": [{"task": "regression", "metrics": ["mse"]}]}})
+    t = build_table(rows, spec)
+    assert [r.average_best for r in t.rows] == [True, False]  # it bolded 2.69
+    mixed = table_spec({"table": {"columns": [{"task": "regression", "metrics": ["mse", "pearson"]}], "average": "mean"}})
+    rows = [Source(f"m{i}", ["regression"], [entry(tmp_path / f"x{i}", "regression", 0, {"mse": m, "pearson": p}, "mse")])
+            for i, (m, p) in enumerate(((1.0, 0.5), (2.0, 0.9)))]
+    assert [r.average_best for r in build_table(rows, mixed).rows] == [False, False]
+
+
+def test_headers_are_escaped_and_drawn_as_text(tmp_path):
+    spec = table_spec({"table": {"columns": [{"task": "rte", "header": "Acc $\\foo{x}$ | 50%"}]}})
+    sources = [Source("s", ["rte"], [entry(tmp_path, "rte", 0, {"accuracy": a}, "accuracy", label=f"lr={lr}",
+                                           point={"training.learning_rate": lr})
+                                     for lr, a in ((1e-4, 0.6), (1e-2, 0.7), (0.5, 0.5))])]
+    t = build_table(sources, spec)
+    assert markdown(t).splitlines()[0] == "| Method | # Params | Acc $\\foo{x}$ \\| 50% | Avg. |"
+    assert "Acc \\$\\textbackslash{}foo\\{x\\}\\$ \\textbar{} 50\\%" in latex(t)
+    assert Image.open(sweep_figure(t, tmp_path / "lr.png", "lr")).format == "PNG"  # a "$" crashed mathtext
+    methods = [Source("s", ["rte"], [entry(tmp_path, "rte", 0, {"accuracy": 0.6 + i / 10}, "accuracy", label=f"m{i}",
+                                           point={"method": {"name": name, "r": 4}})
+                                     for i, name in enumerate(("lora", "adalora"))])]
+    assert sweep_figure(build_table(methods, table_spec({})), tmp_path / "m.png", "m").is_file()
+
+
+def test_report_table_refuses_bad_places_to_write(outputs, tmp_path):
+    (tmp_path / "dir.md").mkdir()
+    cases = {
+        ("--out", tmp_path / "nodir" / "t.md"): f"--out {tmp_path / 'nodir' / 't.md'}: {tmp_path / 'nodir'} is not a "
+                                                "directory; create it first, or write somewhere else",
+        ("--out", tmp_path / "dir.md"): f"--out {tmp_path / 'dir.md'}: is a directory; give a file name in it, e.g. "
+                                        f"{tmp_path / 'dir.md' / 'table.md'}",
+        ("--out", tmp_path / "t.tex", "--format", "csv"): f"--out {tmp_path / 't.tex'} is a .tex file but --format says "
+                                                          "csv: give --out a name ending in .csv, or drop --format",
+        ("--out", tmp_path / "t.latex"): f"--out {tmp_path / 't.latex'}: give a file ending in .md, .csv or .tex (the "
+                                         "format follows the suffix)",
+        ("--figure", tmp_path / "f.txt"): f"--figure {tmp_path / 'f.txt'}: give a file ending in .png",
+        ("--out", outputs / "lora" / "t.md"): f"--out {outputs / 'lora' / 't.md'}: {outputs / 'lora'} is a run directory "
+                                              "written by lrr run; write the table somewhere else (its own results.* "
+                                              "are written there already)",
+    }
+    for args, message in cases.items():
+        code, _, err = lrr("report", "--table", outputs / "lora", *args)
+        assert (code, err.strip()) == (2, f"error: {message}"), args
+    assert not (outputs / "lora" / "t.md").exists()

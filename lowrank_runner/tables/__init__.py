@@ -51,19 +51,43 @@ def write_recipe_tables(root: Path, recipe, summary: list[dict], console=None) -
     return table
 
 
+SUFFIXES = {".md": "md", ".csv": "csv", ".tex": "latex"}
+
+
 def _format_of(out: Path | None, fmt: str | None) -> str:
+    """The format asked for: ``--format``, else ``--out``'s suffix (they must agree)."""
     from lowrank_runner.errors import UsageError
 
-    if fmt is not None:
-        if fmt not in FORMATS:
-            raise UsageError(f"--format {fmt}: choose md, csv or latex")
-        return fmt
+    if fmt is not None and fmt not in FORMATS:
+        raise UsageError(f"--format {fmt}: choose md, csv or latex")
+    fmt = {"markdown": "md", "tex": "latex"}.get(fmt, fmt)
     if out is None:
-        return "md"
-    suffix = out.suffix.lstrip(".").lower()
-    if suffix not in FORMATS:
-        raise UsageError(f"--out {out}: give a file ending in .md, .csv or .tex, or say --format md|csv|latex")
+        return fmt or "md"
+    suffix = SUFFIXES.get(out.suffix.lower())
+    if suffix is None:
+        raise UsageError(f"--out {out}: give a file ending in .md, .csv or .tex (the format follows the suffix)")
+    if fmt is not None and fmt != suffix:
+        raise UsageError(f"--out {out} is a .{out.suffix.lstrip('.').lower()} file but --format says {fmt}: give "
+                         f"--out a name ending in .{ {v: k for k, v in SUFFIXES.items()}[fmt].lstrip('.') }, or "
+                         "drop --format")
     return suffix
+
+
+def _writable_file(path: Path, option: str, suffixes: tuple[str, ...]) -> None:
+    """``--out``/``--figure``: a file in an existing directory that is not a run's (a run's
+    own files are never overwritten), with one of ``suffixes``."""
+    from lowrank_runner.errors import UsageError
+
+    if path.suffix.lower() not in suffixes:
+        raise UsageError(f"{option} {path}: give a file ending in {' or '.join(suffixes)}")
+    if path.is_dir():
+        raise UsageError(f"{option} {path}: is a directory; give a file name in it, e.g. {path / ('table' + suffixes[0])}")
+    parent = path.parent
+    if not parent.is_dir():
+        raise UsageError(f"{option} {path}: {parent} is not a directory; create it first, or write somewhere else")
+    if any((parent / name).is_file() for name in ("recipe.yaml", "summary.json", "search.json")):
+        raise UsageError(f"{option} {path}: {parent} is a run directory written by lrr run; write the table "
+                         "somewhere else (its own results.* are written there already)")
 
 
 def report_table(paths: list[Path], out: Path | None = None, fmt: str | None = None,
@@ -75,6 +99,10 @@ def report_table(paths: list[Path], out: Path | None = None, fmt: str | None = N
     from lowrank_runner.tables.sources import read_outputs
 
     kind = _format_of(out, fmt)
+    if out is not None:
+        _writable_file(out, "--out", tuple(SUFFIXES))
+    if figure is not None:
+        _writable_file(figure, "--figure", (".png",))
     sources, resolved = read_outputs(paths)
     table = build_table(sources, table_spec(resolved.get("output")))
     text, lines = FORMATS[kind](table), []
@@ -85,7 +113,10 @@ def report_table(paths: list[Path], out: Path | None = None, fmt: str | None = N
                              "metric against a swept value: a recipe with sweep:)")
         lines.append(f"figure written to {figure}")
     if out is not None:
-        out.write_text(text, encoding="utf-8")
+        try:
+            out.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"--out {out}: cannot be written ({exc.strerror or exc}); write somewhere else") from None
         lines.append(f"table written to {out}")
     return table, text, lines
 

@@ -147,9 +147,11 @@ def _mark_best(rows: list[Row]) -> None:
     if len(rows) < 2:
         return
     averages = [r.average for r in rows if r.average is not None and r.average_complete]
-    if len(set(averages)) > 1:
+    directions = {lower_is_better(v.metric) for cell in rows[0].cells for v in cell}
+    if len(set(averages)) > 1 and len(directions) == 1:  # an average of errors is best lowest; mixed: no best
+        pick = min if directions == {True} else max
         for r in rows:
-            r.average_best = r.average_complete and r.average == max(averages)
+            r.average_best = r.average_complete and r.average == pick(averages)
     for i, cell in enumerate(rows[0].cells):
         for j, value in enumerate(cell):
             present = [r.cells[i][j] for r in rows if r.cells[i][j].centre is not None]

@@ -20,6 +20,11 @@ def _short(key: str) -> str:
 
 
 def _text(value) -> str:
+    """A swept value as a category: a mapping or list as its run directory label reads it."""
+    from lowrank_runner.recipe.sweep import _label
+
+    if isinstance(value, (dict, list)):
+        return _label(value)
     return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
@@ -59,6 +64,12 @@ def sweep_figure(table: Table, path: Path, title: str) -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
+    with matplotlib.rc_context({"text.parse_math": False}):  # a header's "$" is text, not TeX
+        _draw(table, axis, lines, path, title)
+    return path
+
+
+def _draw(table: Table, axis: str, lines: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     xs = [x for points in lines.values() for x, _, _ in points]
@@ -76,6 +87,8 @@ def sweep_figure(table: Table, path: Path, title: str) -> Path | None:
         if min(xs) > 0 and max(xs) / min(xs) >= 16:
             ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(set(xs)), [str(x) for x in sorted(set(xs))])
+    elif min(xs) > 0 and max(xs) / min(xs) >= 100:  # learning rates: decades apart
+        ax.set_xscale("log")
     ax.set_xlabel(axis)
     ax.set_ylabel("metric ×100" if len({h for h in table.headers}) > 1 else table.headers[0])
     spread = " ± std" if table.spec.spread == "std" else ""
@@ -84,6 +97,7 @@ def sweep_figure(table: Table, path: Path, title: str) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    try:
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)

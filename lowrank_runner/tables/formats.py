@@ -95,7 +95,7 @@ def notes(table: Table) -> list[str]:
 
 
 def markdown(table: Table) -> str:
-    head = headers(table)
+    head = [h.replace("|", "\\|") for h in headers(table)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells(row, table, "markdown")) + " |"
               for row in table.rows]
@@ -128,7 +128,7 @@ def csv_text(table: Table) -> str:
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                   "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "–": "--",
-                  "±": r"$\pm$", "×": r"$\times$"}
+                  "±": r"$\pm$", "×": r"$\times$", "|": r"\textbar{}", "<": r"\textless{}", ">": r"\textgreater{}"}
 
 
 def latex_escape(text: str) -> str:
