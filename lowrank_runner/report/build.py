@@ -59,7 +59,7 @@ def build_run_report(*, recipe, run, argv: list[str], adapted, model, task, spli
         "command": argv,
         "cwd": os.getcwd(),
         "run": {"task": run.task, "seed": run.seed, "index": run.index, "runs_in_recipe": len(recipe.runs),
-                "resumed_from_step": resumed_from},
+                "point": run.point, "label": run.label, "resumed_from_step": resumed_from},
         "seeds": _seeds(recipe, run, holdout["seed"] if holdout else None),
         "backbone": {**backbone, "trust_remote_code": ref.trust_remote_code},  # true: the model files' own code ran
         "data": data_fingerprint(task, splits),
