@@ -319,3 +319,14 @@ def test_adalora_run_resumes_identically(tiny_backbone, tmp_path):
     a, b = (load_file(str(d / "adapter" / "adapter.safetensors")) for d in (whole, parts))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (whole / "rank_pattern.json").read_text() == (parts / "rank_pattern.json").read_text()
+
+
+def test_switching_a_recipe_to_a_baseline_with_set_says_how(tmp_path):
+    from lowrank_runner.recipe.load import check_recipe_file
+
+    recipe = recipe_for("{name: lora, r: 8}", tmp_path)
+    found = [str(p) for p in check_recipe_file(recipe, ["method.name=full"])]
+    assert found == [f"{recipe}:10:22: method.r: unknown key 'r' (allowed here: name) (--set method.name=full keeps "
+                     "the recipe's other method keys; replace the whole mapping: --set '~method' --set "
+                     "'method={name: full}')"]
+    assert check_recipe_file(recipe, ["~method", "method={name: full}"]) == []

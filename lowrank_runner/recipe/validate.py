@@ -209,7 +209,7 @@ def _method_problems(doc: Document, method) -> list[Problem]:
     name = method["name"]
     if name not in specs:
         return [problem(doc, ("method", "name"), f"unknown method '{name}'{suggest(name, specs)}; registered: {', '.join(sorted(specs))} (see 'lrr methods')")]
-    out = schema_problems(doc, method, validator_for(specs[name].schema), ("method",))
+    out = _switched_method_hint(doc, name, schema_problems(doc, method, validator_for(specs[name].schema), ("method",)))
     if "targets" not in doc.data and specs[name].schema.get("x-targets", True) is not False:
         out.append(problem(doc, (), f"missing required key 'targets' (the modules method '{name}' adapts, e.g. "
                                     "targets: [Wq, Wv]; only full and bitfit take none)", key=True))
@@ -221,6 +221,18 @@ def _method_problems(doc: Document, method) -> list[Problem]:
             at = ("method", small) if small in method else ("method",)
             out.append(problem(doc, at, f"{small} ({a}) cannot exceed {large} ({b})"))
     return out
+
+
+def _switched_method_hint(doc: Document, name: str, problems: list[Problem]) -> list[Problem]:
+    """``--set method.name=full`` keeps the recipe's other method keys (``r``, ``alpha``),
+    which the new method does not take: say how to replace the whole mapping."""
+    origin = doc.origins.get(("method", "name"))
+    if origin is None or not str(origin.value.source).startswith("--set"):
+        return problems
+    hint = (f" (--set method.name={name} keeps the recipe's other method keys; replace the whole mapping: "
+            f"--set '~method' --set 'method={{name: {name}}}')")
+    return [Problem(p.location, p.path, p.message + hint, p.severity) if p.message.startswith("unknown key") else p
+            for p in problems]
 
 
 def _task_problems(doc: Document, task) -> list[Problem]:
