@@ -175,6 +175,15 @@ def test_impossible_schedules_and_ranks_are_errors():
         build_method({"name": "adalora", **get_method_spec("adalora").defaults(), "init_r": 8})
 
 
+def test_validate_refuses_what_the_method_refuses(tmp_path):
+    """target_r = init_r validated, then inspect and run refused it ("x-lt" in the schema)."""
+    from lowrank_runner.recipe.load import check_recipe_file
+
+    recipe = recipe_for("{name: adalora, init_r: 4, target_r: 4}", tmp_path)
+    assert [str(p) for p in check_recipe_file(recipe)] == [
+        f"{recipe}:10:46: method.target_r: target_r (4) must be below init_r (4)"]
+
+
 # ---------------------------------------------------------------- parameter counts
 
 def lrr(*args):

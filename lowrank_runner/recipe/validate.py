@@ -213,13 +213,15 @@ def _method_problems(doc: Document, method) -> list[Problem]:
     if "targets" not in doc.data and specs[name].schema.get("x-targets", True) is not False:
         out.append(problem(doc, (), f"missing required key 'targets' (the modules method '{name}' adapts, e.g. "
                                     "targets: [Wq, Wv]; only full and bitfit take none)", key=True))
-    # "x-le": {"a": "b"} in a method schema: parameter a must not exceed parameter b.
+    # "x-le" / "x-lt": {"a": "b"} in a method schema: parameter a must not exceed (must stay below) parameter b.
     defaults = specs[name].defaults()
-    for small, large in specs[name].schema.get("x-le", {}).items():
-        a, b = method.get(small, defaults.get(small)), method.get(large, defaults.get(large))
-        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) and a > b:
-            at = ("method", small) if small in method else ("method",)
-            out.append(problem(doc, at, f"{small} ({a}) cannot exceed {large} ({b})"))
+    for rule, fails, says in (("x-le", float.__gt__, "cannot exceed"), ("x-lt", float.__ge__, "must be below")):
+        for small, large in specs[name].schema.get(rule, {}).items():
+            a, b = method.get(small, defaults.get(small)), method.get(large, defaults.get(large))
+            if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) \
+                    and fails(float(a), float(b)):
+                at = ("method", small) if small in method else ("method",)
+                out.append(problem(doc, at, f"{small} ({a}) {says} {large} ({b})"))
     return out
 
 
