@@ -133,3 +133,29 @@ def test_ctrl_c_while_a_run_writes_its_results_leaves_it_resumable(tmp_path, tin
     assert resumed.exit_code == 0, resumed.output
     assert json.loads((out / "report.json").read_text())["status"] == "completed"
     assert (out / "adapter" / "adapter.safetensors").is_file() and not (out / "checkpoints").exists()
+
+
+def test_ctrl_c_in_a_multi_run_recipe_keeps_what_finished_in_its_summary(tmp_path, tiny_recipe, monkeypatch):
+    """summary.json and the tables are written at Ctrl-C too (they were not, so `lrr report
+    --table` called the directory not a recipe's output)."""
+    import lowrank_runner.train.runner as runner
+
+    real, calls = runner._train, []
+
+    def interrupted_second(batch, run, run_dir, checkpoint):
+        calls.append(run.seed)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(batch, run, run_dir, checkpoint)
+
+    monkeypatch.setattr(runner, "_train", interrupted_second)
+    out = tmp_path / "multi"
+    args = ["run", tiny_recipe(), "--output", out, "--set", "training.seed=[0,1]", "--set", "training.epochs=1"]
+    assert lrr(*args).exit_code == 130
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(r["seed"], r["status"]) for r in summary["runs"]] == [(0, "completed"), (1, "interrupted")]
+    assert "*" in (out / "results.md").read_text()  # seed 1 missing
+    monkeypatch.setattr(runner, "_train", real)
+    resumed = lrr(*args, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert [r["status"] for r in json.loads((out / "summary.json").read_text())["runs"]] == ["completed", "completed"]

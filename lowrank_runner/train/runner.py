@@ -83,8 +83,14 @@ def _run_all(recipe: Recipe, root: Path, argv: list[str], points: dict, stop_aft
     batch = _Batch(recipe, root, argv, points, stop_after, run_dirs(recipe, root),
                    continue_command(recipe.source, recipe.overrides, root))
     ordered = order_runs(recipe)
-    for run in ordered:
-        batch.summary.append(_one_run(batch, run))
+    try:
+        for run in ordered:
+            batch.summary.append(_one_run(batch, run))
+    except KeyboardInterrupt:  # what finished is kept in summary.json and the tables; the rest is interrupted
+        batch.summary += [{**_entry(run, batch.dirs[run.index]), "status": "interrupted"}
+                          for run in ordered[len(batch.summary):]]
+        _write_results(batch, show=False)
+        raise
     _write_results(batch)
     return [run.slug for run, entry in zip(ordered, batch.summary) if entry["status"] in ("failed", "crashed")]
 
@@ -157,19 +163,19 @@ def _train(batch: _Batch, run, run_dir: Path, checkpoint) -> dict:
             **({"test": result.test} if result.test is not None else {})}
 
 
-def _write_results(batch: _Batch) -> None:
-    """summary.json, the results tables and the recipe's report.md (a single run: its
-    table, in its run directory, once it completed)."""
+def _write_results(batch: _Batch, show: bool = True) -> None:
+    """summary.json, the results tables (printed unless ``show`` is false) and the
+    recipe's report.md (a single run: its table, in its run directory, once it completed)."""
     recipe, root, summary = batch.recipe, batch.root, batch.summary
     if not is_main_process():
         return
     if len(recipe.runs) > 1:
         root.mkdir(parents=True, exist_ok=True)
         art.write_json(root / art.SUMMARY_FILE, {"recipe": recipe.name, "hash": recipe.hash, "runs": summary})
-        write_recipe_tables(root, recipe, summary, console)  # results.md/.csv/.tex (+ sweep.png)
+        write_recipe_tables(root, recipe, summary, console if show else None)  # results.md/.csv/.tex (+ sweep.png)
         write_recipe_report(root, recipe.name, recipe.hash, recipe.source, batch.argv, summary)
     elif summary and summary[0]["status"] == "completed":
-        write_recipe_tables(root, recipe, summary, console)
+        write_recipe_tables(root, recipe, summary, console if show else None)
 
 
 def _entry(run, run_dir: Path) -> dict:
