@@ -159,3 +159,13 @@ def test_ctrl_c_in_a_multi_run_recipe_keeps_what_finished_in_its_summary(tmp_pat
     resumed = lrr(*args, "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert [r["status"] for r in json.loads((out / "summary.json").read_text())["runs"]] == ["completed", "completed"]
+
+
+def test_resume_with_a_stop_step_already_passed_is_refused(tmp_path, tiny_recipe):
+    out = tmp_path / "run"
+    args = ["run", tiny_recipe(), "--output", out, "--set", "training.epochs=1"]
+    assert lrr(*args, "--stop-after-step", 3).exit_code == 0
+    refused = lrr(*args, "--resume", "--stop-after-step", 2)
+    assert refused.exit_code == 2
+    assert ("--stop-after-step 2: run classification-seed0 resumes from step 3, already past it; give a later step, "
+            "or drop --stop-after-step") in refused.output

@@ -94,7 +94,7 @@ def test_markdown_layout(tmp_path):
         Metrics ×100 (NIST, MSE, perplexity as they are), mean ± std over seeds mnli: [0, 1]; rte: [0, 1].
         Avg.: the mean over the columns of each column's first metric.
         The # Params column: trainable adapter parameters (report.json adapter_params; the mean over a row's runs where they differ).
-        * or –: some runs of this task failed or did not finish (see summary.json); an Avg. with * is over the columns that have a value.
+        * or –: some runs of this task failed, did not finish or were not run by that recipe (see its summary.json); an Avg. with * is over the columns that have a value.
         """)
 
 
@@ -103,7 +103,7 @@ def test_latex_is_a_booktabs_tabular_with_pm_and_escaped_names(tmp_path):
         % Metrics x100 (NIST, MSE, perplexity as they are), mean +/- std over seeds mnli: [0, 1]; rte: [0, 1].
         % Avg.: the mean over the columns of each column's first metric.
         % The # Params column: trainable adapter parameters (report.json adapter_params; the mean over a row's runs where they differ).
-        % * or -: some runs of this task failed or did not finish (see summary.json); an Avg. with * is over the columns that have a value.
+        % * or -: some runs of this task failed, did not finish or were not run by that recipe (see its summary.json); an Avg. with * is over the columns that have a value.
         % needs \usepackage{booktabs}
         \begin{tabular}{lrrrr}
         \toprule
@@ -187,6 +187,11 @@ def test_output_table_in_a_recipe_defaults_and_errors(tmp_path, tiny_bert, senti
         "'classification'?); its tasks: classification",
         f"{recipe}:13:107: output.table.columns.2.metrics.0: task 'classification' reports no metric 'f1'; it reports "
         "accuracy, f1_macro, matthews_correlation, loss"]
+    twice = load_document(recipe, ["output.table.columns=[classification, classification, "
+                                   "{task: classification, metrics: [accuracy, accuracy]}]"])
+    assert [p.message for p in table_problems(twice, ["classification"])] == [
+        "this column is listed twice (also item 0): the average would count it twice; give each column once",
+        "a metric is listed twice: give each once"]
 
 
 # ------------------------------------------------------------------ real runs, lrr run / lrr report --table

@@ -89,8 +89,8 @@ def notes(table: Table) -> list[str]:
         lines.append("The # Params column: trainable adapter parameters (report.json adapter_params; the mean over "
                      "a row's runs where they differ).")
     if not table.complete:
-        lines.append("* or –: some runs of this task failed or did not finish (see summary.json); an Avg. with * "
-                     "is over the columns that have a value.")
+        lines.append("* or –: some runs of this task failed, did not finish or were not run by that recipe (see its "
+                     "summary.json); an Avg. with * is over the columns that have a value.")
     return lines
 
 

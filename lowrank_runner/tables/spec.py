@@ -96,7 +96,7 @@ def table_problems(doc, tasks: list[str]) -> list:
     output = doc.data.get("output") if isinstance(doc.data, dict) else None
     table = output.get("table") if isinstance(output, dict) else None
     columns = table.get("columns") if isinstance(table, dict) else None
-    out, tasks = [], list(dict.fromkeys(t for t in tasks if t))
+    out, tasks, seen = [], list(dict.fromkeys(t for t in tasks if t)), {}
     for i, raw in enumerate(columns if isinstance(columns, list) else []):
         at = ("output", "table", "columns", i)
         task = raw if isinstance(raw, str) else raw.get("task") if isinstance(raw, dict) else None
@@ -108,6 +108,13 @@ def table_problems(doc, tasks: list[str]) -> list:
                                            f"its tasks: {', '.join(tasks)}"))
             continue
         metrics = raw.get("metrics") if isinstance(raw, dict) else None
+        shown = (task, tuple(metrics) if isinstance(metrics, list) else None)
+        if shown in seen:
+            out.append(problem(doc, at, f"this column is listed twice (also item {seen[shown]}): the average would "
+                                        "count it twice; give each column once"))
+        seen.setdefault(shown, i)
+        if isinstance(metrics, list) and len(set(map(str, metrics))) < len(metrics):
+            out.append(problem(doc, at + ("metrics",), "a metric is listed twice: give each once"))
         known = [*TASKS[task].metrics, "loss"] if task in TASKS else None
         for j, metric in enumerate(metrics if isinstance(metrics, list) and known else []):
             if isinstance(metric, str) and metric not in known:

@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from lowrank_runner.errors import LrrError
+from lowrank_runner.errors import LrrError, UsageError
 from lowrank_runner.quiet import quiet_libraries
 from lowrank_runner.recipe.load import Recipe
 from lowrank_runner.report.write import write_recipe_report
@@ -43,6 +43,7 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
     quiet_libraries()
     root, created = prepare_root(recipe, output, resume)
     points = resume_points(recipe, root) if resume else {}
+    _check_stop_after(recipe, points, stop_after)
     try:  # Ctrl-C, and SIGTERM, which the CLI turns into the same (cli.main)
         return _run_all(recipe, root, argv, points, stop_after)
     except KeyboardInterrupt:
@@ -54,6 +55,18 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
         if len(recipe.runs) == 1 and not resume and nothing_resumable(root):
             discard(root, created)
         raise
+
+
+def _check_stop_after(recipe: Recipe, points: dict, stop_after: int | None) -> None:
+    """``--resume --stop-after-step N`` with a run already past step N would train it to
+    the end: refused before anything trains."""
+    if stop_after is None:
+        return
+    for run in recipe.runs:
+        checkpoint = points.get(run.index)
+        if checkpoint is not None and not isinstance(checkpoint, tuple) and checkpoint.step >= stop_after:
+            raise UsageError(f"--stop-after-step {stop_after}: run {run.slug} resumes from step {checkpoint.step}, "
+                             f"already past it; give a later step, or drop --stop-after-step")
 
 
 @dataclass
