@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -311,6 +313,15 @@ def test_quickstart_runs_and_exports_merged(name, tiny_backbone, tmp_path):
         assert info["base_tensors_trained"] == len(saved)
         code, output = lrr("export", out, "--peft", "--out", tmp_path / "peft")
         assert code != 0 and "PEFT has no adapter type" in output and not (tmp_path / "peft").exists()
+    if name == "adalora":  # merging needs no peft (only training runs its allocator)
+        blocked = "import sys; sys.modules['peft'] = None; from lowrank_runner.cli import main; sys.argv[0] = 'lrr'; main()"
+        proc = subprocess.run([sys.executable, "-c", blocked, "export", str(out), "--merge", "--out",
+                               str(tmp_path / "merged-without-peft")], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        proc = subprocess.run([sys.executable, "-c", blocked, "run", str(recipe), "--output", str(tmp_path / "again"),
+                               *sets], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1 and "install peft (pip install 'lowrank-runner[peft]')" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
     if name == "bitfit":  # a bundle carries the trained biases, and merges like the run
         assert lrr("export", out, "--adapter", "--out", tmp_path / "bundle")[0] == 0
         code, output = lrr("export", tmp_path / "bundle", "--merge", "--out", tmp_path / "from-bundle")

@@ -119,7 +119,8 @@ class AdaLoRA(AdapterMethod):
         if params["target_r"] >= params["init_r"]:
             raise ValueError(f"adalora: target_r ({params['target_r']}) must be below init_r ({params['init_r']}): "
                              "AdaLoRA prunes from init_r to target_r ranks per module (equal ranks: use lora)")
-        _peft_adalora()  # a missing peft is a clear error before any model is built
+        # peft is imported when training starts (on_train_begin): merging and exporting a
+        # trained run need only delta_weight, so a deployment machine needs no peft.
         self.total_steps: int | None = None
         self.allocator = None
         self.view: _PeftNames | None = None
