@@ -200,6 +200,10 @@ def test_the_command_line_refuses_what_it_cannot_mean(tiny_recipe):
                        "--set sweep.method.r=[2,4]: sweep: a sweep's keys are dotted recipe keys themselves, so --set "
                        "cannot reach inside it: write --sweep KEY=V1,V2 (e.g. --sweep method.r=2,4) or --set "
                        "'sweep={method.r: [2, 4]}'", code=1)
+    assert_clean_error(lrr("inspect", tiny_recipe(), "--set", "search.space.training.epochs={int: [1, 2]}"),
+                       "--set search.space.training.epochs={int: [1, 2]}: search.space: the search space's keys are "
+                       "dotted recipe keys themselves, so --set cannot reach inside it: write --set "
+                       "'search.space={training.epochs: {int: [1, 3]}}' (it adds the key to the space)", code=1)
 
 
 def test_values_beyond_a_float_s_integers_stay_floats(tiny_recipe):

@@ -321,3 +321,14 @@ def test_report_table_refuses_bad_places_to_write(outputs, tmp_path):
         code, _, err = lrr("report", "--table", outputs / "lora", *args)
         assert (code, err.strip()) == (2, f"error: {message}"), args
     assert not (outputs / "lora" / "t.md").exists()
+
+
+def test_report_table_keeps_the_recipes_layout_when_no_run_completed(tmp_path, tiny_bert, sentiment_data):
+    text = tiny_recipe_text(tiny_bert, sentiment_data).replace("seed: 0", "seed: [0, 1]")
+    path = tmp_path / "stopped.yaml"
+    path.write_text(text + "output: {table: {columns: [{task: classification, header: Sentiment}], average: none}}\n")
+    code, out, err = lrr("run", path, "--output", tmp_path / "out", "--stop-after-step", 1)
+    assert code == 0, out + err
+    code, out, err = lrr("report", "--table", tmp_path / "out")
+    assert code == 0, err
+    assert out.splitlines()[0] == "| Method | # Params | Sentiment |"  # not the default "classification (Acc) | Avg."

@@ -416,6 +416,11 @@ def apply_override(doc: Document, text: str) -> Document:
         raise RecipeError([Problem(loc, "sweep", "a sweep's keys are dotted recipe keys themselves, so --set cannot "
                                                  "reach inside it: write --sweep KEY=V1,V2 (e.g. --sweep method.r=2,4) "
                                                  "or --set 'sweep={method.r: [2, 4]}'")])
+    if tuple(parts[:2]) == ("search", "space") and len(parts) > 2:
+        raise RecipeError([Problem(loc, "search.space", "the search space's keys are dotted recipe keys themselves, "
+                                                        "so --set cannot reach inside it: write --set "
+                                                        "'search.space={training.epochs: {int: [1, 3]}}' (it adds the "
+                                                        "key to the space)")])
     path = _override_path(doc.data, parts, loc)
     over = Document(value, {(): Origin(loc, loc, path)}, loc.source)
     if isinstance(value, (dict, list)):

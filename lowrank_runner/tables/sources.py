@@ -69,8 +69,27 @@ def _summary_source(root: Path) -> tuple[Source, dict]:
         entries.append(entry)
     if not entries:
         raise RunFileError(f"{path}: lists no runs; {fix}")
+    resolved = resolved or _layout_of_a_run(root, summary["runs"])
     name = summary.get("recipe") or (resolved or {}).get("name") or root.name
     return _source(name, resolved or {}, entries), resolved or {}
+
+
+def _layout_of_a_run(root: Path, entries: list[dict]) -> dict | None:
+    """No run completed (stopped, interrupted): the table's layout (``output``) from a
+    run's recipe.yaml, which every started run has."""
+    from lowrank_runner.errors import LrrError
+    from lowrank_runner.recipe.document import load_yaml
+
+    for entry in entries:
+        path = run_dir_of(root, entry) / art.RECIPE_FILE
+        if path.is_file():
+            try:
+                config = load_yaml(path).data
+            except LrrError:
+                continue
+            if isinstance(config, dict) and isinstance(config.get("output"), dict):
+                return {"name": config.get("name"), "output": config["output"]}
+    return None
 
 
 def _single_source(run_dir: Path) -> tuple[Source, dict]:
