@@ -125,8 +125,11 @@ def _value_labels(axis: Axis, j: int) -> list[str]:
 
 
 def _differing(values: list) -> list[str]:
-    """The keys whose value is not the same in every mapping of an axis (a mapping's
-    label shows its name and these: ``lora-r=4``)."""
+    """The keys a mapping's label shows beside its name (``lora-r=4``): none where the
+    names tell the mappings apart, else those whose value is not the same in all."""
+    names = [v.get("name") if isinstance(v, dict) else None for v in values]
+    if None not in names and len(set(map(str, names))) == len(names):
+        return []
     keys = dict.fromkeys(k for v in values if isinstance(v, dict) for k in v)
     return [k for k in keys if k != "name" and len({_canonical(v.get(k)) if isinstance(v, dict) else "" for v in values}) > 1]
 
