@@ -26,6 +26,7 @@ from torch import nn
 
 from lowrank_runner.methods.base import (Adapter, AdapterMethod, LayerInfo, adapter_input, check_same_across_processes,
                                          gaussian_parameter, leaf_items, schedule_problem)
+from lowrank_runner.methods.rank_budget import single_mask_warning
 
 KEY = "default"  # PEFT's adapter name: RankAllocator finds parameters by "lora_A.default"
 
@@ -142,11 +143,9 @@ class AdaLoRA(AdapterMethod):
                 f"adalora: tinit ({tinit}) + tfinal ({tfinal}) leave no steps for the budget to decay in {total_steps} "
                 "optimizer steps (PEFT's AdaLoraConfig refuses this schedule); lower them or train longer"))]
         problems = []
-        if (tinit // delta_t + 1) * delta_t >= decay_end:
-            problems.append(schedule_problem("deltaT", (
-                f"masks only once, at step {decay_end}: the budget drops from init_r x modules to target_r x modules in "
-                f"one step (the decay has {decay_end - tinit} steps, deltaT is {delta_t}); lower deltaT or train "
-                "longer"), "warning"))
+        once = single_mask_warning(total_steps, tinit, tfinal, delta_t, "deltaT", "init_r", "target_r")
+        if once:
+            problems.append(schedule_problem("deltaT", once, "warning"))
         if tfinal == 0:
             problems.append(schedule_problem("tfinal", (
                 f"is 0: the final budget is reached at the last step ({total_steps}), so the model never trains at "

@@ -39,7 +39,7 @@ from lowrank_runner.methods.base import (
     leaf_items,
     schedule_problem,
 )
-from lowrank_runner.methods.rank_budget import cubic_budget
+from lowrank_runner.methods.rank_budget import cubic_budget, single_mask_warning
 
 
 class LoRA2Adapter(Adapter):
@@ -177,17 +177,14 @@ class LoRA2(AdapterMethod):
             return []
         p = self.params
         t_init, t_final, interval = p["t_init"], p["t_final"], p["mask_interval"]
-        decay_end = total_steps - t_final
         if t_init + t_final >= total_steps:
             return [schedule_problem("t_init", (
                 f"lora2 pruning: t_init ({t_init}) + t_final ({t_final}) leave no steps to prune in {total_steps} "
                 "optimizer steps; lower them or train longer"))]
         problems = []
-        if (t_init // interval + 1) * interval >= decay_end:
-            problems.append(schedule_problem("mask_interval", (
-                f"masks only once, at step {decay_end}: the budget drops from r x modules to target_rank x modules in "
-                f"one step (the decay has {decay_end - t_init} steps, mask_interval is {interval}); lower "
-                "mask_interval or train longer"), "warning"))
+        once = single_mask_warning(total_steps, t_init, t_final, interval, "mask_interval", "r", "target_rank")
+        if once:
+            problems.append(schedule_problem("mask_interval", once, "warning"))
         if t_final == 0:
             problems.append(schedule_problem("t_final", (
                 f"is 0: the final mask is set after the last step ({total_steps}), so the model never trains at "

@@ -34,6 +34,19 @@ def cubic_budget(step: int, total_steps: int, initial: int, target: int, t_init:
     return BudgetStep(budget, step % interval == 0 or step == decay_end, False)
 
 
+def single_mask_warning(total_steps: int, t_init: int, t_final: int, interval: int, interval_key: str,
+                        initial: str, target: str) -> str | None:
+    """The text of a warning for a cubic decay that fits in one masking interval: it masks
+    only once, at its end, so the budget drops in one step (None: it masks more often).
+    ``interval_key``, ``initial``, ``target``: the method's names for them."""
+    decay_end = total_steps - t_final
+    if (t_init // interval + 1) * interval < decay_end:
+        return None
+    return (f"masks only once, at step {decay_end}: the budget drops from {initial} x modules to {target} x modules "
+            f"in one step (the decay has {decay_end - t_init} steps, {interval_key} is {interval}); lower "
+            f"{interval_key} or train longer")
+
+
 # TriAdaptLoRA (seed 002, §III-D): the rank budget is spent by growth. R⁰ = r_ref·M;
 # R(1) = R⁰ − r·M; R(t) = R(t−1) − Δr·k(t−1) (eq. 12), t counting growth evaluations.
 GROWTH_MODES = ("linear", "nonlinear", "fixed_k")
