@@ -400,6 +400,15 @@ def _set_yaml_problem(exc: yaml.YAMLError) -> str:
     return str(exc).splitlines()[0]
 
 
+# Mappings whose keys are dotted recipe keys (``sweep: {method.r: [...]}``): a dotted --set
+# path cannot tell such a key from the path into it. What they are, and how to set them.
+DOTTED_KEYED = {
+    ("sweep",): ("a sweep's", "--sweep KEY=V1,V2 (e.g. --sweep method.r=2,4) or --set 'sweep={method.r: [2, 4]}'"),
+    ("search", "space"): ("the search space's", "--set 'search.space={training.epochs: {int: [1, 3]}}' (it adds the "
+                                                "key to the space)"),
+}
+
+
 def apply_override(doc: Document, text: str) -> Document:
     """``doc`` with one ``--set dotted.path=value`` applied: mappings on the way are
     created as needed; a list item must exist; nothing can be set inside a scalar.
@@ -412,15 +421,10 @@ def apply_override(doc: Document, text: str) -> Document:
     if parts[0] == "extends":
         raise RecipeError([Problem(loc, "extends", "cannot be set with --set: the recipe's files are composed "
                                                    "before overrides apply; write extends in the recipe")])
-    if parts[0] == "sweep" and len(parts) > 1:
-        raise RecipeError([Problem(loc, "sweep", "a sweep's keys are dotted recipe keys themselves, so --set cannot "
-                                                 "reach inside it: write --sweep KEY=V1,V2 (e.g. --sweep method.r=2,4) "
-                                                 "or --set 'sweep={method.r: [2, 4]}'")])
-    if tuple(parts[:2]) == ("search", "space") and len(parts) > 2:
-        raise RecipeError([Problem(loc, "search.space", "the search space's keys are dotted recipe keys themselves, "
-                                                        "so --set cannot reach inside it: write --set "
-                                                        "'search.space={training.epochs: {int: [1, 3]}}' (it adds the "
-                                                        "key to the space)")])
+    for keyed, (what, fix) in DOTTED_KEYED.items():
+        if tuple(parts[:len(keyed)]) == keyed and len(parts) > len(keyed):
+            raise RecipeError([Problem(loc, dotted(keyed), f"{what} keys are dotted recipe keys themselves, so --set "
+                                                           f"cannot reach inside it: write {fix}")])
     path = _override_path(doc.data, parts, loc)
     over = Document(value, {(): Origin(loc, loc, path)}, loc.source)
     if isinstance(value, (dict, list)):

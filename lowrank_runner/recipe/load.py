@@ -18,7 +18,7 @@ from lowrank_runner.errors import Problem, RecipeError, RecipeKeyError
 from lowrank_runner.methods.registry import get_method_spec
 from lowrank_runner.resources import expand_user
 from lowrank_runner.recipe.document import Document, Origin, apply_override, delete, dotted, load_yaml, merge
-from lowrank_runner.recipe.schema import fill_defaults, recipe_key_paths, recipe_schema, recipe_validator
+from lowrank_runner.recipe.schema import fill_defaults, recipe_schema, recipe_validator
 from lowrank_runner.recipe.sweep import Point, apply_point, points, sweep_problems, without_sweep
 from lowrank_runner.tables.spec import table_problems
 from lowrank_runner.recipe.validate import (
@@ -236,7 +236,7 @@ def check_document(doc: Document) -> list[Problem]:
     """Every problem in a composed recipe document (schema, methods, semantics); each
     sweep point is checked like a recipe of its own, at the lines of its values."""
     problems = schema_problems(doc, doc.data, recipe_validator(), skip=("method",))
-    sweep = sweep_problems(doc, recipe_key_paths(), problem)
+    sweep = sweep_problems(doc)
     problems += [p for found in sweep.values() for p in found]
     runs = expand_runs(doc, skip=frozenset(sweep))
     for run in runs:  # defensive about types the schema already flagged

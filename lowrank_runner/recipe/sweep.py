@@ -27,6 +27,8 @@ import yaml
 
 from lowrank_runner.errors import Problem
 from lowrank_runner.recipe.document import Document, PathT, delete, merge, safe_load
+from lowrank_runner.recipe.schema import recipe_key_paths
+from lowrank_runner.recipe.validate import problem, suggest
 
 SWEEP = "sweep"
 ZIP = "zip"
@@ -118,7 +120,7 @@ def _value_labels(axis: Axis, j: int) -> list[str]:
     where two values would read the same (letter case aside: macOS and Windows file
     systems ignore it, so ``UV`` and ``uv`` would share a directory)."""
     values = [v[j] for v in axis.values]
-    labels = [_label(v, _differing(values) if isinstance(v, dict) else None) for v in values]
+    labels = [value_label(v, _differing(values) if isinstance(v, dict) else None) for v in values]
     if len({label.lower() for label in labels}) < len(labels):
         return [f"{i}-{label}" for i, label in enumerate(labels)]
     return labels
@@ -134,7 +136,8 @@ def _differing(values: list) -> list[str]:
     return [k for k in keys if k != "name" and len({_canonical(v.get(k)) if isinstance(v, dict) else "" for v in values}) > 1]
 
 
-def _label(value, keys: list[str] | None = None) -> str:
+def value_label(value, keys: list[str] | None = None) -> str:
+    """A value as a directory-safe name (``keys``: the keys of a mapping to show)."""
     if isinstance(value, bool):
         text = "true" if value else "false"
     elif value is None:
@@ -142,11 +145,11 @@ def _label(value, keys: list[str] | None = None) -> str:
     elif isinstance(value, float):
         text = repr(value)
     elif isinstance(value, list):
-        text = "+".join(_label(v) for v in value) or "none"
+        text = "+".join(value_label(v) for v in value) or "none"
     elif isinstance(value, dict):
         keys = list(value) if keys is None else [k for k in keys if k in value]
         parts = [str(value["name"])] if "name" in value else []
-        text = "-".join(parts + [f"{k}={_label(value[k])}" for k in keys if k != "name"]) or "default"
+        text = "-".join(parts + [f"{k}={value_label(value[k])}" for k in keys if k != "name"]) or "default"
     else:
         text = str(value)
     return re.sub(r"[^A-Za-z0-9._+=-]+", "_", text)[:64] or "_"
@@ -180,13 +183,12 @@ def without_sweep(doc: Document) -> Document:
 MAX_POINTS = 1000  # a paper's ablation or figure has tens; more is a typo (and slow to check)
 
 
-def sweep_problems(doc: Document, settable: list[str], problem) -> dict[str, list[Problem]]:
+def sweep_problems(doc: Document) -> dict[str, list[Problem]]:
     """What is wrong with the ``sweep`` block beyond its schema, per swept key: unknown
     or fixed keys (did-you-mean), a key swept twice or inside another swept key, zipped
     lists of different lengths, values listed twice, more than :data:`MAX_POINTS`
-    points. ``problem(doc, path, message, key=...)`` makes a located problem."""
-    from lowrank_runner.recipe.validate import suggest
-
+    points."""
+    settable = recipe_key_paths()
     out: dict[str, list[Problem]] = {}
     found = axes(doc)
     keys = [k for axis in found for k in axis.keys]
@@ -201,17 +203,17 @@ def sweep_problems(doc: Document, settable: list[str], problem) -> dict[str, lis
                                                    "give its values once", key=True))
                 continue
             where[key] = at
-            found_here.extend(_key_problems(doc, key, at, keys, settable, problem, suggest))
+            found_here.extend(_key_problems(doc, key, at, keys, settable))
             if len(axis.keys) == 1:
-                found_here.extend(_repeated_values(doc, axis, key, problem))
-    for group, found_problem in _zip_problems(doc, problem):
+                found_here.extend(_repeated_values(doc, axis, key))
+    for group, found_problem in _zip_problems(doc):
         for key in group:
             out.setdefault(key, []).append(found_problem)
-    _too_many_points(doc, found, out, problem)
+    _too_many_points(doc, found, out)
     return {k: v for k, v in out.items() if v}
 
 
-def _repeated_values(doc: Document, axis: Axis, key: str, problem) -> list[Problem]:
+def _repeated_values(doc: Document, axis: Axis, key: str) -> list[Problem]:
     """A value listed twice (as a recipe reads it: 2 and 2.0, 1e-3 and 0.001 are one)."""
     seen, out = {}, []
     for i, (value,) in enumerate(axis.values):
@@ -223,20 +225,18 @@ def _repeated_values(doc: Document, axis: Axis, key: str, problem) -> list[Probl
     return out
 
 
-def _too_many_points(doc: Document, found: list[Axis], out: dict, problem) -> None:
+def _too_many_points(doc: Document, found: list[Axis], out: dict) -> None:
     sizes = [len(axis.values) for axis in found]
     total = math.prod(sizes)
     if total > MAX_POINTS:
         shown = " x ".join(map(str, sizes))
         message = (f"{total:,} points ({shown}); a recipe sweeps at most {MAX_POINTS:,}: split the sweep into "
                    "several recipes, or sweep fewer values")
-        for axis in found:
+        for axis in found:  # under one key of each axis, so that no axis expands
             out.setdefault(axis.keys[0], []).append(problem(doc, (SWEEP,), message, key=True))
-            for key in axis.keys[1:]:
-                out.setdefault(key, [])
 
 
-def _key_problems(doc, key, at, keys, settable, problem, suggest) -> list[Problem]:
+def _key_problems(doc: Document, key: str, at: PathT, keys: list[str], settable: list[str]) -> list[Problem]:
     fixed = next((why for k, why in FIXED.items() if key == k or key.startswith(k + ".")), None)
     if fixed:
         return [problem(doc, at, f"'{key}' cannot be swept: {fixed}", key=True)]
@@ -257,7 +257,7 @@ def _example(key: str) -> str:
     return {"training": "learning_rate", "task": "max_length"}.get(key, "KEY")
 
 
-def _zip_problems(doc: Document, problem) -> list[tuple[list[str], Problem]]:
+def _zip_problems(doc: Document) -> list[tuple[list[str], Problem]]:
     block = doc.data.get(SWEEP) if isinstance(doc.data, dict) else None
     value = block.get(ZIP) if isinstance(block, dict) else None
     groups = value if isinstance(value, list) else [value]

@@ -21,10 +21,10 @@ def _short(key: str) -> str:
 
 def _text(value) -> str:
     """A swept value as a category: a mapping or list as its run directory label reads it."""
-    from lowrank_runner.recipe.sweep import _label
+    from lowrank_runner.recipe.sweep import value_label
 
     if isinstance(value, (dict, list)):
-        return _label(value)
+        return value_label(value)
     return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
