@@ -120,7 +120,6 @@ def evaluate_all(model, dataloaders: dict, task: Task, accelerator, splits: dict
     return out
 
 
-
 def _reports_completed(run_dir: Path) -> bool:
     """Whether the run's report.json says it completed (an older one may say interrupted)."""
     try:
