@@ -425,9 +425,13 @@ def head_parameter_names(model) -> list[str]:
     For sequence classification this is ``classifier``/``score`` (and DeBERTa's pooler),
     exactly the modules PEFT keeps trainable with ``modules_to_save``.
     A language model's output projection (``lm_head``, often tied to the input
-    embeddings) is pretrained, not new: it is never a head.
+    embeddings) is pretrained, not new: it is never a head; nor are adapter parameters
+    registered at the top (CondLoRA's shared ``lrr_shared``).
     """
+    from lowrank_runner.methods.inject import is_adapter_param
+
     prefix = model.base_model_prefix + "."
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     lm_head = {id(p) for p in output.parameters()} if output is not None else set()
-    return [n for n, p in model.named_parameters() if not n.startswith(prefix) and id(p) not in lm_head]
+    return [n for n, p in model.named_parameters()
+            if not n.startswith(prefix) and id(p) not in lm_head and not is_adapter_param(n)]  # CondLoRA's lrr_shared

@@ -63,6 +63,12 @@ class AdaLoRAAdapter(Adapter):
         a, e, b = (t.float() for t in self.factors())
         return b @ (a * e) * self.scaling / (self.ranknum + 1e-5)
 
+    def lora_factors(self, w0):
+        """``P Λ Q`` over the triplets the allocator kept: ``B = P``, ``A = Λ Q``."""
+        a, e, b = (t.float() for t in self.factors())
+        keep = self.rank_mask.nonzero().flatten()
+        return b[:, keep], (a * e)[keep], self.scaling / (self.ranknum + 1e-5)
+
     def orthogonality(self) -> list[torch.Tensor]:
         """PEFT's terms: ``‖AAᵀ − I‖_F`` and ``‖BᵀB − I‖_F`` (r₀ × r₀ Gram matrices)."""
         a, _, b = self.factors()

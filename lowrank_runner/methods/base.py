@@ -67,6 +67,13 @@ class Adapter(nn.Module):
     def delta_weight(self, w0: torch.Tensor) -> torch.Tensor:  # ΔW, (out_features, in_features), float32
         raise NotImplementedError
 
+    def lora_factors(self, w0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``ΔW`` as a standard LoRA pair: ``(B, A, scale)`` with ``ΔW = scale · B A``
+        exactly (up to float32 rounding), ``B`` (out × r), ``A`` (r × in), float32, ``r``
+        the active rank (0: the module is not updated). What ``lrr export --peft`` writes;
+        a method whose update has no such form raises ``NotImplementedError``."""
+        raise NotImplementedError(f"{type(self).__name__} has no LoRA factorisation")
+
     def compact_state(self) -> dict[str, torch.Tensor] | None:
         """The adapter's state at its active ranks only (dynamic-rank methods, so no dead
         capacity is saved), keyed like ``state_dict()``; None: the state dict as it is."""
@@ -98,6 +105,15 @@ class GroupedAdapter(Adapter):
             rows = self.layer.group_slice(group)
             delta[rows] = adapter.delta_weight(w0[rows])
         return delta
+
+    def lora_factors(self, w0):
+        """The groups' pairs side by side: ``A`` stacks theirs, ``B`` puts each group's in
+        its rows and its own columns (zero elsewhere), so ``B A`` is :meth:`delta_weight`.
+        A scale the groups do not share is folded into their ``B``."""
+        pairs = {g: a.lora_factors(w0[self.layer.group_slice(g)]) for g, a in self.groups.items()}
+        scales = {scale for _, _, scale in pairs.values()}
+        common = scales.pop() if len(scales) == 1 else 1.0
+        return stacked_pair(self.layer, {g: (b * (s / common), a) for g, (b, a, s) in pairs.items()}) + (common,)
 
 
 class AdapterMethod:
@@ -181,6 +197,19 @@ class AdapterMethod:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned (on ``lrr run --resume``)."""
+
+
+def stacked_pair(layer: LayerInfo, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ``(B, A)`` pair for a fused projection from per-group pairs ``{group: (B_g, A_g)}``
+    (``B_g``: the group's rows × ``r_g``; ``A_g``: ``r_g × in``): ``A`` stacks the ``A_g``,
+    ``B`` (out × Σ r_g) holds ``B_g`` in group ``g``'s rows and columns, zeros elsewhere."""
+    a = torch.cat([a for _, a in pairs.values()], dim=0)
+    b = a.new_zeros(layer.out_features, a.shape[0])
+    col = 0
+    for group, (b_g, _) in pairs.items():
+        b[layer.group_slice(group), col: col + b_g.shape[1]] = b_g
+        col += b_g.shape[1]
+    return b, a
 
 
 def schedule_problem(key: str, message: str, severity: str = "error") -> Problem:

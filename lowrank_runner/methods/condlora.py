@@ -66,6 +66,11 @@ class CondLoRAAdapter(Adapter):
         a, b = self.factors(w0.float())
         return (b.float() @ a.float()) * self.scaling
 
+    def lora_factors(self, w0):
+        """This layer's own pair, computed from its frozen ``W0`` once: ``B = W0 θ_B``, ``A = θ_A W0``."""
+        a, b = self.factors(w0.float())
+        return b.float(), a.float(), self.scaling
+
 
 def module_type(path: str) -> str:
     """``bert.encoder.layer.3.attention.self.query`` → ``bert_encoder_layer_N_attention_self_query``."""

@@ -35,6 +35,9 @@ class LoRAAdapter(Adapter):
     def delta_weight(self, w0: torch.Tensor) -> torch.Tensor:
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 
+    def lora_factors(self, w0):
+        return self.lora_B.float(), self.lora_A.float(), self.scaling
+
 
 class LoRA(AdapterMethod):
     name = "lora"

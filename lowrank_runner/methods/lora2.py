@@ -71,6 +71,14 @@ class LoRA2Adapter(Adapter):
         q = self.lora2_U.float() @ self.lora2_V.float()  # r x out
         return ((p * self.singular_values().float()) @ q).T * self.scaling
 
+    def lora_factors(self, w0):
+        """``(P Λ Q)ᵀ = (Λ Q)ᵀ Pᵀ`` over the active singular values only:
+        ``B = (U V)ᵀ diag(λ)``, ``A = (v u)ᵀ``, rank = the unmasked λ."""
+        keep = self.rank_mask.nonzero().flatten()
+        p = self.lora2_v.float() @ self.lora2_u[:, keep].float()  # in x r'
+        q = self.lora2_U[keep].float() @ self.lora2_V.float()  # r' x out
+        return q.T * self.lora2_lambda[keep].float(), p.T, self.scaling
+
     def compact_state(self):
         """Only the active singular values (their λ, u columns and U rows); the rank is
         the length of λ. Loading puts them first and masks the rest."""

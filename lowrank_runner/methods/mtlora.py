@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowrank_runner.methods.base import Adapter, AdapterMethod, LayerInfo, adapter_input, kaiming_parameter
+from lowrank_runner.methods.base import Adapter, AdapterMethod, LayerInfo, adapter_input, kaiming_parameter, stacked_pair
 from lowrank_runner.targets import FUSED_GROUPS
 
 STRUCTURES = ("shim", "icfm", "ctcm", "dtsm")
@@ -84,6 +84,15 @@ class MTLoRAAdapter(Adapter):
         for block, group in zip(blocks, self.groups):
             delta[self.layer.group_slice(group)] = block
         return delta
+
+    def lora_factors(self, w0):
+        """``B (T A)``: ``A' = T A``; on a fused projection each group's ``B_j`` maps its
+        own ``r`` rows of ``A'`` (``ΔW_j = B_j (T A)_j``), a rank ``g·r`` pair."""
+        ta = self.transformation().float() @ self.lora_A.float()
+        if not self.groups:
+            return self.lora_B[0].float(), ta, self.scaling
+        pairs = {g: (b.float(), ta[j * self.r: (j + 1) * self.r]) for j, (g, b) in enumerate(zip(self.groups, self.lora_B))}
+        return stacked_pair(self.layer, pairs) + (self.scaling,)
 
 
 class MTLoRA(AdapterMethod):

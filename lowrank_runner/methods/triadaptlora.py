@@ -108,6 +108,11 @@ class TriAdaptLoRAAdapter(Adapter):
         r = self.r
         return (self.tri_B[:, :r].float() @ self.transform().float() @ self.tri_A[:r].float()) * self.scaling
 
+    def lora_factors(self, w0):
+        """``B (L + U) A`` at the module's own active rank: ``B' = B (L + U)``."""
+        r = self.r
+        return self.tri_B[:, :r].float() @ self.transform().float(), self.tri_A[:r].float(), self.scaling
+
     def orthogonality(self) -> torch.Tensor:
         a, b = self.tri_A[: self.r], self.tri_B[:, : self.r]
         return gram_penalty(a @ a.T) + gram_penalty(b.T @ b)
