@@ -411,13 +411,16 @@ def export(
     run_dir: Path = typer.Argument(..., help="A run directory written by 'lrr run', or an adapter bundle written by 'lrr export --adapter'."),
     merge: bool = typer.Option(False, "--merge", help="Write a merged Hugging Face checkpoint (adapters folded into the weights)."),
     adapter: bool = typer.Option(False, "--adapter", help="Write an adapter bundle (weights, head, resolved config) that lrr loads onto the backbone again."),
-    peft_format: bool = typer.Option(False, "--peft", help="Write a HF PEFT LoRA adapter (lora runs; needs the peft package)."),
+    peft_format: bool = typer.Option(False, "--peft", help="Write a standard PEFT LoRA adapter, for every adapter method (needs the peft package)."),
     out: Path = typer.Option(..., "--out", metavar="DIR", help="Output directory (must not exist or be empty)."),
     tolerance: Optional[float] = typer.Option(None, "--tolerance", metavar="FLOAT", help="Largest allowed output difference to the adapter model on the probe batch (default: 1e-3 merge, 0 bundle, 1e-4 PEFT)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", metavar="DTYPE", help="--merge: dtype of the saved weights, float32 | bfloat16 | float16 (default: the backbone's own, or the recipe's backbone.dtype if half)."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", metavar="SIZE", help="--merge: largest safetensors shard, e.g. 5GB or 500MB."),
     cast_tolerance: Optional[float] = typer.Option(None, "--cast-tolerance", metavar="FLOAT", help="--merge to bfloat16/float16: allowed output change from the cast, relative to the largest output (default: 8 x the dtype's epsilon)."),
     backbone: Optional[str] = typer.Option(None, "--backbone", metavar="DIR|HUB_ID", help="Load the backbone from here (a local directory or hub id) instead of where the run found it."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", metavar="HUB_ID", help="The hub id to name as the base model (model card, PEFT adapter), e.g. the model a local backbone was copied from."),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", metavar="REPO_ID", help="Upload the export to this Hugging Face Hub repository once it passed its checks."),
+    private: bool = typer.Option(False, "--private", help="--push-to-hub: create the repository as private."),
 ):
     """Export a trained run: a merged checkpoint for deployment, an adapter bundle, or a PEFT adapter."""
     if merge + adapter + peft_format != 1:
@@ -425,6 +428,42 @@ def export(
                          "or --peft (a PEFT LoRA adapter)")
     if not merge and (dtype is not None or cast_tolerance is not None or max_shard_size != "5GB"):
         raise UsageError("--dtype, --cast-tolerance and --max-shard-size apply to --merge only")
+    if private and push_to_hub is None:
+        raise UsageError("--private applies to --push-to-hub REPO_ID only")
+    from lowrank_runner.export.hub import check_repo_id
+
+    if push_to_hub is not None:
+        check_repo_id(push_to_hub)  # before any export work
+    if base_model is not None:
+        check_repo_id(base_model, "--base-model")
+    _export_one(run_dir, out, merge, adapter, tolerance, dtype, max_shard_size, cast_tolerance, backbone, base_model)
+    if push_to_hub is not None:
+        _push(out, push_to_hub, private)
+
+
+@command()
+@friendly
+def push(
+    export_dir: Path = typer.Argument(..., help="A directory written by 'lrr export' (merged checkpoint, PEFT adapter or bundle)."),
+    repo_id: str = typer.Argument(..., help="The Hugging Face Hub repository, e.g. me/my-model."),
+    private: bool = typer.Option(False, "--private", help="Create the repository as private."),
+):
+    """Upload an export to the Hugging Face Hub (again, e.g. after an upload failed)."""
+    from lowrank_runner.export.hub import check_repo_id
+
+    check_repo_id(repo_id, "REPO_ID")
+    _push(export_dir, repo_id, private)
+
+
+def _push(directory: Path, repo_id: str, private: bool) -> None:
+    from lowrank_runner.export.hub import push_export
+
+    url = push_export(directory, repo_id, private=private)
+    print(f"uploaded {directory} to {url}")
+
+
+def _export_one(run_dir, out, merge, adapter, tolerance, dtype, max_shard_size, cast_tolerance, backbone, base_model):
+    """The export itself (one of the three), with its one-line result."""
     if merge:
         from lowrank_runner.export.merge import export_merged
 
@@ -435,13 +474,15 @@ def export(
     elif adapter:
         from lowrank_runner.export.bundle import export_bundle
 
-        info = export_bundle(run_dir, out, tolerance=0.0 if tolerance is None else tolerance, backbone=backbone)
+        info = export_bundle(run_dir, out, tolerance=0.0 if tolerance is None else tolerance, backbone=backbone,
+                             base_model=base_model)
         print(f"adapter bundle written to {out} (loaded back: max |output diff| {info['max_abs_logit_diff']:.3g}); "
               f"load with lowrank_runner.load_adapted({str(out)!r}) or merge with: lrr export {out} --merge --out DIR")
     else:
         from lowrank_runner.export.peft import export_peft
 
-        info = export_peft(run_dir, out, tolerance=1e-4 if tolerance is None else tolerance, backbone=backbone)
+        info = export_peft(run_dir, out, tolerance=1e-4 if tolerance is None else tolerance, backbone=backbone,
+                           base_model=base_model)
         print(f"PEFT adapter written to {out} (max |logit diff| to our model: {info['max_abs_logit_diff']:.3g}); "
               f"load with PeftModel.from_pretrained(base, {str(out)!r})")
 

@@ -313,6 +313,11 @@ def test_quickstart_runs_and_exports_merged(name, tiny_backbone, tmp_path):
         assert info["base_tensors_trained"] == len(saved)
         code, output = lrr("export", out, "--peft", "--out", tmp_path / "peft")
         assert code != 0 and "PEFT has no adapter type" in output and not (tmp_path / "peft").exists()
+    if name == "adalora":  # the pruned triplets, as a standard LoRA adapter
+        code, output = lrr("export", out, "--peft", "--out", tmp_path / "peft")
+        assert code == 0, output
+        ranks = json.loads((tmp_path / "peft" / "lrr_export.json").read_text())["rank_pattern"]
+        assert ranks == {k: v for k, v in json.loads((out / "rank_pattern.json").read_text()).items() if v}
     if name == "adalora":  # merging needs no peft (only training runs its allocator)
         blocked = "import sys; sys.modules['peft'] = None; from lowrank_runner.cli import main; sys.argv[0] = 'lrr'; main()"
         proc = subprocess.run([sys.executable, "-c", blocked, "export", str(out), "--merge", "--out",

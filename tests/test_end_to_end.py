@@ -213,7 +213,7 @@ def test_peft_export_loads_with_peft_and_runs_identically(trained_run, tmp_path)
         torch.testing.assert_close(theirs(**batch).logits, ours(**batch).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_peft_export_refuses_other_methods_and_both_flags(trained_run, tmp_path):
+def test_peft_export_refuses_both_flags(trained_run, tmp_path):
     run_dir, _ = trained_run
     code, output = lrr("export", run_dir, "--peft", "--merge", "--out", tmp_path / "x")
     assert code == 2 and "choose one export" in output

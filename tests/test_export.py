@@ -147,9 +147,11 @@ def test_pruned_and_grown_ranks_are_what_is_merged(runs, merged):
     assert fused["modules_merged"] == 4  # c_attn (q, v coupled) and mlp.c_fc in two blocks
 
 
-def hand_made_run(src_run: Path, dst: Path, model_class: str, targets=None, method=None, seed: int = 0) -> Path:
+def hand_made_run(src_run: Path, dst: Path, model_class: str, targets=None, method=None, seed: int = 0,
+                  edit=None) -> Path:
     """A run directory as `lrr run` writes it, for a model class no task trains here yet
-    (causal LM, extractive QA): adapter and head weights drawn at random."""
+    (causal LM, extractive QA): adapter and head weights drawn at random; ``edit(adapted)``
+    may then change them (e.g. prune or grow ranks) before they are saved."""
     from lowrank_runner.methods.inject import adapter_state_dict, is_adapter_param
     from lowrank_runner.modeling import build_adapted_model
 
@@ -169,6 +171,8 @@ def hand_made_run(src_run: Path, dst: Path, model_class: str, targets=None, meth
         for name, param in model.named_parameters():
             if is_adapter_param(name) or name in adapted.head_names:
                 param.normal_(0.0, 0.3)
+        if edit is not None:
+            edit(adapted)
     adapter_cfg.update(
         method=config["method"], targets=config["targets"], head=adapted.head_names, task=task,
         modules=[{"path": t.path, "symbols": list(t.symbols), "groups": list(t.groups) if t.groups else None} for t in adapted.targets],
@@ -340,5 +344,21 @@ def test_export_needs_exactly_one_format_and_merge_only_options(runs, tmp_path):
     if importlib.util.find_spec("peft") is not None:
         code, output = lrr("export", runs["lora"], "--peft", "--out", tmp_path / "x")
         assert code == 0, output
-    code, output = lrr("export", runs["condlora"], "--peft", "--out", tmp_path / "y")
-    assert code == 2 and "--merge or --adapter" in output
+    code, output = lrr("export", runs["condlora"], "--adapter", "--max-shard-size", "1GB", "--out", tmp_path / "y")
+    assert code == 2 and "--merge only" in output
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft")
+def test_every_trained_run_exports_as_a_standard_lora_adapter(runs, tmp_path):
+    """--peft on the trained runs (pruned LoRA2, grown TriAdaptLoRA, coupled GPT-2 q/k/v):
+    the adapter holds each module's final rank (tests/test_peft_export.py: every family)."""
+    for name, run_dir in runs.items():
+        code, output = lrr("export", run_dir, "--peft", "--out", tmp_path / name)
+        assert code == 0, f"{name}: {output}"
+        ranks = json.loads((tmp_path / name / "lrr_export.json").read_text())["rank_pattern"]
+        if (run_dir / "rank_pattern.json").exists():
+            final = json.loads((run_dir / "rank_pattern.json").read_text())
+            assert ranks == {k: v for k, v in final.items() if v}, name
+    fused = json.loads((tmp_path / "mtlora-gpt2-fused-qkv" / "lrr_export.json").read_text())["rank_pattern"]
+    assert {k: v for k, v in fused.items() if k.endswith("c_attn")} == {
+        "transformer.h.0.attn.c_attn": 4, "transformer.h.1.attn.c_attn": 4}  # q and v coupled: 2r

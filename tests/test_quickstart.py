@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.peft_check import check_plain_peft_serves_the_run
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -25,3 +27,4 @@ def test_quickstart_trains_above_chance_and_exports(tmp_path):
                             capture_output=True, text=True, cwd=REPO, env=env)
     assert export.returncode == 0, export.stderr[-3000:]
     assert json.loads((tmp_path / "merged" / "lrr_export.json").read_text())["max_abs_logit_diff"] < 1e-4
+    check_plain_peft_serves_the_run(tmp_path / "run", tmp_path)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.peft_check import check_plain_peft_serves_the_run
+
 REPO = Path(__file__).resolve().parent.parent
 
 # The per-method settings documented in docs/methods.md ("On the quickstart").
@@ -39,3 +41,4 @@ def test_method_trains_on_the_quickstart(method, tmp_path):
     assert report["method"]["name"] == method and report["adapter_params"] > 0
     if method == "triadaptlora":
         assert sum(json.loads((tmp_path / "run" / "rank_pattern.json").read_text()).values()) == 8 * 36
+    check_plain_peft_serves_the_run(tmp_path / "run", tmp_path)  # as a standard LoRA adapter

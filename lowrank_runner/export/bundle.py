@@ -20,13 +20,12 @@ into place. ``lrr export DIR --merge`` accepts a bundle like a run directory.
 
 from __future__ import annotations
 
-import json
 import weakref
 from pathlib import Path
 
 from lowrank_runner.errors import ExportError, UsageError
-from lowrank_runner.export.common import (DTYPES, EXPORT_INFO, backbone_checked, check_tolerance, collect_if_alive,
-                                          provenance, staged_output)
+from lowrank_runner.export.common import (DTYPES, backbone_checked, check_tolerance, collect_if_alive,
+                                          provenance, staged_output, write_export_files)
 from lowrank_runner.export.probe import compare_outputs, model_outputs, probe_batch, reference_outputs
 from lowrank_runner.export.source import load_trained_model, loaded_backbone, preflight, read_run, source_tokenizer
 from lowrank_runner.quiet import quiet_libraries
@@ -63,7 +62,8 @@ def _portable_location(config: dict, ref) -> str:
     return name
 
 
-def export_bundle(source: Path, out: Path, tolerance: float = 0.0, backbone: str | None = None) -> dict:
+def export_bundle(source: Path, out: Path, tolerance: float = 0.0, backbone: str | None = None,
+                  base_model: str | None = None) -> dict:
     quiet_libraries()
     source, out = Path(source), Path(out)
     tolerance = check_tolerance(tolerance)
@@ -96,7 +96,7 @@ def export_bundle(source: Path, out: Path, tolerance: float = 0.0, backbone: str
         if not max_diff <= tolerance:
             raise ExportError(f"the bundle, loaded back, differs from the run's model by {max_diff:.3g} (tolerance {tolerance:g}); nothing written")
         info = {
-            **provenance(source, adapter_cfg, BUNDLE_FORMAT, used),
+            **provenance(source, adapter_cfg, BUNDLE_FORMAT, used, base_model),
             "modules": [m["path"] for m in adapter_cfg["modules"]],
             "adapter_tensors": len(adapter),
             "head_tensors": len(head),
@@ -106,5 +106,5 @@ def export_bundle(source: Path, out: Path, tolerance: float = 0.0, backbone: str
             "mean_abs_logit_diff": mean_diff,
             "tolerance": tolerance,
         }
-        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        write_export_files(tmp, info)
     return info

@@ -8,6 +8,7 @@ when it is not the one the run trained on), and freeing a model an export is don
 from __future__ import annotations
 
 import gc
+import json
 import math
 import sys
 from contextlib import contextmanager
@@ -82,9 +83,11 @@ def backbone_checked(backbone: dict) -> dict:
     return backbone
 
 
-def provenance(source: Path, adapter_cfg: dict, fmt: str, backbone: dict) -> dict:
+def provenance(source: Path, adapter_cfg: dict, fmt: str, backbone: dict, base_model: str | None = None) -> dict:
     """What every export's metadata says about where it came from; ``backbone``: the
-    backbone actually loaded (:func:`~lowrank_runner.export.source.loaded_backbone`)."""
+    backbone actually loaded (:func:`~lowrank_runner.export.source.loaded_backbone`);
+    ``base_model``: the hub id the user names as the base model (``--base-model``: the
+    model a local backbone was copied from), for the model card and a PEFT adapter."""
     return {
         "lowrank_runner_version": lowrank_runner.__version__,
         "format": fmt,
@@ -94,4 +97,14 @@ def provenance(source: Path, adapter_cfg: dict, fmt: str, backbone: dict) -> dic
         "method": adapter_cfg["method"],
         "backbone": backbone,
         "model_class": adapter_cfg["task"]["model_class"],
+        "base_model_id": base_model,
     }
+
+
+def write_export_files(directory: Path, info: dict) -> None:
+    """What closes every export, inside its staging directory: ``lrr_export.json``
+    (``info``) and the model card ``README.md`` (:mod:`~lowrank_runner.export.card`)."""
+    from lowrank_runner.export.card import write_model_card
+
+    (directory / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    write_model_card(directory, info)

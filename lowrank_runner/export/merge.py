@@ -28,13 +28,12 @@ when every check passed: a failed export leaves nothing behind.
 
 from __future__ import annotations
 
-import json
 import weakref
 from pathlib import Path
 
 from lowrank_runner.errors import ExportError, UsageError
-from lowrank_runner.export.common import (DTYPES, EXPORT_INFO, backbone_checked, check_tolerance, collect_if_alive,
-                                          provenance, staged_output)
+from lowrank_runner.export.common import (DTYPES, backbone_checked, check_tolerance, collect_if_alive,
+                                          provenance, staged_output, write_export_files)
 from lowrank_runner.export.probe import (compare_outputs, largest_magnitude, model_outputs, non_finite, probe_batch,
                                          reference_outputs)
 from lowrank_runner.export.source import load_trained_model, loaded_backbone, preflight, source_tokenizer
@@ -198,7 +197,7 @@ def export_merged(source: Path, out: Path, tolerance: float = 1e-3, dtype: str |
             "max_shard_size": max_shard_size,
             "shards": shards,
         }
-        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        write_export_files(tmp, info)
     return info
 
 

@@ -1,7 +1,14 @@
-"""``lrr export --peft``: a ``lora`` run as a Hugging Face PEFT adapter
-(``adapter_config.json`` + ``adapter_model.safetensors``), written by the ``peft`` library
-itself so the format is PEFT's own, then loaded back with ``PeftModel.from_pretrained`` and
-checked against our adapter model on the probe batch before anything is written.
+"""``lrr export --peft``: any adapter run as a standard Hugging Face PEFT LoRA adapter
+(``adapter_config.json`` + ``adapter_model.safetensors``, the task head as
+``modules_to_save``), which ``peft``, vLLM (``--enable-lora``), TGI and every engine that
+knows LoRA can serve.
+
+Every method here trains an update of low rank that factors exactly into a LoRA pair,
+``ΔW = scale · B A`` (:meth:`~lowrank_runner.methods.base.Adapter.lora_factors`, float32,
+at each module's active rank; docs/export.md gives the algebra per method). Each pair is
+checked against the method's own ``ΔW`` before PEFT sees it. PEFT itself writes the files;
+they are loaded back with ``PeftModel.from_pretrained`` and must reproduce our adapter
+model on the probe batch, or nothing is written.
 
 Needs the optional dependency ``peft`` (``pip install 'lowrank-runner[peft]'``).
 """
@@ -9,13 +16,19 @@ Needs the optional dependency ``peft`` (``pip install 'lowrank-runner[peft]'``).
 from __future__ import annotations
 
 import json
+import re
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from lowrank_runner.errors import ExportError, UsageError
-from lowrank_runner.export.common import EXPORT_INFO, backbone_checked, check_tolerance, provenance, staged_output
+from lowrank_runner.export.common import backbone_checked, check_tolerance, provenance, staged_output, write_export_files
 from lowrank_runner.export.probe import compare_outputs, model_outputs, probe_batch, reference_outputs
 from lowrank_runner.export.source import load_trained_model, loaded_backbone, preflight, read_run, source_tokenizer
 from lowrank_runner.quiet import quiet_libraries
+
+# A factor pair must give the method's own ΔW within this, relative to max(1, max |ΔW|).
+FACTOR_TOLERANCE = 1e-5
 
 
 def _require_peft():
@@ -26,95 +39,171 @@ def _require_peft():
     return peft
 
 
-def _peft_config(peft, adapter_cfg: dict, head_modules: list[str], fan_in_fan_out: bool):
-    from lowrank_runner.methods.registry import get_method_spec
+@dataclass
+class Pair:
+    """One module's LoRA pair as PEFT stores it: ``ΔW = (alpha / r) · B A``."""
 
-    method = {**get_method_spec("lora").defaults(), **adapter_cfg["method"]}  # a resolved recipe has them all
-    grouped = [m["path"] for m in adapter_cfg["modules"] if m["groups"]]
-    if grouped:
-        raise ExportError(
-            f"PEFT's LoRA has no per-group form for fused q/k/v projections ({grouped[0]}, ...): "
-            "train with an explicit module pattern (e.g. targets: [attn.c_attn]) to adapt the whole projection"
-        )
+    b: "object"
+    a: "object"
+    alpha: float
+
+    @property
+    def r(self) -> int:
+        return int(self.a.shape[0])
+
+
+def lora_pairs(model, source: Path) -> tuple[dict[str, Pair], float]:
+    """Every adapted module's pair (modules whose active rank is 0 are left out: ΔW = 0),
+    each checked against the method's ``ΔW``; and the largest factorisation error."""
+    import torch
+
+    from lowrank_runner.methods.base import weight_out_in
+    from lowrank_runner.methods.inject import AdaptedLayer
+
+    pairs, worst = {}, 0.0
+    for path, module in model.named_modules():
+        if not isinstance(module, AdaptedLayer):
+            continue
+        w0 = weight_out_in(module.base_layer, module.info.fan_in_fan_out).detach()
+        with torch.no_grad():
+            try:
+                b, a, scale = module.lrr_adapter.lora_factors(w0)
+            except NotImplementedError as exc:
+                raise UsageError(f"--peft: {path}: {exc}; export with --merge or --adapter") from None
+            delta = module.lrr_adapter.delta_weight(w0).float()
+            error = float((scale * (b @ a) - delta).abs().max()) if delta.numel() else 0.0
+        if not error <= FACTOR_TOLERANCE * max(1.0, float(delta.abs().max())):
+            raise ExportError(f"{source}: {path}: the LoRA pair differs from the method's ΔW by {error:.3g}; nothing written")
+        worst = max(worst, error)
+        if a.shape[0]:
+            pairs[path] = Pair(b.contiguous(), a.contiguous(), float(scale) * a.shape[0])
+    return pairs, worst
+
+
+def _pattern(path: str) -> str:
+    """A ``rank_pattern``/``alpha_pattern`` key PEFT matches to exactly this module
+    (PEFT reads the keys as regular expressions ending the module's name)."""
+    return re.escape(path)
+
+
+def unit_scale(pairs: dict[str, Pair]) -> dict[str, Pair]:
+    """Pairs that differ in rank or scale, with the scale folded into ``B`` (``alpha = r``:
+    scale 1 for every module), so an engine that reads only the config's ``r`` and
+    ``lora_alpha`` (not PEFT's per-module patterns) still scales every module right."""
+    if len({(p.r, p.alpha) for p in pairs.values()}) <= 1:
+        return pairs
+    return {path: Pair(p.b * (p.alpha / p.r), p.a, float(p.r)) for path, p in pairs.items()}
+
+
+def peft_config(peft, pairs: dict[str, Pair], head_modules: list[str], fan_in_fan_out: bool, dropout: float):
+    """The most common (rank, alpha) is the config's ``r``/``lora_alpha``; modules that
+    differ get ``rank_pattern``/``alpha_pattern`` entries."""
+    (r, alpha), _ = Counter((p.r, p.alpha) for p in pairs.values()).most_common(1)[0]
+    ranks = {_pattern(path): p.r for path, p in pairs.items() if p.r != r}
+    alphas = {_pattern(path): p.alpha for path, p in pairs.items() if p.alpha != alpha}
     return peft.LoraConfig(
-        r=method["r"], lora_alpha=method["alpha"], lora_dropout=method["dropout"], use_rslora=method["rslora"],
-        target_modules=[m["path"] for m in adapter_cfg["modules"]], modules_to_save=head_modules or None,
+        r=r, lora_alpha=alpha, rank_pattern=ranks, alpha_pattern=alphas, lora_dropout=dropout,
+        target_modules=sorted(pairs), modules_to_save=head_modules or None,
         fan_in_fan_out=fan_in_fan_out, bias="none", init_lora_weights=True,
     )
 
 
-def export_peft(source: Path, out: Path, tolerance: float = 1e-4, backbone: str | None = None) -> dict:
-    """One backbone load serves the three models involved: ours (the reference), the
-    same backbone with our adapter layers taken off and PEFT's put on (our weights
-    loaded into them), and, after PEFT's layers are unloaded again and the head is zeroed
-    (so the head must come from the written files), the written adapter loaded back."""
-    import torch
-
-    quiet_libraries()
-    peft = _require_peft()
-    from lowrank_runner.methods.inject import remove_adapters
-
-    source, out = Path(source), Path(out)
-    tolerance = check_tolerance(tolerance)
-    preflight(source, out)
-    config, adapter_cfg, adapter_state, head_state = read_run(source, backbone)
+def _refuse_unsupported(adapter_cfg: dict) -> None:
     if adapter_cfg.get("base"):
         raise UsageError(f"--peft: this run used '{adapter_cfg['method']['name']}', which trains the backbone's own "
                          "parameters (adapter_config.json 'base'), and PEFT has no adapter type for that; export the "
                          "trained model with --merge (or a bundle with --adapter)")
-    if adapter_cfg["method"]["name"] != "lora":
-        raise UsageError(f"--peft exports 'lora' runs; this run used '{adapter_cfg['method']['name']}' (use --merge or --adapter)")
+
+
+def _into_peft(peft, ours, pairs: dict[str, Pair], config):
+    """Our model with our adapter layers taken off and PEFT's put on, holding our pairs."""
+    from lowrank_runner.methods.inject import remove_adapters
+
+    peft_model = peft.get_peft_model(remove_adapters(ours), config).eval()
+    mapping = {}
+    for path, pair in pairs.items():
+        mapping[f"base_model.model.{path}.lora_A.default.weight"] = pair.a
+        mapping[f"base_model.model.{path}.lora_B.default.weight"] = pair.b
+    own = peft_model.state_dict()
+    missing = sorted(set(mapping) - set(own))
+    if missing:
+        raise ExportError(f"PEFT's model has no parameter for {missing[:2]}; nothing written")
+    bad = [k for k, v in mapping.items() if own[k].shape != v.shape]
+    if bad:
+        raise ExportError(f"PEFT's model expects {tuple(own[bad[0]].shape)} for {bad[0]}, the pair has "
+                          f"{tuple(mapping[bad[0]].shape)}; nothing written")
+    peft_model.load_state_dict(mapping, strict=False)
+    return peft_model
+
+
+def export_peft(source: Path, out: Path, tolerance: float = 1e-4, backbone: str | None = None,
+                base_model: str | None = None) -> dict:
+    """One backbone load serves the three models involved: ours (the reference), the
+    same backbone with our adapter layers taken off and PEFT's put on (our pairs loaded
+    into them), and, after PEFT's layers are unloaded again and the head is zeroed (so the
+    head must come from the written files), the written adapter loaded back.
+    ``base_model``: the name the adapter gives its base model (default: the backbone as
+    the recipe named it)."""
+    quiet_libraries()
+    peft = _require_peft()
+    source, out = Path(source), Path(out)
+    tolerance = check_tolerance(tolerance)
+    preflight(source, out)
+    config, adapter_cfg, _, head_state = read_run(source, backbone)
+    _refuse_unsupported(adapter_cfg)
     ours, adapted, _, _ = load_trained_model(source, backbone=backbone)
     used = backbone_checked(loaded_backbone(source, adapter_cfg, adapted.backbone, backbone))
     tokenizer = source_tokenizer(source, adapted.backbone, config)
     batch = probe_batch(tokenizer, config["task"]["max_length"])
     expected = reference_outputs(ours, batch, source)
-    location = adapted.backbone.location
+    pairs, factor_error = lora_pairs(ours, source)
+    pairs = unit_scale(pairs)
     fan_in_fan_out = any(info.fan_in_fan_out for info in adapted.injection.layers.values())
     head_modules = sorted({name.split(".")[0] for name in adapted.head_names})
-    peft_config = _peft_config(peft, adapter_cfg, head_modules, fan_in_fan_out)
+    lora_config = peft_config(peft, pairs, head_modules, fan_in_fan_out, float(adapter_cfg["method"].get("dropout", 0.0)))
     del adapted
 
-    # The plain backbone with the trained head, wrapped by PEFT, receiving our LoRA weights.
-    peft_model = peft.get_peft_model(remove_adapters(ours), peft_config).eval()
-    mapping = {}
-    for key, value in adapter_state.items():
-        module, _, param = key.partition(".lrr_adapter.")
-        mapping[f"base_model.model.{module}.{param}.default.weight"] = value
-    missing = set(mapping) - set(peft_model.state_dict())
-    if missing:
-        raise ExportError(f"PEFT's model has no parameter for {sorted(missing)[:2]}; nothing written")
-    peft_model.load_state_dict(mapping, strict=False)
+    peft_model = _into_peft(peft, ours, pairs, lora_config)
     diff, _ = compare_outputs(expected, model_outputs(peft_model, batch))
     if not diff <= tolerance:
         raise ExportError(f"PEFT's model differs from ours by {diff:.3g} on the probe batch; nothing written")
-
+    name = base_model or adapter_cfg["backbone"]["name"]
     with staged_output(out) as tmp:
         peft_model.save_pretrained(tmp)
-        _set_base_path(tmp, location)
+        _set_base_path(tmp, name)
         tokenizer.save_pretrained(tmp)
-        base = peft_model.unload()
-        del peft_model
-        with torch.no_grad():
-            for name in head_state:
-                base.get_parameter(name).zero_()  # the written adapter must carry the head
-        reloaded = peft.PeftModel.from_pretrained(base, str(tmp)).eval()
-        reload_diff, _ = compare_outputs(expected, model_outputs(reloaded, batch))
-        if not reload_diff <= tolerance:
-            raise ExportError(f"the written PEFT adapter, reloaded, differs from ours by {reload_diff:.3g}; nothing written")
-        task = adapter_cfg["task"]
+        reload_diff = _reload_check(peft, peft_model, head_state, tmp, batch, expected, tolerance)
         info = {
-            **provenance(source, adapter_cfg, "peft-lora", used),
-            "base_model": location,
-            "head_config": {k: v for k, v in task.items() if k not in ("name", "model_class")},
+            **provenance(source, adapter_cfg, "peft-lora", used, base_model),
+            "base_model": name,
+            "head_config": {k: v for k, v in adapter_cfg["task"].items() if k not in ("name", "model_class")},
+            "modules": len(pairs),
+            "rank_pattern": {path: pair.r for path, pair in pairs.items()},
+            "factorisation_max_abs_diff": factor_error,
             "outputs_compared": sorted(expected),
             "max_abs_logit_diff": diff,
             "reloaded_max_abs_logit_diff": reload_diff,
-            "torch": torch.__version__,
+            "tolerance": tolerance,
             "peft": peft.__version__,
         }
-        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        write_export_files(tmp, info)
     return info
+
+
+def _reload_check(peft, peft_model, head_state: dict, tmp: Path, batch, expected: dict, tolerance: float) -> float:
+    """Unload PEFT's layers, zero the head (the written files must carry it), load the
+    written adapter back and compare with our model."""
+    import torch
+
+    base = peft_model.unload()
+    with torch.no_grad():
+        for name in head_state:
+            base.get_parameter(name).zero_()
+    reloaded = peft.PeftModel.from_pretrained(base, str(tmp)).eval()
+    reload_diff, _ = compare_outputs(expected, model_outputs(reloaded, batch))
+    if not reload_diff <= tolerance:
+        raise ExportError(f"the written PEFT adapter, reloaded, differs from ours by {reload_diff:.3g}; nothing written")
+    return reload_diff
 
 
 def _set_base_path(directory: Path, base: str) -> None:

@@ -31,6 +31,7 @@ class MethodSpec:
     implementation: str  # "package.module:ClassName"
     paper: str = ""
     source: str = "built-in"
+    arxiv: str = ""  # the paper's arXiv id (``x-arxiv``), when known: the model card links it
 
     @property
     def params(self) -> dict[str, dict]:
@@ -54,6 +55,7 @@ def spec_from_schema(schema: dict, source: str) -> MethodSpec:
         implementation=schema["x-implementation"],
         paper=schema.get("x-paper", ""),
         source=source,
+        arxiv=schema.get("x-arxiv", ""),
     )
 
 
