@@ -416,6 +416,7 @@ def export(
     tolerance: Optional[float] = typer.Option(None, "--tolerance", metavar="FLOAT", help="Largest allowed output difference to the adapter model on the probe batch (default: 1e-3 merge, 0 bundle, 1e-4 PEFT)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", metavar="DTYPE", help="--merge: dtype of the saved weights, float32 | bfloat16 | float16 (default: the backbone's own, or the recipe's backbone.dtype if half)."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", metavar="SIZE", help="--merge: largest safetensors shard, e.g. 5GB or 500MB."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", metavar="SIZE", help="--merge: memory budget for the whole-model output check, e.g. 16GB (default: half the available memory). The merge always streams tensor by tensor; a model whose float32 copy is above this gets each module's output checked instead."),
     cast_tolerance: Optional[float] = typer.Option(None, "--cast-tolerance", metavar="FLOAT", help="--merge to bfloat16/float16: allowed output change from the cast, relative to the largest output (default: 8 x the dtype's epsilon)."),
     backbone: Optional[str] = typer.Option(None, "--backbone", metavar="DIR|HUB_ID", help="Load the backbone from here (a local directory or hub id) instead of where the run found it."),
     base_model: Optional[str] = typer.Option(None, "--base-model", metavar="HUB_ID", help="The hub id to name as the base model (model card, PEFT adapter), e.g. the model a local backbone was copied from."),
@@ -426,8 +427,8 @@ def export(
     if merge + adapter + peft_format != 1:
         raise UsageError("choose one export: --merge (a merged Hugging Face checkpoint), --adapter (an lrr adapter bundle) "
                          "or --peft (a PEFT LoRA adapter)")
-    if not merge and (dtype is not None or cast_tolerance is not None or max_shard_size != "5GB"):
-        raise UsageError("--dtype, --cast-tolerance and --max-shard-size apply to --merge only")
+    if not merge and (dtype is not None or cast_tolerance is not None or max_shard_size != "5GB" or max_memory is not None):
+        raise UsageError("--dtype, --cast-tolerance, --max-shard-size and --max-memory apply to --merge only")
     if private and push_to_hub is None:
         raise UsageError("--private applies to --push-to-hub REPO_ID only")
     from lowrank_runner.export.hub import check_repo_id
@@ -436,7 +437,8 @@ def export(
         check_repo_id(push_to_hub)  # before any export work
     if base_model is not None:
         check_repo_id(base_model, "--base-model")
-    _export_one(run_dir, out, merge, adapter, tolerance, dtype, max_shard_size, cast_tolerance, backbone, base_model)
+    merge_options = dict(dtype=dtype, max_shard_size=max_shard_size, cast_tolerance=cast_tolerance, max_memory=max_memory)
+    _export_one(run_dir, out, merge, adapter, tolerance, merge_options, backbone, base_model)
     if push_to_hub is not None:
         _push(out, push_to_hub, private)
 
@@ -462,15 +464,14 @@ def _push(directory: Path, repo_id: str, private: bool) -> None:
     print(f"uploaded {directory} to {url}")
 
 
-def _export_one(run_dir, out, merge, adapter, tolerance, dtype, max_shard_size, cast_tolerance, backbone, base_model):
+def _export_one(run_dir, out, merge, adapter, tolerance, merge_options: dict, backbone, base_model):
     """The export itself (one of the three), with its one-line result."""
     if merge:
-        from lowrank_runner.export.merge import export_merged
+        from lowrank_runner.export.merge import export_merged, merge_summary
 
-        info = export_merged(run_dir, out, tolerance=1e-3 if tolerance is None else tolerance, dtype=dtype,
-                             max_shard_size=max_shard_size, cast_tolerance=cast_tolerance, backbone=backbone)
-        print(f"merged {info['dtype']} checkpoint written to {out} in {len(info['shards'])} shard(s) "
-              f"(max |output diff| on the probe batch: {info['max_abs_logit_diff']:.3g})")
+        info = export_merged(run_dir, out, tolerance=1e-3 if tolerance is None else tolerance, backbone=backbone,
+                             base_model=base_model, **merge_options)
+        print(merge_summary(info, out))
     elif adapter:
         from lowrank_runner.export.bundle import export_bundle
 

@@ -32,6 +32,22 @@ def check_tolerance(value, option: str = "--tolerance"):
     return float(value)
 
 
+def check_size(size, option: str, example: str = "5GB, 500MB") -> int:
+    """A size option (``--max-shard-size``, ``--max-memory``): 5GB, 500MB, 2KiB or a
+    number of bytes, as transformers reads sizes; returns the bytes (> 0)."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    if isinstance(size, str) and size.strip().isdigit():
+        size = int(size)
+    try:
+        value = convert_file_size_to_int(size)
+    except (ValueError, TypeError, OverflowError):
+        value = None
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise UsageError(f"{option} {size}: give a size such as {example} or a number of bytes")
+    return value
+
+
 def check_out(out: Path, source: Path) -> None:
     """``--out`` before anything is loaded: outside the source, free (absent or an empty
     directory), and creatable where it is (probed with a temporary directory, removed)."""

@@ -3,8 +3,12 @@ Hugging Face checkpoint (sharded safetensors + config + tokenizer) that loads wi
 ``AutoModelFor*.from_pretrained`` and nothing of ours imported.
 
 The source is a run directory written by ``lrr run`` or an adapter bundle written by
-``lrr export --adapter`` (:mod:`lowrank_runner.export.bundle`). Steps, with one copy of the
-model in memory at any time:
+``lrr export --adapter`` (:mod:`lowrank_runner.export.bundle`). A backbone stored in
+safetensors is merged tensor by tensor (:mod:`lowrank_runner.export.streamed`: memory of
+about one output shard plus the adapter, whatever the model's size); the whole-model
+output check runs there when the model fits in ``max_memory``. A backbone that cannot be
+streamed (``pytorch_model.bin`` only) is merged in memory here, with one float32 copy of
+the model at any time:
 
 1. the backbone is loaded in float32 with the trained adapter and head; its outputs on a
    probe batch are the reference (NaN/Inf there: stop);
@@ -32,8 +36,8 @@ import weakref
 from pathlib import Path
 
 from lowrank_runner.errors import ExportError, UsageError
-from lowrank_runner.export.common import (DTYPES, backbone_checked, check_tolerance, collect_if_alive,
-                                          provenance, staged_output, write_export_files)
+from lowrank_runner.export.common import (DTYPES, backbone_checked, check_size, check_tolerance, collect_if_alive,
+                                          provenance, staged_output, warn, write_export_files)
 from lowrank_runner.export.probe import (compare_outputs, largest_magnitude, model_outputs, non_finite, probe_batch,
                                          reference_outputs)
 from lowrank_runner.export.source import load_trained_model, loaded_backbone, preflight, source_tokenizer
@@ -68,18 +72,7 @@ def export_dtype(requested: str | None, recipe_dtype: str, ref) -> str:
 
 def check_max_shard_size(size) -> int:
     """``--max-shard-size``: 5GB, 500MB, 2KiB or a number of bytes; returns the bytes."""
-    from transformers.utils.hub import convert_file_size_to_int
-
-    if isinstance(size, str) and size.strip().isdigit():
-        size = int(size)
-    try:
-        value = convert_file_size_to_int(size)
-    except (ValueError, TypeError, OverflowError):
-        value = None
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise UsageError(f"--max-shard-size {size}: give a size such as 5GB, 500MB or a number of bytes")
-    return value
-
+    return check_size(size, "--max-shard-size", "5GB, 500MB")
 
 
 def tied_weights(model) -> dict[str, list[str]]:
@@ -136,18 +129,51 @@ class _MergeCheck:
 
 def export_merged(source: Path, out: Path, tolerance: float = 1e-3, dtype: str | None = None,
                   max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, cast_tolerance: float | None = None,
-                  backbone: str | None = None) -> dict:
+                  backbone: str | None = None, max_memory: int | str | None = None, base_model: str | None = None) -> dict:
     """Merge ``source``'s adapters into its backbone and write a plain transformers
-    checkpoint to ``out``, in phases: check the options and the source, merge in
-    float32 (checked against the adapter model), cast to the target dtype (checked),
-    write, reload and check again. Any failed check writes nothing."""
+    checkpoint to ``out``: tensor by tensor from the backbone's safetensors files
+    (:mod:`~lowrank_runner.export.streamed`), or in memory for a backbone that cannot be
+    streamed. ``max_memory`` (bytes, or a size such as "16GB"; default: half the
+    available memory): the whole-model output check runs when the adapter model in
+    float32 fits in it, else each module's output is checked. ``base_model``: the hub id
+    the model card names as the base model. Any failed check writes nothing."""
+    from lowrank_runner.export.streamed import StreamUnsupported, check_max_memory, export_streamed
+
     quiet_libraries()
     source, out = Path(source), Path(out)
     tolerance, cast_tolerance = check_tolerance(tolerance), check_tolerance(cast_tolerance, "--cast-tolerance")
     check_max_shard_size(max_shard_size)
+    max_memory = check_max_memory(max_memory)
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     preflight(source, out)
+    try:
+        return export_streamed(source, out, tolerance=tolerance, dtype=dtype, max_shard_size=max_shard_size,
+                               cast_tolerance=cast_tolerance, backbone=backbone, max_memory=max_memory,
+                               base_model=base_model)
+    except StreamUnsupported as why:
+        warn(f"{why}: merging in memory instead (one float32 copy of the whole model)")
+    return export_in_memory(source, out, tolerance, dtype, max_shard_size, cast_tolerance, backbone, base_model)
+
+
+def merge_summary(info: dict, out: Path) -> str:
+    """The one-line result of ``lrr export --merge`` (``info``: what :func:`export_merged`
+    returned): the largest output difference of the whole-model check, or, where it was
+    skipped (the model above ``--max-memory``), that of the per-module check."""
+    head = f"merged {info['dtype']} checkpoint written to {out} in {len(info['shards'])} shard(s)"
+    if info.get("max_abs_logit_diff") is not None:
+        return f"{head} (max |output diff| on the probe batch: {info['max_abs_logit_diff']:.3g})"
+    diff = info.get("module_outputs_max_diff")
+    checked = (f"each of {info['module_outputs_checked']} adapted modules checked, max relative output diff {diff:.3g}"
+               if diff is not None else f"{info['tensors_verified']} tensors read back and checked")
+    return f"{head} ({checked}; whole-model check skipped: the model is above --max-memory)"
+
+
+def export_in_memory(source: Path, out: Path, tolerance: float, dtype: str | None, max_shard_size,
+                     cast_tolerance: float | None, backbone: str | None, base_model: str | None = None) -> dict:
+    """The merge of a backbone that cannot be streamed, in phases (module docstring):
+    merge in float32 (checked against the adapter model), cast to the target dtype
+    (checked), write, reload and check again. Any failed check writes nothing."""
     model, adapted, config, adapter_cfg = load_trained_model(source, dtype="float32", backbone=backbone)
     ref, model_class = adapted.backbone, type(model)
     used = backbone_checked(loaded_backbone(source, adapter_cfg, ref, backbone))
@@ -179,7 +205,9 @@ def export_merged(source: Path, out: Path, tolerance: float = 1e-3, dtype: str |
         collect_if_alive(alive)
         reload_diff = _reload_check(model_class, tmp, target, tied, batch, expected, reference, tolerance)
         info = {
-            **provenance(source, adapter_cfg, "merged-transformers", used),
+            **provenance(source, adapter_cfg, "merged-transformers", used, base_model),
+            "merge": "in memory",
+            "outputs_checked": "whole model",
             "modules_merged": len(check.largest) - len(updates),
             "base_tensors_trained": len(updates),
             "modules_changed": sum(check.changed.values()),
@@ -223,6 +251,15 @@ def _merge(model, target: str, source: Path, base_updates: dict | None = None) -
     return check
 
 
+def cast_allowed(target: str, reference: dict, cast_tolerance: float | None) -> float:
+    """The largest difference allowed to the adapter model after a cast to ``target``:
+    ``cast_tolerance`` (default: CAST_EPS_UNITS machine epsilons) × max(1, max |reference|)."""
+    import torch
+
+    bound = CAST_EPS_UNITS * torch.finfo(getattr(torch, target)).eps if cast_tolerance is None else cast_tolerance
+    return bound * max(1.0, largest_magnitude(reference))
+
+
 def _cast(model, target: str, batch, reference: dict, cast_tolerance: float | None) -> tuple[dict, dict]:
     """Cast the merged model to ``target`` in place; its outputs must stay within the
     cast tolerance of the adapter model's. Returns them and the record of the check."""
@@ -230,8 +267,7 @@ def _cast(model, target: str, batch, reference: dict, cast_tolerance: float | No
 
     model.to(getattr(torch, target))  # in place, parameter by parameter
     cast = model_outputs(model, batch)
-    bound = CAST_EPS_UNITS * torch.finfo(getattr(torch, target)).eps if cast_tolerance is None else cast_tolerance
-    allowed = bound * max(1.0, largest_magnitude(reference))
+    allowed = cast_allowed(target, reference, cast_tolerance)
     cast_max, cast_mean = compare_outputs(reference, cast)
     if non_finite(cast) or not cast_max <= allowed:
         raise ExportError(
@@ -249,18 +285,25 @@ def _write(model, tokenizer, tmp: Path, max_shard_size) -> list[str]:
     return sorted(p.name for p in tmp.glob("*.safetensors"))
 
 
-def _reload_check(model_class, tmp: Path, target: str, tied: bool, batch, expected: dict, reference: dict,
-                  tolerance: float) -> float:
-    """Reload the written checkpoint as a user would: its dtype, its tied embeddings and
-    its outputs must be the merged model's. Returns its largest difference to the
-    adapter model."""
+def reloaded_outputs(model_class, tmp: Path, target: str, tied: bool, batch) -> dict:
+    """The written checkpoint reloaded as a user would (``from_pretrained``, dtype
+    "auto"): its parameters must be in ``target`` and its embeddings tied when the
+    backbone's are. Returns its outputs on ``batch``; the model is freed."""
     reloaded = model_class.from_pretrained(tmp, dtype="auto").eval()
     dtypes = sorted({str(p.dtype).replace("torch.", "") for p in reloaded.parameters() if p.is_floating_point()})
     if dtypes != [target]:
         raise ExportError(f"the written checkpoint reloads as {', '.join(dtypes)}, not {target}; nothing written")
     if tied and not embeddings_tied(reloaded):
         raise ExportError("the backbone's tied input/output embeddings came back untied from the written checkpoint; nothing written")
-    again = model_outputs(reloaded, batch)
+    return model_outputs(reloaded, batch)
+
+
+def _reload_check(model_class, tmp: Path, target: str, tied: bool, batch, expected: dict, reference: dict,
+                  tolerance: float) -> float:
+    """Reload the written checkpoint as a user would: its dtype, its tied embeddings and
+    its outputs must be the merged model's. Returns its largest difference to the
+    adapter model."""
+    again = reloaded_outputs(model_class, tmp, target, tied, batch)
     reload_self, _ = compare_outputs(expected, again)
     reload_diff, _ = compare_outputs(reference, again)
     if not reload_self <= tolerance:
