@@ -113,6 +113,8 @@ def test_streamed_merge_peak_memory_stays_well_under_the_model_size(big, sharded
     whole = measured_export(run, tmp_path / "whole", max_memory=10 * size, warm=sharded)
     assert whole["checked"] == "whole model"
     assert whole["added"] > 0.9 * size, f"the whole-model check added only {whole['added'] / 1e6:.0f} MB"
+    print(f"model {size / 1e6:.0f} MB (float32); added peak memory: streamed {streamed['added'] / 1e6:.0f} MB, "
+          f"with the whole-model check {whole['added'] / 1e6:.0f} MB")  # docs/benchmarks.md (pytest -s)
     info = json.loads((tmp_path / "streamed" / "lrr_export.json").read_text())
     assert info["merge"] == "streamed" and info["max_abs_logit_diff"] is None
     assert "--max-memory" in info["outputs_check_skipped"] and info["module_outputs_checked"] == 28

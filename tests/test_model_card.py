@@ -6,7 +6,6 @@ One tiny run trains once; each export kind is written from it."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import yaml

@@ -16,7 +16,6 @@ Needs the optional dependency ``peft`` (``pip install 'lowrank-runner[peft]'``).
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +45,10 @@ class Pair:
     b: "object"
     a: "object"
     alpha: float
+
+    def __post_init__(self):
+        if float(self.alpha).is_integer():  # written as an integer (engines such as vLLM read an int)
+            self.alpha = int(self.alpha)
 
     @property
     def r(self) -> int:
@@ -80,12 +83,6 @@ def lora_pairs(model, source: Path) -> tuple[dict[str, Pair], float]:
     return pairs, worst
 
 
-def _pattern(path: str) -> str:
-    """A ``rank_pattern``/``alpha_pattern`` key PEFT matches to exactly this module
-    (PEFT reads the keys as regular expressions ending the module's name)."""
-    return re.escape(path)
-
-
 def unit_scale(pairs: dict[str, Pair]) -> dict[str, Pair]:
     """Pairs that differ in rank or scale, with the scale folded into ``B`` (``alpha = r``:
     scale 1 for every module), so an engine that reads only the config's ``r`` and
@@ -99,8 +96,8 @@ def peft_config(peft, pairs: dict[str, Pair], head_modules: list[str], fan_in_fa
     """The most common (rank, alpha) is the config's ``r``/``lora_alpha``; modules that
     differ get ``rank_pattern``/``alpha_pattern`` entries."""
     (r, alpha), _ = Counter((p.r, p.alpha) for p in pairs.values()).most_common(1)[0]
-    ranks = {_pattern(path): p.r for path, p in pairs.items() if p.r != r}
-    alphas = {_pattern(path): p.alpha for path, p in pairs.items() if p.alpha != alpha}
+    ranks = {path: p.r for path, p in pairs.items() if p.r != r}  # full paths: PEFT matches each to its module
+    alphas = {path: p.alpha for path, p in pairs.items() if p.alpha != alpha}
     return peft.LoraConfig(
         r=r, lora_alpha=alpha, rank_pattern=ranks, alpha_pattern=alphas, lora_dropout=dropout,
         target_modules=sorted(pairs), modules_to_save=head_modules or None,
