@@ -431,10 +431,10 @@ def export(
         raise UsageError("--dtype, --cast-tolerance, --max-shard-size and --max-memory apply to --merge only")
     if private and push_to_hub is None:
         raise UsageError("--private applies to --push-to-hub REPO_ID only")
-    from lowrank_runner.export.hub import check_repo_id
+    from lowrank_runner.export.hub import check_push, check_repo_id
 
     if push_to_hub is not None:
-        check_repo_id(push_to_hub)  # before any export work
+        check_push(push_to_hub, out)  # before any export work: the id, online, a token, the endpoint
     if base_model is not None:
         check_repo_id(base_model, "--base-model")
     merge_options = dict(dtype=dtype, max_shard_size=max_shard_size, cast_tolerance=cast_tolerance, max_memory=max_memory)

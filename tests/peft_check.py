@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lowrank_runner.export.card import LOCATION
+
 REPO = Path(__file__).resolve().parent.parent
 VALIDATION = REPO / "lowrank_runner" / "data" / "quickstart" / "validation.jsonl"
 
@@ -55,6 +57,10 @@ def check_plain_peft_serves_the_run(run_dir: Path, tmp_path: Path) -> None:
                           capture_output=True, text=True, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     theirs = torch.load(tmp_path / "logits.pt")
+    snippet = (export / "README.md").read_text().split("```python\n", 1)[1].split("```", 1)[0]
+    snippet = snippet.replace(json.dumps(LOCATION), json.dumps(str(export)))
+    proc = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, f"the model card's snippet fails:\n{snippet}\n{proc.stderr[-2000:]}"
 
     rows = [json.loads(line) for line in VALIDATION.read_text().splitlines()]
     ours_model = lowrank_runner.load_adapted(run_dir)

@@ -13,11 +13,12 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from lowrank_runner.errors import UsageError
+from lowrank_runner.errors import ExportError, UsageError
 from lowrank_runner.export.card import LOCATION
 from lowrank_runner.export.hub import check_repo_id
 
@@ -25,6 +26,7 @@ GOOD_TOKEN = "hf_good_token"
 REPO = "me/tiny-model"
 # Each failure must come within seconds: a guard, well above what a fast failure takes.
 GUARD_S = 30
+STALL_S = 8
 
 
 class FakeHub(BaseHTTPRequestHandler):
@@ -66,6 +68,8 @@ class FakeHub(BaseHTTPRequestHandler):
         if self.path == "/api/repos/create":
             payload = json.loads(body)
             self.received["create"] = payload
+            if payload["name"] == "stalled":  # a Hub that accepts the request and never answers in time
+                time.sleep(STALL_S)
             if payload["name"] == "forbidden":
                 return self._send(403, {"error": "You don't have the rights to create a model under this namespace"})
             return self._send(200, {"url": f"{host}/{payload['organization']}/{payload['name']}", "name": payload["name"]})
@@ -166,6 +170,27 @@ def test_an_upload_that_cannot_happen_fails_fast_and_keeps_the_export(case, hub,
     assert "files" not in received  # nothing was committed
 
 
+def test_a_stalled_upload_times_out_instead_of_hanging(hub, export_dir, tmp_path, monkeypatch):
+    import lowrank_runner.export.hub as hub_module
+
+    url, _ = hub
+    monkeypatch.setattr(hub_module, "UPLOAD_TIMEOUT_S", 1)
+    monkeypatch.setenv("HF_TOKEN", GOOD_TOKEN)
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    started = time.monotonic()
+    with pytest.raises(ExportError, match=r"upload to the Hub \(me/stalled\) failed: .*is intact"):
+        hub_module.push_export(export_dir, "me/stalled")
+    assert time.monotonic() - started < STALL_S  # the request timed out; it did not wait for the server
+
+
+def test_lrr_export_push_checks_before_exporting(tmp_path, tiny_recipe):
+    """Offline: --push-to-hub fails in seconds before the export starts (nothing written)."""
+    code, output = lrr_process("export", tmp_path / "no-such-run", "--merge", "--out", tmp_path / "out",
+                               "--push-to-hub", REPO, tmp_path=tmp_path, HF_HUB_OFFLINE="1", HF_TOKEN=GOOD_TOKEN)
+    assert code == 1 and "HF_HUB_OFFLINE is set" in output and "nothing was exported" in output, output
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_export_uploads_to_the_hub(hub, export_dir, tmp_path):
     url, received = hub
     before = snapshot(export_dir)
@@ -203,8 +228,9 @@ def test_a_bad_repo_id_stops_lrr_export_before_any_work(tmp_path):
 
 
 def test_lrr_export_push_without_network_keeps_the_export_and_lrr_push_uploads_it(hub, tiny_recipe, tmp_path):
-    """The issue's scenario: the export is verified and in place, the upload fails in
-    seconds (no endpoint), and `lrr push` uploads the same directory later."""
+    """The issue's scenario. Without a network, --push-to-hub fails in seconds before any
+    export work (nothing to undo); an upload refused after the export keeps the verified
+    export in place, and `lrr push` uploads the same directory later."""
     from typer.testing import CliRunner
 
     from lowrank_runner.cli import app
@@ -215,11 +241,15 @@ def test_lrr_export_push_without_network_keeps_the_export_and_lrr_push_uploads_i
     code, output = lrr_process("export", tmp_path / "run", "--peft", "--out", out, "--push-to-hub", REPO,
                                tmp_path=tmp_path, HF_TOKEN=GOOD_TOKEN, HF_ENDPOINT=f"http://127.0.0.1:{closed_port()}")
     assert code == 1, output
-    assert f"error: upload to the Hub ({REPO}) failed: cannot reach" in output and "Traceback" not in output
-    assert f"upload it later with `lrr push {out} {REPO}`" in output
+    assert f"error: --push-to-hub {REPO}: the upload cannot succeed: cannot reach" in output and "Traceback" not in output
+    assert "nothing was exported" in output and not out.exists()
+    url, received = hub
+    code, output = lrr_process("export", tmp_path / "run", "--peft", "--out", out, "--push-to-hub", "me/forbidden",
+                               tmp_path=tmp_path, HF_TOKEN=GOOD_TOKEN, HF_ENDPOINT=url)
+    assert code == 1 and "upload to the Hub (me/forbidden) failed" in output, output
+    assert f"upload it later with `lrr push {out} me/forbidden`" in output
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "lrr_export.json"} <= {
         p.name for p in out.iterdir()}
-    url, received = hub
     code, output = lrr_process("push", out, REPO, "--private", tmp_path=tmp_path, HF_TOKEN=GOOD_TOKEN, HF_ENDPOINT=url)
     assert code == 0, output
     assert f"{url}/{REPO}" in output and received["create"]["visibility"] == "private"

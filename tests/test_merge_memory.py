@@ -201,3 +201,12 @@ def test_a_backbone_without_safetensors_is_merged_in_memory(sharded, tmp_path):
     assert code == 0 and "no safetensors weights" in output and "merging in memory" in output, output
     info = json.loads((tmp_path / "out" / "lrr_export.json").read_text())
     assert info["merge"] == "in memory" and info["reloaded_max_abs_logit_diff"] <= 1e-5
+
+
+@pytest.mark.parametrize("size", ["20000", "20KiB"])
+def test_max_shard_size_in_bytes_or_binary_units(sharded, tmp_path, size):
+    """Every size the option accepts reaches the writer as the same number of bytes."""
+    code, output = lrr("export", sharded, "--merge", "--out", tmp_path / "out", "--max-shard-size", size)
+    assert code == 0, output
+    shards = sorted((tmp_path / "out").glob("model-*.safetensors"))
+    assert len(shards) >= 2 and (tmp_path / "out" / "model.safetensors.index.json").is_file()

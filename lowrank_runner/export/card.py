@@ -244,7 +244,8 @@ def training_section(record: dict) -> str:
     steps, best = _section(report, "steps"), _section(report, "best")
     rows = [("optimizer steps", steps.get("total")), ("epochs", steps.get("epochs") or training.get("epochs")),
             ("seed", _dig(report, "run", "seed") if _dig(report, "run", "seed") is not None else training.get("seed")),
-            ("learning rate", training.get("learning_rate")), ("batch size", training.get("batch_size")),
+            ("learning rate", training.get("learning_rate")), ("batch size (per optimizer step)", _dig(report, "batch", "effective") or training.get("batch_size")),
+            ("processes", _dig(report, "batch", "processes")),
             ("training examples", report.get("train_examples")), ("evaluation examples", report.get("eval_examples")),
             ("trainable parameters", report.get("trainable_params")), ("adapter parameters", report.get("adapter_params")),
             ("trainable %", report.get("trainable_percent")), ("selected checkpoint (step)", best.get("step")),
@@ -282,10 +283,23 @@ def _base_location(info: dict) -> str:
     return base_model_id(info) or info.get("base_model") or (info.get("backbone") or {}).get("name") or "BASE"
 
 
+def _base_code(info: dict) -> tuple[str, str]:
+    """Python that names the base model in a snippet: (lines before, the expression). A
+    backbone shipped in a Python package (``pkg:PACKAGE/SUB``) is found where it is installed."""
+    base = _base_location(info)
+    if not base.startswith("pkg:"):
+        return "", json.dumps(base)
+    package, _, sub = base[len("pkg:"):].partition("/")
+    return (f"import importlib.util, os\n\n# the backbone ships in the Python package {package} (pip install it)\n"
+            f"base_dir = os.path.join(os.path.dirname(importlib.util.find_spec({package!r}).origin), {sub!r})\n",
+            "base_dir")
+
+
 def usage_section(info: dict) -> str:
     """How to load it, for this export's format and model class."""
     fmt, cls = info.get("format"), info.get("model_class") or "AutoModel"
-    where, base = json.dumps(LOCATION), json.dumps(_base_location(info))
+    where = json.dumps(LOCATION)
+    prelude, base = _base_code(info)
     if fmt == "merged-transformers":
         code = (f"from transformers import {cls}, AutoTokenizer\n\nmodel = {cls}.from_pretrained({where})\n"
                 f"tokenizer = AutoTokenizer.from_pretrained({where})")
@@ -293,14 +307,14 @@ def usage_section(info: dict) -> str:
     elif fmt == "peft-lora":
         head = {k: v for k, v in (info.get("head_config") or {}).items() if k in HEAD_KWARGS and v is not None}
         kwargs = "".join(f", {k}={v!r}" for k, v in head.items())
-        code = (f"from peft import PeftModel\nfrom transformers import {cls}, AutoTokenizer\n\n"
+        code = (f"{prelude}from peft import PeftModel\nfrom transformers import {cls}, AutoTokenizer\n\n"
                 f"base = {cls}.from_pretrained({base}{kwargs})\nmodel = PeftModel.from_pretrained(base, {where})\n"
                 f"tokenizer = AutoTokenizer.from_pretrained({where})\n"
                 "# model.merge_and_unload() gives a plain transformers model")
         text = "A standard PEFT LoRA adapter on its base model (nothing of lowrank-runner needed):"
     else:
         code = (f"import lowrank_runner\nfrom transformers import AutoTokenizer\n\n"
-                f"model = lowrank_runner.load_adapted({where})  # backbone={base} unless it moved\n"
+                f"model = lowrank_runner.load_adapted({where})  # backbone={json.dumps(_base_location(info))} unless it moved\n"
                 f"tokenizer = AutoTokenizer.from_pretrained({where})")
         text = ("A lowrank-runner adapter bundle (`pip install lowrank-runner`); `lrr export DIR --merge` or "
                 "`--peft` turns it into a plain checkpoint or a PEFT adapter:")

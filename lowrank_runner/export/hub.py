@@ -13,6 +13,7 @@ line saying that the local export is intact and how to upload it again.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from lowrank_runner.errors import ExportError, UsageError
@@ -21,6 +22,7 @@ from lowrank_runner.export.common import EXPORT_INFO
 
 CONNECT_TIMEOUT_S = 5
 CHECK_TIMEOUT_S = 15
+UPLOAD_TIMEOUT_S = 120  # the longest wait for the Hub's next bytes during an upload
 
 
 def check_repo_id(repo_id: str, option: str = "--push-to-hub") -> str:
@@ -63,6 +65,24 @@ class _Failure:
     def __call__(self, why: str) -> ExportError:
         return ExportError(f"upload to the Hub ({self.repo_id}) failed: {why}; the local export at {self.directory} "
                            f"is intact: upload it later with `lrr push {self.directory} {self.repo_id}`")
+
+
+class _NotYet(_Failure):
+    """The failures of the check made before an export starts (nothing exported yet)."""
+
+    def __call__(self, why: str) -> ExportError:
+        return ExportError(f"--push-to-hub {self.repo_id}: the upload cannot succeed: {why}; nothing was exported. "
+                           f"Fix it, or export without --push-to-hub and upload later with `lrr push {self.directory} "
+                           f"{self.repo_id}`")
+
+
+def check_push(repo_id: str, out: Path, token: str | None = None) -> None:
+    """Before an export with ``--push-to-hub``: the repo id, and what an upload needs that
+    is known in seconds (online, a token, the endpoint reachable and accepting it), so a
+    long merge is not spent on an upload that must fail."""
+    check_repo_id(repo_id)
+    fail = _NotYet(Path(out), repo_id)
+    check_access(endpoint(), _checked_token(token, fail), fail)
 
 
 def _checked_token(token: str | None, fail: _Failure) -> str:
@@ -142,10 +162,31 @@ def push_export(directory, repo_id: str, private: bool = False, token: str | Non
     url = endpoint()
     check_access(url, token, fail)
     api = HfApi(endpoint=url, token=token)
-    try:
-        repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        api.create_commit(repo.repo_id, _operations(directory, repo.repo_id),
-                          commit_message=f"Upload {directory.name} (lowrank-runner export)")
-    except (httpx2.HTTPError, OSError, ValueError) as exc:
-        raise fail(_first_line(exc)) from None
+    with _request_timeout():
+        try:
+            repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            api.create_commit(repo.repo_id, _operations(directory, repo.repo_id),
+                              commit_message=f"Upload {directory.name} (lowrank-runner export)")
+        except (httpx2.HTTPError, OSError, ValueError) as exc:
+            raise fail(_first_line(exc)) from None
     return str(repo)
+
+
+@contextmanager
+def _request_timeout():
+    """huggingface_hub's HTTP client waits forever by default: while uploading, every
+    request gets a connect timeout and a timeout between bytes (a stalled server fails
+    the upload instead of hanging it)."""
+    import httpx2
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils._http import default_client_factory, hf_request_event_hook
+
+    def bounded():
+        return httpx2.Client(event_hooks={"request": [hf_request_event_hook]}, follow_redirects=True,
+                             timeout=httpx2.Timeout(UPLOAD_TIMEOUT_S, connect=CONNECT_TIMEOUT_S))
+
+    set_client_factory(bounded)
+    try:
+        yield
+    finally:
+        set_client_factory(default_client_factory)

@@ -280,7 +280,7 @@ def _cast(model, target: str, batch, reference: dict, cast_tolerance: float | No
 
 def _write(model, tokenizer, tmp: Path, max_shard_size) -> list[str]:
     """Save the model (sharded safetensors) and tokenizer; the shards' names."""
-    model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+    model.save_pretrained(tmp, safe_serialization=True, max_shard_size=check_max_shard_size(max_shard_size))  # bytes
     tokenizer.save_pretrained(tmp)
     return sorted(p.name for p in tmp.glob("*.safetensors"))
 

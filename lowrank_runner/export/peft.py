@@ -164,7 +164,7 @@ def export_peft(source: Path, out: Path, tolerance: float = 1e-4, backbone: str 
     diff, _ = compare_outputs(expected, model_outputs(peft_model, batch))
     if not diff <= tolerance:
         raise ExportError(f"PEFT's model differs from ours by {diff:.3g} on the probe batch; nothing written")
-    name = base_model or adapter_cfg["backbone"]["name"]
+    name = base_name(adapter_cfg["backbone"]["name"], used, base_model)
     with staged_output(out) as tmp:
         peft_model.save_pretrained(tmp)
         _set_base_path(tmp, name)
@@ -185,6 +185,23 @@ def export_peft(source: Path, out: Path, tolerance: float = 1e-4, backbone: str 
         }
         write_export_files(tmp, info)
     return info
+
+
+def base_name(recipe_name: str, used: dict, base_model: str | None) -> str:
+    """How the adapter names its base model: ``--base-model``, else the backbone as the
+    recipe named it: a hub id as it is, a ``pkg:`` path as it is (never the directory
+    inside the virtual environment; a warning says plain tools cannot resolve it), a
+    local path as the absolute directory the export loaded (relative to nothing)."""
+    from lowrank_runner.export.common import warn
+    from lowrank_runner.resources import is_pkg_path
+
+    if base_model is not None:
+        return base_model
+    if is_pkg_path(recipe_name):
+        warn(f"the adapter names its base model {recipe_name!r} as the recipe did, which PEFT cannot download: load "
+             "the base model yourself (the model card shows how), or name its hub id with --base-model")
+        return recipe_name
+    return used["resolved"] if used.get("source") != "hub" else recipe_name
 
 
 def _reload_check(peft, peft_model, head_state: dict, tmp: Path, batch, expected: dict, tolerance: float) -> float:

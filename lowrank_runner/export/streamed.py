@@ -128,8 +128,11 @@ def map_checkpoint_names(layout, names: dict) -> tuple[dict[str, tuple[Path, str
     (transformers' own conversion mapping and ``rename_source_key``: legacy renames,
     ``base_model_prefix`` added or removed), and the conversions that renamed any. A
     conversion that merges or splits tensors cannot be streamed: :class:`StreamUnsupported`."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # transformers 4: no conversion mapping to follow
+        raise StreamUnsupported("this transformers has no checkpoint conversion mapping (transformers 5 has)") from None
 
     mapping = get_model_conversion_mapping(layout)
     renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
@@ -231,8 +234,8 @@ def _layout(model_class, model, target: str, ref, max_shard_size, names: dict):
     saved = revert_weight_conversion(layout, state)
     if set(saved) != set(state):
         raise StreamUnsupported(f"{type(layout).__name__} renames its tensors when saving")
-    split = split_torch_state_dict_into_shards(saved, filename_pattern="model{suffix}.safetensors",
-                                               max_shard_size=max_shard_size)
+    split = split_torch_state_dict_into_shards(saved, filename_pattern="model{suffix}.safetensors",  # bytes: one
+                                               max_shard_size=check_size(max_shard_size, "--max-shard-size"))  # reading of sizes
     return layout, where, split
 
 
@@ -410,8 +413,8 @@ def module_output_check(path: str, layer, w0, merged, tolerance: float) -> float
     diff = float((ours - theirs).abs().max()) / max(1.0, float(ours.abs().max()))
     if not diff <= tolerance:
         raise ExportError(f"{path}: the merged weight does not reproduce the adapter's output (relative difference "
-                          f"{diff:.3g} on random inputs, tolerance {tolerance:g}): the update was folded in wrongly "
-                          "(transposed or misplaced); nothing written")
+                          f"{diff:.3g} on random inputs, above --tolerance {tolerance:g}): a transposed or misplaced "
+                          "update, or a tolerance below float32 rounding (the default is 1e-3); nothing written")
     return diff
 
 
