@@ -350,13 +350,17 @@ def inspect(
     overrides: Optional[List[str]] = SetOption,
     sweeps: Optional[List[str]] = SweepOption,
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
-    processes: int = typer.Option(1, "--processes", min=1, metavar="N", help="Number of training processes to plan steps for."),
+    processes: Optional[int] = typer.Option(None, "--processes", min=1, metavar="N", help="Training processes to plan the per-device batch, accumulation and steps for (default: WORLD_SIZE, as `accelerate launch` sets it, else 1)."),
 ):
     """Resolve a recipe without loading weights: modules matched, parameter counts, planned steps (per sweep point)."""
     from lowrank_runner.inspect import inspect_recipe
     from lowrank_runner.recipe.load import load_recipe
 
     rec = load_recipe(_existing(recipe), _with_sweeps(overrides, sweeps))
+    if processes is None:
+        from lowrank_runner.train.run_dirs import world_size
+
+        processes = world_size()  # under `accelerate launch` / torchrun: the processes a run would have
     result = inspect_recipe(rec, processes=processes)
     if as_json:
         print(json.dumps(result, indent=2))
@@ -378,9 +382,16 @@ def run(
     output: Optional[Path] = typer.Option(None, "--output", "-o", metavar="RUN_DIR", help="Run directory (default: <output.dir>/<name>/<timestamp>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted runs in --output RUN_DIR from their latest checkpoints (same recipe and --set overrides)."),
     stop_after_step: Optional[int] = typer.Option(None, "--stop-after-step", min=1, metavar="STEP", help="End each run after this optimizer step with a checkpoint (e.g. before a machine's time limit); continue later with --resume."),
+    parallel: int = typer.Option(1, "--parallel", min=1, metavar="N", help="Train up to N of the recipe's runs at once, each in its own process, on free devices (a CPU-only machine: N processes sharing the cores); 1: one after another in this process."),
+    devices: Optional[str] = typer.Option(None, "--devices", metavar="IDS", help="--parallel: the CUDA devices to use, e.g. 0,1,2,3 (default: every visible one; none on a CPU-only machine)."),
+    gpus_per_run: Optional[int] = typer.Option(None, "--gpus-per-run", min=1, metavar="K", help="--parallel: devices per run (default 1); K > 1 trains each run as K processes with accelerate launch."),
+    executor: str = typer.Option("local", "--executor", metavar="local|ray", help="--parallel: where the runs train: local processes, or a Ray cluster (needs Ray: the ray extra of lowrank-runner)."),
+    address: Optional[str] = typer.Option(None, "--address", metavar="ADDR", help="--executor ray: the cluster's address (default: RAY_ADDRESS, else a local Ray instance)."),
+    only_run: Optional[str] = typer.Option(None, "--only-run", hidden=True, help="A child of --parallel: train only this run (its slug) into --output."),
 ):
     """Train: one run per task x sweep point x seed, each writing a run directory."""
     from lowrank_runner.recipe.load import load_recipe
+    from lowrank_runner.train.parallel.slots import ParallelOptions
     from lowrank_runner.search.study import recorded_overrides, run_search  # recorded: a search's own, else its runs'
     from lowrank_runner.train.runner import run_recipe
 
@@ -400,9 +411,39 @@ def run(
     command += ["--output", str(output)] if output else []
     command += ["--resume"] if resume else []
     command += ["--stop-after-step", str(stop_after_step)] if stop_after_step else []
-    train = run_search if rec.resolved.get("search") else run_recipe  # a search: its trials, then the best point
-    failures = train(rec, output=output, argv=command, resume=resume, stop_after=stop_after_step)
+    options = ParallelOptions(parallel, devices, gpus_per_run, executor, address)
+    if not options.sequential:
+        command += _parallel_words(options)
+        if rec.resolved.get("search") or len(rec.runs) == 1:
+            _parallel_alone(rec, options)
+    if rec.resolved.get("search"):  # a search: its trials, then the best point
+        failures = run_search(rec, output=output, argv=command, resume=resume, stop_after=stop_after_step)
+    else:
+        failures = run_recipe(rec, output=output, argv=command, resume=resume, stop_after=stop_after_step,
+                              parallel=options, only_run=only_run)
     raise typer.Exit(1 if failures else 0)
+
+
+def _parallel_words(options) -> list[str]:
+    """The parallel options as given, for the command a batch records."""
+    words = ["--parallel", str(options.parallel)]
+    words += ["--devices", options.devices] if options.devices is not None else []
+    words += ["--gpus-per-run", str(options.gpus_per_run)] if options.gpus_per_run else []
+    words += ["--executor", options.executor] if options.executor != "local" else []
+    words += ["--address", options.address] if options.address else []
+    return words
+
+
+def _parallel_alone(rec, options) -> None:
+    """--parallel with a search (refused) or with a recipe of one run (checked, then
+    trained in this process: there is nothing to divide)."""
+    from lowrank_runner.train.parallel.slots import plan_slots
+
+    if rec.resolved.get("search"):
+        raise UsageError(f"--parallel: {rec.source} is a search (search:), whose trials run one after another in "
+                         "this process; drop --parallel, --devices, --gpus-per-run and --executor")
+    plan_slots(options)
+    _err(f"note: {rec.source} has one run; it trains in this process (--parallel divides a recipe's runs)")
 
 
 @command()

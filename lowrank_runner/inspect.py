@@ -14,7 +14,7 @@ from lowrank_runner.recipe.load import Recipe, at_recipe_lines, canonical_hash
 from lowrank_runner.tasks.base import build_task
 from lowrank_runner.tasks.holdout import holdout_sizes
 from lowrank_runner.train.init_from import source_run
-from lowrank_runner.train.schedule import plan_steps
+from lowrank_runner.train.schedule import BatchPlan, BatchSizeError, StepPlan, batch_plan, plan_steps
 
 
 class PlanError(LrrError):
@@ -27,6 +27,22 @@ def check_schedule(plan, where: str) -> None:
             f"{where}: warmup ({plan.warmup_steps} steps) is not shorter than training ({plan.total_steps} steps); "
             "lower training.warmup_steps / warmup_ratio or train longer"
         )
+
+
+def run_batch(run, processes: int, source: str) -> BatchPlan:
+    """The run's per-device batch and accumulation on ``processes`` processes
+    (train/schedule.py: :func:`batch_plan`); a batch that cannot be divided names the
+    recipe line that sets it (or the recipe file)."""
+    try:
+        return batch_plan(run.config["training"], processes)
+    except BatchSizeError as exc:
+        raise BatchSizeError(f"{run.location_of(exc.key) or source}: {exc}", exc.key) from None
+
+
+def plan_run(run, n_train: int, processes: int, source: str) -> StepPlan:
+    """The run's step plan on ``processes`` processes, its batch checked first (:func:`run_batch`)."""
+    run_batch(run, processes, source)
+    return plan_steps(n_train, run.config["training"], processes)
 
 
 def check_method_schedule(method, total_steps: int, where: str) -> list[str]:
@@ -50,7 +66,7 @@ def inspect_recipe(recipe: Recipe, processes: int = 1) -> dict:
         where = f"{recipe.source} [{run.task}{', ' + run.label if run.label else ''}, seed {run.seed}]"
         key = canonical_hash({**run.config, "training": {**run.config["training"], "seed": None}})
         if key not in built:
-            built[key] = _inspect_model(run, processes)
+            built[key] = _inspect_model(run, processes, recipe.source)
         entry, plan, method = built[key]
         check_schedule(plan, where)
         runs.append({"task": run.task, "seed": run.seed, "point": run.point, "label": run.label,
@@ -58,6 +74,10 @@ def inspect_recipe(recipe: Recipe, processes: int = 1) -> dict:
                      "init_from": _init_from(recipe, run),
                      "warnings": check_method_schedule(method, plan.total_steps, where)})
     out = {"name": recipe.name, "source": recipe.source, "recipe_hash": recipe.hash, "recipe": recipe.resolved, "runs": runs}
+    if recipe.resolved["output"].get("trackers"):  # output.trackers and where each writes (train/tracking.py)
+        from lowrank_runner.train.tracking import describe
+
+        out["trackers"] = describe(recipe.resolved["output"], recipe.name)
     if recipe.resolved.get("search"):  # its space, trials, sampler and objective per task
         from lowrank_runner.search.choices import choice_problems
         from lowrank_runner.search.record import search_summary
@@ -76,7 +96,7 @@ def _build_model(run) -> None:
         build_adapted_model(run.config, task.model_class, task.model_config_kwargs(), weights=False)
 
 
-def _inspect_model(run, processes: int) -> tuple[dict, object, object]:
+def _inspect_model(run, processes: int, source: str) -> tuple[dict, object, object]:
     """What one run's configuration builds (on the meta device) and plans: its inspect
     entry (all but the run's identity), the step plan and the method."""
     cfg = run.config
@@ -87,7 +107,7 @@ def _inspect_model(run, processes: int) -> tuple[dict, object, object]:
     n_train = task.count_train_examples()
     if cfg["task"].get("holdout_fraction"):  # trains on the rest of the training set
         n_train = holdout_sizes(n_train, cfg["task"]["holdout_fraction"])[0]
-    plan = plan_steps(n_train, cfg["training"], processes)
+    plan = plan_run(run, n_train, processes, source)
     by_symbol: dict[str, list[str]] = {}
     for t in adapted.targets:
         for symbol in t.symbols:
@@ -100,6 +120,7 @@ def _inspect_model(run, processes: int) -> tuple[dict, object, object]:
         "task_config": cfg["task"],
         "training": {**cfg["training"], "total_steps": plan.total_steps, "warmup_steps": plan.warmup_steps,
                      "steps_per_epoch": plan.steps_per_epoch, "processes": processes},
+        "batch": plan.batch.as_dict(),  # effective, per_device, accumulation, processes, batch_size_per
         "modules": [t.path for t in adapted.targets],
         "targets": by_symbol,
         "head": adapted.head_names,

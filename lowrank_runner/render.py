@@ -52,13 +52,24 @@ def print_inspection(result: dict) -> None:
             f"adapter params {run['adapter_params']:,} · trainable {run['trainable_params']:,} "
             f"({100 * run['trainable_params'] / run['total_params']:.3f}% of {run['total_params']:,}) · "
             f"{run['train_examples']:,} train examples · {run['steps']:,} optimizer steps "
-            f"(warmup {run['warmup_steps']}) · lr {t['learning_rate']} · batch {t['batch_size']}x{t['gradient_accumulation_steps']}",
+            f"(warmup {run['warmup_steps']}) · lr {t['learning_rate']} · batch {batch_line(run['batch'])}",
             markup=False,
         )
         for line in run.get("warnings", ()):  # plain stderr text: no rich markup eats a path's [..]
             print(f"warning: {line}", file=sys.stderr)
     if any(run.get("label") for run in result["runs"]):
         _print_points(result["runs"])
+    if result.get("trackers"):
+        console.print("\ntrackers (RUN_DIR: each run's directory, RUN: its slug):", markup=False)
+    for tracker in result.get("trackers", ()):
+        console.print(f"  {tracker['name']}: {tracker['writes']}", markup=False)
+
+
+def batch_line(batch: dict) -> str:
+    """``32 per optimizer step = 16 per device x 1 accumulation x 2 processes`` (train/schedule.py)."""
+    from lowrank_runner.train.schedule import BatchPlan
+
+    return BatchPlan(**batch).describe()
 
 
 def _print_points(runs: list[dict]) -> None:

@@ -178,17 +178,23 @@ def test_multi_seed_run_writes_one_directory_per_run_and_a_summary(trained_run, 
 
 def test_two_processes_share_the_work(trained_run, tmp_path):
     """The same loop under torchrun (what `accelerate launch --multi_gpu` starts): 2 gloo
-    processes on CPU, each seeing half the batches, one run directory written by rank 0."""
+    processes on CPU, each seeing half the batches, one run directory written by rank 0.
+    With ``training.batch_size_per: device`` (the per-device meaning; the default, the
+    effective batch, is tests/test_batch_semantics.py's) each process trains on 16
+    examples per step, so the effective batch is 32."""
     _, recipe = trained_run
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lowrank_runner", "run",
-         str(recipe), "--output", str(tmp_path / "ddp"), "--set", "training.epochs=1", "--set", "training.eval_every=null"],
+         str(recipe), "--output", str(tmp_path / "ddp"), "--set", "training.epochs=1", "--set", "training.eval_every=null",
+         "--set", "training.batch_size_per=device"],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "ddp" / "report.json").read_text())
     assert report["environment"]["hardware"]["num_processes"] == 2
-    assert report["steps"]["per_epoch"] == 3  # 96 examples / (16 per batch x 2 processes)
+    assert report["steps"]["per_epoch"] == 3  # 96 examples / (16 per device x 2 processes)
+    assert report["batch"] == {"effective": 32, "per_device": 16, "accumulation": 1, "processes": 2,
+                               "batch_size_per": "device"}
     assert proc.stderr.count("done classification-seed0") == 1  # only rank 0 reports
 
 

@@ -117,9 +117,11 @@ def test_json_shape(config_dirs):
 
 
 def test_planned_steps_follow_batch_accumulation_and_processes(config_dirs):
-    out = inspect(f"backbone.name={config_dirs['roberta-base']}", "training.batch_size=32",
+    out = inspect(f"backbone.name={config_dirs['roberta-base']}", "training.batch_size=96",
                   "training.gradient_accumulation_steps=3", "training.epochs=2")
-    assert out["runs"][0]["steps"] == 2 * 9  # ceil(ceil(800/32) / 3) = 9 per epoch
+    assert out["runs"][0]["steps"] == 2 * 9  # effective batch 96 = 32 per device x 3: ceil(ceil(800/32) / 3) = 9 per epoch
+    assert out["runs"][0]["batch"] == {"effective": 96, "per_device": 32, "accumulation": 3, "processes": 1,
+                                       "batch_size_per": "effective"}
 
 
 def test_inspect_reports_unknown_backbone_without_hanging(tmp_path):

@@ -36,7 +36,7 @@ _TYPE_WORDS = {
 ALIASES = {
     "rank": "r", "lora_r": "r", "lora_rank": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
     "use_rslora": "rslora", "lr": "learning_rate", "num_epochs": "epochs", "num_train_epochs": "epochs",
-    "micro_batch_size": "batch_size", "per_device_train_batch_size": "batch_size",
+    "micro_batch_size": "per_device_batch_size", "per_device_train_batch_size": "per_device_batch_size",
     "per_device_eval_batch_size": "eval_batch_size", "gradient_accumulation": "gradient_accumulation_steps",
     "target_modules": "targets", "lora_target_modules": "targets", "base_model": "backbone", "model": "backbone",
     "output_dir": "output", "scheduler": "lr_scheduler", "warmup": "warmup_steps", "seeds": "seed",
@@ -185,8 +185,35 @@ def run_problems(doc: Document) -> list[Problem]:
     return out
 
 
+def _tracker_problems(doc: Document, output: dict) -> list[Problem]:
+    """``output.trackers``: each tracker once, and its package installed (the names and
+    options are the schema's)."""
+    from lowrank_runner.train.tracking import INSTALL, PACKAGES, missing_package
+
+    trackers = output.get("trackers")
+    out, seen = [], set()
+    for i, item in enumerate(trackers if isinstance(trackers, list) else []):
+        name = item.get("name") if isinstance(item, dict) else item
+        if not isinstance(name, str) or name not in PACKAGES:
+            continue  # the schema says what is wrong
+        if name in seen:
+            out.append(problem(doc, ("output", "trackers", i), f"{name} is listed twice; give each tracker once"))
+        seen.add(name)
+        package = missing_package(name)
+        if package is not None:
+            out.append(problem(doc, ("output", "trackers", i), f"{name} is not installed; {INSTALL} "
+                                                               f"(or pip install {package})"))
+    return out
+
+
 def _output_problems(doc: Document, output: dict) -> list[Problem]:
-    """``output.dir`` may be anywhere (``lrr validate`` shows where); it must not be a file."""
+    """``output.dir`` may be anywhere (``lrr validate`` shows where); it must not be a file.
+    The trackers: :func:`_tracker_problems`."""
+    out = _tracker_problems(doc, output)
+    return out + _output_dir_problems(doc, output)
+
+
+def _output_dir_problems(doc: Document, output: dict) -> list[Problem]:
     where = output.get("dir")
     if not isinstance(where, str) or not where:
         return []

@@ -74,6 +74,7 @@ def build_run_report(*, recipe, run, argv: list[str], adapted, model, task, spli
         "holdout": holdout,
         "steps": {"total": plan.total_steps, "warmup": plan.warmup_steps, "per_epoch": steps_per_epoch,
                   "epochs": plan.epochs},
+        "batch": plan.batch.as_dict(),  # effective, per_device, accumulation, processes, batch_size_per
         "best": {**best, "epoch": round(best["step"] / steps_per_epoch, 4) if best.get("step") else None,
                  "checkpoint": art.ADAPTER_DIR + "/"},
         "final_eval": last_eval,

@@ -66,6 +66,8 @@ def run_markdown(report: dict) -> str:
                      f"holdout split {fmt(seeds['holdout_split'])}; the recipe's seeds: {seeds['recipe']}")
     if run.get("resumed_from_step"):
         lines.append(f"- resumed from the checkpoint at step {run['resumed_from_step']} (wall time counts since then)")
+    for tracker in r.get("trackers") or ():  # output.trackers (train/tracking.py)
+        lines.append(f"- tracked with {tracker.get('name')}: {tracker.get('writes')}")
     lines.append("")
 
     lines += _results(r)
@@ -158,6 +160,11 @@ def _data(r: dict) -> list[str]:
     lines.append(f"- {fmt(r.get('train_examples'))} training and {fmt(r.get('eval_examples'))} selection examples; "
                  f"{fmt(steps.get('total'))} optimizer steps ({fmt(steps.get('per_epoch'))} per epoch, "
                  f"{fmt(steps.get('warmup'))} warmup)")
+    if r.get("batch"):  # train/schedule.py's batch plan
+        b = r["batch"]
+        lines.append(f"- batch {fmt(b['effective'])} per optimizer step = {fmt(b['per_device'])} per device x "
+                     f"{fmt(b['accumulation'])} accumulation x {fmt(b['processes'])} process(es) "
+                     f"(training.batch_size_per: {b['batch_size_per']})")
     if r.get("holdout"):
         h = r["holdout"]
         lines.append(f"- checkpoint selected on a held-out {h['fraction']} of train (seed {h['seed']}); "

@@ -24,7 +24,7 @@ import torch
 from lowrank_runner.backbones import load_tokenizer
 from lowrank_runner.errors import TrainingError
 from lowrank_runner.backbones import resolve as resolve_backbone
-from lowrank_runner.inspect import PlanError, check_method_schedule, check_schedule
+from lowrank_runner.inspect import PlanError, check_method_schedule, check_schedule, plan_run, run_batch
 from lowrank_runner.methods.inject import adapter_state_dict, load_adapter_state
 from lowrank_runner.modeling import AdaptedModel, build_adapted_model
 from lowrank_runner.recipe.load import Recipe, RunSpec, at_recipe_lines
@@ -35,7 +35,8 @@ from lowrank_runner.tasks.holdout import HOLDOUT_SEED, TEST_PREFIX, apply_holdou
 from lowrank_runner.train import artifacts as art
 from lowrank_runner.train.checkpoint import CHECKPOINTS_DIR, Checkpoint, restore_checkpoint, save_checkpoint
 from lowrank_runner.train.progress import TrainingProgress
-from lowrank_runner.train.schedule import plan_steps
+from lowrank_runner.train.tracking import Tracking
+from lowrank_runner.train.schedule import BatchPlan, batch_plan
 
 
 @dataclass
@@ -97,15 +98,20 @@ def build_optimizer(model, training: dict) -> torch.optim.Optimizer:
     )
 
 
-def build_dataloaders(tokenized, tokenizer, task: Task, training: dict, seed: int, mixed_precision: str, eval_splits):
+def build_dataloaders(tokenized, tokenizer, task: Task, training: dict, seed: int, mixed_precision: str, eval_splits,
+                      batch: BatchPlan | None = None):
+    """Training and evaluation DataLoaders with ``batch.per_device`` training examples per
+    batch (default: :func:`batch_plan` on one process) and ``training.eval_batch_size``
+    (per device; default: twice the per-device training batch) evaluation examples."""
     from torch.utils.data import DataLoader
 
+    batch = batch or batch_plan(training)
     collator = task.collator(tokenizer, pad_to_multiple_of=8 if mixed_precision != "no" else None)
     generator = torch.Generator().manual_seed(seed)
     workers = training["dataloader_workers"]
-    train = DataLoader(tokenized["train"], batch_size=training["batch_size"], shuffle=True, collate_fn=collator,
+    train = DataLoader(tokenized["train"], batch_size=batch.per_device, shuffle=True, collate_fn=collator,
                        generator=generator, num_workers=workers)
-    evaluation = {split: DataLoader(tokenized[split], batch_size=training["eval_batch_size"] or 2 * training["batch_size"],
+    evaluation = {split: DataLoader(tokenized[split], batch_size=training["eval_batch_size"] or 2 * batch.per_device,
                                     shuffle=False, collate_fn=collator, num_workers=workers)
                   for split in eval_splits}
     return train, evaluation, generator
@@ -252,6 +258,7 @@ class TrainingRun:
         self.where = f"{recipe.source} [{run.task}, seed {run.seed}]"
         self.stopped_at: int | None = None
         self.log: art.MetricsLog | None = None
+        self.tracking = Tracking(recipe, run, run_dir)  # output.trackers (train/tracking.py)
 
     # ------------------------------------------------------------------ set-up
 
@@ -264,10 +271,13 @@ class TrainingRun:
         self.mixed = resolve_mixed_precision(self.training["mixed_precision"])
         self.accelerator = self._accelerator()
         self.main = self.accelerator.is_main_process
+        # training.batch_size over the processes (train/schedule.py); checked before any data loads
+        self.batch = run_batch(self.run, self.accelerator.num_processes, self.recipe.source)
+        self.accelerator.gradient_accumulation_steps = self.batch.accumulation
         set_seed(self.run.seed)
         self._setup_data()
         self._setup_model()
-        self.plan = plan_steps(len(self.tokenized["train"]), self.training, self.accelerator.num_processes)
+        self.plan = plan_run(self.run, len(self.tokenized["train"]), self.accelerator.num_processes, self.recipe.source)
         check_schedule(self.plan, self.where)
         self._setup_optimization()
         self._setup_method()
@@ -279,8 +289,8 @@ class TrainingRun:
 
         return Accelerator(
             mixed_precision=self.mixed,
-            gradient_accumulation_steps=self.training["gradient_accumulation_steps"],
             cpu=not has_accelerator_device(),  # lets `accelerate launch`/torchrun use gloo across CPU processes
+            **self.tracking.accelerator_options(),  # log_with: output.trackers
         )
 
     def _setup_data(self) -> None:
@@ -311,7 +321,7 @@ class TrainingRun:
 
         train_dl, eval_dls, self.data_generator = build_dataloaders(
             self.tokenized, self.tokenizer, self.task, self.training, self.run.seed, self.mixed,
-            {**self.selection, **self.tests})
+            {**self.selection, **self.tests}, self.plan.batch)
         optimizer = build_optimizer(self.adapted.model, self.training)
         self.scheduler = get_scheduler(self.training["lr_scheduler"], optimizer, self.plan.warmup_steps,
                                        self.plan.total_steps)
@@ -361,12 +371,13 @@ class TrainingRun:
 
     def open_outputs(self) -> None:
         """The run directory with its ``recipe.yaml``, ``metrics.jsonl`` (a resumed run
-        keeps the lines up to its checkpoint) and the progress display."""
+        keeps the lines up to its checkpoint), the progress display and the trackers."""
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             art.write_recipe(self.run_dir / art.RECIPE_FILE, self.cfg, self.recipe.hash, self.run.config_hash,
                              self.recipe.source)
             self.log = art.MetricsLog(self.run_dir / art.METRICS_LOG, keep_lines=self.state.log_lines)
+        self.tracking.start(self.accelerator, resumed_from=self.resume.step if self.resume is not None else None)
         self.eval_every = self.training["eval_every"] or self.plan.steps_per_epoch
         self.checkpoint_every = self.training["checkpoint_every"] or self.eval_every
         self.progress = TrainingProgress(self.plan.total_steps, enabled=self.main, metric=self.task.metric)
@@ -473,6 +484,7 @@ class TrainingRun:
             record["extra_loss"] = float(out.extra_loss.detach())
         if self.log:
             self.log.write(record)
+        self.tracking.log_step(record)
         self.progress.update_train(s.step, mean_loss, record["lr"])
 
     # ------------------------------------------------------------------ evaluate and select
@@ -489,6 +501,7 @@ class TrainingRun:
             s.best_outputs = {k: list(v) for k, v in self.task.outputs().items() if k in self.selection}
         if self.log:
             self.log.write({"step": s.step, "epoch": self._epoch(), "eval": s.last_eval})
+        self.tracking.log_eval(s.step, s.last_eval)
         self.progress.update_eval(s.step, s.last_eval, self.task.metric, improved)
 
     def _improves(self, value: float) -> bool:
@@ -525,6 +538,8 @@ class TrainingRun:
         test = self.score_tests()
         if self.main:
             self.write_artifacts(test)
+        self.tracking.log_results(self.state.best, self.state.step, test)
+        self.tracking.log_files(self.state.step)  # the report's plots and files, once written
         self.accelerator.end_training()
         return RunResult(self.run_dir, self.state.best, test=test)
 
@@ -569,13 +584,16 @@ class TrainingRun:
         pattern = self._write_rank_pattern()
         test_examples = {k[len(TEST_PREFIX):]: len(self.tokenized[k]) for k in self.tests}
         holdout = {"fraction": self.holdout, "seed": HOLDOUT_SEED, "test_examples": test_examples} if self.holdout else None
-        write_run_report(self.run_dir, build_run_report(
+        report = build_run_report(
             recipe=self.recipe, run=run, argv=self.argv, adapted=self.adapted, model=unwrapped, task=self.task,
             splits=self.splits, tokenized=self.tokenized, plan=self.plan, best=s.best, last_eval=s.last_eval, test=test,
             started=self.started, accelerator=self.accelerator, rank_pattern=pattern,
             resumed_from=self.resume.step if self.resume is not None else None, holdout=holdout,
             test_examples=test_examples or None, init_from=origin,
-        ))
+        )
+        if self.tracking.entries:
+            report["trackers"] = self.tracking.describe()  # output.trackers and where each writes
+        write_run_report(self.run_dir, report)
 
     def _write_outputs(self) -> None:
         """Generated text, answers: the selected checkpoint's on the selection splits, and
@@ -604,8 +622,12 @@ def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resu
     ``init_from`` (train/init_from.py) loads another run's adapter before training.
     The phases are :class:`TrainingRun`'s methods."""
     training = TrainingRun(recipe, run, run_dir, argv, resume=resume, stop_after=stop_after, init_from=init_from)
-    training.setup()
-    training.restore()
-    training.open_outputs()
-    training.train()
-    return training.finish()
+    try:
+        training.setup()
+        training.restore()
+        training.open_outputs()
+        training.train()
+        return training.finish()
+    except BaseException as exc:  # the tracker runs end as failed (or killed: Ctrl-C, SIGTERM)
+        training.tracking.abort(interrupted=isinstance(exc, KeyboardInterrupt))
+        raise

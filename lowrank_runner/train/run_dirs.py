@@ -197,7 +197,7 @@ def check_resumable(recipe: Recipe, root: Path) -> None:
             )
 
 
-def _completed(run_dir: Path) -> dict | None:
+def completed_metrics(run_dir: Path) -> dict | None:
     """The metrics of a completed run (None when not completed). A run whose report says
     it completed but whose files cannot be read is refused: completed runs are never
     trained over."""
@@ -225,7 +225,7 @@ def _completed(run_dir: Path) -> dict | None:
         ) from None
 
 
-def _checkpoint_of(run, run_dir: Path):
+def checkpoint_of(run, run_dir: Path):
     """The checkpoint to resume ``run_dir`` from (None: start from step 0), checked."""
     from lowrank_runner.train.checkpoint import STATE_FILE, latest_checkpoint
 
@@ -250,11 +250,14 @@ def resume_points(recipe: Recipe, root: Path) -> dict[int, object]:
     """Per run to resume: its completed metrics (``("completed", metrics)``) or its
     checkpoint (None: from step 0). Every checkpoint is verified before anything trains."""
     dirs = run_dirs(recipe, root)
-    points = {}
-    for run in recipe.runs:
-        done = _completed(dirs[run.index])
-        points[run.index] = ("completed", done) if done is not None else _checkpoint_of(run, dirs[run.index])
-    return points
+    return {run.index: resume_point(run, dirs[run.index]) for run in recipe.runs}
+
+
+def resume_point(run, run_dir: Path):
+    """One run's :func:`resume_points` entry: ``("completed", metrics)``, its checkpoint,
+    or None (from step 0)."""
+    done = completed_metrics(run_dir)
+    return ("completed", done) if done is not None else checkpoint_of(run, run_dir)
 
 
 # ------------------------------------------------------------------ starting, failing, stopping
@@ -332,7 +335,7 @@ def mark_interrupted(recipe: Recipe, root: Path, again: str) -> None:
 
 def _completed_quietly(run_dir: Path) -> bool:
     try:
-        return _completed(run_dir) is not None
+        return completed_metrics(run_dir) is not None
     except LrrError:
         return True  # not ours to touch
 

@@ -5,7 +5,9 @@ One failed run does not stop the others; the command exits non-zero if any faile
 Runs that start from another run's adapter (``training.init_from: {task: NAME}``) run
 after it, and fail without training when it did not complete. Ctrl-C and SIGTERM stop
 the run: its directory is marked ``interrupted`` and resumable, or removed when this
-command created it and nothing in it can be resumed.
+command created it and nothing in it can be resumed. With ``--parallel N`` the runs train
+N at a time in child processes (:mod:`lowrank_runner.train.parallel`), with the same
+run directories, summary and tables.
 """
 
 from __future__ import annotations
@@ -35,11 +37,21 @@ console = Console(stderr=True, soft_wrap=True)  # long paths and commands stay o
 
 
 def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: bool = False,
-               stop_after: int | None = None) -> list[str]:
+               stop_after: int | None = None, parallel=None, only_run: str | None = None) -> list[str]:
     """Train every run; returns the slugs of runs that failed. ``resume`` continues the
     runs of an existing run directory (completed runs are kept, interrupted ones continue
     from their latest checkpoint); ``stop_after`` ends each run after that optimizer step
-    with a checkpoint."""
+    with a checkpoint. ``parallel`` (``--parallel N``...: a
+    :class:`~lowrank_runner.train.parallel.slots.ParallelOptions`) trains the runs of a
+    multi-run recipe in child processes; ``only_run`` is such a child's one run."""
+    if only_run is not None:
+        from lowrank_runner.train.parallel.child import run_only
+
+        return run_only(recipe, output, only_run, argv, resume, stop_after)
+    if parallel is not None and not parallel.sequential and len(recipe.runs) > 1:
+        from lowrank_runner.train.parallel.driver import run_parallel
+
+        return run_parallel(recipe, output, argv, parallel, resume, stop_after)
     quiet_libraries()
     root, created = prepare_root(recipe, output, resume)
     points = resume_points(recipe, root) if resume else {}

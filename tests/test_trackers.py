@@ -1,0 +1,243 @@
+"""``output.trackers``: a real 2-run recipe logged through Accelerate's TensorBoard, MLflow,
+W&B (offline) and trackio trackers, read back from the event files, the MLflow SQLite store,
+the W&B offline run directory and trackio's database, and compared with ``metrics.jsonl``;
+a resumed run continues its tracker runs; a missing tracker package is a validation error."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tests.conftest import tiny_recipe_text
+from lowrank_runner.cli import app
+
+# LoRA2 logs an extra loss (its orthogonality terms) and a rank budget with active ranks.
+METHOD = "{name: lora2, r: 4, k: 2, alpha: 8, target_rank: 1, t_init: 2, t_final: 4, mask_interval: 2}"
+SLUGS = ["classification-seed0", "classification-seed1"]
+
+
+def lines_of(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """metrics.jsonl as (training lines, evaluation lines)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "eval" not in r], [r for r in rows if "eval" in r]
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory, tiny_bert, sentiment_data):
+    """One `lrr run` of a 2-seed recipe with tensorboard, mlflow (default store), wandb and trackio."""
+    tmp = tmp_path_factory.mktemp("tracked")
+    recipe = tmp / "recipe.yaml"
+    recipe.write_text(tiny_recipe_text(tiny_bert, sentiment_data).replace("seed: 0,", "seed: [0, 1],") + textwrap.dedent(f"""
+        output:
+          dir: {tmp / 'store'}
+          trackers: [tensorboard, {{name: mlflow, tags: {{paper: test}}}}, wandb, trackio]
+        """))
+    with pytest.MonkeyPatch.context() as env:
+        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "WANDB_MODE", "MLFLOW_RUN_ID"):
+            env.delenv(name, raising=False)
+        for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+            env.setenv(name, str(tmp / "wandb-home"))
+        env.setenv("TRACKIO_DIR", str(tmp / "trackio"))
+        result = CliRunner().invoke(app, ["run", str(recipe), "--output", str(tmp / "out"), "--set",
+                                          f"method={METHOD}"])
+    assert result.exit_code == 0, result.output
+    return tmp, tmp / "out", result.output
+
+
+def test_tensorboard_event_files_hold_every_logged_value(tracked):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, out, _ = tracked
+    for slug in SLUGS:
+        events = EventAccumulator(str(out / slug / "tensorboard" / "tiny"), size_guidance={"scalars": 0, "images": 0})
+        events.Reload()
+        train, evals = lines_of(out / slug)
+        assert {"loss", "lr", "extra_loss", "rank_budget", "active_ranks"} <= set(train[0])
+        for key in ("loss", "lr", "extra_loss", "rank_budget", "active_ranks", "epoch"):
+            logged = {e.step: e.value for e in events.Scalars(f"train/{key}")}
+            assert logged == {r["step"]: pytest.approx(r[key], rel=1e-6) for r in train}, key
+        logged = {e.step: e.value for e in events.Scalars("eval/accuracy")}
+        assert logged == {r["step"]: pytest.approx(r["eval"]["accuracy"], rel=1e-6) for r in evals}
+        best = json.loads((out / slug / "metrics.json").read_text())["best"]
+        assert events.Scalars("best/step")[0].value == best["step"]
+        assert {"plots/loss_curve", "plots/metric_curve"} <= set(events.Tags()["images"])
+
+
+def test_mlflow_store_has_one_run_per_lrr_run_in_the_recipes_experiment(tracked):
+    from mlflow.tracking import MlflowClient
+
+    tmp, out, output = tracked
+    store = tmp / "store" / "mlflow.db"
+    assert store.is_file() and f"sqlite:///{store.resolve().as_posix()}" in output  # said where at the start
+    client = MlflowClient(tracking_uri=f"sqlite:///{store.resolve().as_posix()}")
+    experiment = client.get_experiment_by_name("tiny")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert sorted(runs) == SLUGS
+    summary = json.loads((out / "summary.json").read_text())
+    for slug in SLUGS:
+        run, (train, evals) = runs[slug], lines_of(out / slug)
+        assert run.info.status == "FINISHED"
+        assert run.data.params["recipe_hash"] == summary["hash"] and run.data.params["method.name"] == "lora2"
+        assert run.data.params["training.learning_rate"] == "0.01" and run.data.tags["paper"] == "test"
+        assert run.data.tags["lrr.recipe_hash"] == summary["hash"]
+        for key in ("loss", "lr", "extra_loss", "rank_budget"):
+            history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, f"train/{key}")]
+            assert sorted(history) == [(r["step"], r[key]) for r in train], key
+        history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval/accuracy")]
+        assert sorted(history) == [(r["step"], r["eval"]["accuracy"]) for r in evals]
+        best = json.loads((out / slug / "metrics.json").read_text())["best"]
+        assert run.data.metrics["best/accuracy"] == best["eval"]["accuracy"]
+        plots = {Path(f.path).name for f in client.list_artifacts(run.info.run_id, "plots")}
+        assert {"loss_curve.png", "metric_curve.png", "rank_heatmap.png"} <= plots
+        assert {"report.json", "recipe.yaml"} <= {f.path for f in client.list_artifacts(run.info.run_id)}
+
+
+def test_wandb_writes_an_offline_run_with_the_runs_files(tracked):
+    _, out, _ = tracked
+    for slug in SLUGS:
+        offline = list((out / slug / "wandb").glob("offline-run-*"))
+        assert len(offline) == 1, offline
+        assert list(offline[0].glob("run-*.wandb"))  # the offline history (wandb sync uploads it)
+        assert {"loss_curve.png", "metric_curve.png", "report.md"} <= {p.name for p in (offline[0] / "files").iterdir()}
+
+
+def test_the_report_and_inspect_say_where_each_tracker_writes(tracked, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    tmp, out, _ = tracked
+    report = json.loads((out / SLUGS[0] / "report.json").read_text())
+    assert [t["name"] for t in report["trackers"]] == ["tensorboard", "mlflow", "wandb", "trackio"]
+    assert str(out / SLUGS[0] / "tensorboard" / "tiny") in report["trackers"][0]["writes"]
+    assert "tracked with mlflow: sqlite:///" in (out / SLUGS[0] / "report.md").read_text()
+    inspected = CliRunner().invoke(app, ["inspect", str(tmp / "recipe.yaml"), "--json"])
+    assert inspected.exit_code == 0, inspected.output
+    trackers = json.loads(inspected.stdout)["trackers"]
+    assert trackers[2] == {"name": "wandb", "writes": "offline, project tiny, run RUN, files in RUN_DIR/wandb; "
+                                                      "upload with wandb sync"}
+    assert trackers[1]["writes"].startswith(f"sqlite:///{(tmp / 'store' / 'mlflow.db').resolve().as_posix()}, "
+                                            "experiment tiny")
+
+
+def test_tracker_entries_are_checked_by_validate(tiny_recipe):
+    recipe = tiny_recipe("""
+        output:
+          trackers: [mlfow, {name: mlflow, trackng_uri: x}, {name: wandb, mode: later}, tensorboard, tensorboard]
+        """)
+    result = CliRunner().invoke(app, ["validate", str(recipe)])
+    assert result.exit_code == 1
+    text = result.output
+    assert "output.trackers.0: must be one of 'tensorboard', 'mlflow', 'wandb', 'trackio'; got 'mlfow' " \
+           "(did you mean 'mlflow'?)" in text
+    assert "output.trackers.1.trackng_uri: unknown key 'trackng_uri' (did you mean 'tracking_uri'?)" in text
+    assert "output.trackers.2.mode: must be one of 'offline', 'online', 'disabled'" in text
+    assert "output.trackers.4: tensorboard is listed twice" in text
+
+
+def test_a_missing_tracker_package_is_a_validation_error(tiny_recipe):
+    recipe = tiny_recipe("""
+        output:
+          trackers: [tensorboard, {name: mlflow}]
+        """)
+    code = ("import sys; sys.modules['mlflow'] = None\n"  # as if it were not installed
+            "from lowrank_runner.cli import main\n"
+            f"sys.argv = ['lrr', 'validate', {str(recipe)!r}]\n"
+            "main()")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    line = next(ln for ln in (result.stdout + result.stderr).splitlines() if "not installed" in ln)
+    assert line.startswith(f"{recipe}:") and ":" in line.split("output.trackers.1")[0]  # file:line:col
+    assert line.endswith("output.trackers.1: mlflow is not installed; pip install 'lowrank-runner[tracking]' "
+                         "(or pip install mlflow)")
+
+
+def test_a_resumed_run_continues_its_tracker_runs(tmp_path, tiny_recipe, monkeypatch):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    uri = f"sqlite:///{(tmp_path / 'elsewhere.db').as_posix()}"
+    recipe = tiny_recipe(f"""
+        output:
+          trackers: [tensorboard, {{name: mlflow, tracking_uri: '{uri}'}}]
+        """)
+    out = tmp_path / "out"
+    args = ["run", str(recipe), "--output", str(out), "--set", "training.checkpoint_every=4"]
+    stopped = CliRunner().invoke(app, [*args, "--stop-after-step", "4"])
+    assert stopped.exit_code == 0, stopped.output
+    assert (out / "trackers.json").is_file()
+    resumed = CliRunner().invoke(app, [*args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert [r.info.run_name for r in runs] == ["classification-seed0"] and runs[0].info.status == "FINISHED"
+    assert runs[0].info.run_id == json.loads((out / "trackers.json").read_text())["mlflow"]
+    artifacts = runs[0].info.artifact_uri  # beside the store the recipe named, not ./mlruns of the working directory
+    assert artifacts.startswith((tmp_path / "mlartifacts").as_uri()) and not (Path.cwd() / "mlruns").exists()
+    train, _ = lines_of(out)
+    history = sorted((m.step, m.value) for m in client.get_metric_history(runs[0].info.run_id, "train/loss"))
+    assert history == [(r["step"], r["loss"]) for r in train]  # each step once: the run continued from step 4
+    events = EventAccumulator(str(out / "tensorboard" / "tiny"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars("train/loss")] == \
+        [(r["step"], r["loss"]) for r in train]
+
+
+
+def test_trackio_logs_to_its_local_database(tracked):
+    import sqlite3
+
+    import trackio.utils
+
+    tmp, out, output = tracked
+    store = tmp / "trackio"
+    assert trackio.utils.TRACKIO_DIR == store  # read when trackio is imported: by the first run
+    assert f"tracking: trackio: project tiny, run classification-seed0, local database in {store}" in output
+    for slug in SLUGS:
+        with sqlite3.connect(store / "tiny.db") as db:
+            rows = db.execute("SELECT step, metrics FROM metrics WHERE run_name = ?", (slug,)).fetchall()
+        logged = [(step, json.loads(values)) for step, values in rows]
+        train, _ = lines_of(out / slug)
+        assert {step: v["train/loss"] for step, v in logged if "train/loss" in v} == \
+            {r["step"]: pytest.approx(r["loss"], rel=1e-6) for r in train}
+
+
+def test_a_failed_run_ends_its_tracker_run_as_failed_and_the_next_run_starts_its_own(tmp_path, tiny_recipe,
+                                                                                    monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    recipe = tiny_recipe(f"""
+        output:
+          dir: {tmp_path / 'store'}
+          trackers: [mlflow]
+        """)
+    result = CliRunner().invoke(app, ["run", str(recipe), "--output", str(tmp_path / "out"), "--set",
+                                      "training.learning_rate=1e30", "--set", "training.seed=[0, 1]"])
+    assert result.exit_code == 1 and "the training loss is nan" in result.output  # after the trackers started
+    client = MlflowClient(tracking_uri=f"sqlite:///{(tmp_path / 'store' / 'mlflow.db').as_posix()}")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert sorted((r.info.run_name, r.info.status) for r in runs) == [(slug, "FAILED") for slug in SLUGS]
+
+
+def test_parallel_runs_open_one_mlflow_store_at_once(tmp_path):
+    """Two processes creating the same SQLite store and experiment together (parallel
+    runs): without the lock, one of them fails creating its tables."""
+    uri = f"sqlite:///{(tmp_path / 'mlflow.db').as_posix()}"
+    code = ("import sys; from lowrank_runner.train.tracking import open_mlflow_experiment; "
+            "open_mlflow_experiment(sys.argv[1], 'tiny'); import mlflow; "
+            "mlflow.start_run(experiment_id=mlflow.get_experiment_by_name('tiny').experiment_id); mlflow.end_run()")
+    children = [subprocess.Popen([sys.executable, "-c", code, uri], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True) for _ in range(2)]
+    outputs = [child.communicate(timeout=120)[0] for child in children]
+    assert [child.returncode for child in children] == [0, 0], outputs
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    assert len(client.search_runs([client.get_experiment_by_name("tiny").experiment_id])) == 2
