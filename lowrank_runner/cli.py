@@ -413,7 +413,7 @@ def run(
     command += ["--stop-after-step", str(stop_after_step)] if stop_after_step else []
     options = ParallelOptions(parallel, devices, gpus_per_run, executor, address)
     if not options.sequential:
-        command += _parallel_words(options)
+        command += options.words()
         if rec.resolved.get("search") or len(rec.runs) == 1:
             _parallel_alone(rec, options)
     if rec.resolved.get("search"):  # a search: its trials, then the best point
@@ -422,16 +422,6 @@ def run(
         failures = run_recipe(rec, output=output, argv=command, resume=resume, stop_after=stop_after_step,
                               parallel=options, only_run=only_run)
     raise typer.Exit(1 if failures else 0)
-
-
-def _parallel_words(options) -> list[str]:
-    """The parallel options as given, for the command a batch records."""
-    words = ["--parallel", str(options.parallel)]
-    words += ["--devices", options.devices] if options.devices is not None else []
-    words += ["--gpus-per-run", str(options.gpus_per_run)] if options.gpus_per_run else []
-    words += ["--executor", options.executor] if options.executor != "local" else []
-    words += ["--address", options.address] if options.address else []
-    return words
 
 
 def _parallel_alone(rec, options) -> None:

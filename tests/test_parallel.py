@@ -150,12 +150,22 @@ def test_ctrl_c_stops_every_child_and_leaves_the_batch_resumable(recipe, tmp_pat
     assert not any(isinstance(p, tuple) for p in points.values())
 
 
+def test_the_resume_command_keeps_every_parallel_option():
+    from lowrank_runner.train.parallel.slots import ParallelOptions
+
+    words = ParallelOptions(2, "0,1", 2, "ray", "head:6379").words()
+    assert words == ["--parallel", "2", "--devices", "0,1", "--gpus-per-run", "2", "--executor", "ray",
+                     "--address", "head:6379"]
+    assert ParallelOptions(1, None, None, "local", None).sequential
+
+
 @pytest.mark.parametrize("args, message", [
     (["--parallel", "0"], "--parallel"),
     (["--parallel", "2", "--devices", "0"], "--devices 0: no CUDA device 0; no CUDA device is visible on this machine"),
     (["--parallel", "2", "--gpus-per-run", "2"], "--gpus-per-run 2: no CUDA device is visible"),
     (["--parallel", "2", "--executor", "slurm"], "--executor slurm: choose local"),
     (["--parallel", "2", "--address", "ray://head:10001"], "--address is the Ray cluster's address"),
+    (["--address", "127.0.0.1:9"], "--address is the Ray cluster's address"),  # not silently trained here
 ])
 def test_bad_parallel_options_are_usage_errors(recipe, tmp_path, args, message):
     code, out = lrr("run", recipe, "--output", tmp_path / "run", *args)

@@ -85,6 +85,7 @@ def test_mlflow_store_has_one_run_per_lrr_run_in_the_recipes_experiment(tracked)
         assert run.info.status == "FINISHED"
         assert run.data.params["recipe_hash"] == summary["hash"] and run.data.params["method.name"] == "lora2"
         assert run.data.params["training.learning_rate"] == "0.01" and run.data.tags["paper"] == "test"
+        assert Path(run.data.params["run_dir"]).is_absolute()  # the store outlives the working directory
         assert run.data.tags["lrr.recipe_hash"] == summary["hash"]
         for key in ("loss", "lr", "extra_loss", "rank_budget"):
             history = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, f"train/{key}")]

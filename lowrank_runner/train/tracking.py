@@ -142,7 +142,7 @@ class Tracking:
     (normal, or failed/interrupted). Everything is a no-op without ``output.trackers``."""
 
     def __init__(self, recipe, run, run_dir: Path):
-        self.recipe, self.run, self.run_dir = recipe, run, Path(run_dir)
+        self.recipe, self.run, self.run_dir = recipe, run, Path(run_dir).resolve()  # absolute: stores outlive the cwd
         self.output = run.config.get("output") or {}
         self.entries = entries(self.output)
         self.accelerator = None

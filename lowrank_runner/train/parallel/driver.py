@@ -12,6 +12,7 @@ interrupted), and the batch continues with ``--resume``: completed runs are skip
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import socket
 import sys
@@ -60,7 +61,7 @@ def run_parallel(recipe: Recipe, output: Path | None, argv: list[str], options: 
         runner._check_stop_after(recipe, points, stop_after)
         batch = runner._Batch(recipe, root, argv, points, stop_after, run_dirs(recipe, root),
                               continue_command(recipe.source, recipe.overrides, root))
-        again = f"{batch.again} --parallel {options.parallel}"
+        again = " ".join([batch.again, *(shlex.quote(w) for w in options.words())])
         return _Schedule(batch, executor, slots, options, created, again).run()
     finally:
         executor.close()

@@ -22,7 +22,17 @@ class ParallelOptions:
     @property
     def sequential(self) -> bool:
         """Today's path: one run after another in this process."""
-        return self.parallel == 1 and self.executor == "local" and not self.gpus_per_run and self.devices is None
+        return (self.parallel == 1 and self.executor == "local" and not self.gpus_per_run and self.devices is None
+                and self.address is None)
+
+    def words(self) -> list[str]:
+        """The options as given, for the command a batch records (and prints to resume it)."""
+        words = ["--parallel", str(self.parallel)]
+        words += ["--devices", self.devices] if self.devices is not None else []
+        words += ["--gpus-per-run", str(self.gpus_per_run)] if self.gpus_per_run else []
+        words += ["--executor", self.executor] if self.executor != "local" else []
+        words += ["--address", self.address] if self.address else []
+        return words
 
 
 @dataclass(frozen=True)
