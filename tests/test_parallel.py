@@ -213,3 +213,13 @@ def test_devices_are_divided_into_groups_of_gpus_per_run(four_gpus, recipe, tmp_
     assert launch[1:3] == ["--num_processes", "2"] and "--multi_gpu" in launch
     assert job.argv[-2:] == ["--only-run", rec.runs[0].slug] and job.gpus == 2
     assert job.env["CUDA_VISIBLE_DEVICES"] == "2,3" and job.log == tmp_path / "logs" / f"{rec.runs[0].slug}.log"
+
+
+def test_stop_after_step_says_how_to_continue(recipe, tmp_path):
+    """--stop-after-step with --parallel: the runs are stopped, not done, and the line
+    says how to continue (as the sequential path does)."""
+    code, out = lrr("run", recipe, "--output", tmp_path / "par", "--parallel", "2", "--stop-after-step", "2")
+    assert code == 0, out
+    text = " ".join(out.split())
+    assert "after step 2 with a checkpoint; continue with:" in text and "--resume --parallel 2" in text
+    assert "0/4 done" in text and "stopped" in text

@@ -84,7 +84,7 @@ class Display:
 
     def progress_line(self) -> str:
         c = self.counts
-        stopped = f" · {c['interrupted']} interrupted" if c.get("interrupted") else ""
+        stopped = "".join(f" · {c[k]} {k}" for k in ("stopped", "interrupted") if c.get(k))
         return (f"{escape(self.name)}: {c['done']}/{self.total} done · {c['running']} running · "
                 f"{c['waiting']} waiting · {c['failed']} failed{stopped}")
 

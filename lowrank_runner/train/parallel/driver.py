@@ -176,6 +176,9 @@ class _Schedule:
             last = (entry.get("error") or "").strip().splitlines()
             self.display.line(f"[red]run {escape(run.slug)} {status}:[/red] {escape(last[-1] if last else '')} · "
                               f"its log: {log}")
+        elif status == "stopped":  # --stop-after-step: a checkpoint to continue from, as the sequential path says
+            self.display.line(f"[yellow]stopped[/yellow] {escape(run.slug)} after step {entry.get('step')} with a "
+                              f"checkpoint; continue with: {escape(self.again)} · its log: {log}")
         else:
             self.display.line(f"[yellow]{status}[/yellow] {escape(run.slug)} · its log: {log}")
 
@@ -200,9 +203,9 @@ class _Schedule:
 
     def _count(self, waiting: list) -> None:
         states = [e["status"] for e in self.entries.values()]
-        self.display.counts = {"done": sum(s in ("completed", "stopped") for s in states), "running": len(self.active),
+        self.display.counts = {"done": states.count("completed"), "running": len(self.active),
                                "waiting": len(waiting), "failed": sum(s in FAILED_STATES for s in states),
-                               "interrupted": states.count("interrupted")}
+                               "interrupted": states.count("interrupted"), "stopped": states.count("stopped")}
 
     # ------------------------------------------------------------------ stopping and the end
 
