@@ -183,7 +183,7 @@ def test_a_stalled_upload_times_out_instead_of_hanging(hub, export_dir, tmp_path
     assert time.monotonic() - started < STALL_S  # the request timed out; it did not wait for the server
 
 
-def test_lrr_export_push_checks_before_exporting(tmp_path, tiny_recipe):
+def test_lrr_export_push_checks_before_exporting(tmp_path):
     """Offline: --push-to-hub fails in seconds before the export starts (nothing written)."""
     code, output = lrr_process("export", tmp_path / "no-such-run", "--merge", "--out", tmp_path / "out",
                                "--push-to-hub", REPO, tmp_path=tmp_path, HF_HUB_OFFLINE="1", HF_TOKEN=GOOD_TOKEN)
