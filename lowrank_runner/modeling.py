@@ -202,7 +202,7 @@ def build_adapted_model(
     mismatched: dict[str, tuple] = {}
     if weights:
         del model
-        model, info = backbones.load_model(model_class, ref, config, backbone_cfg["dtype"])
+        model, info = backbones.load_model(model_class, ref, config, backbone_cfg["dtype"], backbone_cfg.get("quantization"))
         missing = sorted(info.get("missing_keys", []))
         mismatched = {name: (ckpt, own) for name, ckpt, own in info.get("mismatched_keys", [])}
     if getattr(config, "pad_token_id", None) is None and getattr(config, "eos_token_id", None) is not None:
@@ -247,7 +247,8 @@ def load_plain_model(run_config: dict, model_class, head_config: dict):
     """The pretrained backbone with the task head's config, without adapters."""
     ref = backbones.resolve(run_config["backbone"])
     config = backbones.load_config(ref, **head_config)
-    model, info = backbones.load_model(model_class, ref, config, run_config["backbone"]["dtype"])
+    model, info = backbones.load_model(model_class, ref, config, run_config["backbone"]["dtype"],
+                                       run_config["backbone"].get("quantization"))
     check_mismatched(ref, {n: (c, m) for n, c, m in info.get("mismatched_keys", [])}, backbones.head_parameter_names(model))
     if getattr(config, "pad_token_id", None) is None and getattr(config, "eos_token_id", None) is not None:
         model.config.pad_token_id = config.eos_token_id

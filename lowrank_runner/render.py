@@ -55,6 +55,8 @@ def print_inspection(result: dict) -> None:
             f"(warmup {run['warmup_steps']}) · lr {t['learning_rate']} · batch {batch_line(run['batch'])}",
             markup=False,
         )
+        if t.get("fsdp", {}).get("enabled"):  # training.fsdp (train/fsdp.py)
+            console.print(f"fsdp: {run['fsdp']}", markup=False)
         for line in run.get("warnings", ()):  # plain stderr text: no rich markup eats a path's [..]
             print(f"warning: {line}", file=sys.stderr)
     if any(run.get("label") for run in result["runs"]):

@@ -186,3 +186,28 @@ def test_a_seed_makes_training_repeatable(model_type, method_cfg):
 
     a, b = train_once(), train_once()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("method_cfg", METHODS)
+def test_an_adapter_that_says_it_ignores_w0_does(model_type, method_cfg):
+    """``reads_w0 = False`` makes a quantized base hand the adapter ``None`` for ``W0``
+    (no dequantized copy): its output must not depend on ``W0`` (checked with trained,
+    non-zero factors and a perturbed ``W0``)."""
+    from lowrank_runner.methods.base import weight_out_in
+
+    model, injection, *_ = build(model_type, method_cfg)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lrr_adapter." in name or name.startswith("lrr_shared."):
+                param.add_(0.1 * torch.randn_like(param))
+    for path, adapter in injection.adapters.items():
+        layer = model.get_submodule(path)
+        w0 = weight_out_in(layer.base_layer, layer.info.fan_in_fan_out).detach()
+        x = torch.randn(2, 3, layer.info.in_features)
+        with torch.no_grad():
+            with_w0 = adapter(x, w0)
+            if adapter.reads_w0:
+                continue
+            torch.testing.assert_close(adapter(x, None), with_w0, rtol=0, atol=0)
+            torch.testing.assert_close(adapter(x, 2 * w0), with_w0, rtol=0, atol=0)

@@ -21,6 +21,7 @@ NEW_RECIPES = [
     "triadaptlora_deberta_rte_t_init.yaml", "triadaptlora_deberta_rte_grow_interval.yaml",
     "triadaptlora_deberta_rte_r_ref.yaml", "mtlora_roberta_glue_lora_targets.yaml", "mtlora_roberta_cola_rank.yaml",
     "mtlora_roberta_cola_rank_lora.yaml", "condlora_roberta_glue_lora.yaml", "adalora_deberta_glue.yaml",
+    "chat_qwen2_lora2.yaml", "chat_qwen2_triadaptlora.yaml", "chat_qwen2_mtlora.yaml",  # tests/test_chat.py plans them
 ]
 
 

@@ -128,6 +128,7 @@ def test_every_method_factors_exactly_with_ranks_per_module(exports):
         cfg = json.loads((e["peft"] / "adapter_config.json").read_text())
         assert cfg["peft_type"] == "LORA" and info["factorisation_max_abs_diff"] <= 1e-5, key
         assert info["max_abs_logit_diff"] <= 1e-4 and info["reloaded_max_abs_logit_diff"] <= 1e-4, key
+        assert info["check_dtype"] == "float32" and info["tolerance"] == 1e-4, key
         ranks = info["rank_pattern"]
         if key.endswith(("lora2", "adalora", "triadaptlora")):
             assert len(set(ranks.values())) > 1, f"{key}: the drawn ranks should differ per module"
@@ -241,3 +242,33 @@ def test_condlora_shared_maps_are_adapter_not_head(exports):
     assert cfg["head"] == ["classifier.weight", "classifier.bias"]
     peft_cfg = json.loads((exports["bert-condlora"]["peft"] / "adapter_config.json").read_text())
     assert peft_cfg["modules_to_save"] == ["classifier"]
+
+
+def test_a_bfloat16_run_is_checked_in_float32_at_the_default_tolerance(seed_runs, tmp_path, monkeypatch):
+    """A run on a bfloat16 BERT: PEFT's LoRA layers add the float32 update before rounding
+    to bfloat16, ours after, so the check loads the backbone in float32 for both and holds
+    them to the default 1e-4 (no --tolerance needed); a pair at a slightly wrong scale is refused."""
+    import shutil
+
+    import yaml
+
+    from lowrank_runner.export import peft as peft_export
+    from lowrank_runner.export.peft import Pair
+    from lowrank_runner.train import artifacts as art
+
+    seed = tmp_path / "bf16-seed"
+    shutil.copytree(seed_runs["bert"] / art.ADAPTER_DIR, seed / art.ADAPTER_DIR)
+    config = yaml.safe_load((seed_runs["bert"] / art.RECIPE_FILE).read_text())
+    config["backbone"]["dtype"] = "bfloat16"
+    (seed / art.RECIPE_FILE).write_text(yaml.safe_dump(config))
+    run = hand_made_run(seed, tmp_path / "run", "AutoModelForSequenceClassification")  # adapters far from zero
+    code, output = lrr("export", run, "--peft", "--out", tmp_path / "peft")
+    assert code == 0, output
+    info = json.loads((tmp_path / "peft" / "lrr_export.json").read_text())
+    assert info["check_dtype"] == "float32" and info["max_abs_logit_diff"] <= info["tolerance"] == 1e-4
+    assert yaml.safe_load((run / art.RECIPE_FILE).read_text())["backbone"]["dtype"] == "bfloat16"
+    real = peft_export.unit_scale
+    monkeypatch.setattr(peft_export, "unit_scale",
+                        lambda pairs: {k: Pair(p.b * 1.01, p.a, p.alpha) for k, p in real(pairs).items()})
+    code, output = lrr("export", run, "--peft", "--out", tmp_path / "wrong")
+    assert code == 1 and "PEFT's model differs from ours by" in output and not (tmp_path / "wrong").exists()

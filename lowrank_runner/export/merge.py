@@ -35,6 +35,7 @@ from __future__ import annotations
 import weakref
 from pathlib import Path
 
+from lowrank_runner.backbones import dequantize_model, restore_source_layers
 from lowrank_runner.errors import ExportError, UsageError
 from lowrank_runner.export.common import (DTYPES, backbone_checked, check_size, check_tolerance, collect_if_alive,
                                           provenance, staged_output, warn, write_export_files)
@@ -46,6 +47,9 @@ from lowrank_runner.quiet import quiet_libraries
 # Half-precision casts change the outputs by rounding; allowed: this many units of the
 # dtype's machine epsilon, relative to the largest reference output (at least 1).
 CAST_EPS_UNITS = 8
+# A quantized base (backbone.quantization): its layers multiply in the compute dtype (LLM.int8():
+# int8 activations); allowed against the merged float32 model: this many such roundings (export docs).
+QUANT_EPS_UNITS = 8
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 
@@ -183,17 +187,17 @@ def export_in_memory(source: Path, out: Path, tolerance: float, dtype: str | Non
     tokenizer = source_tokenizer(source, ref, config)
     batch = probe_batch(tokenizer, config["task"]["max_length"])
 
+    quantized = model_outputs(model, batch) if config["backbone"].get("quantization") else None
+    model = dequantize_model(model)  # a quantized base: the weights it trained against, in float32
     reference = reference_outputs(model, batch, source, updates)
     refuse_tied_targets(model)
     tied = embeddings_tied(model)
     check = _merge(model, target, source, updates)
+    model = restore_source_layers(model)  # a quantized GPT-2: its Conv1D layers again
     merged = model_outputs(model, batch)
-    max_diff, mean_diff = compare_outputs(reference, merged)
-    if not max_diff <= tolerance:
-        raise ExportError(
-            f"the merged model differs from the adapter model by up to {max_diff:.3g} on the probe batch "
-            f"(tolerance {tolerance:g}); nothing written"
-        )
+    max_diff, mean_diff = checked_merge(reference, merged, tolerance)
+    info_quant = {} if quantized is None else quantized_check(config["backbone"]["quantization"], quantized, merged,
+                                                              tolerance)
     expected, info_cast = merged, {}
     if target != "float32":
         expected, info_cast = _cast(model, target, batch, reference, cast_tolerance)
@@ -217,6 +221,7 @@ def export_in_memory(source: Path, out: Path, tolerance: float, dtype: str | Non
             "max_abs_logit_diff": max_diff,
             "mean_abs_logit_diff": mean_diff,
             **info_cast,
+            **info_quant,
             "reloaded_max_abs_logit_diff": reload_diff,
             "tolerance": tolerance,
             "dtype": target,
@@ -251,6 +256,36 @@ def _merge(model, target: str, source: Path, base_updates: dict | None = None) -
     return check
 
 
+def quantized_allowed(quant: dict, reference: dict, tolerance: float) -> float:
+    """The largest difference allowed between the adapter model on its quantized base (as
+    trained: bitsandbytes multiplies in the compute dtype, LLM.int8() also rounds the
+    activations to int8) and the merged float32 model holding the same dequantized weights:
+    QUANT_EPS_UNITS roundings of that arithmetic (the compute dtype's machine epsilon;
+    1/127 for int8) × max(1, max |reference|), plus the merge ``tolerance``."""
+    import torch
+
+    from lowrank_runner.backbones import quantization_settings
+
+    q = quantization_settings(quant)
+    eps = 1 / 127 if q["bits"] == 8 else torch.finfo(getattr(torch, q["compute_dtype"])).eps
+    return QUANT_EPS_UNITS * eps * max(1.0, largest_magnitude(reference)) + tolerance
+
+
+def quantized_check(quant: dict, quantized: dict, merged: dict, tolerance: float) -> dict:
+    """The merged float32 model against the adapter model on its quantized base (the
+    outputs it gave in training), within :func:`quantized_allowed`; what the export records."""
+    allowed = quantized_allowed(quant, quantized, tolerance)
+    diff, mean = compare_outputs(quantized, merged)
+    if not diff <= allowed:
+        raise ExportError(
+            f"the merged model differs from the adapter model on its {quant['bits']}-bit base by up to {diff:.3g} on the "
+            f"probe batch (allowed {allowed:.3g}: the quantized layers' arithmetic); nothing written")
+    from lowrank_runner.backbones import quantization_settings
+
+    return {"quantization": quantization_settings(quant), "quantized_max_abs_logit_diff": diff, "quantized_mean_abs_logit_diff": mean,
+            "quantized_allowed": allowed}
+
+
 def cast_allowed(target: str, reference: dict, cast_tolerance: float | None) -> float:
     """The largest difference allowed to the adapter model after a cast to ``target``:
     ``cast_tolerance`` (default: CAST_EPS_UNITS machine epsilons) × max(1, max |reference|)."""
@@ -265,7 +300,7 @@ def _cast(model, target: str, batch, reference: dict, cast_tolerance: float | No
     cast tolerance of the adapter model's. Returns them and the record of the check."""
     import torch
 
-    model.to(getattr(torch, target))  # in place, parameter by parameter
+    cast_saved_tensors(model, getattr(torch, target))
     cast = model_outputs(model, batch)
     allowed = cast_allowed(target, reference, cast_tolerance)
     cast_max, cast_mean = compare_outputs(reference, cast)
@@ -276,6 +311,38 @@ def _cast(model, target: str, batch, reference: dict, cast_tolerance: float | No
             "--dtype float32 or loosen --cast-tolerance; nothing written"
         )
     return cast, {"cast_max_abs_logit_diff": cast_max, "cast_mean_abs_logit_diff": cast_mean, "cast_allowed": allowed}
+
+
+def checked_merge(reference: dict, merged: dict, tolerance: float) -> tuple[float, float]:
+    """The merged model's largest and mean output difference to the adapter model on the
+    probe batch; above ``tolerance``: an error, nothing written."""
+    max_diff, mean_diff = compare_outputs(reference, merged)
+    if not max_diff <= tolerance:
+        raise ExportError(
+            f"the merged model differs from the adapter model by up to {max_diff:.3g} on the probe batch "
+            f"(tolerance {tolerance:g}); nothing written"
+        )
+    return max_diff, mean_diff
+
+
+def cast_saved_tensors(model, dtype) -> None:
+    """Cast, in place, what the checkpoint stores (parameters, persistent float buffers)
+    and nothing else: a buffer the model computes when it is built (LLaMA's rotary
+    ``inv_freq``) stays as ``from_pretrained`` makes it, float32, so the model in memory
+    computes what the written checkpoint computes once reloaded (``model.to(dtype)``
+    would round it to the dtype too). Tied parameters stay tied (one object each)."""
+    import torch
+
+    saved = set(model.state_dict())
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point():
+                param.data = param.data.to(dtype)
+        for module_name, module in model.named_modules():
+            for name, buffer in list(module._buffers.items()):
+                key = f"{module_name}.{name}" if module_name else name
+                if buffer is not None and buffer.is_floating_point() and key in saved:
+                    module._buffers[name] = buffer.to(dtype)
 
 
 def _write(model, tokenizer, tmp: Path, max_shard_size) -> list[str]:

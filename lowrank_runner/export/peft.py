@@ -8,7 +8,8 @@ Every method here trains an update of low rank that factors exactly into a LoRA 
 at each module's active rank; docs/export.md gives the algebra per method). Each pair is
 checked against the method's own ``ΔW`` before PEFT sees it. PEFT itself writes the files;
 they are loaded back with ``PeftModel.from_pretrained`` and must reproduce our adapter
-model on the probe batch, or nothing is written.
+model on the probe batch (both on the backbone loaded in float32, whatever the run's
+dtype), or nothing is written.
 
 Needs the optional dependency ``peft`` (``pip install 'lowrank-runner[peft]'``).
 """
@@ -28,6 +29,10 @@ from lowrank_runner.quiet import quiet_libraries
 
 # A factor pair must give the method's own ΔW within this, relative to max(1, max |ΔW|).
 FACTOR_TOLERANCE = 1e-5
+# The dtype both models are compared in: PEFT's LoRA layers add their float32 update to a
+# half-precision layer's output before rounding, ours after, so on a bfloat16/float16 backbone
+# they differ by roundings however right the pairs are; in float32 they agree to --tolerance.
+CHECK_DTYPE = "float32"
 
 
 def _require_peft():
@@ -138,7 +143,9 @@ def export_peft(source: Path, out: Path, tolerance: float = 1e-4, backbone: str 
     """One backbone load serves the three models involved: ours (the reference), the
     same backbone with our adapter layers taken off and PEFT's put on (our pairs loaded
     into them), and, after PEFT's layers are unloaded again and the head is zeroed (so the
-    head must come from the written files), the written adapter loaded back.
+    head must come from the written files), the written adapter loaded back. The
+    backbone is loaded in float32 (CHECK_DTYPE) whatever the run's ``backbone.dtype``, so
+    both comparisons hold to ``tolerance`` (the pairs and the written adapter are float32).
     ``base_model``: the name the adapter gives its base model (default: the backbone as
     the recipe named it)."""
     quiet_libraries()
@@ -148,7 +155,7 @@ def export_peft(source: Path, out: Path, tolerance: float = 1e-4, backbone: str 
     preflight(source, out)
     config, adapter_cfg, _, head_state = read_run(source, backbone)
     _refuse_unsupported(adapter_cfg)
-    ours, adapted, _, _ = load_trained_model(source, backbone=backbone)
+    ours, adapted, _, _ = load_trained_model(source, backbone=backbone, dtype=CHECK_DTYPE)
     used = backbone_checked(loaded_backbone(source, adapter_cfg, adapted.backbone, backbone))
     tokenizer = source_tokenizer(source, adapted.backbone, config)
     batch = probe_batch(tokenizer, config["task"]["max_length"])
@@ -163,7 +170,8 @@ def export_peft(source: Path, out: Path, tolerance: float = 1e-4, backbone: str 
     peft_model = _into_peft(peft, ours, pairs, lora_config)
     diff, _ = compare_outputs(expected, model_outputs(peft_model, batch))
     if not diff <= tolerance:
-        raise ExportError(f"PEFT's model differs from ours by {diff:.3g} on the probe batch; nothing written")
+        raise ExportError(f"PEFT's model differs from ours by {diff:.3g} on the probe batch (tolerance {tolerance:g}); "
+                          "nothing written")
     name = base_name(adapter_cfg["backbone"]["name"], used, base_model)
     with staged_output(out) as tmp:
         peft_model.save_pretrained(tmp)
@@ -181,6 +189,7 @@ def export_peft(source: Path, out: Path, tolerance: float = 1e-4, backbone: str 
             "max_abs_logit_diff": diff,
             "reloaded_max_abs_logit_diff": reload_diff,
             "tolerance": tolerance,
+            "check_dtype": CHECK_DTYPE,
             "peft": peft.__version__,
         }
         write_export_files(tmp, info)
@@ -216,7 +225,8 @@ def _reload_check(peft, peft_model, head_state: dict, tmp: Path, batch, expected
     reloaded = peft.PeftModel.from_pretrained(base, str(tmp)).eval()
     reload_diff, _ = compare_outputs(expected, model_outputs(reloaded, batch))
     if not reload_diff <= tolerance:
-        raise ExportError(f"the written PEFT adapter, reloaded, differs from ours by {reload_diff:.3g}; nothing written")
+        raise ExportError(f"the written PEFT adapter, reloaded, differs from ours by {reload_diff:.3g} (tolerance "
+                          f"{tolerance:g}); nothing written")
     return reload_diff
 
 

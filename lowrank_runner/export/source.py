@@ -12,12 +12,17 @@ trained model from them.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import lowrank_runner
 from lowrank_runner.errors import BackboneError, ExportError, LrrError, UsageError
 from lowrank_runner.export.common import EXPORT_INFO, check_out
 from lowrank_runner.train import artifacts as art
+
+# a run on a quantized base (backbone.quantization): peft imports bitsandbytes, whose CPU backend notes at
+# import that the optional `kernels` package is absent (it falls back to its own kernels)
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 ADAPTER_FORMAT = "lowrank-runner-adapter"
 ADAPTER_FORMAT_VERSION = 1
@@ -188,7 +193,8 @@ def read_adapter_config(path: Path, source: Path, kind: str = "run") -> dict:
 def read_recipe_config(path: Path, source: Path, kind: str = "run") -> dict:
     """The run's resolved recipe (``recipe.yaml``), checked as ``lrr validate`` checks a
     recipe (schema and per-run checks; not ``training.init_from``, which only trains).
-    ``backbone.name`` is left to :func:`backbone_location` (the backbone may have moved)."""
+    ``backbone.name`` is left to :func:`backbone_location` (the backbone may have moved), a
+    ``task.chat_template`` file to :func:`trained_chat_template` (relative to the run's directory)."""
     from lowrank_runner.errors import RecipeError
     from lowrank_runner.recipe.document import load_yaml
     from lowrank_runner.recipe.schema import recipe_validator
@@ -206,7 +212,10 @@ def read_recipe_config(path: Path, source: Path, kind: str = "run") -> dict:
         doc, problems = None, exc.problems
     backbone = doc.data.get("backbone") if doc is not None and isinstance(doc.data, dict) else None
     named = isinstance(backbone, dict) and isinstance(backbone.get("name"), str)
-    problems = [p for p in problems if p.severity == "error" and not (named and p.path == "backbone.name")]
+    task = doc.data.get("task") if doc is not None and isinstance(doc.data, dict) else None
+    templated = isinstance(task, dict) and isinstance(task.get("chat_template"), str)  # trained_chat_template finds it
+    problems = [p for p in problems if p.severity == "error" and not (named and p.path == "backbone.name")
+                and not (templated and p.path == "task.chat_template")]
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ExportError(f"{problems[0]}{more}; the run's resolved recipe is damaged: {_fix(source, kind)}")
@@ -487,12 +496,42 @@ def _load_head(model, head_state: dict, source: Path, hint: str) -> None:
 
 
 def source_tokenizer(source: Path, ref, config: dict):
-    """A bundle's own tokenizer if it carries one, else the backbone's (``ref``)."""
+    """A bundle's own tokenizer if it carries one (a bundle of a chat run: with the
+    template it trained with), else the backbone's (``ref``), holding a chat run's
+    ``task.chat_template`` as its chat template, so every export renders conversations
+    as the run did."""
     from lowrank_runner.backbones import BackboneRef, load_tokenizer
 
     if (Path(source) / "tokenizer_config.json").is_file():
         return load_tokenizer(BackboneRef(str(source), str(source), True, trust_remote_code=ref.trust_remote_code))
-    return load_tokenizer(ref, config["backbone"].get("tokenizer"))
+    tokenizer = load_tokenizer(ref, config["backbone"].get("tokenizer"))
+    template = trained_chat_template(source, config)
+    if template is not None:
+        tokenizer.chat_template = template
+    return tokenizer
+
+
+def trained_chat_template(source: Path, config: dict) -> str | None:
+    """The Jinja text of a ``chat`` run's ``task.chat_template`` (a shipped template, or a
+    file: a relative path resolved against the directory the run was started from, as
+    the run read it, else the working directory); None when the run used the tokenizer's
+    own. A file that is gone is an error naming it."""
+    from lowrank_runner.resources import expand_user, is_pkg_path
+    from lowrank_runner.tasks.chat_data import named_templates, template_file
+
+    task = config.get("task") or {}
+    value = task.get("chat_template") if task.get("name") == "chat" else None
+    if not value:
+        return None
+    cwd = _run_cwd(source)
+    relative = value not in named_templates() and not is_pkg_path(value) and not expand_user(value).is_absolute()
+    path = cwd / value if relative and cwd is not None and (cwd / value).is_file() else template_file(value)
+    if path is None:
+        where = cwd / value if relative and cwd is not None else value
+        raise ExportError(f"{source / art.RECIPE_FILE}: task.chat_template: the run's chat template {where} no longer "
+                          "exists; put the file back there (the exported tokenizer must render conversations as the "
+                          "run trained on them); nothing written")
+    return path.read_text(encoding="utf-8")
 
 
 def preflight(source: Path, out: Path) -> None:

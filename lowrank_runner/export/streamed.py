@@ -570,6 +570,9 @@ def export_streamed(source: Path, out: Path, *, tolerance: float, dtype: str | N
 
     read = read_run(source, backbone)
     config, adapter_cfg = read[0], read[1]
+    if config["backbone"].get("quantization"):
+        raise StreamUnsupported("the run trained on a quantized base (backbone.quantization), which the merge "
+                                "dequantizes as loading quantized it")
     target = export_dtype(dtype, config["backbone"]["dtype"], resolve(config["backbone"]))
     plan, ref = plan_merge(source, target, max_shard_size, read)
     used = backbone_checked(loaded_backbone(source, adapter_cfg, ref, backbone))

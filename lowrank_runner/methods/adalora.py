@@ -37,6 +37,8 @@ def _factor(param: nn.Parameter) -> nn.ParameterDict:
 
 
 class AdaLoRAAdapter(Adapter):
+    reads_w0 = False  # forward ignores W0 (a quantized base skips dequantizing it)
+
     def __init__(self, layer: LayerInfo, r: int, alpha: float, dropout: float):
         super().__init__()
         device = layer.device

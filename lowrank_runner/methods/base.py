@@ -59,7 +59,14 @@ class LayerInfo:
 
 
 class Adapter(nn.Module):
-    """The trainable update of one module."""
+    """The trainable update of one module.
+
+    ``reads_w0``: whether :meth:`forward` uses its ``w0`` argument. On a quantized base
+    (``backbone.quantization``) ``w0`` is not a view but a dequantized copy made in every
+    forward (:func:`weight_out_in`); an adapter that ignores it sets ``reads_w0 = False``
+    and gets ``None`` there instead, saving that work. True by default (always correct)."""
+
+    reads_w0: bool = True
 
     def forward(self, x: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:  # ΔW x, shape (..., out_features)
         raise NotImplementedError
@@ -92,9 +99,10 @@ class GroupedAdapter(Adapter):
         super().__init__()
         self.layer = layer
         self.groups = nn.ModuleDict(adapters)
+        self.reads_w0 = any(a.reads_w0 for a in adapters.values())
 
     def forward(self, x, w0):
-        outputs = {g: a(x, w0[self.layer.group_slice(g)]) for g, a in self.groups.items()}
+        outputs = {g: a(x, None if w0 is None else w0[self.layer.group_slice(g)]) for g, a in self.groups.items()}
         some = next(iter(outputs.values()))
         zeros = some.new_zeros(*some.shape[:-1], self.layer.group_size)
         return torch.cat([outputs.get(g, zeros) for g in FUSED_GROUPS], dim=-1)
@@ -240,8 +248,32 @@ def check_same_across_processes(decision: torch.Tensor, what: str, step: int) ->
 
 
 def weight_out_in(module: nn.Module, fan_in_fan_out: bool) -> torch.Tensor:
-    """The module's weight as ``out x in`` (a view; no copy)."""
+    """The module's weight as ``out x in``: a view (no copy), or, for a bitsandbytes
+    4-bit/8-bit layer (``backbone.quantization``), its dequantized float weight
+    (:func:`dequantized_weight`: a new tensor each call, never stored)."""
+    if is_quantized_weight(module.weight):
+        return dequantized_weight(module)
     return module.weight.T if fan_in_fan_out else module.weight
+
+
+def is_quantized_weight(weight) -> bool:
+    """A bitsandbytes weight holding quantized data (``Params4bit`` once quantized,
+    ``Int8Params`` in int8), not a float tensor."""
+    kind = type(weight).__name__
+    if kind == "Params4bit":
+        return getattr(weight, "quant_state", None) is not None
+    return kind == "Int8Params" and weight.dtype == torch.int8
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """A bitsandbytes layer's weight dequantized (``out x in``), by transformers' helper
+    over bitsandbytes' own functions (``dequantize_4bit``: in the dtype the weight was
+    loaded in; ``int8_vectorwise_dequant``: float32): the values the layer multiplies
+    by, before its cast to the compute dtype. Frozen: no gradient reaches it."""
+    from transformers.integrations.bitsandbytes import dequantize_bnb_weight
+
+    with torch.no_grad():
+        return dequantize_bnb_weight(module.weight, getattr(module, "state", None))
 
 
 def gaussian_parameter(shape, std: float, device) -> nn.Parameter:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lowrank_runner.methods.base import Adapter, AdapterMethod, LayerInfo, weight_out_in
+from lowrank_runner.methods.base import Adapter, AdapterMethod, LayerInfo, is_quantized_weight, weight_out_in
 from lowrank_runner.targets import FUSED_GROUPS, TargetModule
 
 ADAPTER_KEY = "lrr_adapter"
@@ -40,6 +40,9 @@ def layer_sizes(module: nn.Module, groups: tuple[str, ...] | None = None) -> tup
 
 
 def layer_info(path: str, target: TargetModule, module: nn.Module) -> LayerInfo:
+    """Sizes, orientation, device and dtype of the weight an adapter goes on. A
+    bitsandbytes layer (an ``nn.Linear`` subclass holding packed 4-bit or int8 data)
+    reports the dtype it computes in: its ``compute_dtype`` (4-bit), float16 (LLM.int8())."""
     if isinstance(module, nn.Linear):
         out_f, in_f, fan = module.out_features, module.in_features, False
     elif _is_conv1d(module):
@@ -47,7 +50,15 @@ def layer_info(path: str, target: TargetModule, module: nn.Module) -> LayerInfo:
         fan = True
     else:
         raise TypeError(f"{path}: cannot adapt a {type(module).__name__} (only nn.Linear and GPT-2 Conv1D)")
-    return LayerInfo(path, target.symbols, in_f, out_f, fan, target.groups, module.weight.device, module.weight.dtype)
+    return LayerInfo(path, target.symbols, in_f, out_f, fan, target.groups, module.weight.device, _compute_dtype(module))
+
+
+def _compute_dtype(module: nn.Module) -> torch.dtype:
+    if not is_quantized_weight(module.weight):
+        return module.weight.dtype
+    if type(module.weight).__name__ == "Int8Params":
+        return torch.float16  # bitsandbytes' int8 matmul casts its inputs to float16
+    return getattr(module, "compute_dtype", None) or torch.float32
 
 
 class AdaptedLayer(nn.Module):
@@ -61,7 +72,10 @@ class AdaptedLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
-        w0 = weight_out_in(self.base_layer, self.info.fan_in_fan_out)
+        base = self.base_layer
+        # a quantized W0 is dequantized (a copy) only for adapters that read it (CondLoRA)
+        needed = self.lrr_adapter.reads_w0 or not is_quantized_weight(base.weight)
+        w0 = weight_out_in(base, self.info.fan_in_fan_out) if needed else None
         return out + self.lrr_adapter(x, w0).to(out.dtype)
 
     def stored_delta(self) -> torch.Tensor:
@@ -76,6 +90,9 @@ class AdaptedLayer(nn.Module):
         float32, then stored in the weight's dtype). ``delta``: a precomputed
         :meth:`stored_delta`."""
         base = self.base_layer
+        if is_quantized_weight(base.weight):
+            raise TypeError(f"{self.info.path}: cannot merge into a quantized weight; dequantize the model first "
+                            "(lowrank_runner.backbones.dequantize_model)")
         delta = self.stored_delta() if delta is None else delta
         with torch.no_grad():
             base.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))

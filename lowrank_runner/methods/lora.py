@@ -20,6 +20,8 @@ from lowrank_runner.methods.base import Adapter, AdapterMethod, LayerInfo, adapt
 
 
 class LoRAAdapter(Adapter):
+    reads_w0 = False  # forward ignores W0 (a quantized base skips dequantizing it)
+
     def __init__(self, layer: LayerInfo, r: int, alpha: float, dropout: float, rslora: bool):
         super().__init__()
         self.r = r

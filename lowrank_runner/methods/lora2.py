@@ -43,6 +43,8 @@ from lowrank_runner.methods.rank_budget import cubic_budget, single_mask_warning
 
 
 class LoRA2Adapter(Adapter):
+    reads_w0 = False  # forward ignores W0 (a quantized base skips dequantizing it)
+
     def __init__(self, layer: LayerInfo, r: int, k: int, alpha: float, dropout: float, init_std: float):
         super().__init__()
         device = layer.device
@@ -129,10 +131,10 @@ class Sensitivity:
     def update(self, key: str, param: nn.Parameter, usable: torch.Tensor | None = None) -> torch.Tensor:
         """The score after this step; ``usable`` (a 0-dim bool tensor, no host sync)
         false, or no gradient: the statistics are left as they are."""
-        mean = self.mean.get(key, torch.zeros_like(param))
-        unc = self.uncertainty.get(key, torch.zeros_like(param))
+        mean = self.mean.get(key, torch.zeros_like(param, dtype=torch.float32))  # float32 whatever the adapter dtype
+        unc = self.uncertainty.get(key, torch.zeros_like(param, dtype=torch.float32))
         if param.grad is not None:
-            s = (param * param.grad).abs()
+            s = (param.float() * param.grad.float()).abs()
             new_mean = self.beta1 * mean + (1 - self.beta1) * s
             new_unc = self.beta2 * unc + (1 - self.beta2) * (s - new_mean).abs()
             if usable is not None:

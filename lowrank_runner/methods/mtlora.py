@@ -34,6 +34,8 @@ STRUCTURES = ("shim", "icfm", "ctcm", "dtsm")
 class MTLoRAAdapter(Adapter):
     """One adapter; ``groups`` is None for a plain module, else the selected fused groups."""
 
+    reads_w0 = False  # forward ignores W0 (a quantized base skips dequantizing it)
+
     def __init__(self, layer: LayerInfo, r: int, alpha: float, dropout: float, structure: str):
         super().__init__()
         if structure not in STRUCTURES:

@@ -56,6 +56,8 @@ def n_triangle(r: int) -> int:
 
 
 class TriAdaptLoRAAdapter(Adapter):
+    reads_w0 = False  # forward ignores W0 (a quantized base skips dequantizing it)
+
     def __init__(self, layer: LayerInfo, r: int, capacity: int, alpha: float, eps: float, dropout: float,
                  init_std: float):
         super().__init__()
@@ -118,8 +120,8 @@ class TriAdaptLoRAAdapter(Adapter):
         return gram_penalty(a @ a.T) + gram_penalty(b.T @ b)
 
     def transform_norm(self) -> torch.Tensor:
-        """``‖L + U‖_F`` of the active block (eq. 11's numerator)."""
-        return torch.linalg.matrix_norm(self.transform().detach())
+        """``‖L + U‖_F`` of the active block (eq. 11's numerator), in float32."""
+        return torch.linalg.matrix_norm(self.transform().detach().float())
 
     def active_parameters(self) -> int:
         return self.r * (self.tri_A.shape[1] + self.tri_B.shape[0]) + 2 * n_triangle(self.r)

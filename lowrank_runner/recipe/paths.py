@@ -1,8 +1,9 @@
 """Where a recipe reads and writes: the summary ``lrr validate`` prints for a valid recipe.
 
 Reads: the recipe files (the recipe and every file it extends), the backbone and its
-tokenizer, data files or directories, hub datasets, and the adapters runs start from
-(``training.init_from``). Writes: the parent of the run directories, ``output.dir`` (a
+tokenizer, data files or directories, hub datasets, a chat run's template file
+(``task.chat_template`` when it is a path, not a shipped template's name), and the
+adapters runs start from (``training.init_from``). Writes: the parent of the run directories, ``output.dir`` (a
 directory outside the working directory is allowed, and flagged). Torch-free, like
 ``lrr validate``.
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from lowrank_runner.recipe.document import Document
 from lowrank_runner.resources import expand_user, is_pkg_path, resolve_pkg_path
+from lowrank_runner.tasks.chat_data import named_templates
 
 _DATA_KEYS = ("train", "validation", "test")
 
@@ -59,6 +61,9 @@ def _run_reads(config: dict) -> list[dict]:
         out.append(_place("task.data_dir", task["data_dir"]))
     else:
         out.append({"key": "task.dataset", "value": task.get("dataset"), "from": "hub", "path": None})
+    template = task.get("chat_template") if task.get("name") == "chat" else None
+    if isinstance(template, str) and template not in named_templates():  # a file, not a shipped template's name
+        out.append(_place("task.chat_template", template))
     init_from = (config.get("training") or {}).get("init_from")
     if isinstance(init_from, str):
         out.append(_place("training.init_from", init_from))

@@ -176,7 +176,9 @@ def run_problems(doc: Document) -> list[Problem]:
     out += _task_problems(doc, part("task", dict))
     out += _target_problems(doc, part("targets", list))
     out += _training_problems(doc, part("training", dict))
+    out += _precision_problems(doc, part("training", dict), part("method", dict))
     out += _backbone_problems(doc, part("backbone", dict))
+    out += _quantization_problems(doc, part("backbone", dict), part("method", dict), part("training", dict))
     out += _output_problems(doc, part("output", dict))
     if isinstance(data.get("search"), dict):  # every value a trial can take, checked like this run's
         from lowrank_runner.search.space import search_problems
@@ -288,6 +290,8 @@ def _task_problems(doc: Document, task) -> list[Problem]:
                            f"doc_stride ({stride}) must be smaller than max_length ({length}): windows of a long "
                            "context share doc_stride tokens, and each also holds the question; lower doc_stride"))
     out += _test_split_problems(doc, task, name)
+    if name == "chat":
+        out += _chat_problems(doc, task)
     if spec.needs_local_data or (spec.accepts_local_data and "data" in task):
         data = task.get("data") if isinstance(task.get("data"), dict) else {}
         if isinstance(data.get("test"), str):
@@ -308,6 +312,28 @@ def _task_problems(doc: Document, task) -> list[Problem]:
                                "(task.dataset) or from raw files in task.data_dir; remove task.data", key=True))
         if isinstance(task.get("data_dir"), str):
             out += _path_problems(doc, ("task", "data_dir"), task["data_dir"], want_dir=True)
+    return out
+
+
+def _chat_problems(doc: Document, task: dict) -> list[Problem]:
+    """Task ``chat``: data from files or the hub (files win), a chat template that
+    exists, and no data-to-text decoding key it would ignore."""
+    from lowrank_runner.tasks.chat_data import template_problem
+
+    out = []
+    if "data" not in task and not task.get("dataset"):
+        out.append(problem(doc, ("task",), "task 'chat' needs data: set task.data.train and task.data.validation "
+                                           "(JSON Lines, JSON or Parquet files) or task.dataset (a hub dataset id)",
+                           key=True))
+    if isinstance(task.get("chat_template"), str):
+        message = template_problem(task["chat_template"])
+        if message:
+            out.append(problem(doc, ("task", "chat_template"), message))
+    generation = task.get("generation")
+    if isinstance(generation, dict) and generation.get("max_sources") is not None:  # resolved recipes hold null
+        out.append(problem(doc, ("task", "generation", "max_sources"), "task.generation.max_sources is for the "
+                           "data-to-text tasks; task 'chat' continues task.samples conversations: set that instead",
+                           key=True))
     return out
 
 
@@ -384,6 +410,26 @@ def _training_problems(doc: Document, training: dict) -> list[Problem]:
     return out
 
 
+def _precision_problems(doc: Document, training: dict, method: dict) -> list[Problem]:
+    """``training.adapter_dtype: bfloat16`` where it cannot work as documented: under fp16
+    mixed precision (autocast would compute the bfloat16 adapters in float16 and the loss
+    scaler would unscale bfloat16 gradients: two half formats, neither the master copy),
+    and with AdaLoRA (PEFT's allocator scores importance in the parameter's dtype, and
+    the rank scores must be float32)."""
+    if training.get("adapter_dtype") != "bfloat16":
+        return []
+    at = ("training", "adapter_dtype")
+    out = []
+    if training.get("mixed_precision") == "fp16":
+        out.append(problem(doc, at, "bfloat16 adapters cannot train under training.mixed_precision fp16 (float16 "
+                                    "autocast and loss scaling on bfloat16 parameters); use adapter_dtype float32, or "
+                                    "mixed_precision bf16 or no"))
+    if method.get("name") == "adalora":
+        out.append(problem(doc, at, "method adalora needs float32 adapters: its allocator (PEFT's RankAllocator) scores "
+                                    "importance in the parameters' dtype; use adapter_dtype float32"))
+    return out
+
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -398,6 +444,59 @@ def _backbone_problems(doc: Document, backbone) -> list[Problem]:
         out.append(problem(doc, ("backbone", "revision"), f"a local backbone has no revisions: revision "
                            f"'{revision}' is ignored for {name} (it applies to hub ids); remove it", severity="warning"))
     return out + _backbone_name_problems(doc, name)
+
+
+QUANT_PATH = ("backbone", "quantization")
+QUANT_INSTALL = "pip install 'lowrank-runner[quantization]' (bitsandbytes), or remove backbone.quantization"
+
+
+def _quantization_problems(doc: Document, backbone: dict, method: dict, training: dict) -> list[Problem]:
+    """``backbone.quantization``: bitsandbytes is installed (found without importing it,
+    and so torch), has a backend beyond CUDA (else a warning: it needs a CUDA GPU, which
+    loading checks), the method adapts modules instead of training the backbone's own
+    weights (full, bitfit: frozen int4/int8 data cannot be trained), and FSDP is off
+    (sharding bitsandbytes' packed weights needs its quantized storage dtype, not set up)."""
+    quant = backbone.get("quantization")
+    if not isinstance(quant, dict) or quant.get("bits") not in (4, 8):
+        return []
+    import importlib.util
+
+    out = []
+    fsdp = training.get("fsdp")
+    if isinstance(fsdp, dict) and fsdp.get("enabled") is True:
+        out.append(problem(doc, QUANT_PATH, "a quantized backbone cannot be sharded with training.fsdp here; set "
+                                            "training.fsdp.enabled: false (one process per GPU holds the whole 4/8-bit "
+                                            "base) or remove backbone.quantization"))
+    name = method.get("name")
+    spec = method_specs().get(name) if isinstance(name, str) else None
+    if spec is not None and spec.schema.get("x-targets", True) is False:
+        out.append(problem(doc, QUANT_PATH, f"method '{name}' trains the backbone's own weights, which "
+                                            f"backbone.quantization stores as frozen {quant['bits']}-bit data; use an "
+                                            "adapter method (lora, lora2, triadaptlora, condlora, mtlora, adalora) or "
+                                            "remove backbone.quantization"))
+    found = importlib.util.find_spec("bitsandbytes")
+    if found is None:
+        return out + [problem(doc, QUANT_PATH, f"bitsandbytes is not installed; {QUANT_INSTALL}")]
+    version = _installed_version("bitsandbytes")
+    if version is not None and version < (0, 45):
+        out.append(problem(doc, QUANT_PATH, f"bitsandbytes {'.'.join(map(str, version))} is too old (0.45 or later "
+                                            f"needed); pip install -U 'lowrank-runner[quantization]'"))
+    elif not any((Path(d) / "backends" / "cpu").is_dir() for d in (found.submodule_search_locations or [])):
+        out.append(problem(doc, QUANT_PATH, "this bitsandbytes has no CPU backend: it runs quantized layers on a CUDA "
+                                            "GPU only (checked when the model loads); pip install -U bitsandbytes to "
+                                            "run on the CPU too", severity="warning"))
+    return out
+
+
+def _installed_version(dist: str) -> tuple[int, ...] | None:
+    """A distribution's version as integers (``0.50.2`` → ``(0, 50, 2)``), None if unknown."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        text = version(dist)
+    except PackageNotFoundError:
+        return None
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:3]) or None
 
 
 def _tokenizer_problems(doc: Document, name) -> list[Problem]:

@@ -33,13 +33,15 @@ def _seeds(recipe, run, holdout_seed: int | None) -> dict:
 def build_run_report(*, recipe, run, argv: list[str], adapted, model, task, splits, tokenized, plan, best: dict,
                      last_eval: dict | None, test: dict | None, started: float, accelerator,
                      rank_pattern: dict | None, holdout: dict | None, resumed_from: int | None = None,
-                     test_examples: dict | None = None, init_from: dict | None = None) -> dict:
+                     test_examples: dict | None = None, init_from: dict | None = None, optimizer=None) -> dict:
     """``model``: the unwrapped trained model; ``splits``: the raw ``datasets`` splits the
     run loaded (after any holdout); ``holdout``: ``{"fraction", "seed", "test_examples"}``
     or None; ``test_examples``: examples per test split the selected checkpoint was scored
     on (holdout or ``task.test_split``), or None; ``init_from``: the record of the adapter
-    the run started from (``training.init_from``), or None."""
+    the run started from (``training.init_from``), or None; ``optimizer``: the training
+    optimizer (its state's dtype is reported under ``precision``)."""
     from lowrank_runner.modeling import parameter_counts
+    from lowrank_runner.train.memory import precision_record
 
     cfg = run.config
     counts = parameter_counts(model, adapted)
@@ -69,6 +71,7 @@ def build_run_report(*, recipe, run, argv: list[str], adapted, model, task, spli
         **counts,
         "total_params": total,
         "trainable_percent": round(100 * counts["trainable_params"] / total, 4) if total else None,
+        "precision": precision_record(model, cfg, adapted.trainable_names, adapted.base_names, optimizer),
         "train_examples": len(tokenized["train"]),
         "eval_examples": len(tokenized["validation"]),
         "holdout": holdout,

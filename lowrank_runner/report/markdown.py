@@ -137,8 +137,21 @@ def _model(r: dict) -> list[str]:
                  + (f" (allocated {fmt(r['adapter_params_allocated'])})" if r.get("adapter_params_allocated") else "")
                  + f" · trainable {fmt(r.get('trainable_params'))} ({fmt(r.get('trainable_percent'))}% of "
                  f"{fmt(r.get('total_params'))})")
+    lines += _precision(r.get("precision"))
     lines.append("")
     return lines
+
+
+def _precision(p: dict | None) -> list[str]:
+    """The dtypes a run trained with (train/memory.py: precision_record)."""
+    if not isinstance(p, dict):
+        return []
+    quant = p.get("quantization")
+    base = f"{p.get('backbone_dtype')}" + (f", quantized {quant.get('bits')}-bit {quant.get('type') or ''}".rstrip()
+                                           if isinstance(quant, dict) else "")
+    return [f"- precision: backbone {base} · adapters {p.get('adapter_dtype') or '–'} · head {p.get('head_dtype') or '–'}"
+            f" · optimizer state {p.get('optimizer_state_dtype') or '–'} · gradient checkpointing "
+            f"{'on' if p.get('gradient_checkpointing') else 'off'}"]
 
 
 def _data(r: dict) -> list[str]:

@@ -505,7 +505,7 @@ def peek_problems(task: dict) -> list[tuple[tuple, str]]:
         if not isinstance(value, str):
             continue
         try:
-            _peek(value, role, data, wanted)
+            _peek(value, role, data, wanted, task.get("format", "auto") if task["name"] == "chat" else None)
         except DataError as exc:
             out.append((("task", "data", role), str(exc)))
     return out
@@ -521,7 +521,9 @@ def _setting(task: dict, key: str):
     return task.get(key, sub.get("default"))
 
 
-def _peek(value: str, role: str, data: dict, wanted: dict[str, str]) -> None:
+def _peek(value: str, role: str, data: dict, wanted: dict[str, str], chat_format: str | None = None) -> None:
+    """One file's head; ``chat_format``: task chat's ``task.format`` (the shape of its
+    conversations, told from the columns and checked on the first row)."""
     from lowrank_runner.resources import resolve_local_path
 
     try:
@@ -543,6 +545,7 @@ def _peek(value: str, role: str, data: dict, wanted: dict[str, str]) -> None:
     except OSError as exc:
         raise DataError(f"{shown}: cannot read the file ({exc.strerror or exc})") from None
     check_content_matches(head, fmt, shown)
+    first = None
     if fmt == "parquet":
         rows = Rows(shown, fmt, list(_parquet_file(path, shown).schema_arrow.names))  # the footer only
     else:
@@ -555,6 +558,13 @@ def _peek(value: str, role: str, data: dict, wanted: dict[str, str]) -> None:
         if not rows.columns:
             return
     require_columns(rows, wanted, delimiter or DELIMITERS.get(fmt))
+    if chat_format is not None:
+        from lowrank_runner.tasks.chat_data import peek_problem
+
+        row = JSON_DECODER.decode(first.decode("utf-8-sig").strip().splitlines()[-1]) if fmt == "json" else None
+        message = peek_problem(rows.columns, row, chat_format, shown, rows.lines[0] if rows.lines else 1)
+        if message:
+            raise DataError(message)
 
 
 def _first_line(head: bytes, fmt: str) -> bytes | None:

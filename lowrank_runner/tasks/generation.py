@@ -27,7 +27,8 @@ def pair_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
     return (nll * mask).sum(dim=1), mask.sum(dim=1)
 
 
-def generation_config(settings: dict, tokenizer):
+def generation_config(settings: dict, tokenizer, eos_token_id=None):
+    """Decoding settings; ``eos_token_id`` (one id or several) stops a sequence, default the tokenizer's eos."""
     from transformers import GenerationConfig
 
     beams = settings["num_beams"]
@@ -35,18 +36,19 @@ def generation_config(settings: dict, tokenizer):
         max_new_tokens=settings["max_new_tokens"], num_beams=beams, do_sample=False,
         no_repeat_ngram_size=settings["no_repeat_ngram_size"],
         **({"length_penalty": settings["length_penalty"], "early_stopping": True} if beams > 1 else {}),
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_token_id or tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
     )
 
 
-def generate(model, prompts: list[list[int]], tokenizer, settings: dict, accelerator) -> list[str]:
+def generate(model, prompts: list[list[int]], tokenizer, settings: dict, accelerator, eos_token_id=None) -> list[str]:
     """Decode this process's share of ``prompts`` (every ``num_processes``-th, shortest
-    first for tight left-padded batches); return every prompt's output, in order."""
+    first for tight left-padded batches); return every prompt's output, in order
+    (``eos_token_id``: the stop tokens, default the tokenizer's eos)."""
     from accelerate.utils import gather_object
 
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = sorted(range(rank, len(prompts), world), key=lambda i: len(prompts[i]))
-    config = generation_config(settings, tokenizer)
+    config = generation_config(settings, tokenizer, eos_token_id)
     unwrapped = accelerator.unwrap_model(model)
     pad = tokenizer.pad_token_id
     results = []

@@ -100,6 +100,19 @@ TASKS["squad_v2"] = TaskSpec(
     needs_local_data=False,
 )
 
+# Instruction tuning of a causal LM on conversations (tasks/chat.py).
+TASKS["chat"] = TaskSpec(
+    name="chat",
+    description="Instruction tuning on conversations (OpenAI messages, ShareGPT, Alpaca) with the tokenizer's chat "
+                "template or a named one, loss on the assistant turns; from your files (task.data) or the hub "
+                "(task.dataset).",
+    implementation="lowrank_runner.tasks.chat:Chat",
+    metrics=("loss", "perplexity"),
+    primary_metric="loss",
+    needs_local_data=False,
+    accepts_local_data=True,
+)
+
 
 def get_task_spec(name: str) -> TaskSpec:
     try:

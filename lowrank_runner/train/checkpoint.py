@@ -19,6 +19,12 @@ resuming never unpickles anything. A checkpoint is assembled in ``step-N.tmp`` a
 renamed when complete, so a run killed while writing leaves the previous checkpoint
 intact. Only adapter and head tensors are stored, never the frozen backbone.
 
+Under FSDP (train/fsdp.py) the frozen backbone is sharded but every trained tensor and
+its optimizer state stay whole and identical on every process, so the main process
+writes the same files as without FSDP (nothing to gather; :func:`save_checkpoint`
+refuses a sharded tensor), ``lrr export`` reads a sharded run's directory as any other,
+and a checkpoint resumes with or without FSDP (with the same number of processes).
+
 Before a run resumes, :func:`latest_checkpoint` checks the newest checkpoint against
 its manifest (every file present, same size and SHA-256): a damaged one is refused with
 the file named and the older complete checkpoints listed (remove the damaged one to
@@ -174,6 +180,7 @@ def save_checkpoint(run_dir: Path, accelerator, *, state: dict, trainable: dict,
     # data_generator: the shuffling generator's state at the start of the current epoch
     save_state(tmp / f"rng-{accelerator.process_index}.safetensors", {**_rng_state(), "data": data_generator})
     if accelerator.is_main_process:
+        _check_whole(trainable, best)
         save_file({k: v.contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
         if best:
             save_file({k: v.contiguous() for k, v in best.items()}, str(tmp / "best.safetensors"))
@@ -191,6 +198,17 @@ def save_checkpoint(run_dir: Path, accelerator, *, state: dict, trainable: dict,
         for old in _complete_dirs(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def _check_whole(*states: dict | None) -> None:
+    """Trained tensors are whole under FSDP (train/fsdp.py); a shard here would be saved as a part."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+
+    sharded = [k for state in states if state for k, v in state.items() if isinstance(v, DTensor)]
+    if sharded:
+        raise RuntimeError(f"checkpoint: sharded (FSDP) tensors reached the checkpoint: {sharded[:3]}")
 
 
 # ------------------------------------------------------------------ reading

@@ -7,6 +7,12 @@ The loop knows nothing about any particular method: it adds ``method.extra_loss`
 the task loss and calls ``method.after_optimizer_step`` right after every optimizer step
 (before gradients are cleared, so allocators can read them; on a step the fp16 loss
 scaler skipped, with the gradients already cleared).
+
+Under FSDP (``training.fsdp`` or ``accelerate launch --config_file fsdp.yaml``;
+train/fsdp.py) Accelerate shards the frozen backbone while every trained tensor
+(adapters, ``lrr_shared``, head) stays whole on each process: the loop averages their
+gradients before clipping (``Sharding.average_gradients``, what DDP does), so the
+method's hooks, checkpoints and the exported adapter see whole, identical tensors.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from lowrank_runner.tasks.base import Task, build_task
 from lowrank_runner.tasks.holdout import HOLDOUT_SEED, TEST_PREFIX, apply_holdout
 from lowrank_runner.train import artifacts as art
 from lowrank_runner.train.checkpoint import CHECKPOINTS_DIR, Checkpoint, restore_checkpoint, save_checkpoint
+from lowrank_runner.train.fsdp import Sharding
+from lowrank_runner.train.memory import enable_gradient_checkpointing, keep_trainable_in
 from lowrank_runner.train.progress import TrainingProgress
 from lowrank_runner.train.tracking import Tracking
 from lowrank_runner.train.schedule import BatchPlan, batch_plan
@@ -285,13 +293,20 @@ class TrainingRun:
                                best={"step": None, "metric": self.task.metric, "value": None, "eval": None})
 
     def _accelerator(self):
+        """The run's Accelerator; with FSDP (``training.fsdp`` or an accelerate config:
+        train/fsdp.py) the frozen backbone is sharded and the trained tensors stay whole."""
         from accelerate import Accelerator
 
-        return Accelerator(
+        self.sharding = Sharding.for_run(self.training, self.where, bool(self.training.get("gradient_checkpointing")),
+                                         quantized=bool(self.cfg["backbone"].get("quantization")))
+        accelerator = Accelerator(
             mixed_precision=self.mixed,
             cpu=not has_accelerator_device(),  # lets `accelerate launch`/torchrun use gloo across CPU processes
             **self.tracking.accelerator_options(),  # log_with: output.trackers
+            **self.sharding.accelerator_options(),  # fsdp_plugin
         )
+        self.sharding.attach(accelerator)
+        return accelerator
 
     def _setup_data(self) -> None:
         """Tokenizer, task and tokenized splits; which splits select the best checkpoint
@@ -307,10 +322,18 @@ class TrainingRun:
         self.tests = tests
 
     def _setup_model(self) -> None:
+        """The adapted model; its trainable non-backbone parameters (adapters, shared maps,
+        head) in ``training.adapter_dtype`` and, with ``training.gradient_checkpointing``,
+        activation checkpointing on (train/memory.py)."""
         task = self.task
         with at_recipe_lines(self.run):
             self.adapted = build_adapted_model(self.cfg, task.model_class, task.model_config_kwargs(), weights=True,
                                                ref=self.ref)
+            own = set(self.adapted.base_names)  # full/BitFit train backbone tensors: they keep backbone.dtype
+            keep_trainable_in(self.adapted.model, [n for n in self.adapted.trainable_names if n not in own],
+                              self.training["adapter_dtype"])
+            if self.training["gradient_checkpointing"]:
+                enable_gradient_checkpointing(self.adapted.model)
         if self.init_from is not None and self.resume is None:  # a checkpoint holds the adapter already
             self.init_from.load_into(self.adapted, self.cfg)
         self.method, self.adapters = self.adapted.method, self.adapted.injection.adapters
@@ -323,12 +346,15 @@ class TrainingRun:
             self.tokenized, self.tokenizer, self.task, self.training, self.run.seed, self.mixed,
             {**self.selection, **self.tests}, self.plan.batch)
         optimizer = build_optimizer(self.adapted.model, self.training)
+        # FSDP: the modules of trained tensors stay unsharded (train/fsdp.py)
+        self.sharding.keep_whole(self.adapted.model, self.adapted.trainable_names, self.accelerator.device)
         self.scheduler = get_scheduler(self.training["lr_scheduler"], optimizer, self.plan.warmup_steps,
                                        self.plan.total_steps)
         self.model, self.optimizer, self.train_dl, *prepared = self.accelerator.prepare(
             self.adapted.model, optimizer, train_dl, *eval_dls.values())
         self.eval_dls = dict(zip(eval_dls, prepared))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.sharding.check_prepared()
 
     def _setup_method(self) -> None:
         """The method's schedule against the planned steps (errors stop the run, warnings
@@ -432,6 +458,7 @@ class TrainingRun:
         Under fp16 loss scaling a step with inf/NaN gradients is skipped by the optimizer;
         its gradients are then cleared *before* the hook, so a rank allocator never reads
         them (the schedule still advances: the hook is called with the step number)."""
+        self.sharding.average_gradients(self.params)  # FSDP: the whole trained tensors' gradients, as DDP
         if self.training["max_grad_norm"]:
             self.accelerator.clip_grad_norm_(self.params, self.training["max_grad_norm"])
         self.optimizer.step()
@@ -533,15 +560,21 @@ class TrainingRun:
             self.log.close()
         self.accelerator.wait_for_everyone()
         if self.stopped_at is not None:
-            self.accelerator.end_training()
+            self._end_trackers()
             return RunResult(self.run_dir, self.state.best, stopped_at=self.stopped_at)
         test = self.score_tests()
         if self.main:
             self.write_artifacts(test)
         self.tracking.log_results(self.state.best, self.state.step, test)
         self.tracking.log_files(self.state.step)  # the report's plots and files, once written
-        self.accelerator.end_training()
+        self._end_trackers()
         return RunResult(self.run_dir, self.state.best, test=test)
+
+    def _end_trackers(self) -> None:
+        """What ``accelerator.end_training()`` does but destroying the process group: the
+        next run of the recipe, in this process under ``accelerate launch``, still needs it."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
 
     def score_tests(self) -> dict | None:
         """The selected checkpoint (loaded back into the model) on the test set(s), once."""
@@ -589,10 +622,12 @@ class TrainingRun:
             splits=self.splits, tokenized=self.tokenized, plan=self.plan, best=s.best, last_eval=s.last_eval, test=test,
             started=self.started, accelerator=self.accelerator, rank_pattern=pattern,
             resumed_from=self.resume.step if self.resume is not None else None, holdout=holdout,
-            test_examples=test_examples or None, init_from=origin,
+            test_examples=test_examples or None, init_from=origin, optimizer=self.optimizer,
         )
         if self.tracking.entries:
             report["trackers"] = self.tracking.describe()  # output.trackers and where each writes
+        if self.sharding.enabled:
+            report["fsdp"] = self.sharding.describe(self.accelerator)  # train/fsdp.py: what was sharded, what kept whole
         write_run_report(self.run_dir, report)
 
     def _write_outputs(self) -> None:

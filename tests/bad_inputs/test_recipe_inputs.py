@@ -237,6 +237,23 @@ def test_validate_says_what_a_recipe_reads_and_writes(tmp_path):
         ("task.data.validation", "package")]
 
 
+def test_validate_lists_a_chat_template_file_but_not_a_shipped_template(tmp_path):
+    write(tmp_path, '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n',
+          "chat.jsonl")
+    write(tmp_path, "{% for m in messages %}{{ m['content'] }}{% endfor %}", "mine.jinja")
+    path = write(tmp_path, BODY.replace("task: {name: classification, data: " + DATA + "}",
+                                        "task: {name: chat, data: {train: chat.jsonl, validation: chat.jsonl}, "
+                                        "chat_template: mine.jinja}")
+                 + "name: chat\n")
+    res = lrr("validate", path, cwd=tmp_path)
+    assert res.code == 0, res.output
+    assert f"  reads  task.chat_template: mine.jinja = {tmp_path / 'mine.jinja'}" in res.stdout.splitlines()
+    shipped = lrr("validate", "--json", path, "--set", "task.chat_template=chatml", cwd=tmp_path)
+    assert shipped.code == 0, shipped.output
+    keys = [r["key"] for r in json.loads(shipped.stdout)["files"][0]["io"]["reads"]]
+    assert "task.data.train" in keys and "task.chat_template" not in keys
+
+
 @pytest.mark.parametrize("value,message", [
     ("~/runs", "'~' is not expanded in output.dir; write the full path (e.g. {home}/runs)"),
     ("''", "must not be empty"),
@@ -336,7 +353,7 @@ SET_ERRORS = [
                          "list: nothing can be set inside it (--set targets.0=VALUE replaces it)"),
     ("training.seed.0=1", 1, "--set training.seed.0=1: training.seed.0: 'training.seed' is not set, so it has no "
                              "item 0; set the whole list, e.g. --set 'training.seed=[...]'"),
-    ("tasks.x.y=1", 1, "--set tasks.x.y=1: tasks.x: unknown task 'x'; registered: classification, cola, dart, "
+    ("tasks.x.y=1", 1, "--set tasks.x.y=1: tasks.x: unknown task 'x'; registered: chat, classification, cola, dart, "
                        "data_to_text, e2e, mnli, mrpc, qnli, qqp, regression, rte, squad_v2, sst2, stsb, webnlg "
                        "(see 'lrr tasks')"),
     ("method.r.x=1", 1, "--set method.r.x=1: method.r: expected an integer, got a mapping"),

@@ -1,0 +1,403 @@
+"""Instruction tuning (task ``chat``) of a causal language model on conversations.
+
+* Data: your files (``task.data``: JSON Lines, JSON or Parquet) or a hub dataset
+  (``task.dataset``, splits ``task.train_split`` / ``task.eval_split``), in one of the
+  shapes of :mod:`lowrank_runner.tasks.chat_data` (OpenAI ``messages``, ShareGPT
+  ``conversations``, Alpaca ``instruction``/``input``/``output``), told apart by their
+  columns or named by ``task.format``. Every row is checked; a bad one is named with its
+  file and line (hub data: its split and row).
+* Formatting: the tokenizer's chat template (``apply_chat_template``), or
+  ``task.chat_template`` (a shipped template's name, or a Jinja file), which replaces it.
+* Loss on the assistant turns only, every one of them: the conversation is rendered
+  once, and each assistant turn's characters are the text between the conversation up
+  to that turn rendered with ``add_generation_prompt`` and the conversation through
+  that turn (``prefix-render``, which works for any template whose earlier turns render
+  the same when later ones follow); the tokens whose first character lies there keep
+  their ids as labels, all others get -100. A conversation whose template renders
+  earlier turns differently once later ones follow (e.g. one that drops reasoning from
+  past turns) becomes one sequence per assistant turn, with the loss on that turn.
+  Sequences are cut at ``task.max_length`` (training sequences left with no assistant
+  token are dropped).
+* Packing (``task.packing``): training sequences are concatenated in order into blocks
+  of at most ``task.max_length`` tokens, with ``position_ids`` restarting at 0 for each
+  sequence and no attention mask, from which transformers builds a block-diagonal
+  causal mask (``masking_utils.find_packed_sequence_indices``; ``use_cache=False``): no token attends to
+  another sequence of its block, and the first token of each sequence is never a label.
+* Evaluation: the loss and perplexity over the assistant tokens of the evaluation split
+  (summed per sequence, gathered across processes), and ``task.samples`` generations
+  (the first conversations of the split, prompted with everything before their last
+  assistant turn; ``task.generation``'s decoding) written with the selected checkpoint
+  as ``outputs_<split>.jsonl`` rows ``{prompt, reference, generation}``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+from lowrank_runner.errors import DataError
+from lowrank_runner.tasks.base import Task
+from lowrank_runner.tasks.chat_data import RowProblem, detect_shape, template_file, to_messages
+from lowrank_runner.tasks.data_check import Rows, warn
+
+IGNORE = -100
+HUB_ROWS = {("HuggingFaceH4/ultrachat_200k", "train_sft"): 207_865, ("yahma/alpaca-cleaned", "train"): 51_760}
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>")  # generation also stops at these tokens
+
+
+class _RowError(Exception):
+    """A row that cannot be used (raised inside ``datasets.map``, named by the caller)."""
+
+    def __init__(self, index: int, column: str, message: str):
+        super().__init__(index, column, message)
+        self.index, self.column, self.message = index, column, message
+
+
+# ---- rendering and labels (module-level functions: datasets fingerprints them)
+
+def render(tokenizer, messages: list[dict], template: str | None, generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                         add_generation_prompt=generation_prompt)
+
+
+def assistant_turn(tokenizer, messages: list[dict], i: int, template: str | None) -> tuple[str, int]:
+    """The conversation through assistant turn ``i`` rendered, and where that turn's text
+    starts in it (the end of the conversation before it, rendered with the generation prompt)."""
+    before = render(tokenizer, messages[:i], template, True)
+    through = render(tokenizer, messages[: i + 1], template, False)
+    if not through.startswith(before) or len(through) == len(before):
+        raise ValueError("the chat template does not render an assistant turn after the generation prompt "
+                         "(add_generation_prompt) of the conversation before it; use a template that does "
+                         "(task.chat_template)")
+    return through, len(before)
+
+
+def rendered_sequences(tokenizer, messages: list[dict], template: str | None) -> list[tuple[str, list[tuple]]]:
+    """The texts to train on and, per text, the character spans of its assistant turns:
+    the whole conversation with every assistant turn, or (a template that renders earlier
+    turns differently once later ones follow) one text per assistant turn."""
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    parts = [assistant_turn(tokenizer, messages, i, template) for i in turns]
+    whole = render(tokenizer, messages, template, False)
+    if all(whole.startswith(text) for text, _ in parts):
+        return [(whole, [(start, len(text)) for text, start in parts])]
+    return [(text, [(start, len(text))]) for text, start in parts]
+
+
+def tokens_with_labels(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """Token ids of ``text`` (no special tokens added: the template writes them) and labels:
+    the id where the token's first character lies in an assistant span, else -100."""
+    if tokenizer.is_fast:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = enc["input_ids"]
+        inside = [any(s <= start < e for s, e in spans) for start, _ in enc["offset_mapping"]]
+    else:  # no offsets: tokenise the pieces between span boundaries one by one
+        cuts = sorted({0, len(text), *(b for span in spans for b in span)})
+        ids, inside = [], []
+        for a, b in zip(cuts, cuts[1:]):
+            piece = tokenizer(text[a:b], add_special_tokens=False)["input_ids"]
+            ids += piece
+            inside += [any(s <= a < e for s, e in spans)] * len(piece)
+    labels = [t if keep else IGNORE for t, keep in zip(ids, inside)]
+    if labels:
+        labels[0] = IGNORE  # never predicted (and, packed, it would be predicted from another sequence)
+    return ids, labels
+
+
+def encode_conversations(batch, indices, tokenizer, template, max_length: int) -> dict:
+    """Tokens and assistant-only labels of each conversation, cut at ``max_length``."""
+    out = {"input_ids": [], "attention_mask": [], "labels": []}
+    for messages, index in zip(batch["messages"], indices):
+        try:
+            sequences = rendered_sequences(tokenizer, messages, template)
+        except Exception as exc:  # the template refuses the conversation (raise_exception, a missing key, ...)
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise _RowError(index, "messages", f"the chat template cannot render it ({message})") from None
+        for text, spans in sequences:
+            ids, labels = tokens_with_labels(tokenizer, text, spans)
+            out["input_ids"].append(ids[:max_length])
+            out["attention_mask"].append([1] * len(ids[:max_length]))
+            out["labels"].append(labels[:max_length])
+    return out
+
+
+def pack(input_ids: list[list[int]], labels: list[list[int]], max_length: int) -> dict:
+    """Sequences concatenated in order into blocks of at most ``max_length`` tokens, with
+    ``position_ids`` restarting at 0 per sequence (a sequence never straddles two blocks)."""
+    blocks = {"input_ids": [], "labels": [], "position_ids": []}
+    current = {k: [] for k in blocks}
+    for ids, labs in zip(input_ids, labels):
+        if current["input_ids"] and len(current["input_ids"]) + len(ids) > max_length:
+            for k in blocks:
+                blocks[k].append(current[k])
+            current = {k: [] for k in blocks}
+        current["input_ids"] += ids
+        current["labels"] += [IGNORE] + list(labs[1:])
+        current["position_ids"] += list(range(len(ids)))
+    if current["input_ids"]:
+        for k in blocks:
+            blocks[k].append(current[k])
+    return blocks
+
+
+def assistant_nll(logits, labels):
+    """Per sequence: the summed negative log-likelihood of its assistant tokens and their
+    count (the cross-entropy only where there are labels: vocabularies are large)."""
+    import torch
+
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != IGNORE
+    picked = torch.nn.functional.cross_entropy(logits[mask].float(), labels[mask], reduction="none")
+    nll = torch.zeros(labels.shape[0], device=logits.device).index_add_(0, mask.nonzero()[:, 0], picked)
+    return nll, mask.sum(dim=1)
+
+
+class ChatCollator:
+    """Right-pads a batch: input ids with the pad token, labels with -100, the attention
+    mask and (packed blocks) the position ids with 0."""
+
+    PAD = {"labels": IGNORE, "attention_mask": 0, "position_ids": 0}
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id, self.multiple = pad_token_id, pad_to_multiple_of
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        width = max(len(f["input_ids"]) for f in features)
+        if self.multiple:
+            width = -(-width // self.multiple) * self.multiple
+        keys = [k for k in ("input_ids", "attention_mask", "labels", "position_ids") if k in features[0]]
+        return {k: torch.tensor([list(f[k]) + [self.PAD.get(k, self.pad_token_id)] * (width - len(f[k]))
+                                 for f in features], dtype=torch.long) for k in keys}
+
+
+@dataclass
+class Samples:
+    """The conversations of an evaluation split that are continued at every evaluation."""
+
+    prompts: list[str]  # rendered, ending with the generation prompt
+    prompt_ids: list[list[int]]
+    references: list[str]  # the last assistant turn
+
+
+class Chat(Task):
+    model_class_name = "AutoModelForCausalLM"
+
+    def __init__(self, config, spec):
+        super().__init__(config, spec)
+        self.tokenizer = None
+        self.where: dict[str, Rows | str] = {}  # per split: its file's rows, or the hub split's name
+        self.samples: dict[str, Samples] = {}
+
+    # ---- data
+    @cached_property
+    def raw(self):
+        """Every split as one ``messages`` column of checked ``[{role, content}]`` lists."""
+        import datasets
+
+        c = self.config
+        if c.get("data"):  # your files, instead of task.dataset
+            from lowrank_runner.tasks.local_files import load_files
+
+            splits, self.where = load_files(c["data"], ("train", "validation"), {}, strings=None)
+        elif c.get("dataset"):  # cut before reading: hub datasets are large (your files are checked whole)
+            splits = self.limit_samples(datasets.DatasetDict(self._hub_splits(c["dataset"])))
+        else:
+            raise DataError("task 'chat' needs data: set task.data.train and task.data.validation (JSON Lines, JSON "
+                            "or Parquet files) or task.dataset (a hub dataset id)")
+        out = {split: self._messages(ds, split) for split, ds in splits.items()}
+        return self.limit_samples(datasets.DatasetDict(out))
+
+    def _hub_splits(self, dataset: str) -> dict:
+        c = self.config
+        hub = self.load_hub(dataset, c.get("dataset_config"), "the data of task 'chat'",
+                            "without the hub, point task.data.train and task.data.validation at JSON Lines or "
+                            "Parquet files of conversations")
+        default_eval = next((s for s in ("validation", "test") if s in hub), "validation")
+        names = {"train": c.get("train_split") or "train", "validation": c.get("eval_split") or default_eval}
+        for ours, theirs in names.items():
+            if theirs not in hub:
+                key = "train_split" if ours == "train" else "eval_split"
+                raise DataError(f"'{dataset}' has no {theirs} split (splits: {', '.join(hub)}); set task.{key} "
+                                "to one of them")
+        self.where = {ours: f"{dataset} [{theirs}]" for ours, theirs in names.items()}
+        return {ours: hub[theirs] for ours, theirs in names.items()}
+
+    def _at(self, split: str, index: int, column: str) -> str:
+        where = self.where.get(split)
+        if isinstance(where, Rows):
+            return where.where(index, column)
+        return f"{where or split}: row {index + 1}, column '{column}'"
+
+    def _messages(self, ds, split: str):
+        """The split as checked ``messages``. A bad row of your files stops the run at its
+        line; one of a hub dataset (which you cannot edit) is left out with a warning."""
+        import datasets
+
+        where = self.where[split]
+        shown = where.shown if isinstance(where, Rows) else where
+        try:
+            shape = detect_shape(ds.column_names, self.config["format"], shown)
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
+        skip = not isinstance(where, Rows)
+
+        def convert(row, index):
+            try:
+                return {"messages": to_messages(row, shape)}
+            except RowProblem as exc:
+                if skip:
+                    return {"messages": []}
+                raise _RowError(index, exc.column, exc.message) from None
+
+        turn = {"role": datasets.Value("string"), "content": datasets.Value("string")}
+        features = datasets.Features({"messages": [turn]})
+        try:
+            out = ds.map(convert, with_indices=True, remove_columns=ds.column_names, features=features,
+                         desc=f"reading {split} conversations")
+        except _RowError as exc:
+            raise DataError(f"{self._at(split, exc.index, exc.column)}: {exc.message}") from None
+        kept = out.filter(len, input_columns="messages") if skip else out
+        if len(kept) < len(out):
+            first = next(i for i, m in enumerate(out["messages"]) if not m)
+            try:
+                to_messages(ds[first], shape)
+            except RowProblem as exc:
+                warn(f"{self._at(split, first, exc.column)}: {exc.message}; {len(out) - len(kept)} such row(s) of "
+                     f"{len(out)} are left out")
+        if not len(kept):
+            raise DataError(f"{shown}: no usable conversation")
+        return kept
+
+    def load_splits(self):
+        return self.raw
+
+    def count_train_examples(self) -> int:
+        """Training conversations (``lrr inspect``: a known hub split's size, no download;
+        with ``task.packing`` the run plans on the packed blocks, fewer)."""
+        c = self.config
+        known = None if c.get("data") else HUB_ROWS.get((c.get("dataset"), c.get("train_split") or "train"))
+        if known is not None:
+            return min(known, c.get("max_train_samples") or known)
+        return len(self.raw["train"])
+
+    # ---- tokens
+    @cached_property
+    def template(self) -> str | None:
+        """``task.chat_template``'s Jinja text; None: the tokenizer's own."""
+        value = self.config.get("chat_template")
+        if value is None:
+            return None
+        path = template_file(value)
+        if path is None:
+            from lowrank_runner.tasks.chat_data import template_problem
+
+            raise DataError(f"task.chat_template: {template_problem(value)}")
+        return path.read_text(encoding="utf-8")
+
+    def _check_template(self, tokenizer) -> None:
+        if self.template is None and not getattr(tokenizer, "chat_template", None):
+            from lowrank_runner.tasks.chat_data import named_templates
+
+            raise DataError(f"the tokenizer of '{tokenizer.name_or_path}' has no chat template; set "
+                            f"task.chat_template to a shipped one ({', '.join(named_templates())}) or to a Jinja "
+                            "file")
+
+    def tokenize(self, splits, tokenizer):
+        import datasets
+
+        self._check_template(tokenizer)
+        self.tokenizer = tokenizer
+        c, out = self.config, {}
+        args = {"tokenizer": tokenizer, "template": self.template, "max_length": c["max_length"]}
+        for split, ds in splits.items():
+            try:
+                encoded = ds.map(encode_conversations, batched=True, with_indices=True, remove_columns=ds.column_names,
+                                 fn_kwargs=args, desc=f"tokenising {split}")
+            except _RowError as exc:
+                at = self._at(split, exc.index, exc.column) if split in self.where and not c.get("holdout_fraction") \
+                    else f"{split} conversation {exc.index + 1}"
+                raise DataError(f"{at}: {exc.message}") from None
+            if len(encoded) > len(ds):
+                warn(f"{split}: the chat template renders earlier turns differently once later turns follow; "
+                     f"{len(encoded) - len(ds)} extra sequences: one per assistant turn of those conversations")
+            out[split] = self._train_sequences(encoded) if split == "train" else encoded
+            if split != "train":
+                self.samples[split] = self._samples(ds)
+        return datasets.DatasetDict(out)
+
+    def _train_sequences(self, encoded):
+        """Training sequences with an assistant token left after the cut, packed if asked."""
+        import datasets
+
+        kept = encoded.filter(lambda labels: any(t != IGNORE for t in labels[1:]), input_columns="labels")
+        if len(kept) < len(encoded):
+            dropped = len(encoded) - len(kept)
+            warn(f"train: {dropped} sequence{'s' if dropped > 1 else ''} of {len(encoded)} keep no assistant token "
+                 f"within task.max_length {self.config['max_length']} and are left out; raise task.max_length")
+        if not len(kept):
+            raise DataError(f"train: no sequence keeps an assistant token within task.max_length "
+                            f"{self.config['max_length']}; raise task.max_length")
+        if not self.config["packing"]:
+            return kept
+        return datasets.Dataset.from_dict(pack(kept["input_ids"], kept["labels"], self.config["max_length"]))
+
+    def _samples(self, ds) -> Samples:
+        """The first ``task.samples`` conversations, cut before their last assistant turn;
+        a prompt keeps its last ``max_length // 2`` tokens (the generation fits the positions)."""
+        rows = ds.select(range(min(self.config["samples"], len(ds))))["messages"]
+        keep = self.config["max_length"] // 2
+        prompts, ids, refs = [], [], []
+        for messages in rows:
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            prompts.append(render(self.tokenizer, messages[:last], self.template, True))
+            ids.append(self.tokenizer(prompts[-1], add_special_tokens=False)["input_ids"][-keep:])
+            refs.append(messages[last]["content"])
+        return Samples(prompts, ids, refs)
+
+    def collator(self, tokenizer, pad_to_multiple_of: int | None = None):
+        return ChatCollator(tokenizer.pad_token_id, pad_to_multiple_of)
+
+    # ---- training and scoring
+    def model_inputs(self, batch) -> dict:
+        """Packed blocks go without attention mask and without a key/value cache:
+        transformers then masks each sequence of a block off from the others by its
+        restarting ``position_ids`` (it reads them only when both are absent)."""
+        if "position_ids" in batch:
+            return {**{k: v for k, v in batch.items() if k != "attention_mask"}, "use_cache": False}
+        return batch
+
+    def stop_token_ids(self) -> list[int]:
+        """The tokenizer's eos and the end-of-turn tokens of common templates it has."""
+        tok = self.tokenizer
+        ids = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        vocab = tok.get_vocab()
+        ids += [vocab[t] for t in END_OF_TURN if t in vocab and vocab[t] not in ids]
+        return ids
+
+    def evaluate(self, model, dataloader, accelerator, split: str) -> dict[str, float]:
+        """Loss and perplexity over the split's assistant tokens; the samples' generations
+        (``self.latest_outputs``, saved with the selected checkpoint)."""
+        import torch
+
+        from lowrank_runner.tasks.generation import generate
+
+        model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for batch in dataloader:
+                inputs = self.model_inputs({k: v for k, v in batch.items() if k != "labels"})
+                nll, n = accelerator.gather_for_metrics(assistant_nll(model(**inputs).logits, batch["labels"]))
+                total += float(nll.sum())
+                count += int(n.sum())
+        chosen = self.samples.get(split)
+        if chosen is not None and chosen.prompts:
+            outputs = generate(model, chosen.prompt_ids, self.tokenizer, self.config["generation"], accelerator,
+                               eos_token_id=self.stop_token_ids())
+            self.latest_outputs[split] = [{"prompt": p, "reference": r, "generation": g}
+                                          for p, r, g in zip(chosen.prompts, chosen.references, outputs)]
+        model.train()
+        loss = total / max(count, 1)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}

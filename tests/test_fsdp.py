@@ -1,0 +1,199 @@
+"""FSDP through Accelerate (train/fsdp.py): a real 2-process FSDP2 run on CPU processes
+(gloo) of a tiny LLaMA with LoRA2 (rank decisions inside the run, one after the
+resume) and CondLoRA (shared maps), stopped and resumed from its sharded run's
+checkpoint, equal to the 1-process run; the merged export from it; and the settings
+(recipe key, Accelerate's FSDP config variables, the conflicts refused) without launching."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from lowrank_runner.cli import app
+from lowrank_runner.train import fsdp
+from tests.conftest import save_tiny_backbone
+
+METHODS = {  # LoRA2 is LoRA plus its scale vector and pruning: it covers LoRA's path too
+    "lora2": "{name: lora2, r: 4, k: 2, alpha: 8, target_rank: 1, t_init: 1, t_final: 1, mask_interval: 1}",
+    "condlora": "{name: condlora, r: 4, alpha: 8}",
+}
+
+
+def lrr(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def recipe_text(backbone, data, enabled: bool = True) -> str:
+    train, validation = data
+    points = "\n".join(f"    - {m}" for m in METHODS.values())
+    return textwrap.dedent(f"""
+        name: tiny-fsdp
+        backbone: {{name: {backbone}}}
+        targets: [Wq, Wv]
+        method: {{name: lora, r: 4, alpha: 8}}
+        task:
+          name: classification
+          data: {{train: {train}, validation: {validation}}}
+          max_length: 16
+        training:
+          learning_rate: 1.0e-2
+          max_steps: 4
+          batch_size: 16
+          seed: 0
+          log_every: 1
+          fsdp: {{enabled: {str(enabled).lower()}}}
+        sweep:
+          method:
+        """).lstrip() + points + "\n"
+
+
+@pytest.fixture(scope="module")
+def llama_recipe(tmp_path_factory, sentiment_data):
+    root = tmp_path_factory.mktemp("fsdp")
+    backbone = save_tiny_backbone(root / "llama", "llama")
+    recipe = root / "recipe.yaml"
+    recipe.write_text(recipe_text(backbone, sentiment_data))
+    return recipe
+
+
+def two_processes(*args) -> subprocess.CompletedProcess:
+    """``lrr run`` on 2 CPU processes (torchrun: what `accelerate launch --num_processes 2` starts)."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                           "lowrank_runner", "run", *map(str, args)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def run_dir(out, method):
+    return out / "classification" / f"method={method}" / "seed0"
+
+
+def logged(run, key="loss") -> dict[int, float]:
+    lines = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return {ln["step"]: ln[key] for ln in lines if key in ln}
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_run_resumes_and_equals_one_process(llama_recipe, tmp_path):
+    """Sharded on 2 processes, stopped after step 2 and resumed: every method's losses,
+    rank budgets (LoRA2 prunes at step 2, before the stop, and 3, after it) and final
+    adapter equal the 1-process run's; the report records the sharding; the merged
+    export of the sharded run verifies as today."""
+    code, out = lrr("run", llama_recipe, "--output", tmp_path / "one")  # one process: FSDP is off (a note says so)
+    assert code == 0, out
+    assert "nothing to shard" in out
+    two_processes(llama_recipe, "--output", tmp_path / "two", "--stop-after-step", 2)
+    assert all((run_dir(tmp_path / "two", m) / "checkpoints" / "step-000002").is_dir() for m in METHODS)
+    two_processes(llama_recipe, "--output", tmp_path / "two", "--resume")
+    for method in METHODS:
+        one, two = run_dir(tmp_path / "one", method), run_dir(tmp_path / "two", method)
+        assert list(logged(two)) == [1, 2, 3, 4]
+        assert list(logged(two).values()) == pytest.approx(list(logged(one).values()), rel=1e-4)
+        a, b = load_file(one / "adapter" / "adapter.safetensors"), load_file(two / "adapter" / "adapter.safetensors")
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+        report = json.loads((two / "report.json").read_text())
+        # the evaluation loss covers both processes' examples, not the main process's share
+        final_one = json.loads((one / "report.json").read_text())["final_eval"]
+        assert report["final_eval"]["loss"] == pytest.approx(final_one["loss"], rel=1e-4)
+        assert report["fsdp"]["source"] == "recipe" and report["fsdp"]["processes"] == 2
+        assert report["fsdp"]["wrapped"] == ["LlamaDecoderLayer"] and report["fsdp"]["whole_params"] > 0
+    budgets = logged(run_dir(tmp_path / "two", "lora2"), "rank_budget")
+    assert budgets == logged(run_dir(tmp_path / "one", "lora2"), "rank_budget")
+    assert budgets[1] > budgets[2] > budgets[3]  # pruned before and after the resume
+    code, out = lrr("export", run_dir(tmp_path / "two", "condlora"), "--merge", "--out", tmp_path / "merged")
+    assert code == 0, out
+    assert (tmp_path / "merged" / "config.json").is_file()
+
+
+# ------------------------------------------------------------------ settings, no launch
+
+
+def test_recipe_key_builds_an_fsdp2_plugin():
+    plugin = fsdp.plugin_from_recipe({"enabled": True, "strategy": "shard_grad_op", "auto_wrap": "transformer_layer",
+                                      "cpu_offload": True})
+    from torch.distributed.fsdp import CPUOffloadPolicy
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is False
+    assert plugin.auto_wrap_policy is transformer_auto_wrap_policy and isinstance(plugin.cpu_offload, CPUOffloadPolicy)
+    assert plugin.cpu_ram_efficient_loading is False
+    whole = fsdp.plugin_from_recipe({"enabled": True, "strategy": "full_shard", "auto_wrap": "none", "cpu_offload": False})
+    assert whole.reshard_after_forward is True and whole.auto_wrap_policy is None
+
+
+def test_a_single_process_trains_without_fsdp(capsys):
+    sharding = fsdp.Sharding.for_run({"fsdp": {"enabled": True}}, "r.yaml [t, seed 0]")
+    assert not sharding.enabled and sharding.accelerator_options() == {}
+    assert "nothing to shard" in capsys.readouterr().err
+
+
+def test_recipe_key_and_an_accelerate_fsdp_config_are_refused_together(monkeypatch):
+    monkeypatch.setattr(fsdp, "_LAUNCH_FSDP", True)
+    with pytest.raises(fsdp.FsdpError, match="training.fsdp.enabled is true and `accelerate launch` was given an FSDP"):
+        fsdp.Sharding.for_run({"fsdp": {"enabled": True}}, "r.yaml")
+
+
+def test_accelerate_config_must_be_fsdp2(monkeypatch):
+    """What `accelerate launch --config_file` passes (FSDP_* variables): version 1 is
+    refused; version 2 with cpu_ram_efficient_loading has it turned off, with a note."""
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(fsdp.FsdpError, match="set fsdp_version: 2"):
+        fsdp.plugin_from_launch("r.yaml")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    monkeypatch.setenv("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
+    plugin = fsdp.plugin_from_launch("r.yaml")
+    assert plugin.fsdp_version == 2 and plugin.cpu_ram_efficient_loading is False
+
+
+def test_deepspeed_config_on_cpu_is_refused(monkeypatch):
+    monkeypatch.setattr(fsdp, "_LAUNCH_DEEPSPEED", True)
+    with pytest.raises(fsdp.FsdpError, match="DeepSpeed, which Accelerate applies only on GPUs"):
+        fsdp.Sharding.for_run({"fsdp": {"enabled": False}}, "r.yaml")
+
+
+def test_the_modules_kept_whole_are_those_holding_trained_tensors(llama_recipe):
+    """Adapters, the method's shared maps and the head: never a frozen backbone module."""
+    from lowrank_runner.modeling import build_adapted_model
+    from lowrank_runner.recipe.load import load_recipe
+    from lowrank_runner.tasks.base import build_task
+
+    run = next(r for r in load_recipe(llama_recipe).runs if r.config["method"]["name"] == "condlora")
+    task = build_task(run.config["task"])
+    adapted = build_adapted_model(run.config, task.model_class, task.model_config_kwargs(), weights=False)
+    whole = fsdp.whole_modules(adapted.model, adapted.trainable_names)
+    names = {n for n, m in adapted.model.named_modules() if any(m is w for w in whole)}
+    assert names and all(n.endswith("lrr_adapter") or n.startswith("lrr_shared") or n == "score" for n in names)
+    assert "score" in names and any(n.startswith("lrr_shared") for n in names)
+
+
+def test_inspect_shows_the_fsdp_settings(llama_recipe):
+    code, out = lrr("inspect", llama_recipe, "--json")
+    assert code == 0, out
+    run = json.loads(out)["runs"][0]
+    assert run["training"]["fsdp"] == {"enabled": True, "strategy": "full_shard", "auto_wrap": "transformer_layer",
+                                       "cpu_offload": False}
+    assert "FSDP2 full_shard" in run["fsdp"] and "LlamaDecoderLayer" in run["fsdp"]
+
+
+def test_a_bad_strategy_is_a_recipe_error(llama_recipe, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(llama_recipe.read_text().replace("fsdp: {enabled: true}", "fsdp: {enabled: true, strategy: hybrid}"))
+    code, out = lrr("validate", bad)
+    assert code != 0 and "training.fsdp.strategy" in out and "bad.yaml:" in out
+
+
+def test_a_quantized_base_under_an_accelerate_fsdp_config_is_refused(monkeypatch):
+    """The recipe key with backbone.quantization is refused by `lrr validate`; an FSDP
+    config given to `accelerate launch` is refused when the run starts, before loading."""
+    monkeypatch.setattr(fsdp, "_LAUNCH_FSDP", True)
+    with pytest.raises(fsdp.FsdpError, match="backbone.quantization is set and `accelerate launch` was given an FSDP"):
+        fsdp.Sharding.for_run({"fsdp": {"enabled": False}}, "r.yaml", quantized=True)
