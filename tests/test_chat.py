@@ -398,3 +398,89 @@ def test_a_bad_row_of_hub_data_is_left_out_with_a_warning(tmp_path, capsys):
     assert f"{hub} [train]: row 2, column 'messages': no assistant turn" in capsys.readouterr().err
     with pytest.raises(DataError, match=r"has no dev split \(splits: train, test\); set task.eval_split"):
         chat_task(dataset=str(hub), eval_split="dev").load_splits()
+
+
+# ---------------------------------------------------------------- red-team fixes
+
+
+def byte_bpe_tokenizer(template: str = OWN_TEMPLATE):
+    """A small byte-level BPE tokenizer (GPT-2/LLaMA-3 style: "Ġi" carries the space before it)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["user " + " ".join(m["content"] for m in CONVERSATION) + " assistant system"] * 20 + ["assistant"] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>", additional_special_tokens=SPECIALS[4:])
+    out.chat_template = template
+    return out
+
+
+def test_a_byte_level_bpe_token_carrying_the_prompts_space_is_labelled(tmp_path):
+    tokenizer = byte_bpe_tokenizer()  # the generation prompt '<|im_start|>assistant ' ends in a space
+    _, out = tokenized(tmp_path, [{"messages": CONVERSATION[1:3]}], tokenizer)
+    assert labelled(tokenizer, out["train"][0]) == [
+        ("<|im_start|>", False), ("user", False), ("Ġthe", False), ("Ġmovie", False), ("Ġwas", False),
+        ("Ġgood", False), ("<|im_end|>", False), ("<|im_start|>", False), ("assistant", False),
+        ("Ġi", True), ("Ġloved", True), ("Ġit", True), ("<|im_end|>", True)]
+
+
+def test_an_evaluation_split_without_assistant_tokens_fails_before_training(tmp_path, capsys):
+    short = {"messages": [{"role": "user", "content": "good"}, {"role": "assistant", "content": "it was"}]}
+    long = {"messages": [{"role": "user", "content": " ".join(["the movie was good"] * 4)},
+                         {"role": "assistant", "content": "it was"}]}
+    train = write_jsonl(tmp_path / "train.jsonl", [short])
+    task = chat_task(data={"train": str(train), "validation": str(write_jsonl(tmp_path / "va.jsonl", [long]))},
+                     max_length=12)
+    with pytest.raises(DataError, match="validation: no sequence keeps an assistant token within task.max_length "
+                                        "12, so there is no loss to evaluate; raise task.max_length"):
+        task.tokenize(task.load_splits(), tiny_tokenizer())
+    task = chat_task(data={"train": str(train), "validation": str(write_jsonl(tmp_path / "vb.jsonl", [long, short]))},
+                     max_length=12)
+    out = task.tokenize(task.load_splits(), tiny_tokenizer())
+    assert len(out["validation"]) == 2
+    assert "validation: 1 sequence of 2 keep no assistant token within task.max_length 12" in capsys.readouterr().err
+
+
+def test_a_template_that_cannot_render_is_blamed_on_task_chat_template(tmp_path):
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{% for m in messages %}\n{{ m.content }\n{% endfor %}")
+    train = write_jsonl(tmp_path / "train.jsonl", [{"messages": CONVERSATION}])
+    data = {"train": str(train), "validation": str(train)}
+    task = chat_task(data=data, chat_template=str(broken))
+    with pytest.raises(DataError, match=rf"^task.chat_template: the chat template '{broken}' cannot render a "
+                                        r"conversation \(line 2\): unexpected '}'"):
+        task.tokenize(task.load_splits(), tiny_tokenizer(None))
+    no_bos = tiny_tokenizer(None)
+    no_bos.bos_token = None
+    task = chat_task(data=data, chat_template="llama-2")
+    with pytest.raises(DataError, match="^task.chat_template: the chat template 'llama-2' cannot render a "
+                                        "conversation: the tokenizer has no bos_token; give the tokenizer a bos_token"):
+        task.tokenize(task.load_splits(), no_bos)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: r\nbackbone: {{name: x}}\ntargets: [Wq]\nmethod: {{name: lora}}\n"
+                      f"task: {{name: chat, data: {{train: {train}, validation: {train}}}, chat_template: {broken}}}\n")
+    result = CliRunner().invoke(app, ["validate", str(recipe)])
+    assert result.exit_code == 1
+    assert f"task.chat_template: {broken}:2: Jinja syntax error: unexpected '}}'" in result.output
+
+
+def test_a_chat_results_table_says_the_loss_is_not_scaled():
+    from lowrank_runner.tables.build import Row, Table, Value
+    from lowrank_runner.tables.formats import _scale_title, notes
+    from lowrank_runner.tables.spec import Column, table_spec
+
+    def table(metrics):
+        row = Row("lora", "", {}, [[Value(m, 1.0, seeds=[0]) for m in metrics]], None, None, [])
+        return Table(table_spec(None), ["chat"], [Column("chat", tuple(metrics))], [row])
+
+    chat = table(["loss", "perplexity"])
+    assert notes(chat)[0].startswith("Metrics as they are (not ×100), mean")
+    assert _scale_title(chat) == ""
+    mixed = table(["accuracy", "loss"])
+    assert notes(mixed)[0].startswith("Metrics ×100 (loss as they are)")
+    assert _scale_title(mixed) == ", ×100 except loss" and _scale_title(table(["accuracy"])) == ", ×100"

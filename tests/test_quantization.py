@@ -235,6 +235,7 @@ def test_a_quantized_gpt2_merges_back_into_conv1d_layers(tmp_path):
     ("{bits: 8, type: nf4}", "lora", "unknown key 'type' (allowed here: bits, threshold)"),
     ("{bits: 4, compute_dtype: int8}", "lora", "must be one of 'float32', 'bfloat16', 'float16'"),
     ("{bits: 2}", "lora", "must be one of 4, 8; got 2"),
+    ("{bits: '4'}", "lora", "got '4' (write 4 without quotes: a number, not a string)"),
     ("{bits: 4}", "lora fsdp", "cannot be sharded with training.fsdp"),
 ])
 def test_bad_quantization_settings_are_refused(tmp_path, tiny_bert, sentiment_data, quantization, method, says):

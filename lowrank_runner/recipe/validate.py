@@ -130,7 +130,9 @@ def _translate(doc: Document, error, prefix: PathT) -> list[Problem]:
         return [problem(doc, path, f"expected {want}, got {_describe(instance)}")]
     if kind == "enum":
         choices = ", ".join(repr(c) for c in expected)
-        return [problem(doc, path, f"must be one of {choices}; got {instance!r}{suggest(instance, expected)}")]
+        same = [c for c in expected if not isinstance(c, str) and str(c) == instance]  # bits: "4" for 4
+        hint = f" (write {same[0]!r} without quotes: a number, not a string)" if same else suggest(instance, expected)
+        return [problem(doc, path, f"must be one of {choices}; got {instance!r}{hint}")]
     if kind == "const":
         return [problem(doc, path, f"must be {expected!r}; got {instance!r}")]
     if kind in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):

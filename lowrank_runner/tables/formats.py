@@ -72,6 +72,34 @@ def _how(table: Table) -> str:
     return f"{centre} ± std" if table.spec.spread == "std" else centre
 
 
+def _unscaled(table: Table) -> tuple[list[str], bool]:
+    """The metrics of the table shown as they are (losses, perplexity, NIST, MSE), and
+    whether any metric is shown x100 (:func:`lowrank_runner.tables.spec.scaled`)."""
+    from lowrank_runner.tables.spec import scaled
+
+    shown = list(dict.fromkeys(v.metric for r in table.rows for c in r.cells for v in c))
+    return [m for m in shown if not scaled(m)], any(scaled(m) for m in shown) or not shown
+
+
+def _scale_note(table: Table) -> str:
+    """What is x100: "Metrics ×100 (NIST, MSE, perplexity as they are)", naming the table's
+    losses where it shows any, or "Metrics as they are" where it shows no fraction."""
+    raw, any_scaled = _unscaled(table)
+    if not any_scaled:
+        return "Metrics as they are (not ×100)"
+    if any(m.endswith("loss") for m in raw):
+        return f"Metrics ×100 ({', '.join(raw)} as they are)"
+    return "Metrics ×100 (NIST, MSE, perplexity as they are)"
+
+
+def _scale_title(table: Table) -> str:
+    """The terminal title's scale: ", ×100", ", ×100 except loss, ..." or nothing."""
+    raw, any_scaled = _unscaled(table)
+    if not any_scaled:
+        return ""
+    return f", ×100 except {', '.join(raw)}" if raw else ", ×100"
+
+
 def notes(table: Table) -> list[str]:
     """What the numbers are: scale, aggregate, seeds per task, average, parameters."""
     seeds: dict[str, list] = {}
@@ -79,7 +107,7 @@ def notes(table: Table) -> list[str]:
         for column, cell in zip(table.columns, row.cells):
             seeds.setdefault(column.task, [])
             seeds[column.task] = sorted(set(seeds[column.task]) | {s for v in cell for s in v.seeds})
-    lines = [f"Metrics ×100 (NIST, MSE, perplexity as they are), {_how(table)} over seeds "
+    lines = [f"{_scale_note(table)}, {_how(table)} over seeds "
              + "; ".join(f"{t}: {s}" for t, s in seeds.items()) + "."]
     if table.spec.average == "mean":
         lines.append("Avg.: the mean over the columns of each column's mean over its metrics.")
@@ -154,7 +182,7 @@ def print_table(console, table: Table, title: str) -> None:
     from rich.markup import escape
     from rich.table import Table as RichTable
 
-    t = RichTable(title=f"{escape(title)}: {_how(table)} over seeds, ×100")
+    t = RichTable(title=f"{escape(title)}: {_how(table)} over seeds{_scale_title(table)}")
     for h in headers(table):
         t.add_column(escape(h))
     for row in table.rows:

@@ -118,9 +118,19 @@ class Task:
         the model computes its own loss) unless :meth:`loss` computes the loss itself."""
         return batch
 
-    def loss(self, outputs, batch):
+    def loss_items(self, batch) -> int | None:
+        """How many items the loss of ``batch`` averages over when it is token-level (its
+        label tokens); None (the default) for a per-example mean loss. The loop adds these
+        up over an optimizer step (all micro-batches, all processes) and passes the total
+        to :meth:`loss` as ``num_items``, so any split of ``training.batch_size`` trains on
+        the full batch's token mean (transformers' ``num_items_in_batch``)."""
+        return None
+
+    def loss(self, outputs, batch, num_items: int | None = None):
         """The training loss of one batch (default: the model's own, ``outputs.loss``);
-        tasks that train with another loss (label smoothing) override it."""
+        tasks that train with another loss (label smoothing) override it. With
+        ``num_items`` (tasks whose :meth:`loss_items` counts tokens) it is the batch's
+        summed token loss divided by ``num_items``: its share of the step's token mean."""
         return outputs.loss
 
     def evaluate(self, model, dataloader, accelerator, split: str) -> dict[str, float]:
@@ -152,3 +162,24 @@ def build_task(config: dict) -> Task:
 
     spec = get_task_spec(config["name"])
     return spec.load()(config, spec)
+
+
+def shifted_token_loss(logits, labels, num_items: int | None, ignore: int = -100, smoothing: float = 0.0):
+    """Next-token cross-entropy of a causal LM (label-smoothed by ``smoothing``: PyTorch's
+    definition) over the tokens whose label is not ``ignore``: their mean, or with
+    ``num_items`` their sum divided by ``num_items``. Only the labelled positions' logits
+    are taken to float32 (vocabularies are large)."""
+    import torch.nn.functional as F
+
+    labels = labels[:, 1:]
+    mask = labels != ignore
+    picked = logits[:, :-1][mask].float()
+    if num_items is None:
+        return F.cross_entropy(picked, labels[mask], label_smoothing=smoothing)
+    return F.cross_entropy(picked, labels[mask], reduction="sum", label_smoothing=smoothing) / max(num_items, 1)
+
+
+def shifted_label_count(labels, ignore: int = -100) -> int:
+    """The tokens :func:`shifted_token_loss` scores in ``labels`` (all but the first
+    position's, where the label is not ``ignore``)."""
+    return int((labels[:, 1:] != ignore).sum())

@@ -12,8 +12,8 @@
   once, and each assistant turn's characters are the text between the conversation up
   to that turn rendered with ``add_generation_prompt`` and the conversation through
   that turn (``prefix-render``, which works for any template whose earlier turns render
-  the same when later ones follow); the tokens whose first character lies there keep
-  their ids as labels, all others get -100. A conversation whose template renders
+  the same when later ones follow); the tokens that overlap them keep their ids as
+  labels, all others get -100. A conversation whose template renders
   earlier turns differently once later ones follow (e.g. one that drops reasoning from
   past turns) becomes one sequence per assistant turn, with the loss on that turn.
   Sequences are cut at ``task.max_length`` (training sequences left with no assistant
@@ -32,9 +32,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 from lowrank_runner.errors import DataError
 from lowrank_runner.tasks.base import Task
@@ -43,6 +45,7 @@ from lowrank_runner.tasks.data_check import Rows, warn
 
 IGNORE = -100
 HUB_ROWS = {("HuggingFaceH4/ultrachat_200k", "train_sft"): 207_865, ("yahma/alpaca-cleaned", "train"): 51_760}
+CODE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]  # in datasets' fingerprint of the tokenising
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>")  # generation also stops at these tokens
 
 
@@ -87,11 +90,12 @@ def rendered_sequences(tokenizer, messages: list[dict], template: str | None) ->
 
 def tokens_with_labels(tokenizer, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
     """Token ids of ``text`` (no special tokens added: the template writes them) and labels:
-    the id where the token's first character lies in an assistant span, else -100."""
+    the id where the token overlaps an assistant span (a byte-level BPE token may start
+    with the generation prompt's last space, e.g. "Ġi"), else -100."""
     if tokenizer.is_fast:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = enc["input_ids"]
-        inside = [any(s <= start < e for s, e in spans) for start, _ in enc["offset_mapping"]]
+        inside = [any(end > s and start < e for s, e in spans) for start, end in enc["offset_mapping"]]
     else:  # no offsets: tokenise the pieces between span boundaries one by one
         cuts = sorted({0, len(text), *(b for span in spans for b in span)})
         ids, inside = [], []
@@ -105,8 +109,9 @@ def tokens_with_labels(tokenizer, text: str, spans: list[tuple[int, int]]) -> tu
     return ids, labels
 
 
-def encode_conversations(batch, indices, tokenizer, template, max_length: int) -> dict:
-    """Tokens and assistant-only labels of each conversation, cut at ``max_length``."""
+def encode_conversations(batch, indices, tokenizer, template, max_length: int, code: str = "") -> dict:
+    """Tokens and assistant-only labels of each conversation, cut at ``max_length``
+    (``code``: this module's hash, so that datasets' cache of an older labelling is not reused)."""
     out = {"input_ids": [], "attention_mask": [], "labels": []}
     for messages, index in zip(batch["messages"], indices):
         try:
@@ -304,6 +309,29 @@ class Chat(Task):
             raise DataError(f"the tokenizer of '{tokenizer.name_or_path}' has no chat template; set "
                             f"task.chat_template to a shipped one ({', '.join(named_templates())}) or to a Jinja "
                             "file")
+        self._probe_template(tokenizer)
+
+    def _probe_template(self, tokenizer) -> None:
+        """Render a probe conversation once, so that a template that cannot render any
+        (a Jinja error, a special token the tokenizer lacks) is named, not a data row."""
+        value = self.config.get("chat_template")
+        name = (f"task.chat_template: the chat template '{value}'" if value is not None
+                else f"the chat template of the tokenizer of '{tokenizer.name_or_path}'")
+        probe = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]
+        try:
+            render(tokenizer, probe, self.template, False)
+            render(tokenizer, probe[:1], self.template, True)
+        except Exception as exc:  # jinja2's TemplateError, a TypeError from None + str, ...
+            text = self.template if self.template is not None else str(tokenizer.chat_template)
+            missing = [t for t in ("bos_token", "eos_token", "pad_token", "unk_token")
+                       if t in text and getattr(tokenizer, t, None) is None]
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            cause = f"the tokenizer has no {missing[0]}" if missing else first
+            line = getattr(exc, "lineno", None)
+            where = f" (line {line})" if line and value is not None else ""
+            fix = (f"give the tokenizer a {missing[0]} or use another template" if missing
+                   else "fix the template or set task.chat_template to another one")
+            raise DataError(f"{name} cannot render a conversation{where}: {cause}; {fix}") from None
 
     def tokenize(self, splits, tokenizer):
         import datasets
@@ -311,7 +339,7 @@ class Chat(Task):
         self._check_template(tokenizer)
         self.tokenizer = tokenizer
         c, out = self.config, {}
-        args = {"tokenizer": tokenizer, "template": self.template, "max_length": c["max_length"]}
+        args = {"tokenizer": tokenizer, "template": self.template, "max_length": c["max_length"], "code": CODE}
         for split, ds in splits.items():
             try:
                 encoded = ds.map(encode_conversations, batched=True, with_indices=True, remove_columns=ds.column_names,
@@ -323,7 +351,7 @@ class Chat(Task):
             if len(encoded) > len(ds):
                 warn(f"{split}: the chat template renders earlier turns differently once later turns follow; "
                      f"{len(encoded) - len(ds)} extra sequences: one per assistant turn of those conversations")
-            out[split] = self._train_sequences(encoded) if split == "train" else encoded
+            out[split] = self._train_sequences(encoded) if split == "train" else self._eval_sequences(split, encoded)
             if split != "train":
                 self.samples[split] = self._samples(ds)
         return datasets.DatasetDict(out)
@@ -343,6 +371,20 @@ class Chat(Task):
         if not self.config["packing"]:
             return kept
         return datasets.Dataset.from_dict(pack(kept["input_ids"], kept["labels"], self.config["max_length"]))
+
+    def _eval_sequences(self, split: str, encoded):
+        """An evaluation split, checked before training: it must keep an assistant token
+        after the cut (else its loss would be 0 and its perplexity 1); the sequences
+        that keep none are counted in a warning (they add nothing to the loss)."""
+        empty = sum(not any(t != IGNORE for t in labels[1:]) for labels in encoded["labels"])
+        cut = f"within task.max_length {self.config['max_length']}"
+        if empty == len(encoded):
+            raise DataError(f"{split}: no sequence keeps an assistant token {cut}, so there is no loss to evaluate; "
+                            "raise task.max_length")
+        if empty:
+            warn(f"{split}: {empty} sequence{'s' if empty > 1 else ''} of {len(encoded)} keep no assistant token {cut} "
+                 "and add nothing to its loss; raise task.max_length")
+        return encoded
 
     def _samples(self, ds) -> Samples:
         """The first ``task.samples`` conversations, cut before their last assistant turn;
@@ -368,6 +410,21 @@ class Chat(Task):
         if "position_ids" in batch:
             return {**{k: v for k, v in batch.items() if k != "attention_mask"}, "use_cache": False}
         return batch
+
+    def loss_items(self, batch) -> int:
+        """The assistant tokens of ``batch``: the loss is a token mean over the optimizer step."""
+        from lowrank_runner.tasks.base import shifted_label_count
+
+        return shifted_label_count(batch["labels"], IGNORE)
+
+    def loss(self, outputs, batch, num_items: int | None = None):
+        """The model's cross-entropy on the assistant tokens; with ``num_items`` (the step's
+        assistant tokens, :meth:`Task.loss`) their summed cross-entropy divided by it."""
+        from lowrank_runner.tasks.base import shifted_token_loss
+
+        if num_items is None:
+            return outputs.loss
+        return shifted_token_loss(outputs.logits, batch["labels"], num_items, IGNORE)
 
     def stop_token_ids(self) -> list[int]:
         """The tokenizer's eos and the end-of-turn tokens of common templates it has."""

@@ -60,11 +60,39 @@ def template_file(value: str) -> Path | None:
 
 
 def template_problem(value: str) -> str | None:
-    """Why ``task.chat_template`` cannot be used, or None."""
-    if template_file(value) is not None:
-        return None
+    """Why ``task.chat_template`` cannot be used (no such template, a Jinja syntax
+    error at its line), or None."""
+    path = template_file(value)
+    if path is not None:
+        return template_syntax_problem(path)
     return (f"'{value}' is neither a shipped chat template ({', '.join(named_templates())}) nor a Jinja file; "
             "name one of them or give the path of a .jinja file")
+
+
+def template_syntax_problem(path: Path) -> str | None:
+    """A Jinja syntax error of the template file, with its line (parsed only, in
+    Jinja's sandbox, never rendered), or None."""
+    from jinja2 import TemplateSyntaxError
+    from jinja2.ext import Extension
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):  # transformers' {% generation %} ... {% endgeneration %} tag
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        return f"{path}: cannot read the template ({exc}); give a readable UTF-8 .jinja file"
+    try:
+        ImmutableSandboxedEnvironment(extensions=[Generation, "jinja2.ext.loopcontrols"]).parse(text)
+    except TemplateSyntaxError as exc:
+        message = (exc.message or "invalid syntax").rstrip(".")
+        return f"{path}:{exc.lineno}: Jinja syntax error: {message}; fix the template"
+    return None
 
 
 def detect_shape(columns: list[str], declared: str, shown: str) -> str:

@@ -3,9 +3,10 @@ of a split, then one output per distinct source, scored against all its referenc
 
 Under several processes: each process scores its share of the pair batches (gathered with
 ``accelerator.gather_for_metrics``, which drops the samples repeated to even out the last
-batch) and decodes every ``num_processes``-th source; the outputs are gathered on every
-process (``accelerate.utils.gather_object``) and put back in source order, so every
-process computes the same scores from the same complete list.
+batch) and decodes every ``num_processes``-th source (under FSDP with the same number of
+``generate`` calls on every process and ``synced_gpus``: see :func:`generate`); the
+outputs are gathered on every process (``accelerate.utils.gather_object``) and put back
+in source order, so every process computes the same scores from the same complete list.
 """
 
 from __future__ import annotations
@@ -40,31 +41,57 @@ def generation_config(settings: dict, tokenizer, eos_token_id=None):
     )
 
 
+def is_sharded(model, accelerator) -> bool:
+    """Whether the model's parameters are sharded over the processes (FSDP2: Accelerate's
+    state says FSDP, or the model is a ``fully_shard`` module): then every forward is a
+    collective that every process must run."""
+    from accelerate.utils import DistributedType
+    from torch.distributed.fsdp import FSDPModule
+
+    return accelerator.distributed_type == DistributedType.FSDP or isinstance(model, FSDPModule)
+
+
+def share(prompts: list[list[int]], rank: int, world: int, even: bool) -> list[int | None]:
+    """This process's prompt indices: every ``world``-th, shortest first (tight left-padded
+    batches); ``even``: padded with ``None`` to the same count on every process (a repeat
+    of a prompt, its output dropped), so every process makes the same ``generate`` calls."""
+    mine: list[int | None] = sorted(range(rank, len(prompts), world), key=lambda i: len(prompts[i]))
+    if even:
+        mine += [None] * (-(-len(prompts) // world) - len(mine))
+    return mine
+
+
 def generate(model, prompts: list[list[int]], tokenizer, settings: dict, accelerator, eos_token_id=None) -> list[str]:
-    """Decode this process's share of ``prompts`` (every ``num_processes``-th, shortest
-    first for tight left-padded batches); return every prompt's output, in order
-    (``eos_token_id``: the stop tokens, default the tokenizer's eos)."""
+    """Decode this process's share of ``prompts``; return every prompt's output, in order
+    (``eos_token_id``: the stop tokens, default the tokenizer's eos).
+
+    A sharded model (FSDP) generates through the prepared model itself (its forward
+    all-gathers the shards) with ``synced_gpus``: every process makes the same calls and
+    keeps running forwards until every process's sequences have stopped."""
     from accelerate.utils import gather_object
 
     rank, world = accelerator.process_index, accelerator.num_processes
-    mine = sorted(range(rank, len(prompts), world), key=lambda i: len(prompts[i]))
+    sharded = world > 1 and is_sharded(model, accelerator)
+    mine = share(prompts, rank, world, even=sharded)
+    stand_in = next((i for i in mine if i is not None), 0)  # what a padding row decodes
     config = generation_config(settings, tokenizer, eos_token_id)
-    unwrapped = accelerator.unwrap_model(model)
+    decoder = model if sharded else accelerator.unwrap_model(model)
     pad = tokenizer.pad_token_id
     results = []
     for start in range(0, len(mine), settings["batch_size"]):
         chunk = mine[start:start + settings["batch_size"]]
-        width = max(len(prompts[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):  # left padding: every prompt ends where generation starts
-            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[row, width - len(prompts[i]):] = 1
+        rows = [prompts[stand_in if i is None else i] for i in chunk]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, prompt in enumerate(rows):  # left padding: every prompt ends where generation starts
+            ids[row, width - len(prompt):] = torch.tensor(prompt)
+            mask[row, width - len(prompt):] = 1
         with torch.no_grad(), accelerator.autocast():
-            out = unwrapped.generate(input_ids=ids.to(accelerator.device), attention_mask=mask.to(accelerator.device),
-                                     generation_config=config)
+            out = decoder.generate(input_ids=ids.to(accelerator.device), attention_mask=mask.to(accelerator.device),
+                                   generation_config=config, synced_gpus=sharded)
         texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-        results += [(i, text.strip()) for i, text in zip(chunk, texts)]
+        results += [(i, text.strip()) for i, text in zip(chunk, texts) if i is not None]
     gathered = gather_object(results) if world > 1 else results
     by_index = dict(gathered)
     return [by_index[i] for i in range(len(prompts))]

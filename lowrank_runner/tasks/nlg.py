@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from lowrank_runner.errors import DataError
-from lowrank_runner.tasks.base import Task
+from lowrank_runner.tasks.base import Task, shifted_label_count, shifted_token_loss
 from lowrank_runner.tasks.data_check import Rows, warn
 from lowrank_runner.tasks.holdout import TEST_PREFIX
 
@@ -307,19 +307,19 @@ class DataToText(Task):
             return batch
         return {k: v for k, v in batch.items() if k != "labels"}
 
-    def loss(self, outputs, batch):
+    def loss_items(self, batch) -> int:
+        """The target tokens of ``batch``: the loss is a token mean over the optimizer step."""
+        return shifted_label_count(batch["labels"], IGNORE)
+
+    def loss(self, outputs, batch, num_items: int | None = None):
         """Cross-entropy on the target tokens, label-smoothed by ``task.label_smoothing``
         over the vocabulary ((1-ε)·NLL + ε·mean over the vocabulary of −log p, LoRA's
-        definition and PyTorch's)."""
+        definition and PyTorch's); with ``num_items`` summed and divided by it (the
+        step's target tokens: :meth:`Task.loss`)."""
         smoothing = self.config.get("label_smoothing") or 0.0
-        if not smoothing:
+        if not smoothing and num_items is None:
             return outputs.loss
-        import torch.nn.functional as F
-
-        logits = outputs.logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
-                               label_smoothing=smoothing)
+        return shifted_token_loss(outputs.logits, batch["labels"], num_items, IGNORE, smoothing)
 
     def evaluate(self, model, dataloader, accelerator, split: str) -> dict[str, float]:
         from lowrank_runner.tasks.generation import evaluate_generation

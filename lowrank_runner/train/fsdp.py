@@ -94,20 +94,26 @@ def plugin_from_recipe(fsdp: dict):
 
 
 def plugin_from_launch(where: str):
-    """The plugin Accelerate builds from ``accelerate launch --config_file`` (FSDP_* variables)."""
+    """The plugin Accelerate builds from ``accelerate launch --config_file`` (FSDP_* variables).
+
+    The version is checked on the variables, before the plugin is built: Accelerate's
+    FSDP1 plugin acts on ``FSDP_SYNC_MODULE_STATES`` (which ``accelerate launch`` sets
+    to true by default) and fails on CPU processes. ``FSDP_CPU_RAM_EFFICIENT_LOADING``
+    (also true by default) is turned off before the plugin reads it."""
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    plugin = FullyShardedDataParallelPlugin()
-    if plugin.fsdp_version != 2:
+    version = os.environ.get("FSDP_VERSION", "1")  # Accelerate's default
+    if version.strip() != "2":
         raise FsdpError(
-            f"{where}: the accelerate config asks for FSDP version {plugin.fsdp_version}; lrr trains with FSDP2 only "
+            f"{where}: the accelerate config asks for FSDP version {version}; lrr trains with FSDP2 only "
             "(torch's fully_shard): set fsdp_version: 2 in the config's fsdp_config (or use the recipe key "
             "training.fsdp instead of an accelerate config)")
-    if plugin.cpu_ram_efficient_loading:
-        plugin.cpu_ram_efficient_loading = False
-        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"  # transformers' from_pretrained reads it too
+    if os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() in ("1", "true", "yes", "y", "on"):
         _note(f"{where}: fsdp_cpu_ram_efficient_loading is off: every process builds the whole model (with its "
               "adapters) before it is sharded")
+    os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"  # transformers' from_pretrained reads it too
+    plugin = FullyShardedDataParallelPlugin()
+    plugin.cpu_ram_efficient_loading = False
     return plugin
 
 
@@ -173,6 +179,17 @@ class Sharding:
     @property
     def enabled(self) -> bool:
         return self.plugin is not None
+
+    def check_evaluations(self, training: dict, total_steps: int, steps_per_epoch: int, where: str) -> None:
+        """Refuse an evaluation before the last step under FSDP, before anything is written:
+        on CPU processes (gloo) the training step after a mid-run evaluation fails with a
+        collective mismatch (an open bug, docs/parallel.md); evaluating at the end works."""
+        every = training["eval_every"] or steps_per_epoch
+        if self.enabled and every < total_steps:
+            raise FsdpError(
+                f"{where}: training.eval_every {every} evaluates before the last of the {total_steps} steps, which "
+                "FSDP does not support yet (the step after a mid-run evaluation fails with a collective mismatch); set "
+                f"training.eval_every: {total_steps} to evaluate at the end only, or train without FSDP")
 
     def accelerator_options(self) -> dict:
         return {"fsdp_plugin": self.plugin} if self.plugin is not None else {}

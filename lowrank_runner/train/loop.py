@@ -17,6 +17,7 @@ method's hooks, checkpoints and the exported adapter see whole, identical tensor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -252,7 +253,8 @@ class TrainingRun:
     ``setup()`` (Accelerator, data, model, optimizer; the method learns the planned
     steps) → ``restore()`` (``--resume``: a checkpoint's state) → ``open_outputs()``
     (run directory, ``metrics.jsonl``, progress) → ``train()``: epochs of
-    ``train_step(batch)`` (forward, backward, optimizer step, the method's hook), then
+    ``train_window(window)`` (forward and backward of each micro-batch, optimizer step,
+    the method's hook), then
     ``log_step`` / ``evaluate_and_select`` / ``save_checkpoint`` as scheduled →
     ``finish()`` (test scores, adapter, metrics, report; or the stop after
     ``--stop-after-step``). :func:`train_run` calls them in this order.
@@ -287,6 +289,7 @@ class TrainingRun:
         self._setup_model()
         self.plan = plan_run(self.run, len(self.tokenized["train"]), self.accelerator.num_processes, self.recipe.source)
         check_schedule(self.plan, self.where)
+        self.sharding.check_evaluations(self.training, self.plan.total_steps, self.plan.steps_per_epoch, self.where)
         self._setup_optimization()
         self._setup_method()
         self.state = LoopState(window_loss=torch.zeros((), device=self.accelerator.device),
@@ -427,29 +430,76 @@ class TrainingRun:
             self.data_generator.set_state(s.epoch_generator)  # replay the interrupted epoch's order
         else:
             s.epoch_generator = self.data_generator.get_state()
-        for batch_index, batch in enumerate(self.train_dl):
-            if batch_index < s.skip_batches:
-                continue
-            out = self.train_step(batch)
-            if out is not None and self.after_step(out, batches_in_epoch=batch_index + 1):
+        for window in self.accumulation_windows():
+            if self.after_step(self.train_window(window), batches_in_epoch=window[-1][0] + 1):
                 return True
         s.epoch_index += 1
         s.skip_batches = 0
         return False
 
-    def train_step(self, batch) -> StepOutput | None:
-        """Forward and backward of one (micro-)batch; on a gradient-synchronising batch also
-        the optimizer step. None while gradients are still being accumulated."""
-        with self.accelerator.accumulate(self.model):
-            out = self.model(**self.task.model_inputs(batch))
+    def accumulation_windows(self):
+        """The epoch's batches, as ``(index, batch)``, one optimizer step's at a time: the
+        accumulation steps' batches (fewer at the end of an epoch), in the data order;
+        the batches a resumed run already trained are read and skipped."""
+        window = []
+        for batch_index, batch in enumerate(self.train_dl):
+            if batch_index < self.state.skip_batches:
+                continue
+            window.append((batch_index, batch))
+            if len(window) == self.batch.accumulation:
+                yield window
+                window = []
+        if window:
+            yield window
+
+    def step_items(self, batches) -> int | None:
+        """The loss items (label tokens) of one optimizer step over all its micro-batches
+        and processes (``task.loss_items``), or None for a per-example mean loss."""
+        counts = [self.task.loss_items(batch) for batch in batches]
+        if counts[0] is None:
+            return None
+        local = torch.tensor(sum(counts), device=self.accelerator.device)
+        return int(self.accelerator.reduce(local, reduction="sum").item())
+
+    def train_window(self, window) -> StepOutput:
+        """One optimizer step: forward and backward of each micro-batch of its window,
+        gradients synchronised across processes on the last one only, then the step.
+        The window is read ahead (to count its loss items), so the loop sets
+        ``sync_gradients`` itself rather than ``accelerator.accumulate``, which would read
+        the end of the dataloader too early (transformers' Trainer does the same)."""
+        num_items = self.step_items([batch for _, batch in window])
+        last = len(window) - 1
+        for i, (_, batch) in enumerate(window):
+            self.accelerator.sync_gradients = i == last
+            with contextlib.nullcontext() if i == last else self.accelerator.no_sync(self.model):
+                extra = self.train_step(batch, num_items)
+        if num_items is not None:
+            self.state.window_n += 1  # token-level: the window's shares add up to the step's token mean
+        return StepOutput(self.optimizer_step(), extra)
+
+    def train_step(self, batch, num_items: int | None = None) -> torch.Tensor | None:
+        """Forward and backward of one micro-batch; returns the method's regulariser.
+
+        ``accelerator.backward`` divides by the accumulation steps, so the regulariser
+        (added to every micro-batch) counts once per optimizer step, and per-example mean
+        losses average over the micro-batches. A token-level loss (``num_items``: the
+        step's label tokens, :meth:`step_items`) is this micro-batch's share of the step's
+        token mean; it is scaled by the accumulation steps and the processes (whose
+        gradients DDP or ``Sharding.average_gradients`` average), so the gradient is the
+        full batch's token mean on any split of ``training.batch_size``."""
+        out = self.model(**self.task.model_inputs(batch))
+        if num_items is None:
             loss = self.task.loss(out, batch)
-            extra = self.method.extra_loss(self.adapters)
-            self.accelerator.backward(loss if extra is None else loss + extra)
             self.state.window_loss += loss.detach().float()
             self.state.window_n += 1
-            if not self.accelerator.sync_gradients:
-                return None
-            return StepOutput(self.optimizer_step(), extra)
+        else:
+            share = self.task.loss(out, batch, num_items=num_items)
+            processes = self.accelerator.num_processes
+            self.state.window_loss += share.detach().float() * processes  # reduced as a mean over processes
+            loss = share * (self.batch.accumulation * processes)
+        extra = self.method.extra_loss(self.adapters)
+        self.accelerator.backward(loss if extra is None else loss + extra)
+        return extra
 
     def optimizer_step(self) -> dict:
         """Clip, step the optimizer and (unless the step was skipped) the scheduler, run
