@@ -141,7 +141,7 @@ def test_label_smoothing_loss_matches_pytorch_and_zero_is_the_model_loss():
     labels[:, :3] = -100
     out = model(input_ids=ids, labels=labels)
     plain = resolved_task({"name": "data_to_text", "max_length": 16})
-    assert plain.loss(out, {"labels": labels}) is out.loss
+    assert torch.allclose(plain.loss(out, {"labels": labels}), out.loss, atol=1e-6)  # the model's own loss
     smooth = resolved_task({"name": "data_to_text", "max_length": 16, "label_smoothing": 0.1})
     logp = out.logits[:, :-1].log_softmax(-1)
     target, mask = labels[:, 1:], labels[:, 1:] != -100
@@ -149,10 +149,11 @@ def test_label_smoothing_loss_matches_pytorch_and_zero_is_the_model_loss():
     expected = ((0.9 * nll + 0.1 * -logp.mean(-1)) * mask).sum() / mask.sum()
     assert torch.allclose(smooth.loss(out, {"labels": labels}), expected, atol=1e-6)
     batch = {"input_ids": ids, "labels": labels}
-    assert plain.model_inputs(batch) is batch  # the model's own loss serves
-    unlabelled = smooth.model_inputs(batch)  # one loss per step: the model computes none
-    assert "labels" not in unlabelled and model(**unlabelled).loss is None
+    for task in (plain, smooth):  # one loss per step, the task's: the model computes none
+        unlabelled = task.model_inputs(batch)
+        assert "labels" not in unlabelled and model(**unlabelled).loss is None
     assert torch.allclose(smooth.loss(model(**unlabelled), batch), expected, atol=1e-6)
+    assert torch.allclose(plain.loss(model(**unlabelled), batch), out.loss, atol=1e-6)
 
 
 # ---------------------------------------------------------------- scores

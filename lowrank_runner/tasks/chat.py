@@ -404,12 +404,15 @@ class Chat(Task):
 
     # ---- training and scoring
     def model_inputs(self, batch) -> dict:
-        """Packed blocks go without attention mask and without a key/value cache:
-        transformers then masks each sequence of a block off from the others by its
-        restarting ``position_ids`` (it reads them only when both are absent)."""
+        """Without labels (:meth:`loss` computes the only loss of the step; the model's own
+        would be a second full-vocabulary cross-entropy). Packed blocks go without
+        attention mask and without a key/value cache: transformers then masks each
+        sequence of a block off from the others by its restarting ``position_ids`` (it
+        reads them only when both are absent)."""
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
         if "position_ids" in batch:
-            return {**{k: v for k, v in batch.items() if k != "attention_mask"}, "use_cache": False}
-        return batch
+            return {**{k: v for k, v in inputs.items() if k != "attention_mask"}, "use_cache": False}
+        return inputs
 
     def loss_items(self, batch) -> int:
         """The assistant tokens of ``batch``: the loss is a token mean over the optimizer step."""
@@ -418,12 +421,10 @@ class Chat(Task):
         return shifted_label_count(batch["labels"], IGNORE)
 
     def loss(self, outputs, batch, num_items: int | None = None):
-        """The model's cross-entropy on the assistant tokens; with ``num_items`` (the step's
-        assistant tokens, :meth:`Task.loss`) their summed cross-entropy divided by it."""
+        """The cross-entropy on the assistant tokens: their mean, or with ``num_items`` (the
+        step's assistant tokens, :meth:`Task.loss`) their sum divided by it."""
         from lowrank_runner.tasks.base import shifted_token_loss
 
-        if num_items is None:
-            return outputs.loss
         return shifted_token_loss(outputs.logits, batch["labels"], num_items, IGNORE)
 
     def stop_token_ids(self) -> list[int]:
@@ -445,7 +446,7 @@ class Chat(Task):
         total, count = 0.0, 0
         with torch.no_grad():
             for batch in dataloader:
-                inputs = self.model_inputs({k: v for k, v in batch.items() if k != "labels"})
+                inputs = self.model_inputs(batch)
                 nll, n = accelerator.gather_for_metrics(assistant_nll(model(**inputs).logits, batch["labels"]))
                 total += float(nll.sum())
                 count += int(n.sum())

@@ -301,10 +301,8 @@ class DataToText(Task):
 
     # ---- training and scoring
     def model_inputs(self, batch) -> dict:
-        """Without labels when smoothing: :meth:`loss` computes the only loss of the step
-        (the model's own would be a second full-vocabulary cross-entropy)."""
-        if not self.config.get("label_smoothing"):
-            return batch
+        """Without labels: :meth:`loss` computes the only loss of the step (the model's own
+        would be a second full-vocabulary cross-entropy)."""
         return {k: v for k, v in batch.items() if k != "labels"}
 
     def loss_items(self, batch) -> int:
@@ -315,10 +313,9 @@ class DataToText(Task):
         """Cross-entropy on the target tokens, label-smoothed by ``task.label_smoothing``
         over the vocabulary ((1-ε)·NLL + ε·mean over the vocabulary of −log p, LoRA's
         definition and PyTorch's); with ``num_items`` summed and divided by it (the
-        step's target tokens: :meth:`Task.loss`)."""
+        step's target tokens: :meth:`Task.loss`); without smoothing, the value the model's
+        own loss has."""
         smoothing = self.config.get("label_smoothing") or 0.0
-        if not smoothing and num_items is None:
-            return outputs.loss
         return shifted_token_loss(outputs.logits, batch["labels"], num_items, IGNORE, smoothing)
 
     def evaluate(self, model, dataloader, accelerator, split: str) -> dict[str, float]:
