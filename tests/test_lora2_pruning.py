@@ -9,11 +9,12 @@ from typer.testing import CliRunner
 
 from lowrank_runner.cli import app
 from lowrank_runner.methods.inject import inject, mark_trainable
+from lowrank_runner.methods.registry import get_method_spec
 from lowrank_runner.modeling import MethodConfigError, build_method
 from lowrank_runner.targets import resolve_targets
 from tests.conftest import tiny_classifier, token_batch
 
-PRUNING = {"name": "lora2", "r": 4, "k": 2, "alpha": 8, "dropout": 0.0, "init_std": 0.02, "orth_reg": 0.1,
+PRUNING = {**get_method_spec("lora2").defaults(), "name": "lora2", "r": 4, "k": 2, "alpha": 8, "dropout": 0.0, "init_std": 0.02, "orth_reg": 0.1,
            "orth_terms": ["PQ", "UV", "uv"], "target_rank": 1, "t_init": 2, "t_final": 3, "mask_interval": 2,
            "beta1": 0.85, "beta2": 0.85}
 

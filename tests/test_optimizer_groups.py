@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from lowrank_runner.methods.inject import inject, mark_trainable
+from lowrank_runner.methods.registry import get_method_spec
 from lowrank_runner.modeling import build_method
 from lowrank_runner.targets import resolve_targets
 from lowrank_runner.train.loop import build_optimizer, weight_decay_groups
@@ -14,10 +15,10 @@ from tests.conftest import tiny_classifier
 TRAINING = {"learning_rate": 1e-3, "adam_betas": [0.9, 0.999], "adam_epsilon": 1e-8, "weight_decay": 0.1}
 METHODS = {
     "lora": {"name": "lora", "r": 2, "alpha": 4, "dropout": 0.0, "rslora": False},
-    "lora2": {"name": "lora2", "r": 4, "k": 1, "alpha": 8, "dropout": 0.0, "init_std": 0.02, "orth_reg": 0.1,
+    "lora2": {**get_method_spec("lora2").defaults(), "name": "lora2", "r": 4, "k": 1, "alpha": 8, "dropout": 0.0, "init_std": 0.02, "orth_reg": 0.1,
               "orth_terms": ["PQ"], "target_rank": 2, "t_init": 0, "t_final": 2, "mask_interval": 2,
               "beta1": 0.85, "beta2": 0.85},
-    "triadaptlora": {"name": "triadaptlora", "r": 1, "alpha": 8, "eps": 1e-5, "dropout": 0.0, "init_std": 0.02,
+    "triadaptlora": {**get_method_spec("triadaptlora").defaults(), "name": "triadaptlora", "r": 1, "alpha": 8, "eps": 1e-5, "dropout": 0.0, "init_std": 0.02,
                      "orth_reg": 0.1, "growth": "linear", "r_ref": 2, "max_rank": None, "grow_by": 1, "t_init": 0,
                      "grow_interval": 2, "fixed_k": 1, "importance_norm": "rank"},
 }

@@ -52,8 +52,9 @@ def dynamic_ranks(adapted) -> None:
             leaf.rank_mask[: i % 4].fill_(1.0)
             if hasattr(leaf, "lora_E"):  # AdaLoRA masks by zeroing the pruned singular values
                 leaf.lora_E["default"].mul_(leaf.rank_mask[:, None])
-        elif hasattr(leaf, "grow"):  # TriAdaptLoRA: grow 0, 1 or 2 ranks beyond r = 1
-            leaf.grow(i % 3, 0.3, None)
+        elif hasattr(leaf, "grow"):  # TriAdaptLoRA: grow 0, 1 or 2 ranks beyond r = 1, new entries at std 0.3
+            leaf.init_std = 0.3
+            leaf.grow(i % 3, None)
 
 
 def save_backbone(directory, family: str):

@@ -61,7 +61,7 @@ def test_growth_appends_rows_and_columns_and_keeps_the_triangles_exact():
     with torch.no_grad():
         a.tri_B[:, :2].normal_()  # a trained B
     old_A, old_B, old_L, old_U = a.tri_A[:2].clone(), a.tri_B[:, :2].clone(), a.lower().clone(), a.upper().clone()
-    a.grow(3, std=0.02, generator=torch.Generator().manual_seed(1))
+    a.grow(3, generator=torch.Generator().manual_seed(1))
     assert a.r == 5 and int(a.active_rank) == 5
     L, U = a.lower(), a.upper()
     assert L.shape == U.shape == (5, 5)
@@ -73,7 +73,7 @@ def test_growth_appends_rows_and_columns_and_keeps_the_triangles_exact():
     assert a.tri_A[5:].abs().sum() == 0 and a.tri_B[:, 5:].abs().sum() == 0  # capacity left untouched
     assert a.scaling == pytest.approx(4.0 / (5 + 1e-5))  # α/(r + ε) at the current rank
     with pytest.raises(ValueError, match="beyond the capacity 6"):
-        a.grow(2, std=0.02, generator=None)
+        a.grow(2, generator=None)
 
 
 def test_forward_equals_delta_weight_and_counts_follow_the_rank():
@@ -83,7 +83,7 @@ def test_forward_equals_delta_weight_and_counts_follow_the_rank():
     x = torch.randn(4, 7)
     torch.testing.assert_close(a(x, None), x @ a.delta_weight(None).T)
     assert a.active_parameters() == 3 * (7 + 5) + 3 * 4
-    a.grow(1, 0.02, None)
+    a.grow(1, None)
     torch.testing.assert_close(a(x, None), x @ a.delta_weight(None).T)
     assert a.active_parameters() == 4 * (7 + 5) + 4 * 5
 

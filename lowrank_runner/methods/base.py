@@ -284,6 +284,15 @@ def gaussian_parameter(shape, std: float, device) -> nn.Parameter:
     return p
 
 
+def orthonormal_parameter(shape, std: float, device) -> nn.Parameter:
+    """A float32 parameter with orthonormal columns (rows when it is wide), ``nn.init.
+    orthogonal_``; ``std`` is unused (the signature of :func:`gaussian_parameter`)."""
+    p = nn.Parameter(torch.empty(*shape, device=device, dtype=torch.float32))
+    if torch.device(device).type != "meta":
+        nn.init.orthogonal_(p)
+    return p
+
+
 def kaiming_parameter(shape, device) -> nn.Parameter:
     """A float32 parameter initialised like ``nn.Linear.weight`` (Kaiming-uniform, a=√5)."""
     p = nn.Parameter(torch.empty(*shape, device=device, dtype=torch.float32))

@@ -7,9 +7,14 @@ Eq. (4), written for row vectors (``h = x W``): ``W = W0 + P Λ Q``, ``P = v u``
 ``x → x v → · u → ⊙ λ → · U → · V`` (never forming ΔW), and ``s = α/(r₀ + 1e-5)`` with
 ``r₀`` the initial rank (authors' code, as AdaLoRA; the paper states no scaling).
 
-Initialisation (§3.1): ``λ = 0`` (so ΔW = 0) and ``u, v, U, V ~ N(0, σ²)``, ``σ = 0.02``
-(authors' code). Parameters per module: ``(in + out)·k + 2·r·k + r`` (λ counted), which
-reproduces LoRA2's Table 4 at ``k = 1, r = 8``.
+Initialisation (§3.1, ``init: gaussian``, the default): ``λ = 0`` (so ΔW = 0) and
+``u, v, U, V ~ N(0, σ²)``, ``σ = 0.02`` (authors' code). ``init: orthonormal`` (ours,
+docs/methods.md "LoRA2's start"): λ = 0 and u, v, U, V semi-orthogonal, the minimum of
+every term of eq. 5 (all exactly 0 at k = r), and λ enters as ``γ λ`` with
+``γ = √(out/3)`` (``lambda_scale``), so Adam's first step (λ_i ← ±lr) moves the update
+by ``‖ΔW₁‖_F = s·γ·lr·√r``, LoRA's ``s·lr·√(out·r/3)`` at the same r and α (LoRA's
+A is Kaiming-uniform, entries of variance 1/(3·in)). Parameters per module:
+``(in + out)·k + 2·r·k + r`` (λ counted), which reproduces LoRA2's Table 4 at ``k = 1, r = 8``.
 
 Orthogonality regularisers (eq. 5), each switchable for the Table 3 ablation, squared
 Frobenius norms, summed per module, averaged over modules, times ``orth_reg``:
@@ -24,6 +29,8 @@ Frobenius norms, summed per module, averaged over modules, times ``orth_reg``:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -37,6 +44,7 @@ from lowrank_runner.methods.base import (
     gram_penalty,
     leaf_adapters,
     leaf_items,
+    orthonormal_parameter,
     schedule_problem,
 )
 from lowrank_runner.methods.rank_budget import cubic_budget, single_mask_warning
@@ -45,22 +53,26 @@ from lowrank_runner.methods.rank_budget import cubic_budget, single_mask_warning
 class LoRA2Adapter(Adapter):
     reads_w0 = False  # forward ignores W0 (a quantized base skips dequantizing it)
 
-    def __init__(self, layer: LayerInfo, r: int, k: int, alpha: float, dropout: float, init_std: float):
+    def __init__(self, layer: LayerInfo, r: int, k: int, alpha: float, dropout: float, init_std: float,
+                 init: str = "gaussian", lambda_scale: float | None = None):
         super().__init__()
         device = layer.device
         self.r, self.k = r, k
         self.scaling = alpha / (r + 1e-5)
-        self.lora2_v = gaussian_parameter((layer.in_features, k), init_std, device)
-        self.lora2_u = gaussian_parameter((k, r), init_std, device)
+        factor = gaussian_parameter if init == "gaussian" else orthonormal_parameter
+        self.lora2_v = factor((layer.in_features, k), init_std, device)
+        self.lora2_u = factor((k, r), init_std, device)
         self.lora2_lambda = nn.Parameter(torch.zeros(r, device=device, dtype=torch.float32))
-        self.lora2_U = gaussian_parameter((r, k), init_std, device)
-        self.lora2_V = gaussian_parameter((k, layer.out_features), init_std, device)
+        self.lora2_U = factor((r, k), init_std, device)
+        self.lora2_V = factor((k, layer.out_features), init_std, device)
+        # γ: λ enters as γ λ (a fixed reparameterisation, part of the recipe, never saved)
+        self.lambda_scale = lambda_scale or (math.sqrt(layer.out_features / 3) if init == "orthonormal" else 1.0)
         # Which singular values are active (pruning); saved with the adapter.
         self.register_buffer("rank_mask", torch.ones(r, device=device, dtype=torch.float32))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def singular_values(self) -> torch.Tensor:
-        return self.lora2_lambda * self.rank_mask
+        return self.lora2_lambda * (self.rank_mask * self.lambda_scale)
 
     def forward(self, x, w0):
         x = adapter_input(self.dropout(x), self.lora2_v)
@@ -79,7 +91,7 @@ class LoRA2Adapter(Adapter):
         keep = self.rank_mask.nonzero().flatten()
         p = self.lora2_v.float() @ self.lora2_u[:, keep].float()  # in x r'
         q = self.lora2_U[keep].float() @ self.lora2_V.float()  # r' x out
-        return q.T * self.lora2_lambda[keep].float(), p.T, self.scaling
+        return q.T * (self.lora2_lambda[keep].float() * self.lambda_scale), p.T, self.scaling
 
     def compact_state(self):
         """Only the active singular values (their λ, u columns and U rows); the rank is
@@ -256,7 +268,7 @@ class LoRA2(AdapterMethod):
 
     def create_adapter(self, layer: LayerInfo, w0: torch.Tensor) -> Adapter:
         p = self.params
-        return LoRA2Adapter(layer, p["r"], p["k"], p["alpha"], p["dropout"], p["init_std"])
+        return LoRA2Adapter(layer, p["r"], p["k"], p["alpha"], p["dropout"], p["init_std"], p["init"], p["lambda_scale"])
 
     def extra_loss(self, adapters):
         coefficient, terms = self.params["orth_reg"], self.params["orth_terms"]

@@ -16,9 +16,14 @@ rows, ``B`` columns, ``L`` the rows ``[L_down, L_aug]``, ``U`` the columns
 active rank take no part in the forward (they get zero gradients). Active parameters
 per module: ``r·(in + out) + r·(r + 1)``.
 
-Initialisation (§III-B): ``B = 0`` (ΔW = 0 at step 0); ``A``, ``L``, ``U`` Gaussian (the
-paper gives no standard deviation: ``init_std``, 0.02 as AdaLoRA). Grown entries of all
-four are Gaussian (§III-D). Scaling ``α/(r + ε)`` uses the module's current rank.
+Initialisation (§III-B, ``init: gaussian``, the default): ``B = 0`` (ΔW = 0 at step 0);
+``A``, ``L``, ``U`` Gaussian (the paper gives no standard deviation: ``init_std``, 0.02 as
+AdaLoRA). Grown entries of all four are Gaussian (§III-D). ``init: fan_in`` (ours,
+docs/methods.md "TriAdaptLoRA's start"): ``A ~ N(0, 1/(3·in))`` (LoRA's Kaiming-uniform
+variance), ``L, U ~ N(0, 1/(r+1))`` so ``E‖row of (L+U)‖² = 1`` and ``(L+U)A`` has the
+row norms of LoRA's A: Adam's first step (B ← ±lr) gives ``‖ΔW₁‖ = s·lr·√(out·r/3)``,
+LoRA's at the same r and s; grown A, L, U entries the same way at the new rank, grown B
+columns and ``U_up`` 0 (growth keeps ``B(L+U)A``). Scaling ``α/(r + ε)`` uses the module's current rank.
 
 Orthogonality regulariser (eq. 10) read with the ``r × r`` Grams (the paper's ``AᵀA`` is
 ``in × in`` of rank ≤ r and cannot approach I; AdaLoRA, which the paper follows, uses
@@ -59,8 +64,9 @@ class TriAdaptLoRAAdapter(Adapter):
     reads_w0 = False  # forward ignores W0 (a quantized base skips dequantizing it)
 
     def __init__(self, layer: LayerInfo, r: int, capacity: int, alpha: float, eps: float, dropout: float,
-                 init_std: float):
+                 init_std: float, init: str = "gaussian"):
         super().__init__()
+        self.init, self.init_std = init, init_std
         device = layer.device
         self.capacity, self.alpha, self.eps = capacity, alpha, eps
         zeros = dict(device=device, dtype=torch.float32)
@@ -72,12 +78,19 @@ class TriAdaptLoRAAdapter(Adapter):
         self.register_buffer("tril_index", torch.tril_indices(capacity, capacity, device=device), persistent=False)
         self.r = r  # host copy of active_rank (no device sync in the forward)
         if torch.device(device).type != "meta":
+            a_std, tri_std, _ = self.init_stds(r)
             with torch.no_grad():
-                self.tri_A[:r].normal_(0.0, init_std)
-                self.tri_L[: n_triangle(r)].normal_(0.0, init_std)
-                self.tri_U[: n_triangle(r)].normal_(0.0, init_std)
+                self.tri_A[:r].normal_(0.0, a_std)
+                self.tri_L[: n_triangle(r)].normal_(0.0, tri_std)
+                self.tri_U[: n_triangle(r)].normal_(0.0, tri_std)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.register_load_state_dict_post_hook(lambda module, _: module._sync_rank())
+
+    def init_stds(self, r: int) -> tuple[float, float, float]:
+        """Standard deviations of new A, L/U and (grown) B entries at rank ``r``."""
+        if self.init == "fan_in":
+            return 1.0 / math.sqrt(3 * self.tri_A.shape[1]), 1.0 / math.sqrt(r + 1), 0.0
+        return self.init_std, self.init_std, self.init_std
 
     def _sync_rank(self) -> None:
         self.r = int(self.active_rank.item())
@@ -127,19 +140,25 @@ class TriAdaptLoRAAdapter(Adapter):
         return self.r * (self.tri_A.shape[1] + self.tri_B.shape[0]) + 2 * n_triangle(self.r)
 
     @torch.no_grad()
-    def grow(self, by: int, std: float, generator: torch.Generator | None) -> None:
-        """Eqs. 6-9: activate ``by`` more ranks, their new entries of A, B, L, U Gaussian."""
+    def grow(self, by: int, generator: torch.Generator | None) -> None:
+        """Eqs. 6-9: activate ``by`` more ranks, their new entries of A, B, L, U Gaussian
+        (:meth:`init_stds` at the new rank). With ``init: fan_in`` B's new columns and U_up
+        start at 0, so growing leaves ``B (L + U) A`` unchanged."""
         r, new = self.r, self.r + by
         if new > self.capacity:
             raise ValueError(f"cannot grow rank {r} by {by} beyond the capacity {self.capacity}")
+        a_std, tri_std, b_std = self.init_stds(new)
 
-        def gaussian(t: torch.Tensor) -> None:
+        def gaussian(t: torch.Tensor, std: float) -> None:  # always draws: the generator's sequence is the same
             t.copy_(torch.randn(t.shape, generator=generator, dtype=t.dtype).mul_(std).to(t.device))
 
-        gaussian(self.tri_A[r:new])  # A_aug
-        gaussian(self.tri_B[:, r:new])  # B_aug
-        gaussian(self.tri_L[n_triangle(r): n_triangle(new)])  # [L_down, L_aug]
-        gaussian(self.tri_U[n_triangle(r): n_triangle(new)])  # [U_up; U_aug], stored transposed
+        gaussian(self.tri_A[r:new], a_std)  # A_aug
+        gaussian(self.tri_B[:, r:new], b_std)  # B_aug
+        gaussian(self.tri_L[n_triangle(r): n_triangle(new)], tri_std)  # [L_down, L_aug]
+        gaussian(self.tri_U[n_triangle(r): n_triangle(new)], tri_std)  # [U_up; U_aug], stored transposed
+        if self.init == "fan_in":  # U_up (old rows, new columns) at 0 too: with B_aug = 0 the output is kept
+            for row in range(r, new):  # row `row` of Uᵀ, packed: its first r entries are U_up's column
+                self.tri_U[n_triangle(row): n_triangle(row) + r].zero_()
         self.active_rank.fill_(new)
         self.r = new
 
@@ -204,7 +223,8 @@ class TriAdaptLoRA(AdapterMethod):
 
     def create_adapter(self, layer: LayerInfo, w0: torch.Tensor) -> Adapter:
         p = self.params
-        return TriAdaptLoRAAdapter(layer, p["r"], self.capacity, p["alpha"], p["eps"], p["dropout"], p["init_std"])
+        return TriAdaptLoRAAdapter(layer, p["r"], self.capacity, p["alpha"], p["eps"], p["dropout"], p["init_std"],
+                                   p["init"])
 
     def _modules(self, adapters) -> list[tuple[str, TriAdaptLoRAAdapter]]:
         return [(path, a) for path, a in leaf_items(adapters) if isinstance(a, TriAdaptLoRAAdapter)]
@@ -277,7 +297,7 @@ class TriAdaptLoRA(AdapterMethod):
                     check_same_across_processes(torch.tensor(increments), "triadaptlora growth", step)
                     for (_, adapter), inc in zip(modules, increments):
                         if inc:
-                            adapter.grow(inc, p["init_std"], self.generator)
+                            adapter.grow(inc, self.generator)
                             _forget_optimizer_state(optimizer, adapter)
                     self.remaining -= sum(increments)
                     logs.update(rank_remaining=self.remaining, grown_modules=sum(1 for i in increments if i))
