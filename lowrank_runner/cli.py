@@ -239,7 +239,7 @@ def validate(
     else:
         for path, problems, io in results:
             for p in problems:
-                print(p)
+                print(f"warning: {p}" if p.severity == "warning" else p)
             if io is not None:
                 print("\n".join([f"{path}: valid"] + describe(io) + search_lines(io.get("search"))))
         sys.stdout.flush()

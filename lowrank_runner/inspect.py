@@ -8,6 +8,7 @@ on that skeleton, so the numbers are the ones training will have.
 from __future__ import annotations
 
 from lowrank_runner.errors import LrrError
+from lowrank_runner.guidance import lr_guidance
 from lowrank_runner.modeling import build_adapted_model, parameter_counts
 from lowrank_runner.quiet import quiet_libraries
 from lowrank_runner.recipe.load import Recipe, at_recipe_lines, canonical_hash
@@ -15,7 +16,8 @@ from lowrank_runner.tasks.base import build_task
 from lowrank_runner.tasks.holdout import holdout_sizes
 from lowrank_runner.train.fsdp import describe_settings as describe_fsdp
 from lowrank_runner.train.init_from import source_run
-from lowrank_runner.train.schedule import BatchPlan, BatchSizeError, StepPlan, batch_plan, plan_steps
+from lowrank_runner.train.schedule import (BatchPlan, BatchSizeError, StepPlan, batch_plan, integrated_learning_rate,
+                                            plan_steps)
 
 
 class PlanError(LrrError):
@@ -46,15 +48,22 @@ def plan_run(run, n_train: int, processes: int, source: str) -> StepPlan:
     return plan_steps(n_train, run.config["training"], processes)
 
 
-def check_method_schedule(method, total_steps: int, where: str) -> list[str]:
+def check_method_schedule(method, plan: StepPlan, where: str, method_config: dict, training: dict) -> list[str]:
     """The method's schedule against the planned steps (``method.schedule_problems``):
     raises :class:`PlanError` for one that cannot work, returns the warnings
-    (``WHERE: method.KEY: message``) for one that can act only partly."""
-    problems = method.schedule_problems(total_steps)
+    (``WHERE: method.KEY: message``) for one that can act only partly, then those for a
+    learning rate far below what the method needs at these steps
+    (``WHERE: training.learning_rate: message``, guidance.py)."""
+    problems = method.schedule_problems(plan.total_steps)
     errors = [f"{where}: {p}" for p in problems if p.severity == "error"]
     if errors:
         raise PlanError("\n".join(errors))
-    return [f"{where}: {p}" for p in problems if p.severity != "error"]
+    notes = [f"{where}: {p}" for p in problems if p.severity != "error"]
+    try:
+        guidance = lr_guidance(method_config, training, plan)
+    except ValueError as exc:  # a plugin's malformed x-lr-guidance: say so, train anyway
+        guidance = [f"{exc}; no learning-rate guidance"]
+    return notes + [f"{where}: {line}" for line in guidance]
 
 
 def inspect_recipe(recipe: Recipe, processes: int = 1) -> dict:
@@ -73,7 +82,7 @@ def inspect_recipe(recipe: Recipe, processes: int = 1) -> dict:
         runs.append({"task": run.task, "seed": run.seed, "point": run.point, "label": run.label,
                      "config_hash": run.config_hash, **entry, "training": {**entry["training"], "seed": run.seed},
                      "init_from": _init_from(recipe, run),
-                     "warnings": check_method_schedule(method, plan.total_steps, where)})
+                     "warnings": check_method_schedule(method, plan, where, run.config["method"], run.config["training"])})
     out = {"name": recipe.name, "source": recipe.source, "recipe_hash": recipe.hash, "recipe": recipe.resolved, "runs": runs}
     if recipe.resolved["output"].get("trackers"):  # output.trackers and where each writes (train/tracking.py)
         from lowrank_runner.train.tracking import describe
@@ -132,6 +141,7 @@ def _inspect_model(run, processes: int, source: str) -> tuple[dict, object, obje
         "train_examples": n_train,
         "steps": plan.total_steps,
         "warmup_steps": plan.warmup_steps,
+        "integrated_lr": integrated_learning_rate(plan, cfg["training"]),  # the sum of the lr over the steps
     }
     return entry, plan, adapted.method
 

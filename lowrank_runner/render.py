@@ -22,7 +22,21 @@ def print_methods(specs) -> None:
             kind = p.get("type") or ("one of " + "/".join(map(str, p["enum"])) if "enum" in p else "")
             table.add_row(*(escape(cell) for cell in (name, str(kind), repr(p.get("default", "")), p.get("description", ""))))
         console.print(table)
+        for line in _guidance_lines(spec.name):
+            console.print(line, markup=False)
         console.print()
+
+
+def _guidance_lines(name: str) -> list[str]:
+    """A method's ``x-lr-guidance`` rules, one line each (guidance.py)."""
+    from lowrank_runner.guidance import DOCS, condition, guidance_rules
+
+    try:
+        rules = guidance_rules(name)
+    except ValueError as exc:  # a plugin's malformed rules
+        return [f"learning-rate guidance: {exc}"]
+    return [f"learning-rate guidance: needs an integrated learning rate of at least {rule['min_integrated_lr']:g}"
+            + (f" with {condition(rule)}" if condition(rule) else "") + f" ({DOCS})" for rule in rules]
 
 
 def print_inspection(result: dict) -> None:
@@ -55,6 +69,8 @@ def print_inspection(result: dict) -> None:
             f"(warmup {run['warmup_steps']}) · lr {t['learning_rate']} · batch {batch_line(run['batch'])}",
             markup=False,
         )
+        console.print(f"learning rate: peak {t['learning_rate']:g}, integrated {run['integrated_lr']:.3g} over "
+                      f"{run['steps']:,} steps ({t['lr_scheduler']}, warmup {run['warmup_steps']})", markup=False)
         if t.get("fsdp", {}).get("enabled"):  # training.fsdp (train/fsdp.py)
             console.print(f"fsdp: {run['fsdp']}", markup=False)
         for line in run.get("warnings", ()):  # plain stderr text: no rich markup eats a path's [..]

@@ -14,7 +14,7 @@ import re
 import jsonschema
 from pathlib import Path
 
-from lowrank_runner.errors import Location, Problem
+from lowrank_runner.errors import Location, LrrError, Problem
 from lowrank_runner.methods.registry import method_specs
 from lowrank_runner.recipe.document import Document, PathT, dotted
 from lowrank_runner.recipe.schema import property_schema, validator_for
@@ -182,11 +182,69 @@ def run_problems(doc: Document) -> list[Problem]:
     out += _backbone_problems(doc, part("backbone", dict))
     out += _quantization_problems(doc, part("backbone", dict), part("method", dict), part("training", dict))
     out += _output_problems(doc, part("output", dict))
+    out += _lr_guidance_problems(doc)
     if isinstance(data.get("search"), dict):  # every value a trial can take, checked like this run's
         from lowrank_runner.search.space import search_problems
 
         out += search_problems(doc)
     return out
+
+
+def _lr_guidance_problems(doc: Document) -> list[Problem]:
+    """Warnings at ``training.learning_rate`` when it is far below what the method needs
+    at the planned steps (guidance.py), where the steps are known without reading data
+    (:func:`_planned_steps`); a run the other checks find broken gets none."""
+    from lowrank_runner.guidance import lr_shortfalls
+
+    method, training, task = (_with_defaults(doc, key) for key in ("method", "training", "task"))
+    if method.get("name") not in method_specs() or not isinstance(task.get("name"), str):
+        return []
+    try:
+        plan = _planned_steps(task, training)
+        messages = lr_shortfalls(method, training, plan) if plan is not None else []
+    except (LrrError, ValueError, TypeError, KeyError, ArithmeticError):  # the schema's checks say what is wrong
+        return []
+    return [problem(doc, ("training", "learning_rate"), f"task {task['name']}: {m}", severity="warning")
+            for m in messages]
+
+
+def _with_defaults(doc: Document, key: str) -> dict:
+    """The recipe's top-level mapping ``key`` with the schema's defaults ({} if not a mapping)."""
+    from lowrank_runner.recipe.schema import fill_defaults, recipe_schema
+
+    value = doc.data.get(key, {})
+    return fill_defaults(value, property_schema(key), recipe_schema()) if isinstance(value, dict) else {}
+
+
+def _planned_steps(task, training: dict):
+    """The step plan (one process) when the training set's size is known without reading
+    data: ``training.max_steps``, or a GLUE task from the hub (its official size, less
+    ``task.max_train_samples`` and ``task.holdout_fraction``); None otherwise, or for a
+    warmup not shorter than training (an error of its own)."""
+    from lowrank_runner.train.schedule import plan_steps
+
+    n_train = _known_train_size(task)
+    if n_train is None and training.get("max_steps"):
+        n_train = training["batch_size"]  # any size: max_steps sets the steps
+    if n_train is None:
+        return None
+    plan = plan_steps(n_train, training)
+    return plan if plan.warmup_steps < plan.total_steps else None
+
+
+def _known_train_size(task: dict) -> int | None:
+    """A hub GLUE task's training examples from the official sizes (as ``lrr inspect``
+    counts them), None for any other task or data source."""
+    spec = TASKS.get(task.get("name"))
+    if spec is None or not spec.implementation.startswith("lowrank_runner.tasks.glue:") or task.get("data_dir"):
+        return None
+    from lowrank_runner.tasks.glue import DEFAULT_DATASET, TRAIN_SIZES
+    from lowrank_runner.tasks.holdout import holdout_sizes
+
+    if (task.get("dataset") or DEFAULT_DATASET) != DEFAULT_DATASET or task["name"] not in TRAIN_SIZES:
+        return None
+    n = min(TRAIN_SIZES[task["name"]], task.get("max_train_samples") or TRAIN_SIZES[task["name"]])
+    return holdout_sizes(n, task["holdout_fraction"])[0] if task.get("holdout_fraction") else n
 
 
 def _tracker_problems(doc: Document, output: dict) -> list[Problem]:

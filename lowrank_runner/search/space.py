@@ -243,7 +243,7 @@ def _value_problems(doc: Document, dim: Dimension, base: set) -> list[Problem]:
         where = at + (index,) if index is not None else at
         trial = _with_value(_without_search(doc), dim.key, value, doc.origins.get(where))
         for p in _problems(trial):
-            if (p.path, p.message) in base:
+            if (p.path, p.message) in base or p.severity != "error":  # a warning (learning-rate guidance) stays one
                 continue
             what = "" if p.path == dim.key or p.path.startswith(_dotted_key(dim.key)) else f" ({p.path})"
             sample = f"{value!r}" if index is not None else f"{value:.6g} (inside the range)"

@@ -361,8 +361,9 @@ class TrainingRun:
 
     def _setup_method(self) -> None:
         """The method's schedule against the planned steps (errors stop the run, warnings
-        are printed), then ``on_train_begin``."""
-        notes = check_method_schedule(self.method, self.plan.total_steps, self.where)
+        are printed, with those for a learning rate far below what the method needs at
+        these steps: guidance.py), then ``on_train_begin``."""
+        notes = check_method_schedule(self.method, self.plan, self.where, self.cfg["method"], self.training)
         if self.main:
             for line in notes:
                 print(f"warning: {line}", file=sys.stderr, flush=True)

@@ -1,5 +1,6 @@
-"""How many optimizer steps a run takes, and the batch each process trains on
-(torch-free; shared by ``lrr inspect``, the training loop and the report).
+"""How many optimizer steps a run takes, the batch each process trains on, and the
+learning rate its steps add up to (:func:`integrated_learning_rate`; torch-free; shared
+by ``lrr inspect``, ``lrr validate``, the training loop and the report).
 
 ``training.batch_size`` is the paper's batch, the examples of one optimizer step over all
 processes together (``training.batch_size_per: effective``, the default): on N processes
@@ -135,3 +136,47 @@ def plan_steps(n_examples: int, training: dict, processes: int = 1) -> StepPlan:
         total = max(1, math.ceil(epochs * steps_per_epoch))
     warmup = training.get("warmup_steps") or math.ceil(training.get("warmup_ratio", 0.0) * total)
     return StepPlan(batches, steps_per_epoch, total, int(warmup), epochs, batch)
+
+
+def lr_factor(step: int, scheduler: str, warmup: int, total: int) -> float:
+    """The multiplier of the peak learning rate at optimizer step ``step`` (0-based), as
+    ``transformers.get_scheduler(scheduler, optimizer, warmup, total)`` sets it (the
+    loop's scheduler): linear warmup from 0, then linear decay to 0 (``linear``) or a
+    half cosine to 0 (``cosine``); ``constant`` is transformers' constant schedule,
+    which takes no warmup."""
+    if scheduler == "constant":
+        return 1.0
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    if scheduler == "linear":
+        return max(0.0, 1.0 - progress)
+    if scheduler == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    raise ValueError(f"training.lr_scheduler: unknown schedule {scheduler!r}")
+
+
+def integrated_learning_rate(plan: StepPlan, training: dict) -> float:
+    """The sum of the learning rate over the planned optimizer steps (what Adam's updates
+    add up to, roughly: each moves a parameter by about the learning rate): the peak
+    ``training.learning_rate`` times the sum of :func:`lr_factor`, in closed form."""
+    total, scheduler = plan.total_steps, training.get("lr_scheduler", "linear")
+    if scheduler == "constant":
+        return training["learning_rate"] * total
+    warmup = min(plan.warmup_steps, total)
+    ramp = warmup * (warmup - 1) / 2 / max(1, plan.warmup_steps)  # sum of k / warmup for k < warmup
+    return training["learning_rate"] * (ramp + _decay_sum(scheduler, total - warmup, max(1, total - plan.warmup_steps)))
+
+
+def _decay_sum(scheduler: str, n: int, span: int) -> float:
+    """The sum of the decay's factors over its first ``n`` steps, ``span`` steps long
+    (:func:`lr_factor` after warmup)."""
+    if n <= 0:
+        return 0.0
+    if scheduler == "linear":  # sum of 1 - i / span, i < n
+        return n - n * (n - 1) / 2 / span
+    if scheduler == "cosine":  # sum of (1 + cos(pi i / span)) / 2, i < n
+        step = math.pi / span
+        cosines = math.sin(n * step / 2) * math.cos((n - 1) * step / 2) / math.sin(step / 2)
+        return (n + cosines) / 2
+    raise ValueError(f"training.lr_scheduler: unknown schedule {scheduler!r}")
