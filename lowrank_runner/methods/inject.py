@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from lowrank_runner.methods.base import Adapter, AdapterMethod, LayerInfo, is_quantized_weight, weight_out_in
+from lowrank_runner.methods.base import (Adapter, AdapterMethod, GroupedAdapter, LayerInfo, is_quantized_weight,
+                                         weight_out_in)
 from lowrank_runner.targets import FUSED_GROUPS, TargetModule
 
 ADAPTER_KEY = "lrr_adapter"
@@ -229,3 +230,64 @@ def _unwrap(model: nn.Module, replacement) -> nn.Module:
     if hasattr(model, SHARED_KEY):
         delattr(model, SHARED_KEY)
     return model
+
+
+def factor_norm_sq(adapter: Adapter, w0: torch.Tensor | None, weight=None) -> float:
+    """``‖ΔW‖²_F`` of one adapter from its LoRA pair (``ΔW = s·B A``):
+    ``s²·tr((BᵀB)(AAᵀ))``, two ``r × r`` Gram matrices, never the ``out × in`` product
+    (computed in float64 so the trace does not lose digits). An adapter without a pair
+    (:meth:`Adapter.lora_factors` raises ``NotImplementedError``) falls back to
+    ``‖delta_weight(w0)‖²`` (``weight()`` gives ``W0`` there when ``w0`` is None)."""
+    try:
+        b, a, scale = adapter.lora_factors(w0)
+    except NotImplementedError:
+        w0 = weight() if w0 is None and weight is not None else w0
+        return float(adapter.delta_weight(w0).double().pow(2).sum())
+    return pair_norm_sq(b, a, scale)
+
+
+def pair_norm_sq(b: torch.Tensor, a: torch.Tensor, scale: float) -> float:
+    """``‖s·B A‖²_F = s²·tr((BᵀB)(AAᵀ))`` for ``B`` (out × r) and ``A`` (r × in), in
+    float64 from the two ``r × r`` Gram matrices (also what bench/quality.py reads of
+    PEFT's LoRA layers)."""
+    b, a = b.detach().double(), a.detach().double()
+    return max(float((b.T @ b * (a @ a.T)).sum()) * float(scale) ** 2, 0.0)
+
+
+def _frozen_w0(layer: AdaptedLayer) -> torch.Tensor:
+    """The module's ``W0`` (out × in), as a merge reads it (a quantized base dequantized);
+    under FSDP the frozen weight is a sharded DTensor: gathered whole (a collective every
+    process takes, as every process logs the same steps)."""
+    w0 = weight_out_in(layer.base_layer, layer.info.fan_in_fan_out).detach()
+    full = getattr(w0, "full_tensor", None)
+    return full() if callable(full) else w0
+
+
+def _group_norm_sq(layer: AdaptedLayer, group: str, leaf: Adapter, w0: torch.Tensor | None) -> float:
+    """:func:`factor_norm_sq` of one q/k/v group's adapter of a fused projection."""
+    rows = layer.info.group_slice(group)
+    return factor_norm_sq(leaf, None if w0 is None else w0[rows], lambda: _frozen_w0(layer)[rows])
+
+
+def update_norms(model: nn.Module) -> dict[str, float] | None:
+    """How far training has moved the adapted modules: ``update_norm`` =
+    ``sqrt(Σ_m ‖ΔW_m‖²_F)`` over every adapted module and ``update_norm_max`` = the
+    largest per-module ``‖ΔW_m‖_F`` (float32 values), from :func:`factor_norm_sq` (``W0``
+    read only for adapters with ``reads_w0``: CondLoRA). None when no module is adapted
+    (full fine-tuning, BitFit). What ``training.log_update_norm`` logs."""
+    per_module = []
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, AdaptedLayer):
+                continue
+            adapter = module.lrr_adapter
+            w0 = _frozen_w0(module) if adapter.reads_w0 else None
+            if isinstance(adapter, GroupedAdapter):  # the groups' rows are disjoint: their squares add
+                sq = sum(_group_norm_sq(module, g, leaf, w0) for g, leaf in adapter.groups.items())
+            else:
+                sq = factor_norm_sq(adapter, w0, lambda m=module: _frozen_w0(m))
+            per_module.append(sq)
+    if not per_module:
+        return None
+    return {"update_norm": float(torch.tensor(sum(per_module)).sqrt().float()),
+            "update_norm_max": float(torch.tensor(max(per_module)).sqrt().float())}

@@ -32,7 +32,7 @@ from lowrank_runner.backbones import load_tokenizer
 from lowrank_runner.errors import TrainingError
 from lowrank_runner.backbones import resolve as resolve_backbone
 from lowrank_runner.inspect import PlanError, check_method_schedule, check_schedule, plan_run, run_batch
-from lowrank_runner.methods.inject import adapter_state_dict, load_adapter_state
+from lowrank_runner.methods.inject import adapter_state_dict, load_adapter_state, update_norms
 from lowrank_runner.modeling import AdaptedModel, build_adapted_model
 from lowrank_runner.recipe.load import Recipe, RunSpec, at_recipe_lines
 from lowrank_runner.report.build import build_run_report
@@ -545,7 +545,8 @@ class TrainingRun:
 
     def log_step(self, out: StepOutput) -> None:
         """The mean loss since the last log line (over all processes), the learning rate
-        and the method's values: a ``metrics.jsonl`` line and the progress bar."""
+        and the method's values (with ``training.log_update_norm``, ``update_norm`` and
+        ``update_norm_max``): a ``metrics.jsonl`` line and the progress bar."""
         s = self.state
         mean_loss = self.accelerator.reduce(s.window_loss / max(s.window_n, 1), reduction="mean").item()
         if not math.isfinite(mean_loss):  # every process sees the same reduced value: all stop
@@ -560,6 +561,8 @@ class TrainingRun:
                   **out.method_logs}
         if out.extra_loss is not None:
             record["extra_loss"] = float(out.extra_loss.detach())
+        if self.training["log_update_norm"]:  # ‖ΔW‖ from the adapters' factors (methods/inject.py)
+            record.update(update_norms(self.model) or {})
         if self.log:
             self.log.write(record)
         self.tracking.log_step(record)
