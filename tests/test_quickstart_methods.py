@@ -1,7 +1,8 @@
 """Every built-in method trains on the shipped quickstart (real MiniLM-L6, real sentences)
 when switched with --set method.name=...; LoRA itself runs the full recipe in
-test_quickstart.py. Three epochs instead of four keep the suite short; CPU runs are
-deterministic, so the thresholds do not flake."""
+test_quickstart.py. Two epochs (100 steps) at the recipe's learning rate, each method at its
+documented start (docs/methods.md, "On the quickstart"): what issue 16 asks, that every
+method learns at a short budget. CPU runs are deterministic, so the thresholds do not flake."""
 
 import json
 import os
@@ -18,8 +19,8 @@ REPO = Path(__file__).resolve().parent.parent
 # The per-method settings documented in docs/methods.md ("On the quickstart").
 METHODS = {
     "mtlora": [],
-    "lora2": ["training.learning_rate=1e-2"],  # λ starts at 0 with small factors: AdaLoRA-like step sizes
-    "triadaptlora": ["method.r=1", "method.r_ref=8", "method.grow_by=1", "method.t_init=10",
+    "lora2": ["method.init=orthonormal"],  # the paper's Gaussian start needs ~5x the lr here (docs/methods.md)
+    "triadaptlora": ["method.init=fan_in", "method.r=1", "method.r_ref=8", "method.grow_by=1", "method.t_init=10",
                      "method.grow_interval=10"],  # adaptive growth from rank 1 to 8 x 36 modules
     "condlora": [],
 }
@@ -28,7 +29,7 @@ METHODS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_method_trains_on_the_quickstart(method, tmp_path):
-    sets = [f"method.name={method}", "training.epochs=3", *METHODS[method]]
+    sets = [f"method.name={method}", "training.epochs=2", *METHODS[method]]
     cmd = [sys.executable, "-m", "lowrank_runner", "run", "recipes/quickstart.yaml", "--output", str(tmp_path / "run")]
     for s in sets:
         cmd += ["--set", s]

@@ -11,9 +11,9 @@ Initialisation (§3.1, ``init: gaussian``, the default): ``λ = 0`` (so ΔW = 0)
 ``u, v, U, V ~ N(0, σ²)``, ``σ = 0.02`` (authors' code). ``init: orthonormal`` (ours,
 docs/methods.md "LoRA2's start"): λ = 0 and u, v, U, V semi-orthogonal, the minimum of
 every term of eq. 5 (all exactly 0 at k = r), and λ enters as ``γ λ`` with
-``γ = √(out/3)`` (``lambda_scale``), so Adam's first step (λ_i ← ±lr) moves the update
-by ``‖ΔW₁‖_F = s·γ·lr·√r``, LoRA's ``s·lr·√(out·r/3)`` at the same r and α (LoRA's
-A is Kaiming-uniform, entries of variance 1/(3·in)). Parameters per module:
+``γ = √(out/3)·r/min(k, r)`` (``lambda_scale``), so Adam's first step (λ_i ← ±lr) moves
+the update by LoRA's ``s·lr·√(out·r/3)`` at the same r and α (LoRA's A is
+Kaiming-uniform, entries of variance 1/(3·in)): exactly for k ≥ r, in expectation below. Parameters per module:
 ``(in + out)·k + 2·r·k + r`` (λ counted), which reproduces LoRA2's Table 4 at ``k = 1, r = 8``.
 
 Orthogonality regularisers (eq. 5), each switchable for the Table 3 ablation, squared
@@ -66,7 +66,8 @@ class LoRA2Adapter(Adapter):
         self.lora2_U = factor((r, k), init_std, device)
         self.lora2_V = factor((k, layer.out_features), init_std, device)
         # γ: λ enters as γ λ (a fixed reparameterisation, part of the recipe, never saved)
-        self.lambda_scale = lambda_scale or (math.sqrt(layer.out_features / 3) if init == "orthonormal" else 1.0)
+        self.lambda_scale = lambda_scale or (orthonormal_lambda_scale(layer.out_features, r, k) if init == "orthonormal"
+                                             else 1.0)
         # Which singular values are active (pruning); saved with the adapter.
         self.register_buffer("rank_mask", torch.ones(r, device=device, dtype=torch.float32))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -125,6 +126,14 @@ class LoRA2Adapter(Adapter):
         if "uv" in terms:
             total = total + gram_penalty(u.T @ u) + gram_penalty(vtv)
         return total
+
+
+def orthonormal_lambda_scale(out_features: int, r: int, k: int) -> float:
+    """γ that makes the first Adam step of an orthonormal start (λ_i ← ±lr) move ΔW as far
+    as LoRA's, ``s·lr·√(out·r/3)``: with semi-orthogonal factors ``‖P diag(±1) Q‖_F`` is
+    ``√r`` for ``k ≥ r`` and ``k/√r`` in expectation for ``k < r`` (docs/methods.md), so
+    ``γ = √(out/3) · r / min(k, r)``."""
+    return math.sqrt(out_features / 3) * r / min(k, r)
 
 
 class Sensitivity:
