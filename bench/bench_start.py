@@ -32,7 +32,6 @@ environment. Not a test: numbers go to docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -163,10 +162,7 @@ def main(argv=None) -> int:
               "targets": quality.TARGETS, "configs": {c.name: vars(c) for c in built},
               "methods": {c.name: (quality.method_config(c, args) if not c.is_peft else "peft.LoraConfig") for c in built},
               "machine": platform.node(), "environment": quality.environment(), "tables": lines, "rows": rows}
-    (Path(args.out) / "start.json").write_text(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return 1 if any("error" in r for r in rows) else 0
+    return quality.write_result(result, Path(args.out) / "start.json", args.json)
 
 
 if __name__ == "__main__":

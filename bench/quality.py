@@ -591,10 +591,16 @@ def _main(args, argv) -> int:
               "configs": {c.name: vars(c) for c in configs},
               "steps": steps, "machine": platform.node(), "environment": environment(), "rows": rows,
               **({"best_per_config": best_per_config(rows)} if any(r.get("point") for r in rows) else {})}
-    (Path(args.out) / "quality.json").write_text(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return 1 if any("error" in r for r in rows) else 0
+    return write_result(result, Path(args.out) / "quality.json", args.json)
+
+
+def write_result(result: dict, path: Path, also: str | None) -> int:
+    """Write a benchmark's JSON to ``path`` (and ``also``, ``--json``); exit status 1 when
+    a row failed. Shared with bench/bench_start.py."""
+    path.write_text(json.dumps(result, indent=2))
+    if also:
+        Path(also).write_text(json.dumps(result, indent=2))
+    return 1 if any("error" in r for r in result["rows"]) else 0
 
 
 if __name__ == "__main__":

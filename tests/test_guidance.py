@@ -3,19 +3,17 @@ schedule, the methods' ``x-lr-guidance`` rules, and the warnings of ``lrr inspec
 ``lrr validate`` and ``lrr run`` (no model is trained)."""
 
 import json
-import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from typer.testing import CliRunner
 
-from lowrank_runner.cli import app
 from lowrank_runner.guidance import LR_KEY, RULES_SCHEMA, guidance_rules, lr_guidance
 from lowrank_runner.methods.registry import MethodSpec, method_specs
 from lowrank_runner.recipe.schema import fill_defaults, property_schema, recipe_schema
 from lowrank_runner.train.schedule import integrated_learning_rate, plan_steps
+from tests.test_paper_recipes import invoke
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"  # 800 examples, batch 16, 4 epochs: 200 steps, warmup 20
@@ -28,13 +26,7 @@ def training(**values) -> dict:
     return fill_defaults(values, property_schema("training"), recipe_schema())
 
 
-def cli(*args):
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
-        return CliRunner().invoke(app, list(args))
-    finally:
-        os.chdir(cwd)
+cli = invoke  # the CLI run from the repository root (tests/test_paper_recipes.py)
 
 
 # ------------------------------------------------------------ the integrated learning rate
