@@ -238,12 +238,12 @@ def _known_train_size(task: dict) -> int | None:
     spec = TASKS.get(task.get("name"))
     if spec is None or not spec.implementation.startswith("lowrank_runner.tasks.glue:") or task.get("data_dir"):
         return None
-    from lowrank_runner.tasks.glue import DEFAULT_DATASET, TRAIN_SIZES
+    from lowrank_runner.tasks.glue import DEFAULT_DATASET, TRAIN_SIZES, hub_train_size
     from lowrank_runner.tasks.holdout import holdout_sizes
 
     if (task.get("dataset") or DEFAULT_DATASET) != DEFAULT_DATASET or task["name"] not in TRAIN_SIZES:
         return None
-    n = min(TRAIN_SIZES[task["name"]], task.get("max_train_samples") or TRAIN_SIZES[task["name"]])
+    n = hub_train_size(task["name"], task.get("max_train_samples"))
     return holdout_sizes(n, task["holdout_fraction"])[0] if task.get("holdout_fraction") else n
 
 

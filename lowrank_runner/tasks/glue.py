@@ -74,6 +74,14 @@ SPECS = {
 # plan steps without downloading anything.
 TRAIN_SIZES = {"cola": 8_551, "sst2": 67_349, "mrpc": 3_668, "qqp": 363_846, "stsb": 5_749, "mnli": 392_702,
                "qnli": 104_743, "rte": 2_490}
+
+
+def hub_train_size(name: str, limit: int | None) -> int:
+    """The training examples of hub GLUE task ``name`` (its official size), capped at
+    ``task.max_train_samples``; no download (``lrr inspect``, ``lrr validate``)."""
+    return min(TRAIN_SIZES[name], limit or TRAIN_SIZES[name])
+
+
 DEFAULT_DATASET = "nyu-mll/glue"
 HUB_SPLITS = {"mnli": {"validation": "validation_matched", "validation_mismatched": "validation_mismatched"}}
 
@@ -188,8 +196,7 @@ class Glue(Task):
         """Rows of the local files; from the hub, the official size (no download)."""
         if self.config.get("data_dir") or self.dataset != DEFAULT_DATASET:
             return len(self.raw["train"])
-        limit = self.config.get("max_train_samples")
-        return min(TRAIN_SIZES[self.spec.name], limit or TRAIN_SIZES[self.spec.name])
+        return hub_train_size(self.spec.name, self.config.get("max_train_samples"))
 
     def eval_splits(self) -> dict[str, str]:
         return {"validation": "", **{s: "_mm" for s in self.glue.eval_files if s != "validation"}}

@@ -138,28 +138,12 @@ def plan_steps(n_examples: int, training: dict, processes: int = 1) -> StepPlan:
     return StepPlan(batches, steps_per_epoch, total, int(warmup), epochs, batch)
 
 
-def lr_factor(step: int, scheduler: str, warmup: int, total: int) -> float:
-    """The multiplier of the peak learning rate at optimizer step ``step`` (0-based), as
-    ``transformers.get_scheduler(scheduler, optimizer, warmup, total)`` sets it (the
-    loop's scheduler): linear warmup from 0, then linear decay to 0 (``linear``) or a
-    half cosine to 0 (``cosine``); ``constant`` is transformers' constant schedule,
-    which takes no warmup."""
-    if scheduler == "constant":
-        return 1.0
-    if step < warmup:
-        return step / max(1, warmup)
-    progress = (step - warmup) / max(1, total - warmup)
-    if scheduler == "linear":
-        return max(0.0, 1.0 - progress)
-    if scheduler == "cosine":
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-    raise ValueError(f"training.lr_scheduler: unknown schedule {scheduler!r}")
-
-
 def integrated_learning_rate(plan: StepPlan, training: dict) -> float:
     """The sum of the learning rate over the planned optimizer steps (what Adam's updates
-    add up to, roughly: each moves a parameter by about the learning rate): the peak
-    ``training.learning_rate`` times the sum of :func:`lr_factor`, in closed form."""
+    add up to, roughly: each moves a parameter by about the learning rate), in closed
+    form. The schedule is ``transformers.get_scheduler``'s (the loop's): linear warmup
+    from 0, then a linear decay (``linear``) or a half cosine (``cosine``) to 0;
+    ``constant`` is transformers' constant schedule, which takes no warmup."""
     total, scheduler = plan.total_steps, training.get("lr_scheduler", "linear")
     if scheduler == "constant":
         return training["learning_rate"] * total
@@ -169,8 +153,7 @@ def integrated_learning_rate(plan: StepPlan, training: dict) -> float:
 
 
 def _decay_sum(scheduler: str, n: int, span: int) -> float:
-    """The sum of the decay's factors over its first ``n`` steps, ``span`` steps long
-    (:func:`lr_factor` after warmup)."""
+    """The sum of the decay's factors over its first ``n`` steps, ``span`` steps long."""
     if n <= 0:
         return 0.0
     if scheduler == "linear":  # sum of 1 - i / span, i < n
