@@ -29,7 +29,7 @@ import time
 import torch
 import transformers
 
-from lowrank_runner.backbones import head_parameter_names
+from lowrank_runner.methods.inject import head_parameter_names
 from lowrank_runner.methods.inject import inject, mark_trainable
 from lowrank_runner.methods.registry import get_method_spec
 from lowrank_runner.modeling import build_method

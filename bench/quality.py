@@ -242,7 +242,7 @@ def planned_steps(args, tasks: list[str], config: Config | None = None) -> dict[
     """Optimizer steps per task for a configuration's training settings (no sweep)."""
     from lowrank_runner.recipe.load import load_recipe
     from lowrank_runner.tasks.base import build_task
-    from lowrank_runner.train.schedule import plan_steps
+    from lowrank_runner.plan.schedule import plan_steps
 
     plain = Config("plan", "lora", training=config.training if config else {},
                    tasks={t: {"training": v["training"]} for t, v in (config.tasks if config else {}).items()
@@ -354,9 +354,11 @@ def peft_setup(run):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from lowrank_runner.backbones import head_parameter_names, load_tokenizer, resolve
+    from lowrank_runner.backbones import load_tokenizer, resolve
+    from lowrank_runner.methods.inject import head_parameter_names
     from lowrank_runner.modeling import find_targets, load_plain_model
-    from lowrank_runner.train.loop import has_accelerator_device, prepared_data, resolve_mixed_precision
+    from lowrank_runner.train.data import prepared_data
+    from lowrank_runner.train.devices import has_accelerator_device, resolve_mixed_precision
 
     cfg = run.config
     mixed = resolve_mixed_precision(cfg["training"]["mixed_precision"])
@@ -380,8 +382,9 @@ def peft_one(run) -> dict:
     import torch
     from transformers import get_scheduler
 
-    from lowrank_runner.train.loop import build_dataloaders, build_optimizer
-    from lowrank_runner.train.schedule import plan_steps
+    from lowrank_runner.train.data import build_dataloaders
+    from lowrank_runner.train.optim import build_optimizer
+    from lowrank_runner.plan.schedule import plan_steps
 
     training, started = run.config["training"], time.time()
     accelerator, mixed, tokenizer, task, tokenized, model = peft_setup(run)
@@ -440,7 +443,7 @@ def peft_train(model, optimizer, scheduler, train_dl, eval_dls, task, accelerato
 
 
 def environment() -> dict:
-    from lowrank_runner.report import environment as env
+    from lowrank_runner.train import environment as env
 
     info = env()
     info["torch_threads"] = __import__("torch").get_num_threads()

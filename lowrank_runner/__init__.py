@@ -1,7 +1,8 @@
 """lowrank-runner: a declarative YAML recipe runner for low-rank adaptation."""
 
-__version__ = "0.1.0"
-__all__ = ["load_adapted"]
+from lowrank_runner.version import __version__
+
+__all__ = ["__version__", "load_adapted"]
 
 
 def __getattr__(name):

@@ -57,7 +57,7 @@ class PlainHelpGroup(_PlainTypes, typer.core.TyperGroup):
 
 def _version(value: bool) -> None:
     if value:
-        from lowrank_runner import __version__
+        from lowrank_runner.version import __version__
 
         print(f"lowrank-runner {__version__}")
         raise typer.Exit(0)
@@ -213,20 +213,16 @@ def validate(
 ):
     """Check recipes against the schema and the methods' parameters; report every problem at once,
     and for each valid recipe the files and places it reads and where its runs are written."""
-    from lowrank_runner.recipe.load import check_recipe_file
-    from lowrank_runner.recipe.paths import describe, recipe_file_io
-    from lowrank_runner.search.space import file_search, search_lines
+    from lowrank_runner.commands.validate import validate_file
+    from lowrank_runner.recipe.paths import describe
+    from lowrank_runner.recipe.search import search_lines
 
     overrides = _with_sweeps(overrides, sweeps)
     files = expand_recipe_paths(paths or ["recipes"])
     results = []
     for path in files:
-        problems = check_recipe_file(path, overrides or ())
-        valid = not any(p.severity == "error" for p in problems)
-        io = recipe_file_io(path, overrides or ()) if valid else None
-        if io is not None and (search := file_search(path, overrides or ())):
-            io["search"] = search  # its space, trials and sampler
-        results.append((path, problems, io))
+        checked = validate_file(path, overrides or ())
+        results.append((path, checked.problems, checked.io))
     errors = sum(1 for _, _, io in results if io is None)
     if as_json:
         print(json.dumps({
@@ -263,7 +259,7 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Machine-readable
             for s in specs.values()
         ], indent=2))
     else:
-        from lowrank_runner.render import print_methods
+        from lowrank_runner.commands.render import print_methods
 
         print_methods(specs)
     for line in registry_problems():
@@ -300,7 +296,8 @@ def report(
     from rich.console import Console
 
     from lowrank_runner.errors import LrrError
-    from lowrank_runner.report.compare import compare, expand, not_completed
+    from lowrank_runner.report.compare import compare, expand
+    from lowrank_runner.rundir.reports import not_completed
     from lowrank_runner.report.terminal import show_comparison, show_run
 
     if table:
@@ -311,7 +308,7 @@ def report(
     for line in (w for run in runs for w in run.warnings):
         _err(f"warning: {line}")
     if render:
-        from lowrank_runner.report.write import render_runs
+        from lowrank_runner.rundir.write import render_runs
 
         for line in render_runs(runs):
             _err(line)
@@ -353,20 +350,20 @@ def inspect(
     processes: Optional[int] = typer.Option(None, "--processes", min=1, metavar="N", help="Training processes to plan the per-device batch, accumulation and steps for (default: WORLD_SIZE, as `accelerate launch` sets it, else 1)."),
 ):
     """Resolve a recipe without loading weights: modules matched, parameter counts, planned steps (per sweep point)."""
-    from lowrank_runner.inspect import inspect_recipe
+    from lowrank_runner.commands.inspect import inspect_recipe
     from lowrank_runner.recipe.load import load_recipe
 
     rec = load_recipe(_existing(recipe), _with_sweeps(overrides, sweeps))
     if processes is None:
-        from lowrank_runner.train.run_dirs import world_size
+        from lowrank_runner.train.devices import world_size
 
         processes = world_size()  # under `accelerate launch` / torchrun: the processes a run would have
     result = inspect_recipe(rec, processes=processes)
     if as_json:
         print(json.dumps(result, indent=2))
     else:
-        from lowrank_runner.render import print_inspection
-        from lowrank_runner.search.space import search_lines
+        from lowrank_runner.commands.render import print_inspection
+        from lowrank_runner.recipe.search import search_lines
 
         print_inspection(result)
         for line in search_lines(result.get("search")):

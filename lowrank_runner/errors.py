@@ -7,7 +7,11 @@ non-zero. Anything else is a bug in lowrank-runner and keeps its traceback.
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, field
+
+_SAID: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -105,3 +109,13 @@ class RecipeKeyError(LrrError):
     def __init__(self, message: str, key: str):
         super().__init__(message)
         self.key = key
+
+
+def warn(message: str, once: bool = False) -> None:
+    """``warning: MESSAGE`` on standard error, from the main process only (rank 0 of an
+    ``accelerate launch``); ``once``: a message already said in this process is not
+    said again. What lrr goes on after but the user should know."""
+    if os.environ.get("RANK", "0") != "0" or (once and message in _SAID):
+        return
+    _SAID.add(message)
+    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lowrank_runner import backbones
-from lowrank_runner.errors import LrrError, RecipeKeyError
-from lowrank_runner.methods.inject import (Injection, count_adapter_params, inject, is_adaptable, is_adapter_param, layer_sizes,
-                                           mark_trainable)
+from lowrank_runner.errors import LrrError, RecipeKeyError, warn
+from lowrank_runner.methods.inject import (Injection, count_adapter_params, head_parameter_names, inject, is_adaptable,
+                                           is_adapter_param, layer_sizes, mark_trainable)
 from lowrank_runner.methods.registry import get_method_spec
 from lowrank_runner.targets import TargetError, TargetModule, resolve_targets
 
@@ -161,20 +161,7 @@ def check_positions(model, config, task_cfg: dict, ref: backbones.BackboneRef) -
     elif declared and needed > declared[1]:
         warn(f"{what} needs {needed} token positions, beyond the {declared[1]} backbone '{ref.name}' was pretrained "
              f"with ({declared[0]} in {where}); it has no absolute position table (relative or rotary positions), so "
-             "longer inputs run, but the model never saw them in pretraining")
-
-
-def warn(message: str) -> None:
-    """A warning on stderr, once per message, from the main process only."""
-    import os
-    import sys
-
-    if os.environ.get("RANK", "0") == "0" and message not in _WARNED:
-        _WARNED.add(message)
-        print(f"warning: {message}", file=sys.stderr)
-
-
-_WARNED: set[str] = set()
+             "longer inputs run, but the model never saw them in pretraining", once=True)
 
 
 def build_adapted_model(
@@ -212,13 +199,13 @@ def build_adapted_model(
         injection = inject(model, method, targets)
     except ValueError as exc:  # e.g. BitFit on a backbone without biases
         raise MethodConfigError(f"method: {exc}", "method") from None
-    head = backbones.head_parameter_names(model) if run_config["training"]["train_head"] else []
+    head = head_parameter_names(model) if run_config["training"]["train_head"] else []
     check_mismatched(ref, mismatched, head)
     untrained = [n for n in sorted(set(missing) | set(mismatched)) if n not in head]
     if untrained:
         fix = (
             "keep training.train_head: true so the new task head is trained"
-            if set(untrained) <= set(backbones.head_parameter_names(model))
+            if set(untrained) <= set(head_parameter_names(model))
             else "use a complete checkpoint"
         )
         raise BackboneWeightsError(
@@ -249,7 +236,7 @@ def load_plain_model(run_config: dict, model_class, head_config: dict):
     config = backbones.load_config(ref, **head_config)
     model, info = backbones.load_model(model_class, ref, config, run_config["backbone"]["dtype"],
                                        run_config["backbone"].get("quantization"))
-    check_mismatched(ref, {n: (c, m) for n, c, m in info.get("mismatched_keys", [])}, backbones.head_parameter_names(model))
+    check_mismatched(ref, {n: (c, m) for n, c, m in info.get("mismatched_keys", [])}, head_parameter_names(model))
     if getattr(config, "pad_token_id", None) is None and getattr(config, "eos_token_id", None) is not None:
         model.config.pad_token_id = config.eos_token_id
     return model

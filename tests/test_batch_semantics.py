@@ -1,5 +1,5 @@
 """training.batch_size is the paper's (effective) batch on any number of processes: the
-derivation of the per-device batch and accumulation (train/schedule.py), its errors at
+derivation of the per-device batch and accumulation (plan/schedule.py), its errors at
 the recipe line, `lrr inspect`, and a real 2-process run against a 1-process one."""
 
 import json
@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lowrank_runner.cli import app
-from lowrank_runner.train.schedule import BatchSizeError, batch_plan, plan_steps
+from lowrank_runner.plan.schedule import BatchSizeError, batch_plan, plan_steps
 from tests.conftest import save_tiny_backbone, tiny_recipe_text
 
 BASE = {"batch_size": 32, "gradient_accumulation_steps": 1, "batch_size_per": "effective",

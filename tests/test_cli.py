@@ -57,12 +57,12 @@ def test_shell_completion_is_offered_and_completes_recipe_keys():
 
 
 def test_a_bug_is_one_line_and_a_traceback_file(monkeypatch, tmp_path):
-    import lowrank_runner.recipe.load as load
+    import lowrank_runner.commands.validate as command
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("boom")
 
-    monkeypatch.setattr(load, "check_recipe_file", broken)
+    monkeypatch.setattr(command, "validate_file", broken)
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     import tempfile
 
@@ -118,12 +118,12 @@ def test_a_closed_pipe_is_not_an_error(tmp_path):
 def test_a_full_disk_is_said_plainly(monkeypatch, tmp_path):
     import errno
 
-    import lowrank_runner.recipe.load as load
+    import lowrank_runner.commands.validate as command
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "state.json"))
 
-    monkeypatch.setattr(load, "check_recipe_file", full)
+    monkeypatch.setattr(command, "validate_file", full)
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: x\n")
     res = invoke("validate", str(recipe))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-from lowrank_runner.backbones import head_parameter_names
+from lowrank_runner.methods.inject import head_parameter_names
 from lowrank_runner.methods.inject import adapter_state_dict, inject, mark_trainable, merge_adapters
 from lowrank_runner.methods.registry import method_specs
 from lowrank_runner.modeling import build_method, uses_targets

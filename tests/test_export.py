@@ -21,7 +21,9 @@ from typer.testing import CliRunner
 from lowrank_runner.cli import app
 from lowrank_runner.export.probe import compare_outputs, model_outputs, probe_batch
 from lowrank_runner.export.source import head_config_of, load_trained_model
-from lowrank_runner.train import artifacts as art
+from lowrank_runner.rundir.adapter import save_adapter
+from lowrank_runner.rundir.files import write_recipe
+from lowrank_runner.rundir.layout import ADAPTER_CONFIG, ADAPTER_DIR, RECIPE_FILE
 from tests.conftest import save_tiny_backbone
 
 pytestmark = pytest.mark.slow
@@ -155,13 +157,13 @@ def hand_made_run(src_run: Path, dst: Path, model_class: str, targets=None, meth
     from lowrank_runner.methods.inject import adapter_state_dict, is_adapter_param
     from lowrank_runner.modeling import build_adapted_model
 
-    config = yaml.safe_load((src_run / art.RECIPE_FILE).read_text())
+    config = yaml.safe_load((src_run / RECIPE_FILE).read_text())
     if targets is not None:
         config["targets"] = targets
     if method is not None:  # another method replaces the parameters; the same one updates them
         same = method.get("name", config["method"]["name"]) == config["method"]["name"]
         config["method"] = {**config["method"], **method} if same else method
-    adapter_cfg = json.loads((src_run / art.ADAPTER_DIR / art.ADAPTER_CONFIG).read_text())
+    adapter_cfg = json.loads((src_run / ADAPTER_DIR / ADAPTER_CONFIG).read_text())
     same_head = model_class == adapter_cfg["task"]["model_class"]
     task = adapter_cfg["task"] if same_head else {"name": "handmade", "model_class": model_class}
     adapted = build_adapted_model(config, getattr(transformers, model_class), head_config_of({"task": task}), weights=True)
@@ -178,9 +180,9 @@ def hand_made_run(src_run: Path, dst: Path, model_class: str, targets=None, meth
         modules=[{"path": t.path, "symbols": list(t.symbols), "groups": list(t.groups) if t.groups else None} for t in adapted.targets],
     )
     state = model.state_dict()
-    art.save_adapter(dst / art.ADAPTER_DIR, adapter_state_dict(model, compact=True),
+    save_adapter(dst / ADAPTER_DIR, adapter_state_dict(model, compact=True),
                      {n: state[n] for n in adapted.head_names}, adapter_cfg)
-    art.write_recipe(dst / art.RECIPE_FILE, config, "hand", "hand", "test")
+    write_recipe(dst / RECIPE_FILE, config, "hand", "hand", "test")
     return dst
 
 

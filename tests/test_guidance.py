@@ -1,4 +1,4 @@
-"""Learning-rate guidance (guidance.py): the integrated learning rate of a planned
+"""Learning-rate guidance (plan/guidance.py): the integrated learning rate of a planned
 schedule, the methods' ``x-lr-guidance`` rules, and the warnings of ``lrr inspect``,
 ``lrr validate`` and ``lrr run`` (no model is trained)."""
 
@@ -9,10 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from lowrank_runner.guidance import LR_KEY, RULES_SCHEMA, guidance_rules, lr_guidance
+from lowrank_runner.plan.guidance import LR_KEY, RULES_SCHEMA, guidance_rules, lr_guidance
 from lowrank_runner.methods.registry import MethodSpec, method_specs
 from lowrank_runner.recipe.schema import fill_defaults, property_schema, recipe_schema
-from lowrank_runner.train.schedule import integrated_learning_rate, plan_steps
+from lowrank_runner.plan.schedule import integrated_learning_rate, plan_steps
 from tests.test_paper_recipes import invoke
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,7 +48,7 @@ def test_integrated_lr_is_the_sum_of_the_loops_scheduler(scheduler, examples, se
     import torch
     from transformers import get_scheduler
 
-    from lowrank_runner.train.loop import build_optimizer
+    from lowrank_runner.train.optim import build_optimizer
 
     t = training(learning_rate=3e-3, lr_scheduler=scheduler, **settings)
     plan = plan_steps(examples, t)
@@ -90,7 +90,7 @@ def fake_method(monkeypatch, rules):
     """Method ``lora``, its schema's x-lr-guidance replaced by ``rules``."""
     spec = method_specs()["lora"]
     fake = MethodSpec(spec.name, {**spec.schema, "x-lr-guidance": rules}, spec.implementation)
-    monkeypatch.setattr("lowrank_runner.guidance.get_method_spec", lambda name: fake)
+    monkeypatch.setattr("lowrank_runner.plan.guidance.get_method_spec", lambda name: fake)
 
 
 def test_a_rule_applies_only_when_its_parameters_match(monkeypatch):
@@ -120,7 +120,7 @@ def test_a_malformed_rule_is_named(monkeypatch):
     fake_method(monkeypatch, [{"min_integrated_lr": "high", "evidence": "e", "fix": "f"}])
     with pytest.raises(ValueError, match=r"method 'lora': x-lr-guidance\[0\]\.min_integrated_lr: 'high' is not of type"):
         guidance_rules("lora")
-    from lowrank_runner.inspect import check_method_schedule  # inspect and run: a warning, the run goes on
+    from lowrank_runner.plan.checks import check_method_schedule  # inspect and run: a warning, the run goes on
 
     method = SimpleNamespace(schedule_problems=lambda steps: [])
     t = training()
@@ -184,7 +184,10 @@ def test_validate_warns_when_max_steps_plans_the_steps(tmp_path):
 def test_validate_plans_hub_glue_from_the_official_sizes():
     """A hub GLUE task's steps come from its official size (task.max_train_samples
     applies): RTE's 2,490 examples at batch 32 for one epoch are 78 steps."""
-    from lowrank_runner.recipe.load import check_recipe_file
+    from lowrank_runner.commands.validate import validate_file
+
+    def check_recipe_file(path, overrides):  # what lrr validate says of it
+        return validate_file(path, overrides).problems
 
     sets = [LORA2, "tasks={rte: {}}", "training.epochs=1", "training.batch_size=32", "training.learning_rate=2e-3"]
     [warning] = [str(p) for p in check_recipe_file(QUICKSTART, [*sets, "~task.data", "~task.labels"])
@@ -219,6 +222,6 @@ def test_run_prints_the_guidance_at_its_start(capsys):
 def test_guidance_stays_torch_free():
     import subprocess
 
-    code = "import sys, lowrank_runner.guidance, lowrank_runner.recipe.validate; print('torch' in sys.modules)"
+    code = "import sys, lowrank_runner.plan.guidance, lowrank_runner.recipe.validate; print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert proc.stdout.strip() == "False", proc.stderr

@@ -98,7 +98,7 @@ def test_pruning_in_a_real_run_ends_at_the_target_and_ships_no_dead_capacity(tmp
 
 
 def test_rank_grid_is_layers_by_symbols():
-    from lowrank_runner.plots import rank_grid
+    from lowrank_runner.rundir.plots import rank_grid
 
     pattern = {"bert.encoder.layer.0.attention.self.query": 2, "bert.encoder.layer.1.attention.self.query": 0,
                "bert.encoder.layer.1.output.dense": 3, "transformer.h.0.attn.c_attn[v]": 1}

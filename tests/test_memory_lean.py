@@ -16,7 +16,7 @@ import transformers
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from lowrank_runner.backbones import head_parameter_names
+from lowrank_runner.methods.inject import head_parameter_names
 from lowrank_runner.cli import app
 from lowrank_runner.methods.inject import inject, is_adapter_param, mark_trainable
 from lowrank_runner.methods.registry import method_specs
@@ -24,7 +24,7 @@ from lowrank_runner.modeling import build_adapted_model, build_method, uses_targ
 from lowrank_runner.recipe.load import load_recipe
 from lowrank_runner.targets import resolve_targets
 from lowrank_runner.tasks.base import build_task
-from lowrank_runner.train.loop import build_optimizer
+from lowrank_runner.train.optim import build_optimizer
 from lowrank_runner.train.memory import CheckpointingError, enable_gradient_checkpointing, keep_trainable_in
 from tests.conftest import save_tiny_backbone, tiny_config, token_batch
 from tests.test_conformance import SETTINGS, TARGETS, perturb

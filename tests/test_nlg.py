@@ -189,7 +189,7 @@ def test_identical_outputs_score_1():
 def test_lm_head_is_not_a_trainable_head():
     import transformers
 
-    from lowrank_runner.backbones import head_parameter_names
+    from lowrank_runner.methods.inject import head_parameter_names
 
     tied = transformers.GPT2LMHeadModel(tiny_config("gpt2"))
     untied = transformers.GPT2LMHeadModel(tiny_config("gpt2", tie_word_embeddings=False))

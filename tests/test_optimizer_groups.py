@@ -9,7 +9,7 @@ from lowrank_runner.methods.inject import inject, mark_trainable
 from lowrank_runner.methods.registry import get_method_spec
 from lowrank_runner.modeling import build_method
 from lowrank_runner.targets import resolve_targets
-from lowrank_runner.train.loop import build_optimizer, weight_decay_groups
+from lowrank_runner.train.optim import build_optimizer, weight_decay_groups
 from tests.conftest import tiny_classifier
 
 TRAINING = {"learning_rate": 1e-3, "adam_betas": [0.9, 0.999], "adam_epsilon": 1e-8, "weight_decay": 0.1}

@@ -191,7 +191,7 @@ def four_gpus(monkeypatch):
 
 
 def test_devices_are_divided_into_groups_of_gpus_per_run(four_gpus, recipe, tmp_path):
-    from lowrank_runner.train import runner
+    from lowrank_runner.train.invocation import Invocation
     from lowrank_runner.train.parallel.driver import child_job
 
     plan, Options = four_gpus.plan_slots, four_gpus.ParallelOptions
@@ -207,8 +207,8 @@ def test_devices_are_divided_into_groups_of_gpus_per_run(four_gpus, recipe, tmp_
     with pytest.raises(four_gpus.UsageError, match="no CUDA device 7; the visible devices are 0,1,2,3"):
         plan(Options(parallel=2, devices="0,7"))
     rec = load_recipe(recipe, ())
-    batch = runner._Batch(rec, tmp_path, [], {}, None, {r.index: tmp_path / r.slug for r in rec.runs}, "")
-    job = child_job(batch, rec.runs[0], slots, ("2", "3"), Options(parallel=2, gpus_per_run=2))
+    inv = Invocation(rec, tmp_path, [], {}, None, {r.index: tmp_path / r.slug for r in rec.runs}, "")
+    job = child_job(inv, rec.runs[0], slots, ("2", "3"), Options(parallel=2, gpus_per_run=2))
     launch = job.argv[job.argv.index("accelerate.commands.launch"):]
     assert launch[1:3] == ["--num_processes", "2"] and "--multi_gpu" in launch
     assert job.argv[-2:] == ["--only-run", rec.runs[0].slug] and job.gpus == 2

@@ -255,19 +255,19 @@ def test_a_bfloat16_run_is_checked_in_float32_at_the_default_tolerance(seed_runs
 
     from lowrank_runner.export import peft as peft_export
     from lowrank_runner.export.peft import Pair
-    from lowrank_runner.train import artifacts as art
+    from lowrank_runner.rundir.layout import ADAPTER_DIR, RECIPE_FILE
 
     seed = tmp_path / "bf16-seed"
-    shutil.copytree(seed_runs["bert"] / art.ADAPTER_DIR, seed / art.ADAPTER_DIR)
-    config = yaml.safe_load((seed_runs["bert"] / art.RECIPE_FILE).read_text())
+    shutil.copytree(seed_runs["bert"] / ADAPTER_DIR, seed / ADAPTER_DIR)
+    config = yaml.safe_load((seed_runs["bert"] / RECIPE_FILE).read_text())
     config["backbone"]["dtype"] = "bfloat16"
-    (seed / art.RECIPE_FILE).write_text(yaml.safe_dump(config))
+    (seed / RECIPE_FILE).write_text(yaml.safe_dump(config))
     run = hand_made_run(seed, tmp_path / "run", "AutoModelForSequenceClassification")  # adapters far from zero
     code, output = lrr("export", run, "--peft", "--out", tmp_path / "peft")
     assert code == 0, output
     info = json.loads((tmp_path / "peft" / "lrr_export.json").read_text())
     assert info["check_dtype"] == "float32" and info["max_abs_logit_diff"] <= info["tolerance"] == 1e-4
-    assert yaml.safe_load((run / art.RECIPE_FILE).read_text())["backbone"]["dtype"] == "bfloat16"
+    assert yaml.safe_load((run / RECIPE_FILE).read_text())["backbone"]["dtype"] == "bfloat16"
     real = peft_export.unit_scale
     monkeypatch.setattr(peft_export, "unit_scale",
                         lambda pairs: {k: Pair(p.b * 1.01, p.a, p.alpha) for k, p in real(pairs).items()})

@@ -199,7 +199,8 @@ def test_x_keys_hold_anchors_for_merge_keys_and_are_not_part_of_the_recipe(make_
 
 
 def test_each_seed_of_a_list_is_one_run_located_at_its_item(make_recipe):
-    from lowrank_runner.recipe.load import expand_runs, load_document
+    from lowrank_runner.recipe.compose import load_document
+    from lowrank_runner.recipe.expand import expand_runs
 
     doc = load_document(make_recipe(BASE.replace("training: {learning_rate: 1e-3}", "training: {seed: [3, 4, 5]}")))
     runs = expand_runs(doc)

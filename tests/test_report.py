@@ -16,7 +16,7 @@ import lowrank_runner
 from lowrank_runner.cli import app
 from lowrank_runner.methods.inject import is_adapter_param
 from lowrank_runner.recipe.load import load_recipe
-from lowrank_runner.report import fingerprint
+from lowrank_runner.train import fingerprint
 from tests.conftest import tiny_recipe_text
 
 cli = CliRunner()

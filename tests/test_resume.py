@@ -138,7 +138,7 @@ def test_ctrl_c_while_a_run_writes_its_results_leaves_it_resumable(tmp_path, tin
 def test_ctrl_c_in_a_multi_run_recipe_keeps_what_finished_in_its_summary(tmp_path, tiny_recipe, monkeypatch):
     """summary.json and the tables are written at Ctrl-C too (they were not, so `lrr report
     --table` called the directory not a recipe's output)."""
-    import lowrank_runner.train.runner as runner
+    import lowrank_runner.train.invocation as runner
 
     real, calls = runner._train, []
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lowrank_runner.train.schedule import plan_steps
+from lowrank_runner.plan.schedule import plan_steps
 
 T = {"batch_size": 32, "gradient_accumulation_steps": 1, "epochs": 3, "max_steps": None, "warmup_steps": 0, "warmup_ratio": 0.0}
 

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from lowrank_runner.cli import app
 from lowrank_runner.recipe.load import check_recipe_file
-from lowrank_runner.train import artifacts as art
+from lowrank_runner.rundir.files import read_recipe_header
+from lowrank_runner.rundir.layout import ADAPTER_CONFIG, METRICS_FILE, RECIPE_FILE, REPORT_FILE, SUMMARY_FILE
 
 SEARCH = """
     search:
@@ -82,13 +83,13 @@ def test_a_search_runs_trials_in_a_sqlite_study_then_the_best_point_with_every_s
     flipped = False
     for t in trials:
         run_dir = out / "search" / "classification" / f"trial-{t.number:04d}"
-        metrics = json.loads((run_dir / art.METRICS_FILE).read_text())
+        metrics = json.loads((run_dir / METRICS_FILE).read_text())
         assert t.value == metrics["best"]["value"]  # the held-out selection split ...
         assert not any(k.startswith("test") for k in metrics["best"]["eval"])
         flipped |= t.value != metrics["test"]["accuracy"]  # ... never the test set
-        header = art.read_recipe_header(run_dir / art.RECIPE_FILE)
+        header = read_recipe_header(run_dir / RECIPE_FILE)
         assert header["overrides"][0] == "~search"  # the trial reproduces with these --set overrides
-        config = json.loads((run_dir / art.REPORT_FILE).read_text())["recipe"]["config"]
+        config = json.loads((run_dir / REPORT_FILE).read_text())["recipe"]["config"]
         assert config["training"]["learning_rate"] == t.params["training.learning_rate"]
         assert config["targets"] == json.loads(t.params["targets"]) and config["method"]["r"] == t.params["method.r"]
         assert config["training"]["seed"] == 0 and "search" not in config
@@ -102,10 +103,10 @@ def test_a_search_runs_trials_in_a_sqlite_study_then_the_best_point_with_every_s
     assert entry["best"]["number"] == best.number and entry["best"]["value"] == best.value
     assert entry["best"]["params"]["targets"] == json.loads(best.params["targets"])
     assert "★" in (out / "search.md").read_text()
-    summary = json.loads((out / "best" / art.SUMMARY_FILE).read_text())
+    summary = json.loads((out / "best" / SUMMARY_FILE).read_text())
     assert [(r["seed"], r["status"]) for r in summary["runs"]] == [(0, "completed"), (1, "completed")]
     for seed in (0, 1):
-        config = (out / "best" / f"classification-seed{seed}" / "adapter" / art.ADAPTER_CONFIG).read_text()
+        config = (out / "best" / f"classification-seed{seed}" / "adapter" / ADAPTER_CONFIG).read_text()
         assert json.loads(config)["method"]["r"] == best.params["method.r"]
         assert json.loads(config)["targets"] == json.loads(best.params["targets"])
     assert (out / "best" / "results.md").is_file()
@@ -117,7 +118,7 @@ def test_a_trials_recorded_overrides_rerun_it_alone(search_recipe, searched):
     from lowrank_runner.recipe.load import load_recipe
 
     for t in study(searched).trials:
-        header = art.read_recipe_header(searched / "search" / "classification" / f"trial-{t.number:04d}" / art.RECIPE_FILE)
+        header = read_recipe_header(searched / "search" / "classification" / f"trial-{t.number:04d}" / RECIPE_FILE)
         assert "training.seed=0" in header["overrides"]
         rerun = load_recipe(search_recipe, header["overrides"])
         assert [(run.task, run.seed, run.config_hash) for run in rerun.runs] == [
@@ -174,19 +175,19 @@ def test_an_interrupted_search_resumes_its_study(search_recipe, searched, tmp_pa
     assert stopped.exit_code == 130, stopped.output
     assert f"continue it with: lrr run {search_recipe} --output {out} --resume" in stopped.output
     assert [t[1] for t in trial_summary(out)] == ["COMPLETE", "RUNNING"]
-    report = json.loads((out / "search" / "classification" / "trial-0000" / art.REPORT_FILE).read_text())
+    report = json.loads((out / "search" / "classification" / "trial-0000" / REPORT_FILE).read_text())
     assert report["run"]["resumed_from_step"] == 2  # the running trial continued from its checkpoint
     assert json.loads((out / "search.json").read_text())["status"] == "interrupted"
-    kept = (out / "search" / "classification" / "trial-0000" / art.METRICS_FILE).stat().st_mtime_ns
+    kept = (out / "search" / "classification" / "trial-0000" / METRICS_FILE).stat().st_mtime_ns
 
     monkeypatch.setattr(search_study, "run_recipe", real)
     resumed = lrr("run", search_recipe, "--output", out, "--resume")
     assert resumed.exit_code == 0, resumed.output
-    assert (out / "search" / "classification" / "trial-0000" / art.METRICS_FILE).stat().st_mtime_ns == kept
+    assert (out / "search" / "classification" / "trial-0000" / METRICS_FILE).stat().st_mtime_ns == kept
     # the study went on to n_trials, with the parameters an uninterrupted search samples
     assert [t[:3] for t in trial_summary(out)] == [t[:3] for t in trial_summary(searched)]
     assert json.loads((out / "search.json").read_text())["status"] == "completed"
-    assert (out / "best" / art.SUMMARY_FILE).is_file()
+    assert (out / "best" / SUMMARY_FILE).is_file()
 
 
 def test_one_study_per_task_and_a_sampled_value_wins_over_the_tasks_own(tmp_path, make_recipe, tiny_bert,
@@ -220,7 +221,7 @@ def test_one_study_per_task_and_a_sampled_value_wins_over_the_tasks_own(tmp_path
     from lowrank_runner.recipe.load import load_recipe
 
     for task, other in (("classification", "regression"), ("regression", "classification")):
-        header = art.read_recipe_header(out / "search" / task / "trial-0001" / art.RECIPE_FILE)
+        header = read_recipe_header(out / "search" / task / "trial-0001" / RECIPE_FILE)
         assert f"~tasks.{other}" in header["overrides"] and f"tasks.{task}.training.seed=0" in header["overrides"]
         rerun = load_recipe(recipe, header["overrides"])  # the trial alone, not both tasks
         assert [(run.task, run.config_hash) for run in rerun.runs] == [(task, header["config_hash"])]
@@ -230,20 +231,20 @@ def test_one_study_per_task_and_a_sampled_value_wins_over_the_tasks_own(tmp_path
         trials = study(out, task).trials
         assert len(trials) == 2 and all(1e-3 <= t.params["training.learning_rate"] <= 2e-3 for t in trials)
         for t in trials:
-            report = json.loads((out / "search" / task / f"trial-{t.number:04d}" / art.REPORT_FILE).read_text())
+            report = json.loads((out / "search" / task / f"trial-{t.number:04d}" / REPORT_FILE).read_text())
             assert report["recipe"]["config"]["training"]["learning_rate"] == t.params["training.learning_rate"]  # not 0.5
     record = json.loads((out / "search.json").read_text())
     assert record["tasks"]["regression"]["metric"] == "pearson"
-    summary = json.loads((out / "best" / art.SUMMARY_FILE).read_text())
+    summary = json.loads((out / "best" / SUMMARY_FILE).read_text())
     assert sorted(r["task"] for r in summary["runs"]) == ["classification", "regression"]
     for run in summary["runs"]:
-        report = json.loads((out / "best" / f"{run['task']}-seed0" / art.REPORT_FILE).read_text())
+        report = json.loads((out / "best" / f"{run['task']}-seed0" / REPORT_FILE).read_text())
         assert report["recipe"]["config"]["training"]["learning_rate"] == record["tasks"][run["task"]]["best"]["params"][
             "training.learning_rate"]
 
 
 def test_a_failed_trial_is_recorded_and_the_search_goes_on(search_recipe, tmp_path, monkeypatch):
-    import lowrank_runner.train.runner as runner
+    import lowrank_runner.train.invocation as runner
     from lowrank_runner.errors import TrainingError
 
     calls = []
@@ -265,9 +266,9 @@ def test_a_failed_trial_is_recorded_and_the_search_goes_on(search_recipe, tmp_pa
     for trial in record["tasks"]["classification"]["trials"]:  # each failed trial keeps its directory, as a sweep run does
         run_dir = out / trial["dir"]
         assert (run_dir / "error.txt").read_text() == error
-        report = json.loads((run_dir / art.REPORT_FILE).read_text())
+        report = json.loads((run_dir / REPORT_FILE).read_text())
         assert report["status"] == "failed" and report["error"] == error
-        header = art.read_recipe_header(run_dir / art.RECIPE_FILE)  # what reruns the trial alone
+        header = read_recipe_header(run_dir / RECIPE_FILE)  # what reruns the trial alone
         assert header["overrides"][:2] == ["search.n_trials=2", "~search"] and "training.seed=0" in header["overrides"]
     assert ("No trial completed: 2 trial(s) failed, so there is no best point to train. The first failure, trial 0 "
             f"(`search/classification/trial-0000/error.txt`): {error}") in (out / "search.md").read_text()
@@ -276,7 +277,7 @@ def test_a_failed_trial_is_recorded_and_the_search_goes_on(search_recipe, tmp_pa
 def test_a_crashed_trial_fails_alone_and_the_search_goes_on(search_recipe, tmp_path, monkeypatch):
     """Out of memory at a sampled batch size is a crash, not an LrrError: that trial fails
     (its traceback kept), the next one trains."""
-    import lowrank_runner.train.runner as runner
+    import lowrank_runner.train.invocation as runner
 
     train, calls = runner._train, []
 

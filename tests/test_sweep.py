@@ -55,7 +55,8 @@ def test_labels_are_directory_names_and_fall_back_to_indexes_when_values_read_th
           targets: [[Wq], [Wq, Wv]]
           task.data.train: ["a b/c.jsonl", "a b?c.jsonl"]
         """)
-    from lowrank_runner.recipe.load import expand_runs, load_document
+    from lowrank_runner.recipe.compose import load_document
+    from lowrank_runner.recipe.expand import expand_runs
 
     labels = [run.point.label for run in expand_runs(load_document(path))]
     assert labels == ["targets=Wq,train=0-a_b_c.jsonl", "targets=Wq,train=1-a_b_c.jsonl",
@@ -180,10 +181,10 @@ def test_sweeps_that_would_train_the_wrong_runs_are_errors(tiny_recipe, block, m
 def test_a_big_grid_is_refused_before_any_point_expands(tiny_recipe, monkeypatch):
     """Point by point, a 10^6-point grid kept `lrr validate` busy for minutes: the count is
     checked first and no point is built."""
-    import lowrank_runner.recipe.load as load
+    import lowrank_runner.recipe.expand as expand
 
     applied = []
-    monkeypatch.setattr(load, "apply_point", lambda *args: applied.append(args))
+    monkeypatch.setattr(expand, "apply_point", lambda *args: applied.append(args))
     values = ", ".join(map(str, range(1, 101)))
     path = tiny_recipe(f"sweep:\n  method.r: [{values}]\n  method.alpha: [{values}]\n  training.epochs: [{values}]\n")
     assert any("1,000,000 points (100 x 100 x 100)" in m for m in messages(path))
@@ -210,7 +211,7 @@ def test_the_command_line_refuses_what_it_cannot_mean(tiny_recipe):
 
 
 def test_values_beyond_a_float_s_integers_stay_floats(tiny_recipe):
-    from lowrank_runner.recipe.load import canonical_form
+    from lowrank_runner.recipe.hashing import canonical_form
 
     assert canonical_form({"a": 1e30, "b": 3.0}) == {"a": 1e30, "b": 3}
     assert isinstance(canonical_form(1e30), float)

@@ -11,11 +11,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from lowrank_runner.cli import app
-from lowrank_runner.recipe.load import check_recipe_file, load_document
+from lowrank_runner.recipe.compose import load_document
+from lowrank_runner.recipe.load import check_recipe_file
 from lowrank_runner.tables import build_table, csv_text, latex, markdown, sweep_figure, table_spec
 from lowrank_runner.tables.build import Source
 from lowrank_runner.tables.formats import format_params
-from lowrank_runner.tables.spec import table_problems
+from lowrank_runner.recipe.output_checks import table_problems
 from tests.conftest import tiny_recipe_text
 
 cli = CliRunner()

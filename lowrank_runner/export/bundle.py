@@ -30,7 +30,9 @@ from lowrank_runner.export.probe import compare_outputs, model_outputs, probe_ba
 from lowrank_runner.export.source import load_trained_model, loaded_backbone, preflight, read_run, source_tokenizer
 from lowrank_runner.quiet import quiet_libraries
 from lowrank_runner.resources import is_pkg_path
-from lowrank_runner.train import artifacts as art
+from lowrank_runner.rundir.adapter import save_adapter
+from lowrank_runner.rundir.files import write_recipe
+from lowrank_runner.rundir.layout import RECIPE_FILE
 
 BUNDLE_FORMAT = "lowrank-runner-bundle"
 
@@ -87,8 +89,8 @@ def export_bundle(source: Path, out: Path, tolerance: float = 0.0, backbone: str
     adapter_cfg = {**adapter_cfg, "backbone": {**adapter_cfg["backbone"], "name": location, "resolved": used["resolved"],
                                                "source": used["source"], "fingerprint": used["fingerprint"]}}
     with staged_output(out) as tmp:
-        art.save_adapter(tmp, adapter, head, adapter_cfg)
-        art.write_recipe(tmp / art.RECIPE_FILE, config, adapter_cfg.get("recipe_hash"), adapter_cfg.get("config_hash"), str(source))
+        save_adapter(tmp, adapter, head, adapter_cfg)
+        write_recipe(tmp / RECIPE_FILE, config, adapter_cfg.get("recipe_hash"), adapter_cfg.get("config_hash"), str(source))
         tokenizer.save_pretrained(tmp)
         reloaded = load_adapted(tmp)
         max_diff, mean_diff = compare_outputs(expected, model_outputs(reloaded, batch))

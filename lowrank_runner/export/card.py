@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from lowrank_runner.train import artifacts as art
+from lowrank_runner.rundir.layout import ADAPTER_CONFIG, ADAPTER_DIR, METRICS_FILE, RECIPE_FILE, REPORT_FILE
 
 CARD_FILE = "README.md"
 LIBRARY = {"peft-lora": "peft", "merged-transformers": "transformers", "lowrank-runner-bundle": "lowrank-runner"}
@@ -27,7 +27,6 @@ PIPELINE = {"AutoModelForSequenceClassification": "text-classification",
             "AutoModelForSeq2SeqLM": "text2text-generation"}
 # The Hub's tag for a model derived from a base model (its `base_model_relation`)
 RELATION = {"peft-lora": "adapter", "merged-transformers": "finetune", "lowrank-runner-bundle": "adapter"}
-LOW_RANK = {"lora", "mtlora", "lora2", "triadaptlora", "condlora", "adalora"}
 
 
 def _json(path: Path) -> dict:
@@ -63,14 +62,14 @@ def source_record(info: dict) -> dict:
     ``metrics``, ``recipe``, ``adapter`` (its adapter_config.json). A bundle has no report: the run it was exported from is
     used when it still exists and trained the same config."""
     source = Path(info.get("source_run") or ".")
-    record = {"report": _json(source / art.REPORT_FILE), "metrics": _json(source / art.METRICS_FILE),
-              "recipe": _yaml(source / art.RECIPE_FILE),
-              "adapter": _json(source / art.ADAPTER_DIR / art.ADAPTER_CONFIG) or _json(source / art.ADAPTER_CONFIG)}
+    record = {"report": _json(source / REPORT_FILE), "metrics": _json(source / METRICS_FILE),
+              "recipe": _yaml(source / RECIPE_FILE),
+              "adapter": _json(source / ADAPTER_DIR / ADAPTER_CONFIG) or _json(source / ADAPTER_CONFIG)}
     origin = _json(source / "lrr_export.json").get("source_run")
     if not record["report"] and origin and Path(origin) != source:
-        report = _json(Path(origin) / art.REPORT_FILE)
+        report = _json(Path(origin) / REPORT_FILE)
         if _dig(report, "recipe", "config_hash") == info.get("config_hash"):
-            record.update(report=report, metrics=_json(Path(origin) / art.METRICS_FILE))
+            record.update(report=report, metrics=_json(Path(origin) / METRICS_FILE))
     if not record["recipe"]:
         record["recipe"] = _section(record["report"], "recipe", "config")
     return record
@@ -118,18 +117,10 @@ def hub_dataset(record: dict) -> tuple[str, str | None] | None:
         return data["dataset"], task.get("dataset_config")
     if not task or task.get("data") or task.get("data_dir") or data.get("files"):
         return None
-    from lowrank_runner.tasks import glue, nlg, squad
+    from lowrank_runner.tasks.registry import TASKS
 
-    name = task.get("name")
-    if name in glue.SPECS:
-        return task.get("dataset") or glue.DEFAULT_DATASET, name
-    if name == "squad_v2":
-        return task.get("dataset") or squad.DEFAULT_DATASET, None
-    if name in nlg.HUB:
-        default_id, default_config = nlg.HUB[name]
-        dataset = task.get("dataset") or default_id
-        return dataset, task.get("dataset_config") or (default_config if dataset == default_id else None)
-    return None
+    spec = TASKS.get(task.get("name"))
+    return spec.rules.hub_dataset(spec.name, task) if spec is not None else None
 
 
 def scores(record: dict) -> list[tuple[str, str, float]]:
@@ -173,6 +164,15 @@ def model_name(info: dict, record: dict) -> str:
     return recipe or f"{info.get('method', {}).get('name', 'model')}-{task_names(record)[0]}"
 
 
+def _low_rank(method: str) -> bool:
+    """A method that adapts modules with a low-rank update (every registered method but
+    those that train the backbone's own weights: ``"x-targets": false``)."""
+    from lowrank_runner.methods.registry import method_specs
+
+    spec = method_specs().get(method)
+    return spec is not None and spec.schema.get("x-targets", True) is not False
+
+
 def card_data(info: dict, record: dict):
     """The card's YAML metadata."""
     from huggingface_hub import ModelCardData
@@ -180,7 +180,7 @@ def card_data(info: dict, record: dict):
     fmt, method = info.get("format"), (info.get("method") or {}).get("name", "")
     base = base_model_id(info)
     tags = ["lowrank-runner", method]
-    if method in LOW_RANK:
+    if _low_rank(method):
         tags.append("lora")
     if fmt == "peft-lora":
         tags += ["peft", "transformers"]

@@ -10,13 +10,12 @@ from __future__ import annotations
 import gc
 import json
 import math
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-import lowrank_runner
-from lowrank_runner.errors import ExportError, UsageError
+from lowrank_runner.errors import ExportError, UsageError, warn
 from lowrank_runner.outputs import require_free, staged_directory
+from lowrank_runner.version import __version__
 
 EXPORT_INFO = "lrr_export.json"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -86,11 +85,6 @@ def collect_if_alive(ref) -> None:
         gc.collect()
 
 
-def warn(message: str) -> None:
-    """A warning line on stderr (the export goes on)."""
-    print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
 def backbone_checked(backbone: dict) -> dict:
     """``backbone`` (:func:`~lowrank_runner.export.source.loaded_backbone`), its warning
     (a backbone other than the one the run trained on) printed, as the export records it."""
@@ -105,7 +99,7 @@ def provenance(source: Path, adapter_cfg: dict, fmt: str, backbone: dict, base_m
     ``base_model``: the hub id the user names as the base model (``--base-model``: the
     model a local backbone was copied from), for the model card and a PEFT adapter."""
     return {
-        "lowrank_runner_version": lowrank_runner.__version__,
+        "lowrank_runner_version": __version__,
         "format": fmt,
         "source_run": str(source.resolve()),
         "recipe_hash": adapter_cfg.get("recipe_hash"),

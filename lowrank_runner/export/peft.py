@@ -201,7 +201,7 @@ def base_name(recipe_name: str, used: dict, base_model: str | None) -> str:
     recipe named it: a hub id as it is, a ``pkg:`` path as it is (never the directory
     inside the virtual environment; a warning says plain tools cannot resolve it), a
     local path as the absolute directory the export loaded (relative to nothing)."""
-    from lowrank_runner.export.common import warn
+    from lowrank_runner.errors import warn
     from lowrank_runner.resources import is_pkg_path
 
     if base_model is not None:

@@ -15,57 +15,22 @@ import json
 import logging
 from pathlib import Path
 
-import lowrank_runner
 from lowrank_runner.errors import BackboneError, ExportError, LrrError, UsageError
 from lowrank_runner.export.common import EXPORT_INFO, check_out
-from lowrank_runner.train import artifacts as art
+from lowrank_runner.methods.registry import method_specs
+from lowrank_runner.rundir.adapter import read_adapter_config, read_adapter_json, read_tensors, repair_hint
+from lowrank_runner.rundir.layout import (ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, CHECKPOINTS_DIR, ERROR_FILE,
+                                          HEAD_WEIGHTS, METRICS_LOG, RECIPE_FILE, REPORT_FILE, checkpoint_dirs)
+from lowrank_runner.rundir.search import final_runs
+from lowrank_runner.tasks.registry import TASKS
 
 # a run on a quantized base (backbone.quantization): peft imports bitsandbytes, whose CPU backend notes at
 # import that the optional `kernels` package is absent (it falls back to its own kernels)
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-ADAPTER_FORMAT = "lowrank-runner-adapter"
-ADAPTER_FORMAT_VERSION = 1
-# What lowrank-runner reads of adapter_config.json (written by train/loop.py: adapter_config).
-ADAPTER_CONFIG_SCHEMA = {
-    "type": "object",
-    "required": ["format", "format_version", "method", "targets", "modules", "backbone", "task", "head"],
-    "properties": {
-        "format": {"const": ADAPTER_FORMAT},
-        "format_version": {"type": "integer"},
-        "method": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string", "minLength": 1}}},
-        "targets": {"type": "array"},  # [] for a method without adapters (full, bitfit)
-        "modules": {"type": "array", "items": {
-            "type": "object", "required": ["path"],
-            "properties": {"path": {"type": "string", "minLength": 1},
-                           "symbols": {"type": "array", "items": {"type": "string"}},
-                           "groups": {"type": ["array", "null"], "items": {"type": "string"}}}}},
-        "backbone": {"type": "object", "required": ["name"],
-                     "properties": {"name": {"type": "string", "minLength": 1}, "resolved": {"type": ["string", "null"]}}},
-        "task": {"type": "object", "required": ["name", "model_class"], "properties": {
-            "name": {"type": "string"},
-            "model_class": {"type": "string", "pattern": "^[A-Z][A-Za-z0-9]*$"},
-            "num_labels": {"type": "integer", "minimum": 1},
-            "id2label": {"type": "object", "propertyNames": {"pattern": "^[0-9]+$"}},
-            "label2id": {"type": "object", "additionalProperties": {"type": "integer"}}}},
-        "head": {"type": "array", "items": {"type": "string", "minLength": 1}, "uniqueItems": True},
-        # backbone parameters the method trained itself (full fine-tuning, BitFit), in adapter.safetensors
-        "base": {"type": "array", "items": {"type": "string", "minLength": 1}, "uniqueItems": True},
-        "recipe_hash": {"type": ["string", "null"]},
-        "config_hash": {"type": ["string", "null"]},
-    },
-}
-
-
-def _fix(source: Path, kind: str) -> str:
-    """How to repair a damaged file of ``source`` (a run directory or a bundle)."""
-    if kind == "bundle":
-        return "restore it from a copy, or export the bundle again from its run (lrr export RUN_DIR --adapter --out DIR)"
-    return f"restore it from a copy, or train the run again (lrr run {source / art.RECIPE_FILE} --output NEW_DIR)"
-
 
 def _is_run_dir(source: Path) -> bool:
-    return any((source / name).exists() for name in (art.ADAPTER_DIR, art.REPORT_FILE, art.METRICS_LOG, "checkpoints"))
+    return any((source / name).exists() for name in (ADAPTER_DIR, REPORT_FILE, METRICS_LOG, CHECKPOINTS_DIR))
 
 
 def _unfinished_run(source: Path) -> LrrError | None:
@@ -74,16 +39,17 @@ def _unfinished_run(source: Path) -> LrrError | None:
     report = _run_report(source)
     status = report.get("status")
     if status == "failed":
-        return UsageError(f"{source}: the run failed ({report.get('error') or 'see error.txt'}), so it has no trained "
-                          f"adapter to export; fix the cause and train it again (the traceback is in {source / 'error.txt'})")
-    checkpoints = sorted(p.name for p in (source / "checkpoints").glob("step-*"))
-    if (source / art.ADAPTER_DIR).is_dir() and (status == "completed" or not checkpoints):
+        return UsageError(f"{source}: the run failed ({report.get('error') or 'see ' + ERROR_FILE}), so it has no "
+                          f"trained adapter to export; fix the cause and train it again (the traceback is in "
+                          f"{source / ERROR_FILE})")
+    checkpoints = [p.name for p in checkpoint_dirs(source, finished=False)]
+    if (source / ADAPTER_DIR).is_dir() and (status == "completed" or not checkpoints):
         return None
     if status == "completed":
-        return ExportError(f"{source / art.ADAPTER_DIR}: missing: the run completed, but its trained adapter is gone; "
-                           f"{_fix(source, 'run')}")
-    where = f" (latest checkpoint: checkpoints/{checkpoints[-1]})" if checkpoints else ""
-    return UsageError(f"{source}: the run has not finished{where}: its adapter is saved in {art.ADAPTER_DIR}/ when "
+        return ExportError(f"{source / ADAPTER_DIR}: missing: the run completed, but its trained adapter is gone; "
+                           f"{repair_hint(source, 'run')}")
+    where = f" (latest checkpoint: {CHECKPOINTS_DIR}/{checkpoints[-1]})" if checkpoints else ""
+    return UsageError(f"{source}: the run has not finished{where}: its adapter is saved in {ADAPTER_DIR}/ when "
                       "training ends. Continue it with: lrr run RECIPE --output RUN_DIR --resume, then export it")
 
 
@@ -95,9 +61,9 @@ def source_kind(source: Path) -> tuple[str, Path]:
     if not source.is_dir():
         raise UsageError(f"{source}: not a directory; give a run directory written by 'lrr run' or an adapter bundle "
                          "written by 'lrr export --adapter'")
-    config = source / art.ADAPTER_CONFIG
+    config = source / ADAPTER_CONFIG
     if config.is_file() and not _is_run_dir(source):
-        data = _read_adapter_json(config, source, "bundle")
+        data = read_adapter_json(config, source, "bundle")
         if isinstance(data, dict) and "peft_type" in data:
             raise UsageError(f"{source}: a PEFT adapter (written by --peft); load it with peft.PeftModel.from_pretrained")
         return "bundle", source
@@ -105,7 +71,7 @@ def source_kind(source: Path) -> tuple[str, Path]:
         unfinished = _unfinished_run(source)
         if unfinished is not None:
             raise unfinished
-        return "run", source / art.ADAPTER_DIR
+        return "run", source / ADAPTER_DIR
     info = _exported_format(source)
     if info is not None:
         raise UsageError(f"{source}: an export of format {info} (lrr_export.json), not a run or an adapter bundle; "
@@ -114,7 +80,7 @@ def source_kind(source: Path) -> tuple[str, Path]:
     subruns = _subruns(source)
     hint = f"; it holds several runs, export one of: {', '.join(map(str, subruns))}" if subruns else ""
     raise UsageError(
-        f"{source}: not a run directory written by 'lrr run' (no {art.ADAPTER_DIR}/{art.ADAPTER_CONFIG}) "
+        f"{source}: not a run directory written by 'lrr run' (no {ADAPTER_DIR}/{ADAPTER_CONFIG}) "
         f"nor an adapter bundle written by 'lrr export --adapter'{hint}"
     )
 
@@ -123,14 +89,12 @@ def _subruns(source: Path) -> list[Path]:
     """The run directories below ``source`` (a recipe's ``TASK-seedN``, a sweep's
     ``TASK/POINT/seedN``, or ``POINT/seedN`` below a sweep's task); in a search's directory its final runs (``best/``) first, then
     its trials."""
-    from lowrank_runner.search.layout import final_runs
-
     best = final_runs(source)
     roots = [(best, ("", "*", "*/*/*"))] if best is not None else []
     found = []  # "*/*": below a sweep's task directory, POINT/seedN
     for root, patterns in [*roots, (source, ("*", "*/*", "*/*/*"))]:
         found += sorted(p.parent.parent for pattern in patterns
-                        for p in root.glob(f"{pattern}/{art.ADAPTER_DIR}/{art.ADAPTER_CONFIG}".lstrip("/")))
+                        for p in root.glob(f"{pattern}/{ADAPTER_DIR}/{ADAPTER_CONFIG}".lstrip("/")))
     return list(dict.fromkeys(found))
 
 
@@ -143,53 +107,6 @@ def _exported_format(directory: Path) -> str | None:
     return str(info.get("format")) if isinstance(info, dict) and info.get("format") else None
 
 
-def _read_adapter_json(path: Path, source: Path, kind: str):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ExportError(f"{path}: missing; {_fix(source, kind)}") from None
-    except json.JSONDecodeError as exc:
-        raise ExportError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg}); {_fix(source, kind)}") from None
-    except RecursionError:
-        raise ExportError(f"{path}: not valid JSON (nested too deeply); {_fix(source, kind)}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ExportError(f"{path}: cannot read: {exc}; {_fix(source, kind)}") from None
-
-
-def read_adapter_config(path: Path, source: Path, kind: str = "run") -> dict:
-    """``adapter_config.json``, checked against :data:`ADAPTER_CONFIG_SCHEMA`, its format
-    version and the method registry."""
-    import jsonschema
-
-    from lowrank_runner.methods.registry import method_specs
-
-    data = _read_adapter_json(path, source, kind)
-    version = data.get("format_version") if isinstance(data, dict) else None
-    if isinstance(version, int) and not isinstance(version, bool) and version > ADAPTER_FORMAT_VERSION:
-        raise ExportError(f"{path}: format_version {version} was written by a newer lowrank-runner (this one, "
-                          f"{lowrank_runner.__version__}, reads format_version {ADAPTER_FORMAT_VERSION}); upgrade: "
-                          "pip install -U lowrank-runner")
-    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(ADAPTER_CONFIG_SCHEMA).iter_errors(data))
-    if error is None and version != ADAPTER_FORMAT_VERSION:
-        error = jsonschema.ValidationError(f"{version} is not a format_version this lowrank-runner reads "
-                                           f"({ADAPTER_FORMAT_VERSION})", path=["format_version"])
-    if error is not None:
-        key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
-        raise ExportError(f"{path}: {key}: {error.message}; the file is damaged: {_fix(source, kind)}")
-    if not data["modules"] and not data.get("base"):
-        raise ExportError(f"{path}: modules: [] and no trained backbone parameters ('base'): the run adapted nothing; "
-                          f"the file is damaged: {_fix(source, kind)}")
-    task = data["task"]
-    if "num_labels" in task and "id2label" in task and task["num_labels"] != len(task["id2label"]):
-        raise ExportError(f"{path}: task.num_labels is {task['num_labels']} but task.id2label names "
-                          f"{len(task['id2label'])} labels; the file is damaged: {_fix(source, kind)}")
-    name, specs = data["method"]["name"], method_specs()
-    if name not in specs:
-        raise ExportError(f"{path}: method.name: '{name}' is not a registered method (registered: {', '.join(sorted(specs))}); "
-                          "install the package that provides it, or the file is damaged: " + _fix(source, kind))
-    return data
-
-
 def read_recipe_config(path: Path, source: Path, kind: str = "run") -> dict:
     """The run's resolved recipe (``recipe.yaml``), checked as ``lrr validate`` checks a
     recipe (schema and per-run checks; not ``training.init_from``, which only trains).
@@ -198,11 +115,12 @@ def read_recipe_config(path: Path, source: Path, kind: str = "run") -> dict:
     from lowrank_runner.errors import RecipeError
     from lowrank_runner.recipe.document import load_yaml
     from lowrank_runner.recipe.schema import recipe_validator
-    from lowrank_runner.recipe.validate import run_problems, schema_problems
+    from lowrank_runner.recipe.problems import schema_problems
+    from lowrank_runner.recipe.validate import run_problems
 
     if not path.is_file():
         fix = ("restore it from a copy (the run's report.json holds the same config under recipe.config), or train "
-               "the run again from its recipe") if kind == "run" else _fix(source, kind)
+               "the run again from its recipe") if kind == "run" else repair_hint(source, kind)
         raise ExportError(f"{path}: missing: the resolved recipe is what rebuilds the model; {fix}")
     try:
         doc = load_yaml(path)
@@ -218,41 +136,28 @@ def read_recipe_config(path: Path, source: Path, kind: str = "run") -> dict:
                 and not (templated and p.path == "task.chat_template")]
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ExportError(f"{problems[0]}{more}; the run's resolved recipe is damaged: {_fix(source, kind)}")
+        raise ExportError(f"{problems[0]}{more}; the run's resolved recipe is damaged: {repair_hint(source, kind)}")
     return doc.data
-
-
-def read_tensors(path: Path, source: Path, kind: str = "run") -> dict:
-    """A safetensors file of ``source``; a missing or damaged one is an :class:`ExportError`."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except FileNotFoundError:
-        raise ExportError(f"{path}: missing; {_fix(source, kind)}") from None
-    except (SafetensorError, OSError, ValueError):
-        raise ExportError(f"{path}: not a readable safetensors file (truncated or corrupted); {_fix(source, kind)}") from None
 
 
 def read_head(adapter_dir: Path, adapter_cfg: dict, source: Path, kind: str) -> dict:
     """The trained head's tensors: exactly the parameters adapter_config.json names under
     ``head`` (a missing file would export an untrained head)."""
-    names, path = adapter_cfg["head"], adapter_dir / art.HEAD_WEIGHTS
+    names, path = adapter_cfg["head"], adapter_dir / HEAD_WEIGHTS
     if not names:
         if path.exists():
             raise ExportError(f"{path}: adapter_config.json names no head parameters ('head': []), yet this file "
-                              f"exists; {_fix(source, kind)}")
+                              f"exists; {repair_hint(source, kind)}")
         return {}
     if not path.is_file():
         raise ExportError(f"{path}: missing: the run trained a task head ({', '.join(names[:3])}"
                           f"{', ...' if len(names) > 3 else ''}) and without it the export would carry an untrained "
-                          f"head; {_fix(source, kind)}")
+                          f"head; {repair_hint(source, kind)}")
     head = read_tensors(path, source, kind)
     missing, extra = sorted(set(names) - set(head)), sorted(set(head) - set(names))
     if missing or extra:
         what = f"lacks {', '.join(missing[:3])}" if missing else f"holds {', '.join(extra[:3])}, which adapter_config.json does not name"
-        raise ExportError(f"{path}: {what} (adapter_config.json 'head': {', '.join(names[:3])}); {_fix(source, kind)}")
+        raise ExportError(f"{path}: {what} (adapter_config.json 'head': {', '.join(names[:3])}); {repair_hint(source, kind)}")
     return head
 
 
@@ -262,9 +167,9 @@ def _check_agreement(source: Path, adapter_dir: Path, config: dict, adapter_cfg:
     for key, default in (("method", None), ("targets", [])):
         if json.dumps(config.get(key, default), sort_keys=True) != json.dumps(adapter_cfg[key], sort_keys=True):
             raise ExportError(
-                f"{source / art.RECIPE_FILE} and {adapter_dir / art.ADAPTER_CONFIG} disagree on '{key}' "
+                f"{source / RECIPE_FILE} and {adapter_dir / ADAPTER_CONFIG} disagree on '{key}' "
                 f"({json.dumps(config.get(key))} vs {json.dumps(adapter_cfg[key])}): one of them was edited; "
-                f"{_fix(source, kind)}")
+                f"{repair_hint(source, kind)}")
 
 
 def read_run(source: Path, backbone: str | None = None) -> tuple[dict, dict, dict, dict]:
@@ -273,15 +178,15 @@ def read_run(source: Path, backbone: str | None = None) -> tuple[dict, dict, dic
     downloaded copy). The backbone named in the config is checked to exist."""
     source = Path(source)
     kind, adapter_dir = source_kind(source)
-    adapter_cfg = read_adapter_config(adapter_dir / art.ADAPTER_CONFIG, source, kind)
-    config = read_recipe_config(source / art.RECIPE_FILE, source, kind)  # beside adapter/ or in the bundle
+    adapter_cfg = read_adapter_config(adapter_dir / ADAPTER_CONFIG, source, kind, methods=method_specs())
+    config = read_recipe_config(source / RECIPE_FILE, source, kind)  # beside adapter/ or in the bundle
     _check_agreement(source, adapter_dir, config, adapter_cfg, kind)
-    adapter = read_tensors(adapter_dir / art.ADAPTER_WEIGHTS, source, kind)
+    adapter = read_tensors(adapter_dir / ADAPTER_WEIGHTS, source, kind)
     lacking = sorted(set(adapter_cfg.get("base", [])) - set(adapter))
     if lacking:
-        raise ExportError(f"{adapter_dir / art.ADAPTER_WEIGHTS}: lacks the trained backbone tensors "
+        raise ExportError(f"{adapter_dir / ADAPTER_WEIGHTS}: lacks the trained backbone tensors "
                           f"{', '.join(lacking[:3])}{' ...' if len(lacking) > 3 else ''} (adapter_config.json 'base'); "
-                          f"{_fix(source, kind)}")
+                          f"{repair_hint(source, kind)}")
     head = read_head(adapter_dir, adapter_cfg, source, kind)
     location = backbone_location(source, config, backbone)
     config["backbone"] = {**config["backbone"], "name": location}
@@ -313,14 +218,14 @@ def backbone_location(source: Path, config: dict, override: str | None) -> str:
         relative = cwd is not None and not expand_user(name).is_absolute()
         where = str(cwd / name) if relative else name
         raise BackboneError(
-            f"{source}: the run's backbone {where} (backbone.name in {source / art.RECIPE_FILE}) no longer exists; "
+            f"{source}: the run's backbone {where} (backbone.name in {source / RECIPE_FILE}) no longer exists; "
             "if it moved, point at it: lrr export ... --backbone PATH (or load_adapted(..., backbone=PATH))")
     return name
 
 
 def _run_report(source: Path) -> dict:
     try:
-        report = json.loads((source / art.REPORT_FILE).read_text(encoding="utf-8"))
+        report = json.loads((source / REPORT_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return report if isinstance(report, dict) else {}
@@ -341,13 +246,13 @@ def loaded_backbone(source: Path, adapter_cfg: dict, ref, override: str | None) 
     (``name``), where it was actually loaded from (``resolved``; ``override``: the
     ``--backbone`` given, if any), the run's own location (``run_resolved``), and whether
     its files are those the run trained on: ``same_as_run`` compares the fingerprint of
-    the loaded files (report/fingerprint.py) with the one the run recorded (report.json
+    the loaded files (train/fingerprint.py) with the one the run recorded (report.json
     ``backbone.fingerprint``; a bundle's adapter_config.json ``backbone.fingerprint``),
     None when either is unknown or they are of different kinds (a hub snapshot vs a
     local directory). Files that differ are warned about on stderr (``warning`` holds
     the line): a moved or downloaded copy of the same model is what ``--backbone`` is
     for, another model is not."""
-    from lowrank_runner.report.fingerprint import backbone_fingerprint
+    from lowrank_runner.train.fingerprint import backbone_fingerprint
 
     recorded = _run_report(source).get("backbone")
     if not (isinstance(recorded, dict) and recorded.get("fingerprint")):
@@ -364,7 +269,7 @@ def loaded_backbone(source: Path, adapter_cfg: dict, ref, override: str | None) 
             "run_resolved": adapter_cfg["backbone"].get("resolved"), "source": loaded["source"],
             "fingerprint": loaded.get("fingerprint"), "run_fingerprint": run_print, "same_as_run": same}
     if same is False:
-        where = source / (art.REPORT_FILE if recorded is not adapter_cfg["backbone"] else art.ADAPTER_CONFIG)
+        where = source / (REPORT_FILE if recorded is not adapter_cfg["backbone"] else ADAPTER_CONFIG)
         trained = recorded.get("location") or recorded.get("resolved") or recorded.get("name")
         fix = (f"check that --backbone {override} is the model the run was trained on" if override is not None
                else "its files changed after the run trained on it")
@@ -417,7 +322,7 @@ def model_class_of(adapter_cfg: dict):
     return cls
 
 
-def _load_error(exc: Exception) -> str:
+def load_error_line(exc: Exception) -> str:
     """The first line that says what does not fit (torch lists every tensor, one a line)."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     detail = [ln for ln in lines if ln.startswith(("size mismatch", "Missing key", "Unexpected key"))] or lines or [repr(exc)]
@@ -446,7 +351,7 @@ def load_trained_model(source: Path, with_adapter: bool = True, head: bool = Tru
     try:
         adapted = build_adapted_model(build, model_class, head_config, weights=True)
     except ValueError as exc:  # a method's own check of the recipe against the model
-        raise ExportError(f"{source / art.RECIPE_FILE}: the recipe does not fit the backbone: {exc}") from None
+        raise ExportError(f"{source / RECIPE_FILE}: the recipe does not fit the backbone: {exc}") from None
     model = adapted.model
     own = set(model.state_dict())
     unknown = sorted((set(adapter) | set(head_state)) - own)
@@ -456,7 +361,7 @@ def load_trained_model(source: Path, with_adapter: bool = True, head: bool = Tru
     try:
         missing = load_adapter_state(model, adapter)  # compact (final-rank) tensors included
     except (KeyError, ValueError, RuntimeError, IndexError) as exc:
-        raise ExportError(f"{source}: the saved adapter does not fit the rebuilt model: {_load_error(exc)}; {hint}") from None
+        raise ExportError(f"{source}: the saved adapter does not fit the rebuilt model: {load_error_line(exc)}; {hint}") from None
     if missing:
         raise ExportError(f"{source}: adapter weights missing for {sorted(missing)[:3]}")
     if head:
@@ -492,7 +397,7 @@ def _load_head(model, head_state: dict, source: Path, hint: str) -> None:
     try:
         model.load_state_dict(head_state, strict=False)
     except RuntimeError as exc:
-        raise ExportError(f"{source}: the saved task head does not fit the rebuilt model: {_load_error(exc)}; {hint}") from None
+        raise ExportError(f"{source}: the saved task head does not fit the rebuilt model: {load_error_line(exc)}; {hint}") from None
 
 
 def source_tokenizer(source: Path, ref, config: dict):
@@ -520,7 +425,8 @@ def trained_chat_template(source: Path, config: dict) -> str | None:
     from lowrank_runner.tasks.chat_data import named_templates, template_file
 
     task = config.get("task") or {}
-    value = task.get("chat_template") if task.get("name") == "chat" else None
+    spec = TASKS.get(task.get("name"))
+    value = spec.rules.chat_template(task) if spec is not None else None
     if not value:
         return None
     cwd = _run_cwd(source)
@@ -528,7 +434,7 @@ def trained_chat_template(source: Path, config: dict) -> str | None:
     path = cwd / value if relative and cwd is not None and (cwd / value).is_file() else template_file(value)
     if path is None:
         where = cwd / value if relative and cwd is not None else value
-        raise ExportError(f"{source / art.RECIPE_FILE}: task.chat_template: the run's chat template {where} no longer "
+        raise ExportError(f"{source / RECIPE_FILE}: task.chat_template: the run's chat template {where} no longer "
                           "exists; put the file back there (the exported tokenizer must render conversations as the "
                           "run trained on them); nothing written")
     return path.read_text(encoding="utf-8")

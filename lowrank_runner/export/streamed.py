@@ -91,16 +91,16 @@ def backbone_files(ref) -> list[Path]:
 
     if ref.local:
         backbones.check_weight_files(ref)  # damaged files are named here
-    single = backbones._file(ref, "model.safetensors")
+    single = backbones.backbone_file(ref, "model.safetensors")
     if single is not None:
         return [single]
-    index = backbones._file(ref, SAFE_INDEX)
+    index = backbones.backbone_file(ref, SAFE_INDEX)
     if index is None:
         raise StreamUnsupported(f"backbone '{ref.name}' has no safetensors weights (pytorch_model.bin only)")
     if ref.local:
-        return backbones._shards(index)
+        return backbones.shard_files(index)
     names = sorted(set(backbones.read_json(index).get("weight_map", {}).values()))
-    return [backbones._file(ref, name) for name in names]
+    return [backbones.backbone_file(ref, name) for name in names]
 
 
 def checkpoint_headers(files: list[Path]) -> dict[str, tuple[Path, list[int]]]:
@@ -176,7 +176,7 @@ def _plain_name(name: str) -> str:
 def _adapted_skeleton(config: dict, adapter_cfg: dict, source: Path):
     """The adapted model on the meta device (the recipe checked against it), as every
     export builds it; tied adapted weights refused."""
-    from lowrank_runner.export.merge import refuse_tied_targets
+    from lowrank_runner.export.merge_checks import refuse_tied_targets
     from lowrank_runner.export.source import head_config_of, model_class_of
     from lowrank_runner.modeling import build_adapted_model
 
@@ -195,7 +195,7 @@ def _cpu_adapters(adapted, config: dict, adapter: dict, source: Path):
     import torch
     from torch import nn
 
-    from lowrank_runner.export.source import _load_error
+    from lowrank_runner.export.source import load_error_line
     from lowrank_runner.methods.inject import inject, is_adapter_param, load_adapter_state, remove_adapters
     from lowrank_runner.modeling import build_method
 
@@ -208,7 +208,7 @@ def _cpu_adapters(adapted, config: dict, adapter: dict, source: Path):
     try:
         missing = load_adapter_state(model, {k: v for k, v in adapter.items() if is_adapter_param(k)})
     except (KeyError, ValueError, RuntimeError, IndexError) as exc:
-        raise ExportError(f"{source}: the saved adapter does not fit the rebuilt model: {_load_error(exc)}; {hint}") from None
+        raise ExportError(f"{source}: the saved adapter does not fit the rebuilt model: {load_error_line(exc)}; {hint}") from None
     if missing:
         raise ExportError(f"{source}: adapter weights missing for {sorted(missing)[:3]}")
     return model.eval()
@@ -242,7 +242,7 @@ def _layout(model_class, model, target: str, ref, max_shard_size, names: dict):
 def plan_merge(source: Path, target: str, max_shard_size, read: tuple):
     """The :class:`MergePlan` of ``source`` (``read``: :func:`~lowrank_runner.export.source.read_run`)."""
     from lowrank_runner.backbones import resolve
-    from lowrank_runner.export.merge import tied_weights
+    from lowrank_runner.export.merge_checks import tied_weights
     from lowrank_runner.export.source import model_class_of
     from lowrank_runner.methods.inject import AdaptedLayer
 
@@ -486,7 +486,7 @@ def write_configs(plan: MergePlan, ref, tmp: Path) -> None:
     layout.config.architectures = [type(layout).__name__]
     layout.config.save_pretrained(tmp)
     if layout.can_generate():
-        found = backbones._file(ref, "generation_config.json")
+        found = backbones.backbone_file(ref, "generation_config.json")
         generation = GenerationConfig.from_pretrained(found.parent) if found is not None else layout.generation_config
         generation.save_pretrained(tmp)
 
@@ -532,7 +532,7 @@ def reload_checks(plan: MergePlan, tmp: Path, tied: bool, batch, reference: dict
     """The written checkpoint reloaded with plain transformers (dtype and tied embeddings
     checked) against the adapter model: within ``tolerance`` in float32; in half
     precision within the cast tolerance (the in-memory merge's cast check)."""
-    from lowrank_runner.export.merge import cast_allowed, reloaded_outputs
+    from lowrank_runner.export.merge_checks import cast_allowed, reloaded_outputs
     from lowrank_runner.export.probe import compare_outputs, non_finite
 
     again = reloaded_outputs(type(plan.layout), tmp, plan.target, tied, batch)
@@ -564,7 +564,7 @@ def export_streamed(source: Path, out: Path, *, tolerance: float, dtype: str | N
     anything is written when the backbone cannot be streamed."""
     from lowrank_runner.backbones import resolve
     from lowrank_runner.export.common import backbone_checked, provenance, staged_output, write_export_files
-    from lowrank_runner.export.merge import embeddings_tied, export_dtype
+    from lowrank_runner.export.merge_checks import embeddings_tied, export_dtype
     from lowrank_runner.export.probe import probe_batch
     from lowrank_runner.export.source import loaded_backbone, read_run, source_tokenizer
 

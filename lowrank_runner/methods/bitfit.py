@@ -13,7 +13,7 @@ export is the backbone holding them. Parameters: ``Σ numel`` of those biases, e
 
 from __future__ import annotations
 
-from lowrank_runner.backbones import head_parameter_names
+from lowrank_runner.methods.inject import head_parameter_names
 from lowrank_runner.methods.base import AdapterMethod
 
 

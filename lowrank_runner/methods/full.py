@@ -13,7 +13,7 @@ DeBERTaV3-base 184.4M ≈ "184M", the papers' "# Params").
 
 from __future__ import annotations
 
-from lowrank_runner.backbones import head_parameter_names
+from lowrank_runner.methods.inject import head_parameter_names
 from lowrank_runner.methods.base import AdapterMethod
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from lowrank_runner.backbones.head import outside_body_parameters
 from lowrank_runner.methods.base import (Adapter, AdapterMethod, GroupedAdapter, LayerInfo, is_quantized_weight,
                                          weight_out_in)
 from lowrank_runner.targets import FUSED_GROUPS, TargetModule
@@ -141,6 +142,15 @@ def inject(model: nn.Module, method: AdapterMethod, targets: list[TargetModule])
 
 def is_adapter_param(name: str) -> bool:
     return f".{ADAPTER_KEY}." in name or name.startswith(f"{SHARED_KEY}.")
+
+
+def head_parameter_names(model) -> list[str]:
+    """The task head: parameters outside the backbone body and its output embeddings
+    (:func:`~lowrank_runner.backbones.head.outside_body_parameters`: ``classifier``,
+    ``score``, DeBERTa's pooler, exactly the modules PEFT keeps trainable with
+    ``modules_to_save``), but not adapter parameters registered at the top (CondLoRA's
+    shared ``lrr_shared``)."""
+    return [name for name in outside_body_parameters(model) if not is_adapter_param(name)]
 
 
 def mark_trainable(model: nn.Module, head_names: list[str] = ()) -> list[str]:

@@ -13,27 +13,24 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lowrank_runner.recipe.compose import load_document
 from lowrank_runner.recipe.document import Document
+from lowrank_runner.recipe.expand import expand_runs
+from lowrank_runner.recipe.schema import resolve
 from lowrank_runner.resources import expand_user, is_pkg_path, resolve_pkg_path
-from lowrank_runner.tasks.chat_data import named_templates
+from lowrank_runner.tasks.registry import TASKS
 
 _DATA_KEYS = ("train", "validation", "test")
 
 
 def recipe_file_io(path: str | Path, overrides=()) -> dict:
     """:func:`recipe_io` of a recipe file (with ``--set`` overrides) that validates."""
-    from lowrank_runner.recipe.load import load_document
-
     return recipe_io(load_document(path, overrides))
 
 
 def recipe_io(doc: Document) -> dict:
     """The files and places a composed, valid recipe document reads and writes."""
-    from lowrank_runner.recipe.load import _resolve, expand_runs
-    from lowrank_runner.recipe.schema import recipe_schema
-
-    schema = recipe_schema()
-    resolved = _resolve(doc.data, schema)
+    resolved = resolve(doc.data)
     reads: list[dict] = [{"key": "recipe", "value": source, "from": "file", "path": _absolute(source)}
                          for source in doc.sources]
     backbone = resolved["backbone"]
@@ -42,7 +39,7 @@ def recipe_io(doc: Document) -> dict:
         reads.append(_place("backbone.tokenizer", backbone["tokenizer"]))
     runs = expand_runs(doc)
     for run in runs:
-        reads += [dict(entry, task=run.task) for entry in _run_reads(_resolve(run.doc.data, schema))]
+        reads += [dict(entry, task=run.task) for entry in _run_reads(resolve(run.doc.data))]
     out_dir = resolved["output"]["dir"]
     where = Path(out_dir) / resolved["name"] / "<timestamp>"
     writes = {"key": "output.dir", "value": out_dir, "runs": str(where), "path": os.path.abspath(where),
@@ -61,9 +58,8 @@ def _run_reads(config: dict) -> list[dict]:
         out.append(_place("task.data_dir", task["data_dir"]))
     else:
         out.append({"key": "task.dataset", "value": task.get("dataset"), "from": "hub", "path": None})
-    template = task.get("chat_template") if task.get("name") == "chat" else None
-    if isinstance(template, str) and template not in named_templates():  # a file, not a shipped template's name
-        out.append(_place("task.chat_template", template))
+    spec = TASKS.get(task.get("name"))
+    out += [_place(key, value) for key, value in (spec.rules.reads(task) if spec else [])]  # a chat template's file
     init_from = (config.get("training") or {}).get("init_from")
     if isinstance(init_from, str):
         out.append(_place("training.init_from", init_from))

@@ -99,6 +99,22 @@ def _not_for(sub: dict, obj: dict) -> bool:
     return bool(applies) and isinstance(name, str) and name not in applies
 
 
+def resolve(data: dict) -> dict:
+    """A composed recipe (or one run of it) with every default filled in: the schema's,
+    and the method's own parameters' (its fragment), ``name`` first; each task of
+    ``tasks:`` a mapping. What runs see, and what the hashes are taken of."""
+    from lowrank_runner.methods.registry import get_method_spec
+
+    out = fill_defaults(data, recipe_schema())
+    method = out.get("method")
+    if isinstance(method, dict) and "name" in method:
+        out["method"] = {**get_method_spec(method["name"]).defaults(), **method}
+        out["method"] = {"name": method["name"], **{k: v for k, v in out["method"].items() if k != "name"}}
+    if isinstance(out.get("tasks"), dict):
+        out["tasks"] = {k: (v or {}) for k, v in out["tasks"].items()}
+    return out
+
+
 def property_schema(*path: str) -> dict:
     """The (dereferenced) schema of a recipe path like ("training", "learning_rate")."""
     root = recipe_schema()

@@ -28,7 +28,8 @@ import yaml
 from lowrank_runner.errors import Problem
 from lowrank_runner.recipe.document import Document, PathT, delete, merge, safe_load
 from lowrank_runner.recipe.schema import recipe_key_paths
-from lowrank_runner.recipe.validate import problem, suggest
+from lowrank_runner.recipe.hashing import canonical_form
+from lowrank_runner.recipe.problems import problem, suggest
 
 SWEEP = "sweep"
 ZIP = "zip"
@@ -276,8 +277,6 @@ def _zip_problems(doc: Document) -> list[tuple[list[str], Problem]]:
 
 def _canonical(value) -> str:
     """The value as a recipe's hash reads it (2.0 is 2; key order does not matter)."""
-    from lowrank_runner.recipe.load import canonical_form
-
     return json.dumps(canonical_form(value), sort_keys=True)
 
 

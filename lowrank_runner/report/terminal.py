@@ -11,8 +11,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from lowrank_runner.report.compare import RunReport, compare
-from lowrank_runner.report.markdown import fmt, run_markdown
-from lowrank_runner.train import artifacts as art
+from lowrank_runner.rundir.markdown import fmt, run_markdown
+from lowrank_runner.rundir.layout import REPORT_MD
 
 
 def _value(value) -> str:
@@ -24,7 +24,7 @@ def _value(value) -> str:
 def show_run(console: Console, run: RunReport) -> None:
     console.print(f"[dim]{escape(str(run.dir))}[/dim]")
     console.print(Markdown(run_markdown(run.report)))
-    files = [run.dir / name for name in [art.REPORT_MD, *((run.report.get("files") or {}).get("plots") or {})]]
+    files = [run.dir / name for name in [REPORT_MD, *((run.report.get("files") or {}).get("plots") or {})]]
     existing = [str(p) for p in files if p.is_file()]
     if existing:
         console.print("[bold]files:[/bold] " + escape(", ".join(existing)))

@@ -1,7 +1,7 @@
 """``lrr inspect`` of a search: the model at every choice that changes it.
 
 ``lrr validate`` checks every value a trial can take against the schema
-(:mod:`~lowrank_runner.search.space`); whether a ``targets`` pattern matches a module,
+(:mod:`~lowrank_runner.recipe.search`); whether a ``targets`` pattern matches a module,
 or a method's ranks fit the model, only the model shows. So inspect builds each task's
 model (on the meta device, as for its runs) at every choice of ``targets`` and of the
 method's keys (``method.*``), and names the choice a trial could not train with at its
@@ -14,7 +14,7 @@ import copy
 from dataclasses import replace
 
 from lowrank_runner.errors import LrrError
-from lowrank_runner.search.space import SEARCH, SPACE, search_spec
+from lowrank_runner.recipe.search import SEARCH, SPACE, search_spec
 
 
 def shapes_model(key: str) -> bool:

@@ -9,9 +9,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lowrank_runner.recipe.load import Recipe
-from lowrank_runner.search.layout import BEST_DIR, DB_FILE, RECORD_FILE as RECORD_JSON, RECORD_MD
-from lowrank_runner.search.space import SearchSpec, describe_search
-from lowrank_runner.train import artifacts as art
+from lowrank_runner.rundir.search import BEST_DIR, DB_FILE, RECORD_FILE as RECORD_JSON, RECORD_MD
+from lowrank_runner.recipe.search import SearchSpec, describe_search
+from lowrank_runner.rundir.files import write_json
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def _task_record(info: TaskInfo, study, decode) -> dict:
 
 def write_record(root: Path, recipe: Recipe, spec: SearchSpec, info: dict, studies: dict, status: str, decode) -> None:
     record = search_record(recipe, spec, info, studies, status, decode)
-    art.write_json(root / RECORD_JSON, record)
+    write_json(root / RECORD_JSON, record)
     (root / RECORD_MD).write_text(record_markdown(record), encoding="utf-8")
 
 

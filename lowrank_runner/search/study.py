@@ -36,13 +36,16 @@ from rich.markup import escape
 from lowrank_runner.errors import LrrError, UsageError
 from lowrank_runner.quiet import quiet_libraries
 from lowrank_runner.recipe.load import Recipe, load_recipe
-from lowrank_runner.search.layout import BEST_DIR, DB_FILE, RECORD_FILE, TRIALS_DIR
+from lowrank_runner.recipe.search import SearchSpec, search_spec, trial_overrides
+from lowrank_runner.rundir.files import write_recipe
+from lowrank_runner.rundir.layout import METRICS_FILE, RECIPE_FILE, REPORT_FILE
+from lowrank_runner.rundir.search import BEST_DIR, DB_FILE, RECORD_FILE, TRIALS_DIR
 from lowrank_runner.search.record import task_info, write_record
-from lowrank_runner.search.space import SearchSpec, search_spec, trial_overrides
-from lowrank_runner.train import artifacts as art
-from lowrank_runner.train.run_dirs import continue_command, prepare_root, recorded_runs, world_size
 from lowrank_runner.train import run_dirs
-from lowrank_runner.train.runner import console, run_recipe
+from lowrank_runner.train.devices import world_size
+from lowrank_runner.train.invocation import console
+from lowrank_runner.train.run_dirs import continue_command, prepare_root, recorded_runs
+from lowrank_runner.train.runner import run_recipe
 
 STOPPED = "stopped"  # --stop-after-step ended a trial: the search waits for --resume
 
@@ -190,7 +193,7 @@ class Search:
         rec = None
         try:
             rec = self.trial_recipe(task, values)  # a sampled value the recipe cannot take fails this trial
-            run_recipe(rec, run_dir, self.argv, resume=(run_dir / art.RECIPE_FILE).is_file(), stop_after=self.stop_after)
+            run_recipe(rec, run_dir, self.argv, resume=(run_dir / RECIPE_FILE).is_file(), stop_after=self.stop_after)
             done = _metrics(run_dir)
             if done is None:
                 return STOPPED
@@ -269,7 +272,7 @@ class Search:
         except LrrError:
             self.write("failed")
             raise
-        if any((out / d / art.RECIPE_FILE).is_file() and _metrics(out / d) is None for d in _run_dirs(rec, out)):
+        if any((out / d / RECIPE_FILE).is_file() and _metrics(out / d) is None for d in _run_dirs(rec, out)):
             console.print(f"continue the search (its best runs) with: {escape(self.again)}")
         return failures
 
@@ -280,9 +283,9 @@ def _keep_failed(run_dir: Path, rec: Recipe | None, error: str) -> None:
     (the overrides that rerun it). ``run_recipe`` removes a single run's directory that
     failed before training; a trial is listed in ``search.json``, so it stays."""
     run_dirs.mark_failed(run_dir, error, create=True)
-    if rec is not None and not (run_dir / art.RECIPE_FILE).is_file():
+    if rec is not None and not (run_dir / RECIPE_FILE).is_file():
         run = rec.runs[0]
-        art.write_recipe(run_dir / art.RECIPE_FILE, run.config, rec.hash, run.config_hash, rec.source, rec.overrides)
+        write_recipe(run_dir / RECIPE_FILE, run.config, rec.hash, run.config_hash, rec.source, rec.overrides)
 
 
 def _run_dirs(recipe: Recipe, root: Path) -> list[Path]:
@@ -321,7 +324,7 @@ def _finished(study, optuna) -> int:
 
 def _metrics(run_dir: Path) -> dict | None:
     """A completed run's metrics.json (None: the run stopped before completing)."""
-    report, metrics = run_dir / art.REPORT_FILE, run_dir / art.METRICS_FILE
+    report, metrics = run_dir / REPORT_FILE, run_dir / METRICS_FILE
     try:
         if json.loads(report.read_text(encoding="utf-8")).get("status") != "completed":
             return None

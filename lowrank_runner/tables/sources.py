@@ -1,16 +1,17 @@
 """Where a table's runs come from: the recipe ``lrr run`` just ran (its summary), or the
 output directories of earlier runs (``lrr report --table DIR ...``): a multi-run
 recipe's ``summary.json`` or a single run's ``report.json``. Every file is checked
-(report/schema.py); anything else is a clear error. Torch-free."""
+(rundir/schema.py); anything else is a clear error. Torch-free."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from lowrank_runner.errors import RunFileError, UsageError
-from lowrank_runner.search.layout import runs_of
+from lowrank_runner.errors import UsageError
+from lowrank_runner.rundir.layout import RECIPE_FILE, REPORT_FILE, SUMMARY_FILE
+from lowrank_runner.rundir.reports import load_run, read_summary, run_dir_of
+from lowrank_runner.rundir.search import runs_of
 from lowrank_runner.tables.build import Source
-from lowrank_runner.train import artifacts as art
 
 
 def recipe_tasks(resolved: dict) -> list[str]:
@@ -29,46 +30,19 @@ def recipe_source(recipe, summary: list[dict]) -> Source:
     return Source(recipe.name, tasks, summary, points)
 
 
-def run_dir_of(root: Path, entry: dict) -> Path:
-    """A summary entry's run directory under ``root`` (the recipe's output directory, which
-    may have moved since): the tail of the recorded path (``task-seedN``, or
-    ``task/POINT/seedN`` for a sweep) that exists under ``root``."""
-    recorded = Path(entry["dir"])
-    parts = recorded.parts
-    for n in range(1, len(parts) + 1):
-        candidate = root.joinpath(*parts[-n:])
-        if (candidate / art.REPORT_FILE).is_file():
-            return candidate
-    return root.joinpath(*parts[-(3 if entry.get("label") else 1):])
-
-
 def _not_an_output(path: Path) -> UsageError:
-    return UsageError(f"{path}: not a recipe's output directory: no {art.SUMMARY_FILE} (written by a recipe with "
-                      f"several runs) and no {art.REPORT_FILE} (a single run); give the directories 'lrr run' wrote "
+    return UsageError(f"{path}: not a recipe's output directory: no {SUMMARY_FILE} (written by a recipe with "
+                      f"several runs) and no {REPORT_FILE} (a single run); give the directories 'lrr run' wrote "
                       "(its --output), one per recipe")
 
 
 def _summary_source(root: Path) -> tuple[Source, dict]:
-    from lowrank_runner.report.compare import _read_json, load_run
-    from lowrank_runner.report.schema import SUMMARY_SCHEMA, check
-
-    path = root / art.SUMMARY_FILE
-    fix = "restore it from a copy, or run the recipe again with --resume"
-    summary = _read_json(path, "recipe summary", fix)
-    check(summary, SUMMARY_SCHEMA, path, "recipe summary", fix)
-    entries, resolved = [], None
-    for entry in summary["runs"]:
-        run_dir = run_dir_of(root, entry)
-        entry = {**entry, "dir": str(run_dir)}
+    summary, entries = read_summary(root, "restore it from a copy, or run the recipe again with --resume")
+    resolved = None
+    for entry in entries:
         if entry["status"] == "completed":
-            if not (run_dir / art.REPORT_FILE).is_file():
-                raise RunFileError(f"{run_dir}: {path} lists this run as completed, but its {art.REPORT_FILE} is "
-                                   "gone (deleted or moved?); restore the run directory")
-            report = load_run(run_dir).report
+            report = load_run(Path(entry["dir"])).report
             resolved = resolved or (report.get("recipe") or {}).get("resolved")
-        entries.append(entry)
-    if not entries:
-        raise RunFileError(f"{path}: lists no runs; {fix}")
     resolved = resolved or _layout_of_a_run(root, summary["runs"])
     name = summary.get("recipe") or (resolved or {}).get("name") or root.name
     return _source(name, resolved or {}, entries), resolved or {}
@@ -81,7 +55,7 @@ def _layout_of_a_run(root: Path, entries: list[dict]) -> dict | None:
     from lowrank_runner.recipe.document import load_yaml
 
     for entry in entries:
-        path = run_dir_of(root, entry) / art.RECIPE_FILE
+        path = run_dir_of(root, entry) / RECIPE_FILE
         if path.is_file():
             try:
                 config = load_yaml(path).data
@@ -93,8 +67,6 @@ def _layout_of_a_run(root: Path, entries: list[dict]) -> dict | None:
 
 
 def _single_source(run_dir: Path) -> tuple[Source, dict]:
-    from lowrank_runner.report.compare import load_run
-
     run = load_run(run_dir)
     report = run.report
     resolved = (report.get("recipe") or {}).get("resolved") or {}
@@ -119,9 +91,9 @@ def read_output(path: Path) -> tuple[Source, dict]:
     if not path.is_dir():
         raise UsageError(f"{path}: not a directory (give the output directory of a recipe run by 'lrr run')")
     path = runs_of(path)  # a search's directory: its final runs, path/best
-    if (path / art.SUMMARY_FILE).is_file() and not (path / art.REPORT_FILE).is_file():
+    if (path / SUMMARY_FILE).is_file() and not (path / REPORT_FILE).is_file():
         return _summary_source(path)
-    if (path / art.REPORT_FILE).is_file():
+    if (path / REPORT_FILE).is_file():
         return _single_source(path)
     raise _not_an_output(path)
 

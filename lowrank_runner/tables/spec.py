@@ -7,12 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lowrank_runner.tasks.registry import LOWER_IS_BETTER
+from lowrank_runner.tasks.registry import LOWER_IS_BETTER, TASKS
 
-# The papers' names of the benchmark tasks and metrics (headers; LoRA2 Table 5's "Mcc",
-# "Acc", "F1", "Corr"; TriAdaptLoRA Table IV's "EM").
-TASK_NAMES = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "qqp": "QQP", "stsb": "STS-B", "mnli": "MNLI",
-              "qnli": "QNLI", "rte": "RTE", "squad_v2": "SQuAD 2.0", "e2e": "E2E", "dart": "DART", "webnlg": "WebNLG"}
+# The papers' names of the metrics (headers; LoRA2 Table 5's "Mcc", "Acc", "F1", "Corr";
+# TriAdaptLoRA Table IV's "EM"); a task's is its spec's display name ("SST-2").
 METRIC_NAMES = {"accuracy": "Acc", "accuracy_mm": "Acc-mm", "f1": "F1", "f1_macro": "F1-macro",
                 "matthews_correlation": "Mcc", "pearson": "Pearson", "spearman": "Spearman", "mse": "MSE",
                 "exact": "EM", "best_exact": "best EM", "best_f1": "best F1", "bleu": "BLEU", "nist": "NIST",
@@ -82,42 +80,6 @@ def metric_label(metrics: tuple[str, ...]) -> str:
 def header(column: Column, metrics: tuple[str, ...]) -> str:
     if column.header:
         return column.header
-    name = TASK_NAMES.get(column.task, column.task)
+    spec = TASKS.get(column.task)
+    name = spec.shown_name if spec is not None else column.task
     return f"{name} ({metric_label(metrics)})" if metrics else name
-
-
-def table_problems(doc, tasks: list[str]) -> list:
-    """Problems (at their lines) of ``output.table.columns`` entries that name a task the
-    recipe does not run, or a metric its task does not report. ``doc``: the composed
-    recipe document; ``tasks``: the task names its runs have (``lrr validate``)."""
-    from lowrank_runner.recipe.validate import problem, suggest
-    from lowrank_runner.tasks.registry import TASKS
-
-    output = doc.data.get("output") if isinstance(doc.data, dict) else None
-    table = output.get("table") if isinstance(output, dict) else None
-    columns = table.get("columns") if isinstance(table, dict) else None
-    out, tasks, seen = [], list(dict.fromkeys(t for t in tasks if t)), {}
-    for i, raw in enumerate(columns if isinstance(columns, list) else []):
-        at = ("output", "table", "columns", i)
-        task = raw if isinstance(raw, str) else raw.get("task") if isinstance(raw, dict) else None
-        if not isinstance(task, str):
-            continue  # the schema says what is wrong
-        if task not in tasks:
-            where = at if isinstance(raw, str) else at + ("task",)
-            out.append(problem(doc, where, f"the recipe runs no task {task!r}{suggest(task, tasks)}; "
-                                           f"its tasks: {', '.join(tasks)}"))
-            continue
-        metrics = raw.get("metrics") if isinstance(raw, dict) else None
-        shown = (task, tuple(metrics) if isinstance(metrics, list) else None)
-        if shown in seen:
-            out.append(problem(doc, at, f"this column is listed twice (also item {seen[shown]}): the average would "
-                                        "count it twice; give each column once"))
-        seen.setdefault(shown, i)
-        if isinstance(metrics, list) and len(set(map(str, metrics))) < len(metrics):
-            out.append(problem(doc, at + ("metrics",), "a metric is listed twice: give each once"))
-        known = [*TASKS[task].metrics, "loss"] if task in TASKS else None
-        for j, metric in enumerate(metrics if isinstance(metrics, list) and known else []):
-            if isinstance(metric, str) and metric not in known:
-                out.append(problem(doc, at + ("metrics", j), f"task {task!r} reports no metric {metric!r}"
-                                   f"{suggest(metric, known)}; it reports {', '.join(known)}"))
-    return out

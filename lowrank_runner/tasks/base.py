@@ -9,6 +9,8 @@ import numpy as np
 
 from lowrank_runner.tasks.registry import LOWER_IS_BETTER, TaskSpec
 
+IGNORE = -100  # the label of a token no loss is computed on (transformers' and PyTorch's ignore_index)
+
 
 class Task:
     """Base class: a task built from the resolved ``task`` section of a run."""
@@ -47,7 +49,7 @@ class Task:
         cache is used offline with ``HF_DATASETS_OFFLINE=1``."""
         import datasets
 
-        from lowrank_runner.backbones import hub_unreachable
+        from lowrank_runner.hub import hub_unreachable
         from lowrank_runner.errors import DataError
 
         offline = getattr(datasets.config, "HF_DATASETS_OFFLINE", False) or getattr(datasets.config, "HF_HUB_OFFLINE", False)
@@ -164,7 +166,7 @@ def build_task(config: dict) -> Task:
     return spec.load()(config, spec)
 
 
-def shifted_token_loss(logits, labels, num_items: int | None, ignore: int = -100, smoothing: float = 0.0):
+def shifted_token_loss(logits, labels, num_items: int | None, ignore: int = IGNORE, smoothing: float = 0.0):
     """Next-token cross-entropy of a causal LM (label-smoothed by ``smoothing``: PyTorch's
     definition) over the tokens whose label is not ``ignore``: their mean, or with
     ``num_items`` their sum divided by ``num_items``. Only the labelled positions' logits
@@ -179,7 +181,7 @@ def shifted_token_loss(logits, labels, num_items: int | None, ignore: int = -100
     return F.cross_entropy(picked, labels[mask], reduction="sum", label_smoothing=smoothing) / max(num_items, 1)
 
 
-def shifted_label_count(labels, ignore: int = -100) -> int:
+def shifted_label_count(labels, ignore: int = IGNORE) -> int:
     """The tokens :func:`shifted_token_loss` scores in ``labels`` (all but the first
     position's, where the label is not ``ignore``)."""
     return int((labels[:, 1:] != ignore).sum())

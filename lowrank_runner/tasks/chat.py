@@ -38,12 +38,11 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from lowrank_runner.errors import DataError
-from lowrank_runner.tasks.base import Task
+from lowrank_runner.errors import DataError, warn
+from lowrank_runner.tasks.base import IGNORE, Task
 from lowrank_runner.tasks.chat_data import RowProblem, detect_shape, template_file, to_messages
-from lowrank_runner.tasks.data_check import Rows, warn
+from lowrank_runner.tasks.data_check import Rows
 
-IGNORE = -100
 HUB_ROWS = {("HuggingFaceH4/ultrachat_200k", "train_sft"): 207_865, ("yahma/alpaca-cleaned", "train"): 51_760}
 CODE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]  # in datasets' fingerprint of the tokenising
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>")  # generation also stops at these tokens

@@ -30,7 +30,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lowrank_runner.errors import DataError
+from lowrank_runner.errors import DataError, warn
 
 MISSING = object()  # a JSON Lines row without the key
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -55,12 +55,6 @@ class Rows:
         """``FILE:LINE: column 'C'`` for row ``i`` (0-based)."""
         at = f"{self.shown}: row {self.lines[i]}" if self.fmt == "parquet" else f"{self.shown}:{self.lines[i]}"
         return f"{at}: column '{column}'" if column else at
-
-
-def warn(message: str) -> None:
-    """A data warning on standard error (once, from the main process)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"warning: {message}", file=sys.stderr)
 
 
 # ---- files -------------------------------------------------------------------------

@@ -15,8 +15,8 @@ import math
 
 import torch
 
+from lowrank_runner.tasks.base import IGNORE
 from lowrank_runner.tasks.holdout import TEST_PREFIX
-from lowrank_runner.tasks.nlg import IGNORE
 from lowrank_runner.tasks.text_metrics import generation_scores
 
 

@@ -28,6 +28,7 @@ from lowrank_runner.errors import DataError
 from lowrank_runner.tasks.base import Task
 from lowrank_runner.tasks.data_check import decoded_lines, readable_file
 from lowrank_runner.tasks.metrics import binary_f1, classification_metrics, regression_metrics
+from lowrank_runner.tasks.rules import GLUE_DATASET
 
 
 @dataclass(frozen=True)
@@ -72,17 +73,6 @@ SPECS = {
 }
 # Official training-set sizes (GLUE; the hub's nyu-mll/glue), so that `lrr inspect` can
 # plan steps without downloading anything.
-TRAIN_SIZES = {"cola": 8_551, "sst2": 67_349, "mrpc": 3_668, "qqp": 363_846, "stsb": 5_749, "mnli": 392_702,
-               "qnli": 104_743, "rte": 2_490}
-
-
-def hub_train_size(name: str, limit: int | None) -> int:
-    """The training examples of hub GLUE task ``name`` (its official size), capped at
-    ``task.max_train_samples``; no download (``lrr inspect``, ``lrr validate``)."""
-    return min(TRAIN_SIZES[name], limit or TRAIN_SIZES[name])
-
-
-DEFAULT_DATASET = "nyu-mll/glue"
 HUB_SPLITS = {"mnli": {"validation": "validation_matched", "validation_mismatched": "validation_mismatched"}}
 
 
@@ -157,7 +147,7 @@ class Glue(Task):
 
     @property
     def dataset(self) -> str:
-        return self.config.get("dataset") or DEFAULT_DATASET
+        return self.config.get("dataset") or GLUE_DATASET
 
     @property
     def is_regression(self) -> bool:
@@ -194,9 +184,8 @@ class Glue(Task):
 
     def count_train_examples(self) -> int:
         """Rows of the local files; from the hub, the official size (no download)."""
-        if self.config.get("data_dir") or self.dataset != DEFAULT_DATASET:
-            return len(self.raw["train"])
-        return hub_train_size(self.spec.name, self.config.get("max_train_samples"))
+        known = self.spec.rules.hub_train_size(self.spec.name, self.config)
+        return len(self.raw["train"]) if known is None else known
 
     def eval_splits(self) -> dict[str, str]:
         return {"validation": "", **{s: "_mm" for s in self.glue.eval_files if s != "validation"}}

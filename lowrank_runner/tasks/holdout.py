@@ -27,12 +27,11 @@ def holdout_sizes(n: int, fraction: float) -> tuple[int, int]:
 
 
 def apply_holdout(splits, fraction: float, eval_splits: dict[str, str]):
-    """``train`` → (``train``, ``validation``); each evaluation split → ``test__<name>``."""
-    import datasets
-
+    """``train`` → (``train``, ``validation``); each evaluation split → ``test__<name>``
+    (``splits``: a ``datasets.DatasetDict``; the same kind of mapping is returned)."""
     holdout_sizes(len(splits["train"]), fraction)
     parts = splits["train"].train_test_split(test_size=fraction, seed=HOLDOUT_SEED, shuffle=True)
     out = {"train": parts["train"], "validation": parts["test"]}
     out.update({TEST_PREFIX + name: splits[name] for name in eval_splits})
     out.update({k: v for k, v in splits.items() if k.startswith(TEST_PREFIX)})  # the task's own (Task.test_splits)
-    return datasets.DatasetDict(out)
+    return type(splits)(out)

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lowrank_runner.errors import DataError
+from lowrank_runner.errors import DataError, warn
 from lowrank_runner.tasks.base import Task
 from lowrank_runner.tasks.data_check import (DELIMITERS, Rows, check_labels, check_scores, check_text, data_file,
-                                             read_rows, warn)
+                                             read_rows)
 from lowrank_runner.tasks.metrics import classification_metrics, regression_metrics
 
 def load_files(data: dict, splits: tuple[str, ...] = ("train", "validation"), wanted: dict[str, str] | None = None,

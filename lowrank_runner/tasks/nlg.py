@@ -31,24 +31,15 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 
-from lowrank_runner.errors import DataError
-from lowrank_runner.tasks.base import Task, shifted_label_count, shifted_token_loss
-from lowrank_runner.tasks.data_check import Rows, warn
+from lowrank_runner.errors import DataError, warn
+from lowrank_runner.tasks.base import IGNORE, Task, shifted_label_count, shifted_token_loss
+from lowrank_runner.tasks.data_check import Rows
 from lowrank_runner.tasks.holdout import TEST_PREFIX
+from lowrank_runner.tasks.rules import NLG_HUB
 
-# Default hub data per task: (dataset id, configuration); LoRA's splits and training sizes
-# (pairs), so that `lrr inspect` plans steps offline. E2E: Novikova et al. (2017);
-# WebNLG 2017 and DART v1.1.1: the pair counts of LoRA's formatted data (examples/NLG).
-HUB = {
-    "e2e": ("tuetschek/e2e_nlg", None),
-    "dart": ("Yale-LILY/dart", None),
-    "webnlg": ("webnlg-challenge/web_nlg", "webnlg_challenge_2017"),
-}
-TRAIN_PAIRS = {"e2e": 42_061, "dart": 62_659, "webnlg": 18_025}
 SOURCE_COLUMNS = ("source", "meaning_representation", "mr", "tripleset", "modified_triple_sets", "input", "context")
 TARGET_COLUMNS = ("target", "human_reference", "ref", "completion", "annotations", "lex", "text")
 REFERENCES_COLUMN = "references"
-IGNORE = -100
 _SLOT = r"[^\[\],]+\[[^\]]*\]"
 _MR = re.compile(rf"\s*{_SLOT}(\s*,\s*{_SLOT})*\s*")
 _SLOTS = re.compile(r"([^\[\],]+)\[([^\]]*)\]")
@@ -171,7 +162,7 @@ class DataToText(Task):
             wanted = {c[k]: f"task.{k}" for k in ("source_column", "target_column") if c.get(k)}
             splits, where = load_files(c["data"], names, wanted, strings=None)
         else:
-            default_id, default_config = HUB.get(self.spec.name, (None, None))
+            default_id, default_config = NLG_HUB.get(self.spec.name, (None, None))
             dataset = c.get("dataset") or default_id
             if dataset is None:
                 raise DataError(f"task '{self.spec.name}' reads your files: set task.data.train and task.data.validation")
@@ -264,11 +255,8 @@ class DataToText(Task):
 
     def count_train_examples(self) -> int:
         """Training pairs: from the default hub data, LoRA's count (no download)."""
-        c = self.config
-        if not c.get("data") and self.spec.name in TRAIN_PAIRS and (c.get("dataset") in (None, HUB[self.spec.name][0])):
-            limit = c.get("max_train_samples")
-            return min(TRAIN_PAIRS[self.spec.name], limit or TRAIN_PAIRS[self.spec.name])
-        return len(self.raw["train"])
+        known = self.spec.rules.hub_train_size(self.spec.name, self.config)
+        return len(self.raw["train"]) if known is None else known
 
     # ---- tokens
     def _ids(self, tokenizer):

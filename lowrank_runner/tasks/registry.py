@@ -1,13 +1,17 @@
 """Registered tasks (torch-free, read by ``lrr validate``).
 
 A task spec says what data a task needs, which model head it trains and which metrics
-score it; its implementation (data loading, metrics) is imported only when running.
+score it, and carries its rules (:mod:`lowrank_runner.tasks.rules`: its recipe checks,
+hub dataset and size, extra files); its implementation (data loading, metrics) is
+imported only when running.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from lowrank_runner.tasks.rules import ChatRules, DataToTextRules, GlueRules, RegressionRules, SquadRules, TaskRules
 
 LOWER_IS_BETTER = frozenset({"loss", "perplexity", "ter", "mse"})  # metrics that improve downwards
 
@@ -21,6 +25,12 @@ class TaskSpec:
     primary_metric: str
     needs_local_data: bool = True
     accepts_local_data: bool = False  # task.data is optional: your files instead of the hub
+    display_name: str = ""  # the papers' name, in table headers ("SST-2"); "" for the task's own name
+    rules: TaskRules = field(default_factory=TaskRules, compare=False)
+
+    @property
+    def shown_name(self) -> str:
+        return self.display_name or self.name
 
     def load(self):
         module_name, _, attr = self.implementation.partition(":")
@@ -43,6 +53,7 @@ TASKS: dict[str, TaskSpec] = {
             implementation="lowrank_runner.tasks.local_files:Regression",
             metrics=("pearson", "spearman", "mse"),
             primary_metric="pearson",
+            rules=RegressionRules(),
         ),
     )
 }
@@ -65,13 +76,15 @@ for _name, (_what, _metrics) in _GLUE.items():
         metrics=_metrics,
         primary_metric=_metrics[0],
         needs_local_data=False,
+        display_name=_what.partition(":")[0],
+        rules=GlueRules(),
     )
 
 # Data-to-text generation on a causal LM (MTLoRA Tables 2, 5, 6; LoRA §5.5).
 _NLG_METRICS = ("bleu", "nist", "rougeL", "chrf", "ter", "loss", "perplexity")
-for _name, _what in (("e2e", "E2E NLG Challenge: restaurant meaning representations to text"),
-                     ("dart", "DART: open-domain triple sets to text"),
-                     ("webnlg", "WebNLG 2017: DBpedia triple sets to text")):
+for _name, _shown, _what in (("e2e", "E2E", "E2E NLG Challenge: restaurant meaning representations to text"),
+                             ("dart", "DART", "DART: open-domain triple sets to text"),
+                             ("webnlg", "WebNLG", "WebNLG 2017: DBpedia triple sets to text")):
     TASKS[_name] = TaskSpec(
         name=_name,
         description=f"{_what} (causal LM, beam search, multi-reference BLEU); from the hub (task.dataset) or your files (task.data).",
@@ -80,6 +93,8 @@ for _name, _what in (("e2e", "E2E NLG Challenge: restaurant meaning representati
         primary_metric="bleu",
         needs_local_data=False,
         accepts_local_data=True,
+        display_name=_shown,
+        rules=DataToTextRules(),
     )
 TASKS["data_to_text"] = TaskSpec(
     name="data_to_text",
@@ -87,6 +102,7 @@ TASKS["data_to_text"] = TaskSpec(
     implementation="lowrank_runner.tasks.nlg:DataToText",
     metrics=_NLG_METRICS,
     primary_metric="bleu",
+    rules=DataToTextRules(),
 )
 
 
@@ -98,6 +114,8 @@ TASKS["squad_v2"] = TaskSpec(
     metrics=("f1", "exact", "best_f1", "best_exact", "HasAns_f1", "HasAns_exact", "NoAns_f1", "NoAns_exact"),
     primary_metric="f1",
     needs_local_data=False,
+    display_name="SQuAD 2.0",
+    rules=SquadRules(),
 )
 
 # Instruction tuning of a causal LM on conversations (tasks/chat.py).
@@ -111,6 +129,7 @@ TASKS["chat"] = TaskSpec(
     primary_metric="loss",
     needs_local_data=False,
     accepts_local_data=True,
+    rules=ChatRules(),
 )
 
 

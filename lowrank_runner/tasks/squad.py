@@ -22,12 +22,11 @@ from pathlib import Path
 from lowrank_runner.errors import BackboneError, DataError
 from lowrank_runner.tasks.base import Task
 from lowrank_runner.tasks.data_check import decode_text, readable_file
+from lowrank_runner.tasks.rules import SQUAD_DATASET
 from lowrank_runner.tasks.squad_metrics import best_threshold_scores, squad_v2_scores
 from lowrank_runner.tasks.squad_spans import answer_token_span, best_span, context_offsets, predict
 
-DEFAULT_DATASET = "rajpurkar/squad_v2"
 FILES = {"train": "train-v2.0.json", "validation": "dev-v2.0.json"}  # the official file names
-TRAIN_SIZE = 130_319  # questions in the official training set (the hub's train split): `lrr inspect` offline
 MODEL_INPUTS = ("input_ids", "token_type_ids", "attention_mask", "start_positions", "end_positions")
 
 
@@ -129,7 +128,7 @@ class SquadV2(Task):
 
     @property
     def dataset(self) -> str:
-        return self.config.get("dataset") or DEFAULT_DATASET
+        return self.config.get("dataset") or SQUAD_DATASET
 
     def data_files(self) -> dict:
         """With ``task.data_dir``: the official JSON files in it."""
@@ -163,10 +162,8 @@ class SquadV2(Task):
         """Training questions: from local files, or the official count for the default hub
         dataset (no download). Training runs on features, one or more per question (a
         long context gives several windows), so `lrr run` plans slightly more steps."""
-        if self.config.get("data_dir") or self.dataset != DEFAULT_DATASET:
-            return len(self.raw["train"])
-        limit = self.config.get("max_train_samples")
-        return min(TRAIN_SIZE, limit or TRAIN_SIZE)
+        known = self.spec.rules.hub_train_size(self.spec.name, self.config)
+        return len(self.raw["train"]) if known is None else known
 
     # ---- features
     def tokenize(self, splits, tokenizer):

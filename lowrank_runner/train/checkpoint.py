@@ -46,8 +46,8 @@ import numpy as np
 import torch
 
 from lowrank_runner.errors import CheckpointError
+from lowrank_runner.rundir.layout import CHECKPOINTS_DIR, checkpoint_dirs, checkpoint_name
 
-CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "state.json"
 FORMAT = 2  # 1: torch.save pickles (.pt); 2: safetensors + JSON
 _STRUCTURE_KEY = "lrr_state"
@@ -171,7 +171,7 @@ def save_checkpoint(run_dir: Path, accelerator, *, state: dict, trainable: dict,
     from safetensors.torch import save_file
 
     root = run_dir / CHECKPOINTS_DIR
-    final = root / f"step-{state['step']:06d}"
+    final = root / checkpoint_name(state["step"])
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -216,8 +216,7 @@ def _check_whole(*states: dict | None) -> None:
 
 def _complete_dirs(run_dir: Path) -> list[Path]:
     """Checkpoint directories that were completely written (renamed from ``.tmp``), oldest first."""
-    root = run_dir / CHECKPOINTS_DIR
-    return sorted(p for p in root.glob("step-*") if p.is_dir() and p.suffix != ".tmp") if root.is_dir() else []
+    return checkpoint_dirs(run_dir)
 
 
 def _damaged(path: Path, older: list[Path], problem: str) -> CheckpointError:

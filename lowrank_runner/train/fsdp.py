@@ -160,7 +160,7 @@ class Sharding:
                 "enough for one device per process) or remove backbone.quantization")
         if not (fsdp.get("enabled") or _LAUNCH_FSDP):
             return cls(None, "")
-        from lowrank_runner.train.loop import has_accelerator_device
+        from lowrank_runner.train.devices import has_accelerator_device
 
         if PartialState(cpu=not has_accelerator_device()).distributed_type == DistributedType.NO:  # as run_dirs.py
             _note(f"{where}: training.fsdp: a single process was started (not by accelerate launch or torchrun): "
@@ -285,7 +285,7 @@ def _check_deepspeed(fsdp: dict, where: str) -> None:
     if fsdp.get("enabled"):
         raise FsdpError(f"{where}: training.fsdp.enabled is true and `accelerate launch` was given a DeepSpeed config: "
                         "use one of them")
-    from lowrank_runner.train.loop import has_accelerator_device
+    from lowrank_runner.train.devices import has_accelerator_device
 
     if not has_accelerator_device():
         raise FsdpError(f"{where}: the accelerate config asks for DeepSpeed, which Accelerate applies only on GPUs (on "

@@ -22,12 +22,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from lowrank_runner.errors import LrrError
+from lowrank_runner.errors import LrrError, RunFileError
+from lowrank_runner.methods.registry import method_specs
+from lowrank_runner.recipe.init_from import FREE_PARAMS
 from lowrank_runner.resources import expand_user
-from lowrank_runner.train import artifacts as art
+from lowrank_runner.rundir.adapter import read_adapter_config, read_tensors
+from lowrank_runner.rundir.layout import ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, REPORT_FILE
 
-# Method parameters that do not change what the adapter's tensors mean.
-FREE_PARAMS = ("dropout",)
 
 
 class InitFromError(LrrError):
@@ -48,10 +49,10 @@ class InitSource:
 
     def adapter_dir(self) -> Path:
         path = expand_user(str(self.path))
-        for candidate in (path / art.ADAPTER_DIR, path):
-            if (candidate / art.ADAPTER_CONFIG).is_file():
+        for candidate in (path / ADAPTER_DIR, path):
+            if (candidate / ADAPTER_CONFIG).is_file():
                 return candidate
-        report = path / art.REPORT_FILE
+        report = path / REPORT_FILE
         try:
             status = json.loads(report.read_text()).get("status") if report.is_file() else None
         except (ValueError, OSError, AttributeError):
@@ -59,7 +60,7 @@ class InitSource:
         if status and status != "completed":
             why = f"that run did not complete (status '{status}')"
         elif path.exists():
-            why = f"it holds no {art.ADAPTER_DIR}/{art.ADAPTER_CONFIG} (not a finished 'lrr run' directory)"
+            why = f"it holds no {ADAPTER_DIR}/{ADAPTER_CONFIG} (not a finished 'lrr run' directory)"
         else:
             why = "no such directory"
         raise InitFromError(f"{self.where}: cannot start from {self.label}: {why}")
@@ -67,7 +68,7 @@ class InitSource:
     def record(self) -> dict:
         """What a run records about its initial adapter (adapter_config.json, report.json)."""
         directory = self.adapter_dir()
-        config = json.loads((directory / art.ADAPTER_CONFIG).read_text())
+        config = json.loads((directory / ADAPTER_CONFIG).read_text())
         return {"path": str(directory.resolve()), "run": self.run, "task": config.get("task", {}).get("name"),
                 "recipe_hash": config.get("recipe_hash"), "config_hash": config.get("config_hash"),
                 "head": "not loaded: trained fresh for this task"}
@@ -75,22 +76,19 @@ class InitSource:
     def _read(self, directory: Path) -> tuple[dict, dict]:
         """The source's adapter_config.json and adapter tensors, checked as an export
         checks them (a damaged or missing file names itself and how to repair it)."""
-        from lowrank_runner.errors import ExportError
-        from lowrank_runner.export.source import read_adapter_config, read_tensors
-
-        source = directory.parent if directory.name == art.ADAPTER_DIR else directory
+        source = directory.parent if directory.name == ADAPTER_DIR else directory
         try:
-            config = read_adapter_config(directory / art.ADAPTER_CONFIG, source)
-            tensors = read_tensors(directory / art.ADAPTER_WEIGHTS, source)
-        except ExportError as exc:
+            config = read_adapter_config(directory / ADAPTER_CONFIG, source, methods=method_specs())
+            tensors = read_tensors(directory / ADAPTER_WEIGHTS, source)
+        except RunFileError as exc:
             raise InitFromError(f"{self.where}: cannot start from {self.label}: {exc}") from None
         if tensors and all(t.is_floating_point() and not t.any() for t in tensors.values()):
             raise InitFromError(f"{self.where}: cannot start from {self.label}: every tensor of "
-                                f"{directory / art.ADAPTER_WEIGHTS} is zero (an adapter that changes nothing, and "
+                                f"{directory / ADAPTER_WEIGHTS} is zero (an adapter that changes nothing, and "
                                 "factors that cannot learn from zero); start from another run, or remove training.init_from")
         broken = sorted(name for name, t in tensors.items() if t.is_floating_point() and not t.isfinite().all())
         if broken:
-            raise InitFromError(f"{self.where}: cannot start from {self.label}: {directory / art.ADAPTER_WEIGHTS} holds "
+            raise InitFromError(f"{self.where}: cannot start from {self.label}: {directory / ADAPTER_WEIGHTS} holds "
                                 f"NaN or Inf values ({', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}); the "
                                 "source run diverged or the file is damaged: start from another run")
         return config, tensors

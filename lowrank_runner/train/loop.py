@@ -28,24 +28,29 @@ from pathlib import Path
 
 import torch
 
-from lowrank_runner.backbones import load_tokenizer
+from lowrank_runner.backbones.load import load_tokenizer
+from lowrank_runner.backbones.resolve import resolve as resolve_backbone
 from lowrank_runner.errors import TrainingError
-from lowrank_runner.backbones import resolve as resolve_backbone
-from lowrank_runner.inspect import PlanError, check_method_schedule, check_schedule, plan_run, run_batch
 from lowrank_runner.methods.inject import adapter_state_dict, load_adapter_state, update_norms
 from lowrank_runner.modeling import AdaptedModel, build_adapted_model
+from lowrank_runner.plan.checks import PlanError, check_method_schedule, check_schedule, plan_run, run_batch
 from lowrank_runner.recipe.load import Recipe, RunSpec, at_recipe_lines
-from lowrank_runner.report.build import build_run_report
-from lowrank_runner.report.write import write_run_report
-from lowrank_runner.tasks.base import Task, build_task
-from lowrank_runner.tasks.holdout import HOLDOUT_SEED, TEST_PREFIX, apply_holdout
-from lowrank_runner.train import artifacts as art
-from lowrank_runner.train.checkpoint import CHECKPOINTS_DIR, Checkpoint, restore_checkpoint, save_checkpoint
+from lowrank_runner.rundir.adapter import adapter_config, save_adapter
+from lowrank_runner.rundir.files import MetricsLog, write_json, write_jsonl, write_recipe
+from lowrank_runner.rundir.layout import (ADAPTER_DIR, CHECKPOINTS_DIR, METRICS_FILE, METRICS_LOG, OUTPUTS_FILE,
+                                          RANK_HEATMAP_FILE, RANK_PATTERN_FILE, RECIPE_FILE, REPORT_FILE)
+from lowrank_runner.rundir.write import write_run_report
+from lowrank_runner.tasks.base import Task
+from lowrank_runner.tasks.holdout import HOLDOUT_SEED, TEST_PREFIX
+from lowrank_runner.train.checkpoint import Checkpoint, restore_checkpoint, save_checkpoint
+from lowrank_runner.train.data import build_dataloaders, prepared_data
+from lowrank_runner.train.devices import has_accelerator_device, resolve_mixed_precision
 from lowrank_runner.train.fsdp import Sharding
 from lowrank_runner.train.memory import enable_gradient_checkpointing, keep_trainable_in
+from lowrank_runner.train.optim import build_optimizer
 from lowrank_runner.train.progress import TrainingProgress
+from lowrank_runner.train.run_report import build_run_report
 from lowrank_runner.train.tracking import Tracking
-from lowrank_runner.train.schedule import BatchPlan, batch_plan
 
 
 @dataclass
@@ -54,76 +59,6 @@ class RunResult:
     best: dict
     stopped_at: int | None = None  # set when --stop-after-step ended the run early (resumable)
     test: dict | None = None  # the selected checkpoint on the test set(s) (task.holdout_fraction, task.test_split)
-
-
-def has_accelerator_device() -> bool:
-    probe = getattr(torch, "accelerator", None)
-    return bool(probe.is_available()) if probe is not None else torch.cuda.is_available()
-
-
-def resolve_mixed_precision(setting: str) -> str:
-    if setting != "auto":
-        return setting
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "no"
-
-
-# Normalisation modules, by type: torch's (batch and instance norms share _NormBase) ...
-_NORM_TYPES = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._NormBase,
-               *([torch.nn.RMSNorm] if hasattr(torch.nn, "RMSNorm") else []))
-# ... and the classes models define themselves (LlamaRMSNorm, T5LayerNorm, DebertaLayerNorm).
-_NORM_CLASS_SUFFIXES = ("LayerNorm", "RMSNorm", "GroupNorm")
-
-
-def is_norm_module(module: torch.nn.Module) -> bool:
-    return isinstance(module, _NORM_TYPES) or type(module).__name__.endswith(_NORM_CLASS_SUFFIXES)
-
-
-def weight_decay_groups(model: torch.nn.Module) -> tuple[list, list]:
-    """Trainable parameters split by role: (decayed, not decayed). Biases (a module's
-    ``bias``) and every parameter of a normalisation module are not decayed; everything
-    else is, whatever its shape (adapter factors, LoRA2's λ, TriAdaptLoRA's packed
-    triangles, head weights)."""
-    decay, no_decay, seen = [], [], set()
-    for module in model.modules():
-        norm = is_norm_module(module)
-        for name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad or id(param) in seen:
-                continue
-            seen.add(id(param))
-            (no_decay if norm or name == "bias" else decay).append(param)
-    return decay, no_decay
-
-
-def build_optimizer(model, training: dict) -> torch.optim.Optimizer:
-    """AdamW with ``training.weight_decay`` on every trainable parameter but biases and
-    normalisation weights (:func:`weight_decay_groups`)."""
-    decay, no_decay = weight_decay_groups(model)
-    groups = [{"params": decay, "weight_decay": training["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=training["learning_rate"],
-        betas=tuple(training["adam_betas"]), eps=training["adam_epsilon"],
-    )
-
-
-def build_dataloaders(tokenized, tokenizer, task: Task, training: dict, seed: int, mixed_precision: str, eval_splits,
-                      batch: BatchPlan | None = None):
-    """Training and evaluation DataLoaders with ``batch.per_device`` training examples per
-    batch (default: :func:`batch_plan` on one process) and ``training.eval_batch_size``
-    (per device; default: twice the per-device training batch) evaluation examples."""
-    from torch.utils.data import DataLoader
-
-    batch = batch or batch_plan(training)
-    collator = task.collator(tokenizer, pad_to_multiple_of=8 if mixed_precision != "no" else None)
-    generator = torch.Generator().manual_seed(seed)
-    workers = training["dataloader_workers"]
-    train = DataLoader(tokenized["train"], batch_size=batch.per_device, shuffle=True, collate_fn=collator,
-                       generator=generator, num_workers=workers)
-    evaluation = {split: DataLoader(tokenized[split], batch_size=training["eval_batch_size"] or 2 * batch.per_device,
-                                    shuffle=False, collate_fn=collator, num_workers=workers)
-                  for split in eval_splits}
-    return train, evaluation, generator
 
 
 def evaluate_all(model, dataloaders: dict, task: Task, accelerator, splits: dict[str, str]) -> dict[str, float]:
@@ -138,7 +73,7 @@ def evaluate_all(model, dataloaders: dict, task: Task, accelerator, splits: dict
 def _reports_completed(run_dir: Path) -> bool:
     """Whether the run's report.json says it completed (an older one may say interrupted)."""
     try:
-        return json.loads((run_dir / art.REPORT_FILE).read_text(encoding="utf-8")).get("status") == "completed"
+        return json.loads((run_dir / REPORT_FILE).read_text(encoding="utf-8")).get("status") == "completed"
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -152,24 +87,20 @@ def _trainable_state(model, adapted: AdaptedModel, compact: bool = True) -> tupl
     return adapter, head
 
 
-def adapter_config(adapted: AdaptedModel, run: RunSpec, recipe: Recipe, task: Task) -> dict:
-    import lowrank_runner
-
-    return {
-        "format": "lowrank-runner-adapter",
-        "format_version": 1,
-        "lowrank_runner_version": lowrank_runner.__version__,
-        "method": run.config["method"],
-        "targets": run.config.get("targets", []),  # none for methods without adapters
-        "modules": [{"path": t.path, "symbols": list(t.symbols), "groups": list(t.groups) if t.groups else None}
-                    for t in adapted.targets],
-        "backbone": {**run.config["backbone"], "resolved": adapted.backbone.location},
-        "task": {"name": run.task, "model_class": task.model_class_name, **task.model_config_kwargs()},
-        "head": adapted.head_names,
-        "base": adapted.base_names,  # backbone tensors the method trained (full, bitfit), in adapter.safetensors
-        "recipe_hash": recipe.hash,
-        "config_hash": run.config_hash,
-    }
+def run_adapter_config(adapted: AdaptedModel, run: RunSpec, recipe: Recipe, task: Task) -> dict:
+    """The run's ``adapter_config.json`` (rundir/adapter.py)."""
+    return adapter_config(
+        method=run.config["method"],
+        targets=run.config.get("targets", []),  # none for methods without adapters
+        modules=[{"path": t.path, "symbols": list(t.symbols), "groups": list(t.groups) if t.groups else None}
+                 for t in adapted.targets],
+        backbone={**run.config["backbone"], "resolved": adapted.backbone.location},
+        task={"name": run.task, "model_class": task.model_class_name, **task.model_config_kwargs()},
+        head=adapted.head_names,
+        base=adapted.base_names,  # backbone tensors the method trained (full, bitfit), in adapter.safetensors
+        recipe_hash=recipe.hash,
+        config_hash=run.config_hash,
+    )
 
 
 def _split_best(tensors: dict | None, head_names: list[str]) -> tuple[dict, dict] | None:
@@ -178,32 +109,6 @@ def _split_best(tensors: dict | None, head_names: list[str]) -> tuple[dict, dict
         return None
     head = set(head_names)
     return {k: v for k, v in tensors.items() if k not in head}, {k: v for k, v in tensors.items() if k in head}
-
-
-_DATA_CACHE: dict[str, tuple[Task, object, object]] = {}
-
-
-def clear_data_cache() -> None:
-    """Forget tokenized data (called at the start of every ``lrr run``: files may change)."""
-    _DATA_CACHE.clear()
-
-
-def prepared_data(cfg: dict, tokenizer) -> tuple[Task, object, object]:
-    """The task, its raw splits (after any hold-out) and its tokenized splits. Runs of a
-    recipe are task-major, so the seeds of a task reuse the last tokenized data of this
-    invocation (datasets' fingerprint cache serves file-backed data across processes and
-    invocations too)."""
-    key = json.dumps({"task": cfg["task"], "backbone": cfg["backbone"], "tokenizer": tokenizer.name_or_path},
-                     sort_keys=True, default=str)
-    if key not in _DATA_CACHE:
-        _DATA_CACHE.clear()  # one entry: tokenized data can be large
-        task = build_task(cfg["task"])
-        splits = task.load_splits()
-        holdout = cfg["task"].get("holdout_fraction")
-        if holdout:
-            splits = apply_holdout(splits, holdout, task.eval_splits())
-        _DATA_CACHE[key] = (task, splits, task.tokenize(splits, tokenizer))
-    return _DATA_CACHE[key]
 
 
 @dataclass
@@ -267,7 +172,7 @@ class TrainingRun:
         self.cfg, self.training = run.config, run.config["training"]
         self.where = f"{recipe.source} [{run.task}, seed {run.seed}]"
         self.stopped_at: int | None = None
-        self.log: art.MetricsLog | None = None
+        self.log: MetricsLog | None = None
         self.tracking = Tracking(recipe, run, run_dir)  # output.trackers (train/tracking.py)
 
     # ------------------------------------------------------------------ set-up
@@ -281,7 +186,7 @@ class TrainingRun:
         self.mixed = resolve_mixed_precision(self.training["mixed_precision"])
         self.accelerator = self._accelerator()
         self.main = self.accelerator.is_main_process
-        # training.batch_size over the processes (train/schedule.py); checked before any data loads
+        # training.batch_size over the processes (plan/schedule.py); checked before any data loads
         self.batch = run_batch(self.run, self.accelerator.num_processes, self.recipe.source)
         self.accelerator.gradient_accumulation_steps = self.batch.accumulation
         set_seed(self.run.seed)
@@ -362,7 +267,7 @@ class TrainingRun:
     def _setup_method(self) -> None:
         """The method's schedule against the planned steps (errors stop the run, warnings
         are printed, with those for a learning rate far below what the method needs at
-        these steps: guidance.py), then ``on_train_begin``."""
+        these steps: plan/guidance.py), then ``on_train_begin``."""
         notes = check_method_schedule(self.method, self.plan, self.where, self.cfg["method"], self.training)
         if self.main:
             for line in notes:
@@ -404,9 +309,9 @@ class TrainingRun:
         keeps the lines up to its checkpoint), the progress display and the trackers."""
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            art.write_recipe(self.run_dir / art.RECIPE_FILE, self.cfg, self.recipe.hash, self.run.config_hash,
+            write_recipe(self.run_dir / RECIPE_FILE, self.cfg, self.recipe.hash, self.run.config_hash,
                              self.recipe.source)
-            self.log = art.MetricsLog(self.run_dir / art.METRICS_LOG, keep_lines=self.state.log_lines)
+            self.log = MetricsLog(self.run_dir / METRICS_LOG, keep_lines=self.state.log_lines)
         self.tracking.start(self.accelerator, resumed_from=self.resume.step if self.resume is not None else None)
         self.eval_every = self.training["eval_every"] or self.plan.steps_per_epoch
         self.checkpoint_every = self.training["checkpoint_every"] or self.eval_every
@@ -649,8 +554,8 @@ class TrainingRun:
             self._write_results(test)
         except BaseException:
             if not _reports_completed(self.run_dir):
-                shutil.rmtree(self.run_dir / art.ADAPTER_DIR, ignore_errors=True)
-                (self.run_dir / art.METRICS_FILE).unlink(missing_ok=True)
+                shutil.rmtree(self.run_dir / ADAPTER_DIR, ignore_errors=True)
+                (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
             raise
         shutil.rmtree(self.run_dir / CHECKPOINTS_DIR, ignore_errors=True)  # complete: nothing left to resume
 
@@ -658,15 +563,15 @@ class TrainingRun:
         s, unwrapped, run = self.state, self.accelerator.unwrap_model(self.model), self.run
         adapter_state, head_state = s.best_state or _trainable_state(unwrapped, self.adapted)
         origin = self.init_from.record() if self.init_from is not None else None  # the adapter it started from
-        config = adapter_config(self.adapted, run, self.recipe, self.task)
+        config = run_adapter_config(self.adapted, run, self.recipe, self.task)
         if origin is not None:
             config["init_from"] = origin
-        art.save_adapter(self.run_dir / art.ADAPTER_DIR, adapter_state, head_state, config)
+        save_adapter(self.run_dir / ADAPTER_DIR, adapter_state, head_state, config)
         final = {"task": run.task, "seed": run.seed, "metric": self.task.metric, "best": s.best,
                  "last": {"step": s.step, "eval": s.last_eval}}
         if test is not None:
             final["test"] = test  # the selected checkpoint on the test set(s)
-        art.write_json(self.run_dir / art.METRICS_FILE, final)
+        write_json(self.run_dir / METRICS_FILE, final)
         self._write_outputs()
         pattern = self._write_rank_pattern()
         test_examples = {k[len(TEST_PREFIX):]: len(self.tokenized[k]) for k in self.tests}
@@ -689,17 +594,17 @@ class TrainingRun:
         the test sets'."""
         outputs = {**self.state.best_outputs, **{k: v for k, v in self.task.outputs().items() if k in self.tests}}
         for split, rows in outputs.items():
-            art.write_jsonl(self.run_dir / art.OUTPUTS_FILE.format(split=split.replace(TEST_PREFIX, "test_")), rows)
+            write_jsonl(self.run_dir / OUTPUTS_FILE.format(split=split.replace(TEST_PREFIX, "test_")), rows)
 
     def _write_rank_pattern(self) -> dict | None:
         """``rank_pattern.json`` and its heatmap, for methods whose ranks change."""
         pattern = self.method.rank_pattern(self.adapters)
         if pattern is not None:
-            from lowrank_runner.plots import rank_heatmap
+            from lowrank_runner.rundir.plots import rank_heatmap
 
-            art.write_json(self.run_dir / art.RANK_PATTERN_FILE, pattern)
+            write_json(self.run_dir / RANK_PATTERN_FILE, pattern)
             symbols = {t.path: list(t.symbols) for t in self.adapted.targets}
-            rank_heatmap(pattern, symbols, self.run_dir / art.RANK_HEATMAP_FILE,
+            rank_heatmap(pattern, symbols, self.run_dir / RANK_HEATMAP_FILE,
                          f"{self.cfg['method']['name']} final ranks: {sum(pattern.values())} over {len(pattern)} modules")
         return pattern
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import shlex
 import shutil
 import tempfile
@@ -24,18 +23,11 @@ from pathlib import Path
 from lowrank_runner.errors import LrrError, UsageError
 from lowrank_runner.outputs import require_free
 from lowrank_runner.recipe.load import Recipe
-from lowrank_runner.report.markdown import run_markdown
-from lowrank_runner.report.write import REPORT_MD
-from lowrank_runner.train import artifacts as art
-
-
-def is_main_process() -> bool:
-    """Rank 0 under torchrun / accelerate launch (set before any Accelerator exists)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+from lowrank_runner.rundir import status as run_status
+from lowrank_runner.rundir.files import read_recipe_header, write_recipe
+from lowrank_runner.rundir.layout import (ADAPTER_CONFIG, ADAPTER_DIR, CHECKPOINTS_DIR, METRICS_FILE, RECIPE_FILE,
+                                          REPORT_FILE, checkpoint_dirs)
+from lowrank_runner.train.devices import has_accelerator_device, is_main_process, world_size
 
 
 # ------------------------------------------------------------------ creating and claiming
@@ -103,8 +95,6 @@ def _shared(value: str | None) -> str:
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    from lowrank_runner.train.loop import has_accelerator_device
-
     PartialState(cpu=not has_accelerator_device())  # the Accelerator of each run reuses it
     return broadcast_object_list([value])[0]
 
@@ -144,13 +134,13 @@ def prepare_root(recipe: Recipe, output: Path | None, resume: bool) -> tuple[Pat
 
 
 def recorded_runs(recipe: Recipe, root: Path) -> dict[Path, dict]:
-    """The ``recipe.yaml`` headers (art.read_recipe_header) of the runs in ``root``:
+    """The ``recipe.yaml`` headers (read_recipe_header) of the runs in ``root``:
     those this recipe expects, else any run found in it or its subdirectories."""
     dirs = run_dirs(recipe, root)
-    found = {d: art.read_recipe_header(d / art.RECIPE_FILE) for d in dirs.values()}
+    found = {d: read_recipe_header(d / RECIPE_FILE) for d in dirs.values()}
     found = {d: h for d, h in found.items() if h is not None}
     if not found:
-        found = {d: h for d in candidate_run_dirs(root) if (h := art.read_recipe_header(d / art.RECIPE_FILE)) is not None}
+        found = {d: h for d in candidate_run_dirs(root) if (h := read_recipe_header(d / RECIPE_FILE)) is not None}
     return found
 
 
@@ -160,7 +150,7 @@ def recorded_overrides(output: Path | None) -> list[str]:
     if output is None or not output.is_dir():
         return []
     for d in candidate_run_dirs(output):
-        header = art.read_recipe_header(d / art.RECIPE_FILE)
+        header = read_recipe_header(d / RECIPE_FILE)
         if header is not None:
             return header["overrides"]
     return []
@@ -181,7 +171,7 @@ def check_resumable(recipe: Recipe, root: Path) -> None:
     found = recorded_runs(recipe, root)
     if not found:
         raise UsageError(
-            f"--output {root}: holds no run of lowrank-runner (no {art.RECIPE_FILE} with a run's header), "
+            f"--output {root}: holds no run of lowrank-runner (no {RECIPE_FILE} with a run's header), "
             f"nothing to resume; give a directory written by lrr run, or drop --resume to start a new run"
         )
     dirs = run_dirs(recipe, root)
@@ -190,7 +180,7 @@ def check_resumable(recipe: Recipe, root: Path) -> None:
         run = expected.get(directory)
         if header["recipe_hash"] != recipe.hash or run is None or header["config_hash"] != run.config_hash:
             raise UsageError(
-                f"--output {root}: its runs were started by a different recipe or --set overrides ({directory / art.RECIPE_FILE}: "
+                f"--output {root}: its runs were started by a different recipe or --set overrides ({directory / RECIPE_FILE}: "
                 f"recipe hash {header['recipe_hash']}; {recipe.source} with these overrides: {recipe.hash}); "
                 f"resume with the recipe and overrides the run started with: "
                 f"{continue_command(header['source'], header['overrides'], root)}"
@@ -201,11 +191,11 @@ def completed_metrics(run_dir: Path) -> dict | None:
     """The metrics of a completed run (None when not completed). A run whose report says
     it completed but whose files cannot be read is refused: completed runs are never
     trained over."""
-    report, metrics = run_dir / art.REPORT_FILE, run_dir / art.METRICS_FILE
+    report, metrics = run_dir / REPORT_FILE, run_dir / METRICS_FILE
     if not report.is_file():
-        if metrics.is_file() and (run_dir / art.ADAPTER_DIR / art.ADAPTER_CONFIG).is_file():
+        if metrics.is_file() and (run_dir / ADAPTER_DIR / ADAPTER_CONFIG).is_file():
             raise LrrError(  # the files a completed run writes, all but the report
-                f"{run_dir}: this run completed ({metrics.name} and {art.ADAPTER_DIR}/ are there) but its "
+                f"{run_dir}: this run completed ({metrics.name} and {ADAPTER_DIR}/ are there) but its "
                 f"{report.name} is missing; it is not resumed, so a completed run is never trained over: restore "
                 f"{report.name} from a copy, or start a new run in a new directory")
         return None
@@ -236,7 +226,7 @@ def checkpoint_of(run, run_dir: Path):
         raise UsageError(
             f"{checkpoint.path / STATE_FILE}: written by a different recipe (config hash "
             f"{checkpoint.state.get('config_hash')}, this run's {run.config_hash}); it cannot be resumed by this run: "
-            f"remove {run_dir / 'checkpoints'} to start the run over"
+            f"remove {run_dir / CHECKPOINTS_DIR} to start the run over"
         )
     if checkpoint.state.get("processes") != world_size():
         raise UsageError(
@@ -271,10 +261,10 @@ def start_run_dir(recipe: Recipe, run, run_dir: Path, resume: bool) -> None:
     """Rank 0 writes the run's ``recipe.yaml`` (claiming a new directory: exclusive)."""
     if not is_main_process():
         return
-    fresh = not (run_dir / art.RECIPE_FILE).is_file()
+    fresh = not (run_dir / RECIPE_FILE).is_file()
     try:
         run_dir.mkdir(parents=True, exist_ok=run_dir.is_dir() and (resume or len(recipe.runs) == 1))
-        art.write_recipe(run_dir / art.RECIPE_FILE, run.config, recipe.hash, run.config_hash, recipe.source,
+        write_recipe(run_dir / RECIPE_FILE, run.config, recipe.hash, run.config_hash, recipe.source,
                          recipe.overrides, exclusive=fresh)
     except FileExistsError:
         raise Taken(f"--output {run_dir}: another lrr run started in this directory just now; "
@@ -283,7 +273,7 @@ def start_run_dir(recipe: Recipe, run, run_dir: Path, resume: bool) -> None:
 
 def _resumable(run_dir: Path) -> bool:
     """A run directory with something to keep: a checkpoint, or a report (completed or failed runs)."""
-    return (run_dir / art.REPORT_FILE).is_file() or any((run_dir / "checkpoints").glob("step-*[0-9]"))
+    return (run_dir / REPORT_FILE).is_file() or bool(checkpoint_dirs(run_dir))
 
 
 def nothing_resumable(root: Path) -> bool:
@@ -328,9 +318,7 @@ def mark_interrupted(recipe: Recipe, root: Path, again: str) -> None:
     for d in started:
         if _completed_quietly(d):
             continue
-        checkpoints = sorted((d / "checkpoints").glob("step-*[0-9]"))
-        where = f"its checkpoint at step {int(checkpoints[-1].name[5:])}" if checkpoints else "the start (no checkpoint yet)"
-        mark_status(d, "interrupted", f"interrupted; resumable from {where} with: {again}")
+        run_status.mark_interrupted(d, again)
 
 
 def _completed_quietly(run_dir: Path) -> bool:
@@ -342,22 +330,9 @@ def _completed_quietly(run_dir: Path) -> bool:
 
 def mark_failed(run_dir: Path, error: str, create: bool = False) -> None:
     """Record a failure in the run's directory (``error.txt``, ``report.json``/``.md`` with
-    status failed). ``create``: make the directory if the run failed before writing one
-    (a run of a multi-run recipe, so ``lrr report`` and ``summary.json`` point somewhere)."""
+    status failed; rank 0). ``create``: make the directory if the run failed before writing
+    one (a run of a multi-run recipe, so ``lrr report`` and ``summary.json`` point somewhere)."""
     if create and is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
     if run_dir.is_dir() and is_main_process():
-        (run_dir / "error.txt").write_text(error)
-        mark_status(run_dir, "failed", error.splitlines()[-1] if error else "")
-
-
-def mark_status(run_dir: Path, status: str, message: str) -> None:
-    """Set ``status`` (failed, interrupted) and its message in report.json and report.md."""
-    report = run_dir / art.REPORT_FILE
-    try:
-        data = json.loads(report.read_text()) if report.is_file() else {}
-    except ValueError:
-        data = {}
-    data = {**(data if isinstance(data, dict) else {}), "status": status, "error": message}
-    art.write_json(report, data)
-    (run_dir / REPORT_MD).write_text(run_markdown(data), encoding="utf-8")
+        run_status.mark_failed(run_dir, error)

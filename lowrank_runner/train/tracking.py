@@ -24,21 +24,19 @@ Accelerate and the tracker packages are imported only when a run starts.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
 import sys
 from pathlib import Path
 
-INSTALL = "pip install 'lowrank-runner[tracking]'"
-# The Python package each tracker needs (what Accelerate's is_*_available looks for).
-PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "trackio": "trackio"}
+from lowrank_runner.rundir.layout import METRICS_FILE, RECIPE_FILE, REPORT_FILE, REPORT_MD
+
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_DB = "mlflow.db"
 MLFLOW_ARTIFACTS = "mlartifacts"
 IDS_FILE = "trackers.json"  # in the run directory: the tracker runs' ids, so --resume continues them
-REPORT_FILES = ("report.md", "report.json", "metrics.json", "recipe.yaml")
+REPORT_FILES = (REPORT_MD, REPORT_FILE, METRICS_FILE, RECIPE_FILE)
 NESTED_CONFIG = ("wandb", "trackio")  # trackers that take a nested config; the others get it flat
 
 
@@ -49,16 +47,6 @@ def entries(output: dict | None) -> list[dict]:
     """``output.trackers`` as ``[{name, **options}]`` (a bare name has no options)."""
     items = (output or {}).get("trackers") or []
     return [{"name": item} if isinstance(item, str) else dict(item) for item in items]
-
-
-def missing_package(name: str) -> str | None:
-    """The package a tracker needs when it is not installed, else None."""
-    package = PACKAGES[name]
-    try:
-        found = importlib.util.find_spec(package) is not None
-    except (ImportError, ValueError):  # a broken or half-removed installation
-        found = False
-    return None if found else package
 
 
 def mlflow_uri(entry: dict, output_dir: str | Path) -> str:

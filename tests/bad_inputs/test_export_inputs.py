@@ -363,7 +363,7 @@ def test_every_export_records_and_checks_the_backbone_it_loaded(fmt, run_copy, t
     """--backbone: lrr_export.json records the directory actually loaded; a moved copy
     of the run's backbone passes quietly, another model (same shapes, other weights) is
     exported with a warning naming both fingerprints."""
-    from lowrank_runner.report.fingerprint import directory_fingerprint
+    from lowrank_runner.train.fingerprint import directory_fingerprint
     from tests.conftest import save_tiny_backbone
 
     moved = Path(shutil.copytree(tiny_bert, tmp_path / "moved-bert"))
@@ -434,7 +434,7 @@ def test_every_export_refuses_an_adapter_that_changes_nothing_or_is_not_finite(c
 
 
 def test_a_backbone_changed_in_place_is_warned_about(run_copy, tmp_path, tiny_bert):
-    from lowrank_runner.report.fingerprint import directory_fingerprint
+    from lowrank_runner.train.fingerprint import directory_fingerprint
 
     edit_json(run_copy / "report.json", lambda r: r["backbone"].__setitem__("fingerprint", "0" * 64))
     result = lrr("export", run_copy, "--adapter", "--out", tmp_path / "out")

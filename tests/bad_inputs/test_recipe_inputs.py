@@ -389,13 +389,13 @@ def test_bad_set_validate(tmp_path, override, code, line):
                                                                                    "targets=[Wq")],
                          ids=["negative-index", "scalar-for-mapping", "bad-yaml"])
 def test_bad_set_inspect_and_run_fail_before_any_model(tmp_path, monkeypatch, command, override, code, line):
-    import lowrank_runner.inspect
+    import lowrank_runner.commands.inspect
     import lowrank_runner.train.runner
 
     def never(*args, **kwargs):
         raise AssertionError("a model was about to be loaded")
 
-    monkeypatch.setattr(lowrank_runner.inspect, "inspect_recipe", never)
+    monkeypatch.setattr(lowrank_runner.commands.inspect, "inspect_recipe", never)
     monkeypatch.setattr(lowrank_runner.train.runner, "run_recipe", never)
     path = write(tmp_path, GOOD)
     before = snapshot(tmp_path)

@@ -302,12 +302,12 @@ def test_ctrl_c_before_the_first_checkpoint_removes_the_run(recipe, tmp_path):
 
 
 def test_a_checkpoint_of_another_run_is_refused(recipe, stopped, tmp_path, no_training):
-    from lowrank_runner.train import artifacts as art
+    from lowrank_runner.rundir.files import write_recipe
 
     run = copy(stopped[0], tmp_path)
     plain = load_recipe(recipe)  # this directory now says it is a run of the recipe without --set
     (run / "recipe.yaml").unlink()
-    art.write_recipe(run / "recipe.yaml", plain.runs[0].config, plain.hash, plain.runs[0].config_hash, str(recipe))
+    write_recipe(run / "recipe.yaml", plain.runs[0].config, plain.hash, plain.runs[0].config_hash, str(recipe))
     stop = load_recipe(recipe, STOP_SETS)
     result = lrr("run", recipe, "--output", run, "--resume")
     assert_clean_error(result, f"{run / 'checkpoints' / 'step-000002' / 'state.json'}: written by a different recipe "

@@ -1,12 +1,12 @@
 """The driver of ``lrr run RECIPE --parallel N``: the recipe's runs, N at a time, each in
 a child process (:mod:`.child`) started by an executor (:mod:`.local`, or Ray).
 
-The driver claims the batch directory, starts a run as soon as a slot is free and its
-``training.init_from`` source completed (a dependent of a failed source fails without
-training, as in a sequential run), records each child's outcome (a failure stays with its
-run: the others go on), and writes summary.json, the results tables and report.md as
-the sequential path does. Ctrl-C or SIGTERM stops every child (each marks its run
-interrupted), and the batch continues with ``--resume``: completed runs are skipped.
+The driver claims the run directory (the root of every run), starts a run as soon as a
+slot is free and its ``training.init_from`` source completed (a run whose source failed
+or stopped is settled as in a sequential run: :func:`~lowrank_runner.train.invocation.settle`),
+records each child's outcome (a failure stays with its run: the others go on), and
+writes summary.json, the results tables and report.md as the sequential path does. Ctrl-C or SIGTERM stops every child (each marks its run
+interrupted), and the runs continue with ``--resume``: completed runs are skipped.
 """
 
 from __future__ import annotations
@@ -22,19 +22,16 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from lowrank_runner.errors import LrrError
 from lowrank_runner.recipe.load import Recipe
-from lowrank_runner.train import runner
 from lowrank_runner.train.init_from import order_runs, source_run
+from lowrank_runner.train.invocation import (FAILED_STATES, Invocation, check_stop_after, console, interrupted, settle,
+                                             summary_entry, write_results)
 from lowrank_runner.train.parallel.child import job_files
 from lowrank_runner.train.parallel.display import Active, Display
 from lowrank_runner.train.parallel.jobs import INTERRUPTED, Executor, Job
 from lowrank_runner.train.parallel.slots import ParallelOptions, Slots, plan_slots
 from lowrank_runner.train.progress import PROGRESS_FILE_ENV
-from lowrank_runner.train.run_dirs import (continue_command, discard, mark_failed, mark_interrupted, nothing_resumable,
-                                           prepare_root, resume_points, run_dirs)
-
-FAILED_STATES = ("failed", "crashed")
+from lowrank_runner.train.run_dirs import continue_command, mark_failed, prepare_root, resume_points, run_dirs
 
 
 def make_executor(options: ParallelOptions, slots: Slots) -> Executor:
@@ -58,32 +55,31 @@ def run_parallel(recipe: Recipe, output: Path | None, argv: list[str], options: 
     try:
         root, created = prepare_root(recipe, output, resume)
         points = resume_points(recipe, root) if resume else {}
-        runner._check_stop_after(recipe, points, stop_after)
-        batch = runner._Batch(recipe, root, argv, points, stop_after, run_dirs(recipe, root),
-                              continue_command(recipe.source, recipe.overrides, root))
-        again = " ".join([batch.again, *(shlex.quote(w) for w in options.words())])
-        return _Schedule(batch, executor, slots, options, created, again).run()
+        check_stop_after(recipe, points, stop_after)
+        again = " ".join([continue_command(recipe.source, recipe.overrides, root),
+                          *(shlex.quote(w) for w in options.words())])
+        inv = Invocation(recipe, root, argv, points, stop_after, run_dirs(recipe, root), again)
+        return _Schedule(inv, executor, slots, options, created).run()
     finally:
         executor.close()
 
 
 @dataclass
 class _Schedule:
-    batch: runner._Batch
+    inv: Invocation
     executor: Executor
     slots: Slots
     options: ParallelOptions
     created: list[Path]
-    again: str  # the command that continues the batch
     entries: dict = field(default_factory=dict)  # run index -> summary entry
     active: dict = field(default_factory=dict)  # slug -> (run, group)
 
     def run(self) -> list[str]:
-        ordered = order_runs(self.batch.recipe)
+        ordered = order_runs(self.inv.recipe)
         waiting = list(ordered)
-        self.display = Display(runner.console, self.batch.recipe.name, len(ordered))
-        self.display.line(f"[bold]{escape(self.batch.recipe.name)}[/bold]: {len(ordered)} runs, "
-                          f"{self.executor.capacity} at a time · run directory: {escape(str(self.batch.root))}")
+        self.display = Display(console, self.inv.recipe.name, len(ordered))
+        self.display.line(f"[bold]{escape(self.inv.recipe.name)}[/bold]: {len(ordered)} runs, "
+                          f"{self.executor.capacity} at a time · run directory: {escape(str(self.inv.root))}")
         with self.display:
             try:
                 while waiting or self.active:
@@ -108,36 +104,16 @@ class _Schedule:
         for run in list(waiting):
             if len(self.active) >= self.executor.capacity:
                 return
-            source = source_run(self.batch.recipe, run)
+            source = source_run(self.inv.recipe, run)
             if source is not None and source.index not in self.entries and (self.active or waiting[0] is not run):
                 continue  # its source has not finished yet
             waiting.remove(run)
-            entry = self._without_child(run)
+            self.inv.summary = list(self.entries.values())  # the sources settled so far
+            entry = settle(self.inv, run, self.display.line)
             if entry is not None:
                 self.entries[run.index] = entry
             else:
                 self._submit(run)
-
-    def _without_child(self, run) -> dict | None:
-        """A run settled without training: already completed (``--resume``), or its source
-        was stopped or failed (the same entries and messages as the sequential path)."""
-        batch, run_dir = self.batch, self.batch.dirs[run.index]
-        point = batch.points.get(run.index)
-        if isinstance(point, tuple):
-            self.display.line(f"already completed: {escape(run.slug)} · {escape(str(run_dir))}")
-            return {**runner._entry(run, run_dir), "status": "completed", "best": point[1]["best"],
-                    **({"test": point[1]["test"]} if "test" in point[1] else {})}
-        try:
-            waits_for = runner._source_pending(batch.recipe, run, list(self.entries.values()), batch.root)
-        except LrrError as exc:
-            self.display.line(f"[red]run {escape(run.slug)} failed:[/red] {escape(str(exc))}")
-            mark_failed(run_dir, str(exc), create=True)
-            return {**runner._entry(run, run_dir), "status": "failed", "error": str(exc)}
-        if waits_for is None:
-            return None
-        self.display.line(f"[yellow]not started[/yellow] {escape(run.slug)}: it starts from {escape(waits_for)}, "
-                          f"which was stopped; continue with: {escape(self.again)}")
-        return {**runner._entry(run, run_dir), "status": "stopped", "step": 0, "waits_for": waits_for}
 
     def _group(self) -> tuple[str, ...]:
         """The device group with the fewest runs on it (several runs share a device when
@@ -149,8 +125,8 @@ class _Schedule:
 
     def _submit(self, run) -> None:
         group = self._group()
-        job = child_job(self.batch, run, self.slots, group, self.options)
-        _, entry, progress = job_files(self.batch.root, run.slug)
+        job = child_job(self.inv, run, self.slots, group, self.options)
+        _, entry, progress = job_files(self.inv.root, run.slug)
         for earlier in (entry, progress):  # from an earlier attempt (--resume)
             earlier.unlink(missing_ok=True)
         self.executor.submit(job)
@@ -164,7 +140,7 @@ class _Schedule:
     def _finished(self, job: Job, code: int) -> None:
         self.active.pop(job.slug, None)  # (not there when Ctrl-C came between its start and its record)
         self.display.active.pop(job.slug, None)
-        run = next(r for r in self.batch.recipe.runs if r.slug == job.slug)
+        run = next(r for r in self.inv.recipe.runs if r.slug == job.slug)
         entry = self._entry_of(run, job, code)
         self.entries[run.index] = entry
         status, log = entry["status"], escape(str(job.log))
@@ -178,28 +154,28 @@ class _Schedule:
                               f"its log: {log}")
         elif status == "stopped":  # --stop-after-step: a checkpoint to continue from, as the sequential path says
             self.display.line(f"[yellow]stopped[/yellow] {escape(run.slug)} after step {entry.get('step')} with a "
-                              f"checkpoint; continue with: {escape(self.again)} · its log: {log}")
+                              f"checkpoint; continue with: {escape(self.inv.again)} · its log: {log}")
         else:
             self.display.line(f"[yellow]{status}[/yellow] {escape(run.slug)} · its log: {log}")
 
     def _entry_of(self, run, job: Job, code: int) -> dict:
         """The child's summary entry; when it wrote none (killed, or it failed before its
         run started), one from its exit code and log, with the run marked failed."""
-        entry_file = job_files(self.batch.root, run.slug)[1]
+        entry_file = job_files(self.inv.root, run.slug)[1]
         try:
             return json.loads(entry_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             pass
-        base = runner._entry(run, self.batch.dirs[run.index])
+        run_dir = self.inv.dirs[run.index]
         if code == INTERRUPTED:
-            return {**base, "status": "interrupted"}
+            return summary_entry(run, run_dir, "interrupted")
         if code < 0:
             name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
             error = f"the process training this run was killed by {name}; its log: {job.log}"
         else:
             error = f"the process training this run exited with code {code} ({_last_line(job.log)}); its log: {job.log}"
-        mark_failed(self.batch.dirs[run.index], error, create=True)
-        return {**base, "status": "failed", "error": error}
+        mark_failed(run_dir, error, create=True)
+        return summary_entry(run, run_dir, "failed", error=error)
 
     def _count(self, waiting: list) -> None:
         states = [e["status"] for e in self.entries.values()]
@@ -218,46 +194,39 @@ class _Schedule:
             for job, code in self.executor.wait_any(timeout=0):
                 self._finished(job, code)
         for run in waiting:
-            self.entries[run.index] = {**runner._entry(run, self.batch.dirs[run.index]), "status": "interrupted"}
+            self.entries[run.index] = summary_entry(run, self.inv.dirs[run.index], "interrupted")
         waiting.clear()
         self._count(waiting)
 
     def _summarize(self, ordered: list, show: bool = True) -> None:
-        self.batch.summary = [self.entries[run.index] for run in ordered if run.index in self.entries]
-        runner._write_results(self.batch, show=show)
+        self.inv.summary = [self.entries[run.index] for run in ordered if run.index in self.entries]
+        write_results(self.inv, show=show)
         self.display.line(self.display.progress_line())
 
     def _interrupted(self) -> None:
         """What is left after Ctrl-C: runs marked interrupted and the command that
         continues them, or nothing (removed) when nothing was resumable yet."""
-        batch = self.batch
-        if not batch.resume and nothing_resumable(batch.root):
-            discard(batch.root, self.created)
-            self.display.line(f"[yellow]interrupted[/yellow] before the first checkpoint: nothing to resume; "
-                              f"removed what this run wrote in {escape(str(batch.root))}")
-            return
-        mark_interrupted(batch.recipe, batch.root, self.again)
-        self.display.line(f"[yellow]interrupted[/yellow]; {escape(str(batch.root))} is resumable: {escape(self.again)}")
+        interrupted(self.inv, self.created, self.display.line)
 
 
-def child_job(batch: runner._Batch, run, slots: Slots, group: tuple[str, ...], options: ParallelOptions) -> Job:
+def child_job(inv: Invocation, run, slots: Slots, group: tuple[str, ...], options: ParallelOptions) -> Job:
     """The command and environment that train ``run`` in a child process."""
-    recipe = batch.recipe
+    recipe = inv.recipe
     words = ["-m", "lowrank_runner", "run", recipe.source, *[w for o in recipe.overrides for w in ("--set", o)],
-             "--output", str(batch.root), "--only-run", run.slug]
-    words += ["--resume"] if batch.resume else []
-    words += ["--stop-after-step", str(batch.stop_after)] if batch.stop_after else []
+             "--output", str(inv.root), "--only-run", run.slug]
+    words += ["--resume"] if inv.resume else []
+    words += ["--stop-after-step", str(inv.stop_after)] if inv.stop_after else []
     if slots.gpus > 1:
         launch = ["-m", "accelerate.commands.launch", "--num_processes", str(slots.gpus), "--num_machines", "1",
                   "--multi_gpu", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
         words = launch + words
-    log, _, progress = job_files(batch.root, run.slug)
+    log, _, progress = job_files(inv.root, run.slug)
     threads = str(slots.cpus)
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false",
            PROGRESS_FILE_ENV: str(progress), "PYTHONUNBUFFERED": "1"}
     if options.executor == "local":
         env["CUDA_VISIBLE_DEVICES"] = ",".join(group)
-    return Job(slug=run.slug, argv=[sys.executable, *words], env=env, run_dir=batch.dirs[run.index], log=log,
+    return Job(slug=run.slug, argv=[sys.executable, *words], env=env, run_dir=inv.dirs[run.index], log=log,
                gpus=slots.gpus, cpus=slots.cpus)
 
 

@@ -28,8 +28,8 @@ def print_methods(specs) -> None:
 
 
 def _guidance_lines(name: str) -> list[str]:
-    """A method's ``x-lr-guidance`` rules, one line each (guidance.py)."""
-    from lowrank_runner.guidance import DOCS, condition, guidance_rules
+    """A method's ``x-lr-guidance`` rules, one line each (plan/guidance.py)."""
+    from lowrank_runner.plan.guidance import DOCS, condition, guidance_rules
 
     try:
         rules = guidance_rules(name)
@@ -84,8 +84,8 @@ def print_inspection(result: dict) -> None:
 
 
 def batch_line(batch: dict) -> str:
-    """``32 per optimizer step = 16 per device x 1 accumulation x 2 processes`` (train/schedule.py)."""
-    from lowrank_runner.train.schedule import BatchPlan
+    """``32 per optimizer step = 16 per device x 1 accumulation x 2 processes`` (plan/schedule.py)."""
+    from lowrank_runner.plan.schedule import BatchPlan
 
     return BatchPlan(**batch).describe()
 

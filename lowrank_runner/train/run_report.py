@@ -8,9 +8,9 @@ import datetime as dt
 import os
 import time
 
-from lowrank_runner.report.environment import environment, peak_memory
-from lowrank_runner.report.fingerprint import backbone_fingerprint, data_fingerprint
-from lowrank_runner.train import artifacts as art
+from lowrank_runner.train.environment import environment, peak_memory
+from lowrank_runner.train.fingerprint import backbone_fingerprint, data_fingerprint
+from lowrank_runner.rundir.layout import ADAPTER_DIR, RANK_HEATMAP_FILE, RANK_PATTERN_FILE
 
 FORMAT = "lowrank-runner-report"
 FORMAT_VERSION = 1
@@ -79,7 +79,7 @@ def build_run_report(*, recipe, run, argv: list[str], adapted, model, task, spli
                   "epochs": plan.epochs},
         "batch": plan.batch.as_dict(),  # effective, per_device, accumulation, processes, batch_size_per
         "best": {**best, "epoch": round(best["step"] / steps_per_epoch, 4) if best.get("step") else None,
-                 "checkpoint": art.ADAPTER_DIR + "/"},
+                 "checkpoint": ADAPTER_DIR + "/"},
         "final_eval": last_eval,
         "test": test,
         "test_examples": test_examples,
@@ -92,5 +92,5 @@ def build_run_report(*, recipe, run, argv: list[str], adapted, model, task, spli
         report["init_from"] = init_from
     if rank_pattern is not None:
         report["rank_pattern"] = {"total_rank": sum(rank_pattern.values()), "modules": len(rank_pattern),
-                                  "file": art.RANK_PATTERN_FILE, "heatmap": art.RANK_HEATMAP_FILE, "pattern": rank_pattern}
+                                  "file": RANK_PATTERN_FILE, "heatmap": RANK_HEATMAP_FILE, "pattern": rank_pattern}
     return report

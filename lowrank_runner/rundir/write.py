@@ -8,12 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from lowrank_runner.errors import RunFileError
-from lowrank_runner.report import curves
-from lowrank_runner.report.history import per_epoch, read_history
-from lowrank_runner.report.markdown import recipe_markdown, run_markdown
-from lowrank_runner.train import artifacts as art
-
-REPORT_MD = art.REPORT_MD
+from lowrank_runner.rundir import plots
+from lowrank_runner.rundir.files import write_json
+from lowrank_runner.rundir.history import per_epoch, read_history
+from lowrank_runner.rundir.layout import (METRICS_LOG, RANK_HEATMAP_FILE, REPORT_FILE, REPORT_MD, RESULTS_MD,
+                                          SWEEP_FIGURE)
+from lowrank_runner.rundir.markdown import recipe_markdown, run_markdown
+from lowrank_runner.rundir.reports import run_dir_of
 
 
 def _plots(run_dir: Path, report: dict, history) -> dict[str, str]:
@@ -22,20 +23,20 @@ def _plots(run_dir: Path, report: dict, history) -> dict[str, str]:
     rec, run, best = report.get("recipe", {}), report.get("run", {}), report.get("best") or {}
     title = f"{rec.get('name')} · {run.get('task')} · seed {run.get('seed')} · {(report.get('method') or {}).get('name')}"
     out = {}
-    if curves.loss_plot(history, run_dir / curves.LOSS_PLOT, title, steps.get("per_epoch")):
-        out[curves.LOSS_PLOT] = "training and evaluation loss, learning rate"
-    if curves.metric_plot(history, run_dir / curves.METRIC_PLOT, title, best.get("metric"), best.get("step"),
+    if plots.loss_plot(history, run_dir / plots.LOSS_PLOT, title, steps.get("per_epoch")):
+        out[plots.LOSS_PLOT] = "training and evaluation loss, learning rate"
+    if plots.metric_plot(history, run_dir / plots.METRIC_PLOT, title, best.get("metric"), best.get("step"),
                           steps.get("per_epoch")):
-        out[curves.METRIC_PLOT] = "evaluation metrics"
-    if (run_dir / art.RANK_HEATMAP_FILE).is_file():
-        out[art.RANK_HEATMAP_FILE] = "final rank pattern (layers × targets)"
+        out[plots.METRIC_PLOT] = "evaluation metrics"
+    if (run_dir / RANK_HEATMAP_FILE).is_file():
+        out[RANK_HEATMAP_FILE] = "final rank pattern (layers × targets)"
     return out
 
 
 def _complete(run_dir: Path, report: dict) -> dict:
     """Add the per-epoch rows and the files; write plots and report.md."""
     steps = report.get("steps") or {}
-    history = read_history(run_dir / art.METRICS_LOG)
+    history = read_history(run_dir / METRICS_LOG)
     if steps.get("per_epoch") and steps.get("total"):
         report["per_epoch"] = per_epoch(history, steps["per_epoch"], steps["total"])
     report["files"] = {"markdown": REPORT_MD, "plots": _plots(run_dir, report, history)}
@@ -46,7 +47,7 @@ def _complete(run_dir: Path, report: dict) -> dict:
 def write_run_report(run_dir: Path, report: dict) -> dict:
     """Write plots, report.md and finally report.json of a finished run."""
     report = _complete(run_dir, report)
-    art.write_json(run_dir / art.REPORT_FILE, report)
+    write_json(run_dir / REPORT_FILE, report)
     return report
 
 
@@ -55,11 +56,11 @@ def render(run_dir: Path, report: dict) -> list[Path]:
     (report.json itself is left as the run wrote it). Returns the files written."""
     _require_history(run_dir)
     report = _complete(run_dir, dict(report))
-    return [run_dir / REPORT_MD, *(run_dir / name for name in report["files"]["plots"] if name != art.RANK_HEATMAP_FILE)]
+    return [run_dir / REPORT_MD, *(run_dir / name for name in report["files"]["plots"] if name != RANK_HEATMAP_FILE)]
 
 
 def _require_history(run_dir: Path) -> None:
-    path = run_dir / art.METRICS_LOG
+    path = run_dir / METRICS_LOG
     if not path.is_file():
         raise RunFileError(f"{path}: missing: --render redraws the plots from the run's training history, which is "
                            "gone; restore the file from a copy (the report.md and plots the run wrote are untouched)")
@@ -87,9 +88,6 @@ def render_runs(runs) -> list[str]:
 def write_recipe_report(root: Path, name: str, recipe_hash: str, source: str, command: list[str] | None,
                         summary: list[dict]) -> Path:
     """The root report.md of a multi-run recipe (after summary.json and results.md)."""
-    from lowrank_runner.tables import RESULTS_MD, SWEEP_FIGURE
-    from lowrank_runner.tables.sources import run_dir_of
-
     runs = []
     for entry in summary:
         slug = run_dir_of(root, entry).relative_to(root).as_posix()  # task-seedN, or task/POINT/seedN (a sweep)

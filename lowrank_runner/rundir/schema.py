@@ -19,11 +19,11 @@ _COUNT = {"type": ["integer", "null"]}
 _NUMBER = {"type": ["number", "null"]}
 _METRICS = {"type": ["object", "null"], "additionalProperties": _NUMBER}
 
-# Every status a run's report.json can hold: completed (report/build.py), failed and
+# Every status a run's report.json can hold: completed (train/run_report.py), failed and
 # interrupted (SIGINT/SIGTERM; train/run_dirs.py mark_status), with the reason in "error".
 STATUSES = ["completed", "failed", "interrupted"]
 
-# Every field a completed run's report.json has (report/build.py, report/write.py).
+# Every field a completed run's report.json has (train/run_report.py, rundir/write.py).
 COMPLETED_FIELDS = ("format", "format_version", "recipe", "command", "run", "seeds", "backbone", "data", "method",
                     "targets", "modules", "trainable_params", "total_params", "steps", "best", "final_eval",
                     "environment", "files")

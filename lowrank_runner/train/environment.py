@@ -11,7 +11,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-import lowrank_runner
+from lowrank_runner.version import __version__
 
 # The libraries whose versions change results (numbers, tokenisation, data loading, merges).
 PACKAGES = ("torch", "transformers", "accelerate", "datasets", "peft", "tokenizers", "safetensors",
@@ -33,7 +33,7 @@ def git_state() -> dict:
     """Commit and dirty flag (uncommitted changes or untracked, not ignored, files) of
     lowrank-runner's own checkout, when installed from one (both None for a wheel install
     or without git)."""
-    root = Path(lowrank_runner.__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the checkout lowrank_runner was imported from
     if not (root / ".git").exists():
         return {"commit": None, "dirty": None}
     try:
@@ -102,7 +102,7 @@ def hardware(accelerator=None) -> dict:
 
 def environment(accelerator=None) -> dict:
     return {
-        "lowrank_runner": {"version": lowrank_runner.__version__, **git_state()},
+        "lowrank_runner": {"version": __version__, **git_state()},
         "python": sys.version.split()[0],
         "python_implementation": platform.python_implementation(),
         "platform": platform.platform(),

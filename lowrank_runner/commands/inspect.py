@@ -7,63 +7,16 @@ on that skeleton, so the numbers are the ones training will have.
 
 from __future__ import annotations
 
-from lowrank_runner.errors import LrrError
-from lowrank_runner.guidance import lr_guidance
 from lowrank_runner.modeling import build_adapted_model, parameter_counts
+from lowrank_runner.plan.checks import PlanError, check_method_schedule, check_schedule, plan_run
+from lowrank_runner.plan.schedule import integrated_learning_rate
 from lowrank_runner.quiet import quiet_libraries
-from lowrank_runner.recipe.load import Recipe, at_recipe_lines, canonical_hash
+from lowrank_runner.recipe.hashing import canonical_hash
+from lowrank_runner.recipe.load import Recipe, at_recipe_lines
 from lowrank_runner.tasks.base import build_task
 from lowrank_runner.tasks.holdout import holdout_sizes
 from lowrank_runner.train.fsdp import describe_settings as describe_fsdp
 from lowrank_runner.train.init_from import source_run
-from lowrank_runner.train.schedule import (BatchPlan, BatchSizeError, StepPlan, batch_plan, integrated_learning_rate,
-                                            plan_steps)
-
-
-class PlanError(LrrError):
-    pass
-
-
-def check_schedule(plan, where: str) -> None:
-    if plan.warmup_steps >= plan.total_steps:
-        raise PlanError(
-            f"{where}: warmup ({plan.warmup_steps} steps) is not shorter than training ({plan.total_steps} steps); "
-            "lower training.warmup_steps / warmup_ratio or train longer"
-        )
-
-
-def run_batch(run, processes: int, source: str) -> BatchPlan:
-    """The run's per-device batch and accumulation on ``processes`` processes
-    (train/schedule.py: :func:`batch_plan`); a batch that cannot be divided names the
-    recipe line that sets it (or the recipe file)."""
-    try:
-        return batch_plan(run.config["training"], processes)
-    except BatchSizeError as exc:
-        raise BatchSizeError(f"{run.location_of(exc.key) or source}: {exc}", exc.key) from None
-
-
-def plan_run(run, n_train: int, processes: int, source: str) -> StepPlan:
-    """The run's step plan on ``processes`` processes, its batch checked first (:func:`run_batch`)."""
-    run_batch(run, processes, source)
-    return plan_steps(n_train, run.config["training"], processes)
-
-
-def check_method_schedule(method, plan: StepPlan, where: str, method_config: dict, training: dict) -> list[str]:
-    """The method's schedule against the planned steps (``method.schedule_problems``):
-    raises :class:`PlanError` for one that cannot work, returns the warnings
-    (``WHERE: method.KEY: message``) for one that can act only partly, then those for a
-    learning rate far below what the method needs at these steps
-    (``WHERE: training.learning_rate: message``, guidance.py)."""
-    problems = method.schedule_problems(plan.total_steps)
-    errors = [f"{where}: {p}" for p in problems if p.severity == "error"]
-    if errors:
-        raise PlanError("\n".join(errors))
-    notes = [f"{where}: {p}" for p in problems if p.severity != "error"]
-    try:
-        guidance = lr_guidance(method_config, training, plan)
-    except ValueError as exc:  # a plugin's malformed x-lr-guidance: say so, train anyway
-        guidance = [f"{exc}; no learning-rate guidance"]
-    return notes + [f"{where}: {line}" for line in guidance]
 
 
 def inspect_recipe(recipe: Recipe, processes: int = 1) -> dict:

@@ -3,7 +3,7 @@ method needs to learn at this budget? (torch-free; ``lrr inspect``, ``lrr run`` 
 ``lrr validate`` warn.)
 
 The budget is the *integrated learning rate*, the sum of the scheduler's learning rate
-over the planned optimizer steps (train/schedule.py: :func:`integrated_learning_rate`):
+over the planned optimizer steps (plan/schedule.py: :func:`integrated_learning_rate`):
 Adam moves each parameter by about the learning rate per step, so a method whose update
 starts small (LoRA2's product of five factors, TriAdaptLoRA's Gaussian start) needs a
 large enough sum before its update reaches a useful size, whatever the split between
@@ -23,7 +23,7 @@ from functools import lru_cache
 import jsonschema
 
 from lowrank_runner.methods.registry import get_method_spec
-from lowrank_runner.train.schedule import StepPlan, integrated_learning_rate
+from lowrank_runner.plan.schedule import StepPlan, integrated_learning_rate
 
 LR_KEY = "training.learning_rate"
 DOCS = 'docs/benchmarks.md, "Learning-rate guidance"'

@@ -1,34 +1,6 @@
-"""What a run directory holds, and how it is written and read back.
-
-::
-
-    RUN_DIR/
-      recipe.yaml           the resolved recipe of this run (defaults filled), written
-                            when the run starts; its header names the recipe file, the
-                            recipe and config hashes and the --set overrides (--resume)
-      metrics.jsonl         one JSON object per logged training step or evaluation
-      metrics.json          final and best evaluation metrics
-      report.json           reproducibility report (recipe + hash, seeds, environment,
-                            backbone/data fingerprints, counts, timings, metrics);
-                            written last: "status": "completed" marks a finished run
-                            ("failed" / "interrupted" with the reason while unfinished)
-      report.md             the same for people, with the plots (lowrank_runner/report/)
-      loss_curve.png        training/evaluation loss and learning rate per step
-      metric_curve.png      evaluation metrics per evaluation, best checkpoint starred
-      outputs_SPLIT.jsonl   the selected checkpoint's outputs on SPLIT: generation tasks
-                            (source, output, references per distinct source), squad_v2
-                            (id, prediction, best_span, null_score_diff per question);
-                            outputs_test_SPLIT.jsonl with task.holdout_fraction
-                            or task.test_split (outputs_test_test.jsonl)
-      rank_pattern.json     final active rank per module (dynamic-rank methods only)
-      rank_heatmap.png      the same as a layers x target-symbols heatmap
-      checkpoints/step-N/   resumable training state while the run is unfinished
-                            (train/checkpoint.py); removed when the run completes
-      adapter/
-        adapter_config.json method, parameters, target module paths, backbone, task head
-        adapter.safetensors adapter weights (best checkpoint)
-        head.safetensors    task head weights (best checkpoint), when trained
-"""
+"""Writing and reading a run directory's files: JSON written atomically, ``recipe.yaml``
+with the header ``--resume`` reads back, the append-only ``metrics.jsonl``
+(:class:`MetricsLog`). The names are :mod:`lowrank_runner.rundir.layout`'s."""
 
 from __future__ import annotations
 
@@ -37,20 +9,6 @@ import re
 from pathlib import Path
 
 import yaml
-
-ADAPTER_DIR = "adapter"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter.safetensors"
-HEAD_WEIGHTS = "head.safetensors"
-RECIPE_FILE = "recipe.yaml"
-METRICS_LOG = "metrics.jsonl"
-METRICS_FILE = "metrics.json"
-REPORT_FILE = "report.json"
-REPORT_MD = "report.md"
-SUMMARY_FILE = "summary.json"  # multi-run recipes, in the root directory
-RANK_PATTERN_FILE = "rank_pattern.json"
-RANK_HEATMAP_FILE = "rank_heatmap.png"
-OUTPUTS_FILE = "outputs_{split}.jsonl"
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -111,16 +69,6 @@ def read_recipe_header(path: Path) -> dict | None:
             return None
     return {"source": lines[0][len(_SOURCE_LINE):], "recipe_hash": match[1], "config_hash": match[2],
             "overrides": overrides}
-
-
-def save_adapter(directory: Path, adapter_state: dict, head_state: dict, config: dict) -> None:
-    from safetensors.torch import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in adapter_state.items()}, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    if head_state:
-        save_file({k: v.contiguous() for k, v in head_state.items()}, str(directory / HEAD_WEIGHTS), metadata={"format": "pt"})
-    write_json(directory / ADAPTER_CONFIG, config)
 
 
 def _kept_lines(path: Path, keep: int) -> list[str]:

@@ -28,6 +28,9 @@ from typing import Any
 
 from lowrank_runner.errors import Location, Problem
 from lowrank_runner.recipe.document import Document, Origin, PathT, delete, merge
+from lowrank_runner.recipe.problems import schema_problems, suggest
+from lowrank_runner.recipe.schema import recipe_key_paths, recipe_validator
+from lowrank_runner.recipe.validate import run_problems
 
 SEARCH = "search"
 SPACE = "space"
@@ -186,9 +189,6 @@ def _combination_problems(doc: Document) -> list[Problem]:
 
 
 def _key_problems(doc: Document, key: str, keys: list[str]) -> list[Problem]:
-    from lowrank_runner.recipe.schema import recipe_key_paths
-    from lowrank_runner.recipe.validate import suggest
-
     loc, path = _at(doc, (SEARCH, SPACE, key), key=True), _dotted_key(key)
     fixed = next((why for k, why in FIXED.items() if key == k or key.startswith(k + ".")), None)
     if fixed:
@@ -269,9 +269,6 @@ def _with_value(doc: Document, key: str, value, origin: Origin | None) -> Docume
 def _problems(doc: Document) -> list[Problem]:
     """Every problem of one run's document (no search block): its schema, method and
     semantic checks."""
-    from lowrank_runner.recipe.schema import recipe_validator
-    from lowrank_runner.recipe.validate import run_problems, schema_problems
-
     return schema_problems(doc, doc.data, recipe_validator(), skip=("method",)) + run_problems(doc)
 
 
@@ -285,14 +282,6 @@ def describe_search(resolved: dict) -> dict | None:
         return None
     return {"n_trials": spec.n_trials, "sampler": spec.sampler, "seed": spec.seed,
             "space": {d.key: {d.kind: list(d.values)} for d in spec.dimensions}}
-
-
-def file_search(path, overrides=()) -> dict | None:
-    """:func:`describe_search` of a recipe file that validates (``lrr validate``)."""
-    from lowrank_runner.recipe.load import load_document
-
-    data = load_document(path, overrides).data
-    return describe_search(data) if isinstance(data.get(SEARCH), dict) else None
 
 
 def search_lines(info: dict | None) -> list[str]:

@@ -173,7 +173,7 @@ def _data(r: dict) -> list[str]:
     lines.append(f"- {fmt(r.get('train_examples'))} training and {fmt(r.get('eval_examples'))} selection examples; "
                  f"{fmt(steps.get('total'))} optimizer steps ({fmt(steps.get('per_epoch'))} per epoch, "
                  f"{fmt(steps.get('warmup'))} warmup)")
-    if r.get("batch"):  # train/schedule.py's batch plan
+    if r.get("batch"):  # plan/schedule.py's batch plan
         b = r["batch"]
         lines.append(f"- batch {fmt(b['effective'])} per optimizer step = {fmt(b['per_device'])} per device x "
                      f"{fmt(b['accumulation'])} accumulation x {fmt(b['processes'])} process(es) "

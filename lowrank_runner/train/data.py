@@ -1,0 +1,59 @@
+"""A run's data: the task's splits (after any hold-out), tokenised once per ``lrr run``
+for the seeds of a task (:func:`prepared_data`), and the DataLoaders of the training
+and evaluation splits (:func:`build_dataloaders`)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from lowrank_runner.plan.schedule import BatchPlan, batch_plan
+from lowrank_runner.tasks.base import Task, build_task
+from lowrank_runner.tasks.holdout import apply_holdout
+
+def build_dataloaders(tokenized, tokenizer, task: Task, training: dict, seed: int, mixed_precision: str, eval_splits,
+                      batch: BatchPlan | None = None):
+    """Training and evaluation DataLoaders with ``batch.per_device`` training examples per
+    batch (default: :func:`batch_plan` on one process) and ``training.eval_batch_size``
+    (per device; default: twice the per-device training batch) evaluation examples."""
+    from torch.utils.data import DataLoader
+
+    batch = batch or batch_plan(training)
+    collator = task.collator(tokenizer, pad_to_multiple_of=8 if mixed_precision != "no" else None)
+    generator = torch.Generator().manual_seed(seed)
+    workers = training["dataloader_workers"]
+    train = DataLoader(tokenized["train"], batch_size=batch.per_device, shuffle=True, collate_fn=collator,
+                       generator=generator, num_workers=workers)
+    evaluation = {split: DataLoader(tokenized[split], batch_size=training["eval_batch_size"] or 2 * batch.per_device,
+                                    shuffle=False, collate_fn=collator, num_workers=workers)
+                  for split in eval_splits}
+    return train, evaluation, generator
+
+
+
+_DATA_CACHE: dict[str, tuple[Task, object, object]] = {}
+
+
+def clear_data_cache() -> None:
+    """Forget tokenized data (called at the start of every ``lrr run``: files may change)."""
+    _DATA_CACHE.clear()
+
+
+def prepared_data(cfg: dict, tokenizer) -> tuple[Task, object, object]:
+    """The task, its raw splits (after any hold-out) and its tokenized splits. Runs of a
+    recipe are task-major, so the seeds of a task reuse the last tokenized data of this
+    invocation (datasets' fingerprint cache serves file-backed data across processes and
+    invocations too)."""
+    key = json.dumps({"task": cfg["task"], "backbone": cfg["backbone"], "tokenizer": tokenizer.name_or_path},
+                     sort_keys=True, default=str)
+    if key not in _DATA_CACHE:
+        _DATA_CACHE.clear()  # one entry: tokenized data can be large
+        task = build_task(cfg["task"])
+        splits = task.load_splits()
+        holdout = cfg["task"].get("holdout_fraction")
+        if holdout:
+            splits = apply_holdout(splits, holdout, task.eval_splits())
+        _DATA_CACHE[key] = (task, splits, task.tokenize(splits, tokenizer))
+    return _DATA_CACHE[key]
+
