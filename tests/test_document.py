@@ -1,5 +1,7 @@
 """YAML reading with positions, safe loading, merging and --set overrides."""
 
+from pathlib import Path
+
 import pytest
 
 from lowrank_runner.errors import RecipeError, UsageError
@@ -146,6 +148,7 @@ def test_merge_keys_merge_mappings_only(text, message):
 @pytest.mark.parametrize("text,message", [
     ("a: &a [*a]\n", "r.yaml:1:8: (recipe): the alias *a is inside the value its anchor &a names"),
     ("a: " + "[" * 100 + "]" * 100 + "\n", "r.yaml:1:67: (recipe): values are nested more than 64 levels deep"),
+    ("a: " + "[" * 300_000 + "]" * 300_000 + "\n", "r.yaml:1:67: (recipe): values are nested more than 64 levels"),
     ("a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
         f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(6)),
      "r.yaml:5:4: (recipe): this value holds more than 100,000 values once its aliases are expanded"),
@@ -173,3 +176,41 @@ def test_set_paths_are_checked_against_the_recipe(override, message):
     with pytest.raises(RecipeError) as exc:
         apply_override(doc, override)
     assert message in str(exc.value) and str(exc.value).startswith(f"--set {override}: ")
+
+
+def _pure_python_parse(text: str, source: str):
+    """parse_yaml with libyaml out of the way (PyYAML's pure-Python composer only)."""
+    import lowrank_runner.recipe.document as document
+
+    fast, document.FastRecipeLoader = document.FastRecipeLoader, None
+    try:
+        return parse_yaml(text, source)
+    finally:
+        document.FastRecipeLoader = fast
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parent.parent / "recipes").glob("*.yaml")))
+def test_libyaml_reads_every_shipped_recipe_as_the_python_loader_does(name):
+    """The same values, types and positions of every key and value, from libyaml's composer
+    (what lrr uses) and PyYAML's pure-Python one (its bounds and messages the reference)."""
+    import lowrank_runner.recipe.document as document
+
+    assert document.FastRecipeLoader is not None  # PyYAML with libyaml: what the speed of lrr validate needs
+    text = (Path(__file__).parent.parent / "recipes" / name).read_text(encoding="utf-8")
+    fast, pure = parse_yaml(text, name), _pure_python_parse(text, name)
+    assert repr(fast.data) == repr(pure.data) and fast.origins == pure.origins
+
+
+@pytest.mark.parametrize("text", [
+    "a: 1\n  b: 2\n", "a: [1, 2\n", "a:\tb\n", "- a\nb: c\n", "a: 1\n---\nb: 2\n", "a: !!float abc\n",
+    "a: *nothing\n", "a: &x 1\nb: *x\nc: {*x: 2}\n",
+])
+def test_errors_read_the_same_with_or_without_libyaml(text):
+    def said(parse):
+        try:
+            parse(text, "r.yaml")
+        except RecipeError as exc:
+            return str(exc)
+        return None
+
+    assert said(parse_yaml) == said(_pure_python_parse)

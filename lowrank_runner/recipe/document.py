@@ -116,11 +116,18 @@ class RecipeLoader(yaml.SafeLoader):
         self._sizes[id(node)] = size
 
 
-RecipeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+_FLOAT_12 = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789"))
+
+
+if hasattr(yaml, "CSafeLoader"):
+    class FastRecipeLoader(yaml.CSafeLoader):
+        """:class:`RecipeLoader`'s YAML 1.2 floats on libyaml's parser and composer (the
+        bounds are checked on its events first: :func:`_check_bounds`)."""
+
+    FastRecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789"))
+else:  # PyYAML built without libyaml
+    FastRecipeLoader = None
 
 
 def safe_load(text: str):
@@ -187,10 +194,37 @@ def decode(raw: bytes, source: str) -> str:
 
 
 def parse_yaml(text: str, source: str) -> Document:
-    loader = None
+    """A :class:`Document` of YAML ``text`` read from ``source``: composed by libyaml
+    (PyYAML's C parser, with the same marks) once the bounds are checked on its event
+    stream; PyYAML's pure-Python loader composes it where libyaml is missing, and says
+    what is wrong with a document that does not parse (its messages are the ones users
+    get)."""
+    node = _compose(text, source)
+    if node is None:
+        raise RecipeError([Problem(Location(source, 1, 1), "", "the recipe is empty")])
+    origins: dict[PathT, Origin] = {}
+    problems: list[Problem] = []
+    data = _build(node, (), source, origins, problems, None)
+    if problems:
+        raise RecipeError(list({str(p): p for p in problems}.values()))
+    return Document(data, origins, source, (source,))
+
+
+def _compose(text: str, source: str):
+    """The node tree of ``text`` (None for an empty document); every error a
+    :class:`RecipeError` at its line and column."""
     try:
-        loader = RecipeLoader(text)  # checks every character first
-        node = loader.get_single_node()
+        yaml.reader.Reader(text)  # every character checked, positions in characters
+        if FastRecipeLoader is not None and "\t" not in text:  # libyaml takes tabs PyYAML refuses: a: <tab>b
+            try:
+                return _fast_compose(text)
+            except yaml.YAMLError:
+                pass  # said below, in the pure-Python loader's words
+        loader = RecipeLoader(text)
+        try:
+            return loader.get_single_node()
+        finally:
+            loader.dispose()
     except yaml.reader.ReaderError as exc:
         before = text[: exc.position]
         line, column = before.count("\n") + 1, len(before) - (before.rfind("\n") + 1) + 1
@@ -203,17 +237,53 @@ def parse_yaml(text: str, source: str) -> Document:
         raise RecipeError([Problem(loc, "", _yaml_message(exc))]) from None
     except yaml.YAMLError as exc:
         raise RecipeError([Problem(Location(source), "", f"invalid YAML: {exc}")]) from None
+
+
+def _fast_compose(text: str):
+    """libyaml's node tree of ``text``, after :func:`_check_bounds` on its events (the C
+    composer recurses without the Python loader's checks)."""
+    _check_bounds(yaml.parse(text, Loader=FastRecipeLoader))
+    loader = FastRecipeLoader(text)
+    try:
+        return loader.get_single_node()
     finally:
-        if loader is not None:
-            loader.dispose()
-    if node is None:
-        raise RecipeError([Problem(Location(source, 1, 1), "", "the recipe is empty")])
-    origins: dict[PathT, Origin] = {}
-    problems: list[Problem] = []
-    data = _build(node, (), source, origins, problems, None)
-    if problems:
-        raise RecipeError(list({str(p): p for p in problems}.values()))
-    return Document(data, origins, source, (source,))
+        loader.dispose()
+
+
+def _check_bounds(events) -> None:
+    """What :class:`RecipeLoader` checks while composing, on an event stream: nesting
+    depth, an alias inside the value its anchor names, and the values once aliases are
+    expanded."""
+    open_nodes: list[list] = []  # per open collection: [anchor, start mark, values so far]
+    sizes: dict[str, int] = {}  # anchor -> values in its node once aliases are expanded
+    for event in events:
+        if isinstance(event, yaml.CollectionEndEvent):
+            anchor, mark, size = open_nodes.pop()
+            _add(open_nodes, sizes, anchor, size + 1, mark)
+        elif isinstance(event, yaml.AliasEvent):
+            if any(node[0] == event.anchor for node in open_nodes):
+                raise LimitError(None, None, f"the alias *{event.anchor} is inside the value its anchor "
+                                 f"&{event.anchor} names (a value cannot contain itself)", event.start_mark)
+            _add(open_nodes, sizes, None, sizes.get(event.anchor, 1), event.start_mark)
+        elif isinstance(event, yaml.NodeEvent):
+            if len(open_nodes) >= MAX_DEPTH:
+                raise LimitError(None, None, f"values are nested more than {MAX_DEPTH} levels deep here "
+                                 "(a recipe needs about 6)", event.start_mark)
+            if isinstance(event, yaml.CollectionStartEvent):
+                open_nodes.append([event.anchor, event.start_mark, 0])
+            else:
+                _add(open_nodes, sizes, event.anchor, 1, event.start_mark)
+
+
+def _add(open_nodes: list[list], sizes: dict, anchor, size: int, mark) -> None:
+    """A node of ``size`` values closed (or an alias read) inside the innermost open one."""
+    if size > MAX_VALUES:
+        raise LimitError(None, None, f"this value holds more than {MAX_VALUES:,} values once its aliases are "
+                         "expanded (each *alias repeats the whole value it names): an alias bomb?", mark)
+    if anchor is not None:
+        sizes[anchor] = size
+    if open_nodes:
+        open_nodes[-1][2] += size
 
 
 def _yaml_message(exc: yaml.MarkedYAMLError) -> str:
@@ -292,9 +362,8 @@ def _entries(node: yaml.MappingNode, path: PathT, source: str, problems: list) -
 
 def _scalar(node: yaml.ScalarNode, source: str, path: PathT = ()):
     """Construct a scalar exactly as ``yaml.safe_load`` would (safe tags only)."""
-    loader = yaml.SafeLoader("")
     try:
-        return loader.construct_object(node, deep=True)
+        return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
     except yaml.constructor.ConstructorError as exc:
         raise RecipeError(
             [Problem(_loc(source, node), dotted(path), f"unsupported YAML value (only plain YAML is read): {exc.problem}")]
@@ -303,8 +372,6 @@ def _scalar(node: yaml.ScalarNode, source: str, path: PathT = ()):
         tag = node.tag.rsplit(":", 1)[-1]
         raise RecipeError([Problem(_loc(source, node), dotted(path),
                                    f"{node.value!r} is not a valid !!{tag} ({exc}); remove the tag or fix the value")]) from None
-    finally:
-        loader.dispose()
 
 
 # --------------------------------------------------------------------------- merging

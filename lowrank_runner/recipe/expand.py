@@ -88,3 +88,14 @@ def _per_seed(run: Document) -> list[tuple[Any, Document]]:
     return out
 
 
+def one_per_seed(runs: list[Expanded]) -> list[Expanded]:
+    """The first run of each task × sweep point: its other seeds differ only in
+    ``training.seed``, which no per-run check reads (the schema checks the seeds
+    themselves), so checking them again would only repeat the same problems."""
+    seen, out = set(), []
+    for run in runs:
+        key = (run.task, run.point.label if run.point else None)
+        if key not in seen:
+            seen.add(key)
+            out.append(run)
+    return out

@@ -17,7 +17,7 @@ from typing import Iterable
 from lowrank_runner.errors import Problem, RecipeError, RecipeKeyError
 from lowrank_runner.recipe.compose import load_document
 from lowrank_runner.recipe.document import Document, dotted
-from lowrank_runner.recipe.expand import Expanded, expand_runs
+from lowrank_runner.recipe.expand import Expanded, expand_runs, one_per_seed
 from lowrank_runner.recipe.hashing import canonical_form, canonical_hash
 from lowrank_runner.recipe.init_from import init_from_problems
 from lowrank_runner.recipe.output_checks import table_problems
@@ -76,7 +76,7 @@ def check_document(doc: Document) -> list[Problem]:
     sweep = sweep_problems(doc)
     problems += [p for found in sweep.values() for p in found]
     runs = expand_runs(doc, skip=frozenset(sweep))
-    for run in runs:  # defensive about types the schema already flagged
+    for run in one_per_seed(runs):  # defensive about types the schema already flagged
         if run.point is not None:
             problems += schema_problems(run.doc, run.doc.data, recipe_validator(), skip=("method",))
         problems += run_problems(run.doc) + search_problems(run.doc)

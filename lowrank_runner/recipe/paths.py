@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lowrank_runner.recipe.compose import load_document
 from lowrank_runner.recipe.document import Document
-from lowrank_runner.recipe.expand import expand_runs
+from lowrank_runner.recipe.expand import expand_runs, one_per_seed
 from lowrank_runner.recipe.schema import resolve
 from lowrank_runner.resources import expand_user, is_pkg_path, resolve_pkg_path
 from lowrank_runner.tasks.registry import TASKS
@@ -38,7 +38,7 @@ def recipe_io(doc: Document) -> dict:
     if backbone.get("tokenizer"):
         reads.append(_place("backbone.tokenizer", backbone["tokenizer"]))
     runs = expand_runs(doc)
-    for run in runs:
+    for run in one_per_seed(runs):  # its seeds read the same files
         reads += [dict(entry, task=run.task) for entry in _run_reads(resolve(run.doc.data))]
     out_dir = resolved["output"]["dir"]
     where = Path(out_dir) / resolved["name"] / "<timestamp>"

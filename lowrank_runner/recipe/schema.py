@@ -56,9 +56,16 @@ def recipe_validator() -> jsonschema.protocols.Validator:
     return cls(schema, registry=_method_resources())
 
 
+_VALIDATORS: dict[int, tuple[dict, jsonschema.protocols.Validator]] = {}
+
+
 def validator_for(schema: dict) -> jsonschema.protocols.Validator:
-    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-    return cls(schema)
+    """A validator of ``schema`` (a method fragment), built once per schema object."""
+    cached = _VALIDATORS.get(id(schema))
+    if cached is None or cached[0] is not schema:
+        cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+        cached = _VALIDATORS[id(schema)] = (schema, cls(schema))
+    return cached[1]
 
 
 def _deref(schema: dict, root: dict) -> dict:
@@ -82,8 +89,10 @@ def fill_defaults(data: Any, schema: dict, root: dict | None = None) -> Any:
     schema = _deref(schema, root)
     if not isinstance(data, dict) or "properties" not in schema:
         return copy.deepcopy(data)
-    out = copy.deepcopy(data)
-    for key, sub in schema["properties"].items():
+    properties = schema["properties"]
+    out = {key: value if key in properties and isinstance(value, dict) else copy.deepcopy(value)
+           for key, value in data.items()}  # mappings the schema describes are copied by the recursion below
+    for key, sub in properties.items():
         sub_r = _deref(sub, root)
         if key not in out:
             if "default" not in sub_r or _not_for(sub_r, out):
