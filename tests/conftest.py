@@ -4,7 +4,9 @@ safetensors + tokenizer, random weights, exact architectures) and tiny datasets.
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -24,6 +26,37 @@ WORDS = (
 POSITIVE = {"good", "great", "excellent", "lovely", "fine", "quick", "friendly", "loved", "liked", "enjoyed"}
 NEGATIVE = {"bad", "awful", "terrible", "poor", "broken", "slow", "rude", "hated"}
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+# Under pytest-xdist (the README's `pytest -n auto`) each worker trains with its share of
+# the cores: two workers on two cores each run one OpenMP thread, instead of four threads
+# spinning against each other. Set before torch is imported; the runs a test starts inherit it.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, str(max(1, _cores // WORKERS)))
+
+
+# The longest tests (the real MiniLM trained on the quickstart, minutes each): first of all.
+LONGEST = ("test_quickstart.py", "test_quickstart_methods.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest -n N (with --maxschedchunk 1: each worker takes the next test when it
+    is free) the longest tests start first, then the other slow end-to-end ones
+    (``@pytest.mark.slow``), so that none of them is left running alone at the end;
+    otherwise the files' order."""
+    if WORKERS > 1:
+        items.sort(key=lambda item: (item.path.name not in LONGEST, item.get_closest_marker("slow") is None))
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` of a child process the test sends SIGINT (Ctrl-C): the default
+    handler, so Python raises KeyboardInterrupt in it even when the shell that started
+    pytest ignores SIGINT (as a non-interactive shell does for a background job) and the
+    child would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def tiny_config(model_type: str, **overrides):

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from lowrank_runner.cli import app
 from lowrank_runner.recipe.load import load_recipe
 from lowrank_runner.train.run_dirs import resume_points
+from tests.conftest import default_sigint
 
 SLUGS = ["classification-seed0", "classification-seed1", "regression-seed0", "regression-seed1"]
 
@@ -28,7 +29,7 @@ def lrr(*args):
 def driver(*args) -> subprocess.Popen:
     """``lrr run ...`` as its own process (as a user starts it: signals reach it alone)."""
     return subprocess.Popen([sys.executable, "-m", "lowrank_runner", "run", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=default_sigint)
 
 
 @pytest.fixture(scope="module")

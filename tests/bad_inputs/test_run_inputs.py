@@ -21,7 +21,7 @@ import pytest
 
 from lowrank_runner.recipe.load import load_recipe
 from tests.bad_inputs.harness import assert_clean_error, lrr, snapshot
-from tests.conftest import tiny_recipe_text
+from tests.conftest import default_sigint, tiny_recipe_text
 
 STOP_SETS = ["training.checkpoint_every=1", "training.checkpoints_kept=2", "training.learning_rate=5e-3"]
 
@@ -261,7 +261,8 @@ def test_a_checkpoint_of_the_pickle_format_is_refused(recipe, stopped, tmp_path,
 def start(recipe: Path, out: Path, log: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "lowrank_runner", "run", str(recipe), "--output", str(out),
                              "--set", "training.epochs=50", *extra],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            preexec_fn=default_sigint)
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 90) -> None:
