@@ -21,6 +21,7 @@ from lowrank_runner.methods.registry import method_specs
 from lowrank_runner.rundir.adapter import read_adapter_config, read_adapter_json, read_tensors, repair_hint
 from lowrank_runner.rundir.layout import (ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, CHECKPOINTS_DIR, ERROR_FILE,
                                           HEAD_WEIGHTS, METRICS_LOG, RECIPE_FILE, REPORT_FILE, checkpoint_dirs)
+from lowrank_runner.rundir.lock import refuse_if_held
 from lowrank_runner.rundir.search import final_runs
 from lowrank_runner.tasks.registry import TASKS
 
@@ -68,6 +69,7 @@ def source_kind(source: Path) -> tuple[str, Path]:
             raise UsageError(f"{source}: a PEFT adapter (written by --peft); load it with peft.PeftModel.from_pretrained")
         return "bundle", source
     if _is_run_dir(source):
+        refuse_if_held(source, "export it")  # still training: its adapter is not written yet
         unfinished = _unfinished_run(source)
         if unfinished is not None:
             raise unfinished

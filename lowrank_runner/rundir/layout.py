@@ -27,6 +27,7 @@ searches; every name of a file or folder in it is defined here, once.
       checkpoints/step-N/   resumable training state while the run is unfinished
                             (train/checkpoint.py); removed when the run completes
       error.txt             why the run failed (the traceback of a crash)
+      .lrr-lock, .lrr-owner.json  the run's owner while it trains (rundir/lock.py)
       adapter/
         adapter_config.json method, parameters, target module paths, backbone, task head
         adapter.safetensors adapter weights (best checkpoint)

@@ -13,6 +13,7 @@ from pathlib import Path
 from lowrank_runner.errors import RunFileError, UsageError
 from lowrank_runner.rundir.layout import (ADAPTER_DIR, CHECKPOINTS_DIR, ERROR_FILE, METRICS_FILE, METRICS_LOG,
                                           RECIPE_FILE, REPORT_FILE, SUMMARY_FILE, checkpoint_dirs, checkpoint_step)
+from lowrank_runner.rundir.lock import holder
 from lowrank_runner.rundir.schema import METRICS_SCHEMA, REPORT_SCHEMA, SUMMARY_SCHEMA, check
 from lowrank_runner.rundir.status import resumable_text
 
@@ -48,6 +49,10 @@ def read_json(path: Path, what: str, fix: str):
 
 def _not_finished(run_dir: Path) -> RunFileError:
     """A run directory without report.json that holds a run in progress or stopped."""
+    owner = holder(run_dir)
+    if owner is not None:
+        return RunFileError(f"{run_dir}: the run has not finished: {owner.describe()} is training it now; it has no "
+                            f"{REPORT_FILE} until it completes")
     done = checkpoint_dirs(run_dir)
     state = "it is still training, or was interrupted before its first checkpoint"
     if done:

@@ -43,8 +43,8 @@ from lowrank_runner.rundir.search import BEST_DIR, DB_FILE, RECORD_FILE, TRIALS_
 from lowrank_runner.search.record import task_info, write_record
 from lowrank_runner.train import run_dirs
 from lowrank_runner.train.devices import world_size
-from lowrank_runner.train.invocation import console
-from lowrank_runner.train.run_dirs import continue_command, prepare_root, recorded_runs
+from lowrank_runner.train.invocation import console, say
+from lowrank_runner.train.run_dirs import continue_command, owned, prepare_root, recorded_runs
 from lowrank_runner.train.runner import run_recipe
 
 STOPPED = "stopped"  # --stop-after-step ended a trial: the search waits for --resume
@@ -60,13 +60,14 @@ def run_search(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
                          "(each trial uses the GPU it finds)")
     quiet_libraries()
     root = _search_root(recipe, output, resume)
-    search = Search(recipe, search_spec(recipe.resolved), root, argv, stop_after, optuna)
-    try:
-        return search.run()
-    except KeyboardInterrupt:
-        search.write("interrupted")
-        console.print(f"[yellow]search interrupted[/yellow]; continue it with: {escape(search.again)}")
-        raise
+    with owned(root, say):  # one process runs a search: its study, trials and final runs (rundir/lock.py)
+        search = Search(recipe, search_spec(recipe.resolved), root, argv, stop_after, optuna)
+        try:
+            return search.run()
+        except KeyboardInterrupt:
+            search.write("interrupted")
+            console.print(f"[yellow]search interrupted[/yellow]; continue it with: {escape(search.again)}")
+            raise
 
 
 def _optuna():

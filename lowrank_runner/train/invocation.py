@@ -12,6 +12,7 @@ interrupted is said and recorded the same way whoever runs it; the results
 from __future__ import annotations
 
 import traceback
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -28,10 +29,15 @@ from lowrank_runner.tables import write_recipe_tables
 from lowrank_runner.train.devices import is_main_process
 from lowrank_runner.train.init_from import InitFromError, init_source, source_run
 from lowrank_runner.train.run_dirs import (Taken, continue_command, discard, mark_failed, mark_interrupted,
-                                           nothing_resumable, single_run_failed, start_run_dir)
+                                           nothing_resumable, owned, single_run_failed, start_run_dir)
 
 console = Console(stderr=True, soft_wrap=True)  # long paths and commands stay one line (copyable)
 FAILED_STATES = ("failed", "crashed")
+
+
+def say(text: str) -> None:
+    """A plain line (no markup) on the invocation's console."""
+    console.print(text, markup=False, highlight=False)
 
 
 @dataclass
@@ -166,7 +172,9 @@ def _train(inv: Invocation, run: RunSpec, run_dir: Path, checkpoint) -> dict:
 
     init = init_source(inv.recipe, run, inv.dirs)
     start_run_dir(inv.recipe, run, run_dir, inv.resume)
-    result = train_run(inv.recipe, run, run_dir, inv.argv, resume=checkpoint, stop_after=inv.stop_after, init_from=init)
+    with nullcontext() if run_dir == inv.root else owned(run_dir, say):  # the root is the invocation's already
+        result = train_run(inv.recipe, run, run_dir, inv.argv, resume=checkpoint, stop_after=inv.stop_after,
+                           init_from=init)
     if result.stopped_at is not None:
         console.print(f"[yellow]stopped[/yellow] {escape(run.slug)} after step {result.stopped_at} with a checkpoint; "
                       f"continue with: {escape(inv.again)}")

@@ -18,6 +18,7 @@ import json
 import shlex
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from lowrank_runner.errors import LrrError, UsageError
@@ -27,6 +28,7 @@ from lowrank_runner.rundir import status as run_status
 from lowrank_runner.rundir.files import read_recipe_header, write_recipe
 from lowrank_runner.rundir.layout import (ADAPTER_CONFIG, ADAPTER_DIR, CHECKPOINTS_DIR, METRICS_FILE, RECIPE_FILE,
                                           REPORT_FILE, checkpoint_dirs)
+from lowrank_runner.rundir.lock import owning, refuse_if_held, wait_until_free
 from lowrank_runner.train.devices import has_accelerator_device, is_main_process, world_size
 
 
@@ -59,6 +61,8 @@ def _make_dirs(path: Path) -> list[Path]:
 
 def _claim(output: Path) -> list[Path]:
     """A new run directory at ``output``: created, or an existing empty one; checked writable."""
+    if output.is_dir():
+        refuse_if_held(output, "choose another --output, or continue it with --resume")
     require_free(output, "--output")
     try:
         created = _make_dirs(output)
@@ -128,6 +132,17 @@ def prepare_root(recipe: Recipe, output: Path | None, resume: bool) -> tuple[Pat
     if is_main_process():  # the other ranks would race with rank 0 creating the directory
         created = _claim(output)
     return output, created
+
+
+@contextmanager
+def owned(directory: Path, say):
+    """This process owns ``directory`` for the block (rank 0 of a multi-process run; the
+    lock and owner file: rundir/lock.py); ``say`` prints a takeover note."""
+    if not is_main_process():
+        yield
+        return
+    with owning(directory, say):
+        yield
 
 
 # ------------------------------------------------------------------ resuming
@@ -238,8 +253,12 @@ def checkpoint_of(run, run_dir: Path):
 
 def resume_points(recipe: Recipe, root: Path) -> dict[int, object]:
     """Per run to resume: its completed metrics (``("completed", metrics)``) or its
-    checkpoint (None: from step 0). Every checkpoint is verified before anything trains."""
+    checkpoint (None: from step 0). Every checkpoint is verified before anything trains,
+    once no other process trains the run (``root`` is this process's already)."""
     dirs = run_dirs(recipe, root)
+    for run_dir in dirs.values():
+        if run_dir != root:
+            wait_until_free(run_dir, "resume it")
     return {run.index: resume_point(run, dirs[run.index]) for run in recipe.runs}
 
 

@@ -20,9 +20,9 @@ from lowrank_runner.recipe.load import Recipe
 from lowrank_runner.train.data import clear_data_cache
 from lowrank_runner.train.devices import is_main_process
 from lowrank_runner.train.init_from import order_runs
-from lowrank_runner.train.invocation import (FAILED_STATES, Invocation, check_stop_after, console, interrupted,
+from lowrank_runner.train.invocation import (FAILED_STATES, Invocation, check_stop_after, console, interrupted, say,
                                              summary_entry, train_one, write_results)
-from lowrank_runner.train.run_dirs import (Taken, continue_command, discard, nothing_resumable, prepare_root,
+from lowrank_runner.train.run_dirs import (Taken, continue_command, discard, nothing_resumable, owned, prepare_root,
                                            resume_points, run_dirs)
 
 
@@ -44,21 +44,22 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
         return run_parallel(recipe, output, argv, parallel, resume, stop_after)
     quiet_libraries()
     root, created = prepare_root(recipe, output, resume)
-    points = resume_points(recipe, root) if resume else {}
-    check_stop_after(recipe, points, stop_after)
-    inv = Invocation(recipe, root, argv, points, stop_after, run_dirs(recipe, root),
-                     continue_command(recipe.source, recipe.overrides, root))
-    try:  # Ctrl-C, and SIGTERM, which the CLI turns into the same (cli.main)
-        return _run_all(inv)
-    except KeyboardInterrupt:
-        interrupted(inv, created, console.print)
-        raise
-    except Taken:
-        raise
-    except LrrError:  # a single run that failed
-        if len(recipe.runs) == 1 and not resume and nothing_resumable(root):
-            discard(root, created)
-        raise
+    with owned(root, say):  # nobody else trains or writes it meanwhile (rundir/lock.py)
+        points = resume_points(recipe, root) if resume else {}
+        check_stop_after(recipe, points, stop_after)
+        inv = Invocation(recipe, root, argv, points, stop_after, run_dirs(recipe, root),
+                         continue_command(recipe.source, recipe.overrides, root))
+        try:  # Ctrl-C, and SIGTERM, which the CLI turns into the same (cli.main)
+            return _run_all(inv)
+        except KeyboardInterrupt:
+            interrupted(inv, created, console.print)
+            raise
+        except Taken:
+            raise
+        except LrrError:  # a single run that failed
+            if len(recipe.runs) == 1 and not resume and nothing_resumable(root):
+                discard(root, created)
+            raise
 
 
 def _run_all(inv: Invocation) -> list[str]:

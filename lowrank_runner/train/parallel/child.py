@@ -7,6 +7,11 @@ and never removes ROOT: the driver does what concerns every run of the recipe.
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import threading
+import time
 from pathlib import Path
 
 from lowrank_runner.errors import UsageError
@@ -15,6 +20,7 @@ from lowrank_runner.recipe.load import Recipe
 from lowrank_runner.rundir import status as run_status
 from lowrank_runner.rundir.files import write_json
 from lowrank_runner.rundir.layout import LOGS_DIR
+from lowrank_runner.rundir.lock import DRIVER_ENV, pid_alive
 from lowrank_runner.train.data import clear_data_cache
 from lowrank_runner.train.devices import is_main_process
 from lowrank_runner.train.init_from import source_run
@@ -45,6 +51,7 @@ def run_only(recipe: Recipe, output: Path | None, slug: str, argv: list[str], re
     if output is None or not output.is_dir():
         raise UsageError(f"--only-run {slug}: give the batch's existing run directory with --output ROOT")
     run = find_run(recipe, slug)
+    stop_with_the_driver()
     quiet_libraries()
     clear_data_cache()
     if not is_main_process():  # a K-process child (accelerate launch): rank 0 speaks and writes
@@ -68,6 +75,24 @@ def run_only(recipe: Recipe, output: Path | None, slug: str, argv: list[str], re
         raise
     _write_entry(output, slug, entry)
     return [slug] if entry["status"] in FAILED_STATES else []
+
+
+def stop_with_the_driver() -> None:
+    """Stop this child (as SIGTERM does: the run is marked interrupted, resumable) once
+    the driver that started it is gone (killed: it could not stop its children itself),
+    so that a resumed driver never finds a run with a trainer already on it. Watched from
+    a thread: the driver's process, and this process's parent (re-parented when it dies)."""
+    host, _, pid = os.environ.get(DRIVER_ENV, "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():  # a Ray task on another node: Ray stops it
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        while pid_alive(int(pid)) and os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="lrr-driver-watch", daemon=True).start()
 
 
 def _write_entry(root: Path, slug: str, entry: dict) -> None:

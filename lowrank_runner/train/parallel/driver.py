@@ -12,6 +12,7 @@ interrupted), and the runs continue with ``--resume``: completed runs are skippe
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import signal
 import socket
@@ -23,15 +24,16 @@ from pathlib import Path
 from rich.markup import escape
 
 from lowrank_runner.recipe.load import Recipe
+from lowrank_runner.rundir.lock import DRIVER_ENV
 from lowrank_runner.train.init_from import order_runs, source_run
-from lowrank_runner.train.invocation import (FAILED_STATES, Invocation, check_stop_after, console, interrupted, settle,
-                                             summary_entry, write_results)
+from lowrank_runner.train.invocation import (FAILED_STATES, Invocation, check_stop_after, console, interrupted, say,
+                                             settle, summary_entry, write_results)
 from lowrank_runner.train.parallel.child import job_files
 from lowrank_runner.train.parallel.display import Active, Display
 from lowrank_runner.train.parallel.jobs import INTERRUPTED, Executor, Job
 from lowrank_runner.train.parallel.slots import ParallelOptions, Slots, plan_slots
 from lowrank_runner.train.progress import PROGRESS_FILE_ENV
-from lowrank_runner.train.run_dirs import continue_command, mark_failed, prepare_root, resume_points, run_dirs
+from lowrank_runner.train.run_dirs import continue_command, mark_failed, owned, prepare_root, resume_points, run_dirs
 
 
 def make_executor(options: ParallelOptions, slots: Slots) -> Executor:
@@ -54,12 +56,13 @@ def run_parallel(recipe: Recipe, output: Path | None, argv: list[str], options: 
     executor = make_executor(options, slots)
     try:
         root, created = prepare_root(recipe, output, resume)
-        points = resume_points(recipe, root) if resume else {}
-        check_stop_after(recipe, points, stop_after)
-        again = " ".join([continue_command(recipe.source, recipe.overrides, root),
-                          *(shlex.quote(w) for w in options.words())])
-        inv = Invocation(recipe, root, argv, points, stop_after, run_dirs(recipe, root), again)
-        return _Schedule(inv, executor, slots, options, created).run()
+        with owned(root, say):  # the driver owns the root, each child its run's directory (rundir/lock.py)
+            points = resume_points(recipe, root) if resume else {}  # after the children of a killed driver stopped
+            check_stop_after(recipe, points, stop_after)
+            again = " ".join([continue_command(recipe.source, recipe.overrides, root),
+                              *(shlex.quote(w) for w in options.words())])
+            inv = Invocation(recipe, root, argv, points, stop_after, run_dirs(recipe, root), again)
+            return _Schedule(inv, executor, slots, options, created).run()
     finally:
         executor.close()
 
@@ -223,7 +226,8 @@ def child_job(inv: Invocation, run, slots: Slots, group: tuple[str, ...], option
     log, _, progress = job_files(inv.root, run.slug)
     threads = str(slots.cpus)
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false",
-           PROGRESS_FILE_ENV: str(progress), "PYTHONUNBUFFERED": "1"}
+           PROGRESS_FILE_ENV: str(progress), "PYTHONUNBUFFERED": "1",
+           DRIVER_ENV: f"{socket.gethostname()}:{os.getpid()}"}  # the child stops when the driver is gone
     if options.executor == "local":
         env["CUDA_VISIBLE_DEVICES"] = ",".join(group)
     return Job(slug=run.slug, argv=[sys.executable, *words], env=env, run_dir=inv.dirs[run.index], log=log,
