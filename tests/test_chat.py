@@ -469,6 +469,40 @@ def test_a_template_that_cannot_render_is_blamed_on_task_chat_template(tmp_path)
     assert f"task.chat_template: {broken}:2: Jinja syntax error: unexpected '}}'" in result.output
 
 
+# Templates that the sandbox lets run but that do not end: work, not code (issue 23).
+HANGING = ("{% for m in messages %}{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+           "{{ m['content'] }}{% endfor %}")
+FLOODING = "{% for m in messages %}{% for i in range(100000) %}{{ 'x' * 200 }}{% endfor %}{{ m['content'] }}{% endfor %}"
+
+
+@pytest.mark.parametrize("template,says", [(HANGING, "rendering one conversation took more than 5 s"),
+                                           (FLOODING, "one rendered conversation has 40,000,007 characters, more than 10,000,000")])
+def test_a_template_is_bounded_in_time_and_size_by_validate_and_the_run(tmp_path, template, says):
+    path = tmp_path / "slow.jinja"
+    path.write_text(template)
+    train = write_jsonl(tmp_path / "train.jsonl", [{"messages": CONVERSATION}])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: r\nbackbone: {{name: x}}\ntargets: [Wq]\nmethod: {{name: lora}}\n"
+                      f"task: {{name: chat, data: {{train: {train}, validation: {train}}}, chat_template: {path}}}\n")
+    result = CliRunner().invoke(app, ["validate", str(recipe)])
+    assert result.exit_code == 1 and f"{recipe}:5:" in result.output and f"task.chat_template: {path}: {says}" \
+        in result.output, result.output
+    task = chat_task(data={"train": str(train), "validation": str(train)}, chat_template=str(path))
+    with pytest.raises(DataError, match=rf"^task.chat_template: the chat template '{path}': {says}"):
+        task.tokenize(task.load_splits(), tiny_tokenizer(None))
+
+
+def test_a_template_without_assistant_turns_is_blamed_on_the_template_not_a_row(tmp_path):
+    quiet = tmp_path / "quiet.jinja"  # writes the user's turns only
+    quiet.write_text("{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] + ' ' }}{% endif %}"
+                     "{% endfor %}")
+    train = write_jsonl(tmp_path / "train.jsonl", [{"messages": CONVERSATION}])
+    task = chat_task(data={"train": str(train), "validation": str(train)}, chat_template=str(quiet))
+    with pytest.raises(DataError, match=rf"^task.chat_template: the chat template '{quiet}': the chat template does "
+                                        "not render an assistant turn after the generation prompt"):
+        task.tokenize(task.load_splits(), tiny_tokenizer(None))
+
+
 def test_a_chat_results_table_says_the_loss_is_not_scaled():
     from lowrank_runner.tables.build import Row, Table, Value
     from lowrank_runner.tables.formats import _scale_title, notes

@@ -40,7 +40,8 @@ from pathlib import Path
 
 from lowrank_runner.errors import DataError, warn
 from lowrank_runner.tasks.base import IGNORE, Task
-from lowrank_runner.tasks.chat_data import RowProblem, detect_shape, template_file, to_messages
+from lowrank_runner.tasks.chat_data import (PROBE, RowProblem, TemplateLimit, checked_output, detect_shape, render_limit,
+                                            template_file, to_messages)
 from lowrank_runner.tasks.data_check import Rows
 
 HUB_ROWS = {("HuggingFaceH4/ultrachat_200k", "train_sft"): 207_865, ("yahma/alpaca-cleaned", "train"): 51_760}
@@ -59,8 +60,12 @@ class _RowError(Exception):
 # ---- rendering and labels (module-level functions: datasets fingerprints them)
 
 def render(tokenizer, messages: list[dict], template: str | None, generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=generation_prompt)
+    """The conversation as the chat template writes it, bounded in time and length
+    (:func:`~lowrank_runner.tasks.chat_data.render_limit`: :class:`TemplateLimit` beyond)."""
+    with render_limit():
+        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    return checked_output(text)
 
 
 def assistant_turn(tokenizer, messages: list[dict], i: int, template: str | None) -> tuple[str, int]:
@@ -115,6 +120,8 @@ def encode_conversations(batch, indices, tokenizer, template, max_length: int, c
     for messages, index in zip(batch["messages"], indices):
         try:
             sequences = rendered_sequences(tokenizer, messages, template)
+        except TemplateLimit as exc:  # the template's loops, not the row: said at the template
+            raise _TemplateBeyondLimits(index, str(exc)) from None
         except Exception as exc:  # the template refuses the conversation (raise_exception, a missing key, ...)
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise _RowError(index, "messages", f"the chat template cannot render it ({message})") from None
@@ -155,6 +162,12 @@ def assistant_nll(logits, labels):
     picked = torch.nn.functional.cross_entropy(logits[mask].float(), labels[mask], reduction="none")
     nll = torch.zeros(labels.shape[0], device=logits.device).index_add_(0, mask.nonzero()[:, 0], picked)
     return nll, mask.sum(dim=1)
+
+
+class _TemplateBeyondLimits(Exception):
+    def __init__(self, index: int, message: str):
+        super().__init__(index, message)
+        self.index, self.message = index, message
 
 
 class ChatCollator:
@@ -310,16 +323,21 @@ class Chat(Task):
                             "file")
         self._probe_template(tokenizer)
 
+    def _template_name(self, tokenizer) -> str:
+        value = self.config.get("chat_template")
+        return (f"task.chat_template: the chat template '{value}'" if value is not None
+                else f"the chat template of the tokenizer of '{tokenizer.name_or_path}'")
+
     def _probe_template(self, tokenizer) -> None:
         """Render a probe conversation once, so that a template that cannot render any
-        (a Jinja error, a special token the tokenizer lacks) is named, not a data row."""
-        value = self.config.get("chat_template")
-        name = (f"task.chat_template: the chat template '{value}'" if value is not None
-                else f"the chat template of the tokenizer of '{tokenizer.name_or_path}'")
-        probe = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]
+        (a Jinja error, a special token the tokenizer lacks, no assistant turn after the
+        generation prompt, beyond the bounds) is named, not a data row."""
+        value, name = self.config.get("chat_template"), self._template_name(tokenizer)
         try:
-            render(tokenizer, probe, self.template, False)
-            render(tokenizer, probe[:1], self.template, True)
+            render(tokenizer, PROBE, self.template, False)
+            render(tokenizer, PROBE[:1], self.template, True)
+        except TemplateLimit as exc:
+            raise DataError(f"{name}: {exc}; fix the template or set task.chat_template to another one") from None
         except Exception as exc:  # jinja2's TemplateError, a TypeError from None + str, ...
             text = self.template if self.template is not None else str(tokenizer.chat_template)
             missing = [t for t in ("bos_token", "eos_token", "pad_token", "unk_token")
@@ -331,6 +349,10 @@ class Chat(Task):
             fix = (f"give the tokenizer a {missing[0]} or use another template" if missing
                    else "fix the template or set task.chat_template to another one")
             raise DataError(f"{name} cannot render a conversation{where}: {cause}; {fix}") from None
+        try:
+            rendered_sequences(tokenizer, PROBE, self.template)
+        except ValueError as exc:  # it writes no assistant turn where the generation prompt ends
+            raise DataError(f"{name}: {exc}") from None
 
     def tokenize(self, splits, tokenizer):
         import datasets
@@ -347,6 +369,9 @@ class Chat(Task):
                 at = self._at(split, exc.index, exc.column) if split in self.where and not c.get("holdout_fraction") \
                     else f"{split} conversation {exc.index + 1}"
                 raise DataError(f"{at}: {exc.message}") from None
+            except _TemplateBeyondLimits as exc:
+                raise DataError(f"{self._template_name(tokenizer)}, at {split} conversation {exc.index + 1}: "
+                                f"{exc.message}; fix the template") from None
             if len(encoded) > len(ds):
                 warn(f"{split}: the chat template renders earlier turns differently once later turns follow; "
                      f"{len(encoded) - len(ds)} extra sequences: one per assistant turn of those conversations")

@@ -15,11 +15,17 @@ row where a file has the columns of several):
 Named chat templates (``task.chat_template``) are Jinja files shipped in
 ``lowrank_runner/data/chat_templates``; any other value is a path to a Jinja file. A
 template is data: transformers renders it in Jinja's sandbox
-(``ImmutableSandboxedEnvironment``), so no recipe or data file can run Python code.
+(``ImmutableSandboxedEnvironment``), so no recipe or data file can run Python code, and
+every rendering is bounded (:func:`render_limit`: :data:`RENDER_SECONDS` and
+:data:`RENDER_MAX_CHARS`), so none can hang a run either; ``lrr validate`` renders a probe
+conversation under the same bounds (:func:`template_render_problem`).
 """
 
 from __future__ import annotations
 
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 SHAPES = {  # shape -> the columns that tell it (auto: the first shape whose columns all exist)
@@ -61,10 +67,10 @@ def template_file(value: str) -> Path | None:
 
 def template_problem(value: str) -> str | None:
     """Why ``task.chat_template`` cannot be used (no such template, a Jinja syntax
-    error at its line), or None."""
+    error at its line, a probe conversation it cannot render within the bounds), or None."""
     path = template_file(value)
     if path is not None:
-        return template_syntax_problem(path)
+        return template_syntax_problem(path) or template_render_problem(path)
     return (f"'{value}' is neither a shipped chat template ({', '.join(named_templates())}) nor a Jinja file; "
             "name one of them or give the path of a .jinja file")
 
@@ -73,26 +79,102 @@ def template_syntax_problem(path: Path) -> str | None:
     """A Jinja syntax error of the template file, with its line (parsed only, in
     Jinja's sandbox, never rendered), or None."""
     from jinja2 import TemplateSyntaxError
-    from jinja2.ext import Extension
     from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class Generation(Extension):  # transformers' {% generation %} ... {% endgeneration %} tag
-        tags = {"generation"}
-
-        def parse(self, parser):
-            next(parser.stream)
-            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         return f"{path}: cannot read the template ({exc}); give a readable UTF-8 .jinja file"
     try:
-        ImmutableSandboxedEnvironment(extensions=[Generation, "jinja2.ext.loopcontrols"]).parse(text)
+        ImmutableSandboxedEnvironment(extensions=[_generation_tag(), "jinja2.ext.loopcontrols"]).parse(text)
     except TemplateSyntaxError as exc:
         message = (exc.message or "invalid syntax").rstrip(".")
         return f"{path}:{exc.lineno}: Jinja syntax error: {message}; fix the template"
     return None
+
+
+RENDER_SECONDS = 5.0  # one conversation: a template renders one in milliseconds
+RENDER_MAX_CHARS = 10_000_000  # characters of one rendered conversation (a book is about 1,000,000)
+PROBE = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]  # every template renders one
+
+
+class TemplateLimit(Exception):
+    """Rendering a conversation went beyond :data:`RENDER_SECONDS` or :data:`RENDER_MAX_CHARS`."""
+
+
+@contextmanager
+def render_limit():
+    """At most :data:`RENDER_SECONDS` of rendering in the block (the main thread's timer:
+    a template's loops are Python, which the timer interrupts), else :class:`TemplateLimit`."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def expired(*_):
+        raise TemplateLimit(f"rendering one conversation took more than {RENDER_SECONDS:g} s (a template renders one "
+                            "in milliseconds: do its loops run over large ranges?)")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, RENDER_SECONDS)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def checked_output(text: str) -> str:
+    """A rendered conversation within :data:`RENDER_MAX_CHARS`, else :class:`TemplateLimit`."""
+    if len(text) > RENDER_MAX_CHARS:
+        raise TemplateLimit(f"one rendered conversation has {len(text):,} characters, more than {RENDER_MAX_CHARS:,} "
+                            "(does the template repeat text in a loop?)")
+    return text
+
+
+def template_render_problem(path: Path) -> str | None:
+    """Why the template file cannot render a probe conversation (a user turn, an assistant
+    turn) within the bounds, in Jinja's sandbox as transformers renders it; None when it can.
+    What the template asks of the tokenizer (its special tokens) is checked when the run
+    has one."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_generation_tag(), "jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = _raise
+    try:
+        template = env.from_string(path.read_text(encoding="utf-8"))
+        with render_limit():
+            for turns, prompt in ((PROBE, False), (PROBE[:1], True)):
+                checked_output(template.render(messages=turns, add_generation_prompt=prompt, bos_token="<s>",
+                                               eos_token="</s>"))
+    except TemplateLimit as exc:
+        return f"{path}: {exc}; fix the template"
+    except (TemplateError, TypeError, ValueError, KeyError, AttributeError, ArithmeticError, RecursionError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        line = getattr(exc, "lineno", None)
+        return f"{path}{f':{line}' if line else ''}: cannot render a conversation ({first}); fix the template"
+    return None
+
+
+def _raise(message):
+    from jinja2 import TemplateError
+
+    raise TemplateError(message)
+
+
+def _generation_tag():
+    """transformers' ``{% generation %} ... {% endgeneration %}`` tag, rendered as its content."""
+    from jinja2.ext import Extension
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    return Generation
 
 
 def detect_shape(columns: list[str], declared: str, shown: str) -> str:
