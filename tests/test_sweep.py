@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -223,3 +224,22 @@ def test_a_path_too_long_for_the_file_system_is_a_located_error(tiny_recipe, tmp
     path = tiny_recipe(f"sweep:\n  task.data.train: [data/{'x' * 300}.jsonl]\n")
     assert_clean_error(lrr("validate", path, "--json"), code=1)
     assert f"{path}:11:21: sweep.task.data.train.0: cannot be read as a path: File name too long" in messages(path)
+
+
+def test_a_point_whose_directory_name_is_too_long_is_refused_by_validate_and_run(tiny_recipe, tmp_path):
+    """A zip of many keys makes one directory name per point: beyond the 255 bytes a file
+    name may have, `lrr run` died with "File name too long" (exit 70) after making a folder."""
+    keys = ["training.learning_rate", "training.weight_decay", "training.warmup_ratio", "training.adam_epsilon",
+            "method.dropout", "method.alpha", "training.max_grad_norm", "training.eval_batch_size",
+            "training.log_every", "training.max_steps", "training.checkpoints_kept", "training.checkpoint_every"]
+    values = {"training.eval_batch_size": [32, 64], "training.log_every": [10, 20], "training.max_steps": [100001, 100002],
+              "training.checkpoints_kept": [3, 4], "training.checkpoint_every": [100001, 100002]}
+    lines = "".join(f"    {k}: {values.get(k, [0.0123456789012345, 0.0223456789012345])}\n" for k in keys)
+    path = tiny_recipe(f"sweep:\n  zip:\n{lines}")
+    [found] = messages(path)
+    assert found.startswith(f"{path}:") and re.search(r"sweep: a point's directory name would be \d{3} bytes", found) and \
+        "more than the 255 a file name may have; sweep fewer keys together, or shorter values" in found
+    before = snapshot(tmp_path)
+    assert_clean_error(lrr("run", path, "--output", tmp_path / "runs"), code=1,
+                       contains=("a point's directory name would be",))
+    assert snapshot(tmp_path) == before and not (tmp_path / "runs").exists()  # nothing made

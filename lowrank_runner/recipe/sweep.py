@@ -211,6 +211,7 @@ def sweep_problems(doc: Document) -> dict[str, list[Problem]]:
         for key in group:
             out.setdefault(key, []).append(found_problem)
     _too_many_points(doc, found, out)
+    _too_long_labels(doc, found, out)
     return {k: v for k, v in out.items() if v}
 
 
@@ -224,6 +225,24 @@ def _repeated_values(doc: Document, axis: Axis, key: str) -> list[Problem]:
                                                    "each point runs once"))
         seen.setdefault(text, i)
     return out
+
+
+NAME_MAX = 255  # bytes of one file name (ext4, XFS, APFS, NTFS): a point's label is a directory name
+
+
+def _too_long_labels(doc: Document, found: list[Axis], out: dict) -> None:
+    """A point whose label (its directory name, ``r_ref=4,t_init=50``) would be longer
+    than a file name may be: said at the sweep, before any directory is made."""
+    found = [axis for axis in found if axis.values]  # an empty list of values: the schema says so
+    short = _short_names([k for axis in found for k in axis.keys])
+    longest = [max((f"{short[k]}={label}" for label in _value_labels(axis, axis.keys.index(k))),
+                   key=lambda part: len(part.encode())) for axis in found for k in axis.keys]
+    label = ",".join(longest)
+    if len(label.encode()) > NAME_MAX:
+        message = (f"a point's directory name would be {len(label.encode())} bytes ({label[:60]}...), more than the "
+                   f"{NAME_MAX} a file name may have; sweep fewer keys together, or shorter values")
+        for axis in found:
+            out.setdefault(axis.keys[0], []).append(problem(doc, (SWEEP,), message, key=True))
 
 
 def _too_many_points(doc: Document, found: list[Axis], out: dict) -> None:
