@@ -415,3 +415,14 @@ def test_resume_needs_the_search_it_continues(search_recipe, tiny_recipe, tmp_pa
     missing = lrr("run", search_recipe, "--output", tmp_path / "new")
     assert missing.exit_code == 1
     assert "needs Optuna: pip install 'lowrank-runner[search]'" in missing.output
+
+
+def test_a_damaged_study_database_is_named_with_the_fix(search_recipe, tmp_path):
+    out = tmp_path / "out"
+    stopped = lrr("run", search_recipe, "--output", out, "--stop-after-step", 2)
+    assert stopped.exit_code == 0, stopped.output
+    (out / "search.db").write_bytes(b"not a database " * 100)  # a disk error, a partial copy
+    resumed = lrr("run", search_recipe, "--output", out, "--resume")
+    assert resumed.exit_code == 1 and "internal error" not in resumed.output, resumed.output
+    assert (f"error: {out / 'search.db'}: the search's study database cannot be read (file is not a database); it is "
+            "damaged: restore it from a copy, or start the search again in a new directory") in resumed.output

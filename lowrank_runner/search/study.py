@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -68,6 +69,20 @@ def run_search(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
             search.write("interrupted")
             console.print(f"[yellow]search interrupted[/yellow]; continue it with: {escape(search.again)}")
             raise
+
+
+@contextmanager
+def _readable_db(path: Path):
+    """A damaged ``search.db`` (not SQLite, truncated, another schema) named with the fix."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        cause = (str(getattr(exc, "orig", None) or exc).splitlines() or [type(exc).__name__])[0]
+        raise LrrError(f"{path}: the search's study database cannot be read ({cause}); it is damaged: restore it "
+                       "from a copy, or start the search again in a new directory (lrr run RECIPE --output "
+                       "NEW_DIR)") from None
 
 
 def _optuna():
@@ -126,7 +141,8 @@ class Search:
     optuna: object
 
     def __post_init__(self):
-        self.storage = self.optuna.storages.RDBStorage(f"sqlite:///{(self.root / DB_FILE).resolve()}")
+        with _readable_db(self.root / DB_FILE):
+            self.storage = self.optuna.storages.RDBStorage(f"sqlite:///{(self.root / DB_FILE).resolve()}")
         self.tasks = list(dict.fromkeys(run.task for run in self.recipe.runs))
         self.info = {task: task_info(self.recipe, task) for task in self.tasks}
         self.studies: dict = {}
@@ -160,8 +176,9 @@ class Search:
     def study(self, task: str):
         """The task's study in ``search.db`` (created, or loaded to continue)."""
         direction = self.info[task].direction
-        study = self.optuna.create_study(study_name=task, storage=self.storage, direction=direction,
-                                         load_if_exists=True)
+        with _readable_db(self.root / DB_FILE):
+            study = self.optuna.create_study(study_name=task, storage=self.storage, direction=direction,
+                                             load_if_exists=True)
         if study.direction.name.lower() != direction:
             raise UsageError(f"{self.root / DB_FILE}: study {task!r} was started to {study.direction.name.lower()} "
                              f"its objective, the recipe now asks to {direction}; resume with the recipe it started with")
