@@ -229,6 +229,34 @@ def test_lrr_validate_reads_the_shape_of_each_file_and_the_template(tmp_path):
         in result.output
 
 
+SHAREGPT = {"conversations": [{"from": "human", "value": "the movie"}, {"from": "gpt", "value": "i loved it"}]}
+
+
+@pytest.mark.parametrize("fmt, rows, message", [
+    ("sharegpt", [{"messages": CONVERSATION}, SHAREGPT], r"train.jsonl:1: column 'conversations': this row has no "
+     r"'conversations': it is a messages row \('messages'\), and task.format sharegpt reads 'conversations'; set "
+     r"task.format: auto to read each row by its own columns"),
+    ("messages", [{"messages": CONVERSATION}, SHAREGPT], r"train.jsonl:2: column 'messages': this row has no "
+     r"'messages': it is a sharegpt row"),
+    ("auto", [{"messages": CONVERSATION, **SHAREGPT}], r"train.jsonl:1: column 'conversations': this row fills both "
+     r"'messages' and 'conversations': two conversations in one row; keep one, or set task.format to the one"),
+])
+def test_rows_of_another_shape_than_the_format_and_rows_of_two_are_named(tmp_path, fmt, rows, message):
+    """A file of mixed shapes read with one task.format, and a row holding two
+    conversations (it trained on one of them without a word)."""
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    task = chat_task(data={"train": str(train), "validation": str(train)}, format=fmt)
+    with pytest.raises(DataError, match=message):
+        task.load_splits()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: r\nbackbone: {{name: x}}\ntargets: [Wq]\nmethod: {{name: lora}}\n"
+                      f"task: {{name: chat, format: {fmt}, data: {{train: {train}, validation: {train}}}}}\n")
+    result = CliRunner().invoke(app, ["validate", str(recipe)])
+    if fmt == "sharegpt":  # the file's first row, seen by validate: its line named
+        assert result.exit_code == 1 and f"{train}:1: task.format is sharegpt, which needs column(s) conversations " \
+            "(columns: messages); its columns are those of messages" in result.output, result.output
+
+
 # ---------------------------------------------------------------- packing
 
 

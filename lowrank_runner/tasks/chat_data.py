@@ -182,8 +182,10 @@ def detect_shape(columns: list[str], declared: str, shown: str) -> str:
     if declared != "auto":
         missing = [c for c in SHAPES[declared] if c not in columns]
         if missing:
+            fits = [shape for shape, needed in SHAPES.items() if all(c in columns for c in needed)]
+            hint = f"its columns are those of {fits[0]}: " if fits else ""
             raise ValueError(f"{shown}: task.format is {declared}, which needs column(s) {', '.join(missing)} "
-                             f"(columns: {', '.join(columns) or 'none'}); set task.format to the data's shape "
+                             f"(columns: {', '.join(columns) or 'none'}); {hint}set task.format to the data's shape "
                              f"({', '.join(SHAPES)}) or auto")
         return declared
     present = [shape for shape, needed in SHAPES.items() if all(c in columns for c in needed)]
@@ -218,13 +220,33 @@ def _turns(value, column: str, role_key: str, content_key: str, roles: dict[str,
     return out
 
 
+def filled_shapes(row: dict) -> list[str]:
+    """The shapes whose columns the row fills."""
+    return [shape for shape, needed in SHAPES.items() if all(row.get(c) is not None for c in needed)]
+
+
 def row_shape(row: dict) -> str:
-    """The shape of one row of a file holding several (the first whose columns it fills)."""
-    for shape, needed in SHAPES.items():
-        if all(row.get(c) is not None for c in needed):
-            return shape
+    """The shape of one row of a file holding several: the one whose columns it fills
+    (a row filling two holds two conversations: which one to train on is not guessed)."""
+    filled = filled_shapes(row)
+    if len(filled) > 1:
+        columns = " and ".join(f"'{SHAPES[shape][0]}'" for shape in filled)
+        raise RowProblem(SHAPES[filled[1]][0], f"this row fills both {columns}: two conversations in one row; keep "
+                                               "one, or set task.format to the one to train on")
+    if filled:
+        return filled[0]
     raise RowProblem(next(iter(row), "messages"), "none of 'messages', 'conversations' or 'instruction'/'output' "
                                                   "is filled in; fill one in or remove the row")
+
+
+def _declared_shape_filled(row: dict, shape: str) -> None:
+    """A row of a file read as ``task.format: SHAPE`` that holds another shape instead."""
+    column = SHAPES[shape][0]
+    others = [other for other in filled_shapes(row) if other != shape]
+    if row.get(column) is None and others:
+        raise RowProblem(column, f"this row has no '{column}': it is a {others[0]} row ('{SHAPES[others[0]][0]}'), "
+                                 f"and task.format {shape} reads '{column}'; set task.format: auto to read each row by "
+                                 "its own columns")
 
 
 def to_messages(row: dict, shape: str) -> list[dict]:
@@ -232,6 +254,8 @@ def to_messages(row: dict, shape: str) -> list[dict]:
     ``shape`` ``auto``: the row's own (:func:`row_shape`)."""
     if shape == "auto":
         shape = row_shape(row)
+    else:
+        _declared_shape_filled(row, shape)
     if shape == "messages":
         messages = _turns(row.get("messages"), "messages", "role", "content", {r: r for r in ROLES})
         column = "messages"
@@ -275,8 +299,8 @@ def peek_problem(columns: list[str], first_row: dict | None, declared: str, show
     if declared != "auto" and declared not in SHAPES:
         return None  # the schema names the bad task.format
     try:
-        shape = detect_shape(columns, declared, shown)
-    except ValueError as exc:
+        shape = detect_shape(columns, declared, f"{shown}:{line}" if first_row is not None else shown)
+    except ValueError as exc:  # a JSON Lines row names its columns itself: its line is said
         return str(exc)
     if first_row is None:
         return None
