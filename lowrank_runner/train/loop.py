@@ -32,7 +32,7 @@ from lowrank_runner.backbones.load import load_tokenizer
 from lowrank_runner.backbones.resolve import resolve as resolve_backbone
 from lowrank_runner.errors import TrainingError
 from lowrank_runner.methods.inject import adapter_state_dict, load_adapter_state, update_norms
-from lowrank_runner.modeling import AdaptedModel, build_adapted_model
+from lowrank_runner.modeling import AdaptedModel, build_adapted_model, check_backbone_fits_task
 from lowrank_runner.plan.checks import PlanError, check_method_schedule, check_schedule, plan_run, run_batch
 from lowrank_runner.recipe.load import Recipe, RunSpec, at_recipe_lines
 from lowrank_runner.rundir.adapter import adapter_config, save_adapter
@@ -220,6 +220,8 @@ class TrainingRun:
         """Tokenizer, task and tokenized splits; which splits select the best checkpoint
         (``selection``) and which are scored once at the end (``tests``)."""
         self.ref = resolve_backbone(self.cfg["backbone"])
+        with at_recipe_lines(self.run):
+            check_backbone_fits_task(self.cfg, self.ref)  # before any data: a causal-LM task on an encoder
         self.tokenizer = load_tokenizer(self.ref, self.cfg["backbone"].get("tokenizer"))
         with self.accelerator.main_process_first():
             self.task, self.splits, self.tokenized = prepared_data(self.cfg, self.tokenizer)
