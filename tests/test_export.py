@@ -364,3 +364,12 @@ def test_every_trained_run_exports_as_a_standard_lora_adapter(runs, tmp_path):
     fused = json.loads((tmp_path / "mtlora-gpt2-fused-qkv" / "lrr_export.json").read_text())["rank_pattern"]
     assert {k: v for k, v in fused.items() if k.endswith("c_attn")} == {
         "transformer.h.0.attn.c_attn": 4, "transformer.h.1.attn.c_attn": 4}  # q and v coupled: 2r
+
+
+@pytest.mark.parametrize("text, size", [("5GB", 5 * 10**9), ("1.5GB", 1_500_000_000), ("1.5 GB", 1_500_000_000),
+                                        ("0.5GiB", 2**29), ("2KiB", 2048), ("1000", 1000), ("5Gb", 625_000_000)])
+def test_sizes_read_as_transformers_reads_them_and_with_decimals(text, size):
+    """--max-shard-size 1.5GB was refused without a word about decimals: they are read."""
+    from lowrank_runner.export.common import check_size
+
+    assert check_size(text, "--max-shard-size") == size

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,19 +32,25 @@ def check_tolerance(value, option: str = "--tolerance"):
     return float(value)
 
 
-def check_size(size, option: str, example: str = "5GB, 500MB") -> int:
-    """A size option (``--max-shard-size``, ``--max-memory``): 5GB, 500MB, 2KiB or a
-    number of bytes, as transformers reads sizes; returns the bytes (> 0)."""
-    from transformers.utils.hub import convert_file_size_to_int
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*")
 
-    if isinstance(size, str) and size.strip().isdigit():
-        size = int(size)
-    try:
-        value = convert_file_size_to_int(size)
-    except (ValueError, TypeError, OverflowError):
-        value = None
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise UsageError(f"{option} {size}: give a size such as {example} or a number of bytes")
+
+def check_size(size, option: str, example: str = "5GB, 500MB") -> int:
+    """A size option (``--max-shard-size``, ``--max-memory``): 5GB, 1.5GB, 500MB, 2KiB or a
+    number of bytes, as transformers reads sizes (a lowercase ``b``, 5Gb, is bits) and
+    with decimals; returns the bytes (> 0)."""
+    found = _SIZE.fullmatch(str(size))
+    unit = found[2] if found else ""
+    scale = _UNITS.get(unit.upper()) if found else None
+    if scale is None:
+        raise UsageError(f"{option} {size}: give a size such as {example} (decimals too: 1.5GB; units B, KB, MB, GB, "
+                         "TB, KiB, MiB, GiB, TiB) or a number of bytes")
+    bits = unit.endswith("b") and not unit.lower().endswith("ib") and unit.upper() != "B"
+    value = int(float(found[1]) * scale) // (8 if bits else 1)
+    if value <= 0:
+        raise UsageError(f"{option} {size}: must be more than 0 bytes; give a size such as {example}")
     return value
 
 

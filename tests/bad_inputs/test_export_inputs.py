@@ -247,9 +247,10 @@ CASES = {
     "--cast-tolerance nan": (lambda run: None, ("--dtype", "float16", "--cast-tolerance", "nan"),
                              "--cast-tolerance nan: give a finite number ≥ 0 (the largest allowed difference, e.g. 1e-3)", 2),
     "--max-shard-size garbage": (lambda run: None, ("--max-shard-size", "infGB"),
-                                 "--max-shard-size infGB: give a size such as 5GB, 500MB or a number of bytes", 2),
+                                 "--max-shard-size infGB: give a size such as 5GB, 500MB (decimals too: 1.5GB; units B, "
+                                 "KB, MB, GB, TB, KiB, MiB, GiB, TiB) or a number of bytes", 2),
     "--max-shard-size zero": (lambda run: None, ("--max-shard-size", "0"),
-                              "--max-shard-size 0: give a size such as 5GB, 500MB or a number of bytes", 2),
+                              "--max-shard-size 0: must be more than 0 bytes; give a size such as 5GB, 500MB", 2),
     "--dtype garbage": (lambda run: None, ("--dtype", "int8"), "--dtype int8: choose one of float32, bfloat16, float16", 2),
 }
 
