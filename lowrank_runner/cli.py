@@ -354,6 +354,7 @@ def inspect(
     from lowrank_runner.recipe.load import load_recipe
 
     rec = load_recipe(_existing(recipe), _with_sweeps(overrides, sweeps))
+    _say_warnings(rec)
     if processes is None:
         from lowrank_runner.train.devices import world_size
 
@@ -404,6 +405,8 @@ def run(
 
             _err("resuming with the run's --set overrides: " + shlex.join(w for o in overrides for w in ("--set", o)))
     rec = load_recipe(_existing(recipe), overrides or ())
+    if only_run is None:  # a --parallel child: its driver said them
+        _say_warnings(rec)
     command = ["lrr", "run", str(recipe)] + [a for s in overrides or () for a in ("--set", s)]
     command += ["--output", str(output)] if output else []
     command += ["--resume"] if resume else []
@@ -419,6 +422,12 @@ def run(
         failures = run_recipe(rec, output=output, argv=command, resume=resume, stop_after=stop_after_step,
                               parallel=options, only_run=only_run)
     raise typer.Exit(1 if failures else 0)
+
+
+def _say_warnings(rec) -> None:
+    """What ``lrr validate`` warns about the recipe (a setting that is ignored, ...)."""
+    for line in rec.warnings:
+        _err(f"warning: {line}")
 
 
 def _parallel_alone(rec, options) -> None:

@@ -109,3 +109,30 @@ def test_fan_in_growth_keeps_the_output_and_draws_at_the_new_rank():
     assert a.upper()[:1, 1:].abs().sum() == 0 and a.upper()[1:, 1:].abs().sum() > 0  # U_up 0, U_aug drawn
     assert a.tri_A[1:5].std().item() == pytest.approx(1 / math.sqrt(3 * 256), rel=0.1)
     assert a.tri_B[:, 1:5].abs().sum() == 0 and a.tri_L[1:15].abs().sum() > 0
+
+
+IGNORED = {  # a method mapping with init_std beside the other start (TriAdaptLoRA: a growth within the tiny run)
+    "lora2": "{name: lora2, init: orthonormal, init_std: 0.05}",
+    "triadaptlora": "{name: triadaptlora, init: fan_in, init_std: 0.05, t_init: 1, grow_interval: 1}",
+}
+
+
+@pytest.mark.parametrize("method, other", [("lora2", "orthonormal"), ("triadaptlora", "fan_in")])
+def test_init_std_with_another_init_is_said_to_be_ignored(make_recipe, tiny_bert, sentiment_data, method, other):
+    """init_std acts with init: gaussian only; given with the other start it was ignored
+    without a word (validate, inspect and run warn; it is a warning, not an error)."""
+    from typer.testing import CliRunner
+
+    from lowrank_runner.cli import app
+    from lowrank_runner.recipe.load import check_recipe_file
+    from tests.conftest import tiny_recipe_text
+
+    text = tiny_recipe_text(tiny_bert, sentiment_data).replace("{name: lora, r: 4, alpha: 8}", IGNORED[method])
+    path = make_recipe(text, "ignored.yaml")
+    [warning] = [p for p in check_recipe_file(path) if p.path == "method.init_std"]
+    assert warning.severity == "warning" and warning.message == (
+        f"applies with init: gaussian only (init is {other} here), so it is ignored; remove it, or set init: gaussian")
+    result = CliRunner().invoke(app, ["inspect", str(path)])
+    assert result.exit_code == 0 and f"warning: {path}:" in result.output and "method.init_std: applies with init: " \
+        "gaussian only" in result.output, result.output
+    assert [p for p in check_recipe_file(path, ["method.init=gaussian"]) if p.path == "method.init_std"] == []

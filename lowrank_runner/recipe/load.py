@@ -67,6 +67,7 @@ class Recipe:
     hash: str
     runs: tuple[RunSpec, ...]
     overrides: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()  # what lrr validate warns about (FILE:LINE:COL: path: message); run and inspect say it
 
 
 def check_document(doc: Document) -> list[Problem]:
@@ -123,9 +124,9 @@ def check_recipe_file(path: str | Path, overrides: Iterable[str] = ()) -> list[P
 def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
     overrides = tuple(overrides)
     doc = load_document(path, overrides)
-    problems = [p for p in check_document(doc) if p.severity == "error"]
-    if problems:
-        raise RecipeError(problems)
+    problems = check_document(doc)
+    if any(p.severity == "error" for p in problems):
+        raise RecipeError([p for p in problems if p.severity == "error"])
     resolved = canonical_form(resolve(doc.data))  # what runs see is what the hash is of
     runs = []
     for i, (task, seed, run_doc, point) in enumerate(expand_runs(doc)):
@@ -140,6 +141,7 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> Recipe:
         hash=canonical_hash(resolved),
         runs=tuple(runs),
         overrides=overrides,
+        warnings=tuple(str(p) for p in problems),
     )
 
 

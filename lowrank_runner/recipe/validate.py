@@ -67,6 +67,20 @@ def _method_problems(doc: Document, method) -> list[Problem]:
                     and fails(float(a), float(b)):
                 at = ("method", small) if small in method else ("method",)
                 out.append(problem(doc, at, f"{small} ({a}) {says} {large} ({b})"))
+    return out + _ignored_parameters(doc, method, specs[name].schema.get("x-only-with", {}), defaults)
+
+
+def _ignored_parameters(doc: Document, method: dict, only_with: dict, defaults: dict) -> list[Problem]:
+    """``"x-only-with": {"a": {"b": V}}`` in a method schema: parameter ``a`` acts only
+    when ``b`` is ``V``; set otherwise, it is ignored, which is said (a warning)."""
+    out = []
+    for key, conditions in only_with.items():
+        unmet = {k: v for k, v in conditions.items() if method.get(k, defaults.get(k)) != v}
+        if key in method and unmet:
+            needed = ", ".join(f"{k}: {v}" for k, v in conditions.items())
+            actual = ", ".join(f"{k} is {method.get(k, defaults.get(k))}" for k in unmet)
+            out.append(problem(doc, ("method", key), f"applies with {needed} only ({actual} here), so it is ignored; "
+                                                     "remove it, or set " + needed, key=True, severity="warning"))
     return out
 
 
