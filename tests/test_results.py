@@ -59,6 +59,7 @@ def test_failed_runs_are_marked_and_the_rest_still_counts(tmp_path):
     assert "| lora2 | – | 62.00±2.83* | – | 62.00* |" in md and "did not finish" in md
     rows = list(csv.DictReader((tmp_path / RESULTS_CSV).open()))
     assert rows[0]["seeds"] == "0 1" and rows[0]["missing_seeds"] == "2" and rows[1]["missing_seeds"] == "0 1 2"
+    assert (rows[0]["n"], rows[0]["n_missing"], rows[1]["n"], rows[1]["n_missing"]) == ("2", "1", "0", "3")  # no "0" read as none
     assert rows[-1]["task"] == "Avg." and rows[-1]["value"] == "62.0"
     assert "$62.00 \\pm 2.83^*$ & -- & 62.00$^*$ \\\\" in (tmp_path / RESULTS_TEX).read_text()
 

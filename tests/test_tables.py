@@ -119,15 +119,15 @@ def test_latex_is_a_booktabs_tabular_with_pm_and_escaped_names(tmp_path):
 
 def test_csv_is_the_long_form_with_every_number(tmp_path):
     assert csv_text(small_table(tmp_path)) == textwrap.dedent("""\
-        method,task,metric,value,std,seeds,missing_seeds,point,column,params
-        lora_{r=8},mnli,accuracy,90.5,0.707107,0 1,,,MNLI (Acc m/mm),1327104
-        lora_{r=8},mnli,accuracy_mm,91.0,0.0,0 1,,,MNLI (Acc m/mm),1327104
-        lora_{r=8},rte,accuracy,86.0,1.414214,0 1,,,RTE (Acc),1327104
-        lora_{r=8},Avg.,,88.25,,,,,Avg.,1327104
-        lora2 & co,mnli,accuracy,89.0,,0,,b,MNLI (Acc m/mm),37440
-        lora2 & co,mnli,accuracy_mm,90.0,,0,,b,MNLI (Acc m/mm),37440
-        lora2 & co,rte,accuracy,,,,0,b,RTE (Acc),37440
-        lora2 & co,Avg.,,89.0,,,,b,Avg.,37440
+        method,task,metric,value,std,n,seeds,n_missing,missing_seeds,point,column,params
+        lora_{r=8},mnli,accuracy,90.5,0.707107,2,0 1,0,,,MNLI (Acc m/mm),1327104
+        lora_{r=8},mnli,accuracy_mm,91.0,0.0,2,0 1,0,,,MNLI (Acc m/mm),1327104
+        lora_{r=8},rte,accuracy,86.0,1.414214,2,0 1,0,,,RTE (Acc),1327104
+        lora_{r=8},Avg.,,88.25,,,,,,,Avg.,1327104
+        lora2 & co,mnli,accuracy,89.0,,1,0,0,,b,MNLI (Acc m/mm),37440
+        lora2 & co,mnli,accuracy_mm,90.0,,1,0,0,,b,MNLI (Acc m/mm),37440
+        lora2 & co,rte,accuracy,,,0,,1,0,b,RTE (Acc),37440
+        lora2 & co,Avg.,,89.0,,,,,,b,Avg.,37440
         """)
 
 

@@ -130,7 +130,8 @@ def markdown(table: Table) -> str:
     return "\n".join(lines + [""] + notes(table)) + "\n"
 
 
-CSV_FIELDS = ["method", "task", "metric", "value", "std", "seeds", "missing_seeds", "point", "column", "params"]
+CSV_FIELDS = ["method", "task", "metric", "value", "std", "n", "seeds", "n_missing", "missing_seeds", "point", "column",
+              "params"]
 
 
 def _rounded(value: float | None) -> str | float:
@@ -139,7 +140,9 @@ def _rounded(value: float | None) -> str | float:
 
 def csv_text(table: Table) -> str:
     """Long form, numbers unrounded (6 decimals): one line per row x column x metric,
-    then the row's Avg. line; ``column`` is the printed header (pivot on it)."""
+    then the row's Avg. line; ``column`` is the printed header (pivot on it). ``n`` and
+    ``n_missing`` count the seeds that finished and those that did not, ``seeds`` and
+    ``missing_seeds`` list them (a missing seed 0 is a ``0`` there, so the counts say it)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_FIELDS)
@@ -148,9 +151,10 @@ def csv_text(table: Table) -> str:
         for column, head, cell in zip(table.columns, table.headers, row.cells):
             for v in cell:
                 writer.writerow([row.method, column.task, v.metric, _rounded(v.centre), _rounded(v.spread),
-                                 " ".join(map(str, v.seeds)), " ".join(map(str, v.missing)), row.label, head, params])
+                                 len(v.seeds), " ".join(map(str, v.seeds)), len(v.missing), " ".join(map(str, v.missing)),
+                                 row.label, head, params])
         if table.spec.average != "none":
-            writer.writerow([row.method, "Avg.", "", _rounded(row.average), "", "", "", row.label, "Avg.", params])
+            writer.writerow([row.method, "Avg.", "", _rounded(row.average), "", "", "", "", "", row.label, "Avg.", params])
     return out.getvalue()
 
 
