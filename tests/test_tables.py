@@ -248,6 +248,10 @@ def test_report_table_over_several_recipes_output_directories(outputs, tmp_path)
     assert code == 0 and out.splitlines()[0].startswith("method,task,metric,value,std") and len(out.splitlines()) == 9
     code, out, _ = lrr("report", "--table", *dirs, "--json")
     assert code == 0 and [r["label"] for r in json.loads(out)["rows"]] == ["", "r=2", "r=4", ""]
+    code, again, err = lrr("report", "--table", *dirs, moved, tmp_path / ".." / tmp_path.name / "moved-lora")
+    assert code == 0 and again == lrr("report", "--table", *dirs)[1]  # each row once, no bold copies
+    assert err.splitlines() == [f"{d}: the same output directory as {moved}, read once"
+                                for d in (moved, tmp_path / ".." / tmp_path.name / "moved-lora")]
 
 
 def test_report_table_refuses_what_it_cannot_tabulate(outputs, tmp_path):

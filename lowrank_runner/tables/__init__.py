@@ -96,16 +96,17 @@ def report_table(paths: list[Path], out: Path | None = None, fmt: str | None = N
     first recipe's layout. Returns the table, its text in the format asked for, and the
     lines that say what was written (``--out``, ``--figure``)."""
     from lowrank_runner.errors import UsageError
-    from lowrank_runner.tables.sources import read_outputs
+    from lowrank_runner.tables.sources import distinct_outputs, read_outputs
 
     kind = _format_of(out, fmt)
     if out is not None:
         _writable_file(out, "--out", tuple(SUFFIXES))
     if figure is not None:
         _writable_file(figure, "--figure", (".png",))
+    paths, lines = distinct_outputs(paths)
     sources, resolved = read_outputs(paths)
     table = build_table(sources, table_spec(resolved.get("output")))
-    text, lines = FORMATS[kind](table), []
+    text = FORMATS[kind](table)
     title = " vs ".join(dict.fromkeys(s.name for s in sources))
     if figure is not None:
         if sweep_figure(table, figure, title) is None:

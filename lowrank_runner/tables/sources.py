@@ -108,6 +108,21 @@ def _shared_tasks(sources: list[Source], paths: list[Path]) -> None:
                              "build one table per task set")
 
 
+def distinct_outputs(paths: list[Path]) -> tuple[list[Path], list[str]]:
+    """The directories given, each once: a directory named twice (``D D``, ``D ./D``, a
+    search's ``D`` and ``D/best``) would add its rows twice and bold the copies. Returns
+    the paths in first-given order and a note per repeat."""
+    kept: dict[Path, Path] = {}
+    notes = []
+    for path in paths:
+        key = runs_of(path).resolve() if path.is_dir() else path
+        if key in kept:
+            notes.append(f"{path}: the same output directory as {kept[key]}, read once")
+        else:
+            kept[key] = path
+    return list(kept.values()), notes
+
+
 def read_outputs(paths: list[Path]) -> tuple[list[Source], dict]:
     """Several recipes' output directories: their sources (rows named by recipe, made
     unique by the directory name), and the first one's resolved recipe (the layout)."""
