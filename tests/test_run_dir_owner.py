@@ -77,6 +77,7 @@ def test_one_trainer_per_run_directory_and_a_killed_one_is_taken_over(tiny_recip
     assert resumed.returncode == 0, resumed.stderr
     assert f"was owned by process {trainer.pid}" in resumed.stderr and "ended without giving it back" in resumed.stderr
     assert latest_step(out) == step + 1 and not (out / ".lrr-owner.json").exists()  # given back at the end
+    assert not (out / ".lrr-lock").exists()  # the lock file goes with it: the directory holds its results only
 
 
 def test_children_of_a_killed_driver_stop_and_the_resumed_driver_trains_each_run_once(tiny_recipe, tmp_path):
@@ -110,3 +111,28 @@ def test_children_of_a_killed_driver_stop_and_the_resumed_driver_trains_each_run
         log = (root / "logs" / f"{slug}.log").read_text()
         assert log.count(f"--only-run {slug}") == 2, log
         assert latest_step(root / slug) == until
+
+
+def test_a_lock_file_removed_while_waited_on_is_not_held_twice(tmp_path, monkeypatch):
+    """The owner removes the lock file as it gives it back; a process that opened the old
+    file just before locks a file no name leads to, notices and locks the new one, so a
+    third process is kept out (flock locks one open file, in one process as in two)."""
+    from lowrank_runner.rundir import lock as lock_module
+
+    first, second = lock_module._Lock(tmp_path), lock_module._Lock(tmp_path)
+    assert first.try_acquire() and not second.try_acquire()
+    real_flock, calls = lock_module.fcntl.flock, []
+
+    def owner_leaves_meanwhile(fd, op):
+        calls.append(fd)
+        if len(calls) == 1:
+            first.release()  # unlinks the file `second` has just opened, then unlocks it
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(lock_module.fcntl, "flock", owner_leaves_meanwhile)
+    assert second.try_acquire() and len(calls) == 2  # the first flock got the removed file: tried again
+    monkeypatch.setattr(lock_module.fcntl, "flock", real_flock)
+    assert os.fstat(second.fd).st_ino == (tmp_path / ".lrr-lock").stat().st_ino
+    assert not lock_module._Lock(tmp_path).try_acquire() and lock_module.holder(tmp_path) is not None
+    second.release()
+    assert not (tmp_path / ".lrr-lock").exists() and lock_module.holder(tmp_path) is None

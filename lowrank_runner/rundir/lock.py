@@ -1,8 +1,9 @@
 """A run directory has one owner: the process that trains or writes it.
 
-The owner holds an operating-system lock on ``RUN_DIR/.lrr-lock`` (``filelock``: released
-by the kernel when the process ends, however it ends) and says who it is in
-``RUN_DIR/.lrr-owner.json`` (pid, host, command, since). Another process that would
+The owner holds an operating-system lock (``flock``) on ``RUN_DIR/.lrr-lock``, released by
+the kernel when the process ends, however it ends, and says who it is in
+``RUN_DIR/.lrr-owner.json`` (pid, host, command, since); both files are removed when it
+gives the directory back, so a finished run directory holds only its results. Another process that would
 train or write the directory (a second ``lrr run --resume``, a parallel driver, a child
 of one) cannot take the lock and is refused with the owner named; ``lrr export`` and
 ``lrr report`` ask :func:`holder` first and refuse a run that is still being trained. An
@@ -12,6 +13,8 @@ is taken over, and said.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import socket
@@ -76,24 +79,55 @@ def _this_process() -> Owner:
                  time.strftime("%Y-%m-%d %H:%M:%S"), os.environ.get(DRIVER_ENV))
 
 
-def _file_lock(directory: Path):
-    from filelock import FileLock
+class _Lock:
+    """An exclusive ``flock`` on ``RUN_DIR/.lrr-lock`` that removes the file when given
+    back. The file is removed while still locked, so a process that opened it meanwhile
+    finds, once it has the lock, that the name no longer leads to its file, and tries
+    again on the file that is there now (two owners never each hold a lock)."""
 
-    return FileLock(directory / LOCK_FILE, timeout=0)
+    def __init__(self, directory: Path):
+        self.path = directory / LOCK_FILE
+        self.fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        """Take the lock if nobody holds it (False: somebody does). OSError: the
+        directory cannot hold a lock file (read-only, gone)."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    return False
+                raise
+            if self._still_the_file(fd):
+                self.fd = fd
+                return True
+            os.close(fd)  # its owner removed it as we opened it: lock the file there now
+
+    def _still_the_file(self, fd: int) -> bool:
+        try:
+            return os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return False
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
 
 
 def holder(directory: Path) -> Owner | None:
     """The live process that owns ``directory`` now (None: nobody does). Takes and gives
     back the lock to find out, so it never disturbs an owner."""
-    from filelock import Timeout
-
     if not (directory / LOCK_FILE).exists():
         return None
-    lock = _file_lock(directory)
+    lock = _Lock(directory)
     try:
-        lock.acquire()
-    except Timeout:
-        return read_owner(directory) or Owner(0, "?", "an lrr process", "?")
+        if not lock.try_acquire():
+            return read_owner(directory) or Owner(0, "?", "an lrr process", "?")
     except OSError:  # a directory we cannot write: nobody can train there either
         return None
     lock.release()
@@ -125,19 +159,13 @@ def owning(directory: Path, say=print):
     back at the end. A live owner is :class:`RunDirHeld` (a child of a parallel driver
     that died is waited for, up to :data:`ORPHAN_WAIT` seconds: it stops itself); an
     owner file of a process that is gone is taken over, with a note (``say``)."""
-    from filelock import Timeout
-
-    lock = _file_lock(directory)
+    lock = _Lock(directory)
     deadline = time.monotonic() + ORPHAN_WAIT
-    while True:
-        try:
-            lock.acquire()
-            break
-        except Timeout:
-            owner = read_owner(directory)
-            if owner is None or not owner.orphaned() or time.monotonic() >= deadline:
-                refuse_if_held(directory, "continue it")
-            time.sleep(0.5)
+    while not _acquired(lock, directory):
+        owner = read_owner(directory)
+        if owner is None or not owner.orphaned() or time.monotonic() >= deadline:
+            refuse_if_held(directory, "continue it")
+        time.sleep(0.5)
     try:
         _take_over(directory, say)
         (directory / OWNER_FILE).write_text(json.dumps(_this_process().__dict__) + "\n", encoding="utf-8")
@@ -145,6 +173,15 @@ def owning(directory: Path, say=print):
     finally:
         (directory / OWNER_FILE).unlink(missing_ok=True)
         lock.release()
+
+
+def _acquired(lock: _Lock, directory: Path) -> bool:
+    try:
+        return lock.try_acquire()
+    except OSError as exc:
+        raise UsageError(f"{directory}: cannot hold the run directory's lock file {LOCK_FILE} "
+                         f"({exc.strerror or exc}); use a writable directory on a local or shared filesystem "
+                         "that supports file locks") from None
 
 
 def _take_over(directory: Path, say) -> None:

@@ -256,8 +256,8 @@ def resume_points(recipe: Recipe, root: Path) -> dict[int, object]:
     checkpoint (None: from step 0). Every checkpoint is verified before anything trains,
     once no other process trains the run (``root`` is this process's already)."""
     dirs = run_dirs(recipe, root)
-    for run_dir in dirs.values():
-        if run_dir != root:
+    for run_dir in dirs.values():  # rank 0 alone: the other ranks would find its lock on a run it started
+        if run_dir != root and is_main_process():
             wait_until_free(run_dir, "resume it")
     return {run.index: resume_point(run, dirs[run.index]) for run in recipe.runs}
 
