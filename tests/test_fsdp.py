@@ -1,15 +1,17 @@
 """FSDP through Accelerate (train/fsdp.py): a real 2-process FSDP2 run on CPU processes
 (gloo) of a tiny LLaMA with LoRA2 (rank decisions inside the run, one after the
-resume) and CondLoRA (shared maps), stopped and resumed from its sharded run's
-checkpoint, equal to the 1-process run, and a chat task whose 3 generated samples
-equal the 1-process run's; the merged export from it; and the settings
-(recipe key, Accelerate's FSDP config variables, the conflicts refused) without launching."""
+resume) and CondLoRA (shared maps), evaluated after every step, stopped and resumed
+from its sharded run's checkpoint, equal to the 1-process run, and a chat task whose 3
+generated samples equal the 1-process run's; the merged export from it; the sharded
+state after an evaluation, in torch alone on 2 processes; and the settings (recipe key,
+Accelerate's FSDP config variables, the conflicts refused) without launching."""
 
 import json
 import random
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,7 +35,8 @@ def lrr(*args):
 
 def recipe_text(backbone, data, chat_data, enabled: bool = True) -> str:
     """Two tasks, each run per method: classification, and chat with 3 generated samples
-    (an odd count: the 2 processes get uneven shares of the prompts)."""
+    (an odd count: the 2 processes get uneven shares of the prompts); an evaluation, and a
+    checkpoint, after every step (the steps after a mid-run evaluation)."""
     (train, validation), (chat_train, chat_validation) = data, chat_data
     points = "\n".join(f"    - {m}" for m in METHODS.values())
     return textwrap.dedent(f"""
@@ -60,6 +63,7 @@ def recipe_text(backbone, data, chat_data, enabled: bool = True) -> str:
           batch_size: 16
           seed: 0
           log_every: 1
+          eval_every: 1
           fsdp: {{enabled: {str(enabled).lower()}}}
         sweep:
           method:
@@ -89,8 +93,8 @@ def save_tiny_causal_llama(directory):
 
 
 def write_chat_data(directory) -> tuple:
-    """Chat conversations of random words: 64 to train on (one epoch of the 4 steps: the
-    only evaluation is the last), 3 to sample from."""
+    """Chat conversations of random words: 64 to train on (one epoch of the 4 steps), 3 to
+    sample from."""
     rng = random.Random(0)
     paths = []
     for split, n in (("train", 64), ("validation", 3)):
@@ -129,11 +133,12 @@ def logged(run, key="loss") -> dict[int, float]:
 
 @pytest.mark.slow
 def test_two_process_fsdp_run_resumes_and_equals_one_process(llama_recipe, tmp_path):
-    """Sharded on 2 processes, stopped after step 2 and resumed: every method's losses,
-    rank budgets (LoRA2 prunes at step 2, before the stop, and 3, after it) and final
-    adapter equal the 1-process run's; the report records the sharding; the chat task's
-    generated samples (3 prompts on 2 processes) equal the 1-process run's; the merged
-    export of the sharded run verifies as today."""
+    """Sharded on 2 processes, evaluated and checkpointed after every step, stopped after
+    step 2 and resumed: every method's losses, evaluations (each step's, the training
+    steps after them included), rank budgets (LoRA2 prunes at step 2, before the stop,
+    and 3, after it) and final adapter equal the 1-process run's; the report records the
+    sharding; the chat task's generated samples (3 prompts on 2 processes) equal the
+    1-process run's; the merged export of the sharded run verifies as today."""
     code, out = lrr("run", llama_recipe, "--output", tmp_path / "one")  # one process: FSDP is off (a note says so)
     assert code == 0, out
     assert "nothing to shard" in out
@@ -144,6 +149,9 @@ def test_two_process_fsdp_run_resumes_and_equals_one_process(llama_recipe, tmp_p
         one, two = run_dir(tmp_path / "one", method), run_dir(tmp_path / "two", method)
         assert list(logged(two)) == [1, 2, 3, 4]
         assert list(logged(two).values()) == pytest.approx(list(logged(one).values()), rel=1e-4)
+        assert list(logged(two, "eval")) == [1, 2, 3, 4]  # mid-run evaluations, each followed by a step
+        for step, scores in logged(two, "eval").items():
+            assert scores == pytest.approx(logged(one, "eval")[step], rel=1e-4), step
         a, b = load_file(one / "adapter" / "adapter.safetensors"), load_file(two / "adapter" / "adapter.safetensors")
         assert a.keys() == b.keys()
         for key in a:
@@ -156,6 +164,9 @@ def test_two_process_fsdp_run_resumes_and_equals_one_process(llama_recipe, tmp_p
         assert report["fsdp"]["wrapped"] == ["LlamaDecoderLayer"] and report["fsdp"]["whole_params"] > 0
     for method in METHODS:  # chat: 3 samples decoded by 2 processes in uneven shares, through the sharded model
         one, two = run_dir(tmp_path / "one", method, "chat"), run_dir(tmp_path / "two", method, "chat")
+        assert list(logged(two, "eval")) == [1, 2, 3, 4]
+        for step, scores in logged(two, "eval").items():  # loss and perplexity after every step
+            assert scores == pytest.approx(logged(one, "eval")[step], rel=1e-4), step
         samples = [(run / "outputs_validation.jsonl").read_text().splitlines() for run in (one, two)]
         assert len(samples[0]) == 3 and samples[1] == samples[0]  # greedy: the same generations, in order
         assert json.loads((two / "report.json").read_text())["fsdp"]["processes"] == 2
@@ -281,11 +292,82 @@ def test_a_quantized_base_under_an_accelerate_fsdp_config_is_refused(monkeypatch
         fsdp.Sharding.for_run({"fsdp": {"enabled": False}}, "r.yaml", quantized=True)
 
 
-def test_an_evaluation_before_the_last_step_is_refused_under_fsdp():
-    """A known open bug (docs/parallel.md): the training step after a mid-run evaluation
-    fails under FSDP on gloo; the run is refused before anything is written instead."""
-    sharding = fsdp.Sharding(plugin=object(), source="recipe")
-    with pytest.raises(fsdp.FsdpError, match="training.eval_every 2 evaluates before the last of the 4 steps"):
-        sharding.check_evaluations({"eval_every": 2}, 4, 6, "r.yaml")
-    sharding.check_evaluations({"eval_every": None}, 4, 6, "r.yaml")  # one epoch is 6 steps: the end only
-    fsdp.Sharding(plugin=None, source="").check_evaluations({"eval_every": 2}, 4, 6, "r.yaml")  # no FSDP: fine
+AFTER_EVALUATION = """
+import json, sys
+import torch, torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from lowrank_runner.train.fsdp import Sharding
+
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+adapter = nn.Linear(8, 8)  # trained, whole (FSDP's ignored_params, as lrr's adapters)
+model = nn.Sequential(adapter, nn.Linear(8, 8), nn.Linear(8, 8), nn.LayerNorm(8))
+for p in model[1:].parameters():
+    p.requires_grad_(False)
+fully_shard(model[1]), fully_shard(model[2])  # the blocks
+fully_shard(model[3], reshard_after_forward=False)  # Accelerate's tail unit (final norm, output layer)
+fully_shard(model, ignored_params=set(adapter.parameters()))
+x = torch.randn(4, 8, generator=torch.Generator().manual_seed(dist.get_rank()))
+gathers = [0]
+all_gather = dist.all_gather_single
+def counted(*args, **kwargs):
+    gathers[0] += 1
+    return all_gather(*args, **kwargs)
+dist.all_gather_single = counted
+
+def step():
+    gathers[0] = 0
+    model(x).sum().backward()
+    adapter.zero_grad()
+    return gathers[0]
+
+plain = step()
+with torch.no_grad():  # an evaluation: forwards, no backward
+    model.eval(), model(x), model(x), model.train()
+if sys.argv[1] == "fixed":
+    Sharding(plugin=object(), source="recipe").after_evaluation(model)
+if dist.get_rank() == 0:
+    model.state_dict()  # the main process alone reads the trained tensors for a checkpoint
+tail = torch.tensor([int(isinstance(model[3].weight, DTensor))])
+tails = [torch.zeros_like(tail) for _ in range(2)]
+dist.all_gather(tails, tail)
+result = {"tail_sharded": [int(t) for t in tails], "plain_step_gathers": plain}
+if sys.argv[1] == "fixed":  # unfixed, the step would hang or fail: rank 0 all-gathers the tail alone
+    result["next_step_gathers"] = step()
+with open(f"{sys.argv[2]}/rank{dist.get_rank()}.json", "w") as f:
+    json.dump(result, f)
+dist.destroy_process_group()
+"""
+
+
+def two_process_script(directory, code: str, mode: str) -> list[dict]:
+    """``code`` on 2 CPU processes (torchrun) with ``mode``; what each process wrote
+    (``rank<N>.json`` in ``directory``, by rank)."""
+    directory.mkdir()
+    script = directory / "script.py"
+    script.write_text(code)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                           mode, str(directory)], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return [json.loads((directory / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+def test_after_an_evaluation_every_process_holds_the_same_sharded_state(tmp_path):
+    """The cause of the mid-run evaluation failure, in torch alone: a unit with
+    reshard_after_forward=False stays gathered after a forward without backward; the
+    main process's state_dict() (FSDP2's hook reshards) then leaves it sharded there only,
+    and the next forward would all-gather it on the main process alone. After
+    ``Sharding.after_evaluation`` every process is sharded, and the next step makes the
+    all-gathers of a plain step (no prefetch of the evaluation's units)."""
+    unfixed = two_process_script(tmp_path / "unfixed", AFTER_EVALUATION, "unfixed")
+    assert [r["tail_sharded"] for r in unfixed] == [[1, 0], [1, 0]]  # diverged: rank 0 resharded, rank 1 not
+    fixed = two_process_script(tmp_path / "fixed", AFTER_EVALUATION, "fixed")
+    assert [r["tail_sharded"] for r in fixed] == [[1, 1], [1, 1]]
+    from torch.distributed.fsdp import FSDPModule
+
+    extra = 0 if hasattr(FSDPModule, "reset_iter_state") else 1  # older torch: resharded, one unit prefetched
+    assert all(r["next_step_gathers"] == r["plain_step_gathers"] + extra for r in fixed), fixed
+    fsdp.Sharding(plugin=None, source="").after_evaluation(torch.nn.Linear(2, 2))  # no FSDP: nothing to do

@@ -1,11 +1,13 @@
 """``output.trackers``: a real 2-run recipe logged through Accelerate's TensorBoard, MLflow,
 W&B (offline) and trackio trackers, read back from the event files, the MLflow SQLite store,
 the W&B offline run directory and trackio's database, and compared with ``metrics.jsonl``;
-a resumed run continues its tracker runs; a missing tracker package is a validation error."""
+a resumed run continues its tracker runs, one started again from step 0 replaces them (its own
+only); a missing tracker package is a validation error."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -242,3 +244,110 @@ def test_parallel_runs_open_one_mlflow_store_at_once(tmp_path):
 
     client = MlflowClient(tracking_uri=uri)
     assert len(client.search_runs([client.get_experiment_by_name("tiny").experiment_id])) == 2
+
+
+INTERRUPT_SEED_1 = """
+import sys
+from lowrank_runner.train import loop
+
+real = loop.TrainingRun.after_step
+
+
+def after_step(self, out, batches_in_epoch):
+    if self.run.seed == 1 and self.state.step == 3:  # Ctrl-C after step 2 was logged, before any checkpoint
+        raise KeyboardInterrupt
+    return real(self, out, batches_in_epoch)
+
+
+loop.TrainingRun.after_step = after_step
+from lowrank_runner.cli import main
+
+sys.argv = ["lrr", *sys.argv[1:]]
+main()
+"""
+
+
+def test_a_run_started_again_from_step_0_replaces_its_earlier_tracker_runs(tmp_path, tiny_recipe):
+    """Seed 1 of a 2-seed recipe interrupted after logging step 2, before its first
+    checkpoint; ``--resume`` starts it again from step 0: each tracker then holds one run
+    of it with one history (TensorBoard's events, MLflow's runs, the W&B offline runs, the
+    trackio runs), the earlier attempt's replaced; seed 0 (completed) is left as it was."""
+    import sqlite3
+
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    uri = f"sqlite:///{(tmp_path / 'mlflow.db').as_posix()}"
+    recipe = tiny_recipe(f"""
+        output:
+          trackers: [tensorboard, {{name: mlflow, tracking_uri: '{uri}'}}, wandb, trackio]
+        """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "WANDB_"))}
+    env.update(WANDB_CONFIG_DIR=str(tmp_path / "wandb-home"), WANDB_CACHE_DIR=str(tmp_path / "wandb-home"),
+               WANDB_DATA_DIR=str(tmp_path / "wandb-home"), TRACKIO_DIR=str(tmp_path / "trackio"))
+    out, seed1 = tmp_path / "out", tmp_path / "out" / SLUGS[1]
+    args = ["run", str(recipe), "--output", str(out), "--set", "training.seed=[0, 1]"]
+
+    def lrr(code: str, *more: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code, *args, *more], capture_output=True, text=True,
+                              timeout=600, env=env, cwd=tmp_path)
+
+    interrupted = lrr(INTERRUPT_SEED_1)
+    assert interrupted.returncode == 130, interrupted.stdout[-2000:] + interrupted.stderr[-4000:]
+    earlier = json.loads((seed1 / "trackers.json").read_text())
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(earlier["mlflow"]).info.status == "KILLED"
+    resumed = lrr("from lowrank_runner.cli import main; import sys; sys.argv = ['lrr', *sys.argv[1:]]; main()",
+                  "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
+    assert f"{SLUGS[1]} starts again from step 0" in resumed.stderr
+    ids = json.loads((seed1 / "trackers.json").read_text())
+    assert all(ids[name] != earlier[name] for name in ("mlflow", "wandb", "trackio"))
+    train, _ = lines_of(seed1)
+    assert train[0]["step"] == 2
+    expected = [(r["step"], pytest.approx(r["loss"], rel=1e-6)) for r in train]  # each step once
+    events = EventAccumulator(str(seed1 / "tensorboard" / "tiny"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == expected
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert sorted((r.info.run_name, r.info.status) for r in runs) == [(slug, "FINISHED") for slug in SLUGS]
+    assert client.get_run(earlier["mlflow"]).info.lifecycle_stage == "deleted"
+    history = sorted((m.step, m.value) for m in client.get_metric_history(ids["mlflow"], "train/loss"))
+    assert history == expected
+    offline = list((seed1 / "wandb").glob("offline-run-*"))
+    assert [p.name.rsplit("-", 1)[1] for p in offline] == [ids["wandb"]]
+    with sqlite3.connect(tmp_path / "trackio" / "tiny.db") as db:
+        rows = db.execute("SELECT run_id, step, metrics FROM metrics WHERE run_name = ?", (SLUGS[1],)).fetchall()
+    logged = sorted((run_id, step, json.loads(values)["train/loss"]) for run_id, step, values in rows
+                    if "train/loss" in json.loads(values))
+    assert logged == [(ids["trackio"], *pair) for pair in expected]
+
+
+def test_a_restart_deletes_only_its_own_earlier_mlflow_run(tmp_path, monkeypatch):
+    """``trackers.json`` naming an MLflow run of another run directory (a copied
+    directory), or one the store does not hold: nothing is deleted; the run's own earlier
+    run is (once)."""
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    from lowrank_runner.train.tracking import Tracking
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    uri = f"sqlite:///{(tmp_path / 'mlflow.db').as_posix()}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("tiny", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    own = client.create_run(experiment, tags={"lrr.run_dir": str(run_dir.resolve())}).info.run_id
+    other = client.create_run(experiment, tags={"lrr.run_dir": str(tmp_path / "elsewhere")}).info.run_id
+    recipe = SimpleNamespace(name="tiny", source="recipe.yaml", hash="h")
+    run = SimpleNamespace(config={"output": {"trackers": [{"name": "mlflow", "tracking_uri": uri}]}}, slug="s",
+                          task="classification", seed=0, config_hash="h")
+    tracking = Tracking(recipe, run, run_dir)
+    for run_id in (other, "0" * 32, own, own):
+        (run_dir / "trackers.json").write_text(json.dumps({"mlflow": run_id}))
+        tracking._replace_earlier_attempt()
+    assert client.get_run(other).info.lifecycle_stage == "active"
+    assert client.get_run(own).info.lifecycle_stage == "deleted"

@@ -29,6 +29,11 @@ shards the model. The design (docs/parallel.md, "FSDP"):
   tensors and optimizer state, rank decisions are identical (and checked:
   ``methods/base.py: check_same_across_processes``), and a checkpoint or the exported
   adapter is written whole by the main process, as without FSDP.
+- **Evaluation:** its forward passes have no backward, so the units that keep their
+  gathered parameters after a forward (``reshard_after_forward=False``) are left
+  unsharded; :meth:`Sharding.after_evaluation` reshards every unit on every process, so
+  the main process reading the trained tensors alone (``state_dict()``, whose FSDP2 hook
+  reshards) cannot leave the processes in different states for the next step.
 - **CPU processes:** Accelerate 1.x enables FSDP only on accelerator devices; on CPU
   processes (gloo) it would silently fall back to DDP. :meth:`Sharding.attach` switches
   the Accelerator's state to FSDP there, so the same FSDP2 code path runs (and is
@@ -180,16 +185,32 @@ class Sharding:
     def enabled(self) -> bool:
         return self.plugin is not None
 
-    def check_evaluations(self, training: dict, total_steps: int, steps_per_epoch: int, where: str) -> None:
-        """Refuse an evaluation before the last step under FSDP, before anything is written:
-        on CPU processes (gloo) the training step after a mid-run evaluation fails with a
-        collective mismatch (an open bug, docs/parallel.md); evaluating at the end works."""
-        every = training["eval_every"] or steps_per_epoch
-        if self.enabled and every < total_steps:
-            raise FsdpError(
-                f"{where}: training.eval_every {every} evaluates before the last of the {total_steps} steps, which "
-                "FSDP does not support yet (the step after a mid-run evaluation fails with a collective mismatch); set "
-                f"training.eval_every: {total_steps} to evaluate at the end only, or train without FSDP")
+    def after_evaluation(self, model: torch.nn.Module) -> None:
+        """After an evaluation (forward passes without a backward, on every process):
+        reshard every FSDP2 module, as a training step's backward leaves them.
+
+        A unit built with ``reshard_after_forward=False`` (Accelerate's tail unit, the
+        final norm and output layer; every unit under ``strategy: shard_grad_op``) keeps
+        its all-gathered parameters after a forward until the backward reshards them; an
+        evaluation has no backward, so they stay unsharded. FSDP2's state-dict hook
+        reshards a unit whenever ``state_dict()`` is called, and the main process alone
+        reads the trained tensors for a checkpoint: its units would then be sharded and
+        the other processes' not, and the next training forward would all-gather on the
+        main process only (a collective mismatch; tests/test_fsdp.py). Resharding runs no
+        collective and frees the gathered parameters. Where torch has it (2.13 does),
+        ``reset_iter_state`` on the root unit does so and also forgets the evaluation's
+        forward order, which the next backward would otherwise follow to prefetch (gather)
+        a unit it does not need."""
+        if self.plugin is None:
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        if units and hasattr(units[0], "reset_iter_state"):  # units[0]: the root (modules() starts there)
+            units[0].reset_iter_state()
+            return
+        for unit in units:
+            unit.reshard()
 
     def accelerator_options(self) -> dict:
         return {"fsdp_plugin": self.plugin} if self.plugin is not None else {}

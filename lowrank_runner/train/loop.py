@@ -194,7 +194,6 @@ class TrainingRun:
         self._setup_model()
         self.plan = plan_run(self.run, len(self.tokenized["train"]), self.accelerator.num_processes, self.recipe.source)
         check_schedule(self.plan, self.where)
-        self.sharding.check_evaluations(self.training, self.plan.total_steps, self.plan.steps_per_epoch, self.where)
         self._setup_optimization()
         self._setup_method()
         self.state = LoopState(window_loss=torch.zeros((), device=self.accelerator.device),
@@ -481,7 +480,7 @@ class TrainingRun:
         """Score the selection splits; keep the model as the best checkpoint when it
         improves the task's metric and the method allows this step."""
         s = self.state
-        s.last_eval = evaluate_all(self.model, self.eval_dls, self.task, self.accelerator, self.selection)
+        s.last_eval = self.evaluate(self.selection)
         improved = self.method.checkpoint_eligible(s.step) and self._improves(s.last_eval[self.task.metric])
         if improved:
             s.best.update(step=s.step, value=s.last_eval[self.task.metric], eval=s.last_eval)
@@ -491,6 +490,13 @@ class TrainingRun:
             self.log.write({"step": s.step, "epoch": self._epoch(), "eval": s.last_eval})
         self.tracking.log_eval(s.step, s.last_eval)
         self.progress.update_eval(s.step, s.last_eval, self.task.metric, improved)
+
+    def evaluate(self, splits: dict[str, str]) -> dict[str, float]:
+        """Score ``splits`` (every process); under FSDP the model is then resharded on
+        every process (``Sharding.after_evaluation``), as after a training step."""
+        scores = evaluate_all(self.model, self.eval_dls, self.task, self.accelerator, splits)
+        self.sharding.after_evaluation(self.model)
+        return scores
 
     def _improves(self, value: float) -> bool:
         best = self.state.best["value"]
@@ -545,7 +551,7 @@ class TrainingRun:
         if best_state is not None:
             load_adapter_state(unwrapped, best_state[0])
             unwrapped.load_state_dict(best_state[1], strict=False)
-        return evaluate_all(self.model, self.eval_dls, self.task, self.accelerator, self.tests)
+        return self.evaluate(self.tests)
 
     def write_artifacts(self, test: dict | None) -> None:
         """Adapter, metrics, the task's outputs, rank pattern and report (main process);

@@ -13,6 +13,13 @@ This module decides what each tracker is given, and where it writes:
   ``RUN_DIR/wandb``, offline unless ``mode`` or ``$WANDB_MODE`` says otherwise;
 - ``trackio``: project = the recipe name, a local database in ``$TRACKIO_DIR``.
 
+A resumed run continues its tracker runs (their ids in ``RUN_DIR/trackers.json``; TensorBoard
+purges the steps after the checkpoint). A run that starts again from step 0 in its directory
+(``--resume`` found no checkpoint) replaces the earlier attempt's: its TensorBoard event files
+are removed, its MLflow run deleted (MLflow's delete: restorable until ``mlflow gc``), its
+W&B offline files and its trackio run (local database) removed, so each tracker holds one
+history of the run.
+
 What is logged: the run's resolved config flattened (``method.r``) with ``recipe_hash`` and
 ``config_hash``; every ``metrics.jsonl`` line (``train/KEY`` at its step, ``eval/METRIC``);
 at the end ``best/METRIC`` and ``test/METRIC``; the report's PNGs and report files as
@@ -27,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -35,7 +43,7 @@ from lowrank_runner.rundir.layout import METRICS_FILE, RECIPE_FILE, REPORT_FILE,
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_DB = "mlflow.db"
 MLFLOW_ARTIFACTS = "mlartifacts"
-IDS_FILE = "trackers.json"  # in the run directory: the tracker runs' ids, so --resume continues them
+IDS_FILE = "trackers.json"  # in the run directory: the tracker runs' ids (--resume continues or replaces them)
 REPORT_FILES = (REPORT_MD, REPORT_FILE, METRICS_FILE, RECIPE_FILE)
 NESTED_CONFIG = ("wandb", "trackio")  # trackers that take a nested config; the others get it flat
 
@@ -153,7 +161,9 @@ class Tracking:
 
     def start(self, accelerator, resumed_from: int | None = None) -> None:
         """One tracker run for this lrr run, its parameters stored (trackers start on the
-        main process only: Accelerate's ``init_trackers``)."""
+        main process only: Accelerate's ``init_trackers``); ``resumed_from``: the
+        checkpoint's step (its tracker runs continue), None: from step 0 (an earlier
+        attempt's are replaced: :meth:`_replace_earlier_attempt`)."""
         self.accelerator = accelerator
         if not self.entries or not accelerator.is_main_process:
             return
@@ -161,6 +171,8 @@ class Tracking:
 
         try:
             self._prepare_stores()
+            if resumed_from is None:
+                self._replace_earlier_attempt()
             accelerator.init_trackers(self.recipe.name, init_kwargs=self._init_kwargs(resumed_from))
             self._record_ids()
             config = {**self.run.config, "recipe_hash": self.recipe.hash, "config_hash": self.run.config_hash,
@@ -208,15 +220,78 @@ class Tracking:
         return ids if isinstance(ids, dict) else {}
 
     def _record_ids(self) -> None:
-        """``trackers.json``: the MLflow run id and the W&B run id, which ``--resume`` continues."""
+        """``trackers.json``: the MLflow and W&B run ids, which ``--resume`` continues, and
+        trackio's, which a start from step 0 replaces (a resume continues it by name)."""
         ids = {}
         for tracker in self.accelerator.trackers:
             if tracker.name == "mlflow":
                 ids["mlflow"] = tracker.tracker.info.run_id
-            elif tracker.name == "wandb":
-                ids["wandb"] = tracker.tracker.id
+            elif tracker.name in ("wandb", "trackio"):
+                ids[tracker.name] = tracker.tracker.id
         if ids:
             (self.run_dir / IDS_FILE).write_text(json.dumps(ids, indent=2) + "\n", encoding="utf-8")
+
+    def _replace_earlier_attempt(self) -> None:
+        """A run that starts again from step 0 where an earlier attempt logged (``--resume``
+        without a checkpoint; its ids in ``trackers.json``): that attempt's history goes,
+        so each tracker keeps one run with one history, as ``metrics.jsonl`` does. A new
+        run directory has nothing to replace."""
+        ids = self._recorded_ids()
+        events = self.run_dir / TENSORBOARD_DIR
+        if "tensorboard" in self.names and events.is_dir():
+            shutil.rmtree(events)
+            _say(f"tensorboard: the earlier attempt's event files are removed ({events}): the run starts again "
+                 "from step 0")
+        replace = {"mlflow": self._delete_mlflow_run, "wandb": self._remove_wandb_run,
+                   "trackio": self._delete_trackio_run}
+        for entry in self.entries:
+            run_id = ids.get(entry["name"])
+            if entry["name"] in replace and isinstance(run_id, str) and run_id:
+                replace[entry["name"]](entry, run_id)
+
+    def _delete_mlflow_run(self, entry: dict, run_id: str) -> None:
+        """The earlier attempt's MLflow run, deleted if it is this run's (its ``lrr.run_dir``
+        tag): MLflow's delete, which ``mlflow gc`` makes final."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=mlflow_uri(entry, self.output.get("dir", "runs")))
+        try:
+            run = client.get_run(run_id)
+        except MlflowException:
+            return  # not in this store (another tracking_uri): nothing of it here
+        if run.data.tags.get("lrr.run_dir") != str(self.run_dir) or run.info.lifecycle_stage == "deleted":
+            return
+        client.delete_run(run_id)
+        _say(f"mlflow: the earlier attempt's run {run_id} ({run.info.status}) is deleted: the run starts again from "
+             "step 0 (mlflow gc removes it for good; MlflowClient.restore_run brings it back)")
+
+    def _remove_wandb_run(self, entry: dict, run_id: str) -> None:
+        """The earlier attempt's W&B files in ``RUN_DIR/wandb``: an offline run's removed
+        (``wandb sync`` would upload it beside the new one); an online one is in W&B."""
+        if wandb_mode(entry) != "offline":
+            _say(f"wandb: the earlier attempt's run {run_id} stays in W&B beside the new one: delete it there")
+            return
+        for path in (self.run_dir / "wandb").glob(f"offline-run-*-{run_id}"):
+            shutil.rmtree(path)
+            _say(f"wandb: the earlier attempt's offline run is removed ({path}): the run starts again from step 0")
+
+    def _delete_trackio_run(self, entry: dict, run_id: str) -> None:
+        """The earlier attempt's trackio run, deleted from the local database (by its id:
+        other directories' runs of this recipe have the same name)."""
+        if entry.get("space_id"):
+            _say(f"trackio: the earlier attempt's run {run_id} stays in Space {entry['space_id']} beside the new one: "
+                 "delete it there")
+            return
+        import trackio
+
+        try:
+            runs = list(trackio.Api().runs(self.recipe.name))
+        except ValueError:
+            return  # no such project in this store (another $TRACKIO_DIR): nothing of it here
+        for run in runs:
+            if run.id == run_id and run.delete():
+                _say(f"trackio: the earlier attempt's run {run_id} is deleted: the run starts again from step 0")
 
     def _prepare_stores(self) -> None:
         """MLflow: the store and the recipe's experiment, created once (by whichever run of
@@ -327,6 +402,11 @@ def _store_lock(uri: str):
     path = Path(uri[len("sqlite:///"):])
     path.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(str(path) + ".lock")
+
+
+def _say(text: str) -> None:
+    """A ``tracking:`` line on stderr (the main process's)."""
+    print(f"tracking: {text}", file=sys.stderr, flush=True)
 
 
 def _quiet_wandb():
