@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Prepare .whl/ for bench/gpu_check.sh on the lent GPU machine, which has no network and
-# takes at most 64 MiB along (the device tool's `carry`). Run HERE, once per session:
+# takes at most 64 MiB along (the device tool's `carry`). Run HERE, once per session, then
+# check the GPU script here with its dry run (no GPU needed):
 #   bash bench/gpu_prepare.sh
+#   PYTHON=.venv/bin/python bash bench/gpu_check.sh --dry-run
 # 1. Wheels (Python 3.12, x86-64) of what lowrank-runner needs and the GPU image lacks (it
 #    has torch, transformers, accelerate, peft, safetensors, rich, typer, pyyaml, numpy,
 #    pandas, pyarrow, scikit-learn, scipy, matplotlib, sacrebleu), in this venv's versions.
@@ -54,3 +56,5 @@ info = Path(distribution("bitsandbytes")._path)  # the .dist-info: transformers 
 shutil.copytree(info, dst / info.name)
 PY
 du -sh .whl .whl/bnb && ls .whl
+echo "next, here (no GPU, under a minute): PYTHON=$PY bash bench/gpu_check.sh --dry-run"
+echo "then on the device: run(command=\"bash bench/gpu_check.sh\", carry=[\".whl\"], timeout_s=600)  (8 minutes at most)"

@@ -202,7 +202,8 @@ class AdaLoRA(AdapterMethod):
         """Keep PEFT's rank pattern and mirror it in each adapter's ``rank_mask``."""
         self.pattern = pattern
         for path, adapter in self.view.leaves:
-            adapter.rank_mask.copy_(torch.tensor(pattern[f"{path}.lora_E.{KEY}"], dtype=torch.float32))
+            mask = adapter.rank_mask
+            mask.copy_(torch.tensor(pattern[f"{path}.lora_E.{KEY}"], dtype=mask.dtype, device=mask.device))
         masks = torch.cat([a.rank_mask for _, a in self.view.leaves])
         check_same_across_processes(masks, "adalora rank allocation", step)
         self._active = int(sum(sum(v) for v in pattern.values()))

@@ -299,5 +299,6 @@ def update_norms(model: nn.Module) -> dict[str, float] | None:
             per_module.append(sq)
     if not per_module:
         return None
-    return {"update_norm": float(torch.tensor(sum(per_module)).sqrt().float()),
-            "update_norm_max": float(torch.tensor(max(per_module)).sqrt().float())}
+    # host-side arithmetic on Python floats (float32, as logged): on the CPU by intent, whatever the weights' device
+    return {"update_norm": float(torch.tensor(sum(per_module), device="cpu").sqrt().float()),
+            "update_norm_max": float(torch.tensor(max(per_module), device="cpu").sqrt().float())}

@@ -149,8 +149,11 @@ class TriAdaptLoRAAdapter(Adapter):
             raise ValueError(f"cannot grow rank {r} by {by} beyond the capacity {self.capacity}")
         a_std, tri_std, b_std = self.init_stds(new)
 
+        # drawn on the generator's device (the run's CPU generator), then moved: the same draws on any device
+        drawn_on = generator.device if generator is not None else torch.device("cpu")
+
         def gaussian(t: torch.Tensor, std: float) -> None:  # always draws: the generator's sequence is the same
-            t.copy_(torch.randn(t.shape, generator=generator, dtype=t.dtype).mul_(std).to(t.device))
+            t.copy_(torch.randn(t.shape, generator=generator, dtype=t.dtype, device=drawn_on).mul_(std).to(t.device))
 
         gaussian(self.tri_A[r:new], a_std)  # A_aug
         gaussian(self.tri_B[:, r:new], b_std)  # B_aug
@@ -294,7 +297,9 @@ class TriAdaptLoRA(AdapterMethod):
                     k = growth_count(self.growth, self.remaining, step, p["t_init"], self.total_steps, p["fixed_k"])
                     increments = growth_plan(scores, ranks, self.capacity, k, p["grow_by"], self.remaining,
                                              exhaust=step == self.last_evaluation)
-                    check_same_across_processes(torch.tensor(increments), "triadaptlora growth", step)
+                    # on the adapters' device: NCCL all-reduces GPU tensors only
+                    device = modules[0][1].active_rank.device
+                    check_same_across_processes(torch.tensor(increments, device=device), "triadaptlora growth", step)
                     for (_, adapter), inc in zip(modules, increments):
                         if inc:
                             adapter.grow(inc, self.generator)
