@@ -6,7 +6,20 @@ import os
 import warnings
 
 
+def quiet_bitsandbytes() -> None:
+    """bitsandbytes' notes at import: its CPU backend says it could not fetch an optional
+    kernel from the Hub (and falls back to its own) whenever anything imports it, which
+    peft does and transformers' optimizers import peft: every run printed it, quantized
+    or not; offline, the ``kernels`` package it asks notes that it skips a trust check.
+    Their errors still show."""
+    import logging
+
+    for name in ("bitsandbytes", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def quiet_libraries() -> None:
+    quiet_bitsandbytes()
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import datasets

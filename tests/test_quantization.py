@@ -293,3 +293,20 @@ def test_a_half_cast_keeps_what_the_reloaded_model_computes(tmp_path, cast):
         same = torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
     assert same is (cast == "saved tensors")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_bitsandbytes_import_notes_stay_out_of_a_run():
+    """peft imports bitsandbytes (and transformers' optimizers import peft), whose CPU
+    backend warns at import that it could not fetch an optional kernel: quiet_libraries,
+    which every training, inspect and export entry calls, keeps that out of the display
+    whether or not this CPU triggers it; bitsandbytes' errors still show."""
+    import subprocess
+    import sys
+
+    code = ("import logging; logging.basicConfig()\n"
+            "from lowrank_runner.quiet import quiet_libraries; quiet_libraries()\n"
+            "log = logging.getLogger('bitsandbytes.backends.cpu.ops')\n"
+            "log.warning('Failed to load CPU gemm_4bit_forward'); log.error('a real bitsandbytes error')\n"
+            "logging.getLogger('kernels._internals.hf_hub').warning('Skipping publisher trust check')\n")
+    said = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert "gemm_4bit" not in said and "trust check" not in said and "a real bitsandbytes error" in said

@@ -38,9 +38,9 @@ def import_bitsandbytes():
     """bitsandbytes, its notes about optional kernels silenced (the CPU backend falls
     back to its own kernels when the ``kernels`` package is absent; LLM.int8() says it
     casts float32 inputs to float16 on every call)."""
-    import logging
+    from lowrank_runner.quiet import quiet_bitsandbytes
 
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    quiet_bitsandbytes()
     try:
         import bitsandbytes
     except ImportError as exc:

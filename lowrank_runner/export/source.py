@@ -12,12 +12,12 @@ trained model from them.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 from lowrank_runner.errors import BackboneError, ExportError, LrrError, UsageError
 from lowrank_runner.export.common import EXPORT_INFO, check_out
 from lowrank_runner.methods.registry import method_specs
+from lowrank_runner.quiet import quiet_bitsandbytes
 from lowrank_runner.rundir.adapter import read_adapter_config, read_adapter_json, read_tensors, repair_hint
 from lowrank_runner.rundir.layout import (ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, CHECKPOINTS_DIR, ERROR_FILE,
                                           HEAD_WEIGHTS, METRICS_LOG, RECIPE_FILE, REPORT_FILE, checkpoint_dirs)
@@ -25,9 +25,7 @@ from lowrank_runner.rundir.lock import refuse_if_held
 from lowrank_runner.rundir.search import final_runs
 from lowrank_runner.tasks.registry import TASKS
 
-# a run on a quantized base (backbone.quantization): peft imports bitsandbytes, whose CPU backend notes at
-# import that the optional `kernels` package is absent (it falls back to its own kernels)
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+quiet_bitsandbytes()  # peft imports bitsandbytes (lowrank_runner.quiet)
 
 
 def _is_run_dir(source: Path) -> bool:
