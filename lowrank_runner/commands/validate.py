@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable
 
 from lowrank_runner.errors import Problem, RecipeError
-from lowrank_runner.plan.recipe_warnings import lr_warnings
+from lowrank_runner.plan.recipe_warnings import planned_step_problems
 from lowrank_runner.recipe.compose import load_document
 from lowrank_runner.recipe.expand import expand_runs, one_per_seed
 from lowrank_runner.recipe.load import check_document
@@ -43,7 +43,9 @@ def validate_file(path: Path, overrides: Iterable[str] = ()) -> Checked:
     problems = check_document(doc)
     if any(p.severity == "error" for p in problems):
         return Checked(path, problems, None)
-    problems = dedupe(problems + lr_warnings([run.doc for run in one_per_seed(expand_runs(doc))]))
+    problems = dedupe(problems + planned_step_problems(one_per_seed(expand_runs(doc))))
+    if any(p.severity == "error" for p in problems):  # a schedule that cannot act at the planned steps
+        return Checked(path, problems, None)
     io = recipe_io(doc)
     search = describe_search(doc.data) if isinstance(doc.data.get("search"), dict) else None
     if search:

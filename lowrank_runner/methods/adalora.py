@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from lowrank_runner.methods.base import (Adapter, AdapterMethod, LayerInfo, adapter_input, check_same_across_processes,
-                                         gaussian_parameter, leaf_items, schedule_problem)
-from lowrank_runner.methods.rank_budget import single_mask_warning
+                                         gaussian_parameter, leaf_items)
 
 KEY = "default"  # PEFT's adapter name: RankAllocator finds parameters by "lora_A.default"
 
@@ -139,27 +138,6 @@ class AdaLoRA(AdapterMethod):
     def create_adapter(self, layer: LayerInfo, w0: torch.Tensor) -> Adapter:
         p = self.params
         return AdaLoRAAdapter(layer, p["init_r"], p["alpha"], p["dropout"])
-
-    def schedule_problems(self, total_steps: int):
-        """PEFT's AdaLoraConfig refuses ``tinit >= total_step - tfinal`` (error); warnings
-        for a decay that masks only at its end and for ``tfinal = 0``."""
-        p = self.params
-        tinit, tfinal, delta_t = p["tinit"], p["tfinal"], p["deltaT"]
-        decay_end = total_steps - tfinal
-        if tinit >= decay_end:
-            return [schedule_problem("tinit", (
-                f"adalora: tinit ({tinit}) + tfinal ({tfinal}) leave no steps for the budget to decay in {total_steps} "
-                "optimizer steps (PEFT's AdaLoraConfig refuses this schedule); lower them or train longer"))]
-        problems = []
-        once = single_mask_warning(total_steps, tinit, tfinal, delta_t, "deltaT", "init_r", "target_r")
-        if once:
-            problems.append(schedule_problem("deltaT", once, "warning"))
-        if tfinal == 0:
-            problems.append(schedule_problem("tfinal", (
-                f"is 0: the final budget is reached at the last step ({total_steps}), so the model never trains at "
-                "target_r and only the last step can be selected; set tfinal (AdaLoRA's GLUE settings use hundreds "
-                "to thousands of steps)"), "warning"))
-        return problems
 
     def on_train_begin(self, total_steps: int, adapters=None) -> None:
         super().on_train_begin(total_steps, adapters)

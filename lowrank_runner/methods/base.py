@@ -168,8 +168,13 @@ class AdapterMethod:
         each a :class:`~lowrank_runner.errors.Problem` at its recipe path
         (``method.t_init``) without a location: severity ``error`` for a schedule that
         cannot work (the run is refused), ``warning`` for one that can act only partly.
-        ``lrr inspect`` and ``lrr run`` call it once the steps are planned."""
-        return []
+        ``lrr inspect`` and ``lrr run`` call it once the steps are planned. The default
+        asks the method's ``x-schedule`` function (torch-free: ``lrr validate`` calls it
+        too, where the steps are known without data)."""
+        from lowrank_runner.methods.registry import method_specs
+
+        spec = method_specs().get(self.name)
+        return spec.schedule_problems(self.params, total_steps) if spec is not None else []
 
     def checkpoint_eligible(self, step: int) -> bool:
         """Whether the model after ``step`` may be selected as the best checkpoint
@@ -218,11 +223,6 @@ def stacked_pair(layer: LayerInfo, pairs: dict[str, tuple[torch.Tensor, torch.Te
         b[layer.group_slice(group), col: col + b_g.shape[1]] = b_g
         col += b_g.shape[1]
     return b, a
-
-
-def schedule_problem(key: str, message: str, severity: str = "error") -> Problem:
-    """A problem of a method parameter's schedule, at ``method.KEY``."""
-    return Problem(None, f"method.{key}", message, severity)
 
 
 def raise_schedule_errors(method: AdapterMethod, total_steps: int) -> None:

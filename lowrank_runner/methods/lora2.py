@@ -45,9 +45,8 @@ from lowrank_runner.methods.base import (
     leaf_adapters,
     leaf_items,
     orthonormal_parameter,
-    schedule_problem,
-)
-from lowrank_runner.methods.rank_budget import cubic_budget, single_mask_warning
+    )
+from lowrank_runner.methods.rank_budget import cubic_budget
 
 
 class LoRA2Adapter(Adapter):
@@ -200,28 +199,6 @@ class LoRA2(AdapterMethod):
     def on_train_begin(self, total_steps: int, adapters=None) -> None:
         super().on_train_begin(total_steps, adapters)
         self.total_steps = total_steps
-
-    def schedule_problems(self, total_steps: int):
-        """Pruning needs decay steps (error); warnings for a decay that masks only once
-        and for a final phase of zero steps (the model never trains at the target)."""
-        if not self.prunes:
-            return []
-        p = self.params
-        t_init, t_final, interval = p["t_init"], p["t_final"], p["mask_interval"]
-        if t_init + t_final >= total_steps:
-            return [schedule_problem("t_init", (
-                f"lora2 pruning: t_init ({t_init}) + t_final ({t_final}) leave no steps to prune in {total_steps} "
-                "optimizer steps; lower them or train longer"))]
-        problems = []
-        once = single_mask_warning(total_steps, t_init, t_final, interval, "mask_interval", "r", "target_rank")
-        if once:
-            problems.append(schedule_problem("mask_interval", once, "warning"))
-        if t_final == 0:
-            problems.append(schedule_problem("t_final", (
-                f"is 0: the final mask is set after the last step ({total_steps}), so the model never trains at "
-                "target_rank and only the last step can be selected; set t_final (the authors use 1800 to 50000 "
-                "steps)"), "warning"))
-        return problems
 
     def importance(self, path: str, adapter: "LoRA2Adapter", usable: torch.Tensor | None = None) -> torch.Tensor:
         u = self.sensitivity.update(f"{path}.u", adapter.lora2_u, usable)  # k x r

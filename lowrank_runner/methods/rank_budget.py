@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from lowrank_runner.errors import Problem
+
 
 @dataclass(frozen=True)
 class BudgetStep:
@@ -45,6 +47,75 @@ def single_mask_warning(total_steps: int, t_init: int, t_final: int, interval: i
     return (f"masks only once, at step {decay_end}: the budget drops from {initial} x modules to {target} x modules "
             f"in one step (the decay has {decay_end - t_init} steps, {interval_key} is {interval}); lower "
             f"{interval_key} or train longer")
+
+
+def schedule_problem(key: str, message: str, severity: str = "error") -> Problem:
+    """A problem of a method parameter's schedule, at ``method.KEY``."""
+    return Problem(None, f"method.{key}", message, severity)
+
+
+# The methods' schedules against the planned optimizer steps (``x-schedule`` in their schema
+# fragments: ``lrr validate`` calls these where the steps are known without data, ``inspect`` and
+# ``run`` through ``AdapterMethod.schedule_problems``). ``p``: the method's parameters, defaults filled.
+
+def lora2_schedule(p: dict, total_steps: int) -> list[Problem]:
+    """LoRA2 pruning needs decay steps (error); warnings for a decay that masks only once
+    and for a final phase of zero steps (the model never trains at the target)."""
+    if p.get("target_rank") is None:
+        return []
+    t_init, t_final, interval = p["t_init"], p["t_final"], p["mask_interval"]
+    if t_init + t_final >= total_steps:
+        return [schedule_problem("t_init", (
+            f"lora2 pruning: t_init ({t_init}) + t_final ({t_final}) leave no steps to prune in {total_steps} "
+            "optimizer steps; lower them or train longer"))]
+    problems = []
+    once = single_mask_warning(total_steps, t_init, t_final, interval, "mask_interval", "r", "target_rank")
+    if once:
+        problems.append(schedule_problem("mask_interval", once, "warning"))
+    if t_final == 0:
+        problems.append(schedule_problem("t_final", (
+            f"is 0: the final mask is set after the last step ({total_steps}), so the model never trains at "
+            "target_rank and only the last step can be selected; set t_final (the authors use 1800 to 50000 "
+            "steps)"), "warning"))
+    return problems
+
+
+def triadaptlora_schedule(p: dict, total_steps: int) -> list[Problem]:
+    """TriAdaptLoRA growth needs a growth step before the last step (error); a warning when
+    there is only one, which allocates the whole budget at once."""
+    if p.get("growth", "none") == "none" or p.get("r_ref") == p["r"]:
+        return []
+    t0, interval = p["t_init"], p["grow_interval"]
+    first = t0 + interval
+    if first > total_steps - 1:
+        return [schedule_problem("t_init", (
+            f"triadaptlora growth: the first growth step (t_init {t0} + grow_interval {interval}) does not come "
+            f"before the end of training ({total_steps} optimizer steps); lower them or train longer"))]
+    if first + interval > total_steps - 1:
+        return [schedule_problem("grow_interval", (
+            f"grows only once, at step {first} of {total_steps}: the whole budget (r_ref x modules) is allocated "
+            f"at once; lower grow_interval ({interval}) or t_init ({t0}), or train longer"), "warning")]
+    return []
+
+
+def adalora_schedule(p: dict, total_steps: int) -> list[Problem]:
+    """PEFT's AdaLoraConfig refuses ``tinit >= total_step - tfinal`` (error); warnings for a
+    decay that masks only at its end and for ``tfinal = 0``."""
+    tinit, tfinal, delta_t = p["tinit"], p["tfinal"], p["deltaT"]
+    if tinit >= total_steps - tfinal:
+        return [schedule_problem("tinit", (
+            f"adalora: tinit ({tinit}) + tfinal ({tfinal}) leave no steps for the budget to decay in {total_steps} "
+            "optimizer steps (PEFT's AdaLoraConfig refuses this schedule); lower them or train longer"))]
+    problems = []
+    once = single_mask_warning(total_steps, tinit, tfinal, delta_t, "deltaT", "init_r", "target_r")
+    if once:
+        problems.append(schedule_problem("deltaT", once, "warning"))
+    if tfinal == 0:
+        problems.append(schedule_problem("tfinal", (
+            f"is 0: the final budget is reached at the last step ({total_steps}), so the model never trains at "
+            "target_r and only the last step can be selected; set tfinal (AdaLoRA's GLUE settings use hundreds "
+            "to thousands of steps)"), "warning"))
+    return problems
 
 
 # TriAdaptLoRA (seed 002, §III-D): the rank budget is spent by growth. R⁰ = r_ref·M;

@@ -32,6 +32,7 @@ class MethodSpec:
     paper: str = ""
     source: str = "built-in"
     arxiv: str = ""  # the paper's arXiv id (``x-arxiv``), when known: the model card links it
+    schedule: str = ""  # "module:function" (``x-schedule``): its step schedule's problems, torch-free
 
     @property
     def params(self) -> dict[str, dict]:
@@ -39,6 +40,15 @@ class MethodSpec:
 
     def defaults(self) -> dict[str, Any]:
         return {k: v["default"] for k, v in self.params.items() if "default" in v}
+
+    def schedule_problems(self, params: dict, total_steps: int) -> list:
+        """The problems (``errors.Problem`` at ``method.KEY``) of the method's step schedule
+        at ``total_steps`` optimizer steps, from its ``x-schedule`` function (torch-free,
+        so ``lrr validate`` can call it); ``params`` with the defaults filled. [] without one."""
+        if not self.schedule:
+            return []
+        module_name, _, attr = self.schedule.partition(":")
+        return getattr(importlib.import_module(module_name), attr)(params, total_steps)
 
     def load(self):
         module_name, _, attr = self.implementation.partition(":")
@@ -56,6 +66,7 @@ def spec_from_schema(schema: dict, source: str) -> MethodSpec:
         paper=schema.get("x-paper", ""),
         source=source,
         arxiv=schema.get("x-arxiv", ""),
+        schedule=schema.get("x-schedule", ""),
     )
 
 

@@ -49,8 +49,7 @@ from lowrank_runner.methods.base import (
     check_same_across_processes,
     gram_penalty,
     leaf_items,
-    schedule_problem,
-)
+    )
 from lowrank_runner.methods.rank_budget import growth_count, growth_plan
 
 NORMS = {"rank": lambda r: r, "sqrt_rank": math.sqrt, "none": lambda r: 1.0}
@@ -251,24 +250,6 @@ class TriAdaptLoRA(AdapterMethod):
         if t0 == 0 and adapters is not None and self.reference is None:  # "step 0": before the first update
             with torch.no_grad():
                 self.reference = self._norms(self._modules(adapters))
-
-    def schedule_problems(self, total_steps: int):
-        """Growth needs a growth step before the last step (error); a warning when there
-        is only one, which allocates the whole budget at once."""
-        p = self.params
-        if not self.grows or p["r_ref"] == p["r"]:
-            return []
-        t0, interval = p["t_init"], p["grow_interval"]
-        first = t0 + interval
-        if first > total_steps - 1:
-            return [schedule_problem("t_init", (
-                f"triadaptlora growth: the first growth step (t_init {t0} + grow_interval {interval}) does not come "
-                f"before the end of training ({total_steps} optimizer steps); lower them or train longer"))]
-        if first + interval > total_steps - 1:
-            return [schedule_problem("grow_interval", (
-                f"grows only once, at step {first} of {total_steps}: the whole budget (r_ref x modules) is allocated "
-                f"at once; lower grow_interval ({interval}) or t_init ({t0}), or train longer"), "warning")]
-        return []
 
     def is_evaluation(self, step: int) -> bool:
         p = self.params

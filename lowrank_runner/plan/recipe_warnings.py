@@ -1,8 +1,11 @@
-"""The learning-rate guidance of ``lrr validate``: warnings at ``training.learning_rate``
-for a run whose planned schedule integrates to far less than its method needs
-(:mod:`.guidance`), where the steps are known without reading any data
-(``training.max_steps``, or a task on its default hub dataset of known size). ``lrr
-inspect`` and ``lrr run`` plan on the data itself and say the same (:mod:`.checks`)."""
+"""What ``lrr validate`` can say about a run's planned steps where they are known without
+reading any data (``training.max_steps``, or a task on its default hub dataset of known
+size): the method's step schedule against them (its ``x-schedule``: errors at
+``method.KEY`` for a schedule that cannot act, warnings for one that acts only partly) and
+the learning-rate guidance (warnings at ``training.learning_rate`` for a run whose planned
+schedule integrates to far less than its method needs, :mod:`.guidance`). ``lrr inspect``
+and ``lrr run`` plan on the data itself and say the same (:mod:`.checks`). The plan is a
+1-process one: more processes only shorten it, so a schedule error here is one on any."""
 
 from __future__ import annotations
 
@@ -16,24 +19,31 @@ from lowrank_runner.recipe.schema import fill_defaults, property_schema, recipe_
 from lowrank_runner.tasks.registry import TASKS
 
 
-def lr_warnings(runs: list[Document]) -> list[Problem]:
-    """The warnings of every run (one task, one seed each: recipe/expand.py), once each."""
-    return dedupe([p for run in runs for p in _run_warnings(run)])
+def planned_step_problems(runs: list) -> list[Problem]:
+    """The problems of every run (``recipe.expand.Expanded``: one task, one seed, one
+    sweep point each), once each."""
+    return dedupe([p for run in runs for p in _run_problems(run.doc, run.point.label if run.point else "")])
 
 
-def _run_warnings(doc: Document) -> list[Problem]:
-    """One run's warnings; a run the recipe checks find broken gets none (they say what
-    is wrong)."""
+def _run_problems(doc: Document, point: str) -> list[Problem]:
+    """One run's schedule problems and learning-rate warnings; a run the recipe checks
+    find broken gets none (they say what is wrong)."""
     method, training, task = (_with_defaults(doc, key) for key in ("method", "training", "task"))
-    if method.get("name") not in method_specs() or task.get("name") not in TASKS:
+    spec = method_specs().get(method.get("name"))
+    if spec is None or task.get("name") not in TASKS:
         return []
     try:
         plan = _planned_steps(task, training)
-        messages = lr_shortfalls(method, training, plan) if plan is not None else []
+        if plan is None:
+            return []
+        schedule = spec.schedule_problems(method, plan.total_steps)
+        messages = lr_shortfalls(method, training, plan)
     except (LrrError, ValueError, TypeError, KeyError, ArithmeticError):
         return []
-    return [problem(doc, ("training", "learning_rate"), f"task {task['name']}: {m}", severity="warning")
-            for m in messages]
+    at = f"(task {task['name']}{', sweep point ' + point if point else ''})"
+    return ([problem(doc, tuple(p.path.split(".")), f"{p.message} {at}", severity=p.severity) for p in schedule]
+            + [problem(doc, ("training", "learning_rate"), f"task {task['name']}: {m}", severity="warning")
+               for m in messages])
 
 
 def _with_defaults(doc: Document, key: str) -> dict:
