@@ -289,7 +289,8 @@ def report(
     table: bool = typer.Option(False, "--table", help="One results table from several recipes' output directories (one row per recipe and sweep point), in the first recipe's layout (output.table)."),
     out: Optional[Path] = typer.Option(None, "--out", metavar="FILE", help="--table: write it to FILE (.md, .csv or .tex) instead of printing it."),
     table_format: Optional[str] = typer.Option(None, "--format", metavar="md|csv|latex", help="--table: the format printed or written (default: md, or --out's suffix)."),
-    figure: Optional[Path] = typer.Option(None, "--figure", metavar="FILE", help="--table: also draw the sweep figure (PNG): each column's metric against the swept value, ± std over seeds."),
+    figure: Optional[Path] = typer.Option(None, "--figure", metavar="FILE", help="--table: also draw the sweep figure (PNG): each column's metric against the swept value, ± std over seeds. --ranks: the PNG to draw."),
+    ranks: bool = typer.Option(False, "--ranks", help="Draw the runs' final rank patterns side by side (--figure FILE, PNG; one colour scale): layers x targets per run, as TriAdaptLoRA's Figure 2."),
 ):
     """Show a run's reproducibility report, or compare runs: recipe, input and environment differences, metrics.
     With --table: the results table of several recipes (methods, sweep points) in the paper's layout."""
@@ -300,8 +301,12 @@ def report(
     from lowrank_runner.rundir.reports import not_completed
     from lowrank_runner.report.terminal import show_comparison, show_run
 
+    if table and ranks:
+        raise UsageError("--table and --ranks draw different things: give one of them")
     if table:
         return _report_table(run_dirs, render, as_json, out, table_format, figure)
+    if ranks:
+        return _report_ranks(run_dirs, render, as_json, out, table_format, figure)
     if out is not None or table_format is not None or figure is not None:
         raise UsageError("--out, --format and --figure go with --table: lrr report --table DIR [DIR ...] --out FILE")
     runs = expand(run_dirs)
@@ -320,6 +325,23 @@ def report(
         show_comparison(Console(), runs)
     if len(runs) == 1 and not_completed(runs[0]):  # a comparison marks them; one run's report is its failure
         raise LrrError(not_completed(runs[0]))
+
+
+def _report_ranks(run_dirs: list[Path], render: bool, as_json: bool, out: Optional[Path], table_format: Optional[str],
+                  figure: Optional[Path]) -> None:
+    """``lrr report --ranks``: the runs' rank heatmaps side by side into --figure."""
+    from lowrank_runner.report.ranks import rank_figure
+    from lowrank_runner.tables import writable_file
+
+    if render or out is not None or table_format is not None:
+        raise UsageError("--ranks draws a figure: give --figure FILE.png (--render, --out and --format go elsewhere)")
+    if figure is None:
+        raise UsageError("--ranks needs --figure FILE.png: where to draw the heatmaps")
+    writable_file(figure, "--figure", (".png",))
+    panels = rank_figure(run_dirs, figure)
+    if as_json:
+        print(json.dumps(panels, indent=2))
+    _err(f"figure written to {figure} ({len(panels)} run(s))")
 
 
 def _report_table(run_dirs: list[Path], render: bool, as_json: bool, out: Optional[Path], table_format: Optional[str],

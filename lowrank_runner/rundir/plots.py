@@ -122,27 +122,45 @@ def rank_grid(pattern: dict[str, int], symbols: dict[str, list[str]]) -> tuple[l
 
 
 def rank_heatmap(pattern: dict[str, int], symbols: dict[str, list[str]], path: Path, title: str) -> Path:
+    """One run's final ranks as a layers x target-symbols heatmap (``rank_heatmap.png``)."""
+    return rank_heatmaps([(title, pattern, symbols)], path)
+
+
+def rank_heatmaps(panels: list[tuple[str, dict[str, int], dict[str, list[str]]]], path: Path,
+                  title: str = "") -> Path:
+    """Several runs' final ranks side by side (the papers' rank heatmaps, TriAdaptLoRA
+    Figure 2): one panel per ``(title, pattern, symbols)`` (:func:`rank_grid`), one
+    colour scale for all, each cell's rank written in it."""
     import numpy as np
 
     plt = _pyplot()
-
-    layers, columns, grid = rank_grid(pattern, symbols)
-    data = np.array(grid, dtype=float)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(columns), 1.0 + 0.4 * len(layers)))
-    image = ax.imshow(data, cmap="viridis", aspect="auto", vmin=0)
-    ax.set_xticks(range(len(columns)), columns)
-    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
-    ax.set_xlabel("target")
-    ax.set_ylabel("layer")
-    ax.set_title(title, fontsize=9)
-    top = np.nanmax(data) if np.isfinite(data).any() else 0
-    for i in range(data.shape[0]):
-        for j in range(data.shape[1]):
-            if not np.isnan(data[i, j]):
-                color = "black" if top and data[i, j] > 0.6 * top else "white"
-                ax.text(j, i, f"{int(data[i, j])}", ha="center", va="center", color=color, fontsize=8)
-    fig.colorbar(image, ax=ax, label="active rank")
-    fig.tight_layout()
+    grids = [(name, *rank_grid(pattern, symbols)) for name, pattern, symbols in panels]
+    data = [np.array(grid, dtype=float) for _, _, _, grid in grids]
+    top = max((np.nanmax(d) for d in data if np.isfinite(d).any()), default=0.0)
+    rows = max(len(layers) for _, layers, _, _ in grids)
+    width = sum(1.0 + 0.9 * len(columns) for _, _, columns, _ in grids) + 1.2
+    fig, axes = plt.subplots(1, len(grids), figsize=(width, 1.4 + 0.4 * rows), squeeze=False, layout="constrained")
+    for ax, (name, layers, columns, _), cells in zip(axes[0], grids, data):
+        image = ax.imshow(cells, cmap="viridis", aspect="auto", vmin=0, vmax=top or None)
+        ax.set_xticks(range(len(columns)), columns)
+        ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+        ax.set_xlabel("target")
+        ax.set_title(name, fontsize=9)
+        _write_ranks(ax, cells, top)
+    axes[0][0].set_ylabel("layer")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.colorbar(image, ax=list(axes[0]), label="active rank")
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _write_ranks(ax, cells, top: float) -> None:
+    import numpy as np
+
+    for i in range(cells.shape[0]):
+        for j in range(cells.shape[1]):
+            if not np.isnan(cells[i, j]):
+                color = "black" if top and cells[i, j] > 0.6 * top else "white"
+                ax.text(j, i, f"{int(cells[i, j])}", ha="center", va="center", color=color, fontsize=8)

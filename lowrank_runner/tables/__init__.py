@@ -73,7 +73,7 @@ def _format_of(out: Path | None, fmt: str | None) -> str:
     return suffix
 
 
-def _writable_file(path: Path, option: str, suffixes: tuple[str, ...]) -> None:
+def writable_file(path: Path, option: str, suffixes: tuple[str, ...]) -> None:
     """``--out``/``--figure``: a file in an existing directory that is not a run's (a run's
     own files are never overwritten), with one of ``suffixes``."""
     from lowrank_runner.errors import UsageError
@@ -100,9 +100,9 @@ def report_table(paths: list[Path], out: Path | None = None, fmt: str | None = N
 
     kind = _format_of(out, fmt)
     if out is not None:
-        _writable_file(out, "--out", tuple(SUFFIXES))
+        writable_file(out, "--out", tuple(SUFFIXES))
     if figure is not None:
-        _writable_file(figure, "--figure", (".png",))
+        writable_file(figure, "--figure", (".png",))
     paths, lines = distinct_outputs(paths)
     sources, resolved = read_outputs(paths)
     table = build_table(sources, table_spec(resolved.get("output")))
