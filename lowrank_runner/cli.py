@@ -308,7 +308,8 @@ def report(
     if ranks:
         return _report_ranks(run_dirs, render, as_json, out, table_format, figure)
     if out is not None or table_format is not None or figure is not None:
-        raise UsageError("--out, --format and --figure go with --table: lrr report --table DIR [DIR ...] --out FILE")
+        raise UsageError("--out, --format and --figure go with --table (lrr report --table DIR [DIR ...] --out FILE), "
+                         "--figure also with --ranks (lrr report --ranks RUN [RUN ...] --figure FILE.png)")
     runs = expand(run_dirs)
     for line in (w for run in runs for w in run.warnings):
         _err(f"warning: {line}")
