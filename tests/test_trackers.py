@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -351,3 +355,235 @@ def test_a_restart_deletes_only_its_own_earlier_mlflow_run(tmp_path, monkeypatch
         tracking._replace_earlier_attempt()
     assert client.get_run(other).info.lifecycle_stage == "active"
     assert client.get_run(own).info.lifecycle_stage == "deleted"
+
+
+# ------------------------------------------------------------------ servers that do not answer (issue 23)
+
+NETWORK_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID", "MLFLOW_HTTP_REQUEST_TIMEOUT",
+               "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "WANDB_MODE", "WANDB_BASE_URL", "TRACKIO_SPACE_ID",
+               "TRACKIO_SERVER_URL", "HF_ENDPOINT", "LRR_TRACKER_TIMEOUT")
+
+
+@pytest.fixture
+def network_env(monkeypatch, tmp_path):
+    """None of the variables that point trackers at servers; whatever the check sets in
+    os.environ (MLflow's request bounds) is undone after the test."""
+    for name in NETWORK_ENV:
+        monkeypatch.setenv(name, "")  # recorded as unset, so restored as unset
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-home"))  # no `wandb login --host` of this machine
+    return monkeypatch
+
+
+@pytest.fixture
+def refusing_port():
+    """A local port bound but not listening: connecting is refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
+@pytest.fixture
+def silent_port():
+    """A local port that accepts connections and never answers (a hung server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        yield s.getsockname()[1]
+
+
+@pytest.fixture
+def fake_servers():
+    """A local HTTP server: an MLflow tracking server's search answer (as a real one gives
+    it) under /, a 503 (a proxy whose server is down) under /down, a 404 elsewhere."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            if self.path.startswith("/down"):
+                code, body = 503, b"Service Unavailable"
+            elif self.path.startswith("/api/2.0/mlflow/experiments/search") or self.path in ("/", "/api/spaces/me/space"):
+                code, body = 200, b'{"experiments": []}'
+            else:
+                code, body = 404, b"Not Found"
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_an_mlflow_server_that_refuses_stops_lrr_run_before_anything_is_written(tmp_path, tiny_recipe, network_env,
+                                                                               refusing_port):
+    uri = f"http://127.0.0.1:{refusing_port}"
+    recipe = tiny_recipe(f"""
+        output:
+          dir: {tmp_path / 'store'}
+          trackers: [tensorboard, {{name: mlflow, tracking_uri: '{uri}'}}]
+        """)
+    start = time.monotonic()
+    result = CliRunner().invoke(app, ["run", str(recipe), "--output", str(tmp_path / "out")])
+    assert time.monotonic() - start < 20
+    assert result.exit_code == 1, result.output
+    line = next(ln for ln in result.output.splitlines() if "output.trackers" in ln)
+    assert re.search(rf"{re.escape(str(recipe))}:\d+:\d+: output\.trackers\.1\.tracking_uri: the MLflow tracking "
+                     rf"server {re.escape(uri)} refused the connection", line), line
+    store = f"sqlite:///{(tmp_path / 'store' / 'mlflow.db').resolve().as_posix()}"
+    assert line.endswith(f"nothing was started. Start the server, fix tracking_uri, or remove tracking_uri to use the "
+                         f"local SQLite store {store} (or remove the tracker)")
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "store").exists()  # nothing written
+
+
+def test_a_silent_mlflow_server_from_the_environment_stops_a_parallel_run_in_bounded_time(tmp_path, tiny_recipe,
+                                                                                         network_env, silent_port):
+    uri = f"http://127.0.0.1:{silent_port}"
+    network_env.setenv("MLFLOW_TRACKING_URI", uri)
+    network_env.setenv("LRR_TRACKER_TIMEOUT", "1")
+    recipe = tiny_recipe("""
+        output:
+          trackers: [mlflow]
+        """)
+    start = time.monotonic()
+    result = CliRunner().invoke(app, ["run", str(recipe), "--output", str(tmp_path / "out"), "--set",
+                                      "training.seed=[0, 1]", "--parallel", "2"])
+    assert time.monotonic() - start < 20
+    assert result.exit_code == 1, result.output
+    assert f"output.trackers.0 (mlflow): the MLflow tracking server {uri} (from $MLFLOW_TRACKING_URI) did not answer " \
+           "within 1 s ($LRR_TRACKER_TIMEOUT sets how long lrr waits); nothing was started. Start the server, fix " \
+           "MLFLOW_TRACKING_URI, or unset it to use the local SQLite store sqlite:///" in result.output
+    assert not (tmp_path / "out").exists()  # the driver claimed nothing, started no child
+
+
+def recipe_with(path: Path, trackers: str):
+    from lowrank_runner.recipe.load import load_recipe
+
+    return load_recipe(path, [f"output.trackers={trackers}"])
+
+
+def test_the_check_passes_a_server_that_answers_and_bounds_mlflows_requests(tiny_recipe, network_env, fake_servers):
+    from lowrank_runner.train.tracking import check_endpoints, endpoints
+
+    path = tiny_recipe()
+    local = recipe_with(path, "[tensorboard, {name: mlflow, tracking_uri: 'sqlite:////tmp/x.db'}, wandb, trackio]")
+    assert endpoints(local) == []  # local stores: nothing to ask
+    check_endpoints(local)
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
+    network_env.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")  # the user's: kept
+    check_endpoints(recipe_with(path, f"[{{name: mlflow, tracking_uri: '{fake_servers}/'}}]"))
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "20" and os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "5"
+    network_env.setenv("WANDB_BASE_URL", fake_servers)
+    network_env.setenv("HF_ENDPOINT", fake_servers)
+    check_endpoints(recipe_with(path, "[{name: wandb, mode: online}, {name: trackio, space_id: me/space}]"))
+
+
+@pytest.mark.parametrize("where, said", [
+    ("/down", "answered HTTP 503 Service Unavailable"),
+    ("/elsewhere", "answered HTTP 404 Not Found for GET /elsewhere/api/2.0/mlflow/experiments/search: not an MLflow "
+                   "tracking server there"),
+])
+def test_an_mlflow_uri_that_answers_with_an_error_is_refused(tiny_recipe, network_env, fake_servers, where, said):
+    from lowrank_runner.train.tracking import TrackerError, check_endpoints
+
+    with pytest.raises(TrackerError) as caught:
+        check_endpoints(recipe_with(tiny_recipe(), f"[{{name: mlflow, tracking_uri: '{fake_servers}{where}'}}]"))
+    assert f"output.trackers.0.tracking_uri: the MLflow tracking server {fake_servers}{where} {said}; " in str(caught.value)
+
+
+def test_wandb_online_and_trackio_spaces_are_checked_too(tiny_recipe, network_env, refusing_port, silent_port):
+    from lowrank_runner.train.tracking import TrackerError, check_endpoints
+
+    path = tiny_recipe()
+    network_env.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{refusing_port}")
+    with pytest.raises(TrackerError, match=r"output\.trackers\.0\.mode: W&B's server http://127\.0\.0\.1:\d+ \(from "
+                                           r"\$WANDB_BASE_URL\) refused the connection .*log offline \(mode: offline"):
+        check_endpoints(recipe_with(path, "[{name: wandb, mode: online}]"))
+    network_env.setenv("WANDB_MODE", "online")
+    with pytest.raises(TrackerError, match=r"output\.trackers\.1 \(wandb, mode online from \$WANDB_MODE\): "):
+        check_endpoints(recipe_with(path, "[tensorboard, wandb]"))
+    network_env.setenv("TRACKIO_SERVER_URL", f"http://127.0.0.1:{refusing_port}/?write_token=tok123")
+    with pytest.raises(TrackerError) as caught:
+        check_endpoints(recipe_with(path, "[trackio]"))
+    assert f"output.trackers.0 (trackio): the trackio server http://127.0.0.1:{refusing_port}/ (from " \
+           "$TRACKIO_SERVER_URL) refused the connection" in str(caught.value) and "tok123" not in str(caught.value)
+    network_env.setenv("HF_ENDPOINT", f"http://127.0.0.1:{silent_port}")  # trackio would wait for ever
+    network_env.setenv("LRR_TRACKER_TIMEOUT", "0.5")
+    start = time.monotonic()
+    with pytest.raises(TrackerError, match=r"output\.trackers\.0\.space_id: the Hugging Face Hub http://127\.0\.0\.1:"
+                                           r"\d+ \(trackio's Space me/space\) did not answer within 0\.5 s .*drop "
+                                           r"space_id"):
+        check_endpoints(recipe_with(path, "[{name: trackio, space_id: me/space}]"))
+    assert time.monotonic() - start < 5
+
+
+def test_the_check_says_no_password_and_wants_a_valid_timeout(tiny_recipe, network_env, refusing_port):
+    from lowrank_runner.train.tracking import TrackerError, check_endpoints
+
+    from lowrank_runner.recipe.load import load_recipe
+
+    recipe = load_recipe(tiny_recipe(f"""
+        output:
+          trackers: [{{name: mlflow, tracking_uri: 'http://me:s3cret@127.0.0.1:{refusing_port}'}}]
+        """))
+    with pytest.raises(TrackerError) as caught:
+        check_endpoints(recipe)
+    assert f"server http://127.0.0.1:{refusing_port} refused" in str(caught.value)
+    assert "s3cret" not in str(caught.value)
+    network_env.setenv("LRR_TRACKER_TIMEOUT", "soon")
+    with pytest.raises(TrackerError, match=r"\$LRR_TRACKER_TIMEOUT=soon: not a number of seconds above 0"):
+        check_endpoints(recipe)
+
+
+# ------------------------------------------------------------------ a damaged trackers.json (--resume)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("", "empty"),
+    ('{"mlflow": "abc', "not JSON: "),
+    ('["abc"]', 'not a mapping of tracker names to run ids: ["abc"]'),
+    ('{"mlflow": 42}', "not a mapping of tracker names to run ids"),
+])
+def test_a_damaged_trackers_json_is_named_with_the_fix(tmp_path, text, problem):
+    from lowrank_runner.train.tracking import TrackerError, recorded_ids
+
+    assert recorded_ids(tmp_path) == {}  # none yet
+    (tmp_path / "trackers.json").write_text(text)
+    with pytest.raises(TrackerError) as caught:
+        recorded_ids(tmp_path)
+    said = str(caught.value)
+    assert said.startswith(f"{tmp_path / 'trackers.json'} is damaged ({problem}")
+    assert "delete it to start new tracker runs" in said and "Restore it" in said
+
+
+def test_resume_refuses_a_damaged_trackers_json_before_anything_trains(tmp_path, tiny_recipe, network_env):
+    uri = f"sqlite:///{(tmp_path / 'mlflow.db').as_posix()}"
+    recipe = tiny_recipe(f"""
+        output:
+          trackers: [{{name: mlflow, tracking_uri: '{uri}'}}]
+        """)
+    out = tmp_path / "out"
+    args = ["run", str(recipe), "--output", str(out), "--set", "training.checkpoint_every=2", "--set",
+            "training.epochs=1"]
+    stopped = CliRunner().invoke(app, [*args, "--stop-after-step", "2"])
+    assert stopped.exit_code == 0, stopped.output
+    run_id = json.loads((out / "trackers.json").read_text())["mlflow"]
+    metrics = (out / "metrics.jsonl").read_text()
+    (out / "trackers.json").write_text('{"mlflow": "' + run_id[:10])  # cut short
+    refused = CliRunner().invoke(app, [*args, "--resume"])
+    assert refused.exit_code == 1, refused.output
+    assert f"{out / 'trackers.json'} is damaged (not JSON: " in refused.output
+    assert "delete it to start new tracker runs for this run" in refused.output and "Traceback" not in refused.output
+    assert (out / "metrics.jsonl").read_text() == metrics  # nothing trained
+    (out / "trackers.json").unlink()  # the fix the message names: the run continues, with a new MLflow run
+    resumed = CliRunner().invoke(app, [*args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((out / "trackers.json").read_text())["mlflow"] != run_id

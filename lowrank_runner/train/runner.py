@@ -24,6 +24,7 @@ from lowrank_runner.train.invocation import (FAILED_STATES, Invocation, check_st
                                              summary_entry, train_one, write_results)
 from lowrank_runner.train.run_dirs import (Taken, continue_command, discard, nothing_resumable, owned, prepare_root,
                                            resume_points, run_dirs)
+from lowrank_runner.train.tracking import check_endpoints, check_recorded_ids
 
 
 def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: bool = False,
@@ -33,7 +34,10 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
     from their latest checkpoint); ``stop_after`` ends each run after that optimizer step
     with a checkpoint. ``parallel`` (``--parallel N``...: a
     :class:`~lowrank_runner.train.parallel.slots.ParallelOptions`) trains the runs of a
-    multi-run recipe in child processes; ``only_run`` is such a child's one run."""
+    multi-run recipe in child processes; ``only_run`` is such a child's one run. The
+    servers the recipe's trackers reach are checked first, once (by the driver of
+    ``--parallel``): nothing is written when one does not answer."""
+    check_endpoints(recipe, probe=only_run is None)
     if only_run is not None:
         from lowrank_runner.train.parallel.child import run_only
 
@@ -47,6 +51,8 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
     with owned(root, say):  # nobody else trains or writes it meanwhile (rundir/lock.py)
         points = resume_points(recipe, root) if resume else {}
         check_stop_after(recipe, points, stop_after)
+        if resume:
+            check_recorded_ids(recipe, run_dirs(recipe, root), points)  # trackers.json, before anything trains
         inv = Invocation(recipe, root, argv, points, stop_after, run_dirs(recipe, root),
                          continue_command(recipe.source, recipe.overrides, root))
         try:  # Ctrl-C, and SIGTERM, which the CLI turns into the same (cli.main)

@@ -34,6 +34,7 @@ from lowrank_runner.train.parallel.jobs import INTERRUPTED, Executor, Job
 from lowrank_runner.train.parallel.slots import ParallelOptions, Slots, plan_slots
 from lowrank_runner.train.progress import PROGRESS_FILE_ENV
 from lowrank_runner.train.run_dirs import continue_command, mark_failed, owned, prepare_root, resume_points, run_dirs
+from lowrank_runner.train.tracking import check_recorded_ids
 
 
 def make_executor(options: ParallelOptions, slots: Slots) -> Executor:
@@ -59,6 +60,8 @@ def run_parallel(recipe: Recipe, output: Path | None, argv: list[str], options: 
         with owned(root, say):  # the driver owns the root, each child its run's directory (rundir/lock.py)
             points = resume_points(recipe, root) if resume else {}  # after the children of a killed driver stopped
             check_stop_after(recipe, points, stop_after)
+            if resume:
+                check_recorded_ids(recipe, run_dirs(recipe, root), points)  # trackers.json, before any child starts
             again = " ".join([continue_command(recipe.source, recipe.overrides, root),
                               *(shlex.quote(w) for w in options.words())])
             inv = Invocation(recipe, root, argv, points, stop_after, run_dirs(recipe, root), again)
