@@ -149,15 +149,19 @@ def friendly(fn):
 
 
 # The machine, not lowrank-runner, refused a file operation: a full disk, a read-only or
-# unreadable place. Said plainly (anywhere it happens: a checkpoint, an export, a report).
-_MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+# unreadable place, a directory where lrr writes one of its files. Said plainly (anywhere
+# it happens: a checkpoint, an export, a report).
+_MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EISDIR}
 
 
 def _machine_error(exc: OSError) -> str:
-    where = f" ({exc.filename})" if exc.filename else ""
+    path = exc.filename2 if exc.errno == errno.EISDIR and exc.filename2 else exc.filename  # os.replace: the target
+    where = f" ({path})" if path else ""
     fix = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space (disk quota)",
            errno.EROFS: "write somewhere writable (e.g. --output/--out elsewhere)",
-           errno.EIO: "check the disk"}.get(exc.errno, "check the permissions, or use another path")
+           errno.EIO: "check the disk",
+           errno.EISDIR: "a directory stands where lrr keeps one of its files: move it away (restore the file from "
+                         "a copy if it held one)"}.get(exc.errno, "check the permissions, or use another path")
     return f"{exc.strerror or exc}{where}: {fix}, then run the command again (a run continues with --resume)"
 
 

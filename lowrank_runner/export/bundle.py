@@ -24,7 +24,7 @@ import weakref
 from pathlib import Path
 
 from lowrank_runner.errors import ExportError, UsageError
-from lowrank_runner.export.common import (DTYPES, backbone_checked, check_tolerance, collect_if_alive,
+from lowrank_runner.export.common import (BUNDLE_FORMAT, DTYPES, backbone_checked, check_tolerance, collect_if_alive,
                                           provenance, staged_output, write_export_files)
 from lowrank_runner.export.probe import compare_outputs, model_outputs, probe_batch, reference_outputs
 from lowrank_runner.export.source import load_trained_model, loaded_backbone, preflight, read_run, source_tokenizer
@@ -34,7 +34,6 @@ from lowrank_runner.rundir.adapter import save_adapter
 from lowrank_runner.rundir.files import write_recipe
 from lowrank_runner.rundir.layout import RECIPE_FILE
 
-BUNDLE_FORMAT = "lowrank-runner-bundle"
 
 
 def load_adapted(bundle_dir, backbone: str | None = None, dtype: str | None = None):

@@ -66,7 +66,7 @@ def source_record(info: dict) -> dict:
               "recipe": _yaml(source / RECIPE_FILE),
               "adapter": _json(source / ADAPTER_DIR / ADAPTER_CONFIG) or _json(source / ADAPTER_CONFIG)}
     origin = _json(source / "lrr_export.json").get("source_run")
-    if not record["report"] and origin and Path(origin) != source:
+    if not record["report"] and isinstance(origin, str) and origin and Path(origin) != source:
         report = _json(Path(origin) / REPORT_FILE)
         if _dig(report, "recipe", "config_hash") == info.get("config_hash"):
             record.update(report=report, metrics=_json(Path(origin) / METRICS_FILE))

@@ -19,6 +19,7 @@ from lowrank_runner.outputs import require_free, staged_directory
 from lowrank_runner.version import __version__
 
 EXPORT_INFO = "lrr_export.json"
+BUNDLE_FORMAT = "lowrank-runner-bundle"  # lrr_export.json "format" of an adapter bundle (export/bundle.py)
 DTYPES = ("float32", "bfloat16", "float16")
 
 

@@ -16,9 +16,10 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from lowrank_runner.errors import ExportError, UsageError
+from lowrank_runner.errors import ExportError, RunFileError, UsageError
 from lowrank_runner.export.card import CARD_FILE, LOCATION
 from lowrank_runner.export.common import EXPORT_INFO
+from lowrank_runner.rundir.files import read_json_file
 
 CONNECT_TIMEOUT_S = 5
 CHECK_TIMEOUT_S = 15
@@ -120,6 +121,26 @@ def check_access(url: str, token: str, fail: _Failure) -> str:
         raise fail(f"{url} did not answer like a Hugging Face Hub (no JSON from /api/whoami-v2); check HF_ENDPOINT") from None
 
 
+def _check_export_files(directory: Path) -> None:
+    """What an upload reads of the export: its ``lrr_export.json`` (an object with the
+    export's ``format``) and its model card (UTF-8 text); a damaged one is a
+    :class:`~lowrank_runner.errors.RunFileError` naming it, before anything is uploaded."""
+    fix = ("restore it from a copy, or export again from the run (lrr export RUN_DIR --merge|--adapter|--peft "
+           "--out NEW_DIR)")
+    path = directory / EXPORT_INFO
+    info = read_json_file(path, "export's metadata", fix)
+    if not isinstance(info, dict) or not isinstance(info.get("format"), str) or not info["format"]:
+        raise RunFileError(f"{path}: not the metadata 'lrr export' writes (an object with the export's 'format'); "
+                           f"the file is damaged: {fix}")
+    card = directory / CARD_FILE
+    try:
+        if card.is_file():
+            card.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RunFileError(f"{card}: not UTF-8 text (binary data at byte {exc.start}); the model card is damaged: "
+                           f"{fix}") from None
+
+
 def _operations(directory: Path, repo_id: str) -> list:
     """One commit's files: the export as it is, its model card naming the repo id where
     the local card names the export directory (the snippets then load from the Hub)."""
@@ -154,9 +175,10 @@ def push_export(directory, repo_id: str, private: bool = False, token: str | Non
 
     directory = Path(directory)
     check_repo_id(repo_id, "repo id")
-    if not (directory / EXPORT_INFO).is_file():
+    if not (directory / EXPORT_INFO).exists():
         raise UsageError(f"{directory}: not an export directory (no {EXPORT_INFO}); give a directory written by "
                          "`lrr export ... --out DIR`")
+    _check_export_files(directory)
     fail = _Failure(directory, repo_id)
     token = _checked_token(token, fail)
     url = endpoint()

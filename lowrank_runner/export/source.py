@@ -15,10 +15,11 @@ import json
 from pathlib import Path
 
 from lowrank_runner.errors import BackboneError, ExportError, LrrError, UsageError
-from lowrank_runner.export.common import EXPORT_INFO, check_out
+from lowrank_runner.export.common import BUNDLE_FORMAT, EXPORT_INFO, check_out
 from lowrank_runner.methods.registry import method_specs
 from lowrank_runner.quiet import quiet_bitsandbytes
 from lowrank_runner.rundir.adapter import read_adapter_config, read_adapter_json, read_tensors, repair_hint
+from lowrank_runner.rundir.files import read_recipe_header
 from lowrank_runner.rundir.layout import (ADAPTER_CONFIG, ADAPTER_DIR, ADAPTER_WEIGHTS, CHECKPOINTS_DIR, ERROR_FILE,
                                           HEAD_WEIGHTS, METRICS_LOG, RECIPE_FILE, REPORT_FILE, checkpoint_dirs)
 from lowrank_runner.rundir.lock import refuse_if_held
@@ -61,7 +62,8 @@ def source_kind(source: Path) -> tuple[str, Path]:
         raise UsageError(f"{source}: not a directory; give a run directory written by 'lrr run' or an adapter bundle "
                          "written by 'lrr export --adapter'")
     config = source / ADAPTER_CONFIG
-    if config.is_file() and not _is_run_dir(source):
+    bundle = not _is_run_dir(source) and (config.exists() or _exported_format(source) == BUNDLE_FORMAT)
+    if bundle:  # its adapter_config.json missing, or a directory: named by read_adapter_json
         data = read_adapter_json(config, source, "bundle")
         if isinstance(data, dict) and "peft_type" in data:
             raise UsageError(f"{source}: a PEFT adapter (written by --peft); load it with peft.PeftModel.from_pretrained")
@@ -99,7 +101,8 @@ def _subruns(source: Path) -> list[Path]:
 
 
 def _exported_format(directory: Path) -> str | None:
-    """The ``format`` of a directory written by ``lrr export`` (its lrr_export.json)."""
+    """The ``format`` of a directory written by ``lrr export`` (its lrr_export.json; None
+    when there is none or it cannot be read)."""
     try:
         info = json.loads((directory / EXPORT_INFO).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
@@ -137,7 +140,39 @@ def read_recipe_config(path: Path, source: Path, kind: str = "run") -> dict:
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ExportError(f"{problems[0]}{more}; the run's resolved recipe is damaged: {repair_hint(source, kind)}")
+    lacking = _lacking(doc.data, path)
+    if lacking:
+        more = f" (and {len(lacking) - 1} more)" if len(lacking) > 1 else ""
+        raise ExportError(f"{path}: {lacking[0]}{more} missing, which every run's resolved recipe has (defaults "
+                          f"filled), and the file is not the config its header's hash names: it was truncated or "
+                          f"edited; {repair_hint(source, kind)}")
     return doc.data
+
+
+def _lacking(config: dict, path: Path) -> list[str]:
+    """The settings of a resolved recipe (every default filled) that ``config`` lacks, as
+    dotted keys; none when the header's config hash says the file is whole (written by an
+    older lowrank-runner, before those settings existed)."""
+    from lowrank_runner.recipe.hashing import canonical_hash
+    from lowrank_runner.recipe.schema import resolve
+
+    try:
+        missing = _missing_keys(config, resolve(config))
+        header = read_recipe_header(path)
+        whole = header is not None and header["config_hash"] == canonical_hash(config)
+    except (KeyError, ValueError, TypeError):  # an unregistered method (checked before), a value JSON cannot hold
+        return []
+    return [] if whole else missing
+
+
+def _missing_keys(data: dict, full: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in full.items():
+        if key not in data:
+            out.append(prefix + key)
+        elif isinstance(value, dict) and isinstance(data[key], dict):
+            out += _missing_keys(data[key], value, f"{prefix}{key}.")
+    return out
 
 
 def read_head(adapter_dir: Path, adapter_cfg: dict, source: Path, kind: str) -> dict:
@@ -407,8 +442,12 @@ def source_tokenizer(source: Path, ref, config: dict):
     as the run did."""
     from lowrank_runner.backbones import BackboneRef, load_tokenizer
 
-    if (Path(source) / "tokenizer_config.json").is_file():
-        return load_tokenizer(BackboneRef(str(source), str(source), True, trust_remote_code=ref.trust_remote_code))
+    if (Path(source) / "tokenizer_config.json").exists():  # a directory in its place: named as damaged below
+        try:
+            return load_tokenizer(BackboneRef(str(source), str(source), True, trust_remote_code=ref.trust_remote_code))
+        except BackboneError as exc:
+            raise ExportError(f"{exc}; the tokenizer saved in the adapter bundle {source} cannot be loaded: "
+                              f"{repair_hint(Path(source), 'bundle')}") from None
     tokenizer = load_tokenizer(ref, config["backbone"].get("tokenizer"))
     template = trained_chat_template(source, config)
     if template is not None:

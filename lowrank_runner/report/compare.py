@@ -39,7 +39,7 @@ def expand(paths: list[Path]) -> list[RunReport]:
         raise UsageError("give at least one run directory: lrr report RUN_DIR [RUN_DIR ...]")
     runs: list[RunReport] = []
     for path in map(runs_of, paths):
-        if path.is_dir() and (path / SUMMARY_FILE).is_file() and not (path / REPORT_FILE).is_file():
+        if path.is_dir() and (path / SUMMARY_FILE).exists() and not (path / REPORT_FILE).exists():
             runs += _summary_runs(path)
         else:
             runs.append(load_run(path))

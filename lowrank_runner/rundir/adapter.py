@@ -8,11 +8,10 @@ traceback."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from lowrank_runner.errors import RunFileError
-from lowrank_runner.rundir.files import write_json
+from lowrank_runner.rundir.files import read_json_file, write_json
 from lowrank_runner.rundir.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, HEAD_WEIGHTS, RECIPE_FILE
 from lowrank_runner.version import __version__
 
@@ -95,16 +94,8 @@ def repair_hint(source: Path, kind: str) -> str:
 
 
 def read_adapter_json(path: Path, source: Path, kind: str):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RunFileError(f"{path}: missing; {repair_hint(source, kind)}") from None
-    except json.JSONDecodeError as exc:
-        raise RunFileError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg}); {repair_hint(source, kind)}") from None
-    except RecursionError:
-        raise RunFileError(f"{path}: not valid JSON (nested too deeply); {repair_hint(source, kind)}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RunFileError(f"{path}: cannot read: {exc}; {repair_hint(source, kind)}") from None
+    """``adapter_config.json`` of ``source`` as JSON (unchecked; :func:`read_adapter_config` checks it)."""
+    return read_json_file(path, "adapter config", repair_hint(source, kind))
 
 
 def read_adapter_config(path: Path, source: Path, kind: str = "run", methods=None) -> dict:

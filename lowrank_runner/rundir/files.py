@@ -1,6 +1,7 @@
-"""Writing and reading a run directory's files: JSON written atomically, ``recipe.yaml``
-with the header ``--resume`` reads back, the append-only ``metrics.jsonl``
-(:class:`MetricsLog`). The names are :mod:`lowrank_runner.rundir.layout`'s."""
+"""Writing and reading a run directory's files: JSON written atomically and read back
+checked (:func:`read_json_file`), ``recipe.yaml`` with the header ``--resume`` reads
+back, the append-only ``metrics.jsonl`` (:class:`MetricsLog`). The names are
+:mod:`lowrank_runner.rundir.layout`'s."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import re
 from pathlib import Path
 
 import yaml
+
+from lowrank_runner.errors import RunFileError
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -25,6 +28,34 @@ def write_json(path: Path, data) -> None:
     _write_atomically(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def read_json_file(path: Path, what: str, fix: str):
+    """The JSON value of ``path``, a file lrr wrote (``what``: "run report", ...). A file
+    that is missing, a directory, not UTF-8 text, empty or not valid JSON is a
+    :class:`RunFileError` naming the file, what is wrong and ``fix`` (how to repair it);
+    the caller checks the value's shape."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RunFileError(f"{path}: missing; {fix}") from None
+    except IsADirectoryError:
+        raise RunFileError(f"{path}: a directory, not the {what}; {fix}") from None
+    except UnicodeDecodeError as exc:
+        raise RunFileError(f"{path}: not UTF-8 text (binary data at byte {exc.start}); the {what} is damaged: "
+                           f"{fix}") from None
+    except OSError as exc:
+        raise RunFileError(f"{path}: cannot read the {what} ({exc.strerror or exc}); make it readable, or "
+                           f"{fix}") from None
+    if not text.strip():
+        raise RunFileError(f"{path}: empty; the {what} is damaged: {fix}")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RunFileError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg}); the {what} is damaged: "
+                           f"{fix}") from None
+    except RecursionError:
+        raise RunFileError(f"{path}: not valid JSON (nested too deeply); the {what} is damaged: {fix}") from None
+
+
 _SOURCE_LINE = "# resolved by lowrank-runner from "
 _HASH_LINE = re.compile(r"^# recipe hash (\S+); this run's config hash (\S+)$")
 _OVERRIDES_LINE = "# --set overrides: "
@@ -34,18 +65,30 @@ def write_recipe(path: Path, config: dict, recipe_hash: str, config_hash: str, s
                  overrides: tuple[str, ...] | list[str] = (), exclusive: bool = False) -> None:
     """The run's resolved recipe, with a header naming its source, hashes and the
     command's ``--set`` overrides (what ``--resume`` reads back). A file already there for
-    the same config hash is kept (it records how the run was started); ``exclusive``:
-    fail with FileExistsError if the file exists at all (claiming a new run directory)."""
+    the same config hash is kept (it records how the run was started), unless its body is
+    not that config (truncated or edited: rewritten, with the recorded source and
+    overrides); ``exclusive``: fail with FileExistsError if the file exists at all
+    (claiming a new run directory)."""
     if not exclusive:
         recorded = read_recipe_header(path)
         if recorded is not None and recorded["config_hash"] == config_hash:
-            return
+            if _recorded_config(path) == config:
+                return
+            source, overrides = recorded["source"], recorded["overrides"]
     header = f"{_SOURCE_LINE}{source}\n# recipe hash {recipe_hash}; this run's config hash {config_hash}\n"
     if overrides:
         header += _OVERRIDES_LINE + json.dumps(list(overrides), ensure_ascii=False) + "\n"
     text = header + yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
     with path.open("x" if exclusive else "w", encoding="utf-8") as f:
         f.write(text)
+
+
+def _recorded_config(path: Path):
+    """The config :func:`write_recipe` wrote below the header (None: not readable YAML)."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
 
 
 def read_recipe_header(path: Path) -> dict | None:

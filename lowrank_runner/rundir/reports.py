@@ -6,11 +6,11 @@ status with what to do; never a traceback. Torch-free."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lowrank_runner.errors import RunFileError, UsageError
+from lowrank_runner.rundir.files import read_json_file
 from lowrank_runner.rundir.layout import (ADAPTER_DIR, CHECKPOINTS_DIR, ERROR_FILE, METRICS_FILE, METRICS_LOG,
                                           RECIPE_FILE, REPORT_FILE, SUMMARY_FILE, checkpoint_dirs, checkpoint_step)
 from lowrank_runner.rundir.lock import holder
@@ -33,18 +33,6 @@ class RunReport:
 
 def _fix(run_dir: Path) -> str:
     return f"restore it from a copy, or train the run again (lrr run {run_dir / RECIPE_FILE} --output NEW_DIR)"
-
-
-def read_json(path: Path, what: str, fix: str):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise RunFileError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg}); the {what} is damaged: "
-                           f"{fix}") from None
-    except RecursionError:
-        raise RunFileError(f"{path}: not valid JSON (nested too deeply); the {what} is damaged: {fix}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RunFileError(f"{path}: cannot read the {what}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 def _not_finished(run_dir: Path) -> RunFileError:
@@ -86,19 +74,19 @@ def load_run(run_dir: Path, label: str | None = None) -> RunReport:
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir}: not a directory (give a run directory written by 'lrr run')")
     path = run_dir / REPORT_FILE
-    if not path.is_file():
+    if not path.exists():  # a directory in its place is read, and named, below
         if _completed_without_report(run_dir):
             raise _report_gone(run_dir)
         if (run_dir / METRICS_LOG).is_file() or (run_dir / CHECKPOINTS_DIR).is_dir():
             raise _not_finished(run_dir)
         raise UsageError(f"{run_dir}: not a run directory: no {REPORT_FILE} (written by 'lrr run' when a run ends) "
                          f"and no {SUMMARY_FILE} (written by a recipe with several runs)")
-    report = read_json(path, "run report", _fix(run_dir))
+    report = read_json_file(path, "run report", _fix(run_dir))
     check(report, REPORT_SCHEMA, path, "run report", _fix(run_dir))
     metrics_path = run_dir / METRICS_FILE
     metrics = None
-    if metrics_path.is_file():
-        metrics = read_json(metrics_path, "metrics file", _fix(run_dir))
+    if metrics_path.exists():
+        metrics = read_json_file(metrics_path, "metrics file", _fix(run_dir))
         check(metrics, METRICS_SCHEMA, metrics_path, "metrics file", _fix(run_dir))
     warnings = []
     if report["status"] == "completed" and not (run_dir / METRICS_LOG).is_file():
@@ -112,7 +100,8 @@ def run_dir_of(root: Path, entry: dict) -> Path:
     may have moved since): the tail of the recorded path (``task-seedN``, or
     ``task/POINT/seedN`` for a sweep) that exists under ``root``."""
     recorded = Path(entry["dir"])
-    parts = recorded.parts
+    # tails only: the whole recorded path is where the root was, which under a moved root is another copy (or gone)
+    parts = recorded.relative_to(recorded.anchor).parts if recorded.anchor else recorded.parts
     for n in range(1, len(parts) + 1):
         candidate = root.joinpath(*parts[-n:])
         if (candidate / REPORT_FILE).is_file():
@@ -125,7 +114,7 @@ def read_summary(root: Path, fix: str, instead: str = "") -> tuple[dict, list[di
     run's directory under ``root``; a run listed as completed whose report is gone is an
     error (``instead``: what else the user can do, after "restore the run directory")."""
     path = root / SUMMARY_FILE
-    summary = read_json(path, "recipe summary", fix)
+    summary = read_json_file(path, "recipe summary", fix)
     check(summary, SUMMARY_SCHEMA, path, "recipe summary", fix)
     entries = []
     for entry in summary["runs"]:

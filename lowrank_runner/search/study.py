@@ -34,11 +34,11 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from lowrank_runner.errors import LrrError, UsageError
+from lowrank_runner.errors import LrrError, RunFileError, UsageError
 from lowrank_runner.quiet import quiet_libraries
 from lowrank_runner.recipe.load import Recipe, load_recipe
 from lowrank_runner.recipe.search import SearchSpec, search_spec, trial_overrides
-from lowrank_runner.rundir.files import write_recipe
+from lowrank_runner.rundir.files import read_json_file, write_recipe
 from lowrank_runner.rundir.layout import METRICS_FILE, RECIPE_FILE, REPORT_FILE
 from lowrank_runner.rundir.search import BEST_DIR, DB_FILE, RECORD_FILE, TRIALS_DIR
 from lowrank_runner.search.record import task_info, write_record
@@ -102,14 +102,11 @@ def _search_root(recipe: Recipe, output: Path | None, resume: bool) -> Path:
     if output is None:
         raise UsageError("--resume continues the search in an existing run directory: give it with --output RUN_DIR")
     record = output / RECORD_FILE
-    if not record.is_file() or not (output / DB_FILE).is_file():
+    if not record.exists() or not (output / DB_FILE).is_file():
         raise UsageError(f"--output {output}: holds no search of lowrank-runner (no {RECORD_FILE} and {DB_FILE}), "
                          "nothing to resume; give a directory written by lrr run of a recipe with a search: block")
-    try:
-        found = json.loads(record.read_text(encoding="utf-8"))
-        recorded, command = found["hash"], continue_command(found["source"], found["overrides"], output)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise LrrError(f"{record}: cannot be read ({exc}); restore it to resume the search") from None
+    found = _read_record(record)
+    recorded, command = found["hash"], continue_command(found["source"], found["overrides"], output)
     if recorded != recipe.hash:
         raise UsageError(f"--output {output}: its search was started by a different recipe or --set overrides "
                          f"(recipe hash {recorded}; {recipe.source} with these overrides: {recipe.hash}); resume with "
@@ -121,12 +118,21 @@ def recorded_overrides(output: Path | None) -> list[str]:
     """The ``--set`` overrides the runs in ``output`` were started with: a search's own
     (its trials and best runs record more), else those of its runs."""
     record = output / RECORD_FILE if output is not None else None
-    if record is not None and record.is_file():
-        try:
-            return list(json.loads(record.read_text(encoding="utf-8"))["overrides"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
+    if record is not None and record.exists():  # a damaged one: an error, not its trials' overrides
+        return _read_record(record)["overrides"]
     return run_dirs.recorded_overrides(output)
+
+
+def _read_record(record: Path) -> dict:
+    """What ``--resume`` reads of ``search.json``: the recipe ``hash``, its ``source`` and
+    the ``--set`` ``overrides``, checked; a damaged file is an error naming it and the fix."""
+    fix = "restore it from a copy, or start the search again in a new directory (lrr run RECIPE --output NEW_DIR)"
+    found = read_json_file(record, "search record", fix)
+    if not (isinstance(found, dict) and isinstance(found.get("hash"), str) and isinstance(found.get("source"), str)
+            and isinstance(found.get("overrides"), list) and all(isinstance(o, str) for o in found["overrides"])):
+        raise RunFileError(f"{record}: not the search record lrr writes (its recipe 'hash', 'source' and "
+                           f"'overrides'); the file is damaged: {fix}")
+    return found
 
 
 @dataclass

@@ -91,9 +91,9 @@ def read_output(path: Path) -> tuple[Source, dict]:
     if not path.is_dir():
         raise UsageError(f"{path}: not a directory (give the output directory of a recipe run by 'lrr run')")
     path = runs_of(path)  # a search's directory: its final runs, path/best
-    if (path / SUMMARY_FILE).is_file() and not (path / REPORT_FILE).is_file():
-        return _summary_source(path)
-    if (path / REPORT_FILE).is_file():
+    if (path / SUMMARY_FILE).exists() and not (path / REPORT_FILE).exists():  # a directory in a file's place:
+        return _summary_source(path)  # read, and named as damaged
+    if (path / REPORT_FILE).exists():
         return _single_source(path)
     raise _not_an_output(path)
 

@@ -14,21 +14,21 @@ created that holds nothing resumable is removed.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import shlex
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from lowrank_runner.errors import LrrError, UsageError
+from lowrank_runner.errors import LrrError, RunFileError, UsageError
 from lowrank_runner.outputs import require_free
 from lowrank_runner.recipe.load import Recipe
 from lowrank_runner.rundir import status as run_status
-from lowrank_runner.rundir.files import read_recipe_header, write_recipe
-from lowrank_runner.rundir.layout import (ADAPTER_CONFIG, ADAPTER_DIR, CHECKPOINTS_DIR, METRICS_FILE, RECIPE_FILE,
-                                          REPORT_FILE, checkpoint_dirs)
+from lowrank_runner.rundir.files import read_json_file, read_recipe_header, write_recipe
+from lowrank_runner.rundir.layout import (ADAPTER_CONFIG, ADAPTER_DIR, CHECKPOINTS_DIR, METRICS_FILE, METRICS_LOG,
+                                          RECIPE_FILE, REPORT_FILE, checkpoint_dirs, resumable_from)
 from lowrank_runner.rundir.lock import owning, refuse_if_held, wait_until_free
+from lowrank_runner.rundir.schema import STATUSES
 from lowrank_runner.train.devices import has_accelerator_device, is_main_process, world_size
 
 
@@ -180,11 +180,29 @@ def continue_command(source: str, overrides, root: Path) -> str:
     return text
 
 
+def _headless_recipe(root: Path) -> UsageError | None:
+    """The error for a run in ``root`` (it has checkpoints, a log or a report) whose
+    ``recipe.yaml`` lost the header ``--resume`` reads: damaged, or a directory in its place.
+    A UsageError, as a recipe that did not start the run: a search stops (its trial is not failed)."""
+    for d in candidate_run_dirs(root):
+        path = d / RECIPE_FILE
+        if path.exists() and any((d / name).exists() for name in (CHECKPOINTS_DIR, METRICS_LOG, REPORT_FILE)):
+            return UsageError(
+                f"{path}: {'a directory' if path.is_dir() else 'no run header'}, not the resolved recipe 'lrr run' "
+                "writes (its first lines name the recipe and its hashes, which --resume checks before it continues "
+                "a run); the file is damaged: restore it from a copy, or start the run again in a new directory "
+                "(lrr run RECIPE --output NEW_DIR)")
+    return None
+
+
 def check_resumable(recipe: Recipe, root: Path) -> None:
     """``root`` holds runs of this recipe (same recipe hash and config hashes); refuses a
     directory of something else, a different recipe, or other ``--set`` overrides."""
     found = recorded_runs(recipe, root)
     if not found:
+        damaged = _headless_recipe(root)
+        if damaged is not None:
+            raise damaged
         raise UsageError(
             f"--output {root}: holds no run of lowrank-runner (no {RECIPE_FILE} with a run's header), "
             f"nothing to resume; give a directory written by lrr run, or drop --resume to start a new run"
@@ -204,30 +222,32 @@ def check_resumable(recipe: Recipe, root: Path) -> None:
 
 def completed_metrics(run_dir: Path) -> dict | None:
     """The metrics of a completed run (None when not completed). A run whose report says
-    it completed but whose files cannot be read is refused: completed runs are never
-    trained over."""
+    it completed but whose files cannot be read is refused, and so is a report that cannot
+    be read or says no status: completed runs are never trained over."""
     report, metrics = run_dir / REPORT_FILE, run_dir / METRICS_FILE
-    if not report.is_file():
+    if not report.exists():
         if metrics.is_file() and (run_dir / ADAPTER_DIR / ADAPTER_CONFIG).is_file():
             raise LrrError(  # the files a completed run writes, all but the report
                 f"{run_dir}: this run completed ({metrics.name} and {ADAPTER_DIR}/ are there) but its "
                 f"{report.name} is missing; it is not resumed, so a completed run is never trained over: restore "
                 f"{report.name} from a copy, or start a new run in a new directory")
         return None
-    try:
-        status = json.loads(report.read_text(encoding="utf-8")).get("status")
-        if status != "completed":
-            return None
-        done = json.loads(metrics.read_text(encoding="utf-8"))
-        if not isinstance(done, dict) or not isinstance(done.get("best"), dict):
-            raise ValueError("no best checkpoint recorded")
-        return done
-    except (OSError, ValueError, AttributeError) as exc:
-        raise LrrError(
-            f"{run_dir}: cannot tell whether this run completed ({report.name} or {metrics.name}: {exc}); "
-            f"it is not resumed, so a completed run is never trained over: restore the file, or start a new run "
-            f"in a new directory"
-        ) from None
+    fix = ("restore it from a copy, or start a new run in a new directory (the run is not resumed: a completed run "
+           "is never trained over)")
+    if checkpoint_dirs(run_dir) and not metrics.exists():  # it cannot have completed: its results are not written
+        fix = f"delete it to resume from {resumable_from(run_dir)}, or restore it from a copy"
+    data = read_json_file(report, "run report", fix)
+    status = data.get("status") if isinstance(data, dict) else None
+    if status not in STATUSES:
+        raise RunFileError(f"{report}: not a run report with a status ({', '.join(STATUSES)}); the file is damaged: "
+                           f"{fix}")
+    if status != "completed":
+        return None
+    done = read_json_file(metrics, "metrics file", fix)
+    if not isinstance(done, dict) or not isinstance(done.get("best"), dict):
+        raise RunFileError(f"{metrics}: no best checkpoint recorded ('best'), yet {report.name} says the run "
+                           f"completed; the metrics file is damaged: {fix}")
+    return done
 
 
 def checkpoint_of(run, run_dir: Path):
