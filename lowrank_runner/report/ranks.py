@@ -10,9 +10,10 @@ from pathlib import Path
 from lowrank_runner.errors import UsageError
 from lowrank_runner.report.compare import expand
 from lowrank_runner.rundir.adapter import read_adapter_config
+from lowrank_runner.rundir.files import read_json_file
 from lowrank_runner.rundir.layout import ADAPTER_CONFIG, ADAPTER_DIR, RANK_PATTERN_FILE
 from lowrank_runner.rundir.plots import rank_grid, rank_heatmaps
-from lowrank_runner.rundir.reports import RunReport, not_completed, read_json
+from lowrank_runner.rundir.reports import RunReport, not_completed
 
 FIX = "restore it from a copy, or train the run again"
 
@@ -24,7 +25,7 @@ def _pattern(run: RunReport) -> dict[str, int]:
         raise UsageError(f"{run.label}: no {RANK_PATTERN_FILE}: {method} keeps its ranks fixed (a rank heatmap "
                          "draws the ranks a dynamic-rank method chose: triadaptlora, lora2 with target_rank, adalora, "
                          "...); leave this run out")
-    pattern = read_json(path, "rank pattern", FIX)
+    pattern = read_json_file(path, "rank pattern", FIX)
     if not isinstance(pattern, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in pattern.values()):
         raise UsageError(f"{path}: not a mapping of module paths to ranks; the rank pattern is damaged: {FIX}")
     return pattern

@@ -111,17 +111,18 @@ CASES = {
         "trained on another backbone? (--backbone)", 1),
     "adapter_config.json not JSON": (
         lambda run: adapter_config(run).write_text('{"format": "lowrank-runner-adapter",\n  method: 1}'), (),
-        "{run}/adapter/adapter_config.json:2:3: not valid JSON (Expecting property name enclosed in double quotes); {fix}", 1),
+        "{run}/adapter/adapter_config.json:2:3: not valid JSON (Expecting property name enclosed in double quotes); the "
+        "adapter config is damaged: {fix}", 1),
     "adapter_config.json a list": (
         lambda run: adapter_config(run).write_text("[]"), (),
         "{run}/adapter/adapter_config.json: (top level): [] is not of type 'object'; the file is damaged: {fix}", 1),
     "adapter_config.json nested too deeply": (
         lambda run: adapter_config(run).write_text("[" * 100_000 + "]" * 100_000), (),
-        "{run}/adapter/adapter_config.json: not valid JSON (nested too deeply); {fix}", 1),
+        "{run}/adapter/adapter_config.json: not valid JSON (nested too deeply); the adapter config is damaged: {fix}", 1),
     "adapter_config.json not text": (
         lambda run: adapter_config(run).write_bytes(b"\xff\xfe{}"), (),
-        "{run}/adapter/adapter_config.json: cannot read: 'utf-8' codec can't decode byte 0xff in position 0: invalid "
-        "start byte; {fix}", 1),
+        "{run}/adapter/adapter_config.json: not UTF-8 text (binary data at byte 0); the adapter config is damaged: "
+        "{fix}", 1),
     "adapter_config.json labels disagree": (
         lambda run: edit_json(adapter_config(run), lambda d: d["task"].__setitem__("num_labels", 3)), (),
         "{run}/adapter/adapter_config.json: task.num_labels is 3 but task.id2label names 2 labels; the file is "

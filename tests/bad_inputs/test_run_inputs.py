@@ -159,7 +159,8 @@ def test_a_completed_run_whose_report_is_damaged_is_not_trained_over(recipe, com
     (run / "report.json").write_text('{"status": "compl')
     before = snapshot(run)
     result = lrr("run", recipe, "--output", run, "--resume")
-    assert_clean_error(result, contains=(f"{run}: cannot tell whether this run completed (report.json or metrics.json",
+    assert_clean_error(result, contains=(f"{run / 'report.json'}:1:12: not valid JSON (Unterminated string starting at); the run report is "
+                                         "damaged: restore it from a copy, or start a new run in a new directory",
                                          "a completed run is never trained over"), code=1)
     assert snapshot(run) == before
 
