@@ -23,7 +23,7 @@ TARGETS = {
 }
 # Small but non-degenerate settings per method; anything not listed uses the schema defaults.
 SETTINGS = {"lora": {"r": 4}, "lora2": {"r": 4, "k": 2}, "triadaptlora": {"r": 3}, "condlora": {"r": 4},
-            "adalora": {"init_r": 4, "target_r": 2}}
+            "adalora": {"init_r": 4, "target_r": 2}, "increlora": {"r": 2, "target_rank": 4}}
 # Methods that train backbone parameters themselves (trainable_base_parameters) and need them:
 # a backbone without biases (LLaMA) has nothing for BitFit (refused; tests/test_baselines.py).
 REFUSED = {("bitfit", "llama")}

@@ -47,7 +47,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import lowrank_runner
-from lowrank_runner.methods import adalora, base, lora2, triadaptlora
+from lowrank_runner.methods import adalora, base, increlora, lora2, triadaptlora
 from lowrank_runner.methods.base import Adapter, AdapterMethod, leaf_items
 from lowrank_runner.methods.inject import (adapter_state_dict, head_parameter_names, inject, load_adapter_state,
                                            mark_trainable, merge_adapters, update_norms)
@@ -66,6 +66,10 @@ DYNAMIC = {
     "triadaptlora": {"r": 1, "r_ref": 3, "grow_by": 1, "t_init": 1, "grow_interval": 1, "growth": "linear"},
     "lora2": {"r": 4, "k": 2, "target_rank": 1, "t_init": 1, "t_final": 2, "mask_interval": 1},
     "adalora": {"init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 2, "deltaT": 1},
+    # SoRA: the proximal step (0.3 per step, the lr-scaled threshold 30 x lr 1e-2) zeroes gates within the steps
+    "sora": {"r": 4, "threshold": 30.0, "threshold_scale": "lr"},
+    # IncreLoRA: reserves after step 1, 5 of the 10 modules grow after steps 2..5 (r 1 → target_rank 3)
+    "increlora": {"r": 1, "target_rank": 3, "top_h": 5, "incre_rank_num": 1, "init_warmup": 0, "incre_interval": 1},
 }
 # nn.Linear, and GPT-2's fused Conv1D (per-group adapters, MTLoRA's coupled one); LLaMA
 # is the 4-bit base below. MTLoRA's structures differ in T alone: all four on GPT-2.
@@ -144,7 +148,7 @@ def tensors_off_the_weights_device(monkeypatch, weights: torch.device = WEIGHTS)
                                   "(an all-reduce over NCCL takes GPU tensors only)")
         return original(decision, what, step)
 
-    for module in (base, lora2, triadaptlora, adalora):
+    for module in (base, lora2, triadaptlora, adalora, increlora):
         monkeypatch.setattr(module, "check_same_across_processes", on_the_weights_device)
     audit = DeviceAudit()
     try:
@@ -278,9 +282,9 @@ def tiny_llama(tmp_path_factory):
     return save_tiny_backbone(tmp_path_factory.mktemp("tiny-llama"), "llama")
 
 
-# CondLoRA reads the dequantized W0 in its forward; the three dynamic-rank methods grow or
+# CondLoRA reads the dequantized W0 in its forward; the five dynamic-rank methods grow or
 # prune on it. (LoRA, MTLoRA, the plugin never see W0: nothing of theirs depends on the base.)
-@pytest.mark.parametrize("name", ["condlora", "triadaptlora", "lora2", "adalora"])
+@pytest.mark.parametrize("name", ["condlora", "triadaptlora", "lora2", "adalora", "sora", "increlora"])
 def test_no_step_on_a_4bit_base_makes_a_tensor_off_the_weights_device(monkeypatch, tmp_path, tiny_llama, name):
     pytest.importorskip("bitsandbytes")
     needs_peft(name)

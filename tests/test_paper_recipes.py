@@ -19,8 +19,10 @@ NEW_RECIPES = [
     "lora2_deberta_glue_orth_terms.yaml", "lora2_deberta_glue_targets.yaml", "lora2_deberta_glue_k8.yaml",
     "triadaptlora_deberta_glue_no_orth.yaml", "triadaptlora_deberta_glue_importance_norm.yaml",
     "triadaptlora_deberta_rte_t_init.yaml", "triadaptlora_deberta_rte_grow_interval.yaml",
-    "triadaptlora_deberta_rte_r_ref.yaml", "mtlora_roberta_glue_lora_targets.yaml", "mtlora_roberta_cola_rank.yaml",
+    "triadaptlora_deberta_rte_r_ref.yaml", "increlora_deberta_rte_t_init.yaml", "increlora_deberta_rte_grow_interval.yaml",
+    "increlora_deberta_rte_r_ref.yaml", "mtlora_roberta_glue_lora_targets.yaml", "mtlora_roberta_cola_rank.yaml",
     "mtlora_roberta_cola_rank_lora.yaml", "condlora_roberta_glue_lora.yaml", "adalora_deberta_glue.yaml",
+    "increlora_deberta_glue.yaml", "increlora_deberta_squad2.yaml", "sora_deberta_glue.yaml", "sora_deberta_glue_r1.yaml",
     "chat_qwen2_lora2.yaml", "chat_qwen2_triadaptlora.yaml", "chat_qwen2_mtlora.yaml",  # tests/test_chat.py plans them
 ]
 
@@ -211,6 +213,29 @@ def test_triadaptlora_figures_3_to_5_on_rte(backbones, recipe, swept, values):
     assert {r["method"]["r_ref"] for r in runs} == ({8} if "method.r_ref" not in swept else set(values))
 
 
+@pytest.mark.parametrize("recipe,swept,values", [
+    ("increlora_deberta_rte_t_init.yaml", ("method.init_warmup", "training.warmup_steps"), [50, 100, 200, 400, 800]),
+    ("increlora_deberta_rte_grow_interval.yaml", ("method.incre_interval",), [25, 50, 100, 200]),
+    ("increlora_deberta_rte_r_ref.yaml", ("method.target_rank",), [2, 4, 8, 12, 16]),
+])
+def test_increlora_beside_triadaptlora_in_figures_3_to_5(backbones, recipe, swept, values):
+    """The IncreLoRA lines of TriAdaptLoRA's Figures 3-5: Table V's RTE column (as the main
+    recipe's rte run), the swept values those of the TriAdaptLoRA siblings (400 aside: IncreLoRA
+    cannot reach its budget at that interval, and lrr refuses it)."""
+    runs = inspect(recipe, backbones["deberta"], seed0=False)
+    assert [r["task"] for r in runs] == ["rte"] * len(values) * 3
+    for key in swept:
+        section, name = key.split(".")
+        assert [r[section][name] for r in runs[::3]] == values
+    main = inspect("increlora_deberta_glue.yaml", backbones["deberta"])
+    assert_same_as(runs, [r for r in main if r["task"] == "rte"], *swept)
+    assert all(r["warnings"] == [] for r in runs)
+    if "method.incre_interval" in swept:
+        refused = invoke("inspect", str(RECIPES / recipe), "--set", backbones["deberta"], "--sweep",
+                         "method.incre_interval=400")
+        assert refused.exit_code != 0 and "needs 14 growth steps" in refused.output
+
+
 # ------------------------------------------------------------------ MTLoRA (seed 000)
 
 def test_mtlora_table3_lora_on_mtloras_matrices(backbones):
@@ -291,3 +316,61 @@ def test_adalora_recipe_matches_table_v(backbones):
     assert all(r["warnings"] == [] for r in runs)  # tinit + tfinal fit every task's planned steps
     # init_r (in + out + 1) per module: 12 x (48 x 1537 + 24 x 3841)
     assert runs[0]["adapter_params"] == 12 * (48 * 1537 + 24 * 3841) == 1_991_520
+
+
+# ------------------------------------------------------------------ IncreLoRA (TriAdaptLoRA Tables V, VI)
+
+def test_increlora_recipe_matches_table_v(backbones):
+    runs = inspect("increlora_deberta_glue.yaml", backbones["deberta"])
+    assert [r["task"] for r in runs] == GLUE_ORDER
+    m = [r["method"] for r in runs]
+    t = [r["training"] for r in runs]
+    assert {(x["r"], x["target_rank"], x["beta1"], x["beta2"]) for x in m} == {(1, 8, 0.85, 0.85)}
+    assert [x["incre_rank_num"] for x in m] == [1, 4, 4, 4, 4, 4, 4, 4]  # Incre Rank Num
+    assert [x["incre_interval"] for x in m] == [1000, 1000, 100, 1000, 500, 100, 100, 100]  # Incre Interval
+    assert [x["init_warmup"] for x in m] == [1000, 1000, 100, 1000, 500, 100, 100, 100]  # Warm-up Steps
+    assert [r["warmup_steps"] for r in runs] == [1000, 1000, 100, 1000, 500, 100, 100, 100]  # ... the lr's too
+    assert [x["top_h"] for x in m] == [18, 6, 3, 3, 22, 9, 10, 4]  # the authors' scripts
+    assert [x["orth_reg"] for x in m] == [0.1, 0.1, 0.1, 0.1, 0.1, 0.3, 0.1, 0.3]  # Reg Orth Coef
+    assert [x["alpha"] for x in m] == [16, 16, 32, 16, 32, 32, 32, 32]
+    assert [x["dropout"] for x in m] == [0, 0.3, 0, 0, 0, 0, 0.3, 0]
+    assert [x["epochs"] for x in t] == [7, 24, 25, 7, 5, 50, 30, 25]
+    assert [x["learning_rate"] for x in t] == [5e-4, 8e-4, 1e-3, 6e-4, 9e-4, 1.2e-3, 1e-3, 2.2e-3]
+    assert [x["weight_decay"] for x in t] == [0, 0.01, 0, 0.01, 0.01, 0.01, 0.01, 0.1]
+    assert [r["task_config"]["max_length"] for r in runs] == [256, 128, 64, 320, 512, 320, 320, 128]
+    assert {r["training"]["batch_size"] for r in runs} == {32}
+    assert all(r["warnings"] == [] for r in runs)  # every task reaches 8 x 72 ranks, not in its last interval
+    # rank 1 in every module at the start: 48 x (768 + 768 + 1) + 24 x (768 + 3072 + 1)
+    assert {r["adapter_params"] for r in runs} == {48 * 1537 + 24 * 3841} == {165_960}
+
+
+def test_increlora_squad2_recipe_matches_table_vi_and_reaches_its_budget(backbones):
+    [run] = inspect("increlora_deberta_squad2.yaml", backbones["deberta"])
+    m, t = run["method"], run["training"]
+    assert (t["batch_size"], t["epochs"], t["learning_rate"], t["warmup_steps"]) == (16, 14, 1e-3, 1000)
+    assert (m["r"], m["target_rank"], m["incre_rank_num"], m["init_warmup"], m["incre_interval"]) == (1, 8, 1, 1000, 1000)
+    assert (m["alpha"], m["dropout"], m["orth_reg"], m["beta1"], m["beta2"]) == (16, 0.1, 0.1, 0.85, 0.85)
+    assert (run["task_config"]["max_length"], run["task_config"]["doc_stride"]) == (384, 128)
+    assert run["warnings"] == [] and m["top_h"] == 5
+    # the authors' top_h 1 cannot reach 8 x 72 ranks: inspect refuses, naming the fix
+    result = invoke("inspect", str(RECIPES / "increlora_deberta_squad2.yaml"), "--set", backbones["deberta"],
+                    "--set", "method.top_h=1")
+    assert result.exit_code != 0
+    assert "method.top_h" in result.output and "raise top_h to 5" in result.output
+
+
+# ------------------------------------------------------------------ SoRA (LoRA2 Table 1)
+
+def test_sora_recipes_are_the_authors_settings_at_both_ranks(backbones):
+    for name, r, count in (("sora_deberta_glue.yaml", 8, 1_327_104), ("sora_deberta_glue_r1.yaml", 1, 165_888)):
+        runs = inspect(name, backbones["deberta"])
+        assert [x["task"] for x in runs] == GLUE_ORDER
+        assert {(x["method"]["r"], x["method"]["alpha"], x["method"]["l1_weight"], x["method"]["threshold"])
+                for x in runs} == {(r, 16, 10, 3e-4)}
+        assert {(x["training"]["learning_rate"], x["training"]["epochs"], x["training"]["batch_size"],
+                 x["training"]["weight_decay"], x["training"]["max_grad_norm"], x["training"]["warmup_ratio"],
+                 x["task_config"]["max_length"]) for x in runs} == {(8e-4, 20, 8, 0.1, 0.1, 0.06, 128)}
+        assert {x["adapter_params"] for x in runs} == {count}  # every gate open before training (LoRA's count)
+        assert runs[GLUE_ORDER.index("rte")]["steps"] == 20 * 312  # ceil(2,490 / 8) per epoch
+    seeds = inspect("sora_deberta_glue.yaml", backbones["deberta"], seed0=False)
+    assert [x["seed"] for x in seeds if x["task"] == "rte"] == [0, 21, 42, 81, 100]

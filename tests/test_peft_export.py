@@ -35,6 +35,8 @@ METHODS = {
     "triadaptlora": {"name": "triadaptlora", "r": 1, "r_ref": 3, "grow_by": 1, "alpha": 4},
     "condlora": {"name": "condlora", "r": 2, "alpha": 8},
     "adalora": {"name": "adalora", "init_r": 3, "target_r": 2, "alpha": 4},
+    "sora": {"name": "sora", "r": 3, "alpha": 4},
+    "increlora": {"name": "increlora", "r": 1, "target_rank": 3, "incre_rank_num": 1, "alpha": 4},
 }
 
 
@@ -44,7 +46,7 @@ def lrr(*args):
 
 
 def dynamic_ranks(adapted) -> None:
-    """Pruned (LoRA2, AdaLoRA) and grown (TriAdaptLoRA) ranks that differ per module, one
+    """Pruned (LoRA2, AdaLoRA, SoRA) and grown (TriAdaptLoRA, IncreLoRA) ranks that differ per module, one
     module with no rank left at all: what a finished dynamic-rank run saves."""
     for i, (_, leaf) in enumerate(leaf_items(adapted.injection.adapters)):
         if hasattr(leaf, "rank_mask"):  # LoRA2, AdaLoRA: keep i % 4 of the 3 ranks (0 for the first)
@@ -52,6 +54,12 @@ def dynamic_ranks(adapted) -> None:
             leaf.rank_mask[: i % 4].fill_(1.0)
             if hasattr(leaf, "lora_E"):  # AdaLoRA masks by zeroing the pruned singular values
                 leaf.lora_E["default"].mul_(leaf.rank_mask[:, None])
+        elif hasattr(leaf, "gate"):  # SoRA: gates zeroed by the proximal step, all but the first i % 4
+            leaf.gate[i % 4:] = 0.0
+        elif hasattr(leaf, "add_reserves"):  # IncreLoRA: a reserve (e = 1e-5, in the pair), 0 to 2 ranks grown
+            leaf.add_reserves(1, 1, True)
+            for _ in range(i % 3):
+                leaf.grow(1, 2, True)
         elif hasattr(leaf, "grow"):  # TriAdaptLoRA: grow 0, 1 or 2 ranks beyond r = 1, new entries at std 0.3
             leaf.init_std = 0.3
             leaf.grow(i % 3, None)
@@ -131,7 +139,7 @@ def test_every_method_factors_exactly_with_ranks_per_module(exports):
         assert info["max_abs_logit_diff"] <= 1e-4 and info["reloaded_max_abs_logit_diff"] <= 1e-4, key
         assert info["check_dtype"] == "float32" and info["tolerance"] == 1e-4, key
         ranks = info["rank_pattern"]
-        if key.endswith(("lora2", "adalora", "triadaptlora")):
+        if key.endswith(("lora2", "adalora", "triadaptlora", "sora", "increlora")):
             assert len(set(ranks.values())) > 1, f"{key}: the drawn ranks should differ per module"
             assert cfg["rank_pattern"] and cfg["alpha_pattern"] == cfg["rank_pattern"], key  # scale folded: alpha = r
             assert cfg["lora_alpha"] == cfg["r"], key
@@ -142,8 +150,9 @@ def test_every_method_factors_exactly_with_ranks_per_module(exports):
             assert (cfg["r"], cfg["lora_alpha"]) == (2, 4) and not cfg["rank_pattern"], key  # LoRA keeps its own r, α
 
 
-def test_pruned_modules_are_left_out(exports):
-    e = exports["bert-lora2"]
+@pytest.mark.parametrize("key", ["bert-lora2", "bert-sora"])
+def test_pruned_modules_are_left_out(exports, key):
+    e = exports[key]
     modules = json.loads((e["run"] / "adapter" / "adapter_config.json").read_text())["modules"]
     ranks = json.loads((e["peft"] / "lrr_export.json").read_text())["rank_pattern"]
     assert len(ranks) < len(modules) and all(r > 0 for r in ranks.values())
@@ -213,7 +222,8 @@ def test_each_methods_pair_is_its_update(exports):
     from lowrank_runner.methods.base import weight_out_in
     from lowrank_runner.methods.inject import AdaptedLayer
 
-    for key in ("gpt2-mtlora", "gpt2-lora2", "llama-triadaptlora", "deberta-v2-condlora", "roberta-adalora"):
+    for key in ("gpt2-mtlora", "gpt2-lora2", "llama-triadaptlora", "deberta-v2-condlora", "roberta-adalora",
+                "gpt2-increlora"):
         model, *_ = load_trained_model(exports[key]["run"], dtype="float32")
         for path, module in model.named_modules():
             if isinstance(module, AdaptedLayer):

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.peft_check import check_plain_peft_serves_the_run
+
 REPO = Path(__file__).resolve().parent.parent
 
 # The per-method settings documented in docs/methods.md ("On the quickstart").
@@ -23,6 +25,10 @@ METHODS = {
     "triadaptlora": ["method.init=fan_in", "method.r=1", "method.r_ref=8", "method.grow_by=1", "method.t_init=10",
                      "method.grow_interval=10"],  # adaptive growth from rank 1 to 8 x 36 modules
     "condlora": [],
+    "increlora": ["method.r=1", "method.target_rank=8", "method.incre_rank_num=4", "method.top_h=8",
+                  "method.init_warmup=5", "method.incre_interval=10",  # rank 1 to 8 x 36 modules by step 81
+                  "training.learning_rate=1e-2"],  # E starts at 0 (as AdaLoRA's): the larger step size
+    "sora": [],  # the authors' GLUE settings (threshold 3e-4, L1 weight 10) zero about an eighth of the gates here
 }
 
 
@@ -40,5 +46,8 @@ def test_method_trains_on_the_quickstart(method, tmp_path):
     assert metrics["best"]["value"] >= 0.70, metrics["best"]  # balanced binary: chance is 0.5
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["method"]["name"] == method and report["adapter_params"] > 0
-    if method == "triadaptlora":
+    if method in ("triadaptlora", "increlora"):
         assert sum(json.loads((tmp_path / "run" / "rank_pattern.json").read_text()).values()) == 8 * 36
+    if method == "sora":  # learns with ranks dropped, and the pruned adapter is served by plain PEFT
+        assert sum(json.loads((tmp_path / "run" / "rank_pattern.json").read_text()).values()) < 8 * 36
+        check_plain_peft_serves_the_run(tmp_path / "run", tmp_path)

@@ -13,6 +13,9 @@ from lowrank_runner.cli import app
 METHODS = {
     "triadaptlora": "method={name: triadaptlora, r: 1, r_ref: 3, grow_by: 1, t_init: 2, grow_interval: 2, alpha: 8}",
     "lora2": "method={name: lora2, r: 4, k: 2, alpha: 8, target_rank: 1, t_init: 2, t_final: 4, mask_interval: 2}",
+    # stopped after step 5, between the growth steps 3, 5 and 7 (reserves trained ahead, restarted warm-ups)
+    "increlora": "method={name: increlora, r: 1, target_rank: 3, top_h: 3, incre_rank_num: 1, init_warmup: 1, "
+                 "incre_interval: 2, alpha: 8}",
 }
 COMMON = ["training.epochs=3", "training.log_every=1", "training.eval_every=3", "training.checkpoint_every=2",
           "task.max_length=16"]

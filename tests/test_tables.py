@@ -14,6 +14,7 @@ from lowrank_runner.cli import app
 from lowrank_runner.recipe.compose import load_document
 from lowrank_runner.recipe.load import check_recipe_file
 from lowrank_runner.tables import build_table, csv_text, latex, markdown, sweep_figure, table_spec
+from lowrank_runner.tables.figure import figure_lines, sweep_axis
 from lowrank_runner.tables.build import Source
 from lowrank_runner.tables.formats import format_params
 from lowrank_runner.recipe.output_checks import table_problems
@@ -72,6 +73,47 @@ def test_lora2_table_1_average_takes_the_mean_of_each_tasks_metrics(tmp_path):
     assert lines[5] == ("Metrics ×100 (NIST, MSE, perplexity as they are), mean over seeds cola: [0]; sst2: [0]; "
                         "mrpc: [0]; qqp: [0]; stsb: [0]; mnli: [0]; qnli: [0]; rte: [0].")
     assert lines[6] == "Avg.: the mean over the columns of each column's mean over its metrics."
+
+
+# TriAdaptLoRA Table I (DeBERTaV3-base), the rows lrr runs (recipes named beside them), one
+# "seed" each: the paper's means. MNLI is matched accuracy, CoLA Matthews, STS-B Pearson.
+TABLE_I_ORDER = ["mnli", "sst2", "cola", "qqp", "qnli", "rte", "mrpc", "stsb"]
+TABLE_I = {  # row: (recipe, numbers, Avg. as printed)
+    "LoRA": ("lora_deberta_glue.yaml", [89.61, 93.54, 65.64, 92.19, 92.55, 82.07, 88.64, 91.54], 86.97),
+    "AdaLoRA": ("adalora_deberta_glue.yaml", [90.66, 95.75, 70.21, 92.23, 94.51, 86.88, 90.03, 91.69], 88.99),
+    "IncreLoRA": ("increlora_deberta_glue.yaml", [90.62, 95.72, 70.2, 91.91, 94.36, 86.88, 90.11, 91.38], 88.9),
+    "TriAdaptLoRA (Fixed-k)": ("triadaptlora_deberta_glue_fixed_k.yaml",
+                               [90.5, 95.45, 71.87, 91.87, 94.43, 87.36, 89.46, 91.65], 89.07),
+    "TriAdaptLoRA (Linear)": ("triadaptlora_deberta_glue.yaml",
+                              [90.63, 95.3, 71.6, 92.09, 94.37, 87.84, 90.77, 91.68], 89.28),
+    "TriAdaptLoRA (Non-Linear)": ("triadaptlora_deberta_glue_nonlinear.yaml",
+                                  [90.64, 95.68, 71.6, 91.88, 94.25, 86.76, 90.2, 91.79], 89.1),
+}
+TABLE_I_METRIC = {"cola": "matthews_correlation", "stsb": "pearson"}
+
+
+def test_triadaptlora_table_i_from_the_runnable_recipes_layouts(tmp_path):
+    """Every runnable row of TriAdaptLoRA's Table I has a recipe whose output.table asks for
+    Table I's columns; with the paper's numbers as runs, lrr's table gives the printed Avg."""
+    from tests.test_inspect import REPO
+
+    specs = set()
+    sources = []
+    for row, (recipe, numbers, _) in TABLE_I.items():
+        output = load_document(REPO / "recipes" / recipe).data["output"]
+        assert output["table"]["columns"] == TABLE_I_ORDER, recipe
+        specs.add(json.dumps(output["table"], sort_keys=True))
+        entries = [entry(tmp_path / row, task, 0, {TABLE_I_METRIC.get(task, "accuracy"): v / 100},
+                         TABLE_I_METRIC.get(task, "accuracy")) for task, v in zip(TABLE_I_ORDER, numbers)]
+        sources.append(Source(row, TABLE_I_ORDER, entries))
+    assert len(specs) == 1  # one layout: the runs of all six recipes go in one lrr report --table
+    t = build_table(sources, table_spec({"table": json.loads(specs.pop()), "aggregate": "mean"}))
+    assert [r.method for r in t.rows] == list(TABLE_I)
+    for r, (_, numbers, avg) in zip(t.rows, TABLE_I.values()):
+        assert r.average == pytest.approx(sum(numbers) / 8) and abs(r.average - avg) <= 0.005 + 1e-9
+    header = markdown(t).splitlines()[0]
+    assert header.startswith("| Method | # Params | MNLI (Acc) | SST-2 (Acc) | CoLA (Mcc) | QQP (Acc) |")
+    assert "**71.87**" in markdown(t)  # Fixed-k's CoLA, the column's best, as Table I bolds it
 
 
 def small_table(tmp_path):
@@ -166,6 +208,37 @@ def test_a_sweep_gives_one_row_per_point_and_its_figure(tmp_path):
     assert sweep_figure(build_table(numeric, table_spec({})), tmp_path / "r.png", "r").is_file()
     plain = [Source("s", ["rte"], [entry(tmp_path, "rte", 0, {"accuracy": 0.7}, "accuracy")])]
     assert sweep_figure(build_table(plain, table_spec({})), tmp_path / "none.png", "x") is None
+
+
+def test_two_methods_sweeping_differently_named_keys_share_one_figure(tmp_path):
+    """TriAdaptLoRA Figure 3: TriAdaptLoRA's t_init and IncreLoRA's init_warmup, each zipped
+    with the learning-rate warm-up, one line per method (the zipped key is not a line of
+    its own), placed by each recipe's own first key; a grid's second key still splits lines."""
+    def source(name, key, shift, values=(50, 100, 200)):
+        entries, points = [], {}
+        for i, v in enumerate(values):
+            label = f"{key.split('.')[-1]}={v}"
+            points[label] = {key: v, "training.warmup_steps": v}
+            entries += [entry(tmp_path / name, "rte", s, {"accuracy": 0.8 + i / 100 + shift + s / 200}, "accuracy",
+                              label=label, point=points[label]) for s in range(3)]
+        return Source(name, ["rte"], entries, points)
+
+    t = build_table([source("triadaptlora-rte-t-init", "method.t_init", 0.0),
+                     source("increlora-rte-t-init", "method.init_warmup", -0.02, (50, 100, 200, 400))],
+                    table_spec({}))
+    lines = figure_lines(t)
+    assert sorted(lines) == ["increlora-rte-t-init · RTE (Acc)", "triadaptlora-rte-t-init · RTE (Acc)"]
+    assert [x for x, _, _ in lines["triadaptlora-rte-t-init · RTE (Acc)"]] == [50, 100, 200]
+    assert [x for x, _, _ in lines["increlora-rte-t-init · RTE (Acc)"]] == [50, 100, 200, 400]
+    assert lines["increlora-rte-t-init · RTE (Acc)"][0][1] == pytest.approx(78.5)  # mean of 3 seeds, x100
+    assert sweep_axis(t) == "t_init / init_warmup"
+    image = Image.open(sweep_figure(t, tmp_path / "fig3.png", "RTE"))
+    assert image.format == "PNG" and len(image.convert("RGB").getcolors(1 << 16)) > 50
+    grid = [Source("g", ["rte"], [entry(tmp_path, "rte", 0, {"accuracy": 0.7 + r / 100 + lr}, "accuracy",
+                                        label=f"r={r},lr={lr}", point={"method.r": r, "training.learning_rate": lr})
+                                  for r in (2, 4) for lr in (0.001, 0.01)])]
+    assert sorted(figure_lines(build_table(grid, table_spec({})))) == [
+        "RTE (Acc) · learning_rate=0.001", "RTE (Acc) · learning_rate=0.01"]
 
 
 def test_output_table_in_a_recipe_defaults_and_errors(tmp_path, tiny_bert, sentiment_data):

@@ -29,6 +29,8 @@ CASES = {  # method, steps where it cannot act (error at key), steps where it ac
               (20, "t_init"), (25, "mask_interval")),
     "adalora": ("{name: adalora, init_r: 4, target_r: 2, tinit: 10, tfinal: 10, deltaT: 10}",
                 (20, "tinit"), (25, "deltaT")),
+    "increlora": ("{name: increlora, r: 1, target_rank: 2, top_h: 2, incre_rank_num: 1, init_warmup: 10, "
+                  "incre_interval: 10}", (15, "init_warmup"), (25, "incre_interval")),
 }
 
 

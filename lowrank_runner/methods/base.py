@@ -67,6 +67,9 @@ class Adapter(nn.Module):
     and gets ``None`` there instead, saving that work. True by default (always correct)."""
 
     reads_w0: bool = True
+    # Names of this adapter's own parameters trained without weight decay (SoRA's gate);
+    # every other adapter parameter is decayed (train/optim.py).
+    no_weight_decay: tuple[str, ...] = ()
 
     def forward(self, x: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:  # ΔW x, shape (..., out_features)
         raise NotImplementedError
@@ -89,6 +92,16 @@ class Adapter(nn.Module):
     def load_compact_state(self, state: dict[str, torch.Tensor]) -> None:
         """Load what :meth:`compact_state` returned (ranks read from the shapes)."""
         raise NotImplementedError
+
+    def entry_starts(self) -> dict[str, torch.Tensor] | None:
+        """For parameters whose entries start training at different optimizer steps (IncreLoRA's
+        ranks added during training): per parameter name, an int64 tensor broadcastable to
+        it holding, per entry, the step after which it trains (``0``: from the start, as any
+        parameter; ``s``: from step ``s + 1`` on, with a fresh Adam state and the run's
+        learning-rate schedule restarted there over the remaining steps, warm-up included;
+        ``-1``: frozen, never updated). The training optimizer reads it every step
+        (train/optim.py); None (the default): every entry trains from the start."""
+        return None
 
 
 class GroupedAdapter(Adapter):
@@ -131,6 +144,12 @@ class AdapterMethod:
 
     def __init__(self, **params):
         self.params = params
+
+    def before_adapters(self, layers: list[LayerInfo]) -> None:
+        """Called once by ``inject`` before any adapter is created, with every module the
+        method will adapt (each selected q/k/v group of a fused projection on its own), for
+        methods whose adapters depend on the whole set (IncreLoRA sizes each module's rank
+        capacity by the number of modules). Default: nothing."""
 
     def create_adapter(self, layer: LayerInfo, w0: torch.Tensor) -> Adapter:
         raise NotImplementedError
@@ -192,10 +211,12 @@ class AdapterMethod:
     def after_optimizer_step(self, step: int, adapters: dict[str, Adapter], optimizer=None) -> dict | None:
         """Called once after every optimizer step, before gradients are cleared; may
         return values to log. ``optimizer`` is the training optimizer (for methods that
-        must reset the state of parameters they re-initialise). On a step the optimizer
-        skipped (fp16 loss scaling found inf/NaN gradients) it is still called, with the
-        gradients already cleared (``None``): an allocator reading gradients must take
-        a missing or non-finite gradient as no evidence and leave its statistics."""
+        must reset the state of parameters they re-initialise); its ``param_groups`` hold
+        the learning rates this step used (the scheduler advances after the hook). On a
+        step the optimizer skipped (fp16 loss scaling found inf/NaN gradients) it is
+        still called, with the gradients already cleared (``None``): an allocator reading
+        gradients must take a missing or non-finite gradient as no evidence and leave its
+        statistics."""
         return None
 
     def active_parameter_count(self, adapters: dict[str, Adapter]) -> int | None:

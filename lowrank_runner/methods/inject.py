@@ -119,13 +119,16 @@ def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
 
 def inject(model: nn.Module, method: AdapterMethod, targets: list[TargetModule]) -> Injection:
     """Wrap every target module of ``model`` (in place) with the method's adapter."""
-    adapters, layers = {}, {}
+    adapters, layers, found = {}, {}, []
     for target in targets:
         parent, attr = _parent(model, target.path)
         module = getattr(parent, attr)
-        if isinstance(module, AdaptedLayer):
+        if isinstance(module, AdaptedLayer) or any(t.path == target.path for t, *_ in found):
             raise ValueError(f"{target.path} is already adapted")
-        info = layer_info(target.path, target, module)
+        found.append((target, parent, attr, module, layer_info(target.path, target, module)))
+    method.before_adapters([leaf for *_, info in found
+                            for leaf in ([info.for_group(g) for g in info.groups] if info.groups else [info])])
+    for target, parent, attr, module, info in found:
         w0 = weight_out_in(module, info.fan_in_fan_out).detach()
         if info.groups is not None:
             adapter = method.create_fused_adapter(info, w0)

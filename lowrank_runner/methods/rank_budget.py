@@ -167,3 +167,81 @@ def growth_plan(scores: list[float], ranks: list[int], capacity: int, k: int, gr
         if not exhaust or not progressed:
             break
     return increments
+
+
+# IncreLoRA (Zhang et al., 2023; the reference's loralib/increlora.py RankAllocator): every
+# module starts at rank r; after the optimizer step whose 0-based index g (the reference's
+# global_step) has g > init_warmup and g % incre_interval == 0, the top_h most important
+# modules gain incre_rank_num ranks each, until the total is target_rank x modules.
+
+def increlora_incre_rank_num(p: dict) -> int:
+    """``incre_rank_num``, or without one the reference's table ``{2: 1, 4: 2, 6: 3, 8: 4}``
+    for ``target_rank`` (``rank_dic`` in ``RankAllocator.__init__``), i.e. half of it, at least 1."""
+    return p.get("incre_rank_num") or max(1, p["target_rank"] // 2)
+
+
+def increlora_growth_steps(total_steps: int, init_warmup: int, interval: int) -> tuple[int, int]:
+    """(the first optimizer step after which a module may grow, how many such steps the run
+    has): steps ``g + 1`` (1-based) with ``g > init_warmup``, ``g % interval == 0``, ``g < T``."""
+    first_m = init_warmup // interval + 1
+    last_m = (total_steps - 1) // interval
+    return first_m * interval + 1, max(0, last_m - first_m + 1)
+
+
+def increlora_events_needed(modules: int, r: int, target_rank: int, top_h: int, incre: int) -> int:
+    """Growth steps needed to go from ``r x modules`` to ``target_rank x modules`` ranks when
+    each adds ``incre`` ranks to ``min(top_h, modules)`` modules (the last one what is left)."""
+    remaining = modules * (target_rank - r)
+    return -(-remaining // (min(top_h, modules) * incre)) if remaining > 0 else 0
+
+
+def increlora_schedule(p: dict, total_steps: int, modules: int | None = None) -> list[Problem]:
+    """IncreLoRA's growth against the planned steps. Without the module count (``lrr
+    validate``): an error when no growth step fits, or too few for even one module; a
+    warning when only one fits. With it (``inspect``/``run``, the method knows its modules):
+    an error when ``target_rank x modules`` cannot be reached, a warning when it is reached
+    only within the last ``incre_interval`` steps."""
+    r, target, top_h = p["r"], p["target_rank"], p["top_h"]
+    if target <= r:
+        return []
+    warmup, interval, incre = p["init_warmup"], p["incre_interval"], increlora_incre_rank_num(p)
+    first, count = increlora_growth_steps(total_steps, warmup, interval)
+    if count == 0:
+        return [schedule_problem("init_warmup", (
+            f"increlora growth: the first growth step (after step {first}: the first multiple of incre_interval "
+            f"{interval} above init_warmup {warmup}, plus one) does not come before the end of training "
+            f"({total_steps} optimizer steps); lower init_warmup or incre_interval, or train longer"))]
+    at = f"after steps {first}, {first + interval}, ..." if count > 1 else f"after step {first}"
+    if modules is None:
+        one = increlora_events_needed(1, r, target, top_h, incre)
+        if count < one:
+            return [schedule_problem("incre_interval", (
+                f"increlora growth has {count} growth step(s) in {total_steps} optimizer steps ({at}); growing even "
+                f"one module from r {r} to target_rank {target} by incre_rank_num {incre} needs {one}; lower "
+                "incre_interval or init_warmup, raise incre_rank_num, or train longer"))]
+        if count == 1:
+            return [schedule_problem("incre_interval", (
+                f"grows only once, after step {first} of {total_steps}: at most top_h x incre_rank_num = "
+                f"{top_h * incre} ranks are added, so target_rank x modules is reached only if (target_rank - r) "
+                f"x modules <= {top_h * incre}; lower incre_interval ({interval}) or init_warmup ({warmup}), or "
+                "train longer"), "warning")]
+        return []
+    needed = increlora_events_needed(modules, r, target, top_h, incre)
+    if count < needed:
+        budget, remaining = target * modules, (target - r) * modules
+        top = -(-remaining // (count * incre))
+        fix = f"raise top_h to {top} (or incre_rank_num)" if top <= modules else "raise incre_rank_num"
+        return [schedule_problem("top_h", (
+            f"increlora cannot reach target_rank x modules = {target} x {modules} = {budget} ranks in "
+            f"{total_steps} optimizer steps: from r x modules = {r * modules} it needs {needed} growth steps of "
+            f"top_h {min(top_h, modules)} modules x incre_rank_num {incre} ranks, the schedule has {count} ({at}, "
+            f"every incre_interval {interval} after init_warmup {warmup}); {fix}, lower incre_interval or "
+            "init_warmup, or train longer"))]
+    final = first + (needed - 1) * interval
+    if final > total_steps - interval:
+        return [schedule_problem("incre_interval", (
+            f"reaches target_rank x modules = {target * modules} ranks only after step {final} of {total_steps}: "
+            f"fewer than incre_interval ({interval}) steps train at the final ranks, and only those can give the "
+            "selected checkpoint; raise top_h or incre_rank_num, lower incre_interval or init_warmup, or train "
+            "longer"), "warning")]
+    return []

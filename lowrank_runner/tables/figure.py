@@ -28,19 +28,52 @@ def _text(value) -> str:
     return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
+def row_axis(row) -> str | None:
+    """A row's x key: the first key of its sweep point (its recipe's first swept key)."""
+    return next(iter(row.point), None)
+
+
 def sweep_axis(table: Table) -> str | None:
-    """The swept key on the x axis: the first key of the first row with a point."""
-    return next((next(iter(r.point)) for r in table.rows if r.point), None)
+    """The x axis label: the swept key, or the keys when the recipes compared sweep keys of
+    different names that play the same part (TriAdaptLoRA's ``t_init`` beside IncreLoRA's
+    ``init_warmup``, Figure 3): each recipe's rows are placed by their own first key."""
+    keys = list(dict.fromkeys(k for k in (row_axis(r) for r in table.rows) if k))
+    if len(keys) <= 1:
+        return keys[0] if keys else None
+    return " / ".join(dict.fromkeys(_short(k) for k in keys))
 
 
-def _lines(table: Table, axis: str) -> dict[str, list[tuple[object, float, float | None]]]:
-    """label -> [(x, centre, spread)] for each method x column x other keys' values."""
+def _partners(table: Table) -> dict[str, set[str]]:
+    """Per method, the keys zipped with its x key (``sweep: {zip: ...}``): one value per x
+    value and as many values as x has, so they move together and are not lines of their own."""
+    out: dict[str, set[str]] = {}
+    for method in {r.method for r in table.rows}:
+        rows = [r for r in table.rows if r.method == method and row_axis(r)]
+        axis = {row_axis(r) for r in rows}
+        if len(axis) != 1:
+            continue
+        x = axis.pop()
+        keys = {k for r in rows for k in r.point if k != x}
+        out[method] = set()
+        for key in keys:
+            pairs = {(_text(r.point[x]), _text(r.point.get(key))) for r in rows}
+            if len({a for a, _ in pairs}) == len(pairs) == len({b for _, b in pairs}):
+                out[method].add(key)
+    return out
+
+
+def figure_lines(table: Table) -> dict[str, list[tuple[object, float, float | None]]]:
+    """label -> [(x, centre, spread)] for each method x column x other keys' values; x is
+    each row's own first swept key (:func:`row_axis`), keys zipped with it are not lines."""
     methods = {r.method for r in table.rows}
+    partners = _partners(table)
     lines: dict[str, list] = {}
     for row in table.rows:
-        if axis not in row.point:
+        axis = row_axis(row)
+        if axis is None:
             continue
-        others = ",".join(f"{_short(k)}={_text(v)}" for k, v in row.point.items() if k != axis)
+        skip = partners.get(row.method, set()) | {axis}
+        others = ",".join(f"{_short(k)}={_text(v)}" for k, v in row.point.items() if k not in skip)
         for head, cell in zip(table.headers, row.cells):
             value = cell[0]
             if value.centre is None:
@@ -58,7 +91,7 @@ def sweep_figure(table: Table, path: Path, title: str) -> Path | None:
     """Draw the sweep's figure to ``path`` (PNG); None when the table has no sweep point
     with a value."""
     axis = sweep_axis(table)
-    lines = _lines(table, axis) if axis else {}
+    lines = figure_lines(table) if axis else {}
     if not lines:
         return None
     import matplotlib

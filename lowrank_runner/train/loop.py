@@ -47,7 +47,7 @@ from lowrank_runner.train.data import build_dataloaders, prepared_data
 from lowrank_runner.train.devices import has_accelerator_device, resolve_mixed_precision
 from lowrank_runner.train.fsdp import Sharding
 from lowrank_runner.train.memory import enable_gradient_checkpointing, keep_trainable_in
-from lowrank_runner.train.optim import build_optimizer
+from lowrank_runner.train.optim import build_optimizer, build_scheduler
 from lowrank_runner.train.progress import TrainingProgress
 from lowrank_runner.train.run_report import build_run_report
 from lowrank_runner.train.tracking import Tracking
@@ -249,16 +249,14 @@ class TrainingRun:
 
     def _setup_optimization(self) -> None:
         """Dataloaders, optimizer and scheduler, prepared by Accelerate with the model."""
-        from transformers import get_scheduler
-
         train_dl, eval_dls, self.data_generator = build_dataloaders(
             self.tokenized, self.tokenizer, self.task, self.training, self.run.seed, self.mixed,
             {**self.selection, **self.tests}, self.plan.batch)
         optimizer = build_optimizer(self.adapted.model, self.training)
         # FSDP: the modules of trained tensors stay unsharded (train/fsdp.py)
         self.sharding.keep_whole(self.adapted.model, self.adapted.trainable_names, self.accelerator.device)
-        self.scheduler = get_scheduler(self.training["lr_scheduler"], optimizer, self.plan.warmup_steps,
-                                       self.plan.total_steps)
+        self.scheduler = build_scheduler(optimizer, self.training["lr_scheduler"], self.plan.warmup_steps,
+                                         self.plan.total_steps)
         self.model, self.optimizer, self.train_dl, *prepared = self.accelerator.prepare(
             self.adapted.model, optimizer, train_dl, *eval_dls.values())
         self.eval_dls = dict(zip(eval_dls, prepared))
@@ -409,8 +407,9 @@ class TrainingRun:
         return extra
 
     def optimizer_step(self) -> dict:
-        """Clip, step the optimizer and (unless the step was skipped) the scheduler, run
-        the method's hook, clear gradients; returns the hook's values to log.
+        """Clip, step the optimizer, run the method's hook, step the scheduler (unless the
+        step was skipped), clear gradients; returns the hook's values to log. The hook
+        sees the learning rates this step used (SoRA's threshold η_t·ξ).
 
         Under fp16 loss scaling a step with inf/NaN gradients is skipped by the optimizer;
         its gradients are then cleared *before* the hook, so a rank allocator never reads
@@ -420,12 +419,12 @@ class TrainingRun:
             self.accelerator.clip_grad_norm_(self.params, self.training["max_grad_norm"])
         self.optimizer.step()
         applied = not self.accelerator.optimizer_step_was_skipped
-        if applied:
-            self.scheduler.step()
-        else:
+        if not applied:
             self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         logs = self.method.after_optimizer_step(self.state.step, self.adapters, self.optimizer) or {}
+        if applied:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return logs if applied else {**logs, "optimizer_step_skipped": 1}
 
@@ -529,6 +528,7 @@ class TrainingRun:
         if self.stopped_at is not None:
             self._end_trackers()
             return RunResult(self.run_dir, self.state.best, stopped_at=self.stopped_at)
+        self.restore_best()
         test = self.score_tests()
         if self.main:
             self.write_artifacts(test)
@@ -543,14 +543,19 @@ class TrainingRun:
         for tracker in self.accelerator.trackers:
             tracker.finish()
 
-    def score_tests(self) -> dict | None:
-        """The selected checkpoint (loaded back into the model) on the test set(s), once."""
-        if not self.tests:
-            return None
+    def restore_best(self) -> None:
+        """The selected checkpoint loaded back into the model, so that the test sets, the
+        rank pattern and the report's counts describe the adapter the run saves (a method
+        whose ranks change to the end, SoRA, may have selected an earlier step)."""
         unwrapped, best_state = self.accelerator.unwrap_model(self.model), self.state.best_state
         if best_state is not None:
             load_adapter_state(unwrapped, best_state[0])
             unwrapped.load_state_dict(best_state[1], strict=False)
+
+    def score_tests(self) -> dict | None:
+        """The selected checkpoint (:meth:`restore_best`) on the test set(s), once."""
+        if not self.tests:
+            return None
         return self.evaluate(self.tests)
 
     def write_artifacts(self, test: dict | None) -> None:
