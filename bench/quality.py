@@ -24,6 +24,17 @@ rank 1 to a budget of r per module (its t_init and grow_interval are a tenth of 
     python bench/quality.py --train-samples 0 --epochs 3 --max-length 128   # full training sets
     python bench/quality.py --tasks rte --methods peft-lora,lora --json out.json
 
+Paired seeds (``--seeds 0-9``): every configuration trains each seed, and a seed fixes the
+data order and the head's initial weights for all of them (and, since LoRA draws as PEFT
+does, the whole run for ``lora`` and ``peft-lora``), so each configuration is compared with
+``--baseline`` (default ``peft-lora``) seed by seed: the mean difference in points with its
+95% t interval, and a verdict against ``--bar`` (1 point): parity when the interval lies
+above −bar, below when it lies below, else undecided. ``--parallel N`` trains N runs at a
+time (ours through ``lrr run --parallel N``, PEFT's in N worker processes):
+
+    python bench/quality.py --tasks sst2 --train-samples 4000 --batch 32 --seeds 0-9 --parallel 2 \
+        --settings bench/settings/documented.yaml --methods peft-lora,lora,triadaptlora-fan_in
+
 Per-configuration settings and sweeps (each method at its own documented setting):
 
     python bench/quality.py --settings settings.yaml --methods peft-lora,lora,lora2,lora2-orth
@@ -130,6 +141,15 @@ def parse_args(argv=None):
     ap.add_argument("--r", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default=None, metavar="0-9|0,1,2",
+                    help="several seeds, paired across configurations (each seed: the same data order and head "
+                         "init); overrides --seed")
+    ap.add_argument("--parallel", type=int, default=1, metavar="N",
+                    help="train N runs at a time (ours: lrr run --parallel N; PEFT's: N worker processes)")
+    ap.add_argument("--baseline", default="peft-lora",
+                    help="the configuration the others are compared with, seed by seed (paired)")
+    ap.add_argument("--bar", type=float, default=1.0,
+                    help="the parity bar in points: at parity when the 95%% CI of the paired difference is above -BAR")
     ap.add_argument("--backbone", default=BACKBONE)
     ap.add_argument("--out", default=None, help="directory for recipes and runs (default runs/bench-quality/<time>)")
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -230,12 +250,27 @@ def recipe(method: dict, args, tasks: list[str], steps: dict[str, int], config: 
         "task": {"data_dir": str(args.data_dir), "max_length": args.max_length,
                  "max_train_samples": args.train_samples or None, "max_eval_samples": args.eval_samples or None},
         "training": {"learning_rate": args.lr, "epochs": args.epochs, "batch_size": args.batch,
-                     "warmup_ratio": args.warmup_ratio, "seed": args.seed, "log_every": 25, **config.training},
+                     "warmup_ratio": args.warmup_ratio, "seed": seeds_of(args), "log_every": 25, **config.training},
         "tasks": per_task,
     }
     if config.sweep:
         out["sweep"] = config.sweep
     return out
+
+
+def seeds_of(args) -> int | list[int]:
+    """``--seeds`` (``0-9`` or ``0,1,2``) as a list, else ``--seed``."""
+    text = getattr(args, "seeds", None)
+    if not text:
+        return args.seed
+    seeds = []
+    for part in text.split(","):
+        first, dash, last = part.partition("-")
+        try:
+            seeds += list(range(int(first), int(last) + 1)) if dash else [int(first)]
+        except ValueError:
+            raise BenchError(f"--seeds {text}: give seeds as 0-9 or 0,1,2") from None
+    return seeds
 
 
 def planned_steps(args, tasks: list[str], config: Config | None = None) -> dict[str, int]:
@@ -284,6 +319,7 @@ def ours(config: Config | str, args, tasks: list[str], steps: dict[str, int] | N
     path = write_recipe(config, args, tasks)
     run_root = Path(args.out) / config.name
     cmd = [sys.executable, "-m", "lowrank_runner", "run", str(path), "--output", str(run_root)]
+    cmd += ["--parallel", str(args.parallel)] if getattr(args, "parallel", 1) > 1 else []
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     failure = (proc.stderr or proc.stdout)[-1500:]
     try:
@@ -296,7 +332,7 @@ def ours(config: Config | str, args, tasks: list[str], steps: dict[str, int] | N
 
 def our_row(config: Config, run, run_dir: Path, failure: str) -> dict:
     """One run's row from its ``metrics.json``, ``report.json`` and ``metrics.jsonl``."""
-    head = {"task": run.task, "method": config.name, "base": config.base, "point": run.point}
+    head = {"task": run.task, "method": config.name, "base": config.base, "point": run.point, "seed": run.seed}
     metrics_file, report_file = run_dir / "metrics.json", run_dir / "report.json"
     if not metrics_file.is_file():
         return {**head, "error": failure}
@@ -345,7 +381,25 @@ def peft_run(args, tasks: list[str], config: Config | None = None) -> list[dict]
         runs = load_recipe(path).runs
     except LrrError as exc:  # e.g. a swept key the lora method does not have
         return [{"task": t, "method": config.name, "error": str(exc)} for t in tasks]
-    return [{**peft_one(run), "method": config.name, "base": "peft-lora", "point": run.point} for run in runs]
+    workers = max(1, min(getattr(args, "parallel", 1), len(runs)))
+    if workers == 1:
+        results = [peft_one(run) for run in runs]
+    else:  # N worker processes, each with its share of the cores (as lrr run --parallel gives its children)
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_threads, initargs=(threads,)) as pool:
+            results = list(pool.map(peft_one, runs))
+    return [{**result, "method": config.name, "base": "peft-lora", "point": run.point, "seed": run.seed}
+            for run, result in zip(runs, results)]
+
+
+def _worker_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def peft_setup(run):
@@ -443,7 +497,7 @@ def peft_train(model, optimizer, scheduler, train_dl, eval_dls, task, accelerato
 
 
 def environment() -> dict:
-    from lowrank_runner.train import environment as env
+    from lowrank_runner.train.environment import environment as env
 
     info = env()
     info["torch_threads"] = __import__("torch").get_num_threads()
@@ -463,10 +517,11 @@ def _final(r: dict) -> str:
 def print_table(rows: list[dict]) -> list[str]:
     """One line per (task, configuration, sweep point); a point column only with sweeps."""
     points = any(r.get("point") for r in rows)
-    ph, pd = (" point |", "---|") if points else ("", "")
+    seeds = len({r.get("seed") for r in rows}) > 1
+    ph, pd = (" point |" if points else "") + (" seed |" if seeds else ""), ("---|" if points else "") + ("---|" if seeds else "")
 
     def pc(r):
-        return f" {_point(r)} |" if points else ""
+        return (f" {_point(r)} |" if points else "") + (f" {r.get('seed')} |" if seeds else "")
 
     lines = [f"| task | method |{ph} metric | final | best (step) | time (s) | trainable params | adapter params |",
              f"|---|---|{pd}---|---|---|---|---|---|"]
@@ -495,6 +550,50 @@ def print_best(rows: list[dict]) -> list[str]:
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['task']} | {r['method']} | {_point(r)} | {r['metric']} | {r['best']:.4f} ({r['best_step']}) | "
               f"{r['trainable_params']:,} |" for r in best_per_config(rows)]
+    print("\n".join(lines))
+    return lines
+
+
+# ------------------------------------------------------------------ paired comparison
+
+
+def paired(rows: list[dict], baseline: str, bar: float) -> list[dict]:
+    """Per (task, configuration, point) beside ``baseline``: the best selection metric's
+    difference to the baseline's run of the same seed (×100, points), over the seeds both
+    completed: n, mean, std, the 95% t interval of the mean and the verdict against the
+    ``bar`` (points): ``parity`` when the interval lies above −bar, ``below`` when it lies
+    below −bar, else ``undecided`` (n < 2: no interval)."""
+    from scipy import stats
+
+    base = {(r["task"], _point(r), r.get("seed")): r["best"] for r in rows if r["method"] == baseline and "error" not in r}
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        key = (r["task"], _point(r), r.get("seed"))
+        if r["method"] != baseline and "error" not in r and key in base:
+            groups.setdefault((r["task"], r["method"], _point(r)), []).append(100 * (r["best"] - base[key]))
+    out = []
+    for (task, method, point), diffs in groups.items():
+        n, mean = len(diffs), sum(diffs) / len(diffs)
+        std = stats.tstd(diffs) if n > 1 else None
+        half = stats.t.ppf(0.975, n - 1) * std / n ** 0.5 if n > 1 else None
+        low, high = (mean - half, mean + half) if half is not None else (None, None)
+        verdict = ("undecided" if low is None else "parity" if low > -bar else "below" if high < -bar else "undecided")
+        out.append({"task": task, "method": method, "point": point, "baseline": baseline, "n": n, "mean": mean,
+                    "std": std, "ci95": [low, high], "verdict": verdict, "diffs": diffs})
+    return out
+
+
+def print_paired(comparisons: list[dict], bar: float) -> list[str]:
+    if not comparisons:
+        return []
+    lines = ["", f"paired by seed, difference to {comparisons[0]['baseline']} in points (x100), 95% t interval; "
+             f"parity: interval above -{bar:g}",
+             "| task | method | point | n | mean | std | 95% CI | verdict |", "|---|---|---|---|---|---|---|---|"]
+    for c in comparisons:
+        ci = f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}]" if c["ci95"][0] is not None else "–"
+        std = f"{c['std']:.2f}" if c["std"] is not None else "–"
+        lines.append(f"| {c['task']} | {c['method']} | {c['point']} | {c['n']} | {c['mean']:+.2f} | {std} | {ci} | "
+                     f"{c['verdict']} |")
     print("\n".join(lines))
     return lines
 
@@ -577,7 +676,7 @@ def _main(args, argv) -> int:
     steps = planned_steps(args, tasks)
     print(f"backbone {args.backbone}, targets {','.join(TARGETS)}, r={args.r}, alpha={args.alpha}, lr {args.lr}, "
           f"batch {args.batch}, {args.epochs} epochs, max_length {args.max_length}, train samples "
-          f"{args.train_samples or 'all'}, seed {args.seed}; optimizer steps {steps}; runs under {args.out}", flush=True)
+          f"{args.train_samples or 'all'}, seed(s) {seeds_of(args)}; optimizer steps {steps}; runs under {args.out}", flush=True)
     rows = []
     for config in configs:
         t = time.time()
@@ -588,11 +687,14 @@ def _main(args, argv) -> int:
     print_table(rows)
     if any(r.get("point") for r in rows):
         print_best(rows)
+    comparisons = paired(rows, args.baseline, args.bar)
+    print_paired(comparisons, args.bar)
     result = {"command": ["python", "bench/quality.py", *(sys.argv[1:] if argv is None else argv)],
               "settings": {k: v for k, v in vars(args).items() if k != "json"}, "targets": TARGETS,
               "methods": {c.name: (method_config(c, args) if not c.is_peft else "peft.LoraConfig") for c in configs},
               "configs": {c.name: vars(c) for c in configs},
               "steps": steps, "machine": platform.node(), "environment": environment(), "rows": rows,
+              "paired": comparisons,
               **({"best_per_config": best_per_config(rows)} if any(r.get("point") for r in rows) else {})}
     return write_result(result, Path(args.out) / "quality.json", args.json)
 

@@ -295,6 +295,7 @@ def report(
     table_format: Optional[str] = typer.Option(None, "--format", metavar="md|csv|latex", help="--table: the format printed or written (default: md, or --out's suffix)."),
     figure: Optional[Path] = typer.Option(None, "--figure", metavar="FILE", help="--table: also draw the sweep figure (PNG): each column's metric against the swept value, ± std over seeds. --ranks: the PNG to draw."),
     ranks: bool = typer.Option(False, "--ranks", help="Draw the runs' final rank patterns side by side (--figure FILE, PNG; one colour scale): layers x targets per run, as TriAdaptLoRA's Figure 2."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", metavar="NAME", help="--table: compare every other row with row NAME (as the table prints it, or a sweep point's label): the difference per column and Avg. with a 95% CI, † where p < 0.05 (paired t-test over shared seeds, else Welch's). Overrides output.table.baseline."),
 ):
     """Show a run's reproducibility report, or compare runs: recipe, input and environment differences, metrics.
     With --table: the results table of several recipes (methods, sweep points) in the paper's layout."""
@@ -307,8 +308,10 @@ def report(
 
     if table and ranks:
         raise UsageError("--table and --ranks draw different things: give one of them")
+    if baseline is not None and not table:
+        raise UsageError("--baseline goes with --table (lrr report --table DIR [DIR ...] --baseline NAME)")
     if table:
-        return _report_table(run_dirs, render, as_json, out, table_format, figure)
+        return _report_table(run_dirs, render, as_json, out, table_format, figure, baseline)
     if ranks:
         return _report_ranks(run_dirs, render, as_json, out, table_format, figure)
     if out is not None or table_format is not None or figure is not None:
@@ -350,7 +353,7 @@ def _report_ranks(run_dirs: list[Path], render: bool, as_json: bool, out: Option
 
 
 def _report_table(run_dirs: list[Path], render: bool, as_json: bool, out: Optional[Path], table_format: Optional[str],
-                  figure: Optional[Path]) -> None:
+                  figure: Optional[Path], baseline: Optional[str] = None) -> None:
     """``lrr report --table``: build the table, print or write it (and the figure)."""
     from lowrank_runner.tables import report_table, table_json
 
@@ -358,7 +361,7 @@ def _report_table(run_dirs: list[Path], render: bool, as_json: bool, out: Option
         raise UsageError("--render redraws run reports; it does not go with --table")
     if as_json and (out is not None or table_format is not None):
         raise UsageError("--json prints the table as JSON; it does not go with --out or --format")
-    built, text, lines = report_table(run_dirs, out, table_format, figure)
+    built, text, lines = report_table(run_dirs, out, table_format, figure, baseline)
     if as_json:
         print(json.dumps(table_json(built), indent=2))
     elif out is None:

@@ -15,6 +15,9 @@ from lowrank_runner.cli import app
 METHODS = {  # 12 steps: grows twice / prunes in its decay
     "triadaptlora": "{name: triadaptlora, r: 1, r_ref: 3, grow_by: 1, growth: fixed_k, fixed_k: 1, t_init: 2, grow_interval: 3}",
     "lora2": "{name: lora2, r: 4, target_rank: 2, t_init: 2, t_final: 2, mask_interval: 2}",
+    # IncreLoRA, Figure 2's third method: rank 1 to 3 on average, 2 of the 4 modules grow per step
+    "increlora": "{name: increlora, r: 1, target_rank: 3, top_h: 2, incre_rank_num: 1, init_warmup: 1, "
+                 "incre_interval: 1}",
 }
 
 
@@ -39,10 +42,10 @@ def runs(tmp_path_factory, tiny_bert, sentiment_data):
 
 def test_the_runs_rank_patterns_side_by_side(runs, tmp_path):
     figure = tmp_path / "fig2.png"
-    code, out, err = lrr("report", "--ranks", runs / "triadaptlora", runs / "lora2", "--figure", figure, "--json")
-    assert code == 0 and f"figure written to {figure} (2 run(s))" in err
+    code, out, err = lrr("report", "--ranks", *(runs / m for m in METHODS), "--figure", figure, "--json")
+    assert code == 0 and f"figure written to {figure} (3 run(s))" in err
     panels = json.loads(out)
-    assert [p["title"] for p in panels] == ["triadaptlora", "lora2"]
+    assert [p["title"] for p in panels] == ["triadaptlora", "lora2", "increlora"]
     for panel, name in zip(panels, METHODS):
         pattern = json.loads((runs / name / "rank_pattern.json").read_text())
         assert panel["targets"] == ["Wq", "Wv"] and panel["layers"] == [0, 1]
@@ -50,8 +53,9 @@ def test_the_runs_rank_patterns_side_by_side(runs, tmp_path):
         layer1_query = next(v for k, v in pattern.items() if ".1." in k and k.endswith("query"))
         assert panel["ranks"][1][0] == layer1_query
     assert panels[0]["total_rank"] == 3 * 4 and panels[1]["total_rank"] == 2 * 4  # r_ref x modules, target x modules
+    assert panels[2]["total_rank"] == 3 * 4  # target_rank x modules
     width, height = Image.open(figure).size
-    assert width > height > 100  # two panels side by side
+    assert width > 2 * height > 200  # three panels side by side
 
 
 def test_ranks_refuses_what_it_cannot_draw(runs, tmp_path, tiny_recipe):

@@ -273,12 +273,12 @@ def test_output_table_in_a_recipe_defaults_and_errors(tmp_path, tiny_bert, senti
 
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory, tiny_bert, sentiment_data):
-    """Three recipes run by `lrr run`: lora (2 seeds), lora-sweep (method.r 2, 4; 1 seed),
+    """Three recipes run by `lrr run`: lora (2 seeds), lora-sweep (method.r 2, 4; 1 seed; its baseline r=2),
     single (one run)."""
     root = tmp_path_factory.mktemp("tables")
     base = tiny_recipe_text(tiny_bert, sentiment_data).replace("epochs: 2", "epochs: 1")
     recipes = {"lora": base.replace("seed: 0", "seed: [0, 1]"),
-               "lora-sweep": base + "sweep: {method.r: [2, 4]}\n", "single": base}
+               "lora-sweep": base + "sweep: {method.r: [2, 4]}\noutput: {table: {baseline: r=2}}\n", "single": base}
     for name, text in recipes.items():
         path = root / f"{name}.yaml"
         path.write_text(text.replace("name: tiny", f"name: {name}"))
@@ -410,3 +410,226 @@ def test_report_table_keeps_the_recipes_layout_when_no_run_completed(tmp_path, t
     code, out, err = lrr("report", "--table", tmp_path / "out")
     assert code == 0, err
     assert out.splitlines()[0] == "| Method | # Params | Sentiment |"  # not the default "classification (Acc) | Avg."
+
+
+# ------------------------------------------------------------- differences to a baseline row (issue 25)
+
+
+def seeded_source(tmp_path, name, mnli, rte):
+    """A method's runs: ``mnli``/``rte`` map seed -> accuracy (a fraction)."""
+    entries = [entry(tmp_path / name, "mnli", s, {"accuracy": a, "accuracy_mm": a - 0.01}, "accuracy")
+               for s, a in mnli.items()]
+    entries += [entry(tmp_path / name, "rte", s, {"accuracy": a}, "accuracy") for s, a in rte.items()]
+    return Source(name, ["mnli", "rte"], entries)
+
+
+BASE_MNLI = {0: 0.900, 1: 0.912, 2: 0.905, 3: 0.897, 4: 0.909}
+BASE_RTE = {0: 0.80, 1: 0.83, 2: 0.79, 3: 0.82, 4: 0.81}
+PAIRED_MNLI = {0: 0.915, 1: 0.925, 2: 0.921, 3: 0.910, 4: 0.926}  # +1.4 to +1.7 points, every seed
+PAIRED_RTE = {0: 0.81, 1: 0.82, 2: 0.80, 3: 0.84, 4: 0.80}  # +0.4 on average, noisy
+WELCH_MNLI = {5: 0.903, 6: 0.915, 7: 0.899, 8: 0.911}  # other seeds: unpaired
+WELCH_RTE = {5: 0.82, 6: 0.80, 7: 0.85, 8: 0.81}
+
+
+def baseline_table(tmp_path, baseline="lora", **table):
+    spec = table_spec({"table": {"columns": [{"task": "mnli", "metrics": ["accuracy", "accuracy_mm"]}, "rte"],
+                                 "params": False, "baseline": baseline, **table}})
+    return build_table([seeded_source(tmp_path, "lora", BASE_MNLI, BASE_RTE),
+                        seeded_source(tmp_path, "paired", PAIRED_MNLI, PAIRED_RTE),
+                        seeded_source(tmp_path, "welch", WELCH_MNLI, WELCH_RTE),
+                        seeded_source(tmp_path, "one", {0: 0.95}, {0: 0.9})], spec)
+
+
+def x100(values: dict) -> list[float]:
+    return [100 * values[s] for s in sorted(values)]
+
+
+def scipy_paired(a: dict, b: dict):
+    from scipy import stats
+
+    diffs = [x - y for x, y in zip(x100(a), x100(b))]
+    half = stats.t.ppf(0.975, len(diffs) - 1) * stats.tstd(diffs) / len(diffs) ** 0.5
+    mean = sum(diffs) / len(diffs)
+    return mean, mean - half, mean + half, stats.ttest_rel(x100(a), x100(b)).pvalue
+
+
+def scipy_welch(a: dict, b: dict):
+    from scipy import stats
+
+    result = stats.ttest_ind(x100(a), x100(b), equal_var=False)
+    va, vb = stats.tvar(x100(a)) / len(a), stats.tvar(x100(b)) / len(b)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    mean = sum(x100(a)) / len(a) - sum(x100(b)) / len(b)
+    half = stats.t.ppf(0.975, df) * (va + vb) ** 0.5
+    assert result.df == pytest.approx(df)
+    return mean, mean - half, mean + half, result.pvalue
+
+
+def test_differences_to_the_baseline_are_scipys_paired_and_welch_tests(tmp_path):
+    t = baseline_table(tmp_path)
+    lora, paired, welch, one = t.rows
+    assert t.baseline is lora and lora.differences == [] and lora.average_difference is None
+    cases = [(paired.differences[0], "paired", scipy_paired(PAIRED_MNLI, BASE_MNLI)),
+             (paired.differences[1], "paired", scipy_paired(PAIRED_RTE, BASE_RTE)),
+             (welch.differences[0], "welch", scipy_welch(WELCH_MNLI, BASE_MNLI)),
+             (welch.differences[1], "welch", scipy_welch(WELCH_RTE, BASE_RTE))]
+    for d, test, expected in cases:
+        assert d.test == test
+        assert (d.diff, d.low, d.high, d.p_value) == pytest.approx(expected, rel=1e-9)
+    assert paired.differences[0].significant and not paired.differences[1].significant
+    assert not welch.differences[0].significant
+    # the CI also agrees with scipy's own interval of each test
+    from scipy import stats
+    ci = stats.ttest_rel(x100(PAIRED_MNLI), x100(BASE_MNLI)).confidence_interval(0.95)
+    assert (paired.differences[0].low, paired.differences[0].high) == pytest.approx((ci.low, ci.high))
+    ci = stats.ttest_ind(x100(WELCH_RTE), x100(BASE_RTE), equal_var=False).confidence_interval(0.95)
+    assert (welch.differences[1].low, welch.differences[1].high) == pytest.approx((ci.low, ci.high))
+    # Avg. (each column's first metric) per seed: paired over the shared seeds; Welch across other seeds
+    avg = {s: (PAIRED_MNLI[s] + PAIRED_RTE[s]) / 2 for s in PAIRED_MNLI}
+    base_avg = {s: (BASE_MNLI[s] + BASE_RTE[s]) / 2 for s in BASE_MNLI}
+    assert (paired.average_difference.diff, paired.average_difference.low, paired.average_difference.high,
+            paired.average_difference.p_value) == pytest.approx(scipy_paired(avg, base_avg))
+    assert paired.average_difference.diff == pytest.approx(paired.average - lora.average)
+    welch_avg = {s: (WELCH_MNLI[s] + WELCH_RTE[s]) / 2 for s in WELCH_MNLI}
+    assert welch.average_difference.p_value == pytest.approx(scipy_welch(welch_avg, base_avg)[3])
+    # one seed: the difference, no interval, no test
+    d = one.differences[0]
+    assert (d.diff, d.low, d.high, d.p_value, d.test, d.n, d.n_baseline) == (
+        pytest.approx(95.0 - 100 * sum(BASE_MNLI.values()) / 5), None, None, None, "", 1, 5)
+
+
+def test_the_markdown_marks_only_significant_differences_and_names_the_tests(tmp_path):
+    lines = markdown(baseline_table(tmp_path)).splitlines()
+    paired_mnli = scipy_paired(PAIRED_MNLI, BASE_MNLI)
+    assert lines[2] == "| lora | 90.46±0.62/89.46±0.62 | 81.00±1.58 | 85.73 |"
+    assert lines[3].startswith(f"| paired | 91.94±0.68/90.94±0.68 (+{paired_mnli[0]:.2f} "
+                               f"[+{paired_mnli[1]:.2f}, +{paired_mnli[2]:.2f}]†) | ")
+    assert lines[3].count("†") == 2  # MNLI and Avg.; not RTE
+    assert "†" not in lines[4] and "†" not in lines[5]
+    assert lines[5] == "| one | **95.00**/**94.00** (+4.54) | **90.00** (+9.00) | **92.50** (+6.77) |"
+    notes = "\n".join(lines[7:])
+    assert "the difference to the baseline lora (row - baseline, of the means over seeds, in the table's units) " \
+           "[95% CI]; †: p < 0.05, two-sided. Paired t-test (by seed)" in notes
+    assert "Welch's t-test (unequal variances, Welch-Satterthwaite df)" in notes
+    assert lines[-3:] == ["paired vs lora: paired t, n=5 (every column and Avg.).",
+                          "welch vs lora: Welch t, n=4 vs 5 (every column and Avg.).",
+                          "one vs lora: n=1: no interval (every column and Avg.)."]
+    plain = markdown(baseline_table(tmp_path, baseline=None))
+    assert "†" not in plain and "(+" not in plain and "baseline" not in plain
+
+
+def test_latex_and_csv_carry_the_differences(tmp_path):
+    t = baseline_table(tmp_path, average="none")
+    tex = latex(t)
+    assert "% paired vs lora: paired t, n=5 (every column)." in tex
+    assert "\\dagger: p < 0.05" in tex and "†" not in tex
+    row = next(line for line in tex.splitlines() if line.startswith("paired &"))
+    assert row.count("^{\\dagger}$)") == 1 and "($+" in row and "\\ [+" in row
+    lines = csv_text(t).splitlines()
+    assert lines[0] == ("method,task,metric,value,std,n,seeds,n_missing,missing_seeds,point,column,params,"
+                        "baseline,diff,diff_low,diff_high,ci_level,p_value,test,n_baseline")
+    fields = lines[0].split(",")
+    rows = [dict(zip(fields, line.split(","))) for line in lines[1:]]
+    assert [r["test"] for r in rows] == ["", "", "", "paired", "", "paired", "welch", "", "welch",
+                                         "n=1: no interval", "", "n=1: no interval"]
+    assert {r["baseline"] for r in rows} == {"lora"}
+    mean, low, high, p_value = scipy_welch(WELCH_RTE, BASE_RTE)
+    welch_rte = rows[8]
+    assert (float(welch_rte["diff"]), float(welch_rte["diff_low"]), float(welch_rte["diff_high"]),
+            float(welch_rte["p_value"])) == pytest.approx((mean, low, high, p_value), abs=1e-5)
+    assert (welch_rte["ci_level"], welch_rte["n"], welch_rte["n_baseline"]) == ("0.95", "4", "5")
+    assert csv_text(baseline_table(tmp_path, baseline=None)).splitlines()[0].endswith(",params")
+
+
+def test_the_baseline_is_found_by_title_label_or_method(tmp_path):
+    from lowrank_runner.tables.significance import BaselineError
+
+    sources = sweep_sources(tmp_path)
+    t = build_table(sources, table_spec({"table": {"baseline": 'lora (targets="all")'}}))
+    assert t.baseline.title == 'lora (targets="all")'
+    d = t.rows[3].differences[0]  # lora2 (targets=["Wq","Wv"]) vs lora (all): the same seeds, paired
+    assert d.test == "" and d.diff == pytest.approx(-8.0)  # a constant shift: no spread, no interval
+    assert "no spread over n=2 vs 2: no interval" in markdown(t)
+    single = build_table(sources[:1], table_spec({"table": {"baseline": "targets=\"all\""}}))
+    assert single.baseline.label == 'targets="all"'
+    with pytest.raises(BaselineError, match=r"baseline 'targets=\"all\"' names 2 rows \(lora \(targets=\"all\"\), "
+                                            r"lora2 \(targets=\"all\"\)\)"):
+        build_table(sources, table_spec({"table": {"baseline": 'targets="all"'}}))
+    with pytest.raises(BaselineError, match="baseline 'lora' names 3 rows"):
+        build_table(sources, table_spec({"table": {"baseline": "lora"}}))
+    with pytest.raises(BaselineError, match=r"baseline 'nope' names no row of the table; its rows: lora \(targets="):
+        build_table(sources, table_spec({"table": {"baseline": "nope"}}))
+
+
+def test_a_recipe_names_its_baseline_and_lrr_run_warns_where_it_names_no_row(tmp_path, tiny_bert, sentiment_data,
+                                                                             capsys):
+    from types import SimpleNamespace
+
+    from lowrank_runner.tables import write_recipe_tables
+
+    assert table_spec({"table": {"baseline": "lora"}}).baseline == "lora" and table_spec({}).baseline is None
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(tiny_recipe_text(tiny_bert, sentiment_data) + "output: {table: {baseline: lora}}\n")
+    assert [p for p in check_recipe_file(recipe) if p.severity == "error"] == []
+    recipe.write_text(tiny_recipe_text(tiny_bert, sentiment_data) + "output: {table: {baseline: 3}}\n")
+    assert any("output.table.baseline" in str(p) for p in check_recipe_file(recipe))
+    runs = [SimpleNamespace(task="mnli", label="", point={}), SimpleNamespace(task="rte", label="", point={})]
+    entries = seeded_source(tmp_path, "x", BASE_MNLI, BASE_RTE).entries
+    fake = SimpleNamespace(name="x", runs=runs, resolved={"output": {"table": {"baseline": "other-method"}}})
+    table = write_recipe_tables(tmp_path, fake, entries)
+    assert table.baseline is None and "baseline" not in (tmp_path / "results.md").read_text()
+    assert ("warning: output.table.baseline: baseline 'other-method' names no row of the table; its rows: x"
+            in capsys.readouterr().err)
+
+
+def shifted_copy(source, target, name, shift):
+    """A copy of a recipe's output directory, renamed, each seed's accuracy moved by
+    ``shift[seed]`` (a fraction): another method with the same seeds."""
+    shutil.copytree(source, target)
+    summary = json.loads((target / "summary.json").read_text())
+    summary["recipe"] = name
+    for run in summary["runs"]:
+        best = run["best"]
+        best["eval"]["accuracy"] += shift[run["seed"]]
+        if best["metric"] == "accuracy":
+            best["value"] = best["eval"]["accuracy"]
+    (target / "summary.json").write_text(json.dumps(summary))
+    return target, {run["seed"]: run["best"]["eval"]["accuracy"] for run in summary["runs"]}
+
+
+def test_report_table_baseline_end_to_end(outputs, tmp_path):
+    from scipy import stats
+
+    base = {run["seed"]: run["best"]["eval"]["accuracy"]
+            for run in json.loads((outputs / "lora" / "summary.json").read_text())["runs"]}
+    other, moved = shifted_copy(outputs / "lora", tmp_path / "lora-b", "lora-b", {0: 0.01, 1: 0.03})
+    dirs = [outputs / "lora", other, outputs / "single"]
+    code, out, err = lrr("report", "--table", *dirs, "--baseline", "lora")
+    assert code == 0, err
+    assert out.splitlines()[3].startswith("| lora-b | 512 | ")
+    assert "lora-b vs lora: paired t, n=2 (every column and Avg.)." in out
+    assert "single vs lora: n=1: no interval (every column and Avg.)." in out
+    code, out, err = lrr("report", "--table", *dirs, "--baseline", "lora", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert (data["baseline"], data["ci_level"]) == ("lora", 0.95)
+    d = data["rows"][1]["differences"][0]
+    expected = stats.ttest_rel(x100(moved), x100(base))
+    ci = expected.confidence_interval(0.95)
+    assert (d["test"], d["n"], d["n_baseline"], d["significant"]) == ("paired", 2, 2, False)
+    assert (d["diff"], d["low"], d["high"], d["p_value"]) == pytest.approx((2.0, ci.low, ci.high, expected.pvalue))
+    assert "differences" not in data["rows"][0] and data["rows"][2]["differences"][0]["test"] == ""
+    code, out, _ = lrr("report", "--table", *dirs, "--baseline", "lora", "--format", "csv")
+    assert code == 0 and out.splitlines()[0].endswith(",baseline,diff,diff_low,diff_high,ci_level,p_value,test,n_baseline")
+    code, _, err = lrr("report", "--table", *dirs, "--baseline", "nope")
+    assert code == 2 and err.strip() == (
+        "error: --baseline: baseline 'nope' names no row of the table; its rows: lora, lora-b, single (give a row as "
+        "the table prints it, or a sweep point's label)")
+    code, _, err = lrr("report", outputs / "lora", "--baseline", "lora")
+    assert code == 2 and "--baseline goes with --table" in err
+
+
+def test_lrr_run_compares_with_the_recipes_baseline(outputs):
+    md = (outputs / "lora-sweep" / "results.md").read_text()
+    assert "the difference to the baseline lora-sweep (r=2)" in md
+    assert "lora-sweep (r=4) vs lora-sweep (r=2): n=1: no interval (every column and Avg.)." in md

@@ -3,6 +3,8 @@
 - ``spec.py``: what the table shows (``output.table`` of the recipe, schema defaults)
 - ``build.py``: rows (methods, sweep points) x columns (tasks, metrics) from summaries
 - ``formats.py``: Markdown, CSV (long form), LaTeX (booktabs), the terminal
+- ``significance.py``: differences to a baseline row (``output.table.baseline``,
+  ``--baseline``): 95% intervals, paired or Welch t-tests over seeds
 - ``figure.py``: the sweep's PNG (metric vs the swept value, ± std over seeds)
 - ``sources.py``: the runs of a recipe just run, or of recipes' output directories
 
@@ -13,6 +15,7 @@ a sweep) into the recipe's output directory (a single run: its run directory);
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from lowrank_runner.tables.build import Source, Table, build_table
@@ -44,11 +47,40 @@ def write_recipe_tables(root: Path, recipe, summary: list[dict], console=None) -
     ``root`` and printed on ``console``."""
     from lowrank_runner.tables.sources import recipe_source
 
-    table = build_table([recipe_source(recipe, summary)], table_spec(recipe.resolved.get("output")))
+    table = _recipe_table([recipe_source(recipe, summary)], table_spec(recipe.resolved.get("output")))
     write_tables(root, table, recipe.name)
     if console is not None:
         print_table(console, table, recipe.name)
     return table
+
+
+def _recipe_table(sources: list[Source], spec) -> Table:
+    """The table at the end of ``lrr run``; an ``output.table.baseline`` that names no row
+    of this recipe's (it may name another recipe's, for ``lrr report --table``) is warned
+    about, and the table written without differences: the runs are done."""
+    from lowrank_runner.errors import warn
+    from lowrank_runner.tables.significance import BaselineError
+
+    try:
+        return build_table(sources, spec)
+    except BaselineError as exc:
+        warn(f"output.table.baseline: {exc}; the results table is written without differences (lrr report --table "
+             f"DIR ... --baseline NAME compares with another recipe's row)")
+        return build_table(sources, replace(spec, baseline=None))
+
+
+def _table_with_baseline(sources: list[Source], spec, baseline: str | None, first: Path) -> Table:
+    """``--baseline NAME`` over the first recipe's ``output.table.baseline``; a name that
+    is no row's (or several rows') is a usage error naming where it came from."""
+    from lowrank_runner.errors import UsageError
+    from lowrank_runner.tables.significance import BaselineError
+
+    spec = replace(spec, baseline=baseline) if baseline is not None else spec
+    try:
+        return build_table(sources, spec)
+    except BaselineError as exc:
+        where = "--baseline" if baseline is not None else f"output.table.baseline of {first}'s recipe"
+        raise UsageError(f"{where}: {exc}") from None
 
 
 SUFFIXES = {".md": "md", ".csv": "csv", ".tex": "latex"}
@@ -91,9 +123,9 @@ def writable_file(path: Path, option: str, suffixes: tuple[str, ...]) -> None:
 
 
 def report_table(paths: list[Path], out: Path | None = None, fmt: str | None = None,
-                 figure: Path | None = None) -> tuple[Table, str, list[str]]:
+                 figure: Path | None = None, baseline: str | None = None) -> tuple[Table, str, list[str]]:
     """``lrr report --table``: one table from several recipes' output directories, in the
-    first recipe's layout. Returns the table, its text in the format asked for, and the
+    first recipe's layout (``baseline``: ``--baseline``, over its ``output.table.baseline``). Returns the table, its text in the format asked for, and the
     lines that say what was written (``--out``, ``--figure``)."""
     from lowrank_runner.errors import UsageError
     from lowrank_runner.tables.sources import distinct_outputs, read_outputs
@@ -105,7 +137,7 @@ def report_table(paths: list[Path], out: Path | None = None, fmt: str | None = N
         writable_file(figure, "--figure", (".png",))
     paths, lines = distinct_outputs(paths)
     sources, resolved = read_outputs(paths)
-    table = build_table(sources, table_spec(resolved.get("output")))
+    table = _table_with_baseline(sources, table_spec(resolved.get("output")), baseline, paths[0])
     text = FORMATS[kind](table)
     title = " vs ".join(dict.fromkeys(s.name for s in sources))
     if figure is not None:
@@ -122,11 +154,26 @@ def report_table(paths: list[Path], out: Path | None = None, fmt: str | None = N
     return table, text, lines
 
 
+def _differences_json(row) -> dict:
+    """A compared row's differences to the baseline (per column, and Avg.); {} for others."""
+    if not row.differences:
+        return {}
+    return {"differences": [None if d is None else d.as_dict() for d in row.differences],
+            "average_difference": None if row.average_difference is None else row.average_difference.as_dict()}
+
+
 def table_json(table: Table) -> dict:
-    """The table as plain data (``lrr report --table --json``)."""
+    """The table as plain data (``lrr report --table --json``); with a baseline, its title,
+    the interval's level and each compared row's ``differences`` (per column: diff, low,
+    high, p_value, test, n, n_baseline, significant) and ``average_difference``."""
+    from lowrank_runner.tables.significance import CI_LEVEL
+
     return {"headers": table.headers, "columns": [{"task": c.task, "metrics": list(c.metrics)} for c in table.columns],
             "aggregate": table.spec.aggregate, "spread": table.spec.spread, "average": table.spec.average,
+            "baseline": None if table.baseline is None else table.baseline.title,
+            "ci_level": CI_LEVEL if table.baseline is not None else None,
             "rows": [{"method": r.method, "label": r.label, "point": r.point, "params": r.params, "average": r.average,
                       "cells": [[{"metric": v.metric, "value": v.centre, "std": v.spread, "seeds": v.seeds,
-                                  "missing_seeds": v.missing} for v in cell] for cell in r.cells]}
+                                  "missing_seeds": v.missing} for v in cell] for cell in r.cells],
+                      **_differences_json(r)}
                      for r in table.rows]}

@@ -10,6 +10,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lowrank_runner.tables.significance import Difference, baseline_index, difference
 from lowrank_runner.tables.spec import Column, TableSpec, header, lower_is_better, scaled
 
 
@@ -32,6 +33,11 @@ class Value:
     seeds: list = field(default_factory=list)
     missing: list = field(default_factory=list)
     best: bool = False
+    samples: list = field(default_factory=list)  # per seed, in the order of ``seeds``
+
+    @property
+    def by_seed(self) -> dict:
+        return dict(zip(self.seeds, self.samples))
 
 
 @dataclass
@@ -44,6 +50,8 @@ class Row:
     params: float | None  # mean adapter parameters over the row's completed runs
     params_values: list[int]
     average_best: bool = False
+    differences: list[Difference | None] = field(default_factory=list)  # per column (first metric), to the baseline
+    average_difference: Difference | None = None
 
     @property
     def average_complete(self) -> bool:
@@ -61,6 +69,7 @@ class Table:
     headers: list[str]
     columns: list[Column]  # with their metrics resolved
     rows: list[Row]
+    baseline: Row | None = None
 
     @property
     def complete(self) -> bool:
@@ -87,13 +96,14 @@ def _completed(entry: dict) -> bool:
 
 
 def _cell_value(entries: list[dict], metric: str, spec: TableSpec) -> Value:
-    done = [e for e in entries if _completed(e) and run_metrics(e).get(metric) is not None]
-    value = Value(metric, seeds=sorted(e["seed"] for e in done),
-                  missing=sorted(e["seed"] for e in entries if e not in done))
+    done = sorted((e for e in entries if _completed(e) and run_metrics(e).get(metric) is not None),
+                  key=lambda e: e["seed"])
+    factor = 100.0 if scaled(metric) else 1.0
+    value = Value(metric, seeds=[e["seed"] for e in done],
+                  missing=sorted(e["seed"] for e in entries if e not in done),
+                  samples=[factor * run_metrics(e)[metric] for e in done])
     if done:
-        factor = 100.0 if scaled(metric) else 1.0
-        value.centre, value.spread = aggregate([factor * run_metrics(e)[metric] for e in done], spec.aggregate,
-                                               spec.spread)
+        value.centre, value.spread = aggregate(value.samples, spec.aggregate, spec.spread)
     return value
 
 
@@ -165,8 +175,36 @@ def _mark_best(rows: list[Row]) -> None:
                 v.best = v.centre == top
 
 
+def seed_averages(row: Row, how: str) -> dict:
+    """seed -> the row's Avg. from that seed's runs alone (the column's first metric, or
+    the mean of its metrics), over the seeds every column has; {} where a column has no
+    value or there is no Avg."""
+    if how == "none" or not row.average_complete:
+        return {}
+    per_column = []
+    for cell in row.cells:
+        values = [v.by_seed for v in (cell[:1] if how == "first" else cell)]
+        seeds = set.intersection(*(set(v) for v in values))
+        per_column.append({s: statistics.fmean(v[s] for v in values) for s in seeds})
+    seeds = sorted(set.intersection(*(set(c) for c in per_column)))
+    return {s: statistics.fmean(c[s] for c in per_column) for s in seeds}
+
+
+def _compare(rows: list[Row], baseline: Row, how: str) -> None:
+    """Each other row's differences to the baseline: per column (its first metric) and Avg."""
+    base_average = seed_averages(baseline, how)
+    for row in rows:
+        if row is baseline:
+            continue
+        row.differences = [difference(cell[0].by_seed, base[0].by_seed) for cell, base in
+                           zip(row.cells, baseline.cells)]
+        row.average_difference = difference(seed_averages(row, how), base_average)
+
+
 def build_table(sources: list[Source], spec: TableSpec) -> Table:
-    """Rows: each source's sweep points in order (one row without a sweep)."""
+    """Rows: each source's sweep points in order (one row without a sweep); with a
+    baseline (``spec.baseline``), each other row's differences to it (a name that is
+    no row's: :class:`~lowrank_runner.tables.significance.BaselineError`)."""
     columns = _resolve_columns(spec, sources)
     rows = []
     for source in sources:
@@ -174,4 +212,8 @@ def build_table(sources: list[Source], spec: TableSpec) -> Table:
         rows += [_row(source, label, columns, spec) for label in labels]
     if spec.bold_best:
         _mark_best(rows)
-    return Table(spec, [header(c, c.metrics) for c in columns], columns, rows)
+    baseline = None
+    if spec.baseline is not None:
+        baseline = rows[baseline_index([(r.title, r.method, r.label) for r in rows], spec.baseline)]
+        _compare(rows, baseline, spec.average)
+    return Table(spec, [header(c, c.metrics) for c in columns], columns, rows, baseline)

@@ -7,6 +7,7 @@ import csv
 import io
 
 from lowrank_runner.tables.build import Row, Table, Value
+from lowrank_runner.tables.significance import CI_LEVEL, MARK, Difference
 
 MISSING = "–"
 
@@ -46,10 +47,29 @@ def cells(row: Row, table: Table, style: str) -> list[str]:
     title = latex_escape(row.title) if style == "latex" else row.title
     params = format_params(row.params)
     out = [title] + ([params.replace(MISSING, "--") if style == "latex" else params] if table.spec.params else [])
-    out += ["/".join(_value(v, table, style) for v in cell) for cell in row.cells]
+    differences = row.differences or [None] * len(row.cells)
+    out += ["/".join(_value(v, table, style) for v in cell) + _difference(d, table, style)
+            for cell, d in zip(row.cells, differences)]
     if table.spec.average != "none":
-        out.append(_average(row, table, style))
+        out.append(_average(row, table, style) + _difference(row.average_difference, table, style))
     return out
+
+
+def _signed(value: float, table: Table) -> str:
+    return f"{value:+.{table.spec.precision}f}"
+
+
+def _difference(d: Difference | None, table: Table, style: str) -> str:
+    """A compared row's " (+1.20 [+0.30, +2.10]†)": the difference to the baseline, its
+    interval and the mark of a significant one; nothing without a baseline."""
+    if d is None:
+        return ""
+    interval = f" [{_signed(d.low, table)}, {_signed(d.high, table)}]" if d.low is not None else ""
+    if style == "latex":
+        mark = r"^{\dagger}" if d.significant else ""
+        interval = interval.replace(" [", r"\ [")
+        return f" (${_signed(d.diff, table)}{interval}{mark}$)"
+    return f" ({_signed(d.diff, table)}{interval}{MARK if d.significant else ''})"
 
 
 def _average(row: Row, table: Table, style: str) -> str:
@@ -119,7 +139,35 @@ def notes(table: Table) -> list[str]:
     if not table.complete:
         lines.append("* or –: some runs of this task failed, did not finish or were not run by that recipe (see its "
                      "summary.json); an Avg. with * is over the columns that have a value.")
-    return lines
+    return lines + difference_notes(table)
+
+
+def difference_notes(table: Table) -> list[str]:
+    """With a baseline: what the parentheses hold, and per compared row the test and n of
+    each column (one phrase where every column has the same)."""
+    if table.baseline is None:
+        return []
+    level = f"{CI_LEVEL:.0%}"
+    lines = [f"In parentheses: the difference to the baseline {table.baseline.title} (row - baseline, of the means "
+             f"over seeds, in the table's units) [{level} CI]; {MARK}: p < {1 - CI_LEVEL:.2f}, two-sided. Paired t-test "
+             "(by seed) where the row has the baseline's seeds of the task (a seed fixes the data order and the head's "
+             "init), else Welch's t-test (unequal variances, Welch-Satterthwaite df); each column's first metric"
+             + ("; Avg.: per seed, the mean over the columns (the seeds every column has)." if
+                table.spec.average != "none" else ".")]
+    return lines + [_row_note(row, table) for row in table.rows if row is not table.baseline]
+
+
+def _row_note(row: Row, table: Table) -> str:
+    """"lora2 vs lora: paired t, n=3 (every column and Avg.)", or per column."""
+    said = [(head, d.described if d is not None else "no value") for head, d in zip(table.headers, row.differences)]
+    if table.spec.average != "none":
+        d = row.average_difference
+        said.append(("Avg.", d.described if d is not None else "no seed with a value in every column"))
+    head = f"{row.title} vs {table.baseline.title}: "
+    if len({words for _, words in said}) == 1:
+        every = "every column and Avg." if table.spec.average != "none" else "every column"
+        return f"{head}{said[0][1]} ({every})."
+    return head + "; ".join(f"{h}: {words}" for h, words in said) + "."
 
 
 def markdown(table: Table) -> str:
@@ -132,29 +180,45 @@ def markdown(table: Table) -> str:
 
 CSV_FIELDS = ["method", "task", "metric", "value", "std", "n", "seeds", "n_missing", "missing_seeds", "point", "column",
               "params"]
+BASELINE_FIELDS = ["baseline", "diff", "diff_low", "diff_high", "ci_level", "p_value", "test", "n_baseline"]
 
 
 def _rounded(value: float | None) -> str | float:
     return "" if value is None else round(value, 6)
 
 
+def _csv_difference(table: Table, d: Difference | None) -> list:
+    """The baseline columns of a line: its difference, interval, p-value and test ("paired",
+    "welch", or why there is none); empty past the first metric and on the baseline's row."""
+    if table.baseline is None:
+        return []
+    if d is None:
+        return [table.baseline.title] + [""] * (len(BASELINE_FIELDS) - 1)
+    p_value = "" if d.p_value is None else f"{d.p_value:.6g}"
+    return [table.baseline.title, _rounded(d.diff), _rounded(d.low), _rounded(d.high),
+            CI_LEVEL if d.low is not None else "", p_value, d.test or d.described, d.n_baseline]
+
+
 def csv_text(table: Table) -> str:
     """Long form, numbers unrounded (6 decimals): one line per row x column x metric,
     then the row's Avg. line; ``column`` is the printed header (pivot on it). ``n`` and
     ``n_missing`` count the seeds that finished and those that did not, ``seeds`` and
-    ``missing_seeds`` list them (a missing seed 0 is a ``0`` there, so the counts say it)."""
+    ``missing_seeds`` list them (a missing seed 0 is a ``0`` there, so the counts say it).
+    With a baseline, :data:`BASELINE_FIELDS` follow (the first metric's line of a column)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(CSV_FIELDS)
+    writer.writerow(CSV_FIELDS + (BASELINE_FIELDS if table.baseline is not None else []))
     for row in table.rows:
         params = "" if row.params is None else round(row.params, 1) if row.params % 1 else int(row.params)
-        for column, head, cell in zip(table.columns, table.headers, row.cells):
-            for v in cell:
+        differences = row.differences or [None] * len(row.cells)
+        for column, head, cell, d in zip(table.columns, table.headers, row.cells, differences):
+            for j, v in enumerate(cell):
                 writer.writerow([row.method, column.task, v.metric, _rounded(v.centre), _rounded(v.spread),
                                  len(v.seeds), " ".join(map(str, v.seeds)), len(v.missing), " ".join(map(str, v.missing)),
-                                 row.label, head, params])
+                                 row.label, head, params] + _csv_difference(table, d if j == 0 else None))
         if table.spec.average != "none":
-            writer.writerow([row.method, "Avg.", "", _rounded(row.average), "", "", "", "", "", row.label, "Avg.", params])
+            writer.writerow([row.method, "Avg.", "", _rounded(row.average), "", "", "", "", "", row.label, "Avg.", params]
+                            + _csv_difference(table, row.average_difference))
     return out.getvalue()
 
 
@@ -171,7 +235,8 @@ def latex(table: Table) -> str:
     """A booktabs tabular (needs \\usepackage{booktabs}); mean ± std as $x \\pm s$."""
     head = headers(table)
     align = "l" + "r" * (len(head) - 1)
-    lines = ["% " + line.replace("×", "x").replace("±", "+/-").replace("–", "-") for line in notes(table)]
+    lines = ["% " + line.replace("×", "x").replace("±", "+/-").replace("–", "-").replace(MARK, "\\dagger")
+             for line in notes(table)]
     lines += ["% needs \\usepackage{booktabs}", f"\\begin{{tabular}}{{{align}}}", "\\toprule",
               " & ".join(latex_escape(h) for h in head) + " \\\\", "\\midrule"]
     lines += [" & ".join(cells(row, table, "latex")) + " \\\\" for row in table.rows]
@@ -186,7 +251,12 @@ def print_table(console, table: Table, title: str) -> None:
     from rich.markup import escape
     from rich.table import Table as RichTable
 
-    t = RichTable(title=f"{escape(title)}: {_how(table)} over seeds{_scale_title(table)}")
+    caption = None
+    if table.baseline is not None:
+        caption = (f"(row - {table.baseline.title} [{CI_LEVEL:.0%} CI], {MARK}: p < {1 - CI_LEVEL:.2f}; tests and n in "
+                   "results.md)")
+    t = RichTable(title=f"{escape(title)}: {_how(table)} over seeds{_scale_title(table)}",
+                  caption=escape(caption) if caption else None)
     for h in headers(table):
         t.add_column(escape(h))
     for row in table.rows:

@@ -46,6 +46,7 @@ class TableSpec:
     params: bool
     bold_best: bool
     aggregate: str  # "mean" | "median" (output.aggregate)
+    baseline: str | None = None  # the row the others are compared with (output.table.baseline)
 
 
 def _defaults() -> dict:
@@ -67,7 +68,7 @@ def table_spec(output: dict | None) -> TableSpec:
         columns = tuple(Column(c) if isinstance(c, str) else
                         Column(c["task"], tuple(c.get("metrics") or ()), c.get("header")) for c in columns)
     return TableSpec(columns, table["average"], table["spread"], table["precision"], table["params"],
-                     table["bold_best"], output.get("aggregate", defaults["aggregate"]))
+                     table["bold_best"], output.get("aggregate", defaults["aggregate"]), table.get("baseline"))
 
 
 def metric_label(metrics: tuple[str, ...]) -> str:
