@@ -249,25 +249,40 @@ def validate(
 
 @command()
 @friendly
-def methods(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
-    """List the registered adapter methods with their parameters (from the schemas)."""
+def methods(
+    name: Optional[str] = typer.Argument(None, metavar="NAME", help="One method to show in full: its parameters (type, default, description), paper and learning-rate guidance."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+):
+    """List the registered adapter methods, one line each; with NAME, one method in full (from its schema)."""
     from lowrank_runner.methods.registry import method_specs, registry_problems
 
     specs = method_specs()
+    if name is not None:
+        specs = {name: _known_method(specs, name)}
     if as_json:
-        print(json.dumps([
-            {"name": s.name, "description": s.schema.get("description", ""), "paper": s.paper, "source": s.source,
-             "implementation": s.implementation,
-             "params": {k: {"type": v.get("type", v.get("enum")), "default": v.get("default"), "description": v.get("description", "")}
-                        for k, v in s.params.items()}}
-            for s in specs.values()
-        ], indent=2))
+        print(json.dumps([method_json(s) for s in specs.values()], indent=2))
     else:
-        from lowrank_runner.commands.render import print_methods
+        from lowrank_runner.commands.render import print_method, print_method_overview
 
-        print_methods(specs)
+        if name is None:
+            print_method_overview(specs)
+        else:
+            print_method(specs[name])
     for line in registry_problems():
         _err(f"warning: {line}")
+
+
+def _known_method(specs: dict, name: str):
+    if name not in specs:
+        raise UsageError(f"no method named {name!r}; the registered methods: {', '.join(specs)}")
+    return specs[name]
+
+
+def method_json(spec) -> dict:
+    return {"name": spec.name, "description": spec.schema.get("description", ""), "paper": spec.paper,
+            "source": spec.source, "implementation": spec.implementation,
+            "params": {k: {"type": v.get("type", v.get("enum")), "default": v.get("default"),
+                           "description": v.get("description", "")} for k, v in spec.params.items()}}
 
 
 @command()
@@ -280,8 +295,9 @@ def tasks(as_json: bool = typer.Option(False, "--json", help="Machine-readable o
     if as_json:
         print(json.dumps(rows, indent=2))
     else:
-        for row in rows:
-            print(f"{row['name']:16} {row['description']}  metrics: {', '.join(row['metrics'])} (primary: {row['primary_metric']})")
+        from lowrank_runner.commands.render import print_tasks
+
+        print_tasks(rows)
 
 
 @command()
@@ -299,8 +315,7 @@ def report(
 ):
     """Show a run's reproducibility report, or compare runs: recipe, input and environment differences, metrics.
     With --table: the results table of several recipes (methods, sweep points) in the paper's layout."""
-    from rich.console import Console
-
+    from lowrank_runner.console import make_console
     from lowrank_runner.errors import LrrError
     from lowrank_runner.report.compare import compare, expand
     from lowrank_runner.rundir.reports import not_completed
@@ -328,9 +343,9 @@ def report(
     if as_json:
         print(json.dumps(runs[0].report if len(runs) == 1 else compare(runs), indent=2, default=str))
     elif len(runs) == 1:
-        show_run(Console(), runs[0])
+        show_run(make_console(), runs[0])
     else:
-        show_comparison(Console(), runs)
+        show_comparison(make_console(), runs)
     if len(runs) == 1 and not_completed(runs[0]):  # a comparison marks them; one run's report is its failure
         raise LrrError(not_completed(runs[0]))
 

@@ -101,6 +101,21 @@ class TrainingError(LrrError):
     """Training cannot go on meaningfully (e.g. the loss is no longer a finite number)."""
 
 
+class DivergenceError(TrainingError):
+    """The training loss became non-finite or exploded (``training.divergence``): the run
+    stops as failed and keeps its directory (metrics.jsonl up to the stop, checkpoints).
+    ``checkpoint``: the last good one, if any; ``resume_hint``, set by whoever knows the
+    command that continues the run, is said after the message."""
+
+    def __init__(self, message: str, checkpoint=None):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+        self.resume_hint = ""
+
+    def __str__(self) -> str:
+        return super().__str__() + self.resume_hint
+
+
 class RecipeKeyError(LrrError):
     """A recipe value that only the model at hand shows to be wrong (a target that
     matches no linear layer, a rank above a layer's size): ``key`` is its dotted recipe

@@ -110,7 +110,7 @@ def test_a_rule_applies_only_when_its_parameters_match(monkeypatch):
 
 
 def test_methods_lists_the_rules():
-    result = cli("methods")
+    result = cli("methods", "lora2")  # `lrr methods NAME` shows one method in full
     assert result.exit_code == 0, result.output
     assert ("learning-rate guidance: needs an integrated learning rate of at least 0.6 with init: gaussian "
             f"({DOCS})") in " ".join(result.stdout.split())  # rich wraps the line
@@ -225,3 +225,75 @@ def test_guidance_stays_torch_free():
     code = "import sys, lowrank_runner.plan.guidance, lowrank_runner.recipe.validate; print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert proc.stdout.strip() == "False", proc.stderr
+
+
+# ------------------------------------------------------------ ceilings: a peak above what the method trained at
+
+CONDLORA = "method={name: condlora, r: 8}"
+
+
+def ceiling_warnings(lines, method="condlora"):
+    return [ln for ln in lines if f"{LR_KEY}: " in ln and f"the highest {method} is known to train at" in ln]
+
+
+def test_inspect_warns_above_condloras_ceiling_and_not_below():
+    result = cli("inspect", str(QUICKSTART), "--json", "--set", CONDLORA, "--set", "training.learning_rate=5e-3")
+    assert result.exit_code == 0, result.output
+    [run] = json.loads(result.stdout)["runs"]
+    [warning] = run["warnings"]
+    assert warning.startswith(f"{QUICKSTART} [classification, seed 0]: {LR_KEY}: a peak of 0.005 is above 0.003, "
+                              "the highest condlora is known to train at (bench/settings/sweep_sst2.yaml ")
+    assert "the majority class at 5e-3 and 1e-2 (diverged)" in warning
+    assert warning.endswith(f"lower training.learning_rate to 3e-3 or below (2e-3 learned best in the sweep) ({DOCS})")
+    for lr in ("3e-3", "2e-3"):  # at the ceiling and below: nothing (the floor is reached too)
+        quiet = cli("inspect", str(QUICKSTART), "--json", "--set", CONDLORA, "--set", f"training.learning_rate={lr}")
+        assert json.loads(quiet.stdout)["runs"][0]["warnings"] == [], lr
+
+
+def test_the_shipped_ceilings():
+    from lowrank_runner.plan.guidance import lr_ceilings
+
+    t = training(learning_rate=2e-3)
+    assert lr_ceilings({"name": "mtlora"}, t) and not lr_ceilings({"name": "mtlora"}, training(learning_rate=1e-3))
+    assert "0.569 at 2e-3 (unstable there)" in lr_ceilings({"name": "mtlora"}, t)[0]
+    assert not lr_ceilings({"name": "condlora"}, t) and not lr_ceilings({"name": "lora"}, training(learning_rate=1.0))
+
+
+def test_a_ceiling_rule_applies_when_its_parameters_match(monkeypatch):
+    fake_method(monkeypatch, [{"when": {"r": 16}, "max_learning_rate": 1e-3, "evidence": "measured", "fix": "lower it"}])
+    t = training(learning_rate=2e-3)
+    plan = plan_steps(800, t)
+    assert lr_guidance({"name": "lora", "r": 8}, t, plan) == []
+    [warning] = lr_guidance({"name": "lora", "r": 16}, t, plan)
+    assert warning == (f"{LR_KEY}: a peak of 0.002 is above 0.001, the highest lora (r: 16) is known to train at "
+                       f"(measured); lower it ({DOCS})")
+
+
+@pytest.mark.parametrize("rule", [{"evidence": "e", "fix": "f"},
+                                  {"min_integrated_lr": 0.1, "max_learning_rate": 1e-3, "evidence": "e", "fix": "f"}])
+def test_a_rule_is_a_floor_or_a_ceiling(monkeypatch, rule):
+    fake_method(monkeypatch, [rule])
+    with pytest.raises(ValueError, match=r"method 'lora': x-lr-guidance\[0\]: "):
+        guidance_rules("lora")
+
+
+def test_validate_warns_above_a_ceiling_without_planned_steps(tmp_path):
+    """A ceiling needs no planned steps: local data of unknown size is warned too."""
+    recipe = tmp_path / "condlora.yaml"
+    recipe.write_text(QUICKSTART.read_text().replace("method: {name: lora, r: 8, alpha: 16, dropout: 0.05}",
+                                                     "method: {name: condlora, r: 8}"))
+    result = cli("validate", str(recipe), "--set", "training.learning_rate=1e-2")
+    assert result.exit_code == 0, result.output
+    [warning] = ceiling_warnings(result.stdout.splitlines())
+    assert f"{LR_KEY}: task classification: a peak of 0.01 is above 0.003" in warning
+    assert ceiling_warnings(cli("validate", str(recipe)).stdout.splitlines()) == []
+
+
+def test_a_ceiling_in_words():
+    """What ``lrr methods`` says of a rule (commands/render.py)."""
+    from lowrank_runner.plan.guidance import describe_rule
+
+    assert [describe_rule(rule) for rule in guidance_rules("condlora")] == [
+        "needs an integrated learning rate of at least 0.03", "warns above a peak learning rate of 0.003"]
+    assert describe_rule({"when": {"init": "gaussian"}, "max_learning_rate": 1e-2}) == \
+        "warns above a peak learning rate of 0.01 with init: gaussian"

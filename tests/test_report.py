@@ -264,7 +264,7 @@ def test_a_failed_run_gets_a_report_md_too(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["status"] == "failed"
     assert "failed — RuntimeError: out of memory" in (tmp_path / "report.md").read_text()
     code, out = lrr("report", tmp_path)  # shown, and the exit code says the run failed
-    assert code == 1 and "Status: failed — RuntimeError: out of memory" in out
+    assert code == 1 and "**Status:** failed — RuntimeError: out of memory" in out  # piped: report.md's text
     assert f"error: {tmp_path}: the run failed: RuntimeError: out of memory; the traceback is in {tmp_path / 'error.txt'}" in out
 
 

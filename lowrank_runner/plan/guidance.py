@@ -1,6 +1,6 @@
 """Learning-rate guidance: is the planned schedule's learning rate far below what the
-method needs to learn at this budget? (torch-free; ``lrr inspect``, ``lrr run`` and
-``lrr validate`` warn.)
+method needs to learn at this budget, or its peak above what the method was measured to
+train at? (torch-free; ``lrr inspect``, ``lrr run`` and ``lrr validate`` warn.)
 
 The budget is the *integrated learning rate*, the sum of the scheduler's learning rate
 over the planned optimizer steps (plan/schedule.py: :func:`integrated_learning_rate`):
@@ -13,11 +13,17 @@ steps and peak. Each method schema may declare its rules (measured, docs/benchma
 ``"x-lr-guidance": [{"when": {"init": "gaussian"}, "min_integrated_lr": 0.6,
 "evidence": "...", "fix": "..."}]``
 
+A rule may instead set a ceiling on the peak learning rate, above which the method
+diverged or collapsed in the measurements (it needs no planned steps):
+
+``{"max_learning_rate": 3e-3, "evidence": "...", "fix": "..."}``
+
 ``when`` is matched against the method's resolved parameters (absent or empty: always).
 """
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import jsonschema
@@ -31,11 +37,13 @@ RULES_SCHEMA = {
     "type": "array",
     "items": {
         "type": "object",
-        "required": ["min_integrated_lr", "evidence", "fix"],
+        "required": ["evidence", "fix"],
+        "oneOf": [{"required": ["min_integrated_lr"]}, {"required": ["max_learning_rate"]}],  # a floor or a ceiling
         "additionalProperties": False,
         "properties": {
             "when": {"type": "object"},
             "min_integrated_lr": {"type": "number", "exclusiveMinimum": 0},
+            "max_learning_rate": {"type": "number", "exclusiveMinimum": 0},
             "evidence": {"type": "string", "minLength": 1},
             "fix": {"type": "string", "minLength": 1},
         },
@@ -74,18 +82,44 @@ def matching_rules(method_config: dict) -> list[dict]:
             if all(params.get(key) == value for key, value in (rule.get("when") or {}).items())]
 
 
+def describe_rule(rule: dict) -> str:
+    """A rule in words, for ``lrr methods``: its floor or ceiling and its ``when``."""
+    if "max_learning_rate" in rule:
+        text = f"warns above a peak learning rate of {rule['max_learning_rate']:g}"
+    else:
+        text = f"needs an integrated learning rate of at least {rule['min_integrated_lr']:g}"
+    return text + (f" with {condition(rule)}" if condition(rule) else "")
+
+
 def lr_shortfalls(method_config: dict, training: dict, plan: StepPlan) -> list[str]:
     """One message (without the recipe key) per matching rule whose
     ``min_integrated_lr`` the planned schedule does not reach."""
     have = integrated_learning_rate(plan, training)
     return [_shortfall(method_config, training, plan, rule, have)
-            for rule in matching_rules(method_config) if have < rule["min_integrated_lr"]]
+            for rule in matching_rules(method_config) if have < rule.get("min_integrated_lr", 0)]
+
+
+def lr_ceilings(method_config: dict, training: dict) -> list[str]:
+    """One message (without the recipe key) per matching rule whose
+    ``max_learning_rate`` the peak learning rate is above."""
+    peak = training["learning_rate"]
+    return [_above(method_config, peak, rule)
+            for rule in matching_rules(method_config) if peak > rule.get("max_learning_rate", math.inf)]
 
 
 def lr_guidance(method_config: dict, training: dict, plan: StepPlan) -> list[str]:
     """The warnings ``training.learning_rate: ...`` for a learning rate far below what
-    the method needs at the planned steps (:func:`lr_shortfalls`)."""
-    return [f"{LR_KEY}: {message}" for message in lr_shortfalls(method_config, training, plan)]
+    the method needs at the planned steps (:func:`lr_shortfalls`), or above its measured
+    ceiling (:func:`lr_ceilings`)."""
+    messages = lr_shortfalls(method_config, training, plan) + lr_ceilings(method_config, training)
+    return [f"{LR_KEY}: {message}" for message in messages]
+
+
+def _above(method_config: dict, peak: float, rule: dict) -> str:
+    """The message for one ceiling exceeded: the peak, the ceiling, its evidence, the fix."""
+    method = method_config["name"] + (f" ({condition(rule)})" if condition(rule) else "")
+    return (f"a peak of {peak:g} is above {rule['max_learning_rate']:g}, the highest {method} is known to train "
+            f"at ({rule['evidence']}); {rule['fix']} ({DOCS})")
 
 
 def _shortfall(method_config: dict, training: dict, plan: StepPlan, rule: dict, have: float) -> str:

@@ -3,7 +3,9 @@ reading any data (``training.max_steps``, or a task on its default hub dataset o
 size): the method's step schedule against them (its ``x-schedule``: errors at
 ``method.KEY`` for a schedule that cannot act, warnings for one that acts only partly) and
 the learning-rate guidance (warnings at ``training.learning_rate`` for a run whose planned
-schedule integrates to far less than its method needs, :mod:`.guidance`). ``lrr inspect``
+schedule integrates to far less than its method needs, :mod:`.guidance`). A peak learning
+rate above the method's measured ceiling is said whether the steps are known or not (it
+needs none). ``lrr inspect``
 and ``lrr run`` plan on the data itself and say the same (:mod:`.checks`). The plan is a
 1-process one: more processes only shorten it, so a schedule error here is one on any."""
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 from lowrank_runner.errors import LrrError, Problem
 from lowrank_runner.methods.registry import method_specs
-from lowrank_runner.plan.guidance import lr_shortfalls
+from lowrank_runner.plan.guidance import lr_ceilings, lr_shortfalls
 from lowrank_runner.plan.schedule import StepPlan, plan_steps
 from lowrank_runner.recipe.document import Document
 from lowrank_runner.recipe.problems import dedupe, problem
@@ -34,10 +36,8 @@ def _run_problems(doc: Document, point: str) -> list[Problem]:
         return []
     try:
         plan = _planned_steps(task, training)
-        if plan is None:
-            return []
-        schedule = spec.schedule_problems(method, plan.total_steps)
-        messages = lr_shortfalls(method, training, plan)
+        schedule = spec.schedule_problems(method, plan.total_steps) if plan else []
+        messages = (lr_shortfalls(method, training, plan) if plan else []) + lr_ceilings(method, training)
     except (LrrError, ValueError, TypeError, KeyError, ArithmeticError):
         return []
     at = f"(task {task['name']}{', sweep point ' + point if point else ''})"

@@ -22,12 +22,23 @@ def _value(value) -> str:
 
 
 def show_run(console: Console, run: RunReport) -> None:
-    console.print(f"[dim]{escape(str(run.dir))}[/dim]")
-    console.print(Markdown(run_markdown(run.report)))
+    """On a terminal, the report rendered (its plots as the PNGs' paths: a terminal shows
+    no images); into a file or pipe, the report's Markdown text itself."""
+    text = run_markdown(run.report, plots_at=str(run.dir))
+    if console.is_terminal:
+        console.print(f"[dim]{escape(str(run.dir))}[/dim]")
+        console.print(Markdown(text))
+    else:
+        console.print(text, markup=False, highlight=False, end="")
     files = [run.dir / name for name in [REPORT_MD, *((run.report.get("files") or {}).get("plots") or {})]]
     existing = [str(p) for p in files if p.is_file()]
     if existing:
         console.print("[bold]files:[/bold] " + escape(", ".join(existing)))
+
+
+def seconds(value) -> str | None:
+    """``247.2 s`` (None stays None: shown as –)."""
+    return None if value is None else f"{value:,.1f} s"
 
 
 def _differences(console: Console, title: str, diffs: dict, labels: list[str], same: str) -> None:
@@ -70,7 +81,7 @@ def show_comparison(console: Console, runs: list[RunReport]) -> dict:
     lines += [(f"last: {n}", [r["last_eval"].get(n) for r in rows]) for n in data["metric_names"]]
     if any(r["test"] for r in rows):
         lines += [(f"test: {n}", [(r["test"] or {}).get(n) for r in rows]) for n in data["metric_names"]]
-    lines += [("trainable params", [r["trainable_params"] for r in rows]), ("wall time s", [r["wall_time_s"] for r in rows])]
+    lines += [("trainable params", [r["trainable_params"] for r in rows]), ("wall time", [seconds(r["wall_time_s"]) for r in rows])]
     for name, values in lines:
         cells = [escape(fmt(v)) for v in values]
         differs = len(set(cells)) > 1

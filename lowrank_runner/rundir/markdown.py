@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 
 def fmt(value) -> str:
@@ -39,7 +40,9 @@ def _short(text: str | None, n: int = 12) -> str:
     return f"`{text[:n]}`" if text else "–"
 
 
-def run_markdown(report: dict) -> str:
+def run_markdown(report: dict, plots_at: str | None = None) -> str:
+    """The report; its plots as images (``report.md``), or, with ``plots_at`` (the run
+    directory, for a terminal, which shows no images), as the paths of their PNG files."""
     r, lines = report, []
     rec, run = r.get("recipe", {}), r.get("run", {})
     parts = [rec.get("name"), run.get("task"), None if run.get("seed") is None else f"seed {run['seed']}"]
@@ -70,14 +73,14 @@ def run_markdown(report: dict) -> str:
         lines.append(f"- tracked with {tracker.get('name')}: {tracker.get('writes')}")
     lines.append("")
 
-    lines += _results(r)
+    lines += _results(r, plots_at)
     lines += _model(r)
     lines += _data(r)
     lines += _compute(r)
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _results(r: dict) -> list[str]:
+def _results(r: dict, plots_at: str | None = None) -> list[str]:
     best = r.get("best")
     if not best:
         return []
@@ -100,14 +103,21 @@ def _results(r: dict) -> list[str]:
         lines += _table(["epoch", "last step", "train loss", "eval step", *names],
                         [[e["epoch"], e["last_step"], e["train_loss"], e["eval_step"],
                           *[(e["eval"] or {}).get(n) for n in names]] for e in epochs])
-    for name, caption in (r.get("files") or {}).get("plots", {}).items():
-        lines += [f"![{caption}]({name})", ""]
+    lines += _plots((r.get("files") or {}).get("plots") or {}, plots_at)
     pattern = r.get("rank_pattern")
     if pattern:
         lines += [f"Final rank pattern: total rank {pattern['total_rank']} over {pattern['modules']} modules "
                   f"(`{pattern['file']}`; heatmap `{pattern['heatmap']}`):", ""]
         lines += _table(["module", "rank"], [[f"`{m}`", rank] for m, rank in (pattern.get("pattern") or {}).items()])
     return lines
+
+
+def _plots(plots: dict, at: str | None) -> list[str]:
+    if at is None:
+        return [line for name, caption in plots.items() for line in (f"![{caption}]({name})", "")]
+    if not plots:
+        return []
+    return ["Plots (PNG files):", "", *(f"- {caption}: `{Path(at) / name}`" for name, caption in plots.items()), ""]
 
 
 def _model(r: dict) -> list[str]:

@@ -20,7 +20,7 @@ from typing import Callable
 from rich.console import Console
 from rich.markup import escape
 
-from lowrank_runner.errors import LrrError, UsageError
+from lowrank_runner.errors import DivergenceError, LrrError, UsageError
 from lowrank_runner.recipe.load import Recipe, RunSpec
 from lowrank_runner.rundir.files import write_json
 from lowrank_runner.rundir.layout import ERROR_FILE, SUMMARY_FILE
@@ -125,7 +125,8 @@ def source_pending(inv: Invocation, run: RunSpec) -> str | None:
 
 def train_one(inv: Invocation, run: RunSpec) -> dict:
     """Settle, or train (or continue) one run; its summary entry. A failure is recorded
-    and the invocation goes on, unless the recipe has this one run (then it is raised)."""
+    and the invocation goes on, unless the recipe has this one run (then it is raised).
+    A run that diverged keeps its directory (metrics.jsonl, checkpoints) marked failed."""
     run_dir = inv.dirs[run.index]
     at_point = f" · {escape(run.label)}" if run.label else ""
     console.rule(f"[bold]{escape(inv.recipe.name)}[/bold] · {escape(run.task)}{at_point} · seed {run.seed}")
@@ -143,7 +144,7 @@ def train_one(inv: Invocation, run: RunSpec) -> dict:
     except LrrError as exc:
         console.print(f"[red]run {escape(run.slug)} failed:[/red] {escape(str(exc))}")
         if single:
-            single_run_failed(run_dir, str(exc), inv.resume)
+            single_run_failed(run_dir, str(exc), inv.resume or isinstance(exc, DivergenceError))
             raise
         mark_failed(run_dir, str(exc), create=True)
         return summary_entry(run, run_dir, "failed", error=str(exc))
@@ -173,8 +174,12 @@ def _train(inv: Invocation, run: RunSpec, run_dir: Path, checkpoint) -> dict:
     init = init_source(inv.recipe, run, inv.dirs)
     start_run_dir(inv.recipe, run, run_dir, inv.resume)
     with nullcontext() if run_dir == inv.root else owned(run_dir, say):  # the root is the invocation's already
-        result = train_run(inv.recipe, run, run_dir, inv.argv, resume=checkpoint, stop_after=inv.stop_after,
-                           init_from=init)
+        try:
+            result = train_run(inv.recipe, run, run_dir, inv.argv, resume=checkpoint, stop_after=inv.stop_after,
+                               init_from=init)
+        except DivergenceError as exc:  # the divergence guard (train/divergence.py)
+            exc.resume_hint = resume_hint(exc, inv.again)
+            raise
     if result.stopped_at is not None:
         console.print(f"[yellow]stopped[/yellow] {escape(run.slug)} after step {result.stopped_at} with a checkpoint; "
                       f"continue with: {escape(inv.again)}")
@@ -183,6 +188,12 @@ def _train(inv: Invocation, run: RunSpec, run_dir: Path, checkpoint) -> dict:
     console.print(f"[bold green]done[/bold green] {escape(run.slug)}: best {escape(str(best['metric']))} "
                   f"{best['value']:.4f} at step {best['step']} · {escape(str(run_dir))}")
     return summary_entry(run, run_dir, "completed", best=best, **({"test": result.test} if result.test is not None else {}))
+
+
+def resume_hint(exc: DivergenceError, again: str) -> str:
+    """What a diverged run's message ends with: the command that continues it from its
+    last good checkpoint ("" without one)."""
+    return "" if exc.checkpoint is None else f"; to continue from that checkpoint with the same settings: {again}"
 
 
 # ------------------------------------------------------------------ the end, or an interruption

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import shutil
 import sys
 import time
@@ -30,7 +29,6 @@ import torch
 
 from lowrank_runner.backbones.load import load_tokenizer
 from lowrank_runner.backbones.resolve import resolve as resolve_backbone
-from lowrank_runner.errors import TrainingError
 from lowrank_runner.methods.inject import adapter_state_dict, load_adapter_state, update_norms
 from lowrank_runner.modeling import AdaptedModel, build_adapted_model, check_backbone_fits_task
 from lowrank_runner.plan.checks import PlanError, check_method_schedule, check_schedule, plan_run, run_batch
@@ -45,10 +43,11 @@ from lowrank_runner.tasks.holdout import HOLDOUT_SEED, TEST_PREFIX
 from lowrank_runner.train.checkpoint import Checkpoint, restore_checkpoint, save_checkpoint
 from lowrank_runner.train.data import build_dataloaders, prepared_data
 from lowrank_runner.train.devices import has_accelerator_device, resolve_mixed_precision
+from lowrank_runner.train.divergence import DivergenceGuard
 from lowrank_runner.train.fsdp import Sharding
 from lowrank_runner.train.memory import enable_gradient_checkpointing, keep_trainable_in
 from lowrank_runner.train.optim import build_optimizer, build_scheduler
-from lowrank_runner.train.progress import TrainingProgress
+from lowrank_runner.train.progress import SetupPhases, TrainingProgress
 from lowrank_runner.train.run_report import build_run_report
 from lowrank_runner.train.tracking import Tracking
 
@@ -190,14 +189,19 @@ class TrainingRun:
         self.batch = run_batch(self.run, self.accelerator.num_processes, self.recipe.source)
         self.accelerator.gradient_accumulation_steps = self.batch.accumulation
         set_seed(self.run.seed)
-        self._setup_data()
-        self._setup_model()
+        phases = SetupPhases(enabled=self.main)  # a line per phase as it starts, with its time (train/progress.py)
+        with phases.phase("loading and tokenising the data"):
+            self._setup_data()
+        with phases.phase("loading backbone"):
+            self._setup_model()
         self.plan = plan_run(self.run, len(self.tokenized["train"]), self.accelerator.num_processes, self.recipe.source)
         check_schedule(self.plan, self.where)
-        self._setup_optimization()
+        with phases.phase("preparing optimizer and devices"):
+            self._setup_optimization()
         self._setup_method()
         self.state = LoopState(window_loss=torch.zeros((), device=self.accelerator.device),
                                best={"step": None, "metric": self.task.metric, "value": None, "eval": None})
+        self.guard = DivergenceGuard(self.training, self.accelerator.device, self.where, self.run_dir)
 
     def _accelerator(self):
         """The run's Accelerator; with FSDP (``training.fsdp`` or an accelerate config:
@@ -302,6 +306,7 @@ class TrainingRun:
             raise PlanError(str(exc)) from None
         self.state.best_state = _split_best(best_tensors, self.adapted.head_names)
         self.state.restore(checkpoint.state)
+        self.guard.restore(checkpoint.state.get("divergence"))  # absent from checkpoints written before the guard
 
     def open_outputs(self) -> None:
         """The run directory with its ``recipe.yaml``, ``metrics.jsonl`` (a resumed run
@@ -380,7 +385,10 @@ class TrainingRun:
                 extra = self.train_step(batch, num_items)
         if num_items is not None:
             self.state.window_n += 1  # token-level: the window's shares add up to the step's token mean
-        return StepOutput(self.optimizer_step(), extra)
+        lr = self.scheduler.get_last_lr()[0]  # the rate this optimizer step runs at
+        out = StepOutput(self.optimizer_step(), extra)
+        self.guard.after_step(self.state.step, self.state.window_loss, lr)  # on the device: no sync
+        return out
 
     def train_step(self, batch, num_items: int | None = None) -> torch.Tensor | None:
         """Forward and backward of one micro-batch; returns the method's regulariser.
@@ -434,11 +442,12 @@ class TrainingRun:
         step, total = self.state.step, self.plan.total_steps
         if step % self.training["log_every"] == 0 or step == total:
             self.log_step(out)
+        self.progress.advance(step)  # the bar at every step; off a terminal, a step line when due
         if step % self.eval_every == 0 or step == total:
             self.evaluate_and_select()
         if step >= total:
             return True
-        if step % self.checkpoint_every == 0 or step == self.stop_after:
+        if (step % self.checkpoint_every == 0 and not self.guard.holds_checkpoints) or step == self.stop_after:
             self.save_checkpoint(batches_in_epoch)
         if step == self.stop_after:
             self.stopped_at = step
@@ -451,15 +460,12 @@ class TrainingRun:
     def log_step(self, out: StepOutput) -> None:
         """The mean loss since the last log line (over all processes), the learning rate
         and the method's values (with ``training.log_update_norm``, ``update_norm`` and
-        ``update_norm_max``): a ``metrics.jsonl`` line and the progress bar."""
+        ``update_norm_max``): a ``metrics.jsonl`` line and the progress bar. The divergence
+        guard (train/divergence.py) stops the run on a non-finite loss before the line,
+        and on an exploding one after it (every process sees the same reduced value: all stop)."""
         s = self.state
         mean_loss = self.accelerator.reduce(s.window_loss / max(s.window_n, 1), reduction="mean").item()
-        if not math.isfinite(mean_loss):  # every process sees the same reduced value: all stop
-            raise TrainingError(
-                f"{self.where}: the training loss is {mean_loss} at step {s.step}: the model's outputs are not finite "
-                "(training diverged, or the backbone or initial adapter holds NaN/Inf weights); lower "
-                "training.learning_rate, set training.max_grad_norm, use backbone.dtype float32 or bfloat16 instead "
-                "of float16, or check the backbone's weights")
+        self.guard.check_logged(s.step, mean_loss, self.accelerator)
         s.window_loss.zero_()
         s.window_n = 0
         record = {"step": s.step, "epoch": self._epoch(), "loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],
@@ -472,6 +478,7 @@ class TrainingRun:
             self.log.write(record)
         self.tracking.log_step(record)
         self.progress.update_train(s.step, mean_loss, record["lr"])
+        self.guard.observe_logged(s.step, mean_loss)
 
     # ------------------------------------------------------------------ evaluate and select
 
@@ -504,7 +511,9 @@ class TrainingRun:
     # ------------------------------------------------------------------ checkpoint
 
     def save_checkpoint(self, batches_in_epoch: int) -> None:
-        """A resumable checkpoint after the current step (collective: every process calls it)."""
+        """A resumable checkpoint after the current step (collective: every process calls it);
+        none after a non-finite loss (the divergence guard stops the run instead)."""
+        self.guard.check_finite(self.accelerator)
         s = self.state
         unwrapped = self.accelerator.unwrap_model(self.model)
         adapter, head = _trainable_state(unwrapped, self.adapted, compact=False) if self.main else ({}, {})
@@ -513,8 +522,8 @@ class TrainingRun:
             scheduler=self.scheduler, method=self.method, data_generator=s.epoch_generator,
             trainable={**adapter, **head},
             best={**s.best_state[0], **s.best_state[1]} if s.best_state else None,
-            state=s.checkpoint_state(batches_in_epoch, self.log.lines if self.log else 0, self.run.config_hash,
-                                     self.plan.total_steps),
+            state={**s.checkpoint_state(batches_in_epoch, self.log.lines if self.log else 0, self.run.config_hash,
+                                        self.plan.total_steps), "divergence": self.guard.state()},
         )
 
     # ------------------------------------------------------------------ finish

@@ -341,11 +341,12 @@ def discard(root: Path, created: list[Path]) -> None:
             break
 
 
-def single_run_failed(run_dir: Path, error: str, resume: bool) -> None:
+def single_run_failed(run_dir: Path, error: str, keep: bool) -> None:
     """A single run that failed before training leaves nothing behind (its directory is
     removed by :func:`~lowrank_runner.train.runner.run_recipe`); one that trained keeps
-    its directory (checkpoints, metrics) with the failure recorded."""
-    if resume or not nothing_resumable(run_dir):
+    its directory (checkpoints, metrics) with the failure recorded, as does one that
+    ``keep`` says to keep (under ``--resume``, or one that diverged: its metrics.jsonl)."""
+    if keep or not nothing_resumable(run_dir):
         mark_failed(run_dir, error)
 
 
