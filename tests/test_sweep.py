@@ -142,7 +142,7 @@ def test_a_sweep_trains_each_point_in_its_directory_and_resumes(tiny_recipe, tmp
         assert report["status"] == "completed"
         assert (report["run"]["point"], report["run"]["label"]) == (run["point"], run["label"])  # a table of run dirs
     code, table, _ = (lambda r: (r.code, r.stdout, r.stderr))(lrr("report", "--table", *sorted(out.rglob("seed0"))))
-    assert code == 0 and "| tiny [seed0] (r=2) |" in table and "| tiny [seed0] (r=4) |" in table
+    assert code == 0 and "| tiny (lora, r=2) |" in table and "| tiny (lora, r=4) |" in table
     before = snapshot(out)
     again = lrr("run", path, "--sweep", "method.r=2,8", "--set", "training.epochs=1", "--output", out, "--resume")
     assert_clean_error(again, contains=("its runs were started by a different recipe or --set overrides",))

@@ -14,7 +14,7 @@ from lowrank_runner.cli import app
 from lowrank_runner.recipe.compose import load_document
 from lowrank_runner.recipe.load import check_recipe_file
 from lowrank_runner.tables import build_table, csv_text, latex, markdown, sweep_figure, table_spec
-from lowrank_runner.tables.figure import figure_lines, sweep_axis
+from lowrank_runner.tables.figure import MIN_Y_SPAN, figure_how, figure_lines, sweep_axis, y_range
 from lowrank_runner.tables.build import Source
 from lowrank_runner.tables.formats import format_params
 from lowrank_runner.recipe.output_checks import table_problems
@@ -70,8 +70,8 @@ def test_lora2_table_1_average_takes_the_mean_of_each_tasks_metrics(tmp_path):
                         "**90.19**/**90.38** | **93.92** | **89.53** | **89.06** |")
     assert lines[3] == ("| LoRA (r=1) | 0.17M | 68.60 | 94.95 | 88.24 | 91.20/**88.37** | 91.41 | 90.09/90.28 | 93.35 | "
                         "81.29 | 87.23 |")
-    assert lines[5] == ("Metrics ×100 (NIST, MSE, perplexity as they are), mean over seeds cola: [0]; sst2: [0]; "
-                        "mrpc: [0]; qqp: [0]; stsb: [0]; mnli: [0]; qnli: [0]; rte: [0].")
+    assert lines[5] == ("Metrics ×100 (NIST, MSE, perplexity as they are), n = 1: one seed per value, no spread "
+                        "(seeds cola: [0]; sst2: [0]; mrpc: [0]; qqp: [0]; stsb: [0]; mnli: [0]; qnli: [0]; rte: [0]).")
     assert lines[6] == "Avg.: the mean over the columns of each column's mean over its metrics."
 
 
@@ -296,7 +296,7 @@ def test_lrr_run_writes_the_table_and_the_sweep_figure(outputs):
     assert "![metric against the swept value](sweep.png)" in (sweep / "report.md").read_text()
     assert "[classification/r=2/seed0](classification/r=2/seed0/report.md)" in (sweep / "report.md").read_text()
     single = outputs / "single"
-    assert (single / "report.json").is_file() and "| single | 512 |" in (single / "results.md").read_text()
+    assert (single / "report.json").is_file() and "| single (lora) | 512 |" in (single / "results.md").read_text()
     code, out, err = lrr("report", sweep, "--json")  # the runs of a sweep are found under their points
     assert code == 0 and [r["label"] for r in json.loads(out)["runs"]] == [
         f"{sweep}/classification/r=2/seed0", f"{sweep}/classification/r=4/seed0"]
@@ -310,7 +310,7 @@ def test_report_table_over_several_recipes_output_directories(outputs, tmp_path)
     lines = out.splitlines()
     assert lines[0] == "| Method | # Params | classification (Acc) | Avg. |"
     assert [line.split(" | ")[0:2] for line in lines[2:6]] == [
-        ["| lora", "512"], ["| lora-sweep (r=2)", "256"], ["| lora-sweep (r=4)", "512"], ["| single", "512"]]
+        ["| lora", "512"], ["| lora-sweep (r=2)", "256"], ["| lora-sweep (r=4)", "512"], ["| single (lora)", "512"]]
     assert "classification: [0, 1]." in out
     code, _, err = lrr("report", "--table", *dirs, "--out", tmp_path / "t.tex", "--figure", tmp_path / "f.png")
     assert code == 0 and f"table written to {tmp_path / 't.tex'}" in err
@@ -608,7 +608,7 @@ def test_report_table_baseline_end_to_end(outputs, tmp_path):
     assert code == 0, err
     assert out.splitlines()[3].startswith("| lora-b | 512 | ")
     assert "lora-b vs lora: paired t, n=2 (every column and Avg.)." in out
-    assert "single vs lora: n=1: no interval (every column and Avg.)." in out
+    assert "single (lora) vs lora: n=1: no interval (every column and Avg.)." in out
     code, out, err = lrr("report", "--table", *dirs, "--baseline", "lora", "--json")
     assert code == 0, err
     data = json.loads(out)
@@ -623,7 +623,7 @@ def test_report_table_baseline_end_to_end(outputs, tmp_path):
     assert code == 0 and out.splitlines()[0].endswith(",baseline,diff,diff_low,diff_high,ci_level,p_value,test,n_baseline")
     code, _, err = lrr("report", "--table", *dirs, "--baseline", "nope")
     assert code == 2 and err.strip() == (
-        "error: --baseline: baseline 'nope' names no row of the table; its rows: lora, lora-b, single (give a row as "
+        "error: --baseline: baseline 'nope' names no row of the table; its rows: lora, lora-b, single (lora) (give a row as "
         "the table prints it, or a sweep point's label)")
     code, _, err = lrr("report", outputs / "lora", "--baseline", "lora")
     assert code == 2 and "--baseline goes with --table" in err
@@ -633,3 +633,94 @@ def test_lrr_run_compares_with_the_recipes_baseline(outputs):
     md = (outputs / "lora-sweep" / "results.md").read_text()
     assert "the difference to the baseline lora-sweep (r=2)" in md
     assert "lora-sweep (r=4) vs lora-sweep (r=2): n=1: no interval (every column and Avg.)." in md
+
+
+# ------------------------------------------------------------- issue 26: tables that tell the truth
+
+
+def test_the_method_column_names_the_method_where_the_recipes_name_does_not(tmp_path):
+    def source(name, method, label="", point=None):
+        return Source(name, ["rte"], [entry(tmp_path / name, "rte", 0, {"accuracy": 0.7}, "accuracy", label=label,
+                                            point=point)], method=method)
+
+    t = build_table([source("quickstart", "triadaptlora"), source("lora2-glue", "lora2"),
+                     source("lora2_deberta", "lora"), source("LoRA", "lora"),
+                     source("methods", "lora", "name=sora", {"method.name": "sora"})], table_spec({}))
+    assert [r.title for r in t.rows] == ["quickstart (triadaptlora)", "lora2-glue", "lora2_deberta (lora)", "LoRA",
+                                         "methods (name=sora)"]
+    assert t.rows[0].method == "quickstart (triadaptlora)" and t.rows[0].recipe == "quickstart"
+    assert csv_text(t).splitlines()[1].startswith("quickstart (triadaptlora),rte,accuracy,")
+    assert build_table([source("quickstart", "triadaptlora"), source("lora", "lora")],
+                       table_spec({"table": {"baseline": "quickstart"}})).baseline.title == "quickstart (triadaptlora)"
+
+
+def test_one_seed_is_called_n_1_and_drawn_without_error_bars(tmp_path):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from lowrank_runner.tables import print_table
+
+    one = [Source("lora", ["rte"], [entry(tmp_path, "rte", 0, {"accuracy": a}, "accuracy", label=f"r={r}",
+                                          point={"method.r": r}) for r, a in ((2, 0.701), (4, 0.712), (8, 0.705))])]
+    t = build_table(one, table_spec({}))
+    assert "± std" not in markdown(t) and "n = 1: one seed per value, no spread (seeds rte: [0])." in markdown(t)
+    console = Console(file=StringIO(), width=200)
+    print_table(console, t, "lora")
+    assert "lora: one seed (n = 1), ×100" in console.file.getvalue() and "±" not in console.file.getvalue()
+    assert figure_how(t, bars=False) == "one seed per point (n = 1)"
+    low, high = y_range(figure_lines(t))  # 70.1 .. 71.2: not stretched over the whole height
+    assert high - low == pytest.approx(MIN_Y_SPAN) and low < 70.1 and high > 71.2
+    assert y_range({"a": [(1, 50.0, None), (2, 80.0, None)]}) is None
+    assert sweep_figure(t, tmp_path / "one.png", "lora").is_file()
+    two = build_table(sweep_sources(tmp_path), table_spec({}))
+    assert figure_how(two, bars=True) == "mean ± std over seeds (n = 2)"
+    console = Console(file=StringIO(), width=200)
+    print_table(console, two, "targets")
+    assert "targets: mean ± std over seeds (n = 2), ×100" in console.file.getvalue()
+
+
+def test_latex_has_one_bold_macro_and_ends_with_a_newline(tmp_path):
+    rows = [Source(f"m{i}", ["rte"], [entry(tmp_path / f"m{i}", "rte", 0, {"accuracy": a}, "accuracy")])
+            for i, a in enumerate((0.7, 0.8))]
+    tex = latex(build_table(rows, table_spec({})))
+    assert "\\textbf" not in tex and "m1 & -- & $\\mathbf{80.00}$ & $\\mathbf{80.00}$ \\\\" in tex
+    assert tex.endswith("\\end{tabular}\n") and not tex.endswith("\n\n")
+
+
+def edited_copy(source, target, name, **training):
+    """A copy of a single run's directory whose report says it was recipe ``name`` with
+    these training settings (as --set would have made it)."""
+    shutil.copytree(source, target)
+    report = json.loads((target / "report.json").read_text())
+    report["recipe"]["name"] = report["recipe"]["resolved"]["name"] = name
+    report["recipe"]["resolved"]["training"].update(training)
+    (target / "report.json").write_text(json.dumps(report))
+    return target
+
+
+def test_report_table_warns_where_the_joined_recipes_trained_differently(outputs, tmp_path):
+    four = edited_copy(outputs / "single", tmp_path / "four", "four-epochs", epochs=4, learning_rate=0.05)
+    code, out, err = lrr("report", "--table", outputs / "single", four)
+    assert code == 0, err
+    assert err.splitlines() == [
+        "warning: the recipes joined in this table trained with different settings, so their rows differ by more than "
+        "the method:", "  training.epochs: single 1; four-epochs 4", "  training.learning_rate: single 0.01; four-epochs 0.05"]
+    assert "- training.epochs: single 1; four-epochs 4" in out
+    code, out, err = lrr("report", "--table", outputs / "single", outputs / "lora-sweep")  # method.r is swept
+    assert code == 0 and err == ""
+
+
+def test_report_table_tells_rows_of_one_recipe_apart_by_what_was_switched(outputs, tmp_path):
+    switched = edited_copy(outputs / "single", tmp_path / "switched", "single", epochs=4)
+    report = json.loads((switched / "report.json").read_text())
+    report["recipe"]["resolved"]["method"] = {"name": "triadaptlora", "r": 2}
+    (switched / "report.json").write_text(json.dumps(report))
+    code, out, err = lrr("report", "--table", outputs / "single", switched, "--json")
+    assert code == 0, err
+    rows = json.loads(out)["rows"]
+    assert [r["method"] for r in rows] == ["single (lora, epochs=1)", "single (triadaptlora, epochs=4)"]
+    assert "  training.epochs: single (epochs=1) 1; single (epochs=4) 4" in err.splitlines()
+    again = shutil.copytree(outputs / "single", tmp_path / "again")
+    code, out, _ = lrr("report", "--table", outputs / "single", again, "--json")
+    assert code == 0 and [r["method"] for r in json.loads(out)["rows"]] == ["single (lora, single)", "single (lora, again)"]

@@ -11,7 +11,7 @@ A bundle is everything needed to rebuild the adapted model except the backbone::
       head.safetensors       trained task head, when the run trained one
       recipe.yaml            the run's resolved config (how the model is rebuilt)
       tokenizer files        the tokenizer the run used
-      lrr_export.json        provenance: source run, hashes, the round-trip check
+      lrr_export.json        provenance: source run (its name), hashes, the round-trip check
 
 It is written in a temporary sibling directory, loaded back with :func:`load_adapted` and
 compared with the run's model on the probe batch; only an identical round trip is renamed
@@ -89,7 +89,9 @@ def export_bundle(source: Path, out: Path, tolerance: float = 0.0, backbone: str
                                                "source": used["source"], "fingerprint": used["fingerprint"]}}
     with staged_output(out) as tmp:
         save_adapter(tmp, adapter, head, adapter_cfg)
-        write_recipe(tmp / RECIPE_FILE, config, adapter_cfg.get("recipe_hash"), adapter_cfg.get("config_hash"), str(source))
+        # the header names the run (absolute: the model card finds its report by it); lrr_export.json only its name
+        write_recipe(tmp / RECIPE_FILE, config, adapter_cfg.get("recipe_hash"), adapter_cfg.get("config_hash"),
+                     str(source.resolve()))
         tokenizer.save_pretrained(tmp)
         reloaded = load_adapted(tmp)
         max_diff, mean_diff = compare_outputs(expected, model_outputs(reloaded, batch))

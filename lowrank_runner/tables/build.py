@@ -6,6 +6,7 @@ seed, status, best, test, point, label, dir). Torch-free."""
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +18,33 @@ from lowrank_runner.tables.spec import Column, TableSpec, header, lower_is_bette
 @dataclass
 class Source:
     """The runs of one recipe (one method): its name, its tasks in the recipe's order,
-    the summary entries, and its sweep points in order (label -> point)."""
+    the summary entries, and its sweep points in order (label -> point); ``method``: the
+    method its runs trained (``method.name`` of the resolved recipe, after ``--set``;
+    "" when unknown), ``tags``: what tells it apart from another source of the same
+    recipe (``epochs=4``), ``resolved``: its resolved recipe ({} when unknown)."""
 
     name: str
     tasks: list[str]
     entries: list[dict]
     points: dict[str, dict] = field(default_factory=dict)
+    method: str = ""
+    tags: list[str] = field(default_factory=list)
+    resolved: dict = field(default_factory=dict)
+
+
+def names_method(recipe: str, method: str) -> bool:
+    """Whether a recipe's name says its method: the method's name is one of the name's
+    words (split at anything but letters and digits; case ignored): ``lora2-glue`` says
+    lora2, ``quickstart`` says no method, ``lora2_deberta`` says lora2, not lora."""
+    return method.lower() in re.split(r"[^a-z0-9]+", recipe.lower())
+
+
+def row_tags(source: Source, point: dict) -> list[str]:
+    """The words in a row's parentheses before its sweep label: the method where the
+    recipe's name does not say it (and no swept ``method.name`` does), then the source's
+    own tags."""
+    said = not source.method or "method.name" in point or names_method(source.name, source.method)
+    return ([] if said else [source.method]) + list(source.tags)
 
 
 @dataclass
@@ -42,7 +64,7 @@ class Value:
 
 @dataclass
 class Row:
-    method: str
+    recipe: str  # the recipe's name
     label: str  # the sweep point ("" without a sweep)
     point: dict
     cells: list[list[Value]]  # per column, per metric
@@ -52,6 +74,12 @@ class Row:
     average_best: bool = False
     differences: list[Difference | None] = field(default_factory=list)  # per column (first metric), to the baseline
     average_difference: Difference | None = None
+    tags: list[str] = field(default_factory=list)  # row_tags: the method, the keys a same-named recipe changed
+
+    @property
+    def method(self) -> str:
+        """The Method column without the sweep label: ``lora2``, ``quickstart (triadaptlora)``."""
+        return f"{self.recipe} ({', '.join(self.tags)})" if self.tags else self.recipe
 
     @property
     def average_complete(self) -> bool:
@@ -60,7 +88,9 @@ class Row:
 
     @property
     def title(self) -> str:
-        return f"{self.method} ({self.label})" if self.label else self.method
+        """The Method column: the recipe, then its tags and sweep label in one parenthesis."""
+        words = self.tags + ([self.label] if self.label else [])
+        return f"{self.recipe} ({', '.join(words)})" if words else self.recipe
 
 
 @dataclass
@@ -71,9 +101,16 @@ class Table:
     rows: list[Row]
     baseline: Row | None = None
 
+    settings: list = field(default_factory=list)  # sources.SettingDifference: what the joined recipes trained differently
+
     @property
     def complete(self) -> bool:
         return all(v.centre is not None and not v.missing for r in self.rows for c in r.cells for v in c)
+
+    @property
+    def seed_counts(self) -> list[int]:
+        """The numbers of seeds behind the values shown, sorted ([1]: every value is one run)."""
+        return sorted({len(v.seeds) for r in self.rows for c in r.cells for v in c if v.centre is not None})
 
 
 def aggregate(values: list[float], how: str, spread: str = "std") -> tuple[float, float | None]:
@@ -148,7 +185,7 @@ def _row(source: Source, label: str, columns: list[Column], spec: TableSpec) -> 
     counts = [n for n in (adapter_params(e) for e in entries if _completed(e)) if n is not None] if spec.params else []
     point = source.points.get(label) or next((e["point"] for e in entries if e.get("point")), {})
     return Row(source.name, label, point, cells, _average(cells, spec.average),
-               statistics.fmean(counts) if counts else None, counts)
+               statistics.fmean(counts) if counts else None, counts, tags=row_tags(source, point))
 
 
 def _mark_best(rows: list[Row]) -> None:
@@ -214,6 +251,6 @@ def build_table(sources: list[Source], spec: TableSpec) -> Table:
         _mark_best(rows)
     baseline = None
     if spec.baseline is not None:
-        baseline = rows[baseline_index([(r.title, r.method, r.label) for r in rows], spec.baseline)]
+        baseline = rows[baseline_index([(r.title, r.method, r.label, r.recipe) for r in rows], spec.baseline)]
         _compare(rows, baseline, spec.average)
     return Table(spec, [header(c, c.metrics) for c in columns], columns, rows, baseline)

@@ -1,7 +1,8 @@
 """The figure of a sweep, like the papers' sensitivity plots (TriAdaptLoRA Figures 3-5,
 MTLoRA Figure 5): each column's first metric against the swept value, the seeds' mean
-(or median) with ± std as error bars, one line per method and task (and per value of
-the other swept keys). Numbers on the x axis are placed by value; anything else
+(or median) with ± std as error bars (none where every point is one seed: the title then
+says n = 1), one line per method and task (and per value of the other swept keys), on a
+y range of at least MIN_Y_SPAN points. Numbers on the x axis are placed by value; anything else
 (booleans, strings, target lists, mappings) as categories in the sweep's order.
 matplotlib, headless (Agg)."""
 
@@ -13,6 +14,9 @@ from pathlib import Path
 from lowrank_runner.tables.build import Table
 
 SWEEP_FIGURE = "sweep.png"
+# The smallest y range drawn for metrics shown x100 (points): a spread of a few tenths
+# between sweep points is not stretched over the whole height.
+MIN_Y_SPAN = 5.0
 
 
 def _short(key: str) -> str:
@@ -109,11 +113,15 @@ def _draw(table: Table, axis: str, lines: dict, path: Path, title: str) -> None:
     numeric = _numeric(xs)
     categories = list(dict.fromkeys(_text(x) for x in xs))
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    bars = any(p[2] is not None for points in lines.values() for p in points)
     for label, points in lines.items():
         points = sorted(points, key=lambda p: p[0]) if numeric else points
         at = [p[0] if numeric else categories.index(_text(p[0])) for p in points]
-        ax.errorbar(at, [p[1] for p in points], yerr=[p[2] or 0.0 for p in points], marker="o", capsize=3,
-                    label=label)
+        if bars:
+            ax.errorbar(at, [p[1] for p in points], yerr=[p[2] or 0.0 for p in points], marker="o", capsize=3,
+                        label=label)
+        else:  # one seed per point: nothing to draw as an error bar
+            ax.plot(at, [p[1] for p in points], marker="o", label=label)
     if not numeric:
         ax.set_xticks(range(len(categories)), categories, rotation=20 if len(categories) > 4 else 0)
     elif all(isinstance(x, int) for x in xs):  # ranks, steps: ticks at the swept values (log2 when they double)
@@ -124,9 +132,10 @@ def _draw(table: Table, axis: str, lines: dict, path: Path, title: str) -> None:
         ax.set_xscale("log")
     ax.set_xlabel(axis)
     ax.set_ylabel("metric ×100" if len({h for h in table.headers}) > 1 else table.headers[0])
-    spread = " ± std" if table.spec.spread == "std" else ""
-    ax.set_title(f"{title}: {'median' if table.spec.aggregate == 'median' else 'mean'}{spread} over seeds",
-                 fontsize=9)
+    limits = y_range(lines) if _all_scaled(table) else None
+    if limits is not None:
+        ax.set_ylim(*limits)
+    ax.set_title(f"{title}: {figure_how(table, bars)}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -134,3 +143,32 @@ def _draw(table: Table, axis: str, lines: dict, path: Path, title: str) -> None:
         fig.savefig(path, dpi=120)
     finally:
         plt.close(fig)
+
+
+def figure_how(table: Table, bars: bool) -> str:
+    """The figure's words for its points: "mean ± std over seeds (n = 3)", or "one seed
+    per point (n = 1)" where no point has a spread to draw."""
+    counts = table.seed_counts
+    if counts == [1]:
+        return "one seed per point (n = 1)"
+    n = (f" (n = {counts[0]})" if len(counts) == 1 else f" (n = {counts[0]}–{counts[-1]})") if counts else ""
+    centre = "median" if table.spec.aggregate == "median" else "mean"
+    return f"{centre}{' ± std' if bars else ''} over seeds{n}"
+
+
+def _all_scaled(table: Table) -> bool:
+    """Every line's metric is a fraction shown x100 (its y values are points)."""
+    from lowrank_runner.tables.spec import scaled
+
+    return all(scaled(cell[0].metric) for r in table.rows for cell in r.cells if cell and cell[0].centre is not None)
+
+
+def y_range(lines: dict) -> tuple[float, float] | None:
+    """(low, high): :data:`MIN_Y_SPAN` points centred on the values drawn (with their
+    error bars) where they span less; None where they span more (matplotlib's own range)."""
+    low = min(p[1] - (p[2] or 0.0) for points in lines.values() for p in points)
+    high = max(p[1] + (p[2] or 0.0) for points in lines.values() for p in points)
+    if high - low >= MIN_Y_SPAN:
+        return None
+    middle = (low + high) / 2
+    return middle - MIN_Y_SPAN / 2, middle + MIN_Y_SPAN / 2

@@ -76,8 +76,8 @@ def _average(row: Row, table: Table, style: str) -> str:
     if row.average is None:
         return "--" if style == "latex" else MISSING
     text = _number(row.average, table)
-    if row.average_best and style in ("markdown", "latex"):
-        text = rf"\textbf{{{text}}}" if style == "latex" else f"**{text}**"
+    if row.average_best and style in ("markdown", "latex"):  # LaTeX: \mathbf, as every bold value
+        text = rf"$\mathbf{{{text}}}$" if style == "latex" else f"**{text}**"
     star = "" if row.average_complete else "$^*$" if style == "latex" else "*"  # over the columns with a value
     return text + star
 
@@ -87,9 +87,26 @@ def headers(table: Table) -> list[str]:
             + (["Avg."] if table.spec.average != "none" else []))
 
 
+def single_seed(table: Table) -> bool:
+    """Every value shown is one run (n = 1): no mean, no spread to speak of."""
+    return table.seed_counts == [1]
+
+
 def _how(table: Table) -> str:
+    """How the seeds combine: "mean ± std over seeds", or "one seed (n = 1)" where every
+    value is one run."""
+    if single_seed(table):
+        return "one seed (n = 1)"
     centre = "median" if table.spec.aggregate == "median" else "mean"
-    return f"{centre} ± std" if table.spec.spread == "std" else centre
+    return f"{centre} ± std over seeds" if table.spec.spread == "std" else f"{centre} over seeds"
+
+
+def _how_title(table: Table) -> str:
+    """The terminal title's words: :func:`_how` with the numbers of seeds (n = 3, n = 1–3)."""
+    counts = table.seed_counts
+    if not counts or single_seed(table):
+        return _how(table)
+    return _how(table) + (f" (n = {counts[0]})" if len(counts) == 1 else f" (n = {counts[0]}–{counts[-1]})")
 
 
 def _unscaled(table: Table) -> tuple[list[str], bool]:
@@ -127,8 +144,11 @@ def notes(table: Table) -> list[str]:
         for column, cell in zip(table.columns, row.cells):
             seeds.setdefault(column.task, [])
             seeds[column.task] = sorted(set(seeds[column.task]) | {s for v in cell for s in v.seeds})
-    lines = [f"{_scale_note(table)}, {_how(table)} over seeds "
-             + "; ".join(f"{t}: {s}" for t, s in seeds.items()) + "."]
+    listed = "; ".join(f"{t}: {s}" for t, s in seeds.items())
+    if single_seed(table):
+        lines = [f"{_scale_note(table)}, n = 1: one seed per value, no spread (seeds {listed})."]
+    else:
+        lines = [f"{_scale_note(table)}, {_how(table)} {listed}."]
     if table.spec.average == "mean":
         lines.append("Avg.: the mean over the columns of each column's mean over its metrics.")
     elif table.spec.average == "first":
@@ -139,7 +159,15 @@ def notes(table: Table) -> list[str]:
     if not table.complete:
         lines.append("* or –: some runs of this task failed, did not finish or were not run by that recipe (see its "
                      "summary.json); an Avg. with * is over the columns that have a value.")
-    return lines + difference_notes(table)
+    return lines + settings_notes(table) + difference_notes(table)
+
+
+def settings_notes(table: Table) -> list[str]:
+    """Joined recipes that trained differently: one line per setting, each recipe's value."""
+    if not table.settings:
+        return []
+    return (["The recipes trained with different settings, so rows differ by more than the method:"]
+            + [f"- {d.line}" for d in table.settings])
 
 
 def difference_notes(table: Table) -> list[str]:
@@ -255,7 +283,7 @@ def print_table(console, table: Table, title: str) -> None:
     if table.baseline is not None:
         caption = (f"(row - {table.baseline.title} [{CI_LEVEL:.0%} CI], {MARK}: p < {1 - CI_LEVEL:.2f}; tests and n in "
                    "results.md)")
-    t = RichTable(title=f"{escape(title)}: {_how(table)} over seeds{_scale_title(table)}",
+    t = RichTable(title=f"{escape(title)}: {_how_title(table)}{_scale_title(table)}",
                   caption=escape(caption) if caption else None)
     for h in headers(table):
         t.add_column(escape(h))

@@ -102,12 +102,12 @@ class BaselineError(UsageError):
     """The baseline names no row of the table, or several."""
 
 
-def baseline_index(rows: list[tuple[str, str, str]], name: str) -> int:
-    """The row ``name`` names, from each row's (title, method, label): its title as the
-    table prints it ("lora", "lora (r=2)"), else the one row with that sweep label or
-    that method."""
-    titles = [title for title, _, _ in rows]
-    for key in range(3):
+def baseline_index(rows: list[tuple[str, ...]], name: str) -> int:
+    """The row ``name`` names, from each row's names in order of precedence (title,
+    method, label, recipe): its title as the table prints it ("lora", "lora (r=2)"),
+    else the one row with that method, sweep label or recipe name."""
+    titles = [row[0] for row in rows]
+    for key in range(len(rows[0]) if rows else 0):
         hits = [i for i, row in enumerate(rows) if row[key] and row[key] == name]
         if len(hits) == 1:
             return hits[0]
