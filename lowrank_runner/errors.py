@@ -55,9 +55,14 @@ class Problem:
 
 
 class LrrError(Exception):
-    """A user-facing error: printed without traceback, exit code ``exit_code``."""
+    """A user-facing error: printed without traceback, exit code ``exit_code``.
+    ``shared_by``: what the error depends on when it stops a run before training, so
+    every run of a recipe that names the same would fail alike (``"backbone"``: the
+    recipe's ``backbone``; ``"data"``: its ``task``; ``"hub"``: data from the Hugging
+    Face hub); None: this run alone (train/invocation.py)."""
 
     exit_code = 1
+    shared_by: str | None = None
 
 
 class UsageError(LrrError):
@@ -79,9 +84,18 @@ class RecipeError(LrrError):
 class BackboneError(LrrError):
     """The backbone cannot be found or loaded."""
 
+    shared_by = "backbone"
+
+
+class BackboneUnavailable(BackboneError):
+    """The backbone is a hub id, not in the local cache, and the hub cannot be used now
+    (offline, unreachable): nothing of it (not even its config.json) can be read."""
+
 
 class DataError(LrrError):
     """A dataset file is missing or malformed."""
+
+    shared_by = "data"
 
 
 class ExportError(LrrError):

@@ -13,7 +13,7 @@ from lowrank_runner.errors import LrrError, RecipeKeyError, warn
 from lowrank_runner.methods.inject import (Injection, count_adapter_params, head_parameter_names, inject, is_adaptable,
                                            is_adapter_param, layer_sizes, mark_trainable)
 from lowrank_runner.methods.registry import get_method_spec
-from lowrank_runner.targets import TargetError, TargetModule, resolve_targets
+from lowrank_runner.targets import SYMBOL_ROLES, TargetError, TargetModule, resolve_targets
 
 
 class TargetResolutionError(RecipeKeyError):
@@ -70,6 +70,20 @@ def uses_targets(method_cfg: dict) -> bool:
     ``"x-targets": false`` (full fine-tuning, BitFit) trains backbone parameters instead
     and the targets are not resolved (documented in its schema)."""
     return get_method_spec(method_cfg["name"]).schema.get("x-targets", True) is not False
+
+
+def check_fixed_targets(run_config: dict) -> None:
+    """A method that places its modules itself (its schema's ``x-targets`` lists the
+    symbols: the bottleneck adapters) takes exactly those targets, in any order: anything
+    else is an error at ``targets``."""
+    spec = get_method_spec(run_config["method"]["name"])
+    fixed, given = spec.fixed_targets, run_config.get("targets") or []
+    if fixed is None or (sorted(given) == sorted(fixed)):
+        return
+    places = " and ".join(f"{s} ({SYMBOL_ROLES.get(s, s)})" for s in fixed)
+    raise TargetResolutionError(
+        f"targets: method '{spec.name}' inserts its modules at fixed places, after {places}; set targets: "
+        f"[{', '.join(fixed)}] (got [{', '.join(map(str, given))}])", "targets")
 
 
 def find_targets(model, targets: list[str], model_type: str) -> list[TargetModule]:
@@ -212,6 +226,7 @@ def build_adapted_model(
     config = backbones.load_config(ref, **head_config)
     check_language_model(model_class, config, ref, run_config.get("task", {}))
     model = backbones.build_empty(model_class, config, ref)
+    check_fixed_targets(run_config)
     targets = find_targets(model, run_config.get("targets", []), config.model_type) if uses_targets(run_config["method"]) else []
     check_ranks(model, targets, run_config["method"])
     check_positions(model, config, run_config.get("task", {}), ref)

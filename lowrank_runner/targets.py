@@ -24,6 +24,9 @@ import re
 from dataclasses import dataclass
 
 SYMBOLS = ("Wq", "Wk", "Wv", "Wa", "Wm", "Wo", "Wf")
+SYMBOL_ROLES = {"Wq": "attention query", "Wk": "attention key", "Wv": "attention value",
+                "Wa": "attention output projection", "Wm": "MLP up projection",
+                "Wo": "FFN output projection, MLP down", "Wf": "MLP weight, GPT-2's c_fc"}
 SYMBOL_RE = re.compile(r"^W[A-Za-z]{1,2}$")
 FUSED_GROUPS = ("q", "k", "v")
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load, save
 
 from lowrank_runner.methods.inject import head_parameter_names
-from lowrank_runner.methods.inject import adapter_state_dict, inject, mark_trainable, merge_adapters
+from lowrank_runner.methods.inject import NotMergeable, adapter_state_dict, inject, mark_trainable, merge_adapters
 from lowrank_runner.methods.registry import method_specs
 from lowrank_runner.modeling import build_method, uses_targets
 from lowrank_runner.targets import resolve_targets
@@ -23,7 +23,8 @@ TARGETS = {
 }
 # Small but non-degenerate settings per method; anything not listed uses the schema defaults.
 SETTINGS = {"lora": {"r": 4}, "lora2": {"r": 4, "k": 2}, "triadaptlora": {"r": 3}, "condlora": {"r": 4},
-            "adalora": {"init_r": 4, "target_r": 2}, "increlora": {"r": 2, "target_rank": 4}}
+            "adalora": {"init_r": 4, "target_r": 2}, "increlora": {"r": 2, "target_rank": 4},
+            "houlsby": {"bottleneck": 4}, "pfeiffer": {"bottleneck": 4}}
 # Methods that train backbone parameters themselves (trainable_base_parameters) and need them:
 # a backbone without biases (LLaMA) has nothing for BitFit (refused; tests/test_baselines.py).
 REFUSED = {("bitfit", "llama")}
@@ -45,12 +46,18 @@ def method_configs():
 METHODS = method_configs()
 
 
+def targets_for(model_type: str, method_cfg: dict) -> list[str]:
+    """The family's test targets, or the symbols a method that places its modules itself
+    (bottleneck adapters: its schema's ``x-targets``) must be given."""
+    return method_specs()[method_cfg["name"]].fixed_targets or TARGETS[model_type]
+
+
 def build(model_type: str, method_cfg: dict, seed: int = 0):
     if (method_cfg["name"], model_type) in REFUSED:
         pytest.skip(f"{method_cfg['name']} refuses {model_type} (tests/test_baselines.py checks the error)")
     model = tiny_classifier(model_type, seed)
     names = [n for n, _ in model.named_modules()]
-    targets = resolve_targets(TARGETS[model_type], model_type, names) if uses_targets(method_cfg) else []
+    targets = resolve_targets(targets_for(model_type, method_cfg), model_type, names) if uses_targets(method_cfg) else []
     torch.manual_seed(seed + 1)
     injection = inject(model, build_method(method_cfg), targets)
     head = head_parameter_names(model)
@@ -124,6 +131,12 @@ def test_only_adapters_and_head_train_and_frozen_weights_get_no_gradient(model_t
 def test_merged_equals_unmerged(model_type, method_cfg):
     model, injection, *_ = build(model_type, method_cfg)
     perturb(model, base_names=injection.base_names)
+    if method_specs()[method_cfg["name"]].kind == "inserted":  # no ΔW: every adapter says so, a merge refuses
+        assert injection.adapters and not any(a.mergeable for a in injection.adapters.values())
+        with pytest.raises(NotMergeable):
+            merge_adapters(model)
+        return
+    assert all(a.mergeable and a.acts_on == "input" for a in injection.adapters.values())
     unmerged = logits(model)
     merged = merge_adapters(model)
     assert not any("lrr_" in n for n, _ in merged.named_parameters())
@@ -204,7 +217,8 @@ def test_an_adapter_that_says_it_ignores_w0_does(model_type, method_cfg):
     for path, adapter in injection.adapters.items():
         layer = model.get_submodule(path)
         w0 = weight_out_in(layer.base_layer, layer.info.fan_in_fan_out).detach()
-        x = torch.randn(2, 3, layer.info.in_features)
+        width = layer.info.out_features if adapter.acts_on == "output" else layer.info.in_features
+        x = torch.randn(2, 3, width)
         with torch.no_grad():
             with_w0 = adapter(x, w0)
             if adapter.reads_w0:

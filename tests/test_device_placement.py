@@ -55,7 +55,7 @@ from lowrank_runner.methods.registry import method_specs
 from lowrank_runner.modeling import build_method, uses_targets
 from lowrank_runner.targets import resolve_targets
 from tests.conftest import PLUGINS, save_tiny_backbone, tiny_classifier, token_batch
-from tests.test_conformance import REFUSED, SETTINGS, TARGETS
+from tests.test_conformance import REFUSED, SETTINGS, TARGETS, targets_for
 
 STEPS = 5
 # Schedules that change ranks within a planned run of STEPS steps: TriAdaptLoRA grows
@@ -174,7 +174,8 @@ def inject_method(model, method_cfg: dict, model_type: str):
     names = [n for n, _ in model.named_modules()]
     method = build_method(method_cfg) if isinstance(method_cfg, dict) else method_cfg  # a config or a method object
     adapts = uses_targets(method_cfg) if isinstance(method_cfg, dict) else True
-    targets = resolve_targets(TARGETS[model_type], model_type, names) if adapts else []
+    symbols = targets_for(model_type, method_cfg) if isinstance(method_cfg, dict) else TARGETS[model_type]
+    targets = resolve_targets(symbols, model_type, names) if adapts else []
     injection = inject(model, method, targets)
     mark_trainable(model, head_parameter_names(model) + injection.base_names)
     return injection
@@ -210,7 +211,8 @@ def train(model, injection, steps: int = STEPS, checkpoint: Path | None = None) 
 def read_back(model, injection, merge: bool = True) -> None:
     """What the loop, checkpoints and exports read of a trained model: rank pattern,
     counts, eligibility, update norms, the method's state (saved and loaded), the compact
-    adapter state (saved and loaded), each adapter's ΔW and LoRA pair, the merge."""
+    adapter state (saved and loaded), each adapter's ΔW and LoRA pair, the merge (none
+    of them for an inserted module: no ΔW)."""
     method, adapters = injection.method, injection.adapters
     method.rank_pattern(adapters), method.active_parameter_count(adapters), method.checkpoint_eligible(STEPS)
     update_norms(model)
@@ -218,6 +220,8 @@ def read_back(model, injection, merge: bool = True) -> None:
     assert not load_adapter_state(model, adapter_state_dict(model, compact=True, base_names=injection.base_names))
     with torch.no_grad():
         for path, adapter in adapters.items():
+            if not adapter.mergeable:
+                continue
             layer = model.get_submodule(path)
             w0 = base.weight_out_in(layer.base_layer, layer.info.fan_in_fan_out).detach()
             adapter.delta_weight(w0)
@@ -225,7 +229,7 @@ def read_back(model, injection, merge: bool = True) -> None:
                 adapter.lora_factors(w0)
             except NotImplementedError:
                 pass
-    if merge:
+    if merge and all(adapter.mergeable for adapter in adapters.values()):
         merge_adapters(model)
 
 

@@ -124,15 +124,65 @@ def test_planned_steps_follow_batch_accumulation_and_processes(config_dirs):
                                        "batch_size_per": "effective"}
 
 
-def test_inspect_reports_unknown_backbone_without_hanging(tmp_path):
+def test_inspect_of_a_hub_backbone_offline_shows_the_plan_and_says_why_counts_are_missing(tmp_path):
+    """Offline, a hub backbone that is not cached: the runs and their steps (the data are
+    local), no parameter counts, and why, once, with the command that fixes it."""
     proc = subprocess.run(
-        [sys.executable, "-m", "lowrank_runner", "inspect", "recipes/quickstart.yaml", "--set", "backbone.name=someorg/no-such-model"],
+        [sys.executable, "-m", "lowrank_runner", "inspect", "recipes/quickstart.yaml", "--set", "backbone.name=someorg/no-such-model",
+         "--set", "training.seed=[0,1]"],
         capture_output=True, text=True, cwd=REPO, timeout=60, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
     )
-    assert proc.returncode == 1
-    assert "backbone 'someorg/no-such-model' is not a local directory" in proc.stderr
-    assert "--set backbone.name=models/no-such-model" in proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("backbone 'someorg/no-such-model' is not a local directory") == 1, proc.stdout
+    assert "parameter counts and modules could not be computed" in proc.stdout
+    assert "--set backbone.name=models/no-such-model" in proc.stdout
+    assert "seed 0" in proc.stdout and "seed 1" in proc.stdout and "200 optimizer steps" in proc.stdout
     assert "Traceback" not in proc.stderr
+
+
+def test_inspect_json_of_a_glue_recipe_offline_plans_from_the_known_sizes(monkeypatch):
+    """A paper recipe on a hub backbone and GLUE from the hub, offline: every run with its
+    steps (GLUE's known training-set sizes), counts null, ``unavailable`` saying why."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    from typer.testing import CliRunner
+
+    from lowrank_runner.cli import app
+
+    result = CliRunner().invoke(app, ["inspect", str(REPO / "recipes" / "lora2_deberta_glue.yaml"), "--json",
+                                      "--set", "backbone.name=lrr-tests/not-cached-model"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert len(out["runs"]) == 24 and "lrr-tests/not-cached-model" in out["unavailable"]
+    mrpc = next(run for run in out["runs"] if run["task"] == "mrpc")
+    assert mrpc["steps"] == 115 * 30 and mrpc["adapter_params"] is None  # ⌈3,668 / 32⌉ steps per epoch, 30 epochs
+    assert all(run["warnings"] == [] for run in out["runs"])
+
+
+@pytest.mark.parametrize("sets, says", [
+    (["method.name=triadaptlora"], "triadaptlora: r (8) is not below r_ref (8): nothing can grow"),
+    (["method.name=lora2", "method.target_rank=8"], "lora2: target_rank (8) is not below r (8): nothing is pruned"),
+    (["method.name=increlora", "method.target_rank=8"], "increlora: r (8) is not below target_rank (8): nothing can grow"),
+])
+def test_a_dynamic_rank_method_with_nothing_to_grow_or_prune_is_warned(sets, says):
+    """The quickstart's r 8 with a method whose rank target is 8 too (x-no-op in its schema):
+    inspect's JSON, and validate, say so."""
+    out = inspect(*sets)
+    assert [w for w in out["warnings"] if says in w], out["warnings"]
+    from typer.testing import CliRunner
+
+    from lowrank_runner.cli import app
+
+    args = ["validate", str(REPO / "recipes" / "quickstart.yaml")] + [w for s in sets for w in ("--set", s)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0 and says in result.output, result.output
+
+
+def test_no_warning_when_the_method_can_act():
+    assert inspect("method.name=triadaptlora", "method.r_ref=16", "method.t_init=20", "method.grow_interval=20")["warnings"] == []
+    assert inspect("method.name=triadaptlora", "method.growth=none")["warnings"] == []  # fixed ranks, on purpose
+    assert inspect("method.name=lora2")["warnings"] == []  # no target_rank: a fixed-rank LoRA2
 
 
 def inspect_recipe(recipe, *sets):

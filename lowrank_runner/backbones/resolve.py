@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from lowrank_runner.errors import BackboneError
+from lowrank_runner.errors import BackboneError, BackboneUnavailable
 from lowrank_runner.hub import hub_unreachable
 from lowrank_runner.resources import expand_user, is_pkg_path, resolve_pkg_path
 
@@ -96,7 +96,7 @@ def _ensure_hub_reachable(ref: BackboneRef, timeout: float = 3.0) -> None:
     if why is not None:
         if why.startswith("HF_HUB_OFFLINE"):
             why += " and the model is not in the local cache"
-        raise BackboneError(_hub_help(ref, why))
+        raise BackboneUnavailable(_hub_help(ref, why))
 
 
 # --- reading the directory's JSON files ourselves (no code, positions in messages) -----------

@@ -96,6 +96,8 @@ def print_tasks(rows: list[dict]) -> None:
 
 def print_inspection(result: dict) -> None:
     console.print(f"[bold]{escape(result['name'])}[/bold]  recipe hash {result['recipe_hash']}  ({len(result['runs'])} run(s))")
+    if result.get("unavailable"):  # a hub backbone out of reach: the plan without the counts, said once
+        console.print(f"note: {result['unavailable']}", markup=False, highlight=False)
     for index, run in enumerate(result["runs"]):
         m = run["method"]
         params = ", ".join(f"{k}={v}" for k, v in m.items() if k != "name")
@@ -106,10 +108,12 @@ def print_inspection(result: dict) -> None:
         table.add_column("target")
         table.add_column("modules")
         table.add_column("example")
-        for symbol, paths in run["targets"].items():
+        for symbol, paths in (run["targets"] or {}).items():
             table.add_row(escape(symbol), str(len(paths)), escape(paths[0]) if paths else "")
         if run["targets"]:
             console.print(table)
+        elif run["targets"] is None:  # the backbone could not be read (result["unavailable"])
+            pass
         else:  # full fine-tuning, BitFit
             console.print("no adapted modules: the method trains backbone tensors", markup=False)
         init = run.get("init_from")
@@ -118,9 +122,7 @@ def print_inspection(result: dict) -> None:
             console.print(f"adapter starts from {source}; the task head is trained fresh", markup=False)
         t = run["training"]
         console.print(
-            f"adapter params {run['adapter_params']:,} · trainable {run['trainable_params']:,} "
-            f"({100 * run['trainable_params'] / run['total_params']:.3f}% of {run['total_params']:,}) · "
-            f"{run['train_examples']:,} train examples · {run['steps']:,} optimizer steps "
+            f"{counts_line(run)}{run['train_examples']:,} train examples · {run['steps']:,} optimizer steps "
             f"(warmup {run['warmup_steps']}) · lr {t['learning_rate']} · batch {batch_line(run['batch'])}",
             markup=False,
         )
@@ -140,6 +142,18 @@ def print_inspection(result: dict) -> None:
         console.print(f"  {tracker['name']}: {tracker['writes']}", markup=False)
 
 
+def counts_line(run: dict) -> str:
+    """``adapter params N · trainable N (P% of N) · `` ("" when they could not be counted)."""
+    if run["adapter_params"] is None:
+        return ""
+    return (f"adapter params {run['adapter_params']:,} · trainable {run['trainable_params']:,} "
+            f"({100 * run['trainable_params'] / run['total_params']:.3f}% of {run['total_params']:,}) · ")
+
+
+def count(value) -> str:
+    return "?" if value is None else f"{value:,}"
+
+
 def batch_line(batch: dict) -> str:
     """``32 per optimizer step = 16 per device x 1 accumulation x 2 processes`` (plan/schedule.py)."""
     from lowrank_runner.plan.schedule import BatchPlan
@@ -157,6 +171,6 @@ def _print_points(runs: list[dict]) -> None:
         row = rows.setdefault((run["task"], run["label"]), {**run, "seeds": []})
         row["seeds"].append(str(run["seed"]))
     for (task, label), run in rows.items():
-        table.add_row(escape(str(task)), escape(label), ",".join(run["seeds"]), f"{run['adapter_params']:,}",
-                      f"{run['trainable_params']:,}", f"{run['steps']:,}")
+        table.add_row(escape(str(task)), escape(label), ",".join(run["seeds"]), count(run["adapter_params"]),
+                      count(run["trainable_params"]), f"{run['steps']:,}")
     console.print(table)

@@ -231,11 +231,12 @@ def model_name(info: dict, record: dict) -> str:
 
 def _low_rank(method: str) -> bool:
     """A method that adapts modules with a low-rank update (every registered method but
-    those that train the backbone's own weights: ``"x-targets": false``)."""
+    those that train the backbone's own weights, ``"x-targets": false``, and those that
+    insert modules, ``"x-kind": "inserted"``)."""
     from lowrank_runner.methods.registry import method_specs
 
     spec = method_specs().get(method)
-    return spec is not None and spec.schema.get("x-targets", True) is not False
+    return spec is not None and spec.schema.get("x-targets", True) is not False and spec.kind == "update"
 
 
 def card_data(info: dict, record: dict):

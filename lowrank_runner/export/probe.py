@@ -81,11 +81,24 @@ def largest_magnitude(outputs: dict) -> float:
     return max(float(v.abs().max()) for v in outputs.values())
 
 
+def update_tensor(layer):
+    """What an adapted module changes, as one float32 tensor: its ``ΔW``, or for an
+    inserted module (``mergeable`` False: no ``ΔW``) its parameters flattened, so a
+    non-finite one is caught the same way."""
+    import torch
+
+    adapter = layer.lrr_adapter
+    if adapter.mergeable:
+        return layer.stored_delta()
+    with torch.no_grad():
+        return torch.cat([p.detach().float().flatten() for p in adapter.parameters()])
+
+
 def check_adapter(model, source: Path, base_updates: dict | None = None) -> dict[str, float]:
     """Every adapted module's update ΔW (float32, as it would be merged): one holding
     NaN/Inf (a corrupted or diverged adapter) stops the export naming the module, and so
     does an adapter whose every ΔW is exactly zero (the export would change nothing in
-    the backbone). ``base_updates``: the backbone tensors the method trained itself
+    the backbone); an inserted module is checked on its parameters (:func:`update_tensor`). ``base_updates``: the backbone tensors the method trained itself
     (export/source.py ``base_updates``: full fine-tuning, BitFit), checked the same way.
     Returns the largest |ΔW| per module (and per trained tensor)."""
     import torch
@@ -95,7 +108,7 @@ def check_adapter(model, source: Path, base_updates: dict | None = None) -> dict
     largest: dict[str, float] = {}
     for path, module in model.named_modules():
         if isinstance(module, AdaptedLayer):
-            delta = module.stored_delta()
+            delta = update_tensor(module)
             if not torch.isfinite(delta).all():
                 raise ExportError(f"{source}: {path}: the adapter's update ΔW holds NaN/Inf (a corrupted or diverged "
                                   "adapter); nothing written")

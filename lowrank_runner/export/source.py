@@ -484,3 +484,19 @@ def preflight(source: Path, out: Path) -> None:
     a bundle, and ``--out`` can be written (option values are checked before this)."""
     source_kind(source)
     check_out(out, source)
+
+
+def refuse_inserted(source: Path, option: str) -> None:
+    """``--merge`` and ``--peft`` of a run whose method inserts modules into the network
+    (its schema says ``"x-kind": "inserted"``: the bottleneck adapters) instead of updating
+    weights: there is no ``ΔW`` to merge or to write as a LoRA pair. A usage error (exit
+    2), before anything is loaded, naming the export that serves such a run."""
+    kind, adapter_dir = source_kind(Path(source))
+    adapter_cfg = read_adapter_config(adapter_dir / ADAPTER_CONFIG, source, kind, methods=method_specs())
+    name = adapter_cfg["method"]["name"]
+    spec = method_specs().get(name)
+    if spec is None or spec.kind != "inserted":
+        return
+    raise UsageError(f"{option}: this run used '{name}', which inserts new modules into the network instead of "
+                     "updating the backbone's weights: there is no update ΔW to merge into them or to write as a "
+                     "LoRA pair; export it as a bundle with --adapter (lowrank_runner.load_adapted loads it)")

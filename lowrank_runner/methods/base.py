@@ -15,6 +15,14 @@ merging. The training loop calls only this protocol and never names a method.
   schedule checks it against the planned steps (``schedule_problems``: errors stop the
   run, warnings are printed by ``lrr inspect`` and ``lrr run``).
 
+Two kinds of method share this protocol. *Weight updates* (every low-rank method) act on
+the module's input: ``h = W0 x + adapter(x, w0)``, and can be merged (``ΔW``). *Inserted
+modules* (Houlsby and Pfeiffer bottleneck adapters) act on the module's output: the
+adapter says ``acts_on = "output"`` and gets the base layer's output ``h``, giving
+``h + adapter(h)``; such a module is no ``ΔW`` of any weight, so it says
+``mergeable = False`` (``delta_weight``/``lora_factors`` raise; ``lrr export --merge`` and
+``--peft`` refuse the method, which declares ``"x-kind": "inserted"`` in its schema).
+
 Fused projections (GPT-2's ``c_attn`` holding q, k and v) are adapted per selected group
 by :class:`GroupedAdapter` unless a method overrides :meth:`AdapterMethod.create_fused_adapter`
 (MTLoRA couples the groups through one transformation matrix).
@@ -67,6 +75,13 @@ class Adapter(nn.Module):
     and gets ``None`` there instead, saving that work. True by default (always correct)."""
 
     reads_w0: bool = True
+    # "input": forward(x, w0) gets the adapted module's input and returns ΔW x (weight
+    # updates); "output": it gets the module's output h and returns what is added to it,
+    # h + adapter(h) (inserted modules: bottleneck adapters).
+    acts_on: str = "input"
+    # Whether the adapter is a ΔW of its module's weight (delta_weight): False for inserted
+    # modules, which cannot be merged into the backbone or written as a LoRA pair.
+    mergeable: bool = True
     # Names of this adapter's own parameters trained without weight decay (SoRA's gate);
     # every other adapter parameter is decayed (train/optim.py).
     no_weight_decay: tuple[str, ...] = ()

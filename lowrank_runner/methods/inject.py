@@ -1,7 +1,9 @@
 """Putting a method's adapters on a model, and taking them off again (merge).
 
 Each targeted ``nn.Linear`` or GPT-2 ``Conv1D`` is wrapped in :class:`AdaptedLayer`,
-which computes ``base(x) + adapter(x)``. Adapter parameters live under
+which computes ``base(x) + adapter(x)`` (a weight update), or ``h + adapter(h)`` with
+``h = base(x)`` for an adapter that acts on the module's output (an inserted module:
+``Adapter.acts_on == "output"``). Adapter parameters live under
 ``<module path>.lrr_adapter.*`` and method-wide shared parameters under ``lrr_shared.*``,
 so the adapter's state dict is a plain filter on the model's.
 """
@@ -64,7 +66,9 @@ def _compute_dtype(module: nn.Module) -> torch.dtype:
 
 
 class AdaptedLayer(nn.Module):
-    """``base_layer(x) + lrr_adapter(x)``; the base layer stays frozen and untouched."""
+    """``base_layer(x) + lrr_adapter(x)``, or ``h + lrr_adapter(h)`` with ``h = base_layer(x)``
+    for an adapter acting on the output (an inserted module); the base layer stays frozen
+    and untouched."""
 
     def __init__(self, base_layer: nn.Module, adapter: Adapter, info: LayerInfo):
         super().__init__()
@@ -74,6 +78,8 @@ class AdaptedLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
+        if self.lrr_adapter.acts_on == "output":
+            return out + self.lrr_adapter(out, None).to(out.dtype)
         base = self.base_layer
         # a quantized W0 is dequantized (a copy) only for adapters that read it (CondLoRA)
         needed = self.lrr_adapter.reads_w0 or not is_quantized_weight(base.weight)
@@ -81,7 +87,11 @@ class AdaptedLayer(nn.Module):
         return out + self.lrr_adapter(x, w0).to(out.dtype)
 
     def stored_delta(self) -> torch.Tensor:
-        """``ΔW`` in float32, in the orientation the base layer stores its weight."""
+        """``ΔW`` in float32, in the orientation the base layer stores its weight; an
+        inserted module (``mergeable`` False) has none: :class:`NotMergeable`."""
+        if not self.lrr_adapter.mergeable:
+            raise NotMergeable(f"{self.info.path}: {type(self.lrr_adapter).__name__} is a module inserted after the "
+                               "layer, not an update of its weight: it cannot be merged")
         base = self.base_layer
         with torch.no_grad():
             delta = self.lrr_adapter.delta_weight(weight_out_in(base, self.info.fan_in_fan_out)).float()
@@ -99,6 +109,10 @@ class AdaptedLayer(nn.Module):
         with torch.no_grad():
             base.weight.copy_((base.weight.float() + delta).to(base.weight.dtype))
         return base
+
+
+class NotMergeable(TypeError):
+    """An inserted module asked for a ``ΔW`` (a merge): it has none."""
 
 
 @dataclass
@@ -287,11 +301,12 @@ def update_norms(model: nn.Module) -> dict[str, float] | None:
     ``sqrt(Σ_m ‖ΔW_m‖²_F)`` over every adapted module and ``update_norm_max`` = the
     largest per-module ``‖ΔW_m‖_F`` (float32 values), from :func:`factor_norm_sq` (``W0``
     read only for adapters with ``reads_w0``: CondLoRA). None when no module is adapted
-    (full fine-tuning, BitFit). What ``training.log_update_norm`` logs."""
+    (full fine-tuning, BitFit) or every adapted module is an inserted one (no ``ΔW``:
+    Houlsby, Pfeiffer). What ``training.log_update_norm`` logs."""
     per_module = []
     with torch.no_grad():
         for module in model.modules():
-            if not isinstance(module, AdaptedLayer):
+            if not isinstance(module, AdaptedLayer) or not module.lrr_adapter.mergeable:
                 continue
             adapter = module.lrr_adapter
             w0 = _frozen_w0(module) if adapter.reads_w0 else None

@@ -38,6 +38,20 @@ class MethodSpec:
     def params(self) -> dict[str, dict]:
         return {k: v for k, v in self.schema.get("properties", {}).items() if k != "name"}
 
+    @property
+    def kind(self) -> str:
+        """``"update"``: the method's adapters are weight updates ΔW (mergeable);
+        ``"inserted"`` (``"x-kind": "inserted"``): modules inserted into the network
+        (bottleneck adapters), which ``lrr export --merge``/``--peft`` refuse."""
+        return self.schema.get("x-kind", "update")
+
+    @property
+    def fixed_targets(self) -> list[str] | None:
+        """The target symbols a method that places its modules itself must be given
+        (``"x-targets": [...]``: Houlsby's ``[Wa, Wo]``), None for the others."""
+        value = self.schema.get("x-targets")
+        return list(value) if isinstance(value, list) else None
+
     def defaults(self) -> dict[str, Any]:
         return {k: v["default"] for k, v in self.params.items() if "default" in v}
 

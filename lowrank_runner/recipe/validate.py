@@ -55,9 +55,12 @@ def _method_problems(doc: Document, method) -> list[Problem]:
     if name not in specs:
         return [problem(doc, ("method", "name"), f"unknown method '{name}'{suggest(name, specs)}; registered: {', '.join(sorted(specs))} (see 'lrr methods')")]
     out = _switched_method_hint(doc, name, schema_problems(doc, method, validator_for(specs[name].schema), ("method",)))
+    fixed = specs[name].fixed_targets
+    example = f"[{', '.join(fixed)}]" if fixed else "[Wq, Wv]"
     if "targets" not in doc.data and specs[name].schema.get("x-targets", True) is not False:
         out.append(problem(doc, (), f"missing required key 'targets' (the modules method '{name}' adapts, e.g. "
-                                    "targets: [Wq, Wv]; only full and bitfit take none)", key=True))
+                                    f"targets: {example}; only full and bitfit take none)", key=True))
+    out += _fixed_target_problems(doc, name, fixed)
     # "x-le" / "x-lt": {"a": "b"} in a method schema: parameter a must not exceed (must stay below) parameter b.
     defaults = specs[name].defaults()
     for rule, fails, says in (("x-le", float.__gt__, "cannot exceed"), ("x-lt", float.__ge__, "must be below")):
@@ -67,7 +70,43 @@ def _method_problems(doc: Document, method) -> list[Problem]:
                     and fails(float(a), float(b)):
                 at = ("method", small) if small in method else ("method",)
                 out.append(problem(doc, at, f"{small} ({a}) {says} {large} ({b})"))
+    if not any(p.severity == "error" for p in out):  # r above r_ref is an error already (x-le), not a no-op
+        out += _no_op_problems(doc, method, specs[name].schema.get("x-no-op", []), defaults)
     return out + _ignored_parameters(doc, method, specs[name].schema.get("x-only-with", {}), defaults)
+
+
+def _fixed_target_problems(doc: Document, name: str, fixed: list[str] | None) -> list[Problem]:
+    """A method that places its modules itself (``"x-targets": [symbols]``, the bottleneck
+    adapters) takes exactly those targets (as ``modeling.check_fixed_targets`` says at run time)."""
+    given = doc.data.get("targets")
+    if fixed is None or not isinstance(given, list) or sorted(map(str, given)) == sorted(fixed):
+        return []
+    return [problem(doc, ("targets",), f"method '{name}' inserts its modules at fixed places, after "
+                                       f"{' and '.join(fixed)}; set targets: [{', '.join(fixed)}] (got "
+                                       f"[{', '.join(map(str, given))}])")]
+
+
+def _no_op_problems(doc: Document, method: dict, rules: list, defaults: dict) -> list[Problem]:
+    """``"x-no-op": [{"ge": ["a", "b"], "says": TEXT, "unless": {"c": V}}]`` in a method
+    schema: with parameter ``a`` at or above ``b`` (both set; ``unless`` ``c`` is ``V``) the
+    method cannot act (a dynamic-rank method with nothing to grow or prune), said as a
+    warning at ``method.a`` (or ``method.b``, whichever the recipe sets)."""
+    out = []
+    for rule in rules:
+        a, b = rule["ge"]
+        va, vb = method.get(a, defaults.get(a)), method.get(b, defaults.get(b))
+        if not (_is_number(va) and _is_number(vb)) or va < vb:
+            continue
+        if any(method.get(k, defaults.get(k)) == v for k, v in rule.get("unless", {}).items()):
+            continue
+        at = ("method", a) if a in method else ("method", b) if b in method else ("method",)
+        out.append(problem(doc, at, f"{method['name']}: {a} ({va}) is not below {b} ({vb}): {rule['says']}",
+                           severity="warning"))
+    return out
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _ignored_parameters(doc: Document, method: dict, only_with: dict, defaults: dict) -> list[Problem]:

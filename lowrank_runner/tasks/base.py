@@ -56,8 +56,10 @@ class Task:
         local = Path(path).expanduser().exists()  # a dataset saved in a directory: no hub involved
         why = None if offline or local else hub_unreachable()  # offline mode: datasets reads its cache, or fails
         if why is not None:
-            raise DataError(f"cannot load {what} from the hub '{path}' ({why}); {offline_fix} (or, with a copy in "
-                            "the datasets cache, set HF_DATASETS_OFFLINE=1)")
+            error = DataError(f"cannot load {what} from the hub '{path}' ({why}); {offline_fix} (or, with a copy in "
+                              "the datasets cache, set HF_DATASETS_OFFLINE=1)")
+            error.shared_by = "hub"  # every run reading the hub's data fails alike (train/invocation.py)
+            raise error
         try:
             return datasets.load_dataset(path, name)
         except Exception as exc:  # offline without a cached copy, unknown id, script-only dataset, ...

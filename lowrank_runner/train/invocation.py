@@ -30,6 +30,7 @@ from lowrank_runner.train.devices import is_main_process
 from lowrank_runner.train.init_from import InitFromError, init_source, source_run
 from lowrank_runner.train.run_dirs import (Taken, continue_command, discard, mark_failed, mark_interrupted,
                                            nothing_resumable, owned, single_run_failed, start_run_dir)
+from lowrank_runner.train.setup_failure import shared_by_all, stopped
 
 console = Console(stderr=True, soft_wrap=True)  # long paths and commands stay one line (copyable)
 FAILED_STATES = ("failed", "crashed")
@@ -123,10 +124,13 @@ def source_pending(inv: Invocation, run: RunSpec) -> str | None:
     )
 
 
-def train_one(inv: Invocation, run: RunSpec) -> dict:
+def train_one(inv: Invocation, run: RunSpec, rest: list[RunSpec] | None = None) -> dict:
     """Settle, or train (or continue) one run; its summary entry. A failure is recorded
     and the invocation goes on, unless the recipe has this one run (then it is raised).
-    A run that diverged keeps its directory (metrics.jsonl, checkpoints) marked failed."""
+    A run that diverged keeps its directory (metrics.jsonl, checkpoints) marked failed.
+    ``rest``: the runs still to come when this one is the invocation's first; a set-up
+    failure that would stop each of them alike raises :class:`SetupStopped` instead
+    (train/setup_failure.py)."""
     run_dir = inv.dirs[run.index]
     at_point = f" · {escape(run.label)}" if run.label else ""
     console.rule(f"[bold]{escape(inv.recipe.name)}[/bold] · {escape(run.task)}{at_point} · seed {run.seed}")
@@ -142,6 +146,8 @@ def train_one(inv: Invocation, run: RunSpec) -> dict:
     except Taken:
         raise
     except LrrError as exc:
+        if rest and shared_by_all(exc, run, rest) and nothing_resumable(run_dir):
+            raise stopped(exc, rest, inv.root) from None
         console.print(f"[red]run {escape(run.slug)} failed:[/red] {escape(str(exc))}")
         if single:
             single_run_failed(run_dir, str(exc), inv.resume or isinstance(exc, DivergenceError))

@@ -1,7 +1,10 @@
 """``lrr run``: every run of a recipe (task x seed), each in its own run directory
 (:mod:`lowrank_runner.train.run_dirs`).
 
-One failed run does not stop the others; the command exits non-zero if any failed.
+One failed run does not stop the others; the command exits non-zero if any failed. A
+failure before training that every run would meet alike (the same backbone or data
+cannot be loaded: train/setup_failure.py) stops the command at the first run instead,
+with one message, and the run directory it created is removed.
 Runs that start from another run's adapter (``training.init_from: {task: NAME}``) run
 after it, and fail without training when it did not complete. Ctrl-C and SIGTERM stop
 the run: its directory is marked ``interrupted`` and resumable, or removed when this
@@ -24,6 +27,7 @@ from lowrank_runner.train.invocation import (FAILED_STATES, Invocation, check_st
                                              summary_entry, train_one, write_results)
 from lowrank_runner.train.run_dirs import (Taken, continue_command, discard, nothing_resumable, owned, prepare_root,
                                            resume_points, run_dirs)
+from lowrank_runner.train.setup_failure import SetupStopped
 from lowrank_runner.train.tracking import check_endpoints, check_recorded_ids
 
 
@@ -62,6 +66,9 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
             raise
         except Taken:
             raise
+        except SetupStopped:  # the first run's set-up failed as every run's would: nothing was started
+            discard(root, created)
+            raise
         except LrrError:  # a single run that failed
             if len(recipe.runs) == 1 and not resume and nothing_resumable(root):
                 discard(root, created)
@@ -76,8 +83,9 @@ def _run_all(inv: Invocation) -> list[str]:
         console.quiet = True
     ordered = order_runs(inv.recipe)
     try:
-        for run in ordered:
-            inv.summary.append(train_one(inv, run))
+        for index, run in enumerate(ordered):
+            first = index == 0 and not inv.resume  # a set-up failure shared by every run stops them all
+            inv.summary.append(train_one(inv, run, ordered[1:] if first else None))
     except KeyboardInterrupt:
         inv.summary += [summary_entry(run, inv.dirs[run.index], "interrupted") for run in ordered[len(inv.summary):]]
         write_results(inv, show=False)

@@ -393,8 +393,8 @@ def test_a_diverged_run_stops_with_the_reason(recipe, tmp_path, tiny_bert):
               weights, metadata={"format": "pt"})
     result = lrr("run", recipe, "--output", tmp_path / "out", "--set", f"backbone.name={nan}")
     assert_clean_error(result, code=1)
-    assert any("the training loss is nan at step 2: the model's outputs are not finite" in ln
-               for ln in result.error_lines()), result.stderr
+    assert any("training diverged at step 1 (loss nan; lr " in ln and "the training loss is nan, not a finite number"
+               in ln and "no checkpoint was written before it" in ln for ln in result.error_lines()), result.stderr
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
