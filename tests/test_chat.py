@@ -541,7 +541,7 @@ def test_a_chat_results_table_says_the_loss_is_not_scaled():
         return Table(table_spec(None), ["chat"], [Column("chat", tuple(metrics))], [row])
 
     chat = table(["loss", "perplexity"])
-    assert notes(chat)[0].startswith("Metrics as they are (not ×100), mean")
+    assert notes(chat)[0].startswith("Metrics as they are (not ×100), n = 1: one seed")  # one seed: no "mean ± std"
     assert _scale_title(chat) == ""
     mixed = table(["accuracy", "loss"])
     assert notes(mixed)[0].startswith("Metrics ×100 (loss as they are)")

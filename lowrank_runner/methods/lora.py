@@ -54,7 +54,7 @@ def peft_drawn_a(r: int, in_features: int, out_features: int, device) -> nn.Para
     if torch.device(device).type == "meta":
         return kaiming_parameter((r, in_features), device)
     for shape in ((r, in_features), (out_features, r)):  # nn.Linear(in, r), nn.Linear(r, out): drawn, replaced
-        nn.init.kaiming_uniform_(torch.empty(*shape), a=math.sqrt(5))
+        nn.init.kaiming_uniform_(torch.empty(*shape, device="cpu"), a=math.sqrt(5))
     a = kaiming_parameter((r, in_features), "cpu")
     return nn.Parameter(a.data.to(device))
 
