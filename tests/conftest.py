@@ -183,3 +183,30 @@ def tiny_recipe(make_recipe, tiny_bert, sentiment_data):
         return make_recipe(tiny_recipe_text(tiny_bert, sentiment_data) + textwrap.dedent(extra), name)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from more threads; one keeps a module cheap on busy cores
+    (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def quality():
+    """bench/quality.py as a module (registered in sys.modules: its dataclasses look their
+    module up), for tests of its logic and of its PEFT loop."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "quality.py"
+    spec = importlib.util.spec_from_file_location("bench_quality", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)

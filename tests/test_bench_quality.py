@@ -3,25 +3,11 @@ against the baseline (the interval checked against scipy's paired t-test)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from argparse import Namespace
-from pathlib import Path
 
 import pytest
 from scipy import stats
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "quality.py"
-
-
-@pytest.fixture(scope="module")
-def quality():
-    spec = importlib.util.spec_from_file_location("bench_quality_logic", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
 
 
 def test_seeds(quality):

@@ -92,13 +92,7 @@ AUDITED = (str(Path(lowrank_runner.__file__).parent), str(PLUGINS), __file__) + 
     (str(Path(PEFT.origin).parent / "tuners" / "adalora" / "layer.py"),) if PEFT else ())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from more threads; one keeps the file cheap on busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class MisplacedTensor(AssertionError):

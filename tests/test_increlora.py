@@ -32,12 +32,7 @@ LABELS = torch.tensor([0, 2, 1])
 TRAINING = {"learning_rate": 1e-2, "adam_betas": [0.9, 0.999], "adam_epsilon": 1e-8, "weight_decay": 0.01}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def ref_lora_w(a_list, e_list, b_list, scaling, ranknum):

@@ -7,8 +7,6 @@ steps with dropout on. This guards the loop against silent drift (issue 25: a 1.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,18 +17,7 @@ from lowrank_runner.cli import app
 
 peft = pytest.importorskip("peft")
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "quality.py"
 STEPS = 6
-
-
-@pytest.fixture(scope="module")
-def quality():
-    spec = importlib.util.spec_from_file_location("bench_quality", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
 
 
 def recipe_text(tiny_bert, sentiment_data, dropout: float) -> str:
