@@ -79,6 +79,19 @@ def test_every_point_is_validated_at_the_line_of_its_value(tiny_recipe):
     ]
 
 
+def test_a_point_is_checked_against_the_schema_of_the_sections_it_changes(tiny_recipe):
+    """A point's values are checked in their own sections (the document was checked whole
+    once): a bad value under training or task is located at its sweep line."""
+    path = tiny_recipe("""
+        sweep:
+          training.learning_rate: [1.0e-3, -1]
+          task.max_length: [64, 0]
+        """)
+    found = messages(path)
+    assert any(m.startswith(f"{path}:12:36: sweep.training.learning_rate.1: must be") for m in found), found
+    assert any(m.startswith(f"{path}:13:25: sweep.task.max_length.1: must be >= 8; got 0") for m in found), found
+
+
 @pytest.mark.parametrize("block,message", [
     ("method.rr: [4, 8]", "11:3: sweep.method.rr: unknown recipe key 'method.rr' (did you mean 'method.r'?); a sweep "
                           "names dotted recipe keys, e.g. method.r or training.learning_rate"),

@@ -54,12 +54,20 @@ RULES_SCHEMA = {
 def guidance_rules(method_name: str) -> list[dict]:
     """The method schema's ``x-lr-guidance`` rules ([] when it declares none); a
     malformed list (a plugin's) raises :class:`ValueError` naming the method."""
-    rules = get_method_spec(method_name).schema.get("x-lr-guidance", [])
+    schema = get_method_spec(method_name).schema
+    checked = _CHECKED.get(method_name)
+    if checked is not None and checked[0] is schema:  # checked once per schema (a plugin may replace it)
+        return checked[1]
+    rules = schema.get("x-lr-guidance", [])
     error = jsonschema.exceptions.best_match(_rules_validator().iter_errors(rules))
     if error is not None:
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
         raise ValueError(f"method '{method_name}': x-lr-guidance{where}: {error.message}")
+    _CHECKED[method_name] = (schema, rules)
     return rules
+
+
+_CHECKED: dict[str, tuple[dict, list]] = {}
 
 
 @lru_cache(maxsize=1)

@@ -67,21 +67,21 @@ def _per_task(base: Document, doc: Document) -> list[tuple[str | None, Document]
 
 def _per_seed(run: Document) -> list[tuple[Any, Document]]:
     """One document per seed of ``training.seed`` (a number or a list), the seed located
-    at its list item."""
+    at its list item. The seeds' documents share everything but ``training`` (one deep
+    copy for all of them): nothing changes an expanded run's document in place."""
     training = run.data.get("training") if isinstance(run.data.get("training"), dict) else {}
     seeds = training.get("seed", 0)
     seeds = seeds if isinstance(seeds, list) else [seeds]
     at = ("training", "seed")
-    run = run.copy()  # without the list of seeds, each copy is linear in the number of seeds
+    run = run.copy()
     items = {p: run.origins.pop(p) for p in [p for p in run.origins if p[:2] == at and len(p) > 2]}
-    if isinstance(run.data.get("training"), dict):
-        run.data["training"]["seed"] = None
+    trains = isinstance(run.data.get("training"), dict) or "training" not in run.data
     out = []
     for i, seed in enumerate(seeds):
-        single = run.copy()
-        single.data.setdefault("training", {})
-        if isinstance(single.data["training"], dict):
-            single.data["training"]["seed"] = seed
+        data = dict(run.data)
+        if trains:
+            data["training"] = {**data.get("training", {}), "seed": seed}
+        single = Document(data, dict(run.origins), run.file, run.sources)
         if at + (i,) in items:
             single.origins[at] = items[at + (i,)]
         out.append((seed, single))

@@ -22,7 +22,7 @@ from lowrank_runner.recipe.hashing import canonical_form, canonical_hash
 from lowrank_runner.recipe.init_from import init_from_problems
 from lowrank_runner.recipe.output_checks import table_problems
 from lowrank_runner.recipe.problems import NON_FINITE, dedupe, non_finite_problems, problem, schema_problems
-from lowrank_runner.recipe.schema import recipe_validator, resolve
+from lowrank_runner.recipe.schema import recipe_validator, resolve, sections_validator
 from lowrank_runner.recipe.search import search_problems
 from lowrank_runner.recipe.sweep import sweep_problems
 from lowrank_runner.recipe.validate import run_problems
@@ -78,8 +78,9 @@ def check_document(doc: Document) -> list[Problem]:
     problems += [p for found in sweep.values() for p in found]
     runs = expand_runs(doc, skip=frozenset(sweep))
     for run in one_per_seed(runs):  # defensive about types the schema already flagged
-        if run.point is not None:
-            problems += schema_problems(run.doc, run.doc.data, recipe_validator(), skip=("method",))
+        if run.point is not None:  # the document was checked whole: the sections its values change
+            sections = frozenset(key.split(".")[0] for key in run.point.values)
+            problems += schema_problems(run.doc, run.doc.data, sections_validator(sections), skip=("method",))
         problems += run_problems(run.doc) + search_problems(run.doc)
     problems += init_from_problems(doc, runs)
     problems += table_problems(doc, [run.task for run in runs])

@@ -56,6 +56,18 @@ def recipe_validator() -> jsonschema.protocols.Validator:
     return cls(schema, registry=_method_resources())
 
 
+@lru_cache(maxsize=64)
+def sections_validator(sections: frozenset[str]) -> jsonschema.protocols.Validator:
+    """The recipe validator for the top-level ``sections`` alone (their own schema,
+    conditions inside them included; other keys and the root's requirements left out):
+    what a sweep point's values can make invalid in a document already checked whole."""
+    full = recipe_validator()
+    root = full.schema
+    reduced = {k: v for k, v in root.items() if k not in ("required", "if", "then", "additionalProperties", "properties")}
+    reduced["properties"] = {k: v for k, v in root["properties"].items() if k in sections}
+    return full.evolve(schema=reduced)
+
+
 _VALIDATORS: dict[int, tuple[dict, jsonschema.protocols.Validator]] = {}
 
 
