@@ -148,16 +148,19 @@ def positions_needed(task_cfg: dict) -> tuple[int, str]:
     return length, f"task.max_length {length}"
 
 
-def check_positions(model, config, task_cfg: dict, ref: backbones.BackboneRef) -> None:
+def check_positions(model, config, task_cfg: dict, ref: backbones.BackboneRef, extra: int = 0) -> None:
     """Sequences longer than the model's absolute position table fail (index error) or
     silently misbehave: an error naming both numbers. A model without such a table
     (DeBERTa with relative attention and position_biased_input false, rotary LLaMA) runs
-    longer inputs than it was pretrained on: a warning."""
+    longer inputs than it was pretrained on: a warning. ``extra``: positions the method
+    places before every input (:meth:`AdapterMethod.extra_positions`: a prefix)."""
     from torch import nn
 
     if not task_cfg.get("max_length"):
         return
     needed, what = positions_needed(task_cfg)
+    if extra:
+        needed, what = needed + extra, f"{what} + the {extra} positions method.name places before the input"
     declared = next(((k, getattr(config, k)) for k in POSITION_KEYS if isinstance(getattr(config, k, None), int)), None)
     where = f"{ref.location}/config.json" if ref.local else f"{ref.describe()} config.json"
     tables = [m for name, m in model.named_modules()
@@ -229,7 +232,8 @@ def build_adapted_model(
     check_fixed_targets(run_config)
     targets = find_targets(model, run_config.get("targets", []), config.model_type) if uses_targets(run_config["method"]) else []
     check_ranks(model, targets, run_config["method"])
-    check_positions(model, config, run_config.get("task", {}), ref)
+    method = build_method(run_config["method"])
+    check_positions(model, config, run_config.get("task", {}), ref, method.extra_positions())
     missing: list[str] = []
     mismatched: dict[str, tuple] = {}
     if weights:
@@ -239,7 +243,6 @@ def build_adapted_model(
         mismatched = {name: (ckpt, own) for name, ckpt, own in info.get("mismatched_keys", [])}
     if getattr(config, "pad_token_id", None) is None and getattr(config, "eos_token_id", None) is not None:
         model.config.pad_token_id = config.eos_token_id  # GPT-2/LLaMA classification needs a pad id
-    method = build_method(run_config["method"])
     try:
         injection = inject(model, method, targets)
     except ValueError as exc:  # e.g. BitFit on a backbone without biases

@@ -24,10 +24,12 @@ TARGETS = {
 # Small but non-degenerate settings per method; anything not listed uses the schema defaults.
 SETTINGS = {"lora": {"r": 4}, "lora2": {"r": 4, "k": 2}, "triadaptlora": {"r": 3}, "condlora": {"r": 4},
             "adalora": {"init_r": 4, "target_r": 2}, "increlora": {"r": 2, "target_rank": 4},
-            "houlsby": {"bottleneck": 4}, "pfeiffer": {"bottleneck": 4}}
+            "houlsby": {"bottleneck": 4}, "pfeiffer": {"bottleneck": 4},
+            "prefix": {"prefix_length": 3, "reparameterization_hidden": 8}}
 # Methods that train backbone parameters themselves (trainable_base_parameters) and need them:
-# a backbone without biases (LLaMA) has nothing for BitFit (refused; tests/test_baselines.py).
-REFUSED = {("bitfit", "llama")}
+# a backbone without biases (LLaMA) has nothing for BitFit (refused; tests/test_baselines.py);
+# DeBERTa-v2's attention reads no key/value cache, so no prefix (refused; tests/test_prefix.py).
+REFUSED = {("bitfit", "llama"), ("prefix", "deberta-v2")}
 
 
 def method_configs():
@@ -54,7 +56,7 @@ def targets_for(model_type: str, method_cfg: dict) -> list[str]:
 
 def build(model_type: str, method_cfg: dict, seed: int = 0):
     if (method_cfg["name"], model_type) in REFUSED:
-        pytest.skip(f"{method_cfg['name']} refuses {model_type} (tests/test_baselines.py checks the error)")
+        pytest.skip(f"{method_cfg['name']} refuses {model_type} (its own tests check the error)")
     model = tiny_classifier(model_type, seed)
     names = [n for n, _ in model.named_modules()]
     targets = resolve_targets(targets_for(model_type, method_cfg), model_type, names) if uses_targets(method_cfg) else []
@@ -100,8 +102,13 @@ pytestmark = pytest.mark.parametrize("model_type", FAMILIES)
 
 @pytest.mark.parametrize("method_cfg", METHODS)
 def test_starts_exactly_at_the_base_model(model_type, method_cfg):
+    """Weight updates and inserted modules start at the backbone; a prefix, attended to from
+    the first step (Li & Liang), changes the output from the start."""
     expected = logits(tiny_classifier(model_type))
     model, *_ = build(model_type, method_cfg)
+    if method_specs()[method_cfg["name"]].kind == "prompt":
+        assert not torch.allclose(logits(model), expected)
+        return
     torch.testing.assert_close(logits(model), expected, rtol=0, atol=0)
 
 
@@ -131,8 +138,10 @@ def test_only_adapters_and_head_train_and_frozen_weights_get_no_gradient(model_t
 def test_merged_equals_unmerged(model_type, method_cfg):
     model, injection, *_ = build(model_type, method_cfg)
     perturb(model, base_names=injection.base_names)
-    if method_specs()[method_cfg["name"]].kind == "inserted":  # no ΔW: every adapter says so, a merge refuses
-        assert injection.adapters and not any(a.mergeable for a in injection.adapters.values())
+    kind = method_specs()[method_cfg["name"]].kind
+    if kind in ("inserted", "prompt"):  # no ΔW: every adapter (a prefix: the model's own module) says so, a merge refuses
+        adapters = injection.adapters.values() if kind == "inserted" else [model.lrr_shared]
+        assert adapters and not any(a.mergeable for a in adapters)
         with pytest.raises(NotMergeable):
             merge_adapters(model)
         return

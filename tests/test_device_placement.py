@@ -223,7 +223,8 @@ def read_back(model, injection, merge: bool = True) -> None:
                 adapter.lora_factors(w0)
             except NotImplementedError:
                 pass
-    if merge and all(adapter.mergeable for adapter in adapters.values()):
+    shared = getattr(model, "lrr_shared", None)
+    if merge and all(getattr(a, "mergeable", True) for a in [*adapters.values(), *([shared] if shared is not None else [])]):
         merge_adapters(model)
 
 

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lowrank_runner.cli import app
-from tests.test_inspect import DEBERTA_V3_BASE, GLUE_ORDER, REPO, ROBERTA_BASE
+from tests.test_inspect import DEBERTA_V3_BASE, GLUE_ORDER, GPT2_MEDIUM, REPO, ROBERTA_BASE
 
 RECIPES = REPO / "recipes"
 NEW_RECIPES = [
@@ -24,13 +24,15 @@ NEW_RECIPES = [
     "mtlora_roberta_cola_rank_lora.yaml", "condlora_roberta_glue_lora.yaml", "adalora_deberta_glue.yaml",
     "increlora_deberta_glue.yaml", "increlora_deberta_squad2.yaml", "sora_deberta_glue.yaml", "sora_deberta_glue_r1.yaml",
     "chat_qwen2_lora2.yaml", "chat_qwen2_triadaptlora.yaml", "chat_qwen2_mtlora.yaml",  # tests/test_chat.py plans them
+    "houlsby_deberta_glue.yaml", "houlsby_deberta_squad2.yaml", "pfeiffer_roberta_glue.yaml", "pfeiffer_gpt2_nlg.yaml",
+    "prefix_gpt2_nlg.yaml",
 ]
 
 
 @pytest.fixture(scope="module")
 def backbones(tmp_path_factory):
     out = {}
-    for name, cfg in (("deberta", DEBERTA_V3_BASE), ("roberta", ROBERTA_BASE)):
+    for name, cfg in (("deberta", DEBERTA_V3_BASE), ("roberta", ROBERTA_BASE), ("gpt2", GPT2_MEDIUM)):
         d = tmp_path_factory.mktemp(name)
         (d / "config.json").write_text(json.dumps(cfg))
         out[name] = f"backbone.name={d}"
@@ -374,3 +376,114 @@ def test_sora_recipes_are_the_authors_settings_at_both_ranks(backbones):
         assert runs[GLUE_ORDER.index("rte")]["steps"] == 20 * 312  # ceil(2,490 / 8) per epoch
     seeds = inspect("sora_deberta_glue.yaml", backbones["deberta"], seed0=False)
     assert [x["seed"] for x in seeds if x["task"] == "rte"] == [0, 21, 42, 81, 100]
+
+
+# ------------------------------------------------------------------ Inserted adapters (issue 27)
+# The papers quote these rows (TriAdaptLoRA from AdaLoRA; MTLoRA from the LoRA paper, which
+# quotes AdapterDrop and Li & Liang): the counts are checked against the budgets they print,
+# the settings against the closest documented runs the recipes name.
+
+def test_hadapter_glue_is_adaloras_1_2m_budget_with_adaloras_settings(backbones):
+    runs = inspect("houlsby_deberta_glue.yaml", backbones["deberta"])
+    assert [r["task"] for r in runs] == GLUE_ORDER  # TriAdaptLoRA Table I's columns
+    assert {(r["method"]["name"], r["method"]["bottleneck"], r["method"]["activation"]) for r in runs} == {
+        ("houlsby", 32, "swish")}  # AdaLoRA's reference HAdapter: swish
+    assert all(sorted(r["targets"]) == ["Wa", "Wo"] and len(r["modules"]) == 24 for r in runs)
+    assert runs[0]["targets"]["Wa"][0] == "deberta.encoder.layer.0.attention.output.dense"
+    # 12 layers x 2 adapters x (2 d b + b + d): AdaLoRA's 1.2M budget level (it prints 1.22M)
+    assert {r["adapter_params"] for r in runs} == {12 * 2 * (2 * 768 * 32 + 32 + 768)} == {1_198_848}
+    assert round(runs[0]["adapter_params"] / 1e6, 1) == 1.2
+    # the bottlenecks of AdaLoRA's other two budgets, 0.6M and 0.3M (HAdapter 0.61M, 0.31M)
+    assert [round(inspect("houlsby_deberta_squad2.yaml", backbones["deberta"], f"method.bottleneck={b}")[0][
+        "adapter_params"] / 1e6, 2) for b in (16, 8)] == [0.61, 0.31]
+    # HAdapter's own settings are not published: AdaLoRA's (TriAdaptLoRA Table V) for every task
+    assert_same_as(runs, inspect("adalora_deberta_glue.yaml", backbones["deberta"]), "method", "targets")
+    seeds = inspect("houlsby_deberta_glue.yaml", backbones["deberta"], seed0=False)
+    assert [r["seed"] for r in seeds if r["task"] == "rte"] == [0, 1, 2, 3, 4]  # AdaLoRA Table 1: five runs
+
+
+def test_hadapter_squad2_is_adaloras_065_percent_budget(backbones):
+    [run] = inspect("houlsby_deberta_squad2.yaml", backbones["deberta"])
+    assert (run["method"]["name"], run["method"]["bottleneck"]) == ("houlsby", 32)
+    assert run["adapter_params"] == 1_198_848
+    backbone = run["total_params"] - run["trainable_params"]  # DeBERTaV3-base without the QA head
+    assert round(100 * run["adapter_params"] / backbone, 2) == 0.65  # AdaLoRA Table 3's largest budget
+    t = run["training"]
+    # AdaLoRA's SQuAD 2.0 script (NLG_QA/scripts/run_debertav3_squadv2.sh)
+    assert (t["batch_size"], t["epochs"], t["learning_rate"], t["warmup_steps"], t["lr_scheduler"]) == (
+        16, 12, 1e-3, 1000, "linear")
+    assert (run["task_config"]["max_length"], run["task_config"]["doc_stride"]) == (384, 128)
+    assert run["warnings"] == []
+    triadapt = inspect_json("triadaptlora_deberta_squad2.yaml", backbones["deberta"])["recipe"]["output"]["table"]
+    assert inspect_json("houlsby_deberta_squad2.yaml", backbones["deberta"])["recipe"]["output"]["table"] == triadapt
+
+
+def test_mtlora_table1_adapter_is_loras_adptd_budget(backbones):
+    roberta = backbones["roberta"]
+    runs = inspect("pfeiffer_roberta_glue.yaml", roberta)
+    assert [r["task"] for r in runs] == GLUE_ORDER  # MTLoRA Table 1's columns
+    assert {(r["method"]["name"], r["method"]["bottleneck"], r["method"]["activation"]) for r in runs} == {
+        ("pfeiffer", 48, "relu")}
+    assert runs[0]["targets"] == {"Wo": [f"roberta.encoder.layer.{i}.output.dense" for i in range(12)]}
+    # LoRA Table 2: RoB_base (AdptD) 0.9M, and 0.3M at bottleneck 16
+    assert {r["adapter_params"] for r in runs} == {12 * (2 * 768 * 48 + 48 + 768)} == {894_528}
+    assert round(runs[0]["adapter_params"] / 1e6, 1) == 0.9
+    small = inspect("pfeiffer_roberta_glue.yaml", roberta, "method.bottleneck=16")
+    assert round(small[0]["adapter_params"] / 1e6, 1) == 0.3
+    # LoRA Table 9, RoBERTa-large AdptP (0.8M)+: batch 32, lr 3e-4, max length 128, its epochs, warm-up 0.06
+    assert {(r["training"]["batch_size"], r["training"]["learning_rate"], r["training"]["warmup_ratio"],
+             r["task_config"]["max_length"]) for r in runs} == {(32, 3e-4, 0.06, 128)}
+    assert [r["training"]["epochs"] for r in runs] == [5, 20, 20, 20, 10, 20, 20, 20]
+    # the + protocol: MRPC, RTE, STS-B start from the pre-trained model, not from MNLI
+    assert all(r["init_from"] is None for r in runs) and all(r["warnings"] == [] for r in runs)
+    recipe = inspect_json("pfeiffer_roberta_glue.yaml", roberta)["recipe"]["output"]
+    assert recipe["aggregate"] == "median" and recipe["table"] == inspect_json(
+        "mtlora_roberta_glue.yaml", roberta)["recipe"]["output"]["table"]  # one lrr report --table
+    seeds = inspect("pfeiffer_roberta_glue.yaml", roberta, seed0=False)
+    assert [r["seed"] for r in seeds if r["task"] == "rte"] == [0, 1, 2]
+
+
+def test_mtlora_table2_adapter_is_li_and_liangs_adapter_01_percent(backbones):
+    gpt2 = backbones["gpt2"]
+    runs = inspect("pfeiffer_gpt2_nlg.yaml", gpt2)
+    assert [r["task"] for r in runs] == ["e2e", "dart", "webnlg"]  # MTLoRA Table 2's columns
+    assert {(r["method"]["name"], r["method"]["bottleneck"], r["method"]["activation"]) for r in runs} == {
+        ("pfeiffer", 6, "relu")}
+    assert runs[0]["targets"] == {"Wo": [f"transformer.h.{i}.mlp.c_proj" for i in range(24)]}
+    # LoRA's AdapterL count, 24 x (2 x 1024 x b + b + 1024) + 2 x 24 x 1024 LayerNorm: 0.37M only at b = 6;
+    # lrr trains no LayerNorm: 49,152 fewer
+    count = 24 * (2 * 1024 * 6 + 6 + 1024)
+    assert {r["adapter_params"] for r in runs} == {count} == {319_632}
+    assert round((count + 2 * 24 * 1024) / 1e6, 2) == 0.37
+    assert all(r["trainable_params"] == r["adapter_params"] and r["head"] == [] for r in runs)
+    # Li & Liang's code: README's adapter command and train_e2e.py's defaults; decoding: beam 5, 100 tokens
+    assert {(r["training"]["batch_size"], r["training"]["learning_rate"], r["training"]["epochs"],
+             r["training"]["warmup_steps"], r["training"]["weight_decay"]) for r in runs} == {(5, 5e-5, 5, 100, 0)}
+    assert {(r["task_config"]["generation"]["num_beams"], r["task_config"]["generation"]["max_new_tokens"])
+            for r in runs} == {(5, 100)}
+    # the data, test split, max length and lower-case scoring of the sibling recipes (one Table 2)
+    lora = {r["task"]: r for r in inspect("lora_gpt2_nlg.yaml", gpt2)}
+    for run in runs:
+        for key in ("test_split", "max_length", "scoring", "data"):
+            assert run["task_config"].get(key) == lora[run["task"]]["task_config"].get(key), (run["task"], key)
+        assert run["warnings"] == []
+    assert runs[0]["steps"] == 5 * 8_413  # ceil(42,061 / 5) per epoch
+
+
+def test_mtlora_table2_prefix_is_li_and_liangs_prefix_01_percent(backbones):
+    gpt2 = backbones["gpt2"]
+    runs = inspect("prefix_gpt2_nlg.yaml", gpt2)
+    assert [r["task"] for r in runs] == ["e2e", "dart", "webnlg"]
+    assert {(r["method"]["name"], r["method"]["prefix_length"], r["method"]["reparameterization_hidden"])
+            for r in runs} == {("prefix", 10, 512)}
+    assert all(r["targets"] == {} for r in runs)  # no targets: every attention layer reads the prefix
+    # trained: P' (10 x 1024) and the MLP 1024 -> 512 -> 24 x 2 x 1024; saved: the prefix alone, 491,520 (0.14%)
+    assert {r["adapter_params"] for r in runs} == {10 * 1024 + 1024 * 512 + 512 + 512 * 49_152 + 49_152} == {25_750_016}
+    assert 24 * 2 * 1024 * 10 == 491_520
+    assert {(r["training"]["batch_size"], r["training"]["learning_rate"], r["training"]["epochs"],
+             r["training"]["warmup_steps"]) for r in runs} == {(5, 5e-5, 5, 100)}
+    lora = {r["task"]: r for r in inspect("lora_gpt2_nlg.yaml", gpt2)}
+    for run in runs:
+        for key in ("test_split", "max_length", "scoring", "data"):
+            assert run["task_config"].get(key) == lora[run["task"]]["task_config"].get(key), (run["task"], key)
+        assert run["warnings"] == []

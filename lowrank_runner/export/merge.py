@@ -43,7 +43,7 @@ from lowrank_runner.export.merge_checks import (cast_allowed, embeddings_tied, e
                                                 reloaded_outputs)
 from lowrank_runner.export.probe import (compare_outputs, largest_magnitude, model_outputs, non_finite, probe_batch,
                                          reference_outputs)
-from lowrank_runner.export.source import (load_trained_model, loaded_backbone, preflight, refuse_inserted,
+from lowrank_runner.export.source import (load_trained_model, loaded_backbone, preflight, refuse_unmergeable,
                                           source_tokenizer)
 from lowrank_runner.quiet import quiet_libraries
 
@@ -97,7 +97,7 @@ def export_merged(source: Path, out: Path, tolerance: float = 1e-3, dtype: str |
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     preflight(source, out)
-    refuse_inserted(source, "--merge")
+    refuse_unmergeable(source, "--merge")
     try:
         return export_streamed(source, out, tolerance=tolerance, dtype=dtype, max_shard_size=max_shard_size,
                                cast_tolerance=cast_tolerance, backbone=backbone, max_memory=max_memory,

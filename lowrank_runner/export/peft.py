@@ -25,7 +25,7 @@ from lowrank_runner.errors import ExportError, UsageError
 from lowrank_runner.export.card import TASK_TYPES
 from lowrank_runner.export.common import backbone_checked, check_tolerance, provenance, staged_output, write_export_files
 from lowrank_runner.export.probe import compare_outputs, model_outputs, probe_batch, reference_outputs
-from lowrank_runner.export.source import (load_trained_model, loaded_backbone, preflight, read_run, refuse_inserted,
+from lowrank_runner.export.source import (load_trained_model, loaded_backbone, preflight, read_run, refuse_unmergeable,
                                           source_tokenizer)
 from lowrank_runner.quiet import quiet_libraries
 
@@ -156,7 +156,7 @@ def export_peft(source: Path, out: Path, tolerance: float = 1e-4, backbone: str 
     source, out = Path(source), Path(out)
     tolerance = check_tolerance(tolerance)
     preflight(source, out)
-    refuse_inserted(source, "--peft")
+    refuse_unmergeable(source, "--peft")
     config, adapter_cfg, _, head_state = read_run(source, backbone)
     _refuse_unsupported(adapter_cfg)
     base_model = base_model or package_hub_id(adapter_cfg["backbone"]["name"], backbone)

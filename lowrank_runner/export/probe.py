@@ -103,7 +103,8 @@ def check_adapter(model, source: Path, base_updates: dict | None = None) -> dict
     Returns the largest |ΔW| per module (and per trained tensor)."""
     import torch
 
-    from lowrank_runner.methods.inject import AdaptedLayer
+    from lowrank_runner.methods.base import Adapter
+    from lowrank_runner.methods.inject import SHARED_KEY, AdaptedLayer
 
     largest: dict[str, float] = {}
     for path, module in model.named_modules():
@@ -113,6 +114,14 @@ def check_adapter(model, source: Path, base_updates: dict | None = None) -> dict
                 raise ExportError(f"{source}: {path}: the adapter's update ΔW holds NaN/Inf (a corrupted or diverged "
                                   "adapter); nothing written")
             largest[path] = float(delta.abs().max())
+    shared = getattr(model, SHARED_KEY, None)
+    if isinstance(shared, Adapter) and not shared.mergeable:  # a method acting on the whole model: a prefix
+        with torch.no_grad():
+            values = torch.cat([p.detach().float().flatten() for p in shared.parameters()])
+        if not torch.isfinite(values).all():
+            raise ExportError(f"{source}: {SHARED_KEY}: the method's parameters hold NaN/Inf (a corrupted or diverged "
+                              "adapter); nothing written")
+        largest[SHARED_KEY] = float(values.abs().max())
     for name, update in (base_updates or {}).items():
         if update["largest"] != update["largest"]:  # NaN
             raise ExportError(f"{source}: {name}: the trained tensor holds NaN/Inf (a corrupted or diverged run); "

@@ -370,7 +370,7 @@ def load_trained_model(source: Path, with_adapter: bool = True, head: bool = Tru
     """The source's backbone in eval mode with its trained head and, unless
     ``with_adapter=False``, the trained adapter; ``head=False`` leaves the head as built.
     ``dtype`` overrides the recipe's ``backbone.dtype``, ``backbone`` its location."""
-    from lowrank_runner.methods.inject import load_adapter_state
+    from lowrank_runner.methods.inject import compact_keys, load_adapter_state
     from lowrank_runner.modeling import build_adapted_model, load_plain_model
 
     source = Path(source)
@@ -389,7 +389,7 @@ def load_trained_model(source: Path, with_adapter: bool = True, head: bool = Tru
         raise ExportError(f"{source / RECIPE_FILE}: the recipe does not fit the backbone: {exc}") from None
     model = adapted.model
     own = set(model.state_dict())
-    unknown = sorted((set(adapter) | set(head_state)) - own)
+    unknown = sorted((set(adapter) | set(head_state)) - own - set(compact_keys(model, adapter)))
     if unknown:
         raise ExportError(f"{source}: saved weights do not fit the rebuilt model (e.g. {unknown[:3]}); {hint}")
     adapted.base_updates = base_updates(model, adapter, adapted.base_names)
@@ -486,17 +486,20 @@ def preflight(source: Path, out: Path) -> None:
     check_out(out, source)
 
 
-def refuse_inserted(source: Path, option: str) -> None:
-    """``--merge`` and ``--peft`` of a run whose method inserts modules into the network
-    (its schema says ``"x-kind": "inserted"``: the bottleneck adapters) instead of updating
-    weights: there is no ``ΔW`` to merge or to write as a LoRA pair. A usage error (exit
-    2), before anything is loaded, naming the export that serves such a run."""
+def refuse_unmergeable(source: Path, option: str) -> None:
+    """``--merge`` and ``--peft`` of a run whose method is no weight update: its schema says
+    ``"x-kind": "inserted"`` (bottleneck adapters: new modules in the network) or
+    ``"prompt"`` (prompt learning: prefix-tuning's keys and values every layer attends to). There is no
+    ``ΔW`` to merge or to write as a LoRA pair. A usage error (exit 2), before anything is
+    loaded, naming the export that serves such a run."""
     kind, adapter_dir = source_kind(Path(source))
     adapter_cfg = read_adapter_config(adapter_dir / ADAPTER_CONFIG, source, kind, methods=method_specs())
     name = adapter_cfg["method"]["name"]
     spec = method_specs().get(name)
-    if spec is None or spec.kind != "inserted":
+    if spec is None or spec.kind == "update":
         return
-    raise UsageError(f"{option}: this run used '{name}', which inserts new modules into the network instead of "
-                     "updating the backbone's weights: there is no update ΔW to merge into them or to write as a "
-                     "LoRA pair; export it as a bundle with --adapter (lowrank_runner.load_adapted loads it)")
+    what = ("learns keys and values that every attention layer attends to before the input" if spec.kind == "prompt"
+            else "inserts new modules into the network")
+    raise UsageError(f"{option}: this run used '{name}', which {what} instead of updating the backbone's weights: "
+                     "there is no update ΔW to merge into them or to write as a LoRA pair; export it as a bundle with "
+                     "--adapter (lowrank_runner.load_adapted loads it)")

@@ -108,6 +108,17 @@ class Adapter(nn.Module):
         """Load what :meth:`compact_state` returned (ranks read from the shapes)."""
         raise NotImplementedError
 
+    def release(self) -> None:
+        """Undo what the method installed on the model besides its modules (prefix-tuning's
+        forward hook) when the adapters are taken off. Default: nothing."""
+
+    def is_compact(self, state: dict[str, torch.Tensor]) -> bool:
+        """Whether ``state`` (this adapter's tensors, keys relative to it) is what
+        :meth:`compact_state` returned rather than the full state: by default, when a tensor's
+        shape differs from the adapter's own (smaller active ranks)."""
+        own = self.state_dict()
+        return any(state[k].shape != own[k].shape for k in state if k in own)
+
     def entry_starts(self) -> dict[str, torch.Tensor] | None:
         """For parameters whose entries start training at different optimizer steps (IncreLoRA's
         ranks added during training): per parameter name, an int64 tensor broadcastable to
@@ -189,6 +200,19 @@ class AdapterMethod:
         """Parameters shared across adapters, registered once on the model as ``lrr_shared``
         after all adapters were created."""
         return None
+
+    def attach(self, model: nn.Module) -> nn.Module | None:
+        """For a method that acts on the whole model instead of targeted layers (prefix-tuning):
+        called once by ``inject`` after the adapters, with the model; it may install forward
+        hooks and return its module, registered as ``lrr_shared`` (its parameters trained,
+        saved and loaded like any adapter's). Raise ``ValueError`` for a model it cannot act
+        on. Default: nothing."""
+        return None
+
+    def extra_positions(self) -> int:
+        """Token positions the method places before every input (prefix-tuning's length):
+        the backbone's position table must hold them beside ``task.max_length``. Default 0."""
+        return 0
 
     def on_train_begin(self, total_steps: int, adapters: dict[str, Adapter] | None = None) -> None:
         """Called once before training (before a resumed run's state is loaded) with the

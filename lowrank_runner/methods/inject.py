@@ -152,8 +152,11 @@ def inject(model: nn.Module, method: AdapterMethod, targets: list[TargetModule])
         adapters[target.path] = adapter
         layers[target.path] = info
     shared = method.shared_modules()
-    if shared is not None:
-        model.add_module(SHARED_KEY, shared)
+    whole = method.attach(model)
+    if shared is not None and whole is not None:
+        raise ValueError(f"method '{method.name}' returned modules from both shared_modules() and attach()")
+    if (shared or whole) is not None:
+        model.add_module(SHARED_KEY, shared if shared is not None else whole)
     return Injection(method, adapters, layers, list(method.trainable_base_parameters(model)))
 
 
@@ -212,15 +215,29 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> list
         prefix = f"{name}."
         mine = {k[len(prefix):]: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
         full = {k[len(prefix):]: v for k, v in own.items() if k.startswith(prefix)}
-        if mine and any(mine[k].shape != full[k].shape for k in mine if k in full):
+        if mine and module.is_compact(mine):
             module.load_compact_state(mine)
-            loaded.update(prefix + k for k in full)
+            loaded.update(prefix + k for k in [*full, *module.state_dict()])
         else:
             state.update({prefix + k: v for k, v in mine.items()})
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise KeyError(f"unexpected adapter tensors: {result.unexpected_keys[:3]}")
     return [k for k in result.missing_keys if is_adapter_param(k) and k not in loaded]
+
+
+def compact_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """The keys of ``state`` that an adapter of ``model`` takes as its compact state (a prefix
+    saved without its reparameterisation): :func:`load_adapter_state` loads them, although
+    the model, as built for training, has other tensors there."""
+    out = []
+    for name, module in model.named_modules():
+        if isinstance(module, Adapter):
+            prefix = f"{name}."
+            mine = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if mine and module.compact_state() is not None and module.is_compact(mine):
+                out += [prefix + k for k in mine]
+    return out
 
 
 def count_adapter_params(model: nn.Module) -> int:
@@ -232,6 +249,11 @@ def merge_adapters(model: nn.Module, check=None) -> nn.Module:
     restore the plain module tree. ``check(path, delta, weight)``, if given, sees each
     module's float32 ``ΔW`` and the base weight (both as stored) before the sum is
     written (and may raise to stop the merge)."""
+    shared = getattr(model, SHARED_KEY, None)
+    if isinstance(shared, Adapter) and not shared.mergeable:
+        raise NotMergeable(f"{type(shared).__name__} acts on the whole model, not as an update of a weight: "
+                           "it cannot be merged")
+
     def merged(path: str, module: AdaptedLayer) -> nn.Module:
         delta = module.stored_delta()
         if check is not None:
@@ -255,6 +277,9 @@ def _unwrap(model: nn.Module, replacement) -> nn.Module:
             parent, attr = _parent(model, path)
             setattr(parent, attr, replacement(path, module))
     if hasattr(model, SHARED_KEY):
+        shared = getattr(model, SHARED_KEY)
+        if isinstance(shared, Adapter):
+            shared.release()
         delattr(model, SHARED_KEY)
     return model
 

@@ -42,7 +42,8 @@ class MethodSpec:
     def kind(self) -> str:
         """``"update"``: the method's adapters are weight updates ΔW (mergeable);
         ``"inserted"`` (``"x-kind": "inserted"``): modules inserted into the network
-        (bottleneck adapters), which ``lrr export --merge``/``--peft`` refuse."""
+        (bottleneck adapters); ``"prompt"``: keys and values the attention reads before the
+        input (prefix-tuning). ``lrr export --merge``/``--peft`` refuse both."""
         return self.schema.get("x-kind", "update")
 
     @property

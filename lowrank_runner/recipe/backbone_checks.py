@@ -52,8 +52,8 @@ def quantization_problems(doc: Document, backbone: dict, method: dict, training:
                                             "base) or remove backbone.quantization"))
     name = method.get("name")
     spec = method_specs().get(name) if isinstance(name, str) else None
-    if spec is not None and spec.schema.get("x-targets", True) is False:
-        adapters = ", ".join(n for n, s in method_specs().items() if s.schema.get("x-targets", True) is not False)
+    if spec is not None and _trains_backbone_weights(spec):
+        adapters = ", ".join(n for n, s in method_specs().items() if not _trains_backbone_weights(s))
         out.append(problem(doc, QUANT_PATH, f"method '{name}' trains the backbone's own weights, which "
                                             f"backbone.quantization stores as frozen {quant['bits']}-bit data; use an "
                                             f"adapter method ({adapters}) or "
@@ -119,3 +119,9 @@ def _backbone_name_problems(doc: Document, name: str) -> list[Problem]:
         return [problem(doc, path, f"no such directory: {name} (and it is not a hub id like org/model)")]
     return []
 
+
+
+def _trains_backbone_weights(spec) -> bool:
+    """A weight-update method without targets trains the backbone's own weights (full
+    fine-tuning, BitFit); prefix-tuning takes no targets either but trains none of them."""
+    return spec.schema.get("x-targets", True) is False and spec.kind == "update"

@@ -59,7 +59,7 @@ def _method_problems(doc: Document, method) -> list[Problem]:
     example = f"[{', '.join(fixed)}]" if fixed else "[Wq, Wv]"
     if "targets" not in doc.data and specs[name].schema.get("x-targets", True) is not False:
         out.append(problem(doc, (), f"missing required key 'targets' (the modules method '{name}' adapts, e.g. "
-                                    f"targets: {example}; only full and bitfit take none)", key=True))
+                                    f"targets: {example}; only {', '.join(n for n, sp in sorted(specs.items()) if sp.schema.get('x-targets', True) is False)} take none)", key=True))
     out += _fixed_target_problems(doc, name, fixed)
     # "x-le" / "x-lt": {"a": "b"} in a method schema: parameter a must not exceed (must stay below) parameter b.
     defaults = specs[name].defaults()

@@ -42,6 +42,9 @@ ADAPTER_CONFIG_SCHEMA = {
         "head": {"type": "array", "items": {"type": "string", "minLength": 1}, "uniqueItems": True},
         # backbone parameters the method trained itself (full fine-tuning, BitFit), in adapter.safetensors
         "base": {"type": "array", "items": {"type": "string", "minLength": 1}, "uniqueItems": True},
+        # whether the method has parameters of its own beside the modules' (lrr_shared.*: CondLoRA's shared
+        # factors, a prefix acting on the whole model); absent in files written before it was recorded
+        "shared": {"type": "boolean"},
         "recipe_hash": {"type": ["string", "null"]},
         "config_hash": {"type": ["string", "null"]},
     },
@@ -50,12 +53,13 @@ ADAPTER_CONFIG_SCHEMA = {
 
 
 def adapter_config(*, method: dict, targets: list, modules: list[dict], backbone: dict, task: dict, head: list[str],
-                   base: list[str], recipe_hash: str, config_hash: str) -> dict:
+                   base: list[str], recipe_hash: str, config_hash: str, shared: bool = False) -> dict:
     """The ``adapter_config.json`` of a run: the method and its parameters, the recipe's
     targets and the module paths they matched (``modules``: path, symbols, q/k/v groups),
     the backbone (the recipe's entry with where it was loaded from), the task head
     (``task``: name, model class and head config; ``head``: its parameter names), the
-    backbone tensors the method trained itself (``base``: full, bitfit) and the hashes."""
+    backbone tensors the method trained itself (``base``: full, bitfit), whether it has
+    parameters of its own beside the modules' (``shared``: CondLoRA, a prefix) and the hashes."""
     return {
         "format": ADAPTER_FORMAT,
         "format_version": ADAPTER_FORMAT_VERSION,
@@ -67,6 +71,7 @@ def adapter_config(*, method: dict, targets: list, modules: list[dict], backbone
         "task": task,
         "head": head,
         "base": base,
+        "shared": shared,
         "recipe_hash": recipe_hash,
         "config_hash": config_hash,
     }
@@ -117,8 +122,9 @@ def read_adapter_config(path: Path, source: Path, kind: str = "run", methods=Non
     if error is not None:
         key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
         raise RunFileError(f"{path}: {key}: {error.message}; the file is damaged: {repair_hint(source, kind)}")
-    if not data["modules"] and not data.get("base"):
-        raise RunFileError(f"{path}: modules: [] and no trained backbone parameters ('base'): the run adapted nothing; "
+    if not data["modules"] and not data.get("base") and not data.get("shared"):
+        raise RunFileError(f"{path}: modules: [], no trained backbone parameters ('base') and no parameters of the "
+                           "method's own ('shared'): the run adapted nothing; "
                            f"the file is damaged: {repair_hint(source, kind)}")
     task = data["task"]
     if "num_labels" in task and "id2label" in task and task["num_labels"] != len(task["id2label"]):

@@ -29,7 +29,7 @@ import torch
 
 from lowrank_runner.backbones.load import load_tokenizer
 from lowrank_runner.backbones.resolve import resolve as resolve_backbone
-from lowrank_runner.methods.inject import adapter_state_dict, load_adapter_state, update_norms
+from lowrank_runner.methods.inject import SHARED_KEY, adapter_state_dict, load_adapter_state, update_norms
 from lowrank_runner.modeling import AdaptedModel, build_adapted_model, check_backbone_fits_task
 from lowrank_runner.plan.checks import PlanError, check_method_schedule, check_schedule, plan_run, run_batch
 from lowrank_runner.recipe.load import Recipe, RunSpec, at_recipe_lines
@@ -97,6 +97,7 @@ def run_adapter_config(adapted: AdaptedModel, run: RunSpec, recipe: Recipe, task
         task={"name": run.task, "model_class": task.model_class_name, **task.model_config_kwargs()},
         head=adapted.head_names,
         base=adapted.base_names,  # backbone tensors the method trained (full, bitfit), in adapter.safetensors
+        shared=hasattr(adapted.model, SHARED_KEY),  # the method's own parameters (CondLoRA, a prefix)
         recipe_hash=recipe.hash,
         config_hash=run.config_hash,
     )
