@@ -201,3 +201,50 @@ def test_a_run_trains_resumes_exactly_and_travels_as_a_bundle(prefix_recipe, tmp
         code, out = lrr("export", whole, option, "--out", tmp_path / f"refused{option}")
         assert code == 2 and "which learns keys and values that every attention layer attends to" in out, out
         assert not (tmp_path / f"refused{option}").exists()
+
+
+def test_lrrs_batched_left_padded_generation_with_a_prefix_equals_one_by_one():
+    """lrr's own decoding (tasks/generation.py) with a prefix: prompts decoded together
+    (left-padded) give what each gives alone, so the prefix's positions follow the mask. A
+    prompt decoded alone is unpadded, and ``generate`` then passes no mask: the prefix's
+    mask must cover the cached positions at every step (one covering the new token only
+    failed here)."""
+    from accelerate import Accelerator
+
+    from lowrank_runner.tasks.generation import generate
+    from tests.test_nlg import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(1)
+    model = transformers.GPT2LMHeadModel(tiny_config("gpt2", vocab_size=len(tokenizer))).eval()
+    prompts = [[5, 9, 11, 2], [6, 7, 8, 9, 10, 12, 13, 2], [14, 2]]
+    settings = {"num_beams": 2, "length_penalty": 0.9, "no_repeat_ngram_size": 4, "max_new_tokens": 8, "batch_size": 3}
+    accelerator = Accelerator(cpu=True)
+    without = generate(model, prompts, tokenizer, settings, accelerator)
+    with_prefix(model)  # its N(0, 1) start changes the continuations
+    together = generate(model, prompts, tokenizer, settings, accelerator)
+    alone = [generate(model, [p], tokenizer, settings, accelerator)[0] for p in prompts]
+    assert together == alone and together != without
+
+
+@pytest.mark.slow
+def test_a_gpt2_data_to_text_run_trains_the_prefix_and_decodes_with_it(tmp_path):
+    from tests.test_nlg import tiny_nlg_recipe, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    backbone = tmp_path / "tiny-gpt2"
+    tokenizer.save_pretrained(backbone)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(tiny_config("gpt2", vocab_size=len(tokenizer), initializer_range=0.5)).save_pretrained(backbone)
+    recipe = tiny_nlg_recipe(backbone, tmp_path)
+    recipe.write_text(recipe.read_text().replace("targets: [Wq, Wv]\n", "").replace(
+        "method: {name: lora, r: 2, alpha: 4, dropout: 0.1}", "method: {name: prefix, prefix_length: 3, reparameterization: false}"))
+    code, out = lrr("run", recipe, "--output", tmp_path / "run")
+    assert code == 0, out
+    evals = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"eval"' in ln]
+    assert evals[1]["eval"]["loss"] < evals[0]["eval"]["loss"]  # the prefix alone learns
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["adapter_params"] == report["trainable_params"] == 3 * 2 * 2 * 16  # P x layers x (key, value) x d
+    outputs = [json.loads(ln) for ln in (tmp_path / "run" / "outputs_validation.jsonl").read_text().splitlines()]
+    assert outputs and all(isinstance(o["output"], str) for o in outputs)
+

@@ -145,7 +145,8 @@ def _with_prefix(base: nn.Module, encoder: PrefixEncoder, names: list[str], args
         autocast = torch.is_autocast_enabled(device.type)
         encoder.fill(cache, batch, torch.get_autocast_dtype(device.type) if autocast else base.dtype)
     mask = kwargs.get("attention_mask")
-    mask = torch.ones(batch, length, dtype=torch.long, device=device) if mask is None else mask
+    if mask is None:  # every position seen: the cache's (generate's later steps) and the input's
+        mask = torch.ones(batch, cache.get_seq_length() - prefix + length, dtype=torch.long, device=device)
     kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, prefix), mask], dim=-1)
     if kwargs.get("position_ids") is not None:
         kwargs["position_ids"] = kwargs["position_ids"] + prefix
