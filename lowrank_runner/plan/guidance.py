@@ -23,6 +23,8 @@ diverged or collapsed in the measurements (it needs no planned steps):
 
 from __future__ import annotations
 
+import json
+
 import math
 from functools import lru_cache
 
@@ -78,7 +80,8 @@ def _rules_validator() -> jsonschema.protocols.Validator:
 
 def condition(rule: dict) -> str:
     """A rule's ``when`` in words: ``init: gaussian`` ("" for always)."""
-    return ", ".join(f"{key}: {value}" for key, value in (rule.get("when") or {}).items())
+    return ", ".join(f"{key}: {json.dumps(value) if isinstance(value, bool) else value}"
+                     for key, value in (rule.get("when") or {}).items())
 
 
 def matching_rules(method_config: dict) -> list[dict]:
