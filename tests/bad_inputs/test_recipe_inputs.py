@@ -100,7 +100,7 @@ def test_aliases_and_characters(tmp_path, text, line):
 
 
 @pytest.mark.parametrize("content,line", [
-    (gzip.compress(b"name: x\n"), "1:2: (recipe): not UTF-8 text: byte 0x8b is not valid UTF-8 here (this looks like a "
+    (gzip.compress(b"name: x\n", mtime=0), "1:2: (recipe): not UTF-8 text: byte 0x8b is not valid UTF-8 here (this looks like a "
                                   "binary file); save the recipe as UTF-8"),
     ("description: caf\xe9\n".encode("latin-1") + GOOD.encode(), "1:17: (recipe): not UTF-8 text: byte 0xe9 is not "
                                                                  "valid UTF-8 here; save the recipe as UTF-8"),
