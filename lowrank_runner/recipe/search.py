@@ -99,6 +99,7 @@ class SearchSpec:
     sampler: str
     seed: int
     dimensions: tuple[Dimension, ...]
+    pruner: str = "none"  # median | hyperband | none
 
 
 def search_spec(resolved: dict) -> SearchSpec | None:
@@ -106,7 +107,8 @@ def search_spec(resolved: dict) -> SearchSpec | None:
     block = resolved.get(SEARCH)
     if not isinstance(block, dict):
         return None
-    return SearchSpec(block["n_trials"], block.get("sampler", "tpe"), block.get("seed", 0), tuple(dimensions(block)))
+    return SearchSpec(block["n_trials"], block.get("sampler", "tpe"), block.get("seed", 0), tuple(dimensions(block)),
+                      block.get("pruner", "none"))
 
 
 def dimensions(block: dict) -> list[Dimension]:

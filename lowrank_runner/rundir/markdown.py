@@ -69,6 +69,9 @@ def run_markdown(report: dict, plots_at: str | None = None) -> str:
                      f"holdout split {fmt(seeds['holdout_split'])}; the recipe's seeds: {seeds['recipe']}")
     if run.get("resumed_from_step"):
         lines.append(f"- resumed from the checkpoint at step {run['resumed_from_step']} (wall time counts since then)")
+    early = r.get("stopped_early")
+    if early:  # train/stopping.py: early stopping or a search's pruner ended training
+        lines.append(f"- stopped early at step {early.get('step')}: {early.get('reason')}")
     for tracker in r.get("trackers") or ():  # output.trackers (train/tracking.py)
         lines.append(f"- tracked with {tracker.get('name')}: {tracker.get('writes')}")
     lines.append("")

@@ -61,6 +61,8 @@ def _task_record(info: TaskInfo, study, decode) -> dict:
                  "value": t.value, "dir": t.user_attrs.get("dir")}
         if "error" in t.user_attrs:
             entry["error"] = t.user_attrs["error"]
+        if "pruned_at" in t.user_attrs:
+            entry["pruned_at"] = t.user_attrs["pruned_at"]  # the optimizer step the pruner stopped it at
         trials.append(entry)
     complete = [t for t in trials if t["state"] == "COMPLETE"]
     best = None
@@ -100,7 +102,8 @@ def _task_markdown(task: str, entry: dict, keys: list[str]) -> list[str]:
         mark = " ★" if best and t["number"] == best["number"] else ""
         value = "" if t["value"] is None else f"{t['value']:.4f}"
         cells = [json.dumps(t["params"].get(k)) if k in t["params"] else "" for k in keys]
-        state = t["state"].lower() + (f": {t['error']}" if t.get("error") else "")
+        state = t["state"].lower() + (f": {t['error']}" if t.get("error") else "") + (
+            f" at step {t['pruned_at']}" if t.get("pruned_at") is not None else "")
         lines.append(f"| {t['number']}{mark} | " + " | ".join(cells) + f" | {value} | {state.replace('|', '/')} |")
     if best:
         shown = ", ".join(f"`{k}` = {json.dumps(v)}" for k, v in best["params"].items())

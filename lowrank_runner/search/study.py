@@ -184,7 +184,7 @@ class Search:
         direction = self.info[task].direction
         with _readable_db(self.root / DB_FILE):
             study = self.optuna.create_study(study_name=task, storage=self.storage, direction=direction,
-                                             load_if_exists=True)
+                                             load_if_exists=True, pruner=_pruner(self.optuna, self.spec))
         if study.direction.name.lower() != direction:
             raise UsageError(f"{self.root / DB_FILE}: study {task!r} was started to {study.direction.name.lower()} "
                              f"its objective, the recipe now asks to {direction}; resume with the recipe it started with")
@@ -217,10 +217,17 @@ class Search:
         rec = None
         try:
             rec = self.trial_recipe(task, values)  # a sampled value the recipe cannot take fails this trial
-            run_recipe(rec, run_dir, self.argv, resume=(run_dir / RECIPE_FILE).is_file(), stop_after=self.stop_after)
+            run_recipe(rec, run_dir, self.argv, resume=(run_dir / RECIPE_FILE).is_file(), stop_after=self.stop_after,
+                       observer=Pruning(trial, self.spec.pruner, self.info[task].metric))
             done = _metrics(run_dir)
             if done is None:
                 return STOPPED
+            pruned = _pruned_at(run_dir)
+            if pruned is not None:  # the pruner ended it: a finished trial, never the best point
+                trial.set_user_attr("pruned_at", pruned)
+                study.tell(trial.number, state=self.optuna.trial.TrialState.PRUNED)
+                self.write("running")
+                return None
             value = done["best"]["value"]
             if not isinstance(value, (int, float)) or value != value:
                 raise LrrError(f"{run_dir}: no checkpoint was selected (best value {value!r})")
@@ -339,6 +346,46 @@ def _sampler(optuna, spec: SearchSpec, number: int):
     """The sampler of trial ``number``, seeded ``search.seed + number``."""
     kind = optuna.samplers.TPESampler if spec.sampler == "tpe" else optuna.samplers.RandomSampler
     return kind(seed=(spec.seed + number) % 2**32)
+
+
+def _pruner(optuna, spec: SearchSpec):
+    """``search.pruner``: Optuna's MedianPruner or HyperbandPruner (their defaults), or none."""
+    if spec.pruner == "median":
+        return optuna.pruners.MedianPruner()
+    if spec.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    return optuna.pruners.NopPruner()
+
+
+class Pruning:
+    """A trial's evaluations reported to its study (``trial.report``); the study's pruner
+    may end the trial there (:class:`~lowrank_runner.train.stopping.EvaluationObserver`)."""
+
+    name = "pruner"
+
+    def __init__(self, trial, pruner: str, metric: str):
+        self.trial, self.pruner, self.metric = trial, pruner, metric
+
+    def after_evaluation(self, step: int, value: float) -> str | None:
+        self.trial.report(value, step)  # a resumed trial reports its earlier steps again: Optuna keeps the first
+        if self.pruner == "none" or not self.trial.should_prune():
+            return None
+        return f"pruned by the search's {self.pruner} pruner (search.pruner) at step {step}: {self.metric} {value:.4f}"
+
+    def state_dict(self) -> dict:
+        return {}  # what the pruner decides on lives in the study (search.db)
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def _pruned_at(run_dir: Path) -> int | None:
+    """The step a completed trial's run was pruned at (report.json ``stopped_early`` by the pruner)."""
+    try:
+        early = json.loads((run_dir / REPORT_FILE).read_text(encoding="utf-8")).get("stopped_early") or {}
+    except (OSError, ValueError):
+        return None
+    return early.get("step") if early.get("by") == Pruning.name else None
 
 
 def _finished(study, optuna) -> int:

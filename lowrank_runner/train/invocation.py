@@ -53,6 +53,7 @@ class Invocation:
     dirs: dict  # run index -> its run directory
     again: str  # the command that continues this invocation
     summary: list = field(default_factory=list)  # the summary entries of the runs settled so far
+    observer: object = None  # told each evaluation, may end a run early (a search's pruner: train/stopping.py)
 
     @property
     def resume(self) -> bool:
@@ -182,7 +183,7 @@ def _train(inv: Invocation, run: RunSpec, run_dir: Path, checkpoint) -> dict:
     with nullcontext() if run_dir == inv.root else owned(run_dir, say):  # the root is the invocation's already
         try:
             result = train_run(inv.recipe, run, run_dir, inv.argv, resume=checkpoint, stop_after=inv.stop_after,
-                               init_from=init)
+                               init_from=init, observer=inv.observer)
         except DivergenceError as exc:  # the divergence guard (train/divergence.py)
             exc.resume_hint = resume_hint(exc, inv.again)
             raise

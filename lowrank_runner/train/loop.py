@@ -49,6 +49,7 @@ from lowrank_runner.train.memory import enable_gradient_checkpointing, keep_trai
 from lowrank_runner.train.optim import build_optimizer, build_scheduler
 from lowrank_runner.train.progress import SetupPhases, TrainingProgress
 from lowrank_runner.train.run_report import build_run_report
+from lowrank_runner.train.stopping import EvaluationObserver, early_stopping
 from lowrank_runner.train.tracking import Tracking
 
 
@@ -166,9 +167,11 @@ class TrainingRun:
     """
 
     def __init__(self, recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resume: Checkpoint | None = None,
-                 stop_after: int | None = None, init_from=None):
+                 stop_after: int | None = None, init_from=None, observer: EvaluationObserver | None = None):
         self.recipe, self.run, self.run_dir, self.argv = recipe, run, run_dir, argv
         self.resume, self.stop_after, self.init_from = resume, stop_after, init_from
+        self.outside_observer = observer  # a search's pruner (search/study.py)
+        self.stopped_early: dict | None = None  # where and why an observer ended training
         self.cfg, self.training = run.config, run.config["training"]
         self.where = f"{recipe.source} [{run.task}, seed {run.seed}]"
         self.stopped_at: int | None = None
@@ -203,6 +206,8 @@ class TrainingRun:
         self.state = LoopState(window_loss=torch.zeros((), device=self.accelerator.device),
                                best={"step": None, "metric": self.task.metric, "value": None, "eval": None})
         self.guard = DivergenceGuard(self.training, self.accelerator.device, self.where, self.run_dir)
+        stopping = early_stopping(self.training, self.task.greater_is_better, self.task.metric)
+        self.observers = [o for o in (stopping, self.outside_observer) if o is not None]
 
     def _accelerator(self):
         """The run's Accelerator; with FSDP (``training.fsdp`` or an accelerate config:
@@ -308,6 +313,9 @@ class TrainingRun:
         self.state.best_state = _split_best(best_tensors, self.adapted.head_names)
         self.state.restore(checkpoint.state)
         self.guard.restore(checkpoint.state.get("divergence"))  # absent from checkpoints written before the guard
+        for observer in self.observers:
+            if observer.name in checkpoint.state.get("observers", {}):
+                observer.load_state_dict(checkpoint.state["observers"][observer.name])
 
     def open_outputs(self) -> None:
         """The run directory with its ``recipe.yaml``, ``metrics.jsonl`` (a resumed run
@@ -446,7 +454,7 @@ class TrainingRun:
         self.progress.advance(step)  # the bar at every step; off a terminal, a step line when due
         if step % self.eval_every == 0 or step == total:
             self.evaluate_and_select()
-        if step >= total:
+        if step >= total or self.stopped_early is not None:
             return True
         if (step % self.checkpoint_every == 0 and not self.guard.holds_checkpoints) or step == self.stop_after:
             self.save_checkpoint(batches_in_epoch)
@@ -497,6 +505,17 @@ class TrainingRun:
             self.log.write({"step": s.step, "epoch": self._epoch(), "eval": s.last_eval})
         self.tracking.log_eval(s.step, s.last_eval)
         self.progress.update_eval(s.step, s.last_eval, self.task.metric, improved)
+        self.observe(s.step, s.last_eval[self.task.metric])
+
+    def observe(self, step: int, value: float) -> None:
+        """Tell the observers (early stopping, a search's pruner) the evaluation; the first
+        that gives a reason ends training after this step (every process decides alike: the
+        metric is gathered over all of them)."""
+        for observer in self.observers:
+            reason = observer.after_evaluation(step, value)
+            if reason is not None and self.stopped_early is None:
+                self.stopped_early = {"step": step, "reason": reason, "by": observer.name}
+                self.progress.note_stop(step, reason)
 
     def evaluate(self, splits: dict[str, str]) -> dict[str, float]:
         """Score ``splits`` (every process); under FSDP the model is then resharded on
@@ -524,7 +543,8 @@ class TrainingRun:
             trainable={**adapter, **head},
             best={**s.best_state[0], **s.best_state[1]} if s.best_state else None,
             state={**s.checkpoint_state(batches_in_epoch, self.log.lines if self.log else 0, self.run.config_hash,
-                                        self.plan.total_steps), "divergence": self.guard.state()},
+                                        self.plan.total_steps), "divergence": self.guard.state(),
+                   "observers": {o.name: o.state_dict() for o in self.observers}},
         )
 
     # ------------------------------------------------------------------ finish
@@ -606,6 +626,8 @@ class TrainingRun:
             resumed_from=self.resume.step if self.resume is not None else None, holdout=holdout,
             test_examples=test_examples or None, init_from=origin, optimizer=self.optimizer,
         )
+        if self.stopped_early is not None:
+            report["stopped_early"] = self.stopped_early  # an observer ended training: where, why, which
         if self.tracking.entries:
             report["trackers"] = self.tracking.describe()  # output.trackers and where each writes
         if self.sharding.enabled:
@@ -633,12 +655,13 @@ class TrainingRun:
 
 
 def train_run(recipe: Recipe, run: RunSpec, run_dir: Path, argv: list[str], resume: Checkpoint | None = None,
-              stop_after: int | None = None, init_from=None) -> RunResult:
+              stop_after: int | None = None, init_from=None, observer: EvaluationObserver | None = None) -> RunResult:
     """Train one run into ``run_dir``; ``resume`` continues from a checkpoint of it,
     ``stop_after`` ends the run with a checkpoint after that optimizer step, and
     ``init_from`` (train/init_from.py) loads another run's adapter before training.
     The phases are :class:`TrainingRun`'s methods."""
-    training = TrainingRun(recipe, run, run_dir, argv, resume=resume, stop_after=stop_after, init_from=init_from)
+    training = TrainingRun(recipe, run, run_dir, argv, resume=resume, stop_after=stop_after, init_from=init_from,
+                           observer=observer)
     try:
         training.setup()
         training.restore()

@@ -178,6 +178,11 @@ class TrainingProgress:
             self.console.print(f"step {step}: eval {shown}" + ("  [green](best)[/green]" if improved else ""),
                                highlight=self.live)
 
+    def note_stop(self, step: int, reason: str) -> None:
+        """An observer ended training early (early stopping, a search's pruner)."""
+        if self.enabled:
+            self.console.print(f"[yellow]stopped at step {step}[/yellow]: {escape(reason)}", highlight=self.live)
+
 
 PROGRESS_FILE_ENV = "LRR_PROGRESS_FILE"
 

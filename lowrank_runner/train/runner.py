@@ -28,11 +28,13 @@ from lowrank_runner.train.invocation import (FAILED_STATES, Invocation, check_st
 from lowrank_runner.train.run_dirs import (Taken, continue_command, discard, nothing_resumable, owned, prepare_root,
                                            resume_points, run_dirs)
 from lowrank_runner.train.setup_failure import SetupStopped
+from lowrank_runner.train.stopping import EvaluationObserver
 from lowrank_runner.train.tracking import check_endpoints, check_recorded_ids
 
 
 def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: bool = False,
-               stop_after: int | None = None, parallel=None, only_run: str | None = None) -> list[str]:
+               stop_after: int | None = None, parallel=None, only_run: str | None = None,
+               observer: EvaluationObserver | None = None) -> list[str]:
     """Train every run; returns the slugs of runs that failed. ``resume`` continues the
     runs of an existing run directory (completed runs are kept, interrupted ones continue
     from their latest checkpoint); ``stop_after`` ends each run after that optimizer step
@@ -40,7 +42,9 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
     :class:`~lowrank_runner.train.parallel.slots.ParallelOptions`) trains the runs of a
     multi-run recipe in child processes; ``only_run`` is such a child's one run. The
     servers the recipe's trackers reach are checked first, once (by the driver of
-    ``--parallel``): nothing is written when one does not answer."""
+    ``--parallel``): nothing is written when one does not answer. ``observer`` is told every
+    evaluation of the runs trained in this process and may end one early (a search's
+    pruner: train/stopping.py)."""
     check_endpoints(recipe, probe=only_run is None)
     if only_run is not None:
         from lowrank_runner.train.parallel.child import run_only
@@ -58,7 +62,7 @@ def run_recipe(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
         if resume:
             check_recorded_ids(recipe, run_dirs(recipe, root), points)  # trackers.json, before anything trains
         inv = Invocation(recipe, root, argv, points, stop_after, run_dirs(recipe, root),
-                         continue_command(recipe.source, recipe.overrides, root))
+                         continue_command(recipe.source, recipe.overrides, root), observer=observer)
         try:  # Ctrl-C, and SIGTERM, which the CLI turns into the same (cli.main)
             return _run_all(inv)
         except KeyboardInterrupt:

@@ -1,0 +1,85 @@
+"""``search.pruner``: each trial reports its selection metric at every evaluation to the
+study (Optuna, SQLite storage), and a trial the pruner stops ends there as a completed run
+that stopped early, recorded as pruned and never the best point."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import optuna
+import pytest
+
+from lowrank_runner.rundir.layout import REPORT_FILE
+from tests.test_search import lrr, study
+
+SEARCH = """
+    search:
+      n_trials: {n}
+      sampler: random
+      pruner: {pruner}
+      space:
+        training.learning_rate: {{log_uniform: [1.0e-2, 2.0e-1]}}
+    """
+
+
+@pytest.fixture
+def pruned_recipe(tmp_path, tiny_bert, sentiment_data):
+    def make(pruner: str, n: int = 4):
+        train, validation = sentiment_data
+        recipe = tmp_path / f"search-{pruner}.yaml"
+        recipe.write_text(textwrap.dedent(f"""
+            name: tiny-pruned
+            backbone: {{name: {tiny_bert}}}
+            targets: [Wq, Wv]
+            method: {{name: lora, r: 4, alpha: 8}}
+            task:
+              name: classification
+              data: {{train: {train}, validation: {validation}}}
+              labels: [negative, positive]
+              max_length: 16
+            training: {{epochs: 3, batch_size: 16, seed: 0, log_every: 2, eval_every: 2, checkpoint_every: 2}}
+            """) + textwrap.dedent(SEARCH.format(pruner=pruner, n=n)))
+        return recipe
+
+    return make
+
+
+class AfterTheFirstTrial(optuna.pruners.BasePruner):
+    """Prunes every trial but the first at its second report: a deterministic pruner."""
+
+    def prune(self, study, trial) -> bool:
+        return trial.number > 0 and len(trial.intermediate_values) >= 2
+
+
+def test_pruned_trials_stop_early_are_recorded_and_never_the_best(pruned_recipe, tmp_path, monkeypatch):
+    monkeypatch.setattr(optuna.pruners, "MedianPruner", AfterTheFirstTrial)
+    out = tmp_path / "out"
+    result = lrr("run", pruned_recipe("median"), "--output", out)
+    assert result.exit_code == 0, result.output
+    trials = study(out).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED", "PRUNED", "PRUNED"]
+    for t in trials:
+        run_dir = out / "search" / "classification" / f"trial-{t.number:04d}"
+        report = json.loads((run_dir / REPORT_FILE).read_text())
+        assert report["status"] == "completed"
+        steps = sorted(t.intermediate_values)
+        assert steps[:2] == [2, 4]  # every evaluation reported, at its optimizer step
+        if t.state.name == "PRUNED":
+            assert report["stopped_early"] == {"step": 4, "by": "pruner", "reason": report["stopped_early"]["reason"]}
+            assert "median pruner" in report["stopped_early"]["reason"] and t.user_attrs["pruned_at"] == 4
+            assert t.value == t.intermediate_values[4]
+        else:
+            assert "stopped_early" not in report
+    entry = json.loads((out / "search.json").read_text())["tasks"]["classification"]
+    assert entry["best"]["number"] == 0
+    assert [t.get("pruned_at") for t in entry["trials"]] == [None, 4, 4, 4]
+    assert "pruned at step 4" in (out / "search.md").read_text()
+
+
+def test_without_a_pruner_every_trial_runs_to_the_end(pruned_recipe, tmp_path, monkeypatch):
+    monkeypatch.setattr(optuna.pruners, "NopPruner", AfterTheFirstTrial)  # what 'none' builds, made to prune
+    out = tmp_path / "out"
+    result = lrr("run", pruned_recipe("none", n=2), "--output", out)
+    assert result.exit_code == 0, result.output
+    assert [t.state.name for t in study(out).trials] == ["COMPLETE"] * 2  # 'none' never asks the pruner
