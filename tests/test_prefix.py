@@ -248,3 +248,10 @@ def test_a_gpt2_data_to_text_run_trains_the_prefix_and_decodes_with_it(tmp_path)
     outputs = [json.loads(ln) for ln in (tmp_path / "run" / "outputs_validation.jsonl").read_text().splitlines()]
     assert outputs and all(isinstance(o["output"], str) for o in outputs)
 
+
+
+def test_gradient_checkpointing_is_refused_at_its_key(prefix_recipe):
+    """transformers drops the cache from checkpointed layers: the prefix would be lost (the
+    attention mask then no longer fits: measured, every family fails)."""
+    code, out = lrr("validate", prefix_recipe, "--set", "training.gradient_checkpointing=true")
+    assert code != 0 and "training.gradient_checkpointing: method prefix cannot train with gradient checkpointing" in out

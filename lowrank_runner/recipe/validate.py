@@ -38,6 +38,7 @@ def run_problems(doc: Document) -> list[Problem]:
     out += _target_problems(doc, part("targets", list))
     out += _training_problems(doc, part("training", dict))
     out += _precision_problems(doc, part("training", dict), part("method", dict))
+    out += _checkpointing_problems(doc, part("training", dict), part("method", dict))
     out += backbone_problems(doc, part("backbone", dict))
     out += quantization_problems(doc, part("backbone", dict), part("method", dict), part("training", dict))
     out += output_problems(doc, part("output", dict))
@@ -245,6 +246,19 @@ def _training_problems(doc: Document, training: dict) -> list[Problem]:
     if isinstance(max_steps, int) and isinstance(every, int) and every > max_steps:
         out.append(problem(doc, ("training", "eval_every"), f"evaluating every {every} steps never happens before max_steps {max_steps}; lower eval_every"))
     return out
+
+
+def _checkpointing_problems(doc: Document, training: dict, method: dict) -> list[Problem]:
+    """``training.gradient_checkpointing`` with a method whose schema says it cannot
+    (``"x-no-gradient-checkpointing": REASON``: the prefix lives in the key/value cache,
+    which transformers drops from checkpointed layers)."""
+    name = method.get("name")
+    spec = method_specs().get(name) if isinstance(name, str) else None
+    why = spec.schema.get("x-no-gradient-checkpointing") if spec is not None else None
+    if not why or training.get("gradient_checkpointing") is not True:
+        return []
+    return [problem(doc, ("training", "gradient_checkpointing"), f"method {name} cannot train with gradient "
+                                                                 f"checkpointing: {why}; set gradient_checkpointing: false")]
 
 
 def _precision_problems(doc: Document, training: dict, method: dict) -> list[Problem]:
