@@ -467,13 +467,14 @@ class Chat(Task):
         from lowrank_runner.tasks.generation import generate
 
         model.eval()
-        total, count = 0.0, 0
+        sums, count = [], 0
         with torch.no_grad():
             for batch in dataloader:
                 inputs = self.model_inputs(batch)
                 nll, n = accelerator.gather_for_metrics(assistant_nll(model(**inputs).logits, batch["labels"]))
-                total += float(nll.sum())
+                sums += nll.tolist()  # added exactly below: the batches' order (longest first) does not matter
                 count += int(n.sum())
+        total = math.fsum(sums)
         chosen = self.samples.get(split)
         if chosen is not None and chosen.prompts:
             outputs = generate(model, chosen.prompt_ids, self.tokenizer, self.config["generation"], accelerator,

@@ -98,14 +98,18 @@ def generate(model, prompts: list[list[int]], tokenizer, settings: dict, acceler
 
 
 def evaluate_generation(task, model, dataloader, accelerator, split: str) -> dict[str, float]:
+    """Loss and perplexity over the split's target tokens (the pairs' sums added exactly,
+    so the order the batches ran in does not matter: they run longest first), then the
+    outputs of the split's sources in source order, scored against their references."""
     model.eval()
-    nll_total, token_total = 0.0, 0
+    pair_sums, token_total = [], 0
     with torch.no_grad():
         for batch in dataloader:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             nll, count = accelerator.gather_for_metrics(pair_nll(logits, batch["labels"]))
-            nll_total += float(nll.sum())
+            pair_sums += nll.tolist()
             token_total += int(count.sum())
+    nll_total = math.fsum(pair_sums)
     settings = task.config["generation"]
     # max_sources keeps the evaluations during training cheap; a test set is scored whole
     chosen, n = task.eval_sets[split], None if split.startswith(TEST_PREFIX) else settings.get("max_sources")

@@ -230,29 +230,36 @@ class SquadV2(Task):
 
     # ---- scoring
     def evaluate(self, model, dataloader, accelerator, split: str) -> dict[str, float]:
+        """Official SQuAD 2.0 scores of the split's questions (their features' logits are
+        gathered from every process and put back in the order of the features: the batches
+        run longest first), and the mean span loss of the features, each over its own
+        tokens (:func:`feature_span_losses`: the padding of its batch left out)."""
+        import math
+
         import torch
+
+        from lowrank_runner.tasks.evaluation import in_dataset_order
 
         examples, features = self._eval_data[split]
         model.eval()
-        starts, ends = [], []
-        loss = torch.zeros(2, device=accelerator.device)  # sum of feature losses, features (this process)
+        starts, ends, losses = [], [], []
         with torch.no_grad():
             for batch in dataloader:
                 out = model(**batch)
-                size = batch["input_ids"].shape[0]
-                loss += torch.stack([out.loss.detach().float() * size, torch.tensor(float(size), device=loss.device)])
+                feature_losses = feature_span_losses(out.start_logits, out.end_logits, batch)
                 # Batches on different processes can be padded to different lengths.
                 s = accelerator.pad_across_processes(out.start_logits.float(), dim=1, pad_index=-1e4)
                 e = accelerator.pad_across_processes(out.end_logits.float(), dim=1, pad_index=-1e4)
-                s, e = accelerator.gather_for_metrics((s, e))
+                s, e, feature_losses = accelerator.gather_for_metrics((s, e, feature_losses))
                 starts.extend(s.cpu().numpy())
                 ends.extend(e.cpu().numpy())
+                losses += feature_losses.tolist()
         model.train()
         if len(starts) != len(features):
             raise RuntimeError(f"evaluation of {split} gathered {len(starts)} features, expected {len(features)}")
+        starts, ends = in_dataset_order(starts, dataloader), in_dataset_order(ends, dataloader)
         metrics = self.score(examples, features, starts, ends, split)
-        loss_sum, n = accelerator.reduce(loss, reduction="sum").tolist()
-        metrics["loss"] = loss_sum / max(n, 1.0)  # over every process's features
+        metrics["loss"] = math.fsum(losses) / max(len(losses), 1)  # every feature once, in any order
         return metrics
 
     def score(self, examples, features, start_logits, end_logits, split: str | None = None) -> dict[str, float]:
@@ -280,6 +287,23 @@ class SquadV2(Task):
         if split:
             self.latest_outputs[split] = rows
         return {**squad_v2_scores(predictions, references), **best_threshold_scores(candidates, margins, references)}
+
+
+def feature_span_losses(start_logits, end_logits, batch):
+    """Per feature: the span loss of a question-answering model, the mean of the start
+    and end positions' cross-entropies (transformers' definition), over the feature's own
+    tokens. The model's own loss also spreads probability over its batch's padding (the
+    span head scores every position), so it would depend on which features share a batch."""
+    import torch
+
+    mask = batch.get("attention_mask")
+    start_logits, end_logits = start_logits.float(), end_logits.float()
+    if mask is not None:
+        start_logits = start_logits.masked_fill(mask == 0, float("-inf"))
+        end_logits = end_logits.masked_fill(mask == 0, float("-inf"))
+    cross_entropy = torch.nn.functional.cross_entropy
+    return (cross_entropy(start_logits, batch["start_positions"], reduction="none")
+            + cross_entropy(end_logits, batch["end_positions"], reduction="none")) / 2
 
 
 def feature_layout(n_examples: int, features) -> tuple[list[list[int]], list, list[int]]:

@@ -8,28 +8,48 @@ import json
 
 import torch
 
+from lowrank_runner.errors import DataError
 from lowrank_runner.plan.schedule import BatchPlan, batch_plan
 from lowrank_runner.tasks.base import Task, build_task
 from lowrank_runner.tasks.holdout import apply_holdout
+
 
 def build_dataloaders(tokenized, tokenizer, task: Task, training: dict, seed: int, mixed_precision: str, eval_splits,
                       batch: BatchPlan | None = None):
     """Training and evaluation DataLoaders with ``batch.per_device`` training examples per
     batch (default: :func:`batch_plan` on one process) and ``training.eval_batch_size``
-    (per device; default: twice the per-device training batch) evaluation examples."""
+    (per device; default: twice the per-device training batch) evaluation examples.
+
+    The training order is a shuffle drawn from the returned generator, or with
+    ``training.group_by_length`` transformers' length-grouped order drawn from the same
+    generator (train/batching.py: the loop replays an interrupted epoch either way). Each
+    evaluation split runs longest first (tasks/evaluation.py, ``LengthSortedOrder``; the
+    tasks score their outputs in dataset order)."""
     from torch.utils.data import DataLoader
+
+    from lowrank_runner.tasks.evaluation import LengthSortedOrder
+    from lowrank_runner.train.batching import LengthGroupedSampler, example_lengths
 
     batch = batch or batch_plan(training)
     collator = task.collator(tokenizer, pad_to_multiple_of=8 if mixed_precision != "no" else None)
     generator = torch.Generator().manual_seed(seed)
     workers = training["dataloader_workers"]
-    train = DataLoader(tokenized["train"], batch_size=batch.per_device, shuffle=True, collate_fn=collator,
-                       generator=generator, num_workers=workers)
-    evaluation = {split: DataLoader(tokenized[split], batch_size=training["eval_batch_size"] or 2 * batch.per_device,
-                                    shuffle=False, collate_fn=collator, num_workers=workers)
-                  for split in eval_splits}
+    order = {"shuffle": True}
+    if training.get("group_by_length", False):
+        lengths = example_lengths(tokenized["train"])
+        if lengths is None:
+            raise DataError("training.group_by_length: the task's training examples have no input_ids to group by")
+        # grouped per process by one optimizer step's micro-batches, as transformers' Trainer does
+        order = {"sampler": LengthGroupedSampler(lengths, batch.per_device * batch.accumulation, generator)}
+    train = DataLoader(tokenized["train"], batch_size=batch.per_device, collate_fn=collator, generator=generator,
+                       num_workers=workers, **order)
+    evaluation = {}
+    for split in eval_splits:
+        lengths = example_lengths(tokenized[split])
+        evaluation[split] = DataLoader(tokenized[split], batch_size=training["eval_batch_size"] or 2 * batch.per_device,
+                                       sampler=None if lengths is None else LengthSortedOrder(lengths),
+                                       shuffle=False, collate_fn=collator, num_workers=workers)
     return train, evaluation, generator
-
 
 
 _DATA_CACHE: dict[str, tuple[Task, object, object]] = {}
