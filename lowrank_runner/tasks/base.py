@@ -187,3 +187,33 @@ def shifted_label_count(labels, ignore: int = IGNORE) -> int:
     """The tokens :func:`shifted_token_loss` scores in ``labels`` (all but the first
     position's, where the label is not ``ignore``)."""
     return int((labels[:, 1:] != ignore).sum())
+
+
+def tokenizing_map(ds, function, tokenizer, settings, **kwargs):
+    """``ds.map(function, **kwargs)`` for a map that tokenises, under a fingerprint of what
+    its output depends on: the split's own fingerprint, the tokenizer as loaded, the task's
+    settings, ``function``'s code and its ``fn_kwargs`` (tokenizers left out). datasets
+    would hash the tokenizer in ``function``'s closure as it is *now*, and a fast
+    tokenizer's truncation state changes with use: a process that read the first split
+    from the cache (not tokenising) then hashed the next split differently from the one
+    that wrote it and tokenised it again. With this one, every process finds every split
+    another wrote (train/data.py ``tokenized_reuse`` says so)."""
+    from datasets.fingerprint import Hasher
+
+    code = function.__code__
+    extra = {k: v for k, v in (kwargs.get("fn_kwargs") or {}).items() if v is not tokenizer}
+    fingerprint = Hasher.hash([ds._fingerprint, tokenizer_fingerprint(tokenizer), settings, code.co_code,
+                               code.co_consts, extra, sorted(k for k in kwargs if k != "desc")])
+    return ds.map(function, new_fingerprint=fingerprint, **kwargs)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """The tokenizer's hash as loaded, taken at its first tokenising map (before any use
+    changes its state) and kept on it."""
+    from datasets.fingerprint import Hasher
+
+    found = getattr(tokenizer, "lrr_fingerprint", None)
+    if found is None:
+        found = Hasher.hash(tokenizer)
+        tokenizer.lrr_fingerprint = found
+    return found

@@ -39,7 +39,7 @@ from functools import cached_property
 from pathlib import Path
 
 from lowrank_runner.errors import DataError, warn
-from lowrank_runner.tasks.base import IGNORE, Task
+from lowrank_runner.tasks.base import IGNORE, Task, tokenizing_map
 from lowrank_runner.tasks.chat_data import (PROBE, RowProblem, TemplateLimit, checked_output, detect_shape, render_limit,
                                             template_file, to_messages)
 from lowrank_runner.tasks.data_check import Rows
@@ -363,8 +363,8 @@ class Chat(Task):
         args = {"tokenizer": tokenizer, "template": self.template, "max_length": c["max_length"], "code": CODE}
         for split, ds in splits.items():
             try:
-                encoded = ds.map(encode_conversations, batched=True, with_indices=True, remove_columns=ds.column_names,
-                                 fn_kwargs=args, desc=f"tokenising {split}")
+                encoded = tokenizing_map(ds, encode_conversations, tokenizer, c, batched=True, with_indices=True,
+                                         remove_columns=ds.column_names, fn_kwargs=args, desc=f"tokenising {split}")
             except _RowError as exc:
                 at = self._at(split, exc.index, exc.column) if split in self.where and not c.get("holdout_fraction") \
                     else f"{split} conversation {exc.index + 1}"

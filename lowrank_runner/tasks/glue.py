@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from lowrank_runner.errors import DataError
-from lowrank_runner.tasks.base import Task
+from lowrank_runner.tasks.base import Task, tokenizing_map
 from lowrank_runner.tasks.data_check import decoded_lines, readable_file
 from lowrank_runner.tasks.metrics import binary_f1, classification_metrics, regression_metrics
 from lowrank_runner.tasks.rules import GLUE_DATASET
@@ -201,7 +201,8 @@ class Glue(Task):
             return out
 
         return datasets.DatasetDict({
-            split: ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenising {split}")
+            split: tokenizing_map(ds, encode, tokenizer, self.config, batched=True, remove_columns=ds.column_names,
+                                  desc=f"tokenising {split}")
             for split, ds in splits.items()
         })
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from lowrank_runner.errors import DataError, warn
-from lowrank_runner.tasks.base import Task
+from lowrank_runner.tasks.base import Task, tokenizing_map
 from lowrank_runner.tasks.data_check import (DELIMITERS, Rows, check_labels, check_scores, check_text, data_file,
                                              read_rows)
 from lowrank_runner.tasks.metrics import classification_metrics, regression_metrics
@@ -155,9 +155,9 @@ class _LocalTask(Task):
 
         out = {}
         for split, ds in splits.items():
-            out[split] = ds.map(
-                encode, batched=True, remove_columns=ds.column_names, fn_kwargs={"split": split},
-                desc=f"tokenising {split}",
+            out[split] = tokenizing_map(
+                ds, encode, tokenizer, self.config, batched=True, remove_columns=ds.column_names,
+                fn_kwargs={"split": split}, desc=f"tokenising {split}",
             )
         import datasets
 

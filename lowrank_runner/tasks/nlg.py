@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from lowrank_runner.errors import DataError, warn
-from lowrank_runner.tasks.base import IGNORE, Task, shifted_label_count, shifted_token_loss
+from lowrank_runner.tasks.base import IGNORE, Task, shifted_label_count, shifted_token_loss, tokenizing_map
 from lowrank_runner.tasks.data_check import Rows
 from lowrank_runner.tasks.holdout import TEST_PREFIX
 from lowrank_runner.tasks.rules import NLG_HUB
@@ -273,8 +273,8 @@ class DataToText(Task):
         args = {"tokenizer": tokenizer, "sep": sep, "eos": eos, "max_length": self.config["max_length"]}
         out = {}
         for split, ds in splits.items():
-            out[split] = ds.map(encode_pairs, batched=True, remove_columns=ds.column_names, fn_kwargs=args,
-                                desc=f"tokenising {split}")
+            out[split] = tokenizing_map(ds, encode_pairs, tokenizer, self.config, batched=True,
+                                        remove_columns=ds.column_names, fn_kwargs=args, desc=f"tokenising {split}")
             if split != "train":
                 sources, refs = group_references(ds["source"], ds["target"], ds["references"])
                 prompts = encode_sources(tokenizer, sources, sep, self.config["max_length"] // 2 - 1)

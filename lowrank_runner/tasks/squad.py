@@ -20,7 +20,7 @@ from functools import cached_property
 from pathlib import Path
 
 from lowrank_runner.errors import BackboneError, DataError
-from lowrank_runner.tasks.base import Task
+from lowrank_runner.tasks.base import Task, tokenizing_map
 from lowrank_runner.tasks.data_check import decode_text, readable_file
 from lowrank_runner.tasks.rules import SQUAD_DATASET
 from lowrank_runner.tasks.squad_metrics import best_threshold_scores, squad_v2_scores
@@ -215,8 +215,9 @@ class SquadV2(Task):
         features = {}
         for split, ds in splits.items():
             training = split == "train"
-            features[split] = ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names,
-                                     fn_kwargs={"training": training, "split": split}, desc=f"splitting {split} into features")
+            features[split] = tokenizing_map(ds, encode, tokenizer, self.config, batched=True, with_indices=True,
+                                             remove_columns=ds.column_names, fn_kwargs={"training": training, "split": split},
+                                             desc=f"splitting {split} into features")
             if not training:
                 self._eval_data[split] = (ds, features[split])
                 self._layouts.pop(split, None)

@@ -5,6 +5,8 @@ and evaluation splits (:func:`build_dataloaders`)."""
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import torch
 
@@ -63,8 +65,10 @@ def clear_data_cache() -> None:
 def prepared_data(cfg: dict, tokenizer) -> tuple[Task, object, object]:
     """The task, its raw splits (after any hold-out) and its tokenized splits. Runs of a
     recipe are task-major, so the seeds of a task reuse the last tokenized data of this
-    invocation (datasets' fingerprint cache serves file-backed data across processes and
-    invocations too)."""
+    invocation; datasets' fingerprint cache (keyed by the data files, the tokenizer and the
+    task's settings; written atomically, under a file lock when two processes build the
+    same entry) serves file-backed data across processes and invocations too:
+    :func:`tokenized_reuse` says which."""
     key = json.dumps({"task": cfg["task"], "backbone": cfg["backbone"], "tokenizer": tokenizer.name_or_path},
                      sort_keys=True, default=str)
     if key not in _DATA_CACHE:
@@ -74,6 +78,34 @@ def prepared_data(cfg: dict, tokenizer) -> tuple[Task, object, object]:
         holdout = cfg["task"].get("holdout_fraction")
         if holdout:
             splits = apply_holdout(splits, holdout, task.eval_splits())
-        _DATA_CACHE[key] = (task, splits, task.tokenize(splits, tokenizer))
+        started = time.time()
+        tokenized = task.tokenize(splits, tokenizer)
+        _DATA_CACHE[key] = (task, splits, tokenized)
+        _REUSED[key] = tokenized_reuse(tokenized, started)
+    else:
+        _REUSED[key] = "the tokenised splits of the previous run"
+    _REUSED["last"] = _REUSED[key]
     return _DATA_CACHE[key]
+
+
+_REUSED: dict[str, str] = {}
+
+
+def last_reuse() -> str:
+    """What the last :func:`prepared_data` reused instead of tokenising ("" for nothing)."""
+    return _REUSED.get("last", "")
+
+
+def tokenized_reuse(tokenized: dict, since: float) -> str:
+    """"tokenised splits from the datasets cache (DIR)" when every split was read from cache
+    files written before ``since`` (datasets found its fingerprint), else ""."""
+    files = [f["filename"] for split in tokenized.values() for f in getattr(split, "cache_files", None) or []]
+    if not files or len(files) < len(tokenized):
+        return ""
+    try:
+        if any(os.path.getmtime(f) >= since for f in files):
+            return ""
+    except OSError:
+        return ""
+    return f"tokenised splits from the datasets cache, {os.path.dirname(files[0])}"
 

@@ -41,7 +41,7 @@ from lowrank_runner.rundir.write import write_run_report
 from lowrank_runner.tasks.base import Task
 from lowrank_runner.tasks.holdout import HOLDOUT_SEED, TEST_PREFIX
 from lowrank_runner.train.checkpoint import Checkpoint, restore_checkpoint, save_checkpoint
-from lowrank_runner.train.data import build_dataloaders, prepared_data
+from lowrank_runner.train.data import build_dataloaders, last_reuse, prepared_data
 from lowrank_runner.train.devices import has_accelerator_device, resolve_mixed_precision
 from lowrank_runner.train.divergence import DivergenceGuard
 from lowrank_runner.train.fsdp import Sharding
@@ -194,8 +194,9 @@ class TrainingRun:
         self.accelerator.gradient_accumulation_steps = self.batch.accumulation
         set_seed(self.run.seed)
         phases = SetupPhases(enabled=self.main)  # a line per phase as it starts, with its time (train/progress.py)
-        with phases.phase("loading and tokenising the data"):
+        with phases.phase("loading and tokenising the data") as phase:
             self._setup_data()
+            phase.note = last_reuse()  # tokenised splits reused: from datasets' cache, or the previous run's
         with phases.phase("loading backbone"):
             self._setup_model()
         self.plan = plan_run(self.run, len(self.tokenized["train"]), self.accelerator.num_processes, self.recipe.source)

@@ -59,13 +59,21 @@ class SetupPhases:
 
     @contextlib.contextmanager
     def phase(self, label: str):
+        """Yields a :class:`Phase` whose ``note`` (set inside) follows the time."""
+        phase = Phase()
         if not self.enabled:
-            yield
+            yield phase
             return
         plain_print(self.console, f"{label} …")
         started = self.clock()
-        yield
-        plain_print(self.console, f"{label}: {self.clock() - started:.1f} s")
+        yield phase
+        plain_print(self.console, f"{label}: {self.clock() - started:.1f} s" + (f" ({phase.note})" if phase.note else ""))
+
+
+class Phase:
+    """What a set-up phase says beside its time (``(tokenised splits reused ...)``)."""
+
+    note: str = ""
 
 
 class StepLines:
