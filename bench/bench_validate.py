@@ -23,17 +23,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 BREAKDOWN = """
 import glob, time
-from lowrank_runner.plan.recipe_warnings import lr_warnings
+from lowrank_runner.plan.recipe_warnings import planned_step_problems
 from lowrank_runner.recipe.compose import load_document
 from lowrank_runner.recipe.expand import expand_runs, one_per_seed
 from lowrank_runner.recipe.load import check_document
 from lowrank_runner.recipe.paths import recipe_io
 files = [p for p in sorted(glob.glob("recipes/*.yaml")) if not p.split("/")[-1].startswith("_")]
-spent = dict(compose=0.0, check=0.0, lr_warnings=0.0, io=0.0)
+spent = dict(compose=0.0, check=0.0, planned_steps=0.0, io=0.0)
 for f in files:
     t = time.perf_counter(); doc = load_document(f); spent["compose"] += time.perf_counter() - t
     t = time.perf_counter(); check_document(doc); spent["check"] += time.perf_counter() - t
-    t = time.perf_counter(); lr_warnings([r.doc for r in one_per_seed(expand_runs(doc))]); spent["lr_warnings"] += time.perf_counter() - t
+    t = time.perf_counter(); planned_step_problems(one_per_seed(expand_runs(doc))); spent["planned_steps"] += time.perf_counter() - t
     t = time.perf_counter(); recipe_io(doc); spent["io"] += time.perf_counter() - t
 print(len(files), " ".join(f"{k}={v:.3f}s" for k, v in spent.items()))
 """

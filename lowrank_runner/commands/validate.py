@@ -16,8 +16,8 @@ from typing import Iterable
 from lowrank_runner.errors import Problem, RecipeError
 from lowrank_runner.plan.recipe_warnings import planned_step_problems
 from lowrank_runner.recipe.compose import load_document
-from lowrank_runner.recipe.expand import expand_runs, one_per_seed
-from lowrank_runner.recipe.load import check_document
+from lowrank_runner.recipe.expand import one_per_seed
+from lowrank_runner.recipe.load import checked_runs
 from lowrank_runner.recipe.paths import recipe_io
 from lowrank_runner.recipe.problems import dedupe
 from lowrank_runner.recipe.search import describe_search
@@ -40,13 +40,13 @@ def validate_file(path: Path, overrides: Iterable[str] = ()) -> Checked:
         doc = load_document(path, overrides)
     except RecipeError as exc:
         return Checked(path, exc.problems, None)
-    problems = check_document(doc)
+    problems, runs = checked_runs(doc)
     if any(p.severity == "error" for p in problems):
         return Checked(path, problems, None)
-    problems = dedupe(problems + planned_step_problems(one_per_seed(expand_runs(doc))))
+    problems = dedupe(problems + planned_step_problems(one_per_seed(runs)))
     if any(p.severity == "error" for p in problems):  # a schedule that cannot act at the planned steps
         return Checked(path, problems, None)
-    io = recipe_io(doc)
+    io = recipe_io(doc, runs)
     search = describe_search(doc.data) if isinstance(doc.data.get("search"), dict) else None
     if search:
         io["search"] = search  # its space, trials and sampler

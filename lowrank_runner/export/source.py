@@ -117,7 +117,7 @@ def read_recipe_config(path: Path, source: Path, kind: str = "run") -> dict:
     ``task.chat_template`` file to :func:`trained_chat_template` (relative to the run's directory)."""
     from lowrank_runner.errors import RecipeError
     from lowrank_runner.recipe.document import load_yaml
-    from lowrank_runner.recipe.schema import recipe_validator
+    from lowrank_runner.recipe.schema import document_validator
     from lowrank_runner.recipe.problems import schema_problems
     from lowrank_runner.recipe.validate import run_problems
 
@@ -127,7 +127,7 @@ def read_recipe_config(path: Path, source: Path, kind: str = "run") -> dict:
         raise ExportError(f"{path}: missing: the resolved recipe is what rebuilds the model; {fix}")
     try:
         doc = load_yaml(path)
-        problems = schema_problems(doc, doc.data, recipe_validator(), skip=("method",))
+        problems = schema_problems(doc, doc.data, document_validator(), skip=("method",))
         problems += run_problems(doc) if isinstance(doc.data, dict) else []
     except RecipeError as exc:
         doc, problems = None, exc.problems

@@ -22,7 +22,7 @@ from lowrank_runner.recipe.hashing import canonical_form, canonical_hash
 from lowrank_runner.recipe.init_from import init_from_problems
 from lowrank_runner.recipe.output_checks import table_problems
 from lowrank_runner.recipe.problems import NON_FINITE, dedupe, non_finite_problems, problem, schema_problems
-from lowrank_runner.recipe.schema import recipe_validator, resolve, sections_validator
+from lowrank_runner.recipe.schema import document_validator, resolve, sections_validator
 from lowrank_runner.recipe.search import search_problems
 from lowrank_runner.recipe.sweep import sweep_problems
 from lowrank_runner.recipe.validate import run_problems
@@ -73,7 +73,14 @@ class Recipe:
 def check_document(doc: Document) -> list[Problem]:
     """Every problem in a composed recipe document (schema, methods, semantics); each
     sweep point is checked like a recipe of its own, at the lines of its values."""
-    problems = schema_problems(doc, doc.data, recipe_validator(), skip=("method",))
+    return checked_runs(doc)[0]
+
+
+def checked_runs(doc: Document) -> tuple[list[Problem], list[Expanded]]:
+    """:func:`check_document`'s problems and the document's runs (every task × sweep point
+    × seed), for callers that go on with the runs of a valid document (``lrr validate``)
+    instead of expanding it again."""
+    problems = schema_problems(doc, doc.data, document_validator(), skip=("method",))
     sweep = sweep_problems(doc)
     problems += [p for found in sweep.values() for p in found]
     runs = expand_runs(doc, skip=frozenset(sweep))
@@ -86,14 +93,18 @@ def check_document(doc: Document) -> list[Problem]:
     problems += table_problems(doc, [run.task for run in runs])
     if not any(p.severity == "error" for p in problems):
         problems += _same_points(doc, runs)
-    return dedupe(_one_per_number(problems, non_finite_problems(doc, doc.data)))
+    problems = dedupe(_one_per_number(problems, non_finite_problems(doc, doc.data)))
+    if sweep and not any(p.severity == "error" for p in problems):  # an axis with warnings only was left out above
+        runs = expand_runs(doc)
+    return problems, runs
 
 
 def _same_points(doc: Document, runs: list[Expanded]) -> list[Problem]:
     """Two points of a sweep that make the same run once defaults are filled
-    (``{name: lora, r: 2}`` and ``{name: lora, r: 2, alpha: 16}``): it would train twice."""
+    (``{name: lora, r: 2}`` and ``{name: lora, r: 2, alpha: 16}``): it would train twice.
+    Each point's first seed stands for its others (they differ in ``training.seed`` alone)."""
     seen, out = {}, []
-    for run in runs:
+    for run in one_per_seed(runs):
         if run.point is None:
             continue
         key = (run.task, json.dumps(run.seed), canonical_hash(canonical_form(resolve(run.doc.data))))

@@ -28,8 +28,9 @@ def recipe_file_io(path: str | Path, overrides=()) -> dict:
     return recipe_io(load_document(path, overrides))
 
 
-def recipe_io(doc: Document) -> dict:
-    """The files and places a composed, valid recipe document reads and writes."""
+def recipe_io(doc: Document, runs: list | None = None) -> dict:
+    """The files and places a composed, valid recipe document reads and writes (``runs``:
+    its expanded runs, when the caller has them)."""
     resolved = resolve(doc.data)
     reads: list[dict] = [{"key": "recipe", "value": source, "from": "file", "path": _absolute(source)}
                          for source in doc.sources]
@@ -37,7 +38,7 @@ def recipe_io(doc: Document) -> dict:
     reads.append(_place("backbone.name", backbone["name"]))
     if backbone.get("tokenizer"):
         reads.append(_place("backbone.tokenizer", backbone["tokenizer"]))
-    runs = expand_runs(doc)
+    runs = expand_runs(doc) if runs is None else runs
     for run in one_per_seed(runs):  # its seeds read the same files
         reads += [dict(entry, task=run.task) for entry in _run_reads(resolve(run.doc.data))]
     out_dir = resolved["output"]["dir"]

@@ -10,6 +10,8 @@ Torch-free by design: ``lrr validate`` must stay fast enough for CI and pre-comm
 
 from __future__ import annotations
 
+import json
+
 import difflib
 import math
 
@@ -70,11 +72,30 @@ def schema_problems(doc: Document, data, validator, prefix: PathT = (), skip: tu
     """Translated schema errors; errors under a top-level key in ``skip`` are left to a
     more precise check (the method's own schema, applied per run)."""
     out: list[Problem] = []
-    for error in validator.iter_errors(data):
+    for error in _errors(validator, data):
         if error.absolute_path and error.absolute_path[0] in skip and not _about_the_key_itself(error):
             continue
         out.extend(_translate(doc, error, prefix))
     return out
+
+
+_SEEN: dict[tuple, tuple] = {}  # (validator id, data as JSON) -> (validator, its errors); a few thousand at most
+
+
+def _errors(validator, data) -> list:
+    """``validator``'s errors for ``data``, computed once per validator and value: the runs of
+    a recipe (seeds, tasks, sweep points) repeat the same method mapping and sections. The
+    validator is kept with its errors, so its id cannot be reused while the entry lives."""
+    try:
+        key = (id(validator), json.dumps(data, sort_keys=True, allow_nan=True))
+    except (TypeError, ValueError):  # not JSON (a date, a set): not cached
+        return list(validator.iter_errors(data))
+    found = _SEEN.get(key)
+    if found is None:
+        if len(_SEEN) > 4096:
+            _SEEN.clear()
+        found = _SEEN[key] = (validator, list(validator.iter_errors(data)))
+    return found[1]
 
 
 def _about_the_key_itself(error) -> bool:

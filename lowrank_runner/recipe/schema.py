@@ -56,12 +56,27 @@ def recipe_validator() -> jsonschema.protocols.Validator:
     return cls(schema, registry=_method_resources())
 
 
+@lru_cache(maxsize=1)
+def document_validator() -> jsonschema.protocols.Validator:
+    """The recipe validator for a whole document whose ``method`` mappings are checked on
+    their own (each run's against its method's schema: recipe/validate.py): ``method`` must
+    be a mapping with a ``name`` here, nothing more. The full dispatch over every method's
+    ``if``/``then`` branch and ``unevaluatedProperties`` is most of a document's validation
+    time, and its errors under ``method`` would be skipped anyway (``skip=("method",)``)."""
+    full = recipe_validator()
+    schema = dict(full.schema)
+    method = schema["$defs"]["method"]
+    schema["$defs"] = {**schema["$defs"], "method": {k: v for k, v in method.items()
+                                                     if k not in ("allOf", "unevaluatedProperties")}}
+    return full.evolve(schema=schema)
+
+
 @lru_cache(maxsize=64)
 def sections_validator(sections: frozenset[str]) -> jsonschema.protocols.Validator:
     """The recipe validator for the top-level ``sections`` alone (their own schema,
     conditions inside them included; other keys and the root's requirements left out):
     what a sweep point's values can make invalid in a document already checked whole."""
-    full = recipe_validator()
+    full = document_validator()
     root = full.schema
     reduced = {k: v for k, v in root.items() if k not in ("required", "if", "then", "additionalProperties", "properties")}
     reduced["properties"] = {k: v for k, v in root["properties"].items() if k in sections}

@@ -29,7 +29,7 @@ from typing import Any
 from lowrank_runner.errors import Location, Problem
 from lowrank_runner.recipe.document import Document, Origin, PathT, delete, merge
 from lowrank_runner.recipe.problems import schema_problems, suggest
-from lowrank_runner.recipe.schema import recipe_key_paths, recipe_validator
+from lowrank_runner.recipe.schema import document_validator, recipe_key_paths
 from lowrank_runner.recipe.validate import run_problems
 
 SEARCH = "search"
@@ -271,7 +271,7 @@ def _with_value(doc: Document, key: str, value, origin: Origin | None) -> Docume
 def _problems(doc: Document) -> list[Problem]:
     """Every problem of one run's document (no search block): its schema, method and
     semantic checks."""
-    return schema_problems(doc, doc.data, recipe_validator(), skip=("method",)) + run_problems(doc)
+    return schema_problems(doc, doc.data, document_validator(), skip=("method",)) + run_problems(doc)
 
 
 # ------------------------------------------------------------------ showing
