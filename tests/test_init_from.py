@@ -167,7 +167,7 @@ def test_runner_orders_sources_first_and_keeps_going(monkeypatch, make_recipe, t
     seed 1's dependent runs after its own source and gets it as init_from."""
     calls = []
 
-    def fake_train_run(recipe, run, run_dir, argv, resume=None, stop_after=None, init_from=None):
+    def fake_train_run(recipe, run, run_dir, argv, resume=None, stop_after=None, init_from=None, observer=None):
         calls.append((run.slug, init_from.run if init_from else None))
         if run.slug == "classification-seed0":
             raise LrrError("data broken")
@@ -237,7 +237,7 @@ def test_dependent_of_a_stopped_source_waits_for_resume(monkeypatch, make_recipe
     (not failed either) and continues with --resume."""
     calls = []
 
-    def fake_train_run(recipe, run, run_dir, argv, resume=None, stop_after=None, init_from=None):
+    def fake_train_run(recipe, run, run_dir, argv, resume=None, stop_after=None, init_from=None, observer=None):
         calls.append(run.slug)
         return RunResult(run_dir, {"metric": "accuracy", "value": None, "step": None}, stopped_at=stop_after)
 

@@ -77,9 +77,24 @@ def test_pruned_trials_stop_early_are_recorded_and_never_the_best(pruned_recipe,
     assert "pruned at step 4" in (out / "search.md").read_text()
 
 
-def test_without_a_pruner_every_trial_runs_to_the_end(pruned_recipe, tmp_path, monkeypatch):
-    monkeypatch.setattr(optuna.pruners, "NopPruner", AfterTheFirstTrial)  # what 'none' builds, made to prune
-    out = tmp_path / "out"
-    result = lrr("run", pruned_recipe("none", n=2), "--output", out)
-    assert result.exit_code == 0, result.output
-    assert [t.state.name for t in study(out).trials] == ["COMPLETE"] * 2  # 'none' never asks the pruner
+def test_without_a_pruner_a_trial_reports_but_is_never_asked_to_stop():
+    """``none`` (or no ``search.pruner``): Optuna's NopPruner, and the observer reports each
+    evaluation without asking whether to prune."""
+    from lowrank_runner.recipe.search import SearchSpec
+    from lowrank_runner.search.study import Pruning, study_pruner
+
+    assert isinstance(study_pruner(optuna, SearchSpec(1, "tpe", 0, ())), optuna.pruners.NopPruner)
+    assert isinstance(study_pruner(optuna, SearchSpec(1, "tpe", 0, (), "median")), optuna.pruners.MedianPruner)
+    assert isinstance(study_pruner(optuna, SearchSpec(1, "tpe", 0, (), "hyperband")), optuna.pruners.HyperbandPruner)
+
+    class Trial:
+        reported: list = []
+
+        def report(self, value, step):
+            self.reported.append((step, value))
+
+        def should_prune(self):
+            raise AssertionError("asked")
+
+    trial = Trial()
+    assert Pruning(trial, "none", "accuracy").after_evaluation(4, 0.5) is None and trial.reported == [(4, 0.5)]

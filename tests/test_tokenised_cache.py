@@ -38,10 +38,10 @@ def test_a_second_process_reads_the_tokenised_splits_and_says_so(tmp_path, tiny_
     recipe.write_text(tiny_recipe_text(tiny_bert, (fresh, validation)))
     first = data_line(run(recipe, tmp_path / "first"))
     assert "datasets cache" not in first, first
-    second = data_line(run(recipe, tmp_path / "second"))
-    assert "(tokenised splits from the datasets cache, " in second, second
-    other = data_line(run(recipe, tmp_path / "other", "task.max_length=12"))  # other settings: tokenised again
-    assert "datasets cache" not in other, other
+    second = data_line(run(recipe, tmp_path / "second", "task.max_length=12"))  # other settings: tokenised again
+    assert "datasets cache" not in second, second
+    third = data_line(run(recipe, tmp_path / "third"))
+    assert "(tokenised splits from the datasets cache, " in third, third
 
 
 def test_the_runs_of_one_command_share_the_tokenised_splits(tmp_path, tiny_bert, sentiment_data):

@@ -184,7 +184,7 @@ class Search:
         direction = self.info[task].direction
         with _readable_db(self.root / DB_FILE):
             study = self.optuna.create_study(study_name=task, storage=self.storage, direction=direction,
-                                             load_if_exists=True, pruner=_pruner(self.optuna, self.spec))
+                                             load_if_exists=True, pruner=study_pruner(self.optuna, self.spec))
         if study.direction.name.lower() != direction:
             raise UsageError(f"{self.root / DB_FILE}: study {task!r} was started to {study.direction.name.lower()} "
                              f"its objective, the recipe now asks to {direction}; resume with the recipe it started with")
@@ -348,7 +348,7 @@ def _sampler(optuna, spec: SearchSpec, number: int):
     return kind(seed=(spec.seed + number) % 2**32)
 
 
-def _pruner(optuna, spec: SearchSpec):
+def study_pruner(optuna, spec: SearchSpec):
     """``search.pruner``: Optuna's MedianPruner or HyperbandPruner (their defaults), or none."""
     if spec.pruner == "median":
         return optuna.pruners.MedianPruner()
