@@ -34,6 +34,7 @@ import argparse
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -196,11 +197,6 @@ def lrr_search(args, out: Path, pruner: str) -> dict:
 # ------------------------------------------------------------------ main
 
 
-def mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else float("nan")
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.trainer_worker:
@@ -217,7 +213,7 @@ def main(argv=None) -> int:
                  "trainer-defaults": trainer_table(args, out, "defaults")}
         result["table"] = table
         for name, side in table.items():
-            print(f"table, {name}: {side['seconds']:.0f} s, mean accuracy {mean(r['accuracy'] for r in side['runs']):.4f} "
+            print(f"table, {name}: {side['seconds']:.0f} s, mean accuracy {statistics.fmean(r['accuracy'] for r in side['runs']):.4f} "
                   f"over {len(side['runs'])} runs")
         for other in ("trainer-grouped", "trainer-defaults"):
             print(f"  lrr / {other}: {table['lrr']['seconds'] / table[other]['seconds']:.2f}x")

@@ -120,7 +120,10 @@ def save_tiny_backbone(directory: Path, model_type: str = "bert", seed: int = 0)
     return directory
 
 
-def write_sentiment_data(directory: Path, n_train: int = 96, n_eval: int = 32, seed: int = 0) -> tuple[Path, Path]:
+def write_sentiment_data(directory: Path, n_train: int = 96, n_eval: int = 32, seed: int = 0,
+                         neutral_words: tuple[int, int] | None = None) -> tuple[Path, Path]:
+    """Rows of neutral words and one cue word; 5 neutral words each, or a number drawn from
+    the ``neutral_words`` range (both ends included) for rows of varied lengths."""
     rng = random.Random(seed)
     neutral = [w for w in WORDS if w not in POSITIVE | NEGATIVE]
     paths = []
@@ -130,7 +133,8 @@ def write_sentiment_data(directory: Path, n_train: int = 96, n_eval: int = 32, s
             for i in range(n):
                 label = "positive" if i % 2 == 0 else "negative"
                 cue = rng.choice(sorted(POSITIVE if label == "positive" else NEGATIVE))
-                words = rng.sample(neutral, 5) + [cue]
+                count = 5 if neutral_words is None else rng.randint(*neutral_words)
+                words = rng.sample(neutral, count) + [cue]
                 rng.shuffle(words)
                 f.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
         paths.append(path)

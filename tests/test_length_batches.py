@@ -6,7 +6,6 @@ dataset order (classification, SQuAD, data-to-text), on one process and on sever
 from __future__ import annotations
 
 import json
-import random
 import textwrap
 
 import numpy as np
@@ -19,7 +18,7 @@ from typer.testing import CliRunner
 from lowrank_runner.cli import app
 from lowrank_runner.tasks.evaluation import LengthSortedOrder, evaluation_order, in_dataset_order
 from lowrank_runner.train.batching import LengthGroupedSampler, example_lengths, length_grouped_order
-from tests.conftest import NEGATIVE, POSITIVE, WORDS
+from tests.conftest import WORDS, write_sentiment_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -129,26 +128,9 @@ def test_several_processes_gather_in_the_sorted_order(processes):
 # ---------------------------------------------------------------- the same scores in sorted batches
 
 
-def write_varied_data(directory, n_train: int = 64, n_eval: int = 40, seed: int = 0):
-    """Sentiment rows of 1 to 12 words (the fixtures' rows all have 6)."""
-    rng = random.Random(seed)
-    neutral = [w for w in WORDS if w not in POSITIVE | NEGATIVE]
-    paths = []
-    for split, n in (("train", n_train), ("validation", n_eval)):
-        path = directory / f"{split}.jsonl"
-        with path.open("w") as f:
-            for i in range(n):
-                label = "positive" if i % 2 == 0 else "negative"
-                words = rng.sample(neutral, rng.randint(0, 11)) + [rng.choice(sorted(POSITIVE if i % 2 == 0 else NEGATIVE))]
-                rng.shuffle(words)
-                f.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
-        paths.append(path)
-    return paths
-
-
 @pytest.fixture
 def varied_recipe(tmp_path, tiny_bert):
-    train, validation = write_varied_data(tmp_path)
+    train, validation = write_sentiment_data(tmp_path, 64, 40, neutral_words=(0, 11))  # rows of 1 to 12 words
 
     def make(training: str = "") -> str:
         path = tmp_path / "varied.yaml"

@@ -425,22 +425,33 @@ def test_bad_nlg_data_gets_a_clear_error(tmp_path):
     assert check_recipe_file(recipe) == []  # the hub by default; task.data optional
 
 
-def test_batched_left_padded_generation_equals_one_by_one():
-    """Prompts of different lengths decoded together (left-padded) give the outputs each
-    gives alone: positions follow the attention mask."""
+def decoder_model(tokenizer):
+    """A tiny GPT-2 of the tokenizer's vocabulary, seeded."""
     import transformers
+
+    torch.manual_seed(1)
+    return transformers.GPT2LMHeadModel(tiny_config("gpt2", vocab_size=len(tokenizer))).eval()
+
+
+def decoded_together_and_alone(model, tokenizer) -> tuple[list[str], list[str]]:
+    """lrr's decoding (beam search) of three prompts of different lengths: together in one
+    left-padded batch, and each alone."""
     from accelerate import Accelerator
 
     from lowrank_runner.tasks.generation import generate
 
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(1)
-    model = transformers.GPT2LMHeadModel(tiny_config("gpt2", vocab_size=len(tokenizer))).eval()
     prompts = [[5, 9, 11, 2], [6, 7, 8, 9, 10, 12, 13, 2], [14, 2]]
     settings = {"num_beams": 2, "length_penalty": 0.9, "no_repeat_ngram_size": 4, "max_new_tokens": 8, "batch_size": 3}
     accelerator = Accelerator(cpu=True)
     together = generate(model, prompts, tokenizer, settings, accelerator)
-    alone = [generate(model, [p], tokenizer, settings, accelerator)[0] for p in prompts]
+    return together, [generate(model, [p], tokenizer, settings, accelerator)[0] for p in prompts]
+
+
+def test_batched_left_padded_generation_equals_one_by_one():
+    """Prompts of different lengths decoded together (left-padded) give the outputs each
+    gives alone: positions follow the attention mask."""
+    tokenizer = tiny_tokenizer()
+    together, alone = decoded_together_and_alone(decoder_model(tokenizer), tokenizer)
     assert together == alone and any(together)
 
 

@@ -209,21 +209,13 @@ def test_lrrs_batched_left_padded_generation_with_a_prefix_equals_one_by_one():
     prompt decoded alone is unpadded, and ``generate`` then passes no mask: the prefix's
     mask must cover the cached positions at every step (one covering the new token only
     failed here)."""
-    from accelerate import Accelerator
-
-    from lowrank_runner.tasks.generation import generate
-    from tests.test_nlg import tiny_tokenizer
+    from tests.test_nlg import decoded_together_and_alone, decoder_model, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
-    torch.manual_seed(1)
-    model = transformers.GPT2LMHeadModel(tiny_config("gpt2", vocab_size=len(tokenizer))).eval()
-    prompts = [[5, 9, 11, 2], [6, 7, 8, 9, 10, 12, 13, 2], [14, 2]]
-    settings = {"num_beams": 2, "length_penalty": 0.9, "no_repeat_ngram_size": 4, "max_new_tokens": 8, "batch_size": 3}
-    accelerator = Accelerator(cpu=True)
-    without = generate(model, prompts, tokenizer, settings, accelerator)
+    model = decoder_model(tokenizer)
+    without, _ = decoded_together_and_alone(model, tokenizer)
     with_prefix(model)  # its N(0, 1) start changes the continuations
-    together = generate(model, prompts, tokenizer, settings, accelerator)
-    alone = [generate(model, [p], tokenizer, settings, accelerator)[0] for p in prompts]
+    together, alone = decoded_together_and_alone(model, tokenizer)
     assert together == alone and together != without
 
 

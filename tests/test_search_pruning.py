@@ -88,7 +88,8 @@ def test_without_a_pruner_a_trial_reports_but_is_never_asked_to_stop():
     assert isinstance(study_pruner(optuna, SearchSpec(1, "tpe", 0, (), "hyperband")), optuna.pruners.HyperbandPruner)
 
     class Trial:
-        reported: list = []
+        def __init__(self):
+            self.reported = []
 
         def report(self, value, step):
             self.reported.append((step, value))

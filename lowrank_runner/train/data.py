@@ -71,6 +71,7 @@ def prepared_data(cfg: dict, tokenizer) -> tuple[Task, object, object]:
     :func:`tokenized_reuse` says which."""
     key = json.dumps({"task": cfg["task"], "backbone": cfg["backbone"], "tokenizer": tokenizer.name_or_path},
                      sort_keys=True, default=str)
+    global _LAST_REUSE
     if key not in _DATA_CACHE:
         _DATA_CACHE.clear()  # one entry: tokenized data can be large
         task = build_task(cfg["task"])
@@ -81,19 +82,18 @@ def prepared_data(cfg: dict, tokenizer) -> tuple[Task, object, object]:
         started = time.time()
         tokenized = task.tokenize(splits, tokenizer)
         _DATA_CACHE[key] = (task, splits, tokenized)
-        _REUSED[key] = tokenized_reuse(tokenized, started)
+        _LAST_REUSE = tokenized_reuse(tokenized, started)
     else:
-        _REUSED[key] = "the tokenised splits of the previous run"
-    _REUSED["last"] = _REUSED[key]
+        _LAST_REUSE = "the tokenised splits of the previous run"
     return _DATA_CACHE[key]
 
 
-_REUSED: dict[str, str] = {}
+_LAST_REUSE = ""
 
 
 def last_reuse() -> str:
     """What the last :func:`prepared_data` reused instead of tokenising ("" for nothing)."""
-    return _REUSED.get("last", "")
+    return _LAST_REUSE
 
 
 def tokenized_reuse(tokenized: dict, since: float) -> str:

@@ -61,8 +61,9 @@ class EarlyStopping:
 
 
 def early_stopping(training: dict, greater_is_better: bool, metric: str) -> EarlyStopping | None:
-    """The run's early stopping (None unless the recipe sets ``training.early_stopping``)."""
+    """The run's early stopping (None unless the recipe sets ``training.early_stopping``; the
+    resolved config has its schema defaults filled)."""
     cfg = training.get("early_stopping")
     if not cfg:
         return None
-    return EarlyStopping(cfg.get("patience", 3), cfg.get("min_delta", 0.0), greater_is_better, metric)
+    return EarlyStopping(cfg["patience"], cfg["min_delta"], greater_is_better, metric)
