@@ -203,7 +203,7 @@ def tokenizing_map(ds, function, tokenizer, settings, **kwargs):
     code = function.__code__
     extra = {k: v for k, v in (kwargs.get("fn_kwargs") or {}).items() if v is not tokenizer}
     fingerprint = Hasher.hash([ds._fingerprint, tokenizer_fingerprint(tokenizer), settings, code.co_code,
-                               code.co_consts, extra, sorted(k for k in kwargs if k != "desc")])
+                               code.co_consts, extra, {k: v for k, v in kwargs.items() if k not in ("desc", "fn_kwargs")}])
     return ds.map(function, new_fingerprint=fingerprint, **kwargs)
 
 
