@@ -425,17 +425,18 @@ def run(
     output: Optional[Path] = typer.Option(None, "--output", "-o", metavar="RUN_DIR", help="Run directory (default: <output.dir>/<name>/<timestamp>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the interrupted runs in --output RUN_DIR from their latest checkpoints (same recipe and --set overrides)."),
     stop_after_step: Optional[int] = typer.Option(None, "--stop-after-step", min=1, metavar="STEP", help="End each run after this optimizer step with a checkpoint (e.g. before a machine's time limit); continue later with --resume."),
-    parallel: int = typer.Option(1, "--parallel", min=1, metavar="N", help="Train up to N of the recipe's runs at once, each in its own process, on free devices (a CPU-only machine: N processes sharing the cores); 1: one after another in this process."),
+    parallel: int = typer.Option(1, "--parallel", min=1, metavar="N", help="Train up to N of the recipe's runs (a search: its trials) at once, each in its own process, on free devices (a CPU-only machine: N processes sharing the cores); 1: one after another in this process."),
     devices: Optional[str] = typer.Option(None, "--devices", metavar="IDS", help="--parallel: the CUDA devices to use, e.g. 0,1,2,3 (default: every visible one; none on a CPU-only machine)."),
     gpus_per_run: Optional[int] = typer.Option(None, "--gpus-per-run", min=1, metavar="K", help="--parallel: devices per run (default 1); K > 1 trains each run as K processes with accelerate launch."),
     executor: str = typer.Option("local", "--executor", metavar="local|ray", help="--parallel: where the runs train: local processes, or a Ray cluster (needs Ray: the ray extra of lowrank-runner)."),
     address: Optional[str] = typer.Option(None, "--address", metavar="ADDR", help="--executor ray: the cluster's address (default: RAY_ADDRESS, else a local Ray instance)."),
     only_run: Optional[str] = typer.Option(None, "--only-run", hidden=True, help="A child of --parallel: train only this run (its slug) into --output."),
+    trial_of: Optional[Path] = typer.Option(None, "--trial-of", hidden=True, help="A child of a parallel search: the file naming the trial it trains into --output."),
 ):
     """Train: one run per task x sweep point x seed, each writing a run directory."""
     from lowrank_runner.recipe.load import load_recipe
     from lowrank_runner.train.parallel.slots import ParallelOptions
-    from lowrank_runner.search.study import recorded_overrides, run_search  # recorded: a search's own, else its runs'
+    from lowrank_runner.search.command import recorded_overrides, run_search  # recorded: a search's own, else its runs'
     from lowrank_runner.train.runner import run_recipe
 
     overrides = _with_sweeps(overrides, sweeps)
@@ -450,7 +451,7 @@ def run(
 
             _err("resuming with the run's --set overrides: " + shlex.join(w for o in overrides for w in ("--set", o)))
     rec = load_recipe(_existing(recipe), overrides or ())
-    if only_run is None:  # a --parallel child: its driver said them
+    if only_run is None and trial_of is None:  # a --parallel child: its driver said them
         _say_warnings(rec)
     command = ["lrr", "run", str(recipe)] + [a for s in overrides or () for a in ("--set", s)]
     command += ["--output", str(output)] if output else []
@@ -459,10 +460,15 @@ def run(
     options = ParallelOptions(parallel, devices, gpus_per_run, executor, address)
     if not options.sequential:
         command += options.words()
-        if rec.resolved.get("search") or len(rec.runs) == 1:
+        if len(rec.runs) == 1 and not rec.resolved.get("search"):
             _parallel_alone(rec, options)
-    if rec.resolved.get("search"):  # a search: its trials, then the best point
-        failures = run_search(rec, output=output, argv=command, resume=resume, stop_after=stop_after_step)
+    if trial_of is not None:  # a child of a parallel search: one trial
+        from lowrank_runner.search.parallel import run_trial_child
+
+        failures = run_trial_child(rec, output, trial_of, command, stop_after=stop_after_step)
+    elif rec.resolved.get("search"):  # a search: its trials (--parallel: N at a time), then the best point
+        failures = run_search(rec, output=output, argv=command, resume=resume, stop_after=stop_after_step,
+                              parallel=options)
     else:
         failures = run_recipe(rec, output=output, argv=command, resume=resume, stop_after=stop_after_step,
                               parallel=options, only_run=only_run)
@@ -476,13 +482,10 @@ def _say_warnings(rec) -> None:
 
 
 def _parallel_alone(rec, options) -> None:
-    """--parallel with a search (refused) or with a recipe of one run (checked, then
-    trained in this process: there is nothing to divide)."""
+    """--parallel with a recipe of one run: checked, then trained in this process (there
+    is nothing to divide)."""
     from lowrank_runner.train.parallel.slots import plan_slots
 
-    if rec.resolved.get("search"):
-        raise UsageError(f"--parallel: {rec.source} is a search (search:), whose trials run one after another in "
-                         "this process; drop --parallel, --devices, --gpus-per-run and --executor")
     plan_slots(options)
     _err(f"note: {rec.source} has one run; it trains in this process (--parallel divides a recipe's runs)")
 

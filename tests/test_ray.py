@@ -19,6 +19,7 @@ from lowrank_runner.train.parallel import ray_executor  # noqa: E402
 from lowrank_runner.train.parallel.jobs import Job  # noqa: E402
 from lowrank_runner.train.parallel.ray_executor import RayExecutor, import_ray  # noqa: E402
 from tests.test_init_from import scores_data, two_tasks  # noqa: E402,F401  (a fixture and the 2-task recipe)
+from tests.test_search import search_recipe  # noqa: E402,F401  (a fixture: the tiny search)
 
 
 def lrr(*args):
@@ -201,3 +202,23 @@ def test_a_recipe_on_ray_gives_the_sequential_results_table(executor, tiny_bert,
 
     assert best("ray") == best("seq") and len(best("ray")) == 4
     assert ray.is_initialized()  # the command used this process's cluster, and left it running
+
+
+def test_a_search_on_ray_trains_its_trials_as_ray_tasks_on_one_study(executor, search_recipe, tmp_path):
+    """``--parallel 2 --executor ray`` of a search: each trial a Ray task whose child reports
+    its evaluations to the study in search.db."""
+    import optuna
+
+    out = tmp_path / "ray"
+    code, output = lrr("run", search_recipe, "--output", out, "--parallel", "2", "--executor", "ray",
+                       "--set", "search.n_trials=2", "--set", "training.seed=0")  # one best run: in the driver
+    assert code == 0, output
+    assert "started trial 1 (" in output and "on ray" in output
+    trials = optuna.load_study(study_name="classification", storage=f"sqlite:///{out / 'search.db'}").trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert all(t.intermediate_values for t in trials)  # reported from the Ray tasks' children
+    for t in trials:
+        first = (out / "logs" / f"classification-trial-{t.number:04d}.log").read_text().splitlines()[0]
+        assert "--trial-of" in first and "(Ray)" in first
+    assert json.loads((out / "best" / "report.json").read_text())["status"] == "completed"
+    assert ray.is_initialized()

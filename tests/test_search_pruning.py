@@ -83,9 +83,9 @@ def test_without_a_pruner_a_trial_reports_but_is_never_asked_to_stop():
     from lowrank_runner.recipe.search import SearchSpec
     from lowrank_runner.search.study import Pruning, study_pruner
 
-    assert isinstance(study_pruner(optuna, SearchSpec(1, "tpe", 0, ())), optuna.pruners.NopPruner)
-    assert isinstance(study_pruner(optuna, SearchSpec(1, "tpe", 0, (), "median")), optuna.pruners.MedianPruner)
-    assert isinstance(study_pruner(optuna, SearchSpec(1, "tpe", 0, (), "hyperband")), optuna.pruners.HyperbandPruner)
+    assert isinstance(study_pruner(optuna, SearchSpec(1, "tpe", 0, ()).pruner), optuna.pruners.NopPruner)  # the default
+    assert isinstance(study_pruner(optuna, "median"), optuna.pruners.MedianPruner)
+    assert isinstance(study_pruner(optuna, "hyperband"), optuna.pruners.HyperbandPruner)
 
     class Trial:
         def __init__(self):

@@ -1,5 +1,5 @@
-"""``lrr run`` of a recipe with a ``search:`` block: one Optuna study per task, each
-trial a run directory, then the best point of each task with every seed.
+"""A search: one Optuna study per task, each trial a run directory, then the best point
+of each task with every seed (started by :func:`lowrank_runner.search.command.run_search`).
 
 ::
 
@@ -21,12 +21,14 @@ training loop selects checkpoints. ``--resume`` continues the studies: finished 
 are kept, a trial that was running continues from its checkpoint (or starts again with
 the same parameters), the study goes on to ``n_trials``, then the best runs resume.
 Trial N samples with the sampler seeded ``search.seed + N``, so a resumed search
-samples what an uninterrupted one would.
+samples what an uninterrupted one would (in parallel, TPE past its random start-up trials
+also depends on which trials had finished when N was asked).
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -34,41 +36,20 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from lowrank_runner.errors import LrrError, RunFileError, UsageError
-from lowrank_runner.quiet import quiet_libraries
+from lowrank_runner.errors import LrrError, UsageError
 from lowrank_runner.recipe.load import Recipe, load_recipe
-from lowrank_runner.recipe.search import SearchSpec, search_spec, trial_overrides
-from lowrank_runner.rundir.files import read_json_file, write_recipe
+from lowrank_runner.recipe.search import SearchSpec, trial_overrides
+from lowrank_runner.rundir.files import write_recipe
 from lowrank_runner.rundir.layout import METRICS_FILE, RECIPE_FILE, REPORT_FILE
-from lowrank_runner.rundir.search import BEST_DIR, DB_FILE, RECORD_FILE, TRIALS_DIR
+from lowrank_runner.rundir.search import BEST_DIR, DB_FILE, TRIALS_DIR
 from lowrank_runner.search.record import task_info, write_record
 from lowrank_runner.train import run_dirs
-from lowrank_runner.train.devices import world_size
-from lowrank_runner.train.invocation import console, say
-from lowrank_runner.train.run_dirs import continue_command, owned, prepare_root, recorded_runs
+from lowrank_runner.train.invocation import console
+from lowrank_runner.train.run_dirs import continue_command, recorded_runs
 from lowrank_runner.train.runner import run_recipe
 
 STOPPED = "stopped"  # --stop-after-step ended a trial: the search waits for --resume
-
-
-def run_search(recipe: Recipe, output: Path | None, argv: list[str], resume: bool = False,
-               stop_after: int | None = None) -> list[str]:
-    """Search every task, then train each task's best point with every seed; returns
-    what failed (tasks without a completed trial, best runs that failed)."""
-    optuna = _optuna()
-    if world_size() > 1:
-        raise UsageError("a search runs in one process: start it without torchrun / accelerate launch "
-                         "(each trial uses the GPU it finds)")
-    quiet_libraries()
-    root = _search_root(recipe, output, resume)
-    with owned(root, say):  # one process runs a search: its study, trials and final runs (rundir/lock.py)
-        search = Search(recipe, search_spec(recipe.resolved), root, argv, stop_after, optuna)
-        try:
-            return search.run()
-        except KeyboardInterrupt:
-            search.write("interrupted")
-            console.print(f"[yellow]search interrupted[/yellow]; continue it with: {escape(search.again)}")
-            raise
+LOCK_WAIT = 300.0  # seconds a write to search.db waits while another process writes
 
 
 @contextmanager
@@ -85,54 +66,13 @@ def _readable_db(path: Path):
                        "NEW_DIR)") from None
 
 
-def _optuna():
+def import_optuna():
     try:
         import optuna
     except ImportError:
         raise LrrError("a search (the recipe's search: block) needs Optuna: pip install 'lowrank-runner[search]'") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     return optuna
-
-
-def _search_root(recipe: Recipe, output: Path | None, resume: bool) -> Path:
-    """The output directory: claimed new, or (``--resume``) one holding this search."""
-    if not resume:
-        root, _ = prepare_root(recipe, output, resume=False)
-        return root
-    if output is None:
-        raise UsageError("--resume continues the search in an existing run directory: give it with --output RUN_DIR")
-    record = output / RECORD_FILE
-    if not record.exists() or not (output / DB_FILE).is_file():
-        raise UsageError(f"--output {output}: holds no search of lowrank-runner (no {RECORD_FILE} and {DB_FILE}), "
-                         "nothing to resume; give a directory written by lrr run of a recipe with a search: block")
-    found = _read_record(record)
-    recorded, command = found["hash"], continue_command(found["source"], found["overrides"], output)
-    if recorded != recipe.hash:
-        raise UsageError(f"--output {output}: its search was started by a different recipe or --set overrides "
-                         f"(recipe hash {recorded}; {recipe.source} with these overrides: {recipe.hash}); resume with "
-                         f"the recipe and overrides it started with: {command}")
-    return output
-
-
-def recorded_overrides(output: Path | None) -> list[str]:
-    """The ``--set`` overrides the runs in ``output`` were started with: a search's own
-    (its trials and best runs record more), else those of its runs."""
-    record = output / RECORD_FILE if output is not None else None
-    if record is not None and record.exists():  # a damaged one: an error, not its trials' overrides
-        return _read_record(record)["overrides"]
-    return run_dirs.recorded_overrides(output)
-
-
-def _read_record(record: Path) -> dict:
-    """What ``--resume`` reads of ``search.json``: the recipe ``hash``, its ``source`` and
-    the ``--set`` ``overrides``, checked; a damaged file is an error naming it and the fix."""
-    fix = "restore it from a copy, or start the search again in a new directory (lrr run RECIPE --output NEW_DIR)"
-    found = read_json_file(record, "search record", fix)
-    if not (isinstance(found, dict) and isinstance(found.get("hash"), str) and isinstance(found.get("source"), str)
-            and isinstance(found.get("overrides"), list) and all(isinstance(o, str) for o in found["overrides"])):
-        raise RunFileError(f"{record}: not the search record lrr writes (its recipe 'hash', 'source' and "
-                           f"'overrides'); the file is damaged: {fix}")
-    return found
 
 
 @dataclass
@@ -145,26 +85,35 @@ class Search:
     argv: list[str]
     stop_after: int | None
     optuna: object
+    parallel: object = None  # --parallel N ...: ParallelOptions (trials and best runs in child processes)
 
     def __post_init__(self):
-        with _readable_db(self.root / DB_FILE):
-            self.storage = self.optuna.storages.RDBStorage(f"sqlite:///{(self.root / DB_FILE).resolve()}")
+        self.storage = study_storage(self.optuna, self.root / DB_FILE)
         self.tasks = list(dict.fromkeys(run.task for run in self.recipe.runs))
         self.info = {task: task_info(self.recipe, task) for task in self.tasks}
         self.studies: dict = {}
-        self.again = continue_command(self.recipe.source, self.recipe.overrides, self.root)
+        options = self.parallel.words() if self.parallel else []  # kept by the command that continues the search
+        self.again = " ".join([continue_command(self.recipe.source, self.recipe.overrides, self.root),
+                               *map(shlex.quote, options)])
         self.distributions = _distributions(self.optuna, self.spec)
 
-    def run(self) -> list[str]:
-        """Every task's study, then the best runs; the record is written as it goes."""
+    def run(self, parallel=None) -> list[str]:
+        """Every task's study (its trials one after another here, or ``parallel``'s
+        children), then the best runs; the record is written as it goes."""
         self.write("running")
         for task in self.tasks:
             self.studies[task] = self.study(task)
-            if self.run_trials(task) == STOPPED:
+            if (parallel.run_trials(task) if parallel else self.run_trials(task)) == STOPPED:
                 self.write(STOPPED)
                 console.print(f"[yellow]search stopped[/yellow] (--stop-after-step); continue it with: "
                               f"{escape(self.again)}")
                 return []
+        unfinished = self.unfinished()
+        if unfinished:  # a trial's process was killed: the study goes on with --resume
+            self.write("interrupted")
+            console.print(f"[yellow]search incomplete[/yellow]: {', '.join(unfinished)} did not finish (its process "
+                          f"ended without a result); continue the search with: {escape(self.again)}")
+            return unfinished
         failures = [task for task in self.tasks if self.best(task) is None]
         for task in failures:
             console.print(f"[red]no trial of {escape(task)} completed[/red]: it has no best point to train "
@@ -184,7 +133,7 @@ class Search:
         direction = self.info[task].direction
         with _readable_db(self.root / DB_FILE):
             study = self.optuna.create_study(study_name=task, storage=self.storage, direction=direction,
-                                             load_if_exists=True, pruner=study_pruner(self.optuna, self.spec))
+                                             load_if_exists=True, pruner=study_pruner(self.optuna, self.spec.pruner))
         if study.direction.name.lower() != direction:
             raise UsageError(f"{self.root / DB_FILE}: study {task!r} was started to {study.direction.name.lower()} "
                              f"its objective, the recipe now asks to {direction}; resume with the recipe it started with")
@@ -193,62 +142,88 @@ class Search:
     def run_trials(self, task: str) -> str | None:
         """Trials left running by an interrupted command first (with their parameters),
         then new ones until ``n_trials`` have finished."""
-        study, running = self.studies[task], self.optuna.trial.TrialState.RUNNING
-        for frozen in study.get_trials(deepcopy=False, states=(running,)):
-            trial = self.optuna.trial.Trial(study, frozen._trial_id)  # the handle of a trial of another command
-            if self.trial(task, study, trial, frozen.params) == STOPPED:
+        study = self.studies[task]
+        for trial in self.left_running(task):
+            if self.trial(task, study, trial, trial.params) == STOPPED:
                 return STOPPED
-        while _finished(study, self.optuna) < self.spec.n_trials:
-            study.sampler = _sampler(self.optuna, self.spec, len(study.trials))
-            trial = study.ask(self.distributions)
-            trial.set_user_attr("dir", str(self.trial_dir(task, trial.number).relative_to(self.root)))
+        while self.finished(task) < self.spec.n_trials:
+            trial = self.ask(task)
             if self.trial(task, study, trial, trial.params) == STOPPED:
                 return STOPPED
         return None
 
+    def left_running(self, task: str) -> list:
+        """The trials of ``task`` a command left running (killed, interrupted, stopped),
+        as handles this process tells their results to."""
+        study, running = self.studies[task], self.optuna.trial.TrialState.RUNNING
+        return [self.optuna.trial.Trial(study, frozen._trial_id)
+                for frozen in study.get_trials(deepcopy=False, states=(running,))]
+
+    def finished(self, task: str, running: bool = False) -> int:
+        """How many trials of ``task`` finished (``running``: or are running)."""
+        states = self.optuna.trial.TrialState
+        wanted = (states.COMPLETE, states.FAIL, states.PRUNED) + ((states.RUNNING,) if running else ())
+        return len(self.studies[task].get_trials(deepcopy=False, states=wanted))
+
+    def unfinished(self) -> list[str]:
+        """The trials still running in the studies once every task's turn ended."""
+        running = self.optuna.trial.TrialState.RUNNING
+        return [f"trial {t.number} of {task}" for task in self.tasks
+                for t in self.studies[task].get_trials(deepcopy=False, states=(running,))]
+
+    def ask(self, task: str):
+        """A new trial of ``task``, sampled with the sampler seeded ``search.seed + N``."""
+        study = self.studies[task]
+        study.sampler = _sampler(self.optuna, self.spec, len(study.trials))
+        trial = study.ask(self.distributions)
+        trial.set_user_attr("dir", str(self.trial_dir(task, trial.number).relative_to(self.root)))
+        return trial
+
     def trial(self, task: str, study, trial, params: dict) -> str | None:
-        """Run one trial (or continue it) and tell the study its value: the run's best
-        on the selection split, never a test split's. A trial that fails is told failed."""
+        """Run one trial (or continue it) in this process and tell the study its result."""
         values = self.decode(params)
-        run_dir = self.trial_dir(task, trial.number)
-        shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
         console.rule(f"[bold]search[/bold] · {escape(task)} · trial {trial.number} ({self.spec.n_trials} per task)")
-        console.print(f"parameters: {escape(shown)}")
-        rec = None
+        console.print(f"parameters: {escape(self.shown(values))}")
+        outcome = self.attempt(task, trial, values)
+        if outcome["state"] == "ready":
+            outcome = run_trial(outcome["recipe"], self.trial_dir(task, trial.number), self.argv, self.stop_after,
+                                Pruning(trial, self.spec.pruner, self.info[task].metric))
+        return self.settle(task, trial, outcome)
+
+    def attempt(self, task: str, trial, values: dict) -> dict:
+        """The trial's recipe (``{"state": "ready", "recipe": ...}``), or its failure: a
+        sampled value the recipe cannot take fails the trial, not the search."""
+        run_dir = self.trial_dir(task, trial.number)
         try:
-            rec = self.trial_recipe(task, values)  # a sampled value the recipe cannot take fails this trial
-            run_recipe(rec, run_dir, self.argv, resume=(run_dir / RECIPE_FILE).is_file(), stop_after=self.stop_after,
-                       observer=Pruning(trial, self.spec.pruner, self.info[task].metric))
-            done = _metrics(run_dir)
-            if done is None:
-                return STOPPED
-            pruned = _pruned_at(run_dir)
-            if pruned is not None:  # the pruner ended it: a finished trial, never the best point
-                trial.set_user_attr("pruned_at", pruned)
-                study.tell(trial.number, state=self.optuna.trial.TrialState.PRUNED)
-                self.write("running")
-                return None
-            value = done["best"]["value"]
-            if not isinstance(value, (int, float)) or value != value:
-                raise LrrError(f"{run_dir}: no checkpoint was selected (best value {value!r})")
+            return {"state": "ready", "recipe": self.trial_recipe(task, values)}
         except UsageError:
             raise
         except LrrError as exc:
-            self.failed(study, trial, run_dir, rec, str(exc).strip() or type(exc).__name__)
-        except Exception as exc:  # a crash (out of memory at a sampled batch size): the search goes on
-            self.failed(study, trial, run_dir, rec, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+            return failure(run_dir, None, str(exc).strip() or type(exc).__name__)
+        except Exception as exc:
+            return failure(run_dir, None, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+
+    def settle(self, task: str, trial, outcome: dict) -> str | None:
+        """Tell the study a trial's result (:func:`run_trial`'s outcome): its value (the
+        run's best on the selection split, never a test split's), pruned, or failed; a
+        stopped trial (--stop-after-step) stays running for ``--resume``."""
+        study, state = self.studies[task], self.optuna.trial.TrialState
+        if outcome["state"] == STOPPED:
+            return STOPPED
+        if outcome["state"] == "pruned":  # the pruner ended it: a finished trial, never the best point
+            trial.set_user_attr("pruned_at", outcome["step"])
+            study.tell(trial.number, state=state.PRUNED)
+        elif outcome["state"] == "failed":
+            trial.set_user_attr("error", outcome["error"])
+            study.tell(trial.number, state=state.FAIL)
+            console.print(f"[red]trial {trial.number} failed[/red]: {escape(outcome['error'])}; the search goes on")
         else:
-            study.tell(trial.number, value)
+            study.tell(trial.number, outcome["value"])
         self.write("running")
         return None
 
-    def failed(self, study, trial, run_dir: Path, rec: Recipe | None, error: str, details: str | None = None) -> None:
-        """Record a failed trial (its directory kept, with the error) and tell the study."""
-        _keep_failed(run_dir, rec, details or error)
-        last = error.splitlines()[-1]
-        trial.set_user_attr("error", last)
-        study.tell(trial.number, state=self.optuna.trial.TrialState.FAIL)
-        console.print(f"[red]trial {trial.number} failed[/red]: {escape(last)}; the search goes on")
+    def shown(self, values: dict) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in values.items())
 
     def trial_dir(self, task: str, number: int) -> Path:
         return self.root / TRIALS_DIR / task.replace("/", "-") / f"trial-{number:04d}"
@@ -299,7 +274,7 @@ class Search:
         started = out.is_dir() and bool(recorded_runs(rec, out))
         console.rule(f"[bold]search[/bold] · the best point of each task, every seed · {escape(str(out))}")
         try:
-            failures = run_recipe(rec, out, self.argv, resume=started, stop_after=self.stop_after)
+            failures = run_recipe(rec, out, self.argv, resume=started, stop_after=self.stop_after, parallel=self.parallel)
         except LrrError:
             self.write("failed")
             raise
@@ -308,15 +283,53 @@ class Search:
         return failures
 
 
-def _keep_failed(run_dir: Path, rec: Recipe | None, error: str) -> None:
-    """A failed trial keeps its directory, as a failed run of a sweep does: ``error.txt``
-    and ``report.json`` (status failed) and, when its recipe loaded, its ``recipe.yaml``
-    (the overrides that rerun it). ``run_recipe`` removes a single run's directory that
-    failed before training; a trial is listed in ``search.json``, so it stays."""
-    run_dirs.mark_failed(run_dir, error, create=True)
+def run_trial(rec: Recipe, run_dir: Path, argv: list[str], stop_after: int | None, observer) -> dict:
+    """Train a trial's one run into ``run_dir`` (continuing it when it has started) and
+    say how it ended: ``{"state": "complete", "value": best}``, ``{"state": "pruned",
+    "step": N}``, ``{"state": "failed", "error": last line}`` (its directory kept with the
+    error) or ``{"state": "stopped"}`` (--stop-after-step, or Ctrl-C's checkpoint). Run
+    by a search in its own process and by each child of a parallel one."""
+    try:
+        run_recipe(rec, run_dir, argv, resume=(run_dir / RECIPE_FILE).is_file(), stop_after=stop_after,
+                   observer=observer)
+        done = _metrics(run_dir)
+        if done is None:
+            return {"state": STOPPED}
+        pruned = _pruned_at(run_dir)
+        if pruned is not None:
+            return {"state": "pruned", "step": pruned}
+        value = done["best"]["value"]
+        if not isinstance(value, (int, float)) or value != value:
+            raise LrrError(f"{run_dir}: no checkpoint was selected (best value {value!r})")
+        return {"state": "complete", "value": value}
+    except UsageError:
+        raise
+    except LrrError as exc:
+        return failure(run_dir, rec, str(exc).strip() or type(exc).__name__)
+    except Exception as exc:  # a crash (out of memory at a sampled batch size): the search goes on
+        return failure(run_dir, rec, f"{type(exc).__name__}: {exc}", traceback.format_exc())
+
+
+def failure(run_dir: Path, rec: Recipe | None, error: str, details: str | None = None) -> dict:
+    """A failed trial's outcome, its directory kept as a failed run of a sweep is:
+    ``error.txt`` and ``report.json`` (status failed) and, when its recipe loaded, its
+    ``recipe.yaml`` (the overrides that rerun it). ``run_recipe`` removes a single run's
+    directory that failed before training; a trial is listed in ``search.json``, so it stays."""
+    run_dirs.mark_failed(run_dir, details or error, create=True)
     if rec is not None and not (run_dir / RECIPE_FILE).is_file():
         run = rec.runs[0]
         write_recipe(run_dir / RECIPE_FILE, run.config, rec.hash, run.config_hash, rec.source, rec.overrides)
+    return {"state": "failed", "error": error.splitlines()[-1]}
+
+
+def study_storage(optuna, path: Path):
+    """The studies' storage, ``search.db``: Optuna's RDB storage on SQLite. SQLite locks the
+    file for each write, so the driver of a parallel search and its children (which
+    report their evaluations to the pruner) write to it at once safely; a writer waits up
+    to ``LOCK_WAIT`` seconds for the lock instead of failing with "database is locked"."""
+    url = f"sqlite:///{path.resolve()}"
+    with _readable_db(path):
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": LOCK_WAIT}})
 
 
 def _run_dirs(recipe: Recipe, root: Path) -> list[Path]:
@@ -343,16 +356,20 @@ def _scalars(values) -> bool:
 
 
 def _sampler(optuna, spec: SearchSpec, number: int):
-    """The sampler of trial ``number``, seeded ``search.seed + number``."""
-    kind = optuna.samplers.TPESampler if spec.sampler == "tpe" else optuna.samplers.RandomSampler
-    return kind(seed=(spec.seed + number) % 2**32)
+    """The sampler of trial ``number``, seeded ``search.seed + number``. TPE counts the
+    trials still running (in parallel) as bad ones (Optuna's constant liar), so trials
+    asked while others train look elsewhere; with none running it samples as without."""
+    seed = (spec.seed + number) % 2**32
+    if spec.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+    return optuna.samplers.RandomSampler(seed=seed)
 
 
-def study_pruner(optuna, spec: SearchSpec):
+def study_pruner(optuna, pruner: str):
     """``search.pruner``: Optuna's MedianPruner or HyperbandPruner (their defaults), or none."""
-    if spec.pruner == "median":
+    if pruner == "median":
         return optuna.pruners.MedianPruner()
-    if spec.pruner == "hyperband":
+    if pruner == "hyperband":
         return optuna.pruners.HyperbandPruner()
     return optuna.pruners.NopPruner()
 
@@ -386,11 +403,6 @@ def _pruned_at(run_dir: Path) -> int | None:
     except (OSError, ValueError):
         return None
     return early.get("step") if early.get("by") == Pruning.name else None
-
-
-def _finished(study, optuna) -> int:
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED)
-    return len(study.get_trials(deepcopy=False, states=states))
 
 
 def _metrics(run_dir: Path) -> dict | None:

@@ -121,16 +121,8 @@ class _Schedule:
             else:
                 self._submit(run)
 
-    def _group(self) -> tuple[str, ...]:
-        """The device group with the fewest runs on it (several runs share a device when
-        --parallel is above the number of groups)."""
-        load = {g: 0 for g in self.slots.groups}
-        for _, group in self.active.values():
-            load[group] = load.get(group, 0) + 1
-        return min(self.slots.groups, key=lambda g: load[g])
-
     def _submit(self, run) -> None:
-        group = self._group()
+        group = least_loaded(self.slots, [group for _, group in self.active.values()])
         job = child_job(self.inv, run, self.slots, group, self.options)
         _, entry, progress = job_files(self.inv.root, run.slug)
         for earlier in (entry, progress):  # from an earlier attempt (--resume)
@@ -195,7 +187,7 @@ class _Schedule:
         """Ctrl-C / SIGTERM: every child is asked to stop (SIGTERM) and waited for; a
         second Ctrl-C meanwhile is ignored."""
         self.display.line(f"[yellow]stopping[/yellow] {len(self.active)} running run(s)…")
-        with _signals_ignored():
+        with signals_ignored():
             self.executor.stop_all()
             for job, code in self.executor.wait_any(timeout=0):
                 self._finished(job, code)
@@ -215,6 +207,13 @@ class _Schedule:
         interrupted(self.inv, self.created, self.display.line)
 
 
+def least_loaded(slots: Slots, used: list[tuple[str, ...]]) -> tuple[str, ...]:
+    """The device group with the fewest of the ``used`` (the groups of the runs training
+    now) on it: several runs share a device when --parallel is above the number of groups."""
+    load = {g: used.count(g) for g in slots.groups}
+    return min(slots.groups, key=lambda g: load[g])
+
+
 def child_job(inv: Invocation, run, slots: Slots, group: tuple[str, ...], options: ParallelOptions) -> Job:
     """The command and environment that train ``run`` in a child process."""
     recipe = inv.recipe
@@ -227,14 +226,19 @@ def child_job(inv: Invocation, run, slots: Slots, group: tuple[str, ...], option
                   "--multi_gpu", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
         words = launch + words
     log, _, progress = job_files(inv.root, run.slug)
+    return Job(slug=run.slug, argv=[sys.executable, *words], env=child_env(progress, slots, group, options),
+               run_dir=inv.dirs[run.index], log=log, gpus=slots.gpus, cpus=slots.cpus)
+
+
+def child_env(progress: Path, slots: Slots, group: tuple[str, ...], options: ParallelOptions) -> dict[str, str]:
+    """A child's environment: its threads, its progress file, this driver (the child stops
+    when the driver is gone) and, on this machine, its devices."""
     threads = str(slots.cpus)
     env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": "false",
-           PROGRESS_FILE_ENV: str(progress), "PYTHONUNBUFFERED": "1",
-           DRIVER_ENV: f"{socket.gethostname()}:{os.getpid()}"}  # the child stops when the driver is gone
+           PROGRESS_FILE_ENV: str(progress), "PYTHONUNBUFFERED": "1", DRIVER_ENV: f"{socket.gethostname()}:{os.getpid()}"}
     if options.executor == "local":
         env["CUDA_VISIBLE_DEVICES"] = ",".join(group)
-    return Job(slug=run.slug, argv=[sys.executable, *words], env=env, run_dir=inv.dirs[run.index], log=log,
-               gpus=slots.gpus, cpus=slots.cpus)
+    return env
 
 
 def _free_port() -> int:
@@ -253,7 +257,7 @@ def _last_line(log: Path) -> str:
     return lines[-1][:300] if lines else "no output"
 
 
-class _signals_ignored:
+class signals_ignored:
     """SIGINT and SIGTERM ignored (main thread only) while the children are stopped."""
 
     def __enter__(self):
