@@ -6,6 +6,7 @@ Heavy imports (torch, transformers) happen inside the commands that need them, s
 
 from __future__ import annotations
 
+import atexit
 import errno
 import functools
 import glob
@@ -13,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import List, Optional
 
@@ -472,6 +474,8 @@ def run(
     else:
         failures = run_recipe(rec, output=output, argv=command, resume=resume, stop_after=stop_after_step,
                               parallel=options, only_run=only_run)
+    global _LEAVE_AT_ONCE
+    _LEAVE_AT_ONCE = True  # everything is written: skip the interpreter's teardown (main)
     raise typer.Exit(1 if failures else 0)
 
 
@@ -589,13 +593,38 @@ def _existing(path: Path) -> Path:
 _AS_PROGRAM = False  # set by main(): the process is `lrr` itself (not a test runner or a notebook calling app)
 
 
+_LEAVE_AT_ONCE = False  # set by `lrr run` once it has written everything
+
+
 def main() -> None:
     global _AS_PROGRAM
     _AS_PROGRAM = True
     # SIGTERM (a scheduler's or `kill`'s stop) ends every command like Ctrl-C: staged
     # exports are removed, runs are marked interrupted, the exit code is 130.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        if _LEAVE_AT_ONCE:
+            _leave(exc.code)
+        raise
+
+
+def _leave(code) -> None:
+    """End the process as Python's exit does (other threads joined, ``atexit`` handlers
+    run, output flushed) without tearing down its modules and objects: after torch,
+    transformers and datasets that teardown takes about 1.5 s, paid by every run and
+    every parallel child (docs/benchmarks.md, "A child's start")."""
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe, a closed stream
+            pass
+    os._exit(code if isinstance(code, int) else 0 if code is None else 1)
 
 
 if __name__ == "__main__":

@@ -138,6 +138,25 @@ def plan_steps(n_examples: int, training: dict, processes: int = 1) -> StepPlan:
     return StepPlan(batches, steps_per_epoch, total, int(warmup), epochs, batch)
 
 
+def lr_factor(scheduler: str, warmup: int, total: int, step: int) -> float:
+    """The learning-rate factor at 0-based ``step`` of ``training.lr_scheduler``: the loop's
+    schedule (``torch.optim.lr_scheduler.LambdaLR`` with this factor, train/optim.py), the
+    values of ``transformers.get_scheduler`` exactly (tests/test_schedule.py), computed here
+    because importing ``transformers.optimization`` imports PEFT and bitsandbytes (about
+    1.5 s of every run's start). ``linear``: warmup from 0, then a linear decay to 0;
+    ``cosine``: a half cosine to 0; ``constant``: 1 (transformers' takes no warmup)."""
+    if scheduler == "constant":
+        return 1.0
+    if step < warmup:
+        return float(step) / float(max(1, warmup))
+    if scheduler == "linear":
+        return max(0.0, float(total - step) / float(max(1, total - warmup)))
+    if scheduler == "cosine":
+        progress = float(step - warmup) / float(max(1, total - warmup))
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    raise ValueError(f"training.lr_scheduler: unknown schedule {scheduler!r}")
+
+
 def integrated_learning_rate(plan: StepPlan, training: dict) -> float:
     """The sum of the learning rate over the planned optimizer steps (what Adam's updates
     add up to, roughly: each moves a parameter by about the learning rate), in closed

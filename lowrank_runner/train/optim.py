@@ -4,9 +4,12 @@ LoRA2's λ, TriAdaptLoRA's packed triangles and head weights are)."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from lowrank_runner.methods.base import Adapter
+from lowrank_runner.plan.schedule import lr_factor
 
 # Normalisation modules, by type: torch's (batch and instance norms share _NormBase) ...
 _NORM_TYPES = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.modules.batchnorm._NormBase,
@@ -62,8 +65,14 @@ def late_entries(model: torch.nn.Module) -> dict:
     return out
 
 
+def schedule(name: str, warmup_steps: int, total_steps: int):
+    """The factor of the learning rate at each 0-based step, a ``functools.partial`` (as
+    transformers' own: ``LambdaLR`` saves none of it in a checkpoint's state)."""
+    return functools.partial(lr_factor, name, warmup_steps, total_steps)
+
+
 class RestartSchedule:
-    """The run's learning-rate schedule (``transformers.get_scheduler``, as the loop builds
+    """The run's learning-rate schedule (:func:`schedule`, as the loop builds
     it) restarted at a step: an entry that trains after step ``s`` gets, at the schedule's
     0-based position ``q``, the factor of the same schedule over ``total − s`` steps (the
     same warm-up) at ``q − s``. IncreLoRA's reference gives each new parameter group this
@@ -79,10 +88,7 @@ class RestartSchedule:
 
     def factor(self, start: int, position: int) -> float:
         if start not in self.lambdas:
-            from transformers import get_scheduler
-
-            probe = torch.optim.SGD([torch.zeros(1, device="cpu")], lr=1.0)  # a stand-in: only its lambda is kept
-            self.lambdas[start] = get_scheduler(self.name, probe, self.warmup, max(1, self.total - start)).lr_lambdas[0]
+            self.lambdas[start] = schedule(self.name, self.warmup, max(1, self.total - start))
         return float(self.lambdas[start](position - start))
 
 
@@ -169,11 +175,10 @@ class StagedAdamW(torch.optim.AdamW):
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int):
-    """``transformers.get_scheduler``; a :class:`StagedAdamW` learns it, for its entries'
-    restarted schedules."""
-    from transformers import get_scheduler
-
-    scheduler = get_scheduler(name, optimizer, warmup_steps, total_steps)
+    """``transformers.get_scheduler``'s schedule (:func:`~lowrank_runner.plan.schedule.lr_factor`
+    in torch's ``LambdaLR``, as transformers builds it); a :class:`StagedAdamW` learns it, for
+    its entries' restarted schedules."""
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(name, warmup_steps, total_steps))
     if isinstance(optimizer, StagedAdamW):
         optimizer.restart = RestartSchedule(name, warmup_steps, total_steps, scheduler)
     return scheduler
