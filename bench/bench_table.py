@@ -58,6 +58,7 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--search-trials", type=int, default=12)
+    ap.add_argument("--pruners", default="none,median", help="search.pruner values to time, the first the yardstick")
     ap.add_argument("--only", choices=["table", "search"])
     ap.add_argument("--out", default="bench-table-out")
     ap.add_argument("--json")
@@ -218,12 +219,14 @@ def main(argv=None) -> int:
         for other in ("trainer-grouped", "trainer-defaults"):
             print(f"  lrr / {other}: {table['lrr']['seconds'] / table[other]['seconds']:.2f}x")
     if args.only != "table":
-        search = {p: lrr_search(args, out, p) for p in ("none", "median")}
+        pruners = args.pruners.split(",")
+        search = {p: lrr_search(args, out, p) for p in pruners}
         result["search"] = search
         for name, s in search.items():
             print(f"search, pruner {name}: {s['seconds']:.0f} s, {s['trials']} trials ({s['pruned']} pruned), best trial "
                   f"{s['best']['number']} accuracy {s['best']['value']:.4f} at lr {s['best']['params']}")
-        print(f"  median / none: {search['median']['seconds'] / search['none']['seconds']:.2f}x")
+        for name in pruners[1:]:
+            print(f"  {name} / {pruners[0]}: {search[name]['seconds'] / search[pruners[0]]['seconds']:.2f}x")
     text = json.dumps(result, indent=1)
     (out / "bench_table.json").write_text(text)
     if args.json:

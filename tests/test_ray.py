@@ -204,6 +204,7 @@ def test_a_recipe_on_ray_gives_the_sequential_results_table(executor, tiny_bert,
     assert ray.is_initialized()  # the command used this process's cluster, and left it running
 
 
+@pytest.mark.slow
 def test_a_search_on_ray_trains_its_trials_as_ray_tasks_on_one_study(executor, search_recipe, tmp_path):
     """``--parallel 2 --executor ray`` of a search: each trial a Ray task whose child reports
     its evaluations to the study in search.db."""

@@ -22,6 +22,7 @@ def starts(log: str) -> int:
     return sum(line.startswith("$ ") and "--trial-of" in line for line in log.splitlines())
 
 
+@pytest.mark.slow
 def test_a_parallel_search_runs_the_sequential_searchs_trials(search_recipe, searched, tmp_path):
     out = tmp_path / "par"
     result = lrr("run", search_recipe, "--output", out, "--parallel", "2")
@@ -47,6 +48,7 @@ def test_a_parallel_search_runs_the_sequential_searchs_trials(search_recipe, sea
     assert "2 runs, 2 at a time" in result.output
 
 
+@pytest.mark.slow
 def test_a_killed_trial_stays_running_and_resume_finishes_the_study_with_none_lost_or_repeated(search_recipe, tmp_path):
     out = tmp_path / "run"
     proc = driver(search_recipe, "--output", out, "--parallel", "2", "--set", "training.epochs=60",
@@ -78,6 +80,7 @@ def test_a_killed_trial_stays_running_and_resume_finishes_the_study_with_none_lo
     assert json.loads((out / "best" / "report.json").read_text())["status"] == "completed"  # one seed: best/ is the run
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_trial_and_leaves_them_running_for_resume(search_recipe, tmp_path):
     out = tmp_path / "run"
     proc = driver(search_recipe, "--output", out, "--parallel", "2", "--set", "training.epochs=200")
