@@ -58,7 +58,8 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--search-trials", type=int, default=12)
-    ap.add_argument("--pruners", default="none,median", help="search.pruner values to time, the first the yardstick")
+    ap.add_argument("--pruners", default="none,median",
+                    help="search.pruner values to time, the first the yardstick; settings as median:startup_trials=2+warmup_steps=20")
     ap.add_argument("--only", choices=["table", "search"])
     ap.add_argument("--out", default="bench-table-out")
     ap.add_argument("--json")
@@ -177,20 +178,29 @@ def trainer_table(args, out: Path, kind: str) -> dict:
 # ------------------------------------------------------------------ the search
 
 
+def pruner_value(text: str):
+    """``median`` or ``median:startup_trials=2+warmup_steps=20`` (search.pruner's mapping)."""
+    name, _, settings = text.partition(":")
+    if not settings:
+        return name
+    return {"name": name, **{k: int(v) for k, v in (kv.split("=") for kv in settings.split("+"))}}
+
+
 def search_recipe(args, pruner: str) -> dict:
     base = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text())
     base["training"].update(epochs=2, eval_every=10)
-    base["search"] = {"n_trials": args.search_trials, "sampler": "tpe", "seed": 0, "pruner": pruner,
+    base["search"] = {"n_trials": args.search_trials, "sampler": "tpe", "seed": 0, "pruner": pruner_value(pruner),
                       "space": {"training.learning_rate": {"log_uniform": [1.0e-4, 2.0e-2]}}}
     return base
 
 
 def lrr_search(args, out: Path, pruner: str) -> dict:
-    recipe = out / f"search-{pruner}.yaml"
+    name = "search-" + "".join(c if c.isalnum() or c in "_-" else "-" for c in pruner)
+    recipe = out / f"{name}.yaml"
     recipe.write_text(yaml.safe_dump(search_recipe(args, pruner), sort_keys=False))
-    took = timed([sys.executable, "-m", "lowrank_runner", "run", str(recipe), "--output", str(out / f"search-{pruner}")],
-                 out / f"search-{pruner}.log")
-    record = json.loads((out / f"search-{pruner}" / "search.json").read_text())["tasks"]["classification"]
+    took = timed([sys.executable, "-m", "lowrank_runner", "run", str(recipe), "--output", str(out / name)],
+                 out / f"{name}.log")
+    record = json.loads((out / name / "search.json").read_text())["tasks"]["classification"]
     states = [t["state"] for t in record["trials"]]
     return {"seconds": took, "best": record["best"], "trials": len(states), "pruned": states.count("PRUNED")}
 

@@ -46,7 +46,11 @@ def pruned_recipe(tmp_path, tiny_bert, sentiment_data):
 
 
 class AfterTheFirstTrial(optuna.pruners.BasePruner):
-    """Prunes every trial but the first at its second report: a deterministic pruner."""
+    """Prunes every trial but the first at its second report: a deterministic pruner (it
+    takes MedianPruner's settings and ignores them)."""
+
+    def __init__(self, **settings):
+        pass
 
     def prune(self, study, trial) -> bool:
         return trial.number > 0 and len(trial.intermediate_values) >= 2
@@ -99,3 +103,41 @@ def test_without_a_pruner_a_trial_reports_but_is_never_asked_to_stop():
 
     trial = Trial()
     assert Pruning(trial, "none", "accuracy").after_evaluation(4, 0.5) is None and trial.reported == [(4, 0.5)]
+
+
+def test_the_pruners_settings_reach_optuna():
+    """``search.pruner: {name, settings}``: MedianPruner's start-up trials and warm-up steps,
+    HyperbandPruner's first rung and reduction factor, as the recipe gives them (checked on
+    Optuna's own in-memory study: a trial worse than the only completed one is pruned once
+    one completed trial is enough, not before the warm-up step, never with the defaults)."""
+    from lowrank_runner.search.study import study_pruner
+
+    def pruned(pruner, step: int) -> bool:
+        study = optuna.create_study(direction="maximize", pruner=pruner)
+        first = study.ask()
+        first.report(0.9, step)
+        study.tell(first, 0.9)
+        worse = study.ask()
+        worse.report(0.1, step)
+        return worse.should_prune()
+
+    assert not pruned(study_pruner(optuna, "median"), 4)  # Optuna's default: 5 completed trials first
+    assert pruned(study_pruner(optuna, "median", (("startup_trials", 1),)), 4)
+    assert not pruned(study_pruner(optuna, "median", (("startup_trials", 1), ("warmup_steps", 5))), 4)
+    assert pruned(study_pruner(optuna, "median", {"startup_trials": 1, "warmup_steps": 5}.items()), 6)
+    hyperband = study_pruner(optuna, "hyperband", (("min_resource", 10), ("reduction_factor", 2)))
+    assert isinstance(hyperband, optuna.pruners.HyperbandPruner)
+    assert (hyperband._min_resource, hyperband._reduction_factor) == (10, 2)  # Optuna keeps its arguments so
+
+
+def test_a_pruners_settings_are_checked_and_shown(tiny_recipe):
+    from tests.test_search import lrr as run_lrr
+
+    good = tiny_recipe(SEARCH.format(pruner="{name: median, startup_trials: 2, warmup_steps: 10}", n=3), "good.yaml")
+    shown = run_lrr("inspect", good)
+    assert shown.exit_code == 0, shown.output
+    assert "pruner median (startup_trials 2, warmup_steps 10)" in " ".join(shown.output.split())
+    bad = tiny_recipe(SEARCH.format(pruner="{name: median, min_resource: 2}", n=3), "bad.yaml")
+    refused = run_lrr("validate", bad)
+    assert refused.exit_code != 0
+    assert "search.pruner" in refused.output and "min_resource" in refused.output, refused.output

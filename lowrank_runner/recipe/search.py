@@ -100,6 +100,7 @@ class SearchSpec:
     seed: int
     dimensions: tuple[Dimension, ...]
     pruner: str = "none"  # median | hyperband | none
+    pruner_settings: tuple[tuple[str, int], ...] = ()  # (key, value) of search.pruner's mapping, as written
 
 
 def search_spec(resolved: dict) -> SearchSpec | None:
@@ -107,8 +108,11 @@ def search_spec(resolved: dict) -> SearchSpec | None:
     block = resolved.get(SEARCH)
     if not isinstance(block, dict):
         return None
+    pruner = block.get("pruner", "none")
+    name, settings = (pruner, ()) if isinstance(pruner, str) else (
+        pruner["name"], tuple((k, v) for k, v in pruner.items() if k != "name"))
     return SearchSpec(block["n_trials"], block.get("sampler", "tpe"), block.get("seed", 0), tuple(dimensions(block)),
-                      block.get("pruner", "none"))
+                      name, settings)
 
 
 def dimensions(block: dict) -> list[Dimension]:
@@ -282,7 +286,8 @@ def describe_search(resolved: dict) -> dict | None:
     spec = search_spec(resolved)
     if spec is None:
         return None
-    return {"n_trials": spec.n_trials, "sampler": spec.sampler, "seed": spec.seed,
+    return {"n_trials": spec.n_trials, "sampler": spec.sampler, "seed": spec.seed, "pruner": spec.pruner,
+            "pruner_settings": dict(spec.pruner_settings),
             "space": {d.key: {d.kind: list(d.values)} for d in spec.dimensions}}
 
 
@@ -290,7 +295,10 @@ def search_lines(info: dict | None) -> list[str]:
     """:func:`describe_search` (with ``objectives`` per task, from ``lrr inspect``) as text lines."""
     if not info:
         return []
-    lines = [f"  search: {info['n_trials']} trial(s) per task, sampler {info['sampler']} (seed {info['seed']}); "
+    settings = ", ".join(f"{k} {v}" for k, v in info.get("pruner_settings", {}).items())
+    pruner = "" if info.get("pruner", "none") == "none" else f", pruner {info['pruner']}"
+    pruner += f" ({settings})" if settings and pruner else ""
+    lines = [f"  search: {info['n_trials']} trial(s) per task, sampler {info['sampler']} (seed {info['seed']}){pruner}; "
              "each trial trains the recipe's first seed and is scored on the selection split (never a test split); "
              "the best point then trains every seed"]
     width = max(len(k) for k in info["space"])

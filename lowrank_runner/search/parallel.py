@@ -137,6 +137,7 @@ class ParallelTrials:
         ticket.parent.mkdir(parents=True, exist_ok=True)
         write_json(ticket, {"storage": str((search.root / DB_FILE).resolve()), "study": task,
                             "trial_id": trial._trial_id, "number": trial.number, "pruner": search.spec.pruner,
+                            "pruner_settings": dict(search.spec.pruner_settings),
                             "metric": search.info[task].metric, "entry": str(entry.resolve())})
         words = ["-m", "lowrank_runner", "run", rec.source, *[w for o in rec.overrides for w in ("--set", o)],
                  "--output", str(run_dir), "--trial-of", str(ticket)]
@@ -217,7 +218,7 @@ def run_trial_child(rec: Recipe, trial_dir: Path | None, ticket: Path, argv: lis
     quiet_libraries()
     optuna = import_optuna()
     study = optuna.load_study(study_name=found["study"], storage=study_storage(optuna, Path(found["storage"])),
-                              pruner=study_pruner(optuna, found["pruner"]))
+                              pruner=study_pruner(optuna, found["pruner"], found.get("pruner_settings", {}).items()))
     trial = optuna.trial.Trial(study, found["trial_id"])
     entry = Path(found["entry"])
     try:

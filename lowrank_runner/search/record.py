@@ -48,6 +48,7 @@ def search_record(recipe: Recipe, spec: SearchSpec, info: dict, studies: dict, s
     return {
         "recipe": recipe.name, "source": recipe.source, "hash": recipe.hash, "overrides": list(recipe.overrides),
         "status": status, "storage": DB_FILE, "n_trials": spec.n_trials, "sampler": spec.sampler, "seed": spec.seed,
+        "pruner": spec.pruner, "pruner_settings": dict(spec.pruner_settings),
         "space": {d.key: {d.kind: list(d.values)} for d in spec.dimensions},
         "best_runs": BEST_DIR,
         "tasks": {task: _task_record(info[task], studies.get(task), decode) for task in info},
@@ -84,11 +85,16 @@ def record_markdown(record: dict) -> str:
     space = ", ".join(f"`{k}` {kind} {json.dumps(v)}" for k, d in record["space"].items() for kind, v in d.items())
     lines = [f"# Search: {record['recipe']}", "",
              f"{record['n_trials']} trial(s) per task, sampler {record['sampler']} (seed {record['seed']}), "
+             f"pruner {record.get('pruner', 'none')}{_settings(record.get('pruner_settings'))}, "
              f"status: {record['status']}. Space: {space}. Studies: `{record['storage']}` (Optuna, SQLite); "
              f"the best point of each task trained with every seed: `{record['best_runs']}/`.", ""]
     for task, entry in record["tasks"].items():
         lines += _task_markdown(task, entry, list(record["space"]))
     return "\n".join(lines) + "\n"
+
+
+def _settings(settings: dict | None) -> str:
+    return f" ({', '.join(f'{k} {v}' for k, v in settings.items())})" if settings else ""
 
 
 def _task_markdown(task: str, entry: dict, keys: list[str]) -> list[str]:

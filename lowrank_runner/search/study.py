@@ -131,9 +131,10 @@ class Search:
     def study(self, task: str):
         """The task's study in ``search.db`` (created, or loaded to continue)."""
         direction = self.info[task].direction
+        pruner = study_pruner(self.optuna, self.spec.pruner, self.spec.pruner_settings)
         with _readable_db(self.root / DB_FILE):
             study = self.optuna.create_study(study_name=task, storage=self.storage, direction=direction,
-                                             load_if_exists=True, pruner=study_pruner(self.optuna, self.spec.pruner))
+                                             load_if_exists=True, pruner=pruner)
         if study.direction.name.lower() != direction:
             raise UsageError(f"{self.root / DB_FILE}: study {task!r} was started to {study.direction.name.lower()} "
                              f"its objective, the recipe now asks to {direction}; resume with the recipe it started with")
@@ -365,12 +366,16 @@ def _sampler(optuna, spec: SearchSpec, number: int):
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def study_pruner(optuna, pruner: str):
-    """``search.pruner``: Optuna's MedianPruner or HyperbandPruner (their defaults), or none."""
+def study_pruner(optuna, pruner: str, settings=()):
+    """``search.pruner``: Optuna's MedianPruner or HyperbandPruner (at Optuna's defaults
+    but for the recipe's ``settings``), or none."""
+    given = dict(settings)
     if pruner == "median":
-        return optuna.pruners.MedianPruner()
+        return optuna.pruners.MedianPruner(n_startup_trials=given.get("startup_trials", 5),
+                                           n_warmup_steps=given.get("warmup_steps", 0))
     if pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner()
+        return optuna.pruners.HyperbandPruner(min_resource=given.get("min_resource", 1),
+                                              reduction_factor=given.get("reduction_factor", 3))
     return optuna.pruners.NopPruner()
 
 
