@@ -19,6 +19,7 @@ from lowrank_runner.cli import app
 from lowrank_runner.tasks.evaluation import LengthSortedOrder, evaluation_order, in_dataset_order
 from lowrank_runner.train.batching import LengthGroupedSampler, example_lengths, length_grouped_order
 from tests.conftest import WORDS, write_sentiment_data
+from tests.test_squad import squad_dir  # noqa: F401  (a fixture: the tiny SQuAD 2.0 files)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -215,13 +216,8 @@ def test_evaluate_logits_scores_in_dataset_order(varied_recipe, monkeypatch):
     assert len(seen) == 2 and seen[0] == seen[1]
 
 
-def test_squad_scores_the_same_in_sorted_batches(tmp_path, tiny_bert):
-    from tests.test_squad import DEV, TRAIN, squad_json
-
-    root = tmp_path / "squad2"
-    root.mkdir()
-    (root / "train-v2.0.json").write_text(json.dumps(squad_json(TRAIN)))
-    (root / "dev-v2.0.json").write_text(json.dumps(squad_json(DEV)))
+def test_squad_scores_the_same_in_sorted_batches(tmp_path, tiny_bert, squad_dir):
+    root = squad_dir
     recipe = tmp_path / "squad.yaml"
     recipe.write_text(textwrap.dedent(f"""
         name: squad-tiny
