@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_validate import alternate  # noqa: E402  (the A B A B timing against another checkout)
 SETS = ["training.max_steps=2", "training.eval_every=2", "training.warmup_ratio=0"]
 
 
@@ -55,16 +56,7 @@ def main() -> None:
     parser.add_argument("--vs", type=Path, default=None, help="another checkout of lowrank-runner")
     args = parser.parse_args()
     once(REPO)  # warm-up: the file system cache, the tokenised splits in datasets' cache
-    mine, theirs = [], []
-    for _ in range(args.repeat):
-        mine.append(once(REPO))
-        if args.vs is not None:
-            theirs.append(once(args.vs))
-    print(f"this checkout: median {statistics.median(mine):.2f} s (min {min(mine):.2f}, max {max(mine):.2f}), "
-          f"{args.repeat} runs")
-    if theirs:
-        print(f"{args.vs}: median {statistics.median(theirs):.2f} s (min {min(theirs):.2f}, max {max(theirs):.2f}); "
-              f"ratio {statistics.median(mine) / statistics.median(theirs):.2f}")
+    alternate(once, args.repeat, args.vs, digits=2)
     lines: list = []
     total = once(REPO, lines)
     print(f"one run of this checkout, {total:.2f} s:")

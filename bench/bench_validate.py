@@ -48,22 +48,29 @@ def once(checkout: Path) -> float:
     return time.perf_counter() - start
 
 
+def alternate(once, repeat: int, vs: Path | None, digits: int = 3) -> None:
+    """``once(checkout)`` (its seconds) of this checkout and of ``vs`` in turn, A B A B …,
+    ``repeat`` times each; prints the medians and their ratio (this checkout / ``vs``).
+    Shared by the benchmarks that time a command against another checkout."""
+    mine, theirs = [], []
+    for _ in range(repeat):
+        mine.append(once(REPO))
+        if vs is not None:
+            theirs.append(once(vs))
+    print(f"this checkout: median {statistics.median(mine):.{digits}f} s (min {min(mine):.{digits}f}, "
+          f"max {max(mine):.{digits}f}), {repeat} runs")
+    if theirs:
+        print(f"{vs}: median {statistics.median(theirs):.{digits}f} s (min {min(theirs):.{digits}f}, "
+              f"max {max(theirs):.{digits}f}); ratio {statistics.median(mine) / statistics.median(theirs):.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--vs", type=Path, default=None, help="another checkout of lowrank-runner")
     args = parser.parse_args()
     once(REPO)  # warm-up: the file system cache
-    mine, theirs = [], []
-    for _ in range(args.repeat):
-        mine.append(once(REPO))
-        if args.vs is not None:
-            theirs.append(once(args.vs))
-    print(f"this checkout: median {statistics.median(mine):.3f} s (min {min(mine):.3f}, max {max(mine):.3f}), "
-          f"{args.repeat} runs")
-    if theirs:
-        print(f"{args.vs}: median {statistics.median(theirs):.3f} s (min {min(theirs):.3f}, max {max(theirs):.3f}); "
-              f"ratio {statistics.median(mine) / statistics.median(theirs):.2f}")
+    alternate(once, args.repeat, args.vs)
     out = subprocess.run([sys.executable, "-c", BREAKDOWN], cwd=REPO, capture_output=True, text=True, check=True)
     print(f"in one process, recipes and seconds: {out.stdout.strip()}")
 
