@@ -291,13 +291,18 @@ def describe_search(resolved: dict) -> dict | None:
             "space": {d.key: {d.kind: list(d.values)} for d in spec.dimensions}}
 
 
+def pruner_text(name: str, settings: dict | None) -> str:
+    """``median (startup_trials 2, warmup_steps 10)``: a pruner and the settings a recipe gave it."""
+    given = ", ".join(f"{k} {v}" for k, v in (settings or {}).items())
+    return f"{name} ({given})" if given else name
+
+
 def search_lines(info: dict | None) -> list[str]:
     """:func:`describe_search` (with ``objectives`` per task, from ``lrr inspect``) as text lines."""
     if not info:
         return []
-    settings = ", ".join(f"{k} {v}" for k, v in info.get("pruner_settings", {}).items())
-    pruner = "" if info.get("pruner", "none") == "none" else f", pruner {info['pruner']}"
-    pruner += f" ({settings})" if settings and pruner else ""
+    name = info.get("pruner", "none")
+    pruner = "" if name == "none" else f", pruner {pruner_text(name, info.get('pruner_settings'))}"
     lines = [f"  search: {info['n_trials']} trial(s) per task, sampler {info['sampler']} (seed {info['seed']}){pruner}; "
              "each trial trains the recipe's first seed and is scored on the selection split (never a test split); "
              "the best point then trains every seed"]

@@ -37,15 +37,14 @@ def run_search(recipe: Recipe, output: Path | None, argv: list[str], resume: boo
                          "(each trial uses the GPU it finds)")
     quiet_libraries()
     parallel = parallel if parallel is not None and not parallel.sequential else None
-    if parallel is not None:
-        check_options(parallel)
+    slots = check_options(parallel) if parallel is not None else None  # before anything is written
     root = _search_root(recipe, output, resume)
     with owned(root, say):  # one process runs a search: its study, trials and final runs (rundir/lock.py)
         search = Search(recipe, search_spec(recipe.resolved), root, argv, stop_after, optuna, parallel)
         try:
             if parallel is None:
                 return search.run()
-            with ParallelTrials(search, parallel) as trials:
+            with ParallelTrials(search, parallel, slots) as trials:
                 return search.run(trials)
         except KeyboardInterrupt:
             search.write("interrupted")

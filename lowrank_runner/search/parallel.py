@@ -39,7 +39,7 @@ from lowrank_runner.train.parallel.child import job_files, stop_with_the_driver
 from lowrank_runner.train.parallel.display import Active, Display
 from lowrank_runner.train.parallel.driver import child_env, least_loaded, make_executor, signals_ignored
 from lowrank_runner.train.parallel.jobs import INTERRUPTED, Job
-from lowrank_runner.train.parallel.slots import ParallelOptions, plan_slots
+from lowrank_runner.train.parallel.slots import ParallelOptions, Slots, plan_slots
 
 TRIAL_FILE_SUFFIX = ".trial.json"  # logs/SLUG.trial.json: which trial of which study a child trains
 
@@ -64,9 +64,8 @@ class _Running:
 class ParallelTrials:
     """The trials of each task, up to ``--parallel N`` at once, in child processes."""
 
-    def __init__(self, search: Search, options: ParallelOptions):
-        self.search, self.options = search, options
-        self.slots = check_options(options)
+    def __init__(self, search: Search, options: ParallelOptions, slots: Slots):
+        self.search, self.options, self.slots = search, options, slots  # slots: check_options(options)
         self.running: dict[str, _Running] = {}
         self.stopped = False
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lowrank_runner.recipe.load import Recipe
 from lowrank_runner.rundir.search import BEST_DIR, DB_FILE, RECORD_FILE as RECORD_JSON, RECORD_MD
-from lowrank_runner.recipe.search import SearchSpec, describe_search
+from lowrank_runner.recipe.search import SearchSpec, describe_search, pruner_text
 from lowrank_runner.rundir.files import write_json
 
 
@@ -85,16 +85,12 @@ def record_markdown(record: dict) -> str:
     space = ", ".join(f"`{k}` {kind} {json.dumps(v)}" for k, d in record["space"].items() for kind, v in d.items())
     lines = [f"# Search: {record['recipe']}", "",
              f"{record['n_trials']} trial(s) per task, sampler {record['sampler']} (seed {record['seed']}), "
-             f"pruner {record.get('pruner', 'none')}{_settings(record.get('pruner_settings'))}, "
+             f"pruner {pruner_text(record.get('pruner', 'none'), record.get('pruner_settings'))}, "
              f"status: {record['status']}. Space: {space}. Studies: `{record['storage']}` (Optuna, SQLite); "
              f"the best point of each task trained with every seed: `{record['best_runs']}/`.", ""]
     for task, entry in record["tasks"].items():
         lines += _task_markdown(task, entry, list(record["space"]))
     return "\n".join(lines) + "\n"
-
-
-def _settings(settings: dict | None) -> str:
-    return f" ({', '.join(f'{k} {v}' for k, v in settings.items())})" if settings else ""
 
 
 def _task_markdown(task: str, entry: dict, keys: list[str]) -> list[str]:

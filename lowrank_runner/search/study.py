@@ -366,16 +366,19 @@ def _sampler(optuna, spec: SearchSpec, number: int):
     return optuna.samplers.RandomSampler(seed=seed)
 
 
+# search.pruner's settings by Optuna's names for them
+OPTUNA_SETTINGS = {"startup_trials": "n_startup_trials", "warmup_steps": "n_warmup_steps",
+                   "min_resource": "min_resource", "reduction_factor": "reduction_factor"}
+
+
 def study_pruner(optuna, pruner: str, settings=()):
-    """``search.pruner``: Optuna's MedianPruner or HyperbandPruner (at Optuna's defaults
-    but for the recipe's ``settings``), or none."""
-    given = dict(settings)
+    """``search.pruner``: Optuna's MedianPruner or HyperbandPruner with the recipe's
+    ``settings`` (Optuna's defaults for the others), or none."""
+    given = {OPTUNA_SETTINGS[key]: value for key, value in settings}
     if pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=given.get("startup_trials", 5),
-                                           n_warmup_steps=given.get("warmup_steps", 0))
+        return optuna.pruners.MedianPruner(**given)
     if pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=given.get("min_resource", 1),
-                                              reduction_factor=given.get("reduction_factor", 3))
+        return optuna.pruners.HyperbandPruner(**given)
     return optuna.pruners.NopPruner()
 
 
